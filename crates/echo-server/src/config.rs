@@ -1,0 +1,567 @@
+//! The server's configuration: schema, defaults, layering and validation.
+//!
+//! Layers, lowest to highest precedence: the built-in defaults (this file's
+//! `Default` impls, documented line by line in `config/server.toml`, which a
+//! test keeps identical), then `--config FILE`, then `ECHO_<SECTION>_<KEY>`
+//! environment variables, then command-line flags.
+//!
+//! Everything is checked before a single socket is bound: an unknown key, a
+//! value of the wrong type or an impossible value is reported with the key's
+//! full name, and the process exits with status 2.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The prefix of the environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "ECHO_";
+
+/// The whole configuration, one struct per `[section]` of the TOML file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub log: LogConfig,
+    pub websocket: WebSocketConfig,
+    pub admin: AdminConfig,
+}
+
+/// Process-wide behaviour: shutdown and the periodic summary line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// How long a graceful shutdown waits for clients to finish closing.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Period of the `info` summary line; zero turns it off.
+    #[serde(with = "humantime_serde")]
+    pub stats_interval: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self { shutdown_grace: Duration::from_secs(5), stats_interval: Duration::from_secs(10) }
+    }
+}
+
+/// Output format of the log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logging: what is written and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A filter in `RUST_LOG` syntax; the `RUST_LOG` variable wins over it.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".to_owned(), format: LogFormat::Text }
+    }
+}
+
+/// The WebSocket echo listener and the limits of each WebSocket connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    #[serde(deserialize_with = "one_or_many")]
+    pub listen: Vec<SocketAddr>,
+    /// Zero means "as many as the open-file limit allows".
+    pub max_connections: u32,
+    pub backlog: u32,
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    pub max_request_header_size: u32,
+    pub max_message_size: u32,
+    pub max_frame_size: u32,
+    pub read_buffer_size: u32,
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub close_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub ping_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec![SocketAddr::from(([0, 0, 0, 0], 8080))],
+            max_connections: 0,
+            backlog: 4096,
+            handshake_timeout: Duration::from_secs(10),
+            max_request_header_size: 8192,
+            max_message_size: 16 << 20,
+            max_frame_size: 16 << 20,
+            read_buffer_size: 8192,
+            write_timeout: Duration::from_secs(30),
+            close_timeout: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(30),
+            ping_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::ZERO,
+        }
+    }
+}
+
+/// The admin listener: health, readiness and Prometheus metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// An empty list turns the admin listener off.
+    #[serde(deserialize_with = "one_or_many")]
+    pub listen: Vec<SocketAddr>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { listen: vec![SocketAddr::from(([0, 0, 0, 0], 9090))] }
+    }
+}
+
+/// Accepts `"127.0.0.1:8080"` as well as `["127.0.0.1:8080", "[::1]:8080"]`.
+fn one_or_many<'de, D>(deserializer: D) -> Result<Vec<SocketAddr>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged, expecting = "a socket address such as \"0.0.0.0:8080\" or a list of them")]
+    enum OneOrMany {
+        One(SocketAddr),
+        Many(Vec<SocketAddr>),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(addr) => vec![addr],
+        OneOrMany::Many(addrs) => addrs,
+    })
+}
+
+/// Values given on the command line; each one that is set overrides its key.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub websocket_listen: Vec<SocketAddr>,
+    pub admin_listen: Vec<SocketAddr>,
+    pub no_admin: bool,
+    pub max_connections: Option<u32>,
+    pub log_level: Option<String>,
+    pub log_format: Option<LogFormat>,
+    /// A duration as written in the file, such as "2s".
+    pub shutdown_grace: Option<String>,
+}
+
+/// Why a configuration was refused. The message always names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Unreadable { path: String, source: std::io::Error },
+    #[error("{0}")]
+    Parse(String),
+    #[error("{key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, reason: reason.into() }
+}
+
+impl Config {
+    /// Builds the effective configuration from every layer and validates it.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            // Figment silently skips a missing file; a typo in `--config`
+            // must not fall back to the defaults, so read it ourselves.
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Unreadable { path: path.display().to_string(), source })?;
+            figment = figment.merge(Toml::string(&text));
+        }
+        figment = figment.merge(EnvLayer::new(env));
+        figment = apply_overrides(figment, overrides);
+        let config: Config = figment.extract().map_err(|e| {
+            let mut msgs = Vec::new();
+            for err in e {
+                msgs.push(describe(&err, file));
+            }
+            ConfigError::Parse(msgs.join("; "))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The configuration as TOML, as `--print-config` shows it.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the configuration always serializes")
+    }
+
+    /// Checks what types alone cannot: ranges and relations between keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let ws = &self.websocket;
+        if ws.listen.is_empty() {
+            return Err(invalid("websocket.listen", "needs at least one address"));
+        }
+        positive("websocket.backlog", ws.backlog)?;
+        positive_duration("websocket.handshake_timeout", ws.handshake_timeout)?;
+        positive_duration("websocket.write_timeout", ws.write_timeout)?;
+        positive_duration("websocket.close_timeout", ws.close_timeout)?;
+        if !(1024..=1 << 20).contains(&ws.max_request_header_size) {
+            return Err(invalid(
+                "websocket.max_request_header_size",
+                format!("{} is outside 1024..=1048576 bytes", ws.max_request_header_size),
+            ));
+        }
+        positive("websocket.max_message_size", ws.max_message_size)?;
+        positive("websocket.max_frame_size", ws.max_frame_size)?;
+        if ws.max_frame_size > ws.max_message_size {
+            return Err(invalid(
+                "websocket.max_frame_size",
+                format!(
+                    "{} is larger than websocket.max_message_size ({})",
+                    ws.max_frame_size, ws.max_message_size
+                ),
+            ));
+        }
+        if !(256..=1 << 20).contains(&ws.read_buffer_size) {
+            return Err(invalid(
+                "websocket.read_buffer_size",
+                format!("{} is outside 256..=1048576 bytes", ws.read_buffer_size),
+            ));
+        }
+        if !ws.ping_interval.is_zero() {
+            positive_duration("websocket.ping_timeout", ws.ping_timeout)?;
+        }
+        tracing_subscriber::EnvFilter::builder()
+            .parse(&self.log.level)
+            .map_err(|e| invalid("log.level", format!("{:?} is not a valid filter: {e}", self.log.level)))?;
+        for addr in &self.admin.listen {
+            if addr.port() != 0 && ws.listen.contains(addr) {
+                return Err(invalid("admin.listen", format!("{addr} is also in websocket.listen")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The tungstenite settings that follow from this configuration.
+    pub fn tungstenite(&self) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+        let ws = &self.websocket;
+        tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(ws.read_buffer_size as usize)
+            // Echo replies go out at once: latency matters more than
+            // coalescing, and the session flushes after every message anyway.
+            .write_buffer_size(0)
+            // One echoed message plus a control frame is all a session ever
+            // queues; anything more is a bug, not a slow client.
+            .max_write_buffer_size(ws.max_message_size as usize + (1 << 16))
+            .max_message_size(Some(ws.max_message_size as usize))
+            .max_frame_size(Some(ws.max_frame_size as usize))
+    }
+}
+
+fn positive(key: &'static str, value: u32) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(invalid(key, "must be greater than 0"));
+    }
+    Ok(())
+}
+
+fn positive_duration(key: &'static str, value: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        return Err(invalid(key, "must be longer than 0s"));
+    }
+    Ok(())
+}
+
+/// The environment layer: `ECHO_WEBSOCKET_MAX_CONNECTIONS=10` sets
+/// `websocket.max_connections`. The first word after the prefix is the
+/// section, the rest is the key, so keys keep their underscores.
+struct EnvLayer(figment::value::Dict);
+
+impl EnvLayer {
+    fn new(vars: impl IntoIterator<Item = (String, String)>) -> Self {
+        use figment::value::{Dict, Value};
+        let mut root = Dict::new();
+        for (name, value) in vars {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            // ECHO_CONFIG names the file itself; the command line reads it.
+            if rest == "CONFIG" {
+                continue;
+            }
+            let rest = rest.to_ascii_lowercase();
+            let (section, key) = rest.split_once('_').unwrap_or((rest.as_str(), ""));
+            // "10" becomes an integer, "[..]" a list, "5s" stays a string.
+            let parsed: Value = value.parse().unwrap_or_else(|_| value.clone().into());
+            let entry = root.entry(section.to_owned()).or_insert_with(|| Dict::new().into());
+            match (entry, key.is_empty()) {
+                (Value::Dict(_, dict), false) => {
+                    dict.insert(key.to_owned(), parsed);
+                }
+                (slot, _) => *slot = parsed,
+            }
+        }
+        EnvLayer(root)
+    }
+}
+
+impl figment::Provider for EnvLayer {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named(ENV_LAYER)
+    }
+
+    fn data(&self) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        Ok(figment::Profile::Default.collect(self.0.clone()))
+    }
+}
+
+const ENV_LAYER: &str = "environment";
+const FLAG_LAYER: &str = "command line";
+
+/// The name of the environment variable that sets `key` ("websocket.listen").
+pub fn env_var_name(key: &str) -> String {
+    format!("{ENV_PREFIX}{}", key.replacen('.', "_", 1).to_ascii_uppercase())
+}
+
+fn apply_overrides(figment: Figment, o: &Overrides) -> Figment {
+    use figment::value::{Dict, Value};
+    let mut root = Dict::new();
+    let mut set = |key: &str, value: Value| {
+        let (section, key) = key.split_once('.').expect("keys are section.key");
+        if let Value::Dict(_, dict) = root.entry(section.to_owned()).or_insert_with(|| Dict::new().into()) {
+            dict.insert(key.to_owned(), value);
+        }
+    };
+    let addrs = |list: &[SocketAddr]| -> Value {
+        list.iter().map(|a| Value::from(a.to_string())).collect::<Vec<_>>().into()
+    };
+    if !o.websocket_listen.is_empty() {
+        set("websocket.listen", addrs(&o.websocket_listen));
+    }
+    if o.no_admin {
+        set("admin.listen", addrs(&[]));
+    } else if !o.admin_listen.is_empty() {
+        set("admin.listen", addrs(&o.admin_listen));
+    }
+    if let Some(n) = o.max_connections {
+        set("websocket.max_connections", n.into());
+    }
+    if let Some(level) = &o.log_level {
+        set("log.level", level.clone().into());
+    }
+    if let Some(format) = o.log_format {
+        let name = match format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        };
+        set("log.format", name.into());
+    }
+    if let Some(grace) = &o.shutdown_grace {
+        set("server.shutdown_grace", grace.clone().into());
+    }
+    figment.merge(FlagLayer(root))
+}
+
+struct FlagLayer(figment::value::Dict);
+
+impl figment::Provider for FlagLayer {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named(FLAG_LAYER)
+    }
+
+    fn data(&self) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        Ok(figment::Profile::Default.collect(self.0.clone()))
+    }
+}
+
+/// One figment error as a line a person can act on: the key first, then what
+/// was wrong, then where the value came from.
+fn describe(err: &figment::Error, file: Option<&Path>) -> String {
+    let mut key = err.path.join(".");
+    let detail = match &err.kind {
+        figment::error::Kind::UnknownField(field, expected) => {
+            key = if key.is_empty() { field.clone() } else { format!("{key}.{field}") };
+            format!("unknown key; expected one of {}", expected.join(", "))
+        }
+        other => other.to_string(),
+    };
+    let source = match err.metadata.as_ref().map(|m| m.name.as_ref()) {
+        Some(ENV_LAYER) => format!(" (from the environment variable {})", env_var_name(&key)),
+        Some(FLAG_LAYER) => " (from the command line)".to_owned(),
+        Some(name) if name.contains("TOML") => match file {
+            Some(path) => format!(" (in {})", path.display()),
+            None => String::new(),
+        },
+        _ => String::new(),
+    };
+    if key.is_empty() { format!("{detail}{source}") } else { format!("{key}: {detail}{source}") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(toml: &str) -> Result<Config, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("echo-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{:x}.toml", fxhash(toml)));
+        std::fs::write(&path, toml).unwrap();
+        let result = Config::load(Some(&path), Vec::new(), &Overrides::default());
+        std::fs::remove_file(&path).ok();
+        result
+    }
+
+    fn fxhash(s: &str) -> u64 {
+        s.bytes().fold(0xcbf29ce484222325, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+    }
+
+    fn documented() -> String {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/server.toml");
+        std::fs::read_to_string(path).expect("config/server.toml exists")
+    }
+
+    #[test]
+    fn documented_default_config_is_the_built_in_one() {
+        let parsed: Config = toml::from_str(&documented()).expect("config/server.toml parses");
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn every_documented_key_has_a_comment() {
+        let text = documented();
+        let lines: Vec<&str> = text.lines().collect();
+        let mut keys = 0;
+        for (i, line) in lines.iter().enumerate() {
+            let trimmed = line.trim();
+            if trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with('[') {
+                continue;
+            }
+            keys += 1;
+            let previous = i.checked_sub(1).map(|j| lines[j].trim()).unwrap_or("");
+            assert!(previous.starts_with('#'), "key line {:?} has no comment line above it", trimmed);
+        }
+        // Every field of the schema appears in the file.
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        let default: toml::Table = toml::from_str(&Config::default().to_toml()).unwrap();
+        for (section, values) in &default {
+            let documented = table[section].as_table().unwrap();
+            for key in values.as_table().unwrap().keys() {
+                assert!(documented.contains_key(key), "{section}.{key} is not documented");
+            }
+        }
+        assert!(keys > 10);
+    }
+
+    #[test]
+    fn print_config_round_trips() {
+        let config = Config::default();
+        let again: Config = toml::from_str(&config.to_toml()).unwrap();
+        assert_eq!(config, again);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = load_str("[websocket]\nmax_conections = 5\n").unwrap_err().to_string();
+        assert!(err.contains("websocket.max_conections"), "{err}");
+        assert!(err.contains("unknown key"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = load_str("[websocket]\nmax_connections = \"lots\"\n").unwrap_err().to_string();
+        assert!(err.contains("websocket.max_connections"), "{err}");
+    }
+
+    #[test]
+    fn bad_address_is_named() {
+        let err = load_str("[websocket]\nlisten = \"localhost:http\"\n").unwrap_err().to_string();
+        assert!(err.contains("websocket.listen"), "{err}");
+    }
+
+    #[test]
+    fn zero_where_positive_is_needed_is_named() {
+        let err = load_str("[websocket]\nmax_message_size = 0\n").unwrap_err().to_string();
+        assert_eq!(err, "websocket.max_message_size: must be greater than 0");
+        let err = load_str("[websocket]\nhandshake_timeout = \"0s\"\n").unwrap_err().to_string();
+        assert_eq!(err, "websocket.handshake_timeout: must be longer than 0s");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let err = load_str("[server]\nshutdown_grace = \"soon\"\n").unwrap_err().to_string();
+        assert!(err.contains("server.shutdown_grace"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_an_error_not_the_defaults() {
+        let err = Config::load(Some(Path::new("/nonexistent/echo.toml")), Vec::new(), &Overrides::default())
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::Unreadable { .. }), "{err}");
+        assert!(err.to_string().contains("/nonexistent/echo.toml"));
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let path = std::env::temp_dir().join(format!("echo-layers-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "[websocket]\nmax_connections = 10\nping_interval = \"7s\"\n[log]\nlevel = \"debug\"\n",
+        )
+        .unwrap();
+        let env = vec![
+            ("ECHO_WEBSOCKET_MAX_CONNECTIONS".to_owned(), "20".to_owned()),
+            ("ECHO_LOG_FORMAT".to_owned(), "json".to_owned()),
+            ("UNRELATED".to_owned(), "x".to_owned()),
+        ];
+        let overrides = Overrides { max_connections: Some(30), ..Overrides::default() };
+        let config = Config::load(Some(&path), env.clone(), &overrides).unwrap();
+        assert_eq!(config.websocket.max_connections, 30, "flag beats env");
+        assert_eq!(config.websocket.ping_interval, Duration::from_secs(7), "file beats default");
+        assert_eq!(config.log.level, "debug");
+        assert_eq!(config.log.format, LogFormat::Json, "env beats default");
+        let config = Config::load(Some(&path), env, &Overrides::default()).unwrap();
+        assert_eq!(config.websocket.max_connections, 20, "env beats file");
+        std::fs::remove_file(&path).ok();
+    }
+
+    #[test]
+    fn environment_errors_name_the_variable() {
+        let env = vec![("ECHO_WEBSOCKET_MAX_CONECTIONS".to_owned(), "20".to_owned())];
+        let err = Config::load(None, env, &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("websocket.max_conections"), "{err}");
+        assert!(err.contains("ECHO_WEBSOCKET_MAX_CONECTIONS"), "{err}");
+        let env = vec![("ECHO_WEBSOCKET_LISTEN".to_owned(), "[\"127.0.0.1:1\", \"[::1]:2\"]".to_owned())];
+        let config = Config::load(None, env, &Overrides::default()).unwrap();
+        assert_eq!(config.websocket.listen.len(), 2);
+    }
+
+    #[test]
+    fn listen_accepts_one_address_or_a_list() {
+        let config = load_str("[websocket]\nlisten = \"127.0.0.1:9\"\n").unwrap();
+        assert_eq!(config.websocket.listen, vec!["127.0.0.1:9".parse().unwrap()]);
+        let config = load_str("[websocket]\nlisten = [\"127.0.0.1:9\", \"[::1]:9\"]\n").unwrap();
+        assert_eq!(config.websocket.listen.len(), 2);
+    }
+
+    #[test]
+    fn bad_log_filter_is_named() {
+        let err = load_str("[log]\nlevel = \"info,=[\"\n").unwrap_err().to_string();
+        assert!(err.starts_with("log.level:"), "{err}");
+    }
+}

@@ -1,0 +1,22 @@
+//! echo-server: a WebSocket echo server that serves every client socket
+//! from one single-threaded event loop.
+//!
+//! Module map: [`config`] (schema, layers, validation), [`cli`], [`limits`]
+//! (open-file limit), [`listener`] (binding, accept loop, connection limit),
+//! [`ws`] (handshake and echo sessions), [`admin`] (health and metrics),
+//! [`metrics`], [`process`] (`/proc` readings), [`stats`] (summary line),
+//! [`shutdown`], [`server`] (start and stop), [`logging`], [`healthcheck`].
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod healthcheck;
+pub mod limits;
+pub mod listener;
+pub mod logging;
+pub mod metrics;
+pub mod process;
+pub mod server;
+pub mod shutdown;
+pub mod stats;
+pub mod ws;

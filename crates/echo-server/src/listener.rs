@@ -1,0 +1,206 @@
+//! Listening sockets, the accept loop, and the connection limit.
+//!
+//! The accept loop does nothing but accept: every handshake happens in the
+//! connection's own task, so one slow or hostile client can never hold up the
+//! next one. When the process runs out of file descriptors, `accept` fails
+//! with `EMFILE` until a socket closes; the loop then backs off instead of
+//! spinning, logs the episode once when it starts and once when it ends, and
+//! counts every failed attempt in `/metrics`.
+
+use std::cell::Cell;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use prometheus_client::metrics::gauge::Gauge;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::limits::is_fd_exhaustion;
+use crate::metrics::Count;
+use crate::shutdown::Shutdown;
+
+/// Binds a listening socket. IPv6 sockets are IPv6-only, so `0.0.0.0:8080`
+/// and `[::]:8080` can be listed side by side.
+pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    // Restarting the server must not wait for old connections in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket.into())
+}
+
+/// Counts open connections of one protocol against its limit. Single-threaded
+/// by design: the count is a `Cell`, and a [`Permit`] gives its slot back
+/// when the connection's task ends, however it ends.
+#[derive(Debug)]
+pub struct ConnectionLimit {
+    max: u64,
+    open: Cell<u64>,
+    gauge: Gauge,
+    all_closed: Notify,
+}
+
+impl ConnectionLimit {
+    pub fn new(max: u64, gauge: Gauge) -> Rc<Self> {
+        Rc::new(ConnectionLimit { max, open: Cell::new(0), gauge, all_closed: Notify::new() })
+    }
+
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
+    pub fn open(&self) -> u64 {
+        self.open.get()
+    }
+
+    /// Takes a slot, or `None` when the limit is reached.
+    pub fn try_acquire(self: &Rc<Self>) -> Option<Permit> {
+        let open = self.open.get();
+        if open >= self.max {
+            return None;
+        }
+        self.open.set(open + 1);
+        self.gauge.inc();
+        Some(Permit(self.clone()))
+    }
+
+    /// Completes when no connection is open.
+    pub async fn all_closed(&self) {
+        while self.open.get() > 0 {
+            self.all_closed.notified().await;
+        }
+    }
+}
+
+/// One open connection's slot in a [`ConnectionLimit`].
+#[derive(Debug)]
+pub struct Permit(Rc<ConnectionLimit>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let limit = &self.0;
+        let open = limit.open.get() - 1;
+        limit.open.set(open);
+        limit.gauge.dec();
+        if open == 0 {
+            limit.all_closed.notify_waiters();
+        }
+    }
+}
+
+/// Accepts connections until shutdown and hands each one to `on_accept`.
+pub async fn accept_loop<F>(
+    listener: TcpListener,
+    name: &'static str,
+    shutdown: Rc<Shutdown>,
+    fd_exhausted: Count,
+    mut on_accept: F,
+) where
+    F: FnMut(TcpStream, SocketAddr),
+{
+    const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+    const MAX_BACKOFF: Duration = Duration::from_millis(500);
+    let mut backoff = FIRST_BACKOFF;
+    // Start of the current "out of file descriptors" episode, and its count.
+    let mut exhausted: Option<(Instant, u64)> = None;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.wait() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                if let Some((since, attempts)) = exhausted.take() {
+                    info!(
+                        listener = name,
+                        attempts,
+                        waited_ms = since.elapsed().as_millis() as u64,
+                        "accepting again: a file descriptor became free"
+                    );
+                }
+                backoff = FIRST_BACKOFF;
+                on_accept(stream, peer);
+            }
+            Err(err) if is_fd_exhaustion(&err) => {
+                fd_exhausted.inc();
+                match &mut exhausted {
+                    Some((_, attempts)) => *attempts += 1,
+                    None => {
+                        let limit = rlimit::Resource::NOFILE.get().map(|l| l.0).unwrap_or(0);
+                        warn!(
+                            listener = name,
+                            open_file_limit = limit,
+                            error = %err,
+                            "the open-file limit, not the server, is stopping new connections; \
+                             waiting for a socket to close (new clients wait in the backlog)"
+                        );
+                        exhausted = Some((Instant::now(), 1));
+                    }
+                }
+                tokio::select! {
+                    biased;
+                    _ = shutdown.wait() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(err) => {
+                // ECONNABORTED and friends concern one client that already
+                // left; anything else is unexpected but must not end the loop.
+                debug!(listener = name, error = %err, "accept failed");
+                if !matches!(
+                    err.kind(),
+                    io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::Interrupted
+                ) {
+                    warn!(listener = name, error = %err, "accept failed; retrying shortly");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    debug!(listener = name, "stopped accepting");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permits_count_and_free_their_slot() {
+        let limit = ConnectionLimit::new(2, Gauge::default());
+        let a = limit.try_acquire().unwrap();
+        let b = limit.try_acquire().unwrap();
+        assert!(limit.try_acquire().is_none(), "full at max");
+        assert_eq!(limit.open(), 2);
+        drop(a);
+        assert_eq!(limit.open(), 1);
+        let _c = limit.try_acquire().expect("a freed slot is reusable");
+        drop(b);
+        assert_eq!(limit.gauge.get(), 1);
+    }
+
+    #[test]
+    fn ipv6_and_ipv4_listeners_coexist_on_one_port() {
+        let v4 = bind("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let port = v4.local_addr().unwrap().port();
+        match bind(SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], port)), 16) {
+            Ok(v6) => assert_eq!(v6.local_addr().unwrap().port(), port),
+            // A machine without IPv6 cannot show this; the v4 bind stands.
+            Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => {}
+            Err(e) => panic!("binding [::1]:{port} failed: {e}"),
+        }
+    }
+}

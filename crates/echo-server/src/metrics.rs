@@ -1,0 +1,322 @@
+//! Counters for `/metrics` (Prometheus text format) and the summary line.
+//!
+//! The hot counters (messages, bytes) are resolved once at start, so counting
+//! is one uncontended relaxed atomic add: the exposition crate requires its
+//! metrics to be `Send + Sync`, and on a single thread an atomic add costs
+//! about what a plain add does. Label sets are small and closed (reasons,
+//! close codes by class), so a misbehaving client cannot grow the registry.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::registry::Registry;
+
+use crate::process::ProcessStats;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+/// Counter type used everywhere: a u64 behind an `Arc<AtomicU64>`.
+pub type Count = Counter<u64, AtomicU64>;
+
+/// Every metric of the WebSocket side.
+#[derive(Debug, Default)]
+pub struct WebSocketMetrics {
+    pub connections: Gauge,
+    pub accepted: Count,
+    pub upgrades: Count,
+    pub rejected: Family<ReasonLabel, Count>,
+    pub handshake_failures: Family<ReasonLabel, Count>,
+    pub http_responses: Family<StatusLabel, Count>,
+    pub messages_received: Family<KindLabel, Count>,
+    pub messages_sent: Family<KindLabel, Count>,
+    pub bytes_received: Count,
+    pub bytes_sent: Count,
+    pub close_codes_received: Family<CodeLabel, Count>,
+    pub close_codes_sent: Family<CodeLabel, Count>,
+    pub closed: Family<ReasonLabel, Count>,
+    /// Cached handles of the hottest label sets.
+    pub text_received: Count,
+    pub binary_received: Count,
+    pub text_sent: Count,
+    pub binary_sent: Count,
+}
+
+impl WebSocketMetrics {
+    fn new() -> Self {
+        let m = WebSocketMetrics::default();
+        let text = KindLabel { kind: "text" };
+        let binary = KindLabel { kind: "binary" };
+        WebSocketMetrics {
+            text_received: m.messages_received.get_or_create_owned(&text),
+            binary_received: m.messages_received.get_or_create_owned(&binary),
+            text_sent: m.messages_sent.get_or_create_owned(&text),
+            binary_sent: m.messages_sent.get_or_create_owned(&binary),
+            ..m
+        }
+    }
+
+    pub fn reject(&self, reason: &'static str) {
+        self.rejected.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn handshake_failed(&self, reason: &'static str) {
+        self.handshake_failures.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn http_response(&self, status: u16) {
+        self.http_responses.get_or_create(&StatusLabel { status }).inc();
+    }
+
+    pub fn close_received(&self, code: Option<u16>) {
+        self.close_codes_received.get_or_create(&CodeLabel { code: code_label(code) }).inc();
+    }
+
+    pub fn close_sent(&self, code: Option<u16>) {
+        self.close_codes_sent.get_or_create(&CodeLabel { code: code_label(code) }).inc();
+    }
+
+    pub fn closed(&self, reason: &'static str) {
+        self.closed.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// Messages echoed so far (sent text + binary).
+    pub fn messages_echoed(&self) -> u64 {
+        self.text_sent.get() + self.binary_sent.get()
+    }
+}
+
+/// Close codes as labels: the registered ones by number, the ranges that
+/// applications and libraries choose freely as one label each.
+pub fn code_label(code: Option<u16>) -> &'static str {
+    match code {
+        None => "none",
+        Some(1000) => "1000",
+        Some(1001) => "1001",
+        Some(1002) => "1002",
+        Some(1003) => "1003",
+        Some(1007) => "1007",
+        Some(1008) => "1008",
+        Some(1009) => "1009",
+        Some(1010) => "1010",
+        Some(1011) => "1011",
+        Some(1012) => "1012",
+        Some(1013) => "1013",
+        Some(1014) => "1014",
+        Some(3000..=3999) => "3xxx",
+        Some(4000..=4999) => "4xxx",
+        Some(_) => "other",
+    }
+}
+
+/// The registry and every metric the server exports.
+#[derive(Debug)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub websocket: Arc<WebSocketMetrics>,
+    /// Failed `accept` calls because no file descriptor was left, by listener.
+    pub accept_fd_exhausted: Family<ListenerLabel, Count>,
+}
+
+impl Metrics {
+    pub fn new(max_fds: u64, runtime: Option<tokio::runtime::Handle>) -> Metrics {
+        let mut registry = Registry::default();
+        let websocket = Arc::new(WebSocketMetrics::new());
+        let accept_fd_exhausted = Family::<ListenerLabel, Count>::default();
+        let ws = registry.sub_registry_with_prefix("echo_websocket");
+        ws.register(
+            "connections",
+            "Open WebSocket connections (including handshakes)",
+            websocket.connections.clone(),
+        );
+        ws.register("accepted", "TCP connections accepted on the WebSocket port", websocket.accepted.clone());
+        ws.register(
+            "upgrades",
+            "WebSocket sessions started (successful handshakes)",
+            websocket.upgrades.clone(),
+        );
+        ws.register(
+            "rejected",
+            "Connections turned away before the handshake, by reason",
+            websocket.rejected.clone(),
+        );
+        ws.register(
+            "handshake_failures",
+            "Upgrade attempts that failed, by reason",
+            websocket.handshake_failures.clone(),
+        );
+        ws.register(
+            "http_responses",
+            "Plain HTTP responses (not upgrades), by status",
+            websocket.http_responses.clone(),
+        );
+        ws.register(
+            "messages_received",
+            "Data messages received, by kind",
+            websocket.messages_received.clone(),
+        );
+        ws.register("messages_sent", "Data messages sent, by kind", websocket.messages_sent.clone());
+        ws.register(
+            "received_bytes",
+            "Bytes read from WebSocket sockets after the handshake",
+            websocket.bytes_received.clone(),
+        );
+        ws.register(
+            "sent_bytes",
+            "Bytes written to WebSocket sockets after the handshake",
+            websocket.bytes_sent.clone(),
+        );
+        ws.register(
+            "close_codes_received",
+            "Close frames received, by code",
+            websocket.close_codes_received.clone(),
+        );
+        ws.register("close_codes_sent", "Close frames sent, by code", websocket.close_codes_sent.clone());
+        ws.register("closed", "Connections ended, by reason", websocket.closed.clone());
+        registry.register(
+            "echo_accept_fd_exhausted",
+            "Accept attempts that failed because the open-file limit was reached",
+            accept_fd_exhausted.clone(),
+        );
+        registry.register_collector(Box::new(ProcessCollector { max_fds }));
+        if let Some(runtime) = runtime {
+            registry.register_collector(Box::new(RuntimeCollector { runtime }));
+        }
+        Metrics { registry, websocket, accept_fd_exhausted }
+    }
+
+    /// The exposition text served at `/metrics`.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// The standard `process_*` metrics, read from `/proc` at scrape time.
+#[derive(Debug)]
+struct ProcessCollector {
+    max_fds: u64,
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(stats) = ProcessStats::read() else {
+            return Ok(());
+        };
+        let gauge = |enc: &mut DescriptorEncoder, name: &str, help: &str, value: i64| {
+            let metric = ConstGauge::new(value);
+            let m = enc.encode_descriptor(name, help, None, metric.metric_type())?;
+            metric.encode(m)
+        };
+        let cpu = ConstCounter::new(stats.cpu_seconds);
+        let m = encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds",
+            None,
+            cpu.metric_type(),
+        )?;
+        cpu.encode(m)?;
+        gauge(
+            &mut encoder,
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes",
+            stats.rss_bytes as i64,
+        )?;
+        gauge(&mut encoder, "process_open_fds", "Number of open file descriptors", stats.open_fds as i64)?;
+        gauge(&mut encoder, "process_max_fds", "The open-file limit (soft)", self.max_fds as i64)?;
+        gauge(&mut encoder, "process_threads", "Number of OS threads", stats.threads as i64)?;
+        Ok(())
+    }
+}
+
+/// The event loop's own figures: how many worker threads drive the sockets
+/// (always 1: that is the design) and how many tasks are alive.
+#[derive(Debug)]
+struct RuntimeCollector {
+    runtime: tokio::runtime::Handle,
+}
+
+impl Collector for RuntimeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let metrics = self.runtime.metrics();
+        for (name, help, value) in [
+            (
+                "echo_runtime_workers",
+                "Threads of the event loop that serves every client socket",
+                metrics.num_workers(),
+            ),
+            ("echo_runtime_alive_tasks", "Tasks alive on the event loop", metrics.num_alive_tasks()),
+        ] {
+            let metric = ConstGauge::new(value as i64);
+            let m = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+            metric.encode(m)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_the_documented_names() {
+        let metrics = Metrics::new(20_000, None);
+        metrics.websocket.text_received.inc();
+        metrics.websocket.close_sent(Some(1001));
+        metrics.websocket.close_received(Some(4321));
+        metrics.websocket.reject("capacity");
+        let text = metrics.encode();
+        for needle in [
+            "echo_websocket_connections ",
+            "echo_websocket_accepted_total ",
+            "echo_websocket_upgrades_total ",
+            "echo_websocket_messages_received_total{kind=\"text\"} 1",
+            "echo_websocket_close_codes_sent_total{code=\"1001\"} 1",
+            "echo_websocket_close_codes_received_total{code=\"4xxx\"} 1",
+            "echo_websocket_rejected_total{reason=\"capacity\"} 1",
+            "process_resident_memory_bytes ",
+            "process_max_fds 20000",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn close_code_labels_are_bounded() {
+        assert_eq!(code_label(Some(1000)), "1000");
+        assert_eq!(code_label(Some(3001)), "3xxx");
+        assert_eq!(code_label(Some(4999)), "4xxx");
+        assert_eq!(code_label(Some(2000)), "other");
+        assert_eq!(code_label(None), "none");
+    }
+}

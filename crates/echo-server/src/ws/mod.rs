@@ -1,0 +1,128 @@
+//! The WebSocket echo server: listener, handshake, sessions.
+//!
+//! Every connection is a task on the one event-loop thread. A connection's
+//! task does its own HTTP handshake ([`handshake`]), then runs the echo
+//! session ([`session`]). The accept loop only accepts, counts, and spawns.
+//!
+//! Because all tasks share one thread, the state they share — the
+//! connection count, the shutdown flag — lives in `Rc` and `Cell`: no locks,
+//! no atomics, nothing contended. Tasks are `!Send`, spawned with
+//! `spawn_local`.
+
+pub mod handshake;
+pub mod io;
+pub mod session;
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::time::Duration;
+use tracing::debug;
+
+use crate::config::WebSocketConfig;
+use crate::listener::{ConnectionLimit, Permit};
+use crate::metrics::WebSocketMetrics;
+use crate::shutdown::Shutdown;
+use handshake::{Outcome, Response};
+
+/// At most this many clients are being sent a 503 at once; beyond that, a
+/// client over the limit is disconnected without a response, so that a flood
+/// cannot take the file descriptors kept in reserve.
+const MAX_CONCURRENT_REFUSALS: u32 = 32;
+
+/// Everything the WebSocket tasks share.
+#[derive(Debug)]
+pub struct WsServer {
+    pub config: WebSocketConfig,
+    /// tungstenite's settings, derived once from `config`.
+    pub codec: tokio_tungstenite::tungstenite::protocol::WebSocketConfig,
+    pub metrics: Arc<WebSocketMetrics>,
+    pub shutdown: Rc<Shutdown>,
+    pub limit: Rc<ConnectionLimit>,
+    refusing: Cell<u32>,
+}
+
+impl WsServer {
+    pub fn new(
+        config: WebSocketConfig,
+        codec: tokio_tungstenite::tungstenite::protocol::WebSocketConfig,
+        metrics: Arc<WebSocketMetrics>,
+        shutdown: Rc<Shutdown>,
+        limit: Rc<ConnectionLimit>,
+    ) -> Rc<Self> {
+        Rc::new(WsServer { config, codec, metrics, shutdown, limit, refusing: Cell::new(0) })
+    }
+
+    /// Called by the accept loop for every new TCP connection.
+    pub fn on_accept(self: &Rc<Self>, stream: TcpStream, peer: SocketAddr) {
+        self.metrics.accepted.inc();
+        match self.limit.try_acquire() {
+            Some(permit) => {
+                tokio::task::spawn_local(serve_connection(stream, peer, permit, self.clone()));
+            }
+            None => {
+                self.metrics.reject("capacity");
+                if self.refusing.get() < MAX_CONCURRENT_REFUSALS {
+                    self.refusing.set(self.refusing.get() + 1);
+                    tokio::task::spawn_local(refuse(stream, self.clone()));
+                }
+            }
+        }
+    }
+}
+
+async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, permit: Permit, server: Rc<WsServer>) {
+    let _permit = permit;
+    // Echo latency matters more than packet count.
+    let _ = stream.set_nodelay(true);
+    let config = &server.config;
+    // Boxed: the handshake's buffers and state are freed when it ends, and
+    // do not enlarge the long-lived session future.
+    let outcome = Box::pin(handshake::accept(
+        &mut stream,
+        config.max_request_header_size as usize,
+        config.handshake_timeout,
+        config.write_timeout,
+        config.close_timeout,
+    ))
+    .await;
+    let metrics = &server.metrics;
+    match outcome {
+        Outcome::Upgraded(upgrade) => {
+            metrics.upgrades.inc();
+            debug!(%peer, path = %upgrade.path, subprotocol = ?upgrade.subprotocol, "upgraded");
+            session::run(stream, upgrade.leftover, &server).await;
+            debug!(%peer, "session ended");
+        }
+        Outcome::Answered { status, failure } => {
+            metrics.http_response(status);
+            if let Some(reason) = failure {
+                metrics.handshake_failed(reason);
+            }
+            debug!(%peer, status, "answered a plain HTTP request");
+        }
+        Outcome::Abandoned(reason) => {
+            metrics.handshake_failed(reason);
+            debug!(%peer, reason, "handshake abandoned");
+        }
+    }
+}
+
+/// Tells a client over the connection limit to come back later.
+async fn refuse(mut stream: TcpStream, server: Rc<WsServer>) {
+    let response = Response::error(
+        503,
+        format!("the server is at its connection limit ({}); try again later", server.limit.max()),
+    )
+    .with_header("Retry-After", "1");
+    let limit = Duration::from_secs(1);
+    use tokio::io::AsyncWriteExt;
+    if let Ok(Ok(())) = tokio::time::timeout(limit, stream.write_all(&response.to_bytes())).await {
+        server.metrics.http_response(503);
+        handshake::linger_close(&mut stream, limit).await;
+    }
+    server.refusing.set(server.refusing.get() - 1);
+}
