@@ -17,7 +17,8 @@ fn bad_config_exits_2_naming_the_key_before_binding() {
     let port = taken.local_addr().unwrap().to_string();
     let dir = std::env::temp_dir().join(format!("echo-lifecycle-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let cases: Vec<(Vec<String>, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (Vec<String>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (vec![], vec![("ECHO_WEBSOCKET_MAX_MESSAGE_SIZE", "0")], "websocket.max_message_size"),
         (vec![], vec![("ECHO_WEBSOCKET_PING_TIMEOUT", "soon")], "websocket.ping_timeout"),
         (vec![], vec![("ECHO_ADMIN_LISTEN", "nowhere")], "admin.listen"),

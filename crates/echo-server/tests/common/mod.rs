@@ -30,7 +30,7 @@ impl TestServer {
 
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> TestServer {
         let mut all: Vec<&str> = vec!["--log-format", "json", "--log-level", "info"];
-        if !args.iter().any(|a| *a == "--ws-listen") {
+        if !args.contains(&"--ws-listen") {
             all.extend(["--ws-listen", "127.0.0.1:0"]);
         }
         if !args.iter().any(|a| *a == "--admin-listen" || *a == "--no-admin") {
