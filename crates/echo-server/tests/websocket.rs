@@ -292,7 +292,7 @@ async fn full_server_answers_503() {
 
 #[tokio::test]
 async fn slow_handshakes_time_out_without_blocking_others() {
-    let server = TestServer::start_with_env(&[], &[("ECHO_WEBSOCKET_HANDSHAKE_TIMEOUT", "1s")]);
+    let server = TestServer::start_with_env(&[], &[("ECHO_WEBSOCKET_HANDSHAKE_TIMEOUT", "3s")]);
     // 1,500 clients that connect and never finish their request.
     let mut stalled = Vec::new();
     for _ in 0..1500 {
@@ -300,12 +300,15 @@ async fn slow_handshakes_time_out_without_blocking_others() {
         tokio::io::AsyncWriteExt::write_all(&mut s, b"GET / HTTP/1.1\r\nHost: slow").await.unwrap();
         stalled.push(s);
     }
-    // A normal client is served at once meanwhile.
-    let started = std::time::Instant::now();
+    // A normal client is served meanwhile, while all of them still hang.
     let mut ws = connect(&server).await;
     ws.send(Message::Text("not blocked".into())).await.unwrap();
     assert_eq!(next_data(&mut ws).await, Message::Text("not blocked".into()));
-    assert!(started.elapsed() < Duration::from_millis(900), "served before the stalled ones time out");
+    assert_eq!(
+        server.metric("echo_websocket_handshake_failures_total{reason=\"timeout\"}"),
+        0.0,
+        "served before the stalled clients timed out"
+    );
     // Every stalled client is dropped after the timeout.
     for s in &mut stalled {
         let mut buf = [0u8; 16];

@@ -58,12 +58,15 @@ class Page:
     async def wait_for(self, expression, timeout=15):
         deadline = time.time() + timeout
         while time.time() < deadline:
-            value = await self.eval(expression)
+            try:
+                value = await self.eval(expression)
+            except RuntimeError:
+                value = None  # the page may still be loading (or be about:blank)
             if value:
                 return value
             await asyncio.sleep(0.05)
-        raise SystemExit(f"timed out waiting for {expression}; page log: "
-                         + str(await self.eval("document.getElementById('log').innerText")))
+        raise SystemExit(f"timed out waiting for {expression}; page: "
+                         + str(await self.eval("document.body ? document.body.innerText : location.href")))
 
 
 async def drive(debug_port: int, page_url: str) -> dict:
@@ -71,7 +74,7 @@ async def drive(debug_port: int, page_url: str) -> dict:
     page = next(t for t in targets if t["type"] == "page" and t["url"].startswith(page_url))
     async with websockets.connect(page["webSocketDebuggerUrl"], max_size=None) as ws:
         p = Page(ws)
-        await p.wait_for("document.readyState === 'complete'")
+        await p.wait_for(f"location.href === {json.dumps(page_url)} && document.readyState === 'complete'")
         await p.wait_for("document.getElementById('status').textContent === 'connected'")
         text = f"browser says hi {os.getpid()}"
         await p.eval(f"document.getElementById('message').value = {json.dumps(text)}")
