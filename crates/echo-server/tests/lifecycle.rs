@@ -183,3 +183,55 @@ fn a_second_signal_exits_at_once() {
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(status.code(), Some(128 + libc::SIGINT));
 }
+
+#[tokio::test]
+async fn running_out_of_file_descriptors_is_reported_once_and_recovers() {
+    // 128 files: about 110 are left for clients once the process has its
+    // listeners, epoll and standard streams. Ask for more connections than
+    // that, so the open-file limit is what stops them.
+    let server = TestServer::start_with_limit(&["--max-connections", "1000"], &[], Some(128));
+    server.wait_for_log(Duration::from_secs(5), |v| {
+        v["message"].as_str().is_some_and(|m| m.contains("websocket.max_connections is above"))
+    });
+    let mut clients = Vec::new();
+    let mut stalled = 0;
+    for _ in 0..150 {
+        match tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio_tungstenite::connect_async(server.ws_url("/")),
+        )
+        .await
+        {
+            Ok(Ok((ws, _))) => clients.push(ws),
+            Ok(Err(e)) => panic!("a client over the file limit must wait, not fail: {e}"),
+            Err(_) => {
+                stalled += 1;
+                if stalled >= 3 {
+                    break;
+                }
+            }
+        }
+    }
+    assert!(clients.len() > 80 && clients.len() < 128, "{} clients got in", clients.len());
+    let warnings = server
+        .logs()
+        .iter()
+        .filter(|v| v["message"].as_str().is_some_and(|m| m.starts_with("the open-file limit, not the server")))
+        .count();
+    assert_eq!(warnings, 1, "one warning per episode, not one per attempt");
+    // Free some descriptors: the waiting clients are accepted again.
+    for mut ws in clients.drain(..20) {
+        ws.close(None).await.unwrap();
+        while let Some(Ok(_)) = ws.next().await {}
+    }
+    let (mut ws, _) = tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async(server.ws_url("/")))
+        .await
+        .expect("accepted once descriptors are free")
+        .unwrap();
+    ws.send(Message::Text("back".into())).await.unwrap();
+    server.wait_for_log(Duration::from_secs(5), |v| {
+        v["message"].as_str().is_some_and(|m| m.starts_with("accepting again"))
+    });
+    // (The admin listener needed a descriptor too, so metrics are read now.)
+    assert!(server.metric("echo_accept_fd_exhausted_total{listener=\"websocket\"}") >= 1.0);
+}

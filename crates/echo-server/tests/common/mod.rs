@@ -29,6 +29,12 @@ impl TestServer {
     }
 
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> TestServer {
+        Self::start_with_limit(args, env, None)
+    }
+
+    /// Like `start_with_env`, with the child's open-file limit (soft and
+    /// hard) lowered to `nofile`.
+    pub fn start_with_limit(args: &[&str], env: &[(&str, &str)], nofile: Option<u64>) -> TestServer {
         let mut all: Vec<&str> = vec!["--log-format", "json", "--log-level", "info"];
         if !args.contains(&"--ws-listen") {
             all.extend(["--ws-listen", "127.0.0.1:0"]);
@@ -47,6 +53,19 @@ impl TestServer {
         }
         for (key, value) in env {
             command.env(key, value);
+        }
+        if let Some(limit) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs here.
+            unsafe {
+                command.pre_exec(move || {
+                    let lim = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut child = command.spawn().expect("echo-server starts");
         let stderr = child.stderr.take().unwrap();
