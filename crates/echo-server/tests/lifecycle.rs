@@ -216,7 +216,9 @@ async fn running_out_of_file_descriptors_is_reported_once_and_recovers() {
     let warnings = server
         .logs()
         .iter()
-        .filter(|v| v["message"].as_str().is_some_and(|m| m.starts_with("the open-file limit, not the server")))
+        .filter(|v| {
+            v["message"].as_str().is_some_and(|m| m.starts_with("the open-file limit, not the server"))
+        })
         .count();
     assert_eq!(warnings, 1, "one warning per episode, not one per attempt");
     // Free some descriptors: the waiting clients are accepted again.
@@ -224,10 +226,11 @@ async fn running_out_of_file_descriptors_is_reported_once_and_recovers() {
         ws.close(None).await.unwrap();
         while let Some(Ok(_)) = ws.next().await {}
     }
-    let (mut ws, _) = tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async(server.ws_url("/")))
-        .await
-        .expect("accepted once descriptors are free")
-        .unwrap();
+    let (mut ws, _) =
+        tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async(server.ws_url("/")))
+            .await
+            .expect("accepted once descriptors are free")
+            .unwrap();
     ws.send(Message::Text("back".into())).await.unwrap();
     server.wait_for_log(Duration::from_secs(5), |v| {
         v["message"].as_str().is_some_and(|m| m.starts_with("accepting again"))

@@ -440,7 +440,11 @@ async fn listens_on_ipv6_loopback() {
 async fn keepalive_pings_and_drops_silent_clients() {
     let server = TestServer::start_with_env(
         &[],
-        &[("ECHO_WEBSOCKET_PING_INTERVAL", "300ms"), ("ECHO_WEBSOCKET_PING_TIMEOUT", "300ms")],
+        &[
+            ("ECHO_WEBSOCKET_PING_INTERVAL", "300ms"),
+            ("ECHO_WEBSOCKET_PING_TIMEOUT", "300ms"),
+            ("ECHO_WEBSOCKET_CLOSE_TIMEOUT", "500ms"),
+        ],
     );
     // A raw client does not answer pings by itself.
     let mut raw = RawClient::connect(server.ws_addr());

@@ -34,6 +34,9 @@ use super::io::SessionIo;
 
 type Ws = WebSocketStream<SessionIo>;
 
+/// Read buffer of a session woken only to send a ping or a close frame.
+const CONTROL_READ_BUFFER: usize = 256;
+
 /// A timer deadline far enough away to mean "never".
 const NEVER: Duration = Duration::from_secs(86_400 * 365);
 
@@ -64,52 +67,78 @@ enum Step {
     Done,
 }
 
-/// Serves a session until it closes.
-pub async fn run(tcp: TcpStream, leftover: Vec<u8>, server: &WsServer) {
+/// Wraps a freshly upgraded socket for [`run`]. `leftover` holds bytes the
+/// client sent right after its handshake (its first frames, if it did not
+/// wait for the response).
+pub fn session_io(tcp: TcpStream, leftover: Vec<u8>, server: &WsServer) -> (SessionIo, Option<Vec<u8>>) {
     let metrics = &server.metrics;
     let mut io = SessionIo::new(tcp, metrics.bytes_received.clone(), metrics.bytes_sent.clone());
-    let mut prefix = None;
-    if !leftover.is_empty() {
-        io.observe_prefix(&leftover);
-        prefix = Some(leftover);
+    if leftover.is_empty() {
+        return (io, None);
     }
-    let mut keepalive = Keepalive::new(&server.config, Instant::now());
-    let timer = tokio::time::sleep_until(keepalive.deadline(Instant::now()));
-    tokio::pin!(timer);
-    loop {
-        let wake = if prefix.is_some() {
-            Wake::Readable
-        } else {
-            tokio::select! {
-                biased;
-                _ = server.shutdown.wait() => Wake::Shutdown,
-                _ = &mut timer => Wake::Timer,
-                // An error is seen again, and handled, by the read that follows.
-                _ = io.tcp().readable() => Wake::Readable,
+    io.observe_prefix(&leftover);
+    (io, Some(leftover))
+}
+
+/// Serves a session until it closes.
+///
+/// Written as a function returning an `async move` block rather than as an
+/// `async fn`: an `async fn` keeps its arguments and the locals they are
+/// moved into side by side, and this future lives as long as the
+/// connection, so every byte of it is paid per client.
+#[allow(clippy::manual_async_fn)] // deliberate, see above
+pub fn run(
+    mut io: SessionIo,
+    mut prefix: Option<Vec<u8>>,
+    server: &WsServer,
+) -> impl std::future::Future<Output = ()> + '_ {
+    async move {
+        let mut keepalive = Keepalive::new(&server.config, Instant::now());
+        let timer = tokio::time::sleep_until(keepalive.deadline(Instant::now()));
+        tokio::pin!(timer);
+        loop {
+            let wake = if prefix.is_some() {
+                Wake::Readable
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = server.shutdown.wait() => Wake::Shutdown,
+                    _ = &mut timer => Wake::Timer,
+                    // An error is seen again, and handled, by the read that follows.
+                    _ = io.tcp().readable() => Wake::Readable,
+                }
+            };
+            // Boxed so the stream and its state exist only while active: the
+            // quiet session's own future stays small.
+            match Box::pin(active(io, prefix.take(), wake, &mut keepalive, timer.as_mut(), server)).await {
+                Step::Quiet(back) => io = back,
+                Step::Done => return,
             }
-        };
-        let ws = match prefix.take() {
-            Some(bytes) => {
-                WebSocketStream::from_partially_read(io, bytes, Role::Server, Some(server.codec)).await
-            }
-            None => WebSocketStream::from_raw_socket(io, Role::Server, Some(server.codec)).await,
-        };
-        // Boxed so the stream and its state exist only while active: the
-        // quiet session's own future stays small.
-        match Box::pin(active(ws, wake, &mut keepalive, timer.as_mut(), server)).await {
-            Step::Quiet(back) => io = back,
-            Step::Done => return,
         }
     }
 }
 
+/// Builds the WebSocket stream around the socket and serves the client
+/// until it is quiet again or the session ends.
 async fn active(
-    mut ws: Ws,
+    io: SessionIo,
+    prefix: Option<Vec<u8>>,
     wake: Wake,
     keepalive: &mut Keepalive,
     mut timer: Pin<&mut Sleep>,
     server: &WsServer,
 ) -> Step {
+    // Woken by its timer or by shutdown, a session only sends a ping or a
+    // close and reads the short answer: a small read buffer will do, which
+    // matters when every session wakes at once to be closed.
+    let codec = match wake {
+        Wake::Readable => server.codec,
+        Wake::Timer | Wake::Shutdown => server.codec.read_buffer_size(CONTROL_READ_BUFFER),
+    };
+    let mut ws = match prefix {
+        Some(bytes) => WebSocketStream::from_partially_read(io, bytes, Role::Server, Some(codec)).await,
+        None => WebSocketStream::from_raw_socket(io, Role::Server, Some(codec)).await,
+    };
     let metrics = &server.metrics;
     let mut pending = match wake {
         Wake::Readable => None,
