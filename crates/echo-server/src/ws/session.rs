@@ -7,10 +7,11 @@
 //!   its keepalive timer, or for shutdown. This is where an idle connection
 //!   spends its life, and why it costs so little memory.
 //! - **active**: a tungstenite `WebSocketStream` is built around the socket;
-//!   messages are read and echoed one at a time (the reply is fully written
-//!   before the next message is read, which is the backpressure: a client
-//!   that does not read stops being read, and is closed after
-//!   `write_timeout`). When tungstenite has consumed every byte received, no
+//!   messages are read and their echoes queued; when there is nothing more
+//!   to read, the queued echoes go out in one write. That write must
+//!   complete before anything more is read, which is the backpressure: a
+//!   client that does not read stops being read, and is closed after
+//!   `write_timeout`. When tungstenite has consumed every byte received, no
 //!   message is half-read and nothing is left to write, the stream is taken
 //!   apart again and the session goes back to quiet.
 
@@ -57,6 +58,8 @@ enum Event {
     Ended,
     /// tungstenite holds nothing: the session may go quiet.
     Quiet,
+    /// Replies are waiting for the client to read them.
+    WriteBlocked,
     Timer,
     Shutdown,
 }
@@ -157,7 +160,7 @@ async fn active(
                     Message::Text(text) => {
                         metrics.text_received.inc();
                         keepalive.data(Instant::now());
-                        if !send(&mut ws, Message::Text(text), server).await {
+                        if !complete(&mut ws, |ws| ws.feed(Message::Text(text)), server).await {
                             return Step::Done;
                         }
                         metrics.text_sent.inc();
@@ -165,7 +168,7 @@ async fn active(
                     Message::Binary(bytes) => {
                         metrics.binary_received.inc();
                         keepalive.data(Instant::now());
-                        if !send(&mut ws, Message::Binary(bytes), server).await {
+                        if !complete(&mut ws, |ws| ws.feed(Message::Binary(bytes)), server).await {
                             return Step::Done;
                         }
                         metrics.binary_sent.inc();
@@ -188,6 +191,13 @@ async fn active(
                 }
             }
             Event::Quiet => return Step::Quiet(ws.into_inner()),
+            // Backpressure: nothing more is read from this client until it
+            // has read what it was sent.
+            Event::WriteBlocked => {
+                if !complete(&mut ws, ws_flush, server).await {
+                    return Step::Done;
+                }
+            }
             Event::Ended => return Step::Done,
             Event::Failed(err) => return fail(ws, err, server).await,
             Event::Shutdown => {
@@ -204,7 +214,7 @@ async fn active(
                 match keepalive.on_timer(now, ws.get_ref().bytes_in()) {
                     TimerAction::Wait => {}
                     TimerAction::Ping => {
-                        if !send(&mut ws, Message::Ping(Default::default()), server).await {
+                        if !complete(&mut ws, |ws| ws.send(Message::Ping(Default::default())), server).await {
                             return Step::Done;
                         }
                     }
@@ -246,20 +256,30 @@ async fn next_event(ws: &mut Ws, mut timer: Pin<&mut Sleep>, server: &WsServer) 
             // tungstenite wants more bytes. If those it has end a whole
             // message, it holds none; once anything queued (a pong) is
             // written, the session can go quiet.
-            Poll::Pending if ws.get_ref().at_message_boundary() => match ws.poll_flush_unpin(cx) {
-                Poll::Ready(Ok(())) => Poll::Ready(Event::Quiet),
+            // Nothing more to read for now: write out the replies queued
+            // so far (one write for all the messages that came together).
+            // If tungstenite then holds no received byte either, the
+            // session can go quiet.
+            Poll::Pending => match ws.poll_flush_unpin(cx) {
+                Poll::Ready(Ok(())) if ws.get_ref().at_message_boundary() => Poll::Ready(Event::Quiet),
+                Poll::Ready(Ok(())) => Poll::Pending,
                 Poll::Ready(Err(err)) => Poll::Ready(Event::Failed(err)),
-                Poll::Pending => Poll::Pending,
+                Poll::Pending => Poll::Ready(Event::WriteBlocked),
             },
-            Poll::Pending => Poll::Pending,
         }
     })
     .await
 }
 
-/// Writes one message completely, or gives up after `write_timeout`.
-async fn send(ws: &mut Ws, message: Message, server: &WsServer) -> bool {
-    match tokio::time::timeout(server.config.write_timeout, ws.send(message)).await {
+/// Runs one write operation on the stream — queueing a reply (`feed`, which
+/// waits only if earlier replies are still blocked), sending, or flushing —
+/// and gives up on the client after `write_timeout`.
+async fn complete<'a, F, Fut>(ws: &'a mut Ws, op: F, server: &WsServer) -> bool
+where
+    F: FnOnce(&'a mut Ws) -> Fut,
+    Fut: std::future::Future<Output = Result<(), WsError>>,
+{
+    match tokio::time::timeout(server.config.write_timeout, op(ws)).await {
         Ok(Ok(())) => true,
         Ok(Err(err)) => {
             debug!(error = %err, "write failed");
@@ -272,6 +292,10 @@ async fn send(ws: &mut Ws, message: Message, server: &WsServer) -> bool {
             false
         }
     }
+}
+
+fn ws_flush(ws: &mut Ws) -> futures_util::sink::Flush<'_, Ws, Message> {
+    ws.flush()
 }
 
 /// Ends a session whose client broke the protocol: the close code says why
