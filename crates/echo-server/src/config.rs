@@ -263,9 +263,10 @@ impl Config {
         let ws = &self.websocket;
         tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .read_buffer_size(ws.read_buffer_size as usize)
-            // Echo replies go out at once: latency matters more than
-            // coalescing, and the session flushes after every message anyway.
-            .write_buffer_size(0)
+            // Replies to messages that arrived together are written
+            // together; the session flushes as soon as there is nothing
+            // more to read, so a lone message is not delayed.
+            .write_buffer_size(ws.read_buffer_size as usize)
             // One echoed message plus a control frame is all a session ever
             // queues; anything more is a bug, not a slow client.
             .max_write_buffer_size(ws.max_message_size as usize + (1 << 16))

@@ -74,28 +74,41 @@ impl WsServer {
     }
 }
 
-async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, permit: Permit, server: Rc<WsServer>) {
+async fn serve_connection(stream: TcpStream, peer: SocketAddr, permit: Permit, server: Rc<WsServer>) {
     let _permit = permit;
+    // Boxed: the handshake's buffers and state are freed when it ends, and
+    // do not enlarge the session future, which lives as long as the client.
+    let Some((io, prefix)) = Box::pin(handshake_phase(stream, peer, &server)).await else {
+        return;
+    };
+    session::run(io, prefix, &server).await;
+    debug!(%peer, "session ended");
+}
+
+/// Answers the client's HTTP request; on an upgrade, returns the socket
+/// ready for the session.
+async fn handshake_phase(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    server: &WsServer,
+) -> Option<(io::SessionIo, Option<Vec<u8>>)> {
     // Echo latency matters more than packet count.
     let _ = stream.set_nodelay(true);
     let config = &server.config;
-    // Boxed: the handshake's buffers and state are freed when it ends, and
-    // do not enlarge the long-lived session future.
-    let outcome = Box::pin(handshake::accept(
+    let outcome = handshake::accept(
         &mut stream,
         config.max_request_header_size as usize,
         config.handshake_timeout,
         config.write_timeout,
         config.close_timeout,
-    ))
+    )
     .await;
     let metrics = &server.metrics;
     match outcome {
         Outcome::Upgraded(upgrade) => {
             metrics.upgrades.inc();
             debug!(%peer, path = %upgrade.path, subprotocol = ?upgrade.subprotocol, "upgraded");
-            session::run(stream, upgrade.leftover, &server).await;
-            debug!(%peer, "session ended");
+            Some(session::session_io(stream, upgrade.leftover, server))
         }
         Outcome::Answered { status, failure } => {
             metrics.http_response(status);
@@ -103,10 +116,12 @@ async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, permit: Permi
                 metrics.handshake_failed(reason);
             }
             debug!(%peer, status, "answered a plain HTTP request");
+            None
         }
         Outcome::Abandoned(reason) => {
             metrics.handshake_failed(reason);
             debug!(%peer, reason, "handshake abandoned");
+            None
         }
     }
 }
@@ -125,4 +140,36 @@ async fn refuse(mut stream: TcpStream, server: Rc<WsServer>) {
         handshake::linger_close(&mut stream, limit).await;
     }
     server.refusing.set(server.refusing.get() - 1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// Every connection's task holds its future for its whole life, so the
+    /// future's size is a fixed cost per connection. Keep it small: large
+    /// state (handshake buffers, the WebSocket stream) is boxed and lives
+    /// only while needed.
+    #[tokio::test]
+    async fn a_connection_costs_a_small_future() {
+        let config = Config::default();
+        let metrics = Arc::new(WebSocketMetrics::default());
+        let limit = ConnectionLimit::new(10, metrics.connections.clone());
+        let server = WsServer::new(
+            config.websocket.clone(),
+            config.tungstenite(),
+            metrics,
+            Rc::new(Shutdown::new()),
+            limit.clone(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, peer) = listener.accept().await.unwrap();
+        let connection = serve_connection(accepted, peer, limit.try_acquire().unwrap(), server.clone());
+        let size = std::mem::size_of_val(&connection);
+        println!("connection future: {size} bytes");
+        assert!(size <= 832, "the per-connection future grew to {size} bytes");
+        drop(client);
+    }
 }

@@ -7,10 +7,11 @@
 //!   its keepalive timer, or for shutdown. This is where an idle connection
 //!   spends its life, and why it costs so little memory.
 //! - **active**: a tungstenite `WebSocketStream` is built around the socket;
-//!   messages are read and echoed one at a time (the reply is fully written
-//!   before the next message is read, which is the backpressure: a client
-//!   that does not read stops being read, and is closed after
-//!   `write_timeout`). When tungstenite has consumed every byte received, no
+//!   messages are read and their echoes queued; when there is nothing more
+//!   to read, the queued echoes go out in one write. That write must
+//!   complete before anything more is read, which is the backpressure: a
+//!   client that does not read stops being read, and is closed after
+//!   `write_timeout`. When tungstenite has consumed every byte received, no
 //!   message is half-read and nothing is left to write, the stream is taken
 //!   apart again and the session goes back to quiet.
 
@@ -34,6 +35,9 @@ use super::io::SessionIo;
 
 type Ws = WebSocketStream<SessionIo>;
 
+/// Read buffer of a session woken only to send a ping or a close frame.
+const CONTROL_READ_BUFFER: usize = 256;
+
 /// A timer deadline far enough away to mean "never".
 const NEVER: Duration = Duration::from_secs(86_400 * 365);
 
@@ -54,6 +58,8 @@ enum Event {
     Ended,
     /// tungstenite holds nothing: the session may go quiet.
     Quiet,
+    /// Replies are waiting for the client to read them.
+    WriteBlocked,
     Timer,
     Shutdown,
 }
@@ -64,52 +70,78 @@ enum Step {
     Done,
 }
 
-/// Serves a session until it closes.
-pub async fn run(tcp: TcpStream, leftover: Vec<u8>, server: &WsServer) {
+/// Wraps a freshly upgraded socket for [`run`]. `leftover` holds bytes the
+/// client sent right after its handshake (its first frames, if it did not
+/// wait for the response).
+pub fn session_io(tcp: TcpStream, leftover: Vec<u8>, server: &WsServer) -> (SessionIo, Option<Vec<u8>>) {
     let metrics = &server.metrics;
     let mut io = SessionIo::new(tcp, metrics.bytes_received.clone(), metrics.bytes_sent.clone());
-    let mut prefix = None;
-    if !leftover.is_empty() {
-        io.observe_prefix(&leftover);
-        prefix = Some(leftover);
+    if leftover.is_empty() {
+        return (io, None);
     }
-    let mut keepalive = Keepalive::new(&server.config, Instant::now());
-    let timer = tokio::time::sleep_until(keepalive.deadline(Instant::now()));
-    tokio::pin!(timer);
-    loop {
-        let wake = if prefix.is_some() {
-            Wake::Readable
-        } else {
-            tokio::select! {
-                biased;
-                _ = server.shutdown.wait() => Wake::Shutdown,
-                _ = &mut timer => Wake::Timer,
-                // An error is seen again, and handled, by the read that follows.
-                _ = io.tcp().readable() => Wake::Readable,
+    io.observe_prefix(&leftover);
+    (io, Some(leftover))
+}
+
+/// Serves a session until it closes.
+///
+/// Written as a function returning an `async move` block rather than as an
+/// `async fn`: an `async fn` keeps its arguments and the locals they are
+/// moved into side by side, and this future lives as long as the
+/// connection, so every byte of it is paid per client.
+#[allow(clippy::manual_async_fn)] // deliberate, see above
+pub fn run(
+    mut io: SessionIo,
+    mut prefix: Option<Vec<u8>>,
+    server: &WsServer,
+) -> impl std::future::Future<Output = ()> + '_ {
+    async move {
+        let mut keepalive = Keepalive::new(&server.config, Instant::now());
+        let timer = tokio::time::sleep_until(keepalive.deadline(Instant::now()));
+        tokio::pin!(timer);
+        loop {
+            let wake = if prefix.is_some() {
+                Wake::Readable
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = server.shutdown.wait() => Wake::Shutdown,
+                    _ = &mut timer => Wake::Timer,
+                    // An error is seen again, and handled, by the read that follows.
+                    _ = io.tcp().readable() => Wake::Readable,
+                }
+            };
+            // Boxed so the stream and its state exist only while active: the
+            // quiet session's own future stays small.
+            match Box::pin(active(io, prefix.take(), wake, &mut keepalive, timer.as_mut(), server)).await {
+                Step::Quiet(back) => io = back,
+                Step::Done => return,
             }
-        };
-        let ws = match prefix.take() {
-            Some(bytes) => {
-                WebSocketStream::from_partially_read(io, bytes, Role::Server, Some(server.codec)).await
-            }
-            None => WebSocketStream::from_raw_socket(io, Role::Server, Some(server.codec)).await,
-        };
-        // Boxed so the stream and its state exist only while active: the
-        // quiet session's own future stays small.
-        match Box::pin(active(ws, wake, &mut keepalive, timer.as_mut(), server)).await {
-            Step::Quiet(back) => io = back,
-            Step::Done => return,
         }
     }
 }
 
+/// Builds the WebSocket stream around the socket and serves the client
+/// until it is quiet again or the session ends.
 async fn active(
-    mut ws: Ws,
+    io: SessionIo,
+    prefix: Option<Vec<u8>>,
     wake: Wake,
     keepalive: &mut Keepalive,
     mut timer: Pin<&mut Sleep>,
     server: &WsServer,
 ) -> Step {
+    // Woken by its timer or by shutdown, a session only sends a ping or a
+    // close and reads the short answer: a small read buffer will do, which
+    // matters when every session wakes at once to be closed.
+    let codec = match wake {
+        Wake::Readable => server.codec,
+        Wake::Timer | Wake::Shutdown => server.codec.read_buffer_size(CONTROL_READ_BUFFER),
+    };
+    let mut ws = match prefix {
+        Some(bytes) => WebSocketStream::from_partially_read(io, bytes, Role::Server, Some(codec)).await,
+        None => WebSocketStream::from_raw_socket(io, Role::Server, Some(codec)).await,
+    };
     let metrics = &server.metrics;
     let mut pending = match wake {
         Wake::Readable => None,
@@ -128,7 +160,7 @@ async fn active(
                     Message::Text(text) => {
                         metrics.text_received.inc();
                         keepalive.data(Instant::now());
-                        if !send(&mut ws, Message::Text(text), server).await {
+                        if !complete(&mut ws, |ws| ws.feed(Message::Text(text)), server).await {
                             return Step::Done;
                         }
                         metrics.text_sent.inc();
@@ -136,7 +168,7 @@ async fn active(
                     Message::Binary(bytes) => {
                         metrics.binary_received.inc();
                         keepalive.data(Instant::now());
-                        if !send(&mut ws, Message::Binary(bytes), server).await {
+                        if !complete(&mut ws, |ws| ws.feed(Message::Binary(bytes)), server).await {
                             return Step::Done;
                         }
                         metrics.binary_sent.inc();
@@ -159,6 +191,13 @@ async fn active(
                 }
             }
             Event::Quiet => return Step::Quiet(ws.into_inner()),
+            // Backpressure: nothing more is read from this client until it
+            // has read what it was sent.
+            Event::WriteBlocked => {
+                if !complete(&mut ws, ws_flush, server).await {
+                    return Step::Done;
+                }
+            }
             Event::Ended => return Step::Done,
             Event::Failed(err) => return fail(ws, err, server).await,
             Event::Shutdown => {
@@ -175,7 +214,7 @@ async fn active(
                 match keepalive.on_timer(now, ws.get_ref().bytes_in()) {
                     TimerAction::Wait => {}
                     TimerAction::Ping => {
-                        if !send(&mut ws, Message::Ping(Default::default()), server).await {
+                        if !complete(&mut ws, |ws| ws.send(Message::Ping(Default::default())), server).await {
                             return Step::Done;
                         }
                     }
@@ -217,20 +256,30 @@ async fn next_event(ws: &mut Ws, mut timer: Pin<&mut Sleep>, server: &WsServer) 
             // tungstenite wants more bytes. If those it has end a whole
             // message, it holds none; once anything queued (a pong) is
             // written, the session can go quiet.
-            Poll::Pending if ws.get_ref().at_message_boundary() => match ws.poll_flush_unpin(cx) {
-                Poll::Ready(Ok(())) => Poll::Ready(Event::Quiet),
+            // Nothing more to read for now: write out the replies queued
+            // so far (one write for all the messages that came together).
+            // If tungstenite then holds no received byte either, the
+            // session can go quiet.
+            Poll::Pending => match ws.poll_flush_unpin(cx) {
+                Poll::Ready(Ok(())) if ws.get_ref().at_message_boundary() => Poll::Ready(Event::Quiet),
+                Poll::Ready(Ok(())) => Poll::Pending,
                 Poll::Ready(Err(err)) => Poll::Ready(Event::Failed(err)),
-                Poll::Pending => Poll::Pending,
+                Poll::Pending => Poll::Ready(Event::WriteBlocked),
             },
-            Poll::Pending => Poll::Pending,
         }
     })
     .await
 }
 
-/// Writes one message completely, or gives up after `write_timeout`.
-async fn send(ws: &mut Ws, message: Message, server: &WsServer) -> bool {
-    match tokio::time::timeout(server.config.write_timeout, ws.send(message)).await {
+/// Runs one write operation on the stream — queueing a reply (`feed`, which
+/// waits only if earlier replies are still blocked), sending, or flushing —
+/// and gives up on the client after `write_timeout`.
+async fn complete<'a, F, Fut>(ws: &'a mut Ws, op: F, server: &WsServer) -> bool
+where
+    F: FnOnce(&'a mut Ws) -> Fut,
+    Fut: std::future::Future<Output = Result<(), WsError>>,
+{
+    match tokio::time::timeout(server.config.write_timeout, op(ws)).await {
         Ok(Ok(())) => true,
         Ok(Err(err)) => {
             debug!(error = %err, "write failed");
@@ -243,6 +292,10 @@ async fn send(ws: &mut Ws, message: Message, server: &WsServer) -> bool {
             false
         }
     }
+}
+
+fn ws_flush(ws: &mut Ws) -> futures_util::sink::Flush<'_, Ws, Message> {
+    ws.flush()
 }
 
 /// Ends a session whose client broke the protocol: the close code says why

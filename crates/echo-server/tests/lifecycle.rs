@@ -1,0 +1,240 @@
+//! Start-up, configuration, admin endpoints and shutdown of the real binary.
+
+mod common;
+
+use std::time::Duration;
+
+use common::raw::RawClient;
+use common::{TestServer, run_to_exit};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+#[test]
+fn bad_config_exits_2_naming_the_key_before_binding() {
+    // The port is taken: had the server bound anything before validating,
+    // it would fail with a bind error (status 1) instead.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let dir = std::env::temp_dir().join(format!("echo-lifecycle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    type Case<'a> = (Vec<String>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (vec![], vec![("ECHO_WEBSOCKET_MAX_MESSAGE_SIZE", "0")], "websocket.max_message_size"),
+        (vec![], vec![("ECHO_WEBSOCKET_PING_TIMEOUT", "soon")], "websocket.ping_timeout"),
+        (vec![], vec![("ECHO_ADMIN_LISTEN", "nowhere")], "admin.listen"),
+        (vec![], vec![("ECHO_WEBSOCKETS_LISTEN", "1")], "websockets"),
+        (vec!["--config".into(), dir.join("missing.toml").display().to_string()], vec![], "missing.toml"),
+        (
+            {
+                let file = dir.join("typo.toml");
+                std::fs::write(&file, "[websocket]\nmax_conections = 5\n").unwrap();
+                vec!["--config".into(), file.display().to_string()]
+            },
+            vec![],
+            "websocket.max_conections",
+        ),
+        (vec!["--log-level".into(), "info,=[".into()], vec![], "log.level"),
+    ];
+    for (mut args, env, key) in cases {
+        args.extend(["--ws-listen".into(), port.clone()]);
+        if !env.iter().any(|(k, _)| k.starts_with("ECHO_ADMIN")) {
+            args.push("--no-admin".into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (status, _, stderr) = run_to_exit(&args, &env);
+        assert_eq!(status.code(), Some(2), "{key}: {stderr}");
+        assert!(stderr.contains(key), "the message names {key}: {stderr}");
+        assert!(stderr.starts_with("echo-server: invalid configuration:"), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one clear line: {stderr}");
+    }
+}
+
+#[test]
+fn a_taken_port_is_reported_with_its_key() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let (status, _, stderr) = run_to_exit(&["--ws-listen", &port, "--no-admin"], &[]);
+    assert_eq!(status.code(), Some(1));
+    assert!(stderr.contains(&format!("cannot listen on {port} (websocket.listen)")), "{stderr}");
+}
+
+#[test]
+fn print_config_shows_the_effective_configuration() {
+    let (status, stdout, _) = run_to_exit(&["--print-config"], &[]);
+    assert!(status.success());
+    let documented =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/server.toml")).unwrap();
+    let printed: toml::Table = toml::from_str(&stdout).unwrap();
+    let documented: toml::Table = toml::from_str(&documented).unwrap();
+    assert_eq!(printed, documented, "the built-in defaults are the documented ones");
+    let (_, stdout, _) = run_to_exit(
+        &["--print-config", "--max-connections", "9"],
+        &[("ECHO_WEBSOCKET_PING_INTERVAL", "1m"), ("ECHO_WEBSOCKET_MAX_CONNECTIONS", "5")],
+    );
+    assert!(stdout.contains("max_connections = 9"), "{stdout}");
+    assert!(stdout.contains("ping_interval = \"1m\""), "{stdout}");
+}
+
+#[test]
+fn startup_reports_the_file_limit_and_capacity() {
+    let server = TestServer::start(&[]);
+    let entry = server.wait_for_log(Duration::from_secs(5), |v| v["open_file_limit"].is_number());
+    let limit = entry["open_file_limit"].as_u64().unwrap();
+    let (_, hard) = rlimit::Resource::NOFILE.get().unwrap();
+    assert_eq!(limit, hard, "soft limit raised to the hard limit");
+    assert_eq!(entry["connection_capacity"].as_u64().unwrap(), limit - 64);
+    assert_eq!(server.metric("process_max_fds"), limit as f64);
+}
+
+#[test]
+fn admin_health_readiness_and_metrics() {
+    let server = TestServer::start(&[]);
+    assert_eq!(server.admin_get("/healthz"), (200, "ok\n".to_owned()));
+    assert_eq!(server.admin_get("/readyz"), (200, "ready\n".to_owned()));
+    assert_eq!(server.admin_get("/nope").0, 404);
+    let (status, body) = server.admin_get("/metrics");
+    assert_eq!(status, 200);
+    for name in [
+        "echo_websocket_connections",
+        "echo_websocket_accepted_total",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "echo_runtime_workers",
+    ] {
+        assert!(body.contains(name), "{name} missing from /metrics");
+    }
+    // The healthcheck subcommand reaches the same endpoint.
+    let addr = server.admin_addr().to_string();
+    let (status, _, stderr) = run_to_exit(&["healthcheck", "--addr", &addr], &[]);
+    assert!(status.success(), "{stderr}");
+    drop(server);
+    let (status, _, stderr) = run_to_exit(&["healthcheck", "--addr", &addr, "--timeout", "1s"], &[]);
+    assert_eq!(status.code(), Some(1));
+    assert!(stderr.contains("cannot connect"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_every_client_with_1001_and_exits_0() {
+    let mut server = TestServer::start(&[]);
+    let mut clients = Vec::new();
+    for i in 0..200 {
+        let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url("/")).await.unwrap();
+        ws.send(Message::Text(format!("{i}").into())).await.unwrap();
+        let _ = ws.next().await;
+        clients.push(ws);
+    }
+    // Each client reads (and its library answers the close) on its own task.
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+                    Ok(Some(Ok(Message::Close(Some(frame))))) => u16::from(frame.code),
+                    other => panic!("expected close 1001, got {other:?}"),
+                }
+            })
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    server.signal(libc::SIGTERM);
+    for reader in readers {
+        assert_eq!(reader.await.unwrap(), 1001);
+    }
+    let status = tokio::task::block_in_place(|| server.wait(Duration::from_secs(10)));
+    let took = started.elapsed();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+    let summary = server.wait_for_log(Duration::from_secs(2), |v| v["message"] == "shutdown complete");
+    assert_eq!(summary["connections_served"], 200);
+    assert_eq!(summary["messages_echoed"], 200);
+}
+
+#[test]
+fn shutdown_waits_for_the_grace_then_exits_and_readyz_says_so() {
+    let mut server = TestServer::start(&["--shutdown-grace", "2s"]);
+    // A raw client never answers the close frame: the server must give up
+    // on it after the grace period, not hang.
+    let mut raw = RawClient::connect(server.ws_addr());
+    let started = std::time::Instant::now();
+    server.signal(libc::SIGTERM);
+    assert_eq!(raw.read_close_code(), Some(1001));
+    let (status, body) = server.admin_get("/readyz");
+    assert_eq!((status, body.as_str()), (503, "shutting down\n"));
+    assert_eq!(server.admin_get("/healthz").0, 200, "alive while draining");
+    let status = server.wait(Duration::from_secs(10));
+    assert!(status.success());
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1900) && took < Duration::from_secs(4), "took {took:?}");
+    server.wait_for_log(Duration::from_secs(1), |v| v["left_open"] == 1);
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let mut server = TestServer::start(&["--shutdown-grace", "30s"]);
+    let _raw = RawClient::connect(server.ws_addr());
+    server.signal(libc::SIGINT);
+    server.wait_for_log(Duration::from_secs(5), |v| {
+        v["message"].as_str().unwrap_or("").starts_with("shutting down")
+    });
+    let started = std::time::Instant::now();
+    server.signal(libc::SIGINT);
+    let status = server.wait(Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(status.code(), Some(128 + libc::SIGINT));
+}
+
+#[tokio::test]
+async fn running_out_of_file_descriptors_is_reported_once_and_recovers() {
+    // 128 files: about 110 are left for clients once the process has its
+    // listeners, epoll and standard streams. Ask for more connections than
+    // that, so the open-file limit is what stops them.
+    let server = TestServer::start_with_limit(&["--max-connections", "1000"], &[], Some(128));
+    server.wait_for_log(Duration::from_secs(5), |v| {
+        v["message"].as_str().is_some_and(|m| m.contains("websocket.max_connections is above"))
+    });
+    let mut clients = Vec::new();
+    let mut stalled = 0;
+    for _ in 0..150 {
+        match tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio_tungstenite::connect_async(server.ws_url("/")),
+        )
+        .await
+        {
+            Ok(Ok((ws, _))) => clients.push(ws),
+            Ok(Err(e)) => panic!("a client over the file limit must wait, not fail: {e}"),
+            Err(_) => {
+                stalled += 1;
+                if stalled >= 3 {
+                    break;
+                }
+            }
+        }
+    }
+    assert!(clients.len() > 80 && clients.len() < 128, "{} clients got in", clients.len());
+    let warnings = server
+        .logs()
+        .iter()
+        .filter(|v| {
+            v["message"].as_str().is_some_and(|m| m.starts_with("the open-file limit, not the server"))
+        })
+        .count();
+    assert_eq!(warnings, 1, "one warning per episode, not one per attempt");
+    // Free some descriptors: the waiting clients are accepted again.
+    for mut ws in clients.drain(..20) {
+        ws.close(None).await.unwrap();
+        while let Some(Ok(_)) = ws.next().await {}
+    }
+    let (mut ws, _) =
+        tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async(server.ws_url("/")))
+            .await
+            .expect("accepted once descriptors are free")
+            .unwrap();
+    ws.send(Message::Text("back".into())).await.unwrap();
+    server.wait_for_log(Duration::from_secs(5), |v| {
+        v["message"].as_str().is_some_and(|m| m.starts_with("accepting again"))
+    });
+    // (The admin listener needed a descriptor too, so metrics are read now.)
+    assert!(server.metric("echo_accept_fd_exhausted_total{listener=\"websocket\"}") >= 1.0);
+}
