@@ -235,10 +235,11 @@ pub fn run(plan: Plan) -> anyhow::Result<RunResult> {
     let started_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let run_id = format!("{:x}{:x}", std::process::id(), started_unix & 0xffff);
     let mut fleet = Fleet::start(&plan, &run_id)?;
+    let mut warned = false;
+    let server_baseline = sample(&plan.server, &mut warned, &fleet.live);
     let s = &plan.settings;
     let n = plan.workers;
     let mut steps = Vec::new();
-    let mut warned = false;
     let total = s.steps.len();
     for (i, &target) in s.steps.iter().enumerate() {
         fleet.live.phase(format!("step {}/{total}: connecting to {target}", i + 1));
@@ -306,7 +307,7 @@ pub fn run(plan: Plan) -> anyhow::Result<RunResult> {
     }
     fleet.live.phase("closing connections".into());
     fleet.stop();
-    Ok(RunResult {
+    let mut result = RunResult {
         schema: SCHEMA.into(),
         tool_version: env!("CARGO_PKG_VERSION").into(),
         label: s.label.clone(),
@@ -315,9 +316,12 @@ pub fn run(plan: Plan) -> anyhow::Result<RunResult> {
         started_unix,
         machine: Machine { hostname: hostname(), cpus: cpus(), workers: n, runs: 1 },
         settings: s.clone(),
+        server_baseline,
         steps,
         failures: Vec::new(),
-    })
+    };
+    result.derive();
+    Ok(result)
 }
 
 pub fn cpus() -> usize {

@@ -44,9 +44,9 @@ fn opt<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
     v.map(f).unwrap_or_else(|| "-".into())
 }
 
-const HEADERS: [&str; 17] = [
+const HEADERS: [&str; 18] = [
     "conns", "open", "conn p50", "conn p99", "conn err", "sent/s", "recv/s", "p50", "p90", "p99", "p99.9", "max",
-    "errors", "srv RSS", "RSS/conn", "srv CPU", "gen CPU",
+    "errors", "srv RSS", "RSS/conn", "ΔRSS/conn", "srv CPU", "gen CPU",
 ];
 
 fn row(s: &StepResult) -> Vec<String> {
@@ -72,6 +72,7 @@ fn row(s: &StepResult) -> Vec<String> {
         count(d.errors as f64),
         opt(server.and_then(|s| s.rss_bytes), |b| bytes(b as f64)),
         opt(d.server_rss_per_connection, bytes),
+        opt(d.server_rss_per_added_connection, bytes),
         opt(d.server_cpu_percent, |p| format!("{p:.0}%")),
         format!("{:.0}%", d.generator_cpu_percent),
     ]
@@ -119,7 +120,7 @@ pub fn table(r: &RunResult) -> String {
     out
 }
 
-const CSV_HEADERS: [&str; 30] = [
+const CSV_HEADERS: [&str; 31] = [
     "target_connections",
     "open_connections",
     "ramp_secs",
@@ -142,6 +143,7 @@ const CSV_HEADERS: [&str; 30] = [
     "latency_mean_us",
     "server_rss_bytes",
     "server_rss_per_connection",
+    "server_rss_per_added_connection",
     "server_cpu_percent",
     "server_cpu_us_per_message",
     "server_open_fds",
@@ -191,6 +193,7 @@ pub fn csv(r: &RunResult) -> anyhow::Result<String> {
             format!("{:.1}", l.mean_us),
             ou(server.rss_bytes),
             o(d.server_rss_per_connection),
+            o(d.server_rss_per_added_connection),
             o(d.server_cpu_percent),
             o(d.server_cpu_us_per_message),
             ou(server.open_fds),
@@ -270,7 +273,7 @@ mod tests {
         let rows: Vec<csv::StringRecord> = rd.records().map(Result::unwrap).collect();
         assert_eq!(rows.len(), 2);
         assert_eq!(&rows[1][0], "200");
-        assert_eq!(&rows[1][29], "echo_mismatch=3");
+        assert_eq!(&rows[1][30], "echo_mismatch=3");
         assert_eq!(rd.headers().unwrap().len(), CSV_HEADERS.len());
     }
 

@@ -26,6 +26,8 @@ pub struct RunResult {
     pub started_unix: u64,
     pub machine: Machine,
     pub settings: Settings,
+    /// Server readings before the first connection was opened.
+    pub server_baseline: Option<ServerSample>,
     pub steps: Vec<StepResult>,
     /// Threshold violations; empty when the run passed.
     pub failures: Vec<String>,
@@ -74,6 +76,10 @@ pub struct Derived {
     /// errors / (connection attempts + messages sent).
     pub error_rate: f64,
     pub server_rss_per_connection: Option<f64>,
+    /// Growth of server RSS since the previous step (or the baseline before
+    /// the first) divided by the connections added: the marginal cost of a
+    /// connection, without the server's fixed memory.
+    pub server_rss_per_added_connection: Option<f64>,
     /// Percent of one core.
     pub server_cpu_percent: Option<f64>,
     /// Server CPU microseconds per message echoed (MQTT: per delivery).
@@ -97,6 +103,7 @@ impl StepResult {
             errors,
             error_rate: if attempts == 0 { 0.0 } else { errors as f64 / attempts as f64 },
             server_rss_per_connection: server.and_then(|s| s.rss_bytes).and_then(per_conn),
+            server_rss_per_added_connection: self.derived.server_rss_per_added_connection,
             server_cpu_percent: server.and_then(|s| s.cpu_seconds).map(|c| c / hold * 100.0),
             server_cpu_us_per_message: server
                 .and_then(|s| s.cpu_seconds)
@@ -128,6 +135,22 @@ impl StepResult {
 }
 
 impl RunResult {
+    /// Recomputes every derived figure, including those across steps.
+    pub fn derive(&mut self) {
+        let mut prev = (0u64, self.server_baseline.as_ref().and_then(|b| b.rss_bytes));
+        for s in &mut self.steps {
+            s.derive();
+            let rss = s.server.as_ref().and_then(|x| x.rss_bytes);
+            s.derived.server_rss_per_added_connection = match (prev.1, rss) {
+                (Some(before), Some(after)) if s.open_connections > prev.0 => {
+                    Some((after as f64 - before as f64) / (s.open_connections - prev.0) as f64)
+                }
+                _ => None,
+            };
+            prev = (s.open_connections, rss);
+        }
+    }
+
     /// Merges runs that loaded the same server at the same time (from
     /// several machines): step `i` of every run is added up.
     pub fn merge(runs: Vec<RunResult>) -> Result<RunResult, String> {
@@ -155,7 +178,11 @@ impl RunResult {
             }
             out.failures.extend(other.failures);
             out.started_unix = out.started_unix.min(other.started_unix);
+            if out.server_baseline.is_none() {
+                out.server_baseline = other.server_baseline;
+            }
         }
+        out.derive();
         out.settings.steps = out.steps.iter().map(|s| s.target_connections).collect();
         Ok(out)
     }
@@ -220,6 +247,7 @@ pub mod tests {
                 sources: vec![],
                 label: None,
             },
+            server_baseline: Some(ServerSample { rss_bytes: Some(500_000), ..Default::default() }),
             steps,
             failures: vec![],
         }
@@ -240,6 +268,15 @@ pub mod tests {
         assert!((d.server_cpu_us_per_message.unwrap() - 2e6 / 9_990.0).abs() < 1e-6);
         assert_eq!(d.generator_cpu_percent, 10.0);
         assert_eq!(d.generator_rss_per_connection, Some(5_000.0));
+    }
+
+    #[test]
+    fn marginal_memory_per_connection_excludes_the_fixed_part() {
+        let mut r = run(vec![step(100, 0, &[]), step(300, 0, &[])]);
+        r.derive();
+        // Baseline 500 kB; 100 connections → 1 MB; 300 → 3 MB.
+        assert_eq!(r.steps[0].derived.server_rss_per_added_connection, Some(5_000.0));
+        assert_eq!(r.steps[1].derived.server_rss_per_added_connection, Some(10_000.0));
     }
 
     #[test]
