@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use crate::flow::Clock;
 use crate::ipc::{Command, Event};
 use crate::scenario::Settings;
-use crate::stats::Recorder;
+use crate::stats::{Recorder, Tally};
 use crate::target::{Protocol, Target};
 use crate::usage;
 
@@ -96,6 +96,7 @@ async fn serve(ctx: Arc<Ctx>, sources: Vec<IpAddr>, mut rx: mpsc::UnboundedRecei
     let ticker = tokio::spawn(tick(ctx.clone()));
     let mut opened: u64 = 0;
     let mut cpu_at_hold = usage::own_cpu_seconds();
+    let mut carry = Tally::default();
     emit(&Event::Ready);
     while let Some(cmd) = rx.recv().await {
         match cmd {
@@ -125,12 +126,21 @@ async fn serve(ctx: Arc<Ctx>, sources: Vec<IpAddr>, mut rx: mpsc::UnboundedRecei
                 emit(&Event::Ramped { tally: ctx.rec.take() });
             }
             Command::Hold => {
-                // Whatever arrived between the ramp's end and now belongs to neither.
-                let _ = ctx.rec.take();
+                // Messages between the ramp's end and now fall outside the
+                // measured window; errors and connections never go uncounted.
+                let gap = ctx.rec.take();
+                carry = Tally {
+                    attempted: gap.attempted,
+                    connected: gap.connected,
+                    connect_time: gap.connect_time,
+                    errors: gap.errors,
+                    ..Tally::default()
+                };
                 cpu_at_hold = usage::own_cpu_seconds();
             }
             Command::EndHold => {
-                let tally = ctx.rec.take();
+                let mut tally = std::mem::take(&mut carry);
+                tally.merge(&ctx.rec.take());
                 emit(&Event::Held {
                     tally,
                     open: ctx.rec.live.open.load(Ordering::Relaxed),
