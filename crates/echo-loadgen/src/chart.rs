@@ -32,20 +32,29 @@ fn name(r: &RunResult, i: usize) -> String {
 
 fn latency_series(runs: &[RunResult]) -> Vec<Series> {
     let mut out = Vec::new();
-    let pcts: &[(f64, &str)] =
-        if runs.len() == 1 { &[(50.0, "p50"), (90.0, "p90"), (99.0, "p99"), (99.9, "p99.9")] } else { &[(50.0, "p50"), (99.0, "p99")] };
+    let pcts: &[(f64, &str)] = if runs.len() == 1 {
+        &[(50.0, "p50"), (90.0, "p90"), (99.0, "p99"), (99.9, "p99.9")]
+    } else {
+        &[(50.0, "p50"), (99.0, "p99")]
+    };
     for (i, r) in runs.iter().enumerate() {
         for (j, (p, pname)) in pcts.iter().enumerate() {
             let points: Vec<(f64, f64)> = r
                 .steps
                 .iter()
                 .filter(|s| !s.hold.latency.is_empty())
-                .map(|s| (s.open_connections as f64, (s.hold.latency.percentile(*p) as f64 / 1000.0).max(0.001)))
+                .map(|s| {
+                    (s.open_connections as f64, (s.hold.latency.percentile(*p) as f64 / 1000.0).max(0.001))
+                })
                 .collect();
             if points.is_empty() {
                 continue;
             }
-            let (colour, width) = if runs.len() == 1 { (COLOURS[j % 6], 2) } else { (COLOURS[i % 6], if *p >= 99.0 { 3 } else { 1 }) };
+            let (colour, width) = if runs.len() == 1 {
+                (COLOURS[j % 6], 2)
+            } else {
+                (COLOURS[i % 6], if *p >= 99.0 { 3 } else { 1 })
+            };
             let name = if runs.len() == 1 { pname.to_string() } else { format!("{} {pname}", name(r, i)) };
             out.push(Series { name, colour, width, points });
         }
@@ -76,7 +85,12 @@ fn memory_series(runs: &[RunResult]) -> Vec<Series> {
 }
 
 fn x_range(runs: &[RunResult]) -> std::ops::Range<f64> {
-    let max = runs.iter().flat_map(|r| &r.steps).map(|s| s.open_connections.max(s.target_connections)).max().unwrap_or(1);
+    let max = runs
+        .iter()
+        .flat_map(|r| &r.steps)
+        .map(|s| s.open_connections.max(s.target_connections))
+        .max()
+        .unwrap_or(1);
     0.0..(max as f64 * 1.05).max(1.0)
 }
 
@@ -88,9 +102,10 @@ fn draw_series<'a, DB: DrawingBackend + 'a, CT: plotters::coord::CoordTranslate<
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     for s in series {
         let style = ShapeStyle { color: s.colour.to_rgba(), filled: true, stroke_width: s.width };
-        chart.draw_series(LineSeries::new(s.points.clone(), style))?.label(s.name.clone()).legend(move |(x, y)| {
-            PathElement::new(vec![(x, y), (x + 16, y)], style)
-        });
+        chart
+            .draw_series(LineSeries::new(s.points.clone(), style))?
+            .label(s.name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], style));
         chart.draw_series(s.points.iter().map(|&p| Circle::new(p, 3, style)))?;
     }
     Ok(())
@@ -107,7 +122,12 @@ pub fn draw(runs: &[RunResult], path: &Path) -> anyhow::Result<()> {
     let root = SVGBackend::new(path, (1000, 800)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let title = match runs {
-        [r] => format!("{} — {} msg/s/conn, {} B", r.label.as_deref().unwrap_or(&r.url), r.settings.rate, r.settings.size),
+        [r] => format!(
+            "{} — {} msg/s/conn, {} B",
+            r.label.as_deref().unwrap_or(&r.url),
+            r.settings.rate,
+            r.settings.size
+        ),
         _ => "comparison".to_string(),
     };
     let root = root.titled(&title, ("sans-serif", 22)).map_err(err)?;

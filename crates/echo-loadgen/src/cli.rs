@@ -81,7 +81,8 @@ mod tests {
 
     #[test]
     fn run_takes_url_and_settings() {
-        let cli = Cli::parse_from(["echo-loadgen", "run", "ws://127.0.0.1:8080/", "--steps", "10,20", "-r", "max"]);
+        let cli =
+            Cli::parse_from(["echo-loadgen", "run", "ws://127.0.0.1:8080/", "--steps", "10,20", "-r", "max"]);
         let Cmd::Run { settings, .. } = cli.command else { panic!() };
         assert_eq!(settings.url.as_deref(), Some("ws://127.0.0.1:8080/"));
         assert_eq!(settings.steps.unwrap().0, vec![10, 20]);

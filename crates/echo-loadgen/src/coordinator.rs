@@ -89,7 +89,8 @@ impl Fleet {
             // Sources are dealt out so that workers don't share ports of one
             // address when there are enough addresses to go round.
             let s = &plan.settings.sources;
-            let sources = if s.len() >= n { s.iter().skip(w).step_by(n).copied().collect() } else { s.clone() };
+            let sources =
+                if s.len() >= n { s.iter().skip(w).step_by(n).copied().collect() } else { s.clone() };
             let mut worker = Worker { child, stdin };
             send(
                 &mut worker,
@@ -105,8 +106,14 @@ impl Fleet {
             workers.push(worker);
         }
         let live = Live::new(plan.live, plan.settings.max_connections());
-        let mut fleet =
-            Fleet { workers, events, totals: vec![Totals::default(); n], tick_latency: Hist::new(), shown: (Instant::now(), 0, 0), live };
+        let mut fleet = Fleet {
+            workers,
+            events,
+            totals: vec![Totals::default(); n],
+            tick_latency: Hist::new(),
+            shown: (Instant::now(), 0, 0),
+            live,
+        };
         fleet.collect(None, |_, ev| matches!(ev, Event::Ready).then_some(()))?;
         Ok(fleet)
     }
@@ -120,7 +127,11 @@ impl Fleet {
 
     /// Handles events until every worker has answered with what `pick`
     /// accepts, or until `until` passes (then `Ok(vec![])`).
-    fn collect<T>(&mut self, until: Option<Instant>, mut pick: impl FnMut(usize, Event) -> Option<T>) -> anyhow::Result<Vec<T>> {
+    fn collect<T>(
+        &mut self,
+        until: Option<Instant>,
+        mut pick: impl FnMut(usize, Event) -> Option<T>,
+    ) -> anyhow::Result<Vec<T>> {
         let n = self.workers.len();
         let mut got: Vec<Option<T>> = (0..n).map(|_| None).collect();
         loop {
@@ -246,7 +257,10 @@ pub fn run(plan: Plan) -> anyhow::Result<RunResult> {
         let ramp_start = Instant::now();
         let shares = split(target, n);
         for (w, share) in shares.iter().enumerate() {
-            send(&mut fleet.workers[w], &Command::Ramp { connections: *share, connect_rate: s.connect_rate / n as f64 })?;
+            send(
+                &mut fleet.workers[w],
+                &Command::Ramp { connections: *share, connect_rate: s.connect_rate / n as f64 },
+            )?;
         }
         let ramps = fleet.collect(None, |_, ev| match ev {
             Event::Ramped { tally } => Some(tally),
@@ -264,7 +278,9 @@ pub fn run(plan: Plan) -> anyhow::Result<RunResult> {
         fleet.collect(Some(hold_start + s.hold()), |_, _| Some(()))?;
         fleet.broadcast(&Command::EndHold)?;
         let helds = fleet.collect(None, |_, ev| match ev {
-            Event::Held { tally, open, cpu_seconds, rss_bytes } => Some((tally, open, cpu_seconds, rss_bytes)),
+            Event::Held { tally, open, cpu_seconds, rss_bytes } => {
+                Some((tally, open, cpu_seconds, rss_bytes))
+            }
             _ => None,
         })?;
         let hold_secs = hold_start.elapsed().as_secs_f64();
@@ -329,5 +345,7 @@ pub fn cpus() -> usize {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
 }

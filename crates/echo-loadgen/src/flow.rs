@@ -20,22 +20,32 @@ use crate::stats::{ErrorKind, Recorder};
 pub const TIMER_SLACK: Duration = Duration::from_millis(1);
 
 /// Nanoseconds since the worker's epoch: what travels in the payload.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub struct Clock {
-    epoch: Instant,
+    epoch: Epoch,
+}
+
+/// The instant a clock was made (its `Default` is "now").
+#[derive(Clone, Copy)]
+struct Epoch(Instant);
+
+impl Default for Epoch {
+    fn default() -> Self {
+        Epoch(Instant::now())
+    }
 }
 
 impl Clock {
     pub fn new() -> Self {
-        Clock { epoch: Instant::now() }
+        Self::default()
     }
 
     pub fn ns(&self, at: Instant) -> u64 {
-        at.saturating_duration_since(self.epoch).as_nanos() as u64
+        at.saturating_duration_since(self.epoch.0).as_nanos() as u64
     }
 
     pub fn at(&self, ns: u64) -> Instant {
-        self.epoch + Duration::from_nanos(ns)
+        self.epoch.0 + Duration::from_nanos(ns)
     }
 }
 
@@ -148,7 +158,9 @@ impl Flow {
     /// or the oldest outstanding one times out.
     pub fn next_wake(&self) -> Option<Instant> {
         let due = match &self.sending {
-            Sending::Open(s) => Some(s.due(self.next_seq).checked_sub(TIMER_SLACK).unwrap_or(s.due(self.next_seq))),
+            Sending::Open(s) => {
+                Some(s.due(self.next_seq).checked_sub(TIMER_SLACK).unwrap_or(s.due(self.next_seq)))
+            }
             _ => None,
         };
         let deadline = self.outstanding.front().map(|&(_, ns)| self.clock.at(ns) + self.timeout);
@@ -207,8 +219,11 @@ impl Flow {
                 };
                 let Some(pos) = self.outstanding.iter().position(|&(seq, _)| seq == h.seq) else {
                     // Not outstanding: a duplicate, or sent long ago.
-                    let kind =
-                        if self.outstanding.is_empty() && h.seq >= self.next_seq { ErrorKind::UnexpectedMessage } else { ErrorKind::EchoOutOfOrder };
+                    let kind = if self.outstanding.is_empty() && h.seq >= self.next_seq {
+                        ErrorKind::UnexpectedMessage
+                    } else {
+                        ErrorKind::EchoOutOfOrder
+                    };
                     rec.error(self.id, kind);
                     return Echo::Bad;
                 };

@@ -15,7 +15,14 @@ use crate::target::Target;
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Command {
     /// The first line: what to run.
-    Init { worker: u32, run_id: String, settings: Box<Settings>, target: Target, sources: Vec<IpAddr>, threads: usize },
+    Init {
+        worker: u32,
+        run_id: String,
+        settings: Box<Settings>,
+        target: Target,
+        sources: Vec<IpAddr>,
+        threads: usize,
+    },
     /// Open connections until this worker holds `connections` (its share of
     /// the step), `connect_rate` per second.
     Ramp { connections: u64, connect_rate: f64 },
@@ -32,11 +39,29 @@ pub enum Command {
 pub enum Event {
     Ready,
     /// About once a second: running totals and the latency since the last tick.
-    Tick { open: u64, attempted: u64, sent: u64, received: u64, errors: u64, latency: Hist },
+    Tick {
+        open: u64,
+        attempted: u64,
+        sent: u64,
+        received: u64,
+        errors: u64,
+        latency: Hist,
+    },
     /// The ramp is done: everything counted since the previous hold ended.
-    Ramped { tally: Tally },
+    Ramped {
+        tally: Tally,
+    },
     /// The hold is done: what was counted during it and what it cost.
-    Held { tally: Tally, open: u64, cpu_seconds: f64, rss_bytes: u64 },
-    Stopped { cpu_seconds: f64 },
-    Failed { reason: String },
+    Held {
+        tally: Tally,
+        open: u64,
+        cpu_seconds: f64,
+        rss_bytes: u64,
+    },
+    Stopped {
+        cpu_seconds: f64,
+    },
+    Failed {
+        reason: String,
+    },
 }

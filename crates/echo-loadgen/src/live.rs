@@ -38,11 +38,14 @@ impl Live {
         let mode = if !enabled {
             Mode::Quiet
         } else if std::io::stderr().is_terminal() {
-            let bar = ProgressBar::with_draw_target(Some(max_connections), ProgressDrawTarget::stderr_with_hz(4));
+            let bar =
+                ProgressBar::with_draw_target(Some(max_connections), ProgressDrawTarget::stderr_with_hz(4));
             bar.set_style(
-                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos:>6}/{len:6} {msg}")
-                    .expect("valid template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos:>6}/{len:6} {msg}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
             );
             Mode::Bar(bar)
         } else {

@@ -60,10 +60,11 @@ fn run(file: Option<PathBuf>, quiet: bool, cli: Scenario) -> ExitCode {
         Err(e) => return fail(EXIT_BAD_INPUT, &e),
     };
     let fd_limit = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(_, hard)| hard).unwrap_or(1024);
-    let workers = match preflight::workers_needed(&settings, scenario.workers, fd_limit, net::ephemeral_ports()) {
-        Ok(w) => w,
-        Err(e) => return fail(EXIT_BAD_INPUT, &e),
-    };
+    let workers =
+        match preflight::workers_needed(&settings, scenario.workers, fd_limit, net::ephemeral_ports()) {
+            Ok(w) => w,
+            Err(e) => return fail(EXIT_BAD_INPUT, &e),
+        };
     let threads = scenario.threads.unwrap_or_else(|| (coordinator::cpus() / workers).max(1));
     let server = match (scenario.server_pid, scenario.server_metrics.clone()) {
         (Some(_), Some(_)) => return fail(EXIT_BAD_INPUT, "give --server-pid or --server-metrics, not both"),
@@ -92,7 +93,9 @@ fn run(file: Option<PathBuf>, quiet: bool, cli: Scenario) -> ExitCode {
         Err(e) => return fail(1, &format!("{e:#}")),
     };
     result.failures = report::check(&result, &thresholds);
-    if let Err(e) = write_outputs(&result, scenario.json.as_deref(), scenario.csv.as_deref(), scenario.chart.as_deref()) {
+    if let Err(e) =
+        write_outputs(&result, scenario.json.as_deref(), scenario.csv.as_deref(), scenario.chart.as_deref())
+    {
         eprintln!("echo-loadgen: {e:#}");
         print!("{}", report::table(&result));
         return ExitCode::FAILURE;
@@ -108,10 +111,16 @@ fn run(file: Option<PathBuf>, quiet: bool, cli: Scenario) -> ExitCode {
     }
 }
 
-fn write_outputs(r: &RunResult, json: Option<&Path>, csv: Option<&Path>, chart: Option<&Path>) -> anyhow::Result<()> {
+fn write_outputs(
+    r: &RunResult,
+    json: Option<&Path>,
+    csv: Option<&Path>,
+    chart: Option<&Path>,
+) -> anyhow::Result<()> {
     use anyhow::Context;
     if let Some(path) = json {
-        std::fs::write(path, serde_json::to_string_pretty(r)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(r)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = csv {
         std::fs::write(path, report::csv(r)?).with_context(|| format!("writing {}", path.display()))?;
@@ -128,12 +137,18 @@ fn load(files: &[PathBuf]) -> anyhow::Result<Vec<RunResult>> {
         .iter()
         .map(|f| {
             let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("{} is not an echo-loadgen result", f.display()))
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is not an echo-loadgen result", f.display()))
         })
         .collect()
 }
 
-fn merge(files: &[PathBuf], json: Option<PathBuf>, csv: Option<PathBuf>, chart: Option<PathBuf>) -> anyhow::Result<()> {
+fn merge(
+    files: &[PathBuf],
+    json: Option<PathBuf>,
+    csv: Option<PathBuf>,
+    chart: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let merged = RunResult::merge(load(files)?).map_err(anyhow::Error::msg)?;
     write_outputs(&merged, json.as_deref(), csv.as_deref(), chart.as_deref())?;
     print!("{}", report::table(&merged));

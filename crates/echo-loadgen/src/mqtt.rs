@@ -34,7 +34,9 @@ enum Role {
 fn role(ctx: &Ctx, id: u32) -> Role {
     let s = &ctx.settings;
     match s.pattern {
-        Pattern::Echo => Role::Echo { topic: format!("{}/{}/{}/{id}", s.topic_prefix, ctx.run_id, ctx.worker) },
+        Pattern::Echo => {
+            Role::Echo { topic: format!("{}/{}/{}/{id}", s.topic_prefix, ctx.run_id, ctx.worker) }
+        }
         Pattern::Fanout => {
             let group_size = s.fanout + 1;
             let group = id / group_size;
@@ -142,11 +144,15 @@ pub async fn run(ctx: Arc<Ctx>, id: u32, source: Option<IpAddr>, mut stop: watch
         Err(kind) => return rec.error(id, kind),
     };
     let (topic, mut flow, subscribes) = match role(&ctx, id) {
-        Role::Echo { topic } => (topic, Flow::echo(id, s.size, s.rate, s.in_flight, s.timeout(), ctx.clock), true),
+        Role::Echo { topic } => {
+            (topic, Flow::echo(id, s.size, s.rate, s.in_flight, s.timeout(), ctx.clock), true)
+        }
         Role::Subscriber { topic, publisher } => {
             (topic, Flow::subscriber(id, publisher, s.size, s.timeout(), ctx.clock), true)
         }
-        Role::Publisher { topic } => (topic, Flow::publisher(id, s.size, s.rate, s.timeout(), ctx.clock), false),
+        Role::Publisher { topic } => {
+            (topic, Flow::publisher(id, s.size, s.rate, s.timeout(), ctx.clock), false)
+        }
     };
     if subscribes && let Err(kind) = client.subscribe(&topic, s.qos, deadline).await {
         return rec.error(id, kind);
@@ -200,7 +206,8 @@ async fn session(
         if sent > 0 {
             rec.sent(flow.id(), sent);
         }
-        let wake = flow.next_wake().map_or(last_write + KEEP_ALIVE / 2, |w| w.min(last_write + KEEP_ALIVE / 2));
+        let wake =
+            flow.next_wake().map_or(last_write + KEEP_ALIVE / 2, |w| w.min(last_write + KEEP_ALIVE / 2));
         sleep.as_mut().reset(wake);
         tokio::select! {
             biased;

@@ -67,7 +67,8 @@ pub fn subscribe(buf: &mut Vec<u8>, v: MqttVersion, pkid: u16, topic: &str, qos:
 }
 
 pub fn publish(buf: &mut Vec<u8>, v: MqttVersion, topic: &str, qos: u8, pkid: u16, payload: &[u8]) {
-    let len = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + usize::from(v == MqttVersion::V5) + payload.len();
+    let len =
+        2 + topic.len() + if qos > 0 { 2 } else { 0 } + usize::from(v == MqttVersion::V5) + payload.len();
     buf.push(0x30 | (qos << 1));
     varint(buf, len);
     string(buf, topic.as_bytes());
@@ -98,12 +99,24 @@ pub fn disconnect(buf: &mut Vec<u8>) {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Packet {
-    ConnAck { code: u8 },
-    SubAck { code: u8 },
-    Publish { qos: u8, pkid: u16, payload: Bytes },
+    ConnAck {
+        code: u8,
+    },
+    SubAck {
+        code: u8,
+    },
+    Publish {
+        qos: u8,
+        pkid: u16,
+        payload: Bytes,
+    },
     PubAck,
-    PubRec { pkid: u16 },
-    PubRel { pkid: u16 },
+    PubRec {
+        pkid: u16,
+    },
+    PubRel {
+        pkid: u16,
+    },
     PubComp,
     PingResp,
     Disconnect,
@@ -251,7 +264,10 @@ mod tests {
         assert_eq!(one(&[0x20, 3, 0, 0, 0], MqttVersion::V5), Packet::ConnAck { code: 0 });
         assert_eq!(one(&[0x90, 3, 0, 1, 1], MqttVersion::V311), Packet::SubAck { code: 1 });
         // MQTT 5 SUBACK with a 3-byte property block before the reason code.
-        assert_eq!(one(&[0x90, 7, 0, 1, 3, 0x1f, 0, 0, 0x80], MqttVersion::V5), Packet::SubAck { code: 0x80 });
+        assert_eq!(
+            one(&[0x90, 7, 0, 1, 3, 0x1f, 0, 0, 0x80], MqttVersion::V5),
+            Packet::SubAck { code: 0x80 }
+        );
         assert_eq!(one(&[0x50, 2, 0, 9], MqttVersion::V311), Packet::PubRec { pkid: 9 });
         assert_eq!(one(&[0xD0, 0], MqttVersion::V311), Packet::PingResp);
         let mut b = BytesMut::from(&[0x30u8, 0xff, 0xff, 0xff, 0xff, 0x01][..]);

@@ -17,7 +17,11 @@ use tokio::net::{TcpSocket, TcpStream};
 use crate::stats::ErrorKind;
 
 /// Connects to `addr`, from `source` if given, within `timeout`.
-pub async fn connect(addr: SocketAddr, source: Option<IpAddr>, timeout: Duration) -> Result<TcpStream, ErrorKind> {
+pub async fn connect(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> Result<TcpStream, ErrorKind> {
     let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(classify)?;
     if let Some(ip) = source {
         set_bind_address_no_port(&socket);

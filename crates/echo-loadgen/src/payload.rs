@@ -43,7 +43,8 @@ pub fn message(conn: u32, seq: u64, scheduled_ns: u64, size: usize) -> Vec<u8> {
 
 /// SplitMix64 of the header fields: every header bit changes the filler.
 fn key(conn: u32, seq: u64, scheduled_ns: u64) -> u64 {
-    let mut z = (u64::from(conn) << 32 ^ seq.rotate_left(17) ^ scheduled_ns.rotate_left(41)).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = (u64::from(conn) << 32 ^ seq.rotate_left(17) ^ scheduled_ns.rotate_left(41))
+        .wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)

@@ -71,19 +71,29 @@ fn explain(kind: ErrorKind, target: &Target, timeout: Duration) -> String {
     let (url, addr) = (&target.url, target.addr);
     match kind {
         ErrorKind::ConnectRefused => {
-            format!("nothing accepts connections at {addr} (connection refused): is the server running, and is the port in {url} right?")
+            format!(
+                "nothing accepts connections at {addr} (connection refused): is the server running, and is the port in {url} right?"
+            )
         }
         ErrorKind::ConnectTimeout => {
-            format!("no answer from {addr} within {timeout:?}: is the address right, or is a firewall dropping packets?")
+            format!(
+                "no answer from {addr} within {timeout:?}: is the address right, or is a firewall dropping packets?"
+            )
         }
-        ErrorKind::AddressUnavailable => format!("cannot bind the --source address: is it an address of this machine? ({addr})"),
+        ErrorKind::AddressUnavailable => {
+            format!("cannot bind the --source address: is it an address of this machine? ({addr})")
+        }
         ErrorKind::HandshakeStatus(code) => format!(
             "{url} answered the WebSocket upgrade with HTTP {code} instead of 101 Switching Protocols: \
              is the path right, and is this a WebSocket endpoint?"
         ),
-        ErrorKind::HandshakeTimeout | ErrorKind::HandshakeFailed if target.protocol == Protocol::WebSocket => format!(
-            "{addr} accepted TCP but did not complete a WebSocket handshake: is it a WebSocket server? (an MQTT broker is addressed as mqtt://)"
-        ),
+        ErrorKind::HandshakeTimeout | ErrorKind::HandshakeFailed
+            if target.protocol == Protocol::WebSocket =>
+        {
+            format!(
+                "{addr} accepted TCP but did not complete a WebSocket handshake: is it a WebSocket server? (an MQTT broker is addressed as mqtt://)"
+            )
+        }
         ErrorKind::HandshakeTimeout | ErrorKind::HandshakeFailed => format!(
             "{addr} accepted TCP but did not answer MQTT CONNECT with CONNACK: is it an MQTT broker? (a WebSocket server is addressed as ws://)"
         ),
@@ -95,7 +105,9 @@ fn explain(kind: ErrorKind, target: &Target, timeout: Duration) -> String {
                 _ => "",
             }
         ),
-        ErrorKind::MqttSubscribeRefused => format!("the broker at {addr} refused SUBSCRIBE: check its access rules for the topic prefix"),
+        ErrorKind::MqttSubscribeRefused => {
+            format!("the broker at {addr} refused SUBSCRIBE: check its access rules for the topic prefix")
+        }
         other => format!("{url}: {other}"),
     }
 }
@@ -124,7 +136,10 @@ async fn probe_ws(
             }
             Ok(Some(Ok(Message::Binary(data)))) if data[..] == msg[..] => break,
             Ok(Some(Ok(Message::Binary(_) | Message::Text(_)))) => {
-                return Err(format!("{} answered with something other than the echo of what was sent: is it an echo server?", target.url));
+                return Err(format!(
+                    "{} answered with something other than the echo of what was sent: is it an echo server?",
+                    target.url
+                ));
             }
             Ok(Some(Ok(Message::Close(frame)))) => {
                 return Err(format!("{} closed the connection instead of echoing ({frame:?})", target.url));
@@ -152,7 +167,9 @@ async fn probe_mqtt(
     let topic = format!("{}/probe/{}", settings.topic_prefix, std::process::id());
     c.subscribe(&topic, 0, deadline).await.map_err(|k| explain(k, target, timeout))?;
     let msg = payload::message(0, 0, 0, settings.size);
-    c.send(|buf, v| codec::publish(buf, v, &topic, 0, 0, &msg)).await.map_err(|k| explain(k, target, timeout))?;
+    c.send(|buf, v| codec::publish(buf, v, &topic, 0, 0, &msg))
+        .await
+        .map_err(|k| explain(k, target, timeout))?;
     loop {
         match tokio::time::timeout_at(deadline, c.recv()).await {
             Err(_) => {
@@ -162,7 +179,9 @@ async fn probe_mqtt(
                 ));
             }
             Ok(Ok(Packet::Publish { payload, .. })) if payload[..] == msg[..] => break,
-            Ok(Ok(Packet::Publish { .. })) => return Err("the broker delivered different bytes than were published".into()),
+            Ok(Ok(Packet::Publish { .. })) => {
+                return Err("the broker delivered different bytes than were published".into());
+            }
             Ok(Ok(_)) => continue,
             Ok(Err(k)) => return Err(explain(k, target, timeout)),
         }

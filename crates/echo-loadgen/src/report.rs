@@ -45,8 +45,24 @@ fn opt<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
 }
 
 const HEADERS: [&str; 18] = [
-    "conns", "open", "conn p50", "conn p99", "conn err", "sent/s", "recv/s", "p50", "p90", "p99", "p99.9", "max",
-    "errors", "srv RSS", "RSS/conn", "ΔRSS/conn", "srv CPU", "gen CPU",
+    "conns",
+    "open",
+    "conn p50",
+    "conn p99",
+    "conn err",
+    "sent/s",
+    "recv/s",
+    "p50",
+    "p90",
+    "p99",
+    "p99.9",
+    "max",
+    "errors",
+    "srv RSS",
+    "RSS/conn",
+    "ΔRSS/conn",
+    "srv CPU",
+    "gen CPU",
 ];
 
 fn row(s: &StepResult) -> Vec<String> {
@@ -92,7 +108,13 @@ pub fn table(r: &RunResult) -> String {
     let _ = writeln!(
         out,
         "{title}{} ({}), rate {} msg/s/conn, {} B, hold {}s, {} worker(s) on {} CPUs",
-        r.url, r.protocol, r.settings.rate, r.settings.size, r.settings.hold_secs, r.machine.workers, r.machine.cpus
+        r.url,
+        r.protocol,
+        r.settings.rate,
+        r.settings.size,
+        r.settings.hold_secs,
+        r.machine.workers,
+        r.machine.cpus
     );
     let line = |cells: &mut dyn Iterator<Item = &str>| -> String {
         let mut s = String::new();
@@ -232,7 +254,11 @@ pub fn check(r: &RunResult, t: &Thresholds) -> Vec<String> {
         if let Some(max) = t.max_p99 {
             let p99 = s.hold.latency.percentile(99.0);
             if p99 as u128 > max.as_micros() {
-                out.push(format!("{at}: latency p99 {} exceeds --max-p99 {}", micros(p99), micros(max.as_micros() as u64)));
+                out.push(format!(
+                    "{at}: latency p99 {} exceeds --max-p99 {}",
+                    micros(p99),
+                    micros(max.as_micros() as u64)
+                ));
             }
             if s.hold.latency.is_empty() && s.hold.sent > 0 {
                 out.push(format!("{at}: {} messages sent and none echoed, so no p99 to check", s.hold.sent));

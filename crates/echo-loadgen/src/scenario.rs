@@ -54,7 +54,8 @@ impl FromStr for Sources {
     fn from_str(s: &str) -> Result<Self, String> {
         let mut out = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let bad = || format!("invalid source address {part:?}: write 127.0.0.2 or a range 127.0.0.2-127.0.0.9");
+            let bad =
+                || format!("invalid source address {part:?}: write 127.0.0.2 or a range 127.0.0.2-127.0.0.9");
             match part.split_once('-') {
                 Some((a, b)) => {
                     let (a, b) = match (a.trim().parse::<IpAddr>(), b.trim().parse::<IpAddr>()) {
@@ -249,7 +250,8 @@ impl Scenario {
     /// Reads a scenario file; relative output paths stay relative to the
     /// working directory, like the same flags on the command line.
     pub fn load(path: &Path) -> Result<Scenario, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read scenario {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read scenario {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| format!("invalid scenario {}: {e}", path.display()))
     }
 
@@ -312,7 +314,10 @@ pub struct Settings {
 impl Settings {
     /// Applies defaults and refuses settings that cannot work.
     pub fn resolve(s: &Scenario) -> Result<Settings, String> {
-        let url = s.url.clone().ok_or("no URL: give ws://HOST:PORT/PATH or mqtt://HOST:PORT (or url = ... in the scenario)")?;
+        let url = s
+            .url
+            .clone()
+            .ok_or("no URL: give ws://HOST:PORT/PATH or mqtt://HOST:PORT (or url = ... in the scenario)")?;
         let settings = Settings {
             url,
             steps: s.steps.clone().map(|s| s.0).unwrap_or_else(|| vec![100]),
@@ -349,7 +354,7 @@ impl Settings {
         if !(self.connect_rate > 0.0 && self.connect_rate.is_finite()) {
             return Err("--connect-rate must be a positive number of connections per second".into());
         }
-        if !(self.hold_secs > 0.0) {
+        if self.hold_secs.is_nan() || self.hold_secs <= 0.0 {
             return Err("--hold must be longer than 0s".into());
         }
         if self.in_flight == 0 {

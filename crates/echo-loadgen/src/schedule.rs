@@ -30,7 +30,7 @@ impl std::str::FromStr for Rate {
         match s.trim() {
             "max" | "MAX" => Ok(Rate::Max),
             other => match other.parse::<f64>() {
-                Ok(r) if r == 0.0 => Ok(Rate::Idle),
+                Ok(0.0) => Ok(Rate::Idle),
                 Ok(r) if r > 0.0 && r.is_finite() => Ok(Rate::PerSecond(r)),
                 _ => Err(format!(
                     "invalid rate {s:?}: expected messages per second per connection (0 = idle) or \"max\""
@@ -93,11 +93,14 @@ pub fn split(total: u64, parts: usize) -> Vec<u64> {
 pub fn parse_steps(s: &str) -> Result<Vec<u64>, String> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        if let Some((range, step)) = part.split_once(':').and_then(|(r, st)| Some((r.split_once("..")?, st))) {
+        if let Some((range, step)) = part.split_once(':').and_then(|(r, st)| Some((r.split_once("..")?, st)))
+        {
             let (a, b) = range;
             let (a, b, step): (u64, u64, u64) = (num(a)?, num(b)?, num(step)?);
             if step == 0 || a > b {
-                return Err(format!("invalid ramp {part:?}: write START..END:STEP with START <= END and STEP > 0"));
+                return Err(format!(
+                    "invalid ramp {part:?}: write START..END:STEP with START <= END and STEP > 0"
+                ));
             }
             let mut v = a;
             while v < b {

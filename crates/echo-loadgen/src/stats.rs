@@ -154,7 +154,11 @@ impl Tally {
 
 /// Tells a connect error from its JSON name (used after merging files).
 pub fn is_connect_error_name(name: &str) -> bool {
-    name.starts_with("connect_") || name.starts_with("handshake_") || name.starts_with("mqtt_") || name == "address_unavailable" || name == "local_fd_limit"
+    name.starts_with("connect_")
+        || name.starts_with("handshake_")
+        || name.starts_with("mqtt_")
+        || name == "address_unavailable"
+        || name == "local_fd_limit"
 }
 
 struct Shard {
@@ -183,8 +187,9 @@ pub struct Recorder {
 
 impl Recorder {
     pub fn new(shards: usize) -> Self {
-        let shards =
-            (0..shards.max(1)).map(|_| Mutex::new(Shard { tally: Tally::default(), tick: Hist::new() })).collect();
+        let shards = (0..shards.max(1))
+            .map(|_| Mutex::new(Shard { tally: Tally::default(), tick: Hist::new() }))
+            .collect();
         Recorder { shards, live: Live::default() }
     }
 
@@ -297,7 +302,9 @@ mod tests {
 
     #[test]
     fn error_names_classify() {
-        for k in [ErrorKind::ConnectRefused, ErrorKind::HandshakeStatus(404), ErrorKind::MqttConnackRefused(5)] {
+        for k in
+            [ErrorKind::ConnectRefused, ErrorKind::HandshakeStatus(404), ErrorKind::MqttConnackRefused(5)]
+        {
             assert!(k.is_connect_error());
             assert!(is_connect_error_name(&k.to_string()));
         }

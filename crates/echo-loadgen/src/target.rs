@@ -37,17 +37,21 @@ impl Target {
     /// Parses and resolves `url`; every error says what to write instead.
     pub fn parse(url: &str) -> Result<Target, String> {
         let url = url.trim();
-        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
-            format!("{url:?} is not a URL: write ws://HOST:PORT/PATH or mqtt://HOST:PORT")
-        })?;
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| format!("{url:?} is not a URL: write ws://HOST:PORT/PATH or mqtt://HOST:PORT"))?;
         let (protocol, default_port) = match scheme.to_ascii_lowercase().as_str() {
             "ws" => (Protocol::WebSocket, 80),
             "mqtt" | "tcp" => (Protocol::Mqtt, 1883),
             "wss" | "mqtts" | "ssl" => {
-                return Err(format!("{scheme}:// (TLS) is not supported: measure the server behind plain ws:// or mqtt://"));
+                return Err(format!(
+                    "{scheme}:// (TLS) is not supported: measure the server behind plain ws:// or mqtt://"
+                ));
             }
             "http" | "https" => {
-                return Err(format!("{url:?} is an HTTP URL: WebSocket servers are addressed as ws://HOST:PORT/PATH"));
+                return Err(format!(
+                    "{url:?} is an HTTP URL: WebSocket servers are addressed as ws://HOST:PORT/PATH"
+                ));
             }
             other => return Err(format!("unknown scheme {other:?}: use ws:// or mqtt://")),
         };

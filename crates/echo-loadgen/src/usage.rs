@@ -65,26 +65,39 @@ impl ServerProbe {
 }
 
 fn sample_pid(pid: u32) -> Result<ServerSample, String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|e| format!("cannot read /proc/{pid}/stat ({e}): is --server-pid {pid} a running process on this machine?"))?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| {
+        format!(
+            "cannot read /proc/{pid}/stat ({e}): is --server-pid {pid} a running process on this machine?"
+        )
+    })?;
     // Fields after the parenthesised command name; utime and stime are the
     // 14th and 15th fields of the whole line.
     let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
     let fields: Vec<&str> = after.split_whitespace().collect();
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let cpu = match (fields.get(11).and_then(|v| v.parse::<f64>().ok()), fields.get(12).and_then(|v| v.parse::<f64>().ok())) {
+    let cpu = match (
+        fields.get(11).and_then(|v| v.parse::<f64>().ok()),
+        fields.get(12).and_then(|v| v.parse::<f64>().ok()),
+    ) {
         (Some(u), Some(s)) => Some((u + s) / ticks),
         _ => None,
     };
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok().map(|d| d.count() as u64);
-    Ok(ServerSample { rss_bytes: proc_rss(&pid.to_string()), cpu_seconds: cpu, open_fds: fds, connections: None })
+    Ok(ServerSample {
+        rss_bytes: proc_rss(&pid.to_string()),
+        cpu_seconds: cpu,
+        open_fds: fds,
+        connections: None,
+    })
 }
 
 /// A minimal HTTP/1.0 GET over plain TCP: enough for a `/metrics` page
 /// without pulling an HTTP client into the generator.
 pub fn http_get(url: &str) -> Result<String, String> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| format!("--server-metrics {url:?}: only http:// URLs are supported"))?;
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("--server-metrics {url:?}: only http:// URLs are supported"))?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/metrics"),
@@ -94,9 +107,11 @@ pub fn http_get(url: &str) -> Result<String, String> {
         .map_err(|e| format!("cannot resolve {hostport}: {e}"))?
         .next()
         .ok_or_else(|| format!("{hostport} resolves to nothing"))?;
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| format!("{url}: {e}"))?;
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| format!("{url}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {authority}\r\nAccept: text/plain\r\n\r\n").map_err(|e| format!("{url}: {e}"))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {authority}\r\nAccept: text/plain\r\n\r\n")
+        .map_err(|e| format!("{url}: {e}"))?;
     let mut body = String::new();
     s.read_to_string(&mut body).map_err(|e| format!("{url}: {e}"))?;
     let (head, body) = body.split_once("\r\n\r\n").ok_or_else(|| format!("{url}: not an HTTP response"))?;
@@ -122,7 +137,9 @@ pub fn parse_prometheus(text: &str, protocol: Protocol) -> ServerSample {
             Some(i) => &line[i + 1..],
             None => &line[name_end..],
         };
-        let Some(value) = value_part.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()) else { continue };
+        let Some(value) = value_part.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()) else {
+            continue;
+        };
         let add = |slot: &mut Option<u64>| *slot = Some(slot.unwrap_or(0) + value as u64);
         match name {
             "process_resident_memory_bytes" => add(&mut out.rss_bytes),

@@ -62,7 +62,8 @@ pub fn main() -> anyhow::Result<()> {
         }
         // stdin closed: the parent is gone; Stop is implied by the dropped sender.
     });
-    let Some(Command::Init { worker, run_id, settings, target, sources, threads }) = rx.blocking_recv() else {
+    let Some(Command::Init { worker, run_id, settings, target, sources, threads }) = rx.blocking_recv()
+    else {
         anyhow::bail!("worker: expected an init command first");
     };
     raise_fd_limit();
@@ -152,7 +153,9 @@ async fn serve(ctx: Arc<Ctx>, sources: Vec<IpAddr>, mut rx: mpsc::UnboundedRecei
         }
     }
     let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;
+    let _ =
+        tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} })
+            .await;
     ticker.abort();
     emit(&Event::Stopped { cpu_seconds: usage::own_cpu_seconds() });
 }

@@ -110,11 +110,12 @@ async fn session(
     }
 }
 
-
 /// Closes politely and waits briefly for the server's close frame.
 async fn close(ws: &mut WebSocketStream<TcpStream>) -> Option<ErrorKind> {
     let _ = ws.close(None).await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), async { while let Some(Ok(_)) = ws.next().await {} }).await;
+    let _ =
+        tokio::time::timeout(Duration::from_secs(2), async { while let Some(Ok(_)) = ws.next().await {} })
+            .await;
     None
 }
 
@@ -123,9 +124,9 @@ fn classify(e: WsError) -> ErrorKind {
         WsError::ConnectionClosed | WsError::AlreadyClosed => ErrorKind::ClosedByServer,
         WsError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => ErrorKind::ConnectionEof,
         WsError::Io(_) => ErrorKind::ConnectionReset,
-        WsError::Protocol(tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => {
-            ErrorKind::ConnectionEof
-        }
+        WsError::Protocol(
+            tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        ) => ErrorKind::ConnectionEof,
         _ => ErrorKind::ProtocolError,
     }
 }

@@ -30,7 +30,10 @@ fn counts_add_up_over_steps_and_the_server_agrees() {
         let received = u(&s["hold"]["received"]);
         // 20 msg/s × connections × ~2 s, give or take the edges.
         let expected = 20 * want * 2;
-        assert!(sent > expected * 8 / 10 && sent < expected * 12 / 10, "step {i}: sent {sent}, expected ~{expected}");
+        assert!(
+            sent > expected * 8 / 10 && sent < expected * 12 / 10,
+            "step {i}: sent {sent}, expected ~{expected}"
+        );
         // Every echo is counted once; only messages in flight at the edges differ.
         assert!(sent.abs_diff(received) <= want * 2, "sent {sent} received {received}");
         assert_eq!(u(&s["hold"]["latency"]["count"]), received);
@@ -83,7 +86,10 @@ fn workers_and_source_addresses_merge_exactly() {
 #[test]
 fn closed_loop_throughput_and_merge_of_two_runs() {
     let server = EchoServer::start();
-    let a = loadgen("merge-a", &[&server.url(), "--steps", "10", "--hold", "1s", "--rate", "max", "--in-flight", "2"]);
+    let a = loadgen(
+        "merge-a",
+        &[&server.url(), "--steps", "10", "--hold", "1s", "--rate", "max", "--in-flight", "2"],
+    );
     let b = loadgen("merge-b", &[&server.url(), "--steps", "10", "--hold", "1s", "--rate", "max"]);
     assert_eq!((a.code(), b.code()), (0, 0), "{}{}", a.stderr(), b.stderr());
     let (ra, rb) = (u(&a.step(0)["hold"]["received"]), u(&b.step(0)["hold"]["received"]));
@@ -111,12 +117,18 @@ fn closed_loop_throughput_and_merge_of_two_runs() {
 #[test]
 fn thresholds_fail_the_run_with_the_reason() {
     let server = EchoServer::start();
-    let run = loadgen("thresholds", &[&server.url(), "--steps", "5", "--hold", "1s", "--rate", "20", "--max-p99", "1us"]);
+    let run = loadgen(
+        "thresholds",
+        &[&server.url(), "--steps", "5", "--hold", "1s", "--rate", "20", "--max-p99", "1us"],
+    );
     assert_eq!(run.code(), 3, "{}", run.stderr());
     assert!(run.stderr().contains("exceeds --max-p99 1µs"), "{}", run.stderr());
     // The result is still written, with the failure in it.
     assert_eq!(run.json()["failures"].as_array().unwrap().len(), 1);
-    let ok = loadgen("thresholds-ok", &[&server.url(), "--steps", "5", "--hold", "1s", "--max-p99", "5s", "--max-error-rate", "0"]);
+    let ok = loadgen(
+        "thresholds-ok",
+        &[&server.url(), "--steps", "5", "--hold", "1s", "--max-p99", "5s", "--max-error-rate", "0"],
+    );
     assert_eq!(ok.code(), 0, "{}", ok.stderr());
 }
 

@@ -23,7 +23,9 @@ struct Mosquitto {
 impl Mosquitto {
     /// `None` when mosquitto is not installed and not required.
     fn start() -> Option<Mosquitto> {
-        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"].into_iter().find(|p| std::path::Path::new(p).exists());
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists());
         let Some(bin) = bin else {
             assert!(!tools_required(), "mosquitto is required (ECHO_TEST_REQUIRE_TOOLS=1) but missing");
             eprintln!("*** SKIPPED: mosquitto is not installed (apt-get install mosquitto) ***");
@@ -37,7 +39,13 @@ impl Mosquitto {
             format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\npersistence false\nlog_dest stderr\nlog_type error\n"),
         )
         .unwrap();
-        let child = Command::new(bin).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(addr).is_err() {
@@ -66,7 +74,21 @@ fn echo_pattern_counts_at_every_qos_and_version() {
     for (qos, version) in [("0", "3.1.1"), ("1", "3.1.1"), ("2", "5")] {
         let run = loadgen(
             "mqtt-echo",
-            &[&broker.url(), "--steps", "10,30", "--hold", "2s", "--rate", "10", "--qos", qos, "--mqtt-version", version, "--server-pid", &pid],
+            &[
+                &broker.url(),
+                "--steps",
+                "10,30",
+                "--hold",
+                "2s",
+                "--rate",
+                "10",
+                "--qos",
+                qos,
+                "--mqtt-version",
+                version,
+                "--server-pid",
+                &pid,
+            ],
         );
         assert_eq!(run.code(), 0, "qos {qos}: {}", run.stderr());
         for (i, want) in [(0, 10), (1, 30)] {
@@ -87,7 +109,19 @@ fn fanout_delivers_each_message_to_every_subscriber() {
     // Two groups of 1 publisher + 5 subscribers.
     let run = loadgen(
         "mqtt-fanout",
-        &[&broker.url(), "--steps", "12", "--hold", "2s", "--rate", "20", "--pattern", "fanout", "--fanout", "5"],
+        &[
+            &broker.url(),
+            "--steps",
+            "12",
+            "--hold",
+            "2s",
+            "--rate",
+            "20",
+            "--pattern",
+            "fanout",
+            "--fanout",
+            "5",
+        ],
     );
     assert_eq!(run.code(), 0, "{}", run.stderr());
     let s = run.step(0);
@@ -141,7 +175,9 @@ fn faulty_broker(fault: Fault) -> SocketAddr {
                                 }
                                 continue;
                             }
-                            let Ok(Some(Packet::Publish { payload, .. })) = codec::decode(&mut buf, MqttVersion::V311) else {
+                            let Ok(Some(Packet::Publish { payload, .. })) =
+                                codec::decode(&mut buf, MqttVersion::V311)
+                            else {
                                 return;
                             };
                             let mut payload = payload.to_vec();

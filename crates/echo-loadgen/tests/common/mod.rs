@@ -81,9 +81,12 @@ impl EchoServer {
         let (mut ws, mut admin) = (None, None);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("server becomes ready");
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("server becomes ready");
             let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
-            let field = |k: &str| v.get(k).or_else(|| v.get("fields").and_then(|f| f.get(k))).and_then(Value::as_str);
+            let field =
+                |k: &str| v.get(k).or_else(|| v.get("fields").and_then(|f| f.get(k))).and_then(Value::as_str);
             match (field("message"), field("protocol"), field("addr")) {
                 (Some("listening"), Some("websocket"), Some(a)) => ws = a.parse().ok(),
                 (Some("listening"), Some("admin"), Some(a)) => admin = a.parse().ok(),
