@@ -62,7 +62,10 @@ pub enum Cmd {
         files: Vec<PathBuf>,
         /// Where to write the chart.
         #[arg(long, value_name = "FILE")]
-        chart: PathBuf,
+        chart: Option<PathBuf>,
+        /// Write a Markdown table of the runs' last steps with ratios to the first run.
+        #[arg(long, value_name = "FILE")]
+        markdown: Option<PathBuf>,
     },
     /// (internal) A worker process, driven by `run` over stdin/stdout.
     #[command(hide = true)]

@@ -31,10 +31,12 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(EXIT_BAD_INPUT, &format!("{e:#}")),
         },
-        Cmd::Compare { files, chart } => match compare(&files, &chart) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(EXIT_BAD_INPUT, &format!("{e:#}")),
-        },
+        Cmd::Compare { files, chart, markdown } => {
+            match compare(&files, chart.as_deref(), markdown.as_deref()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(EXIT_BAD_INPUT, &format!("{e:#}")),
+            }
+        }
     }
 }
 
@@ -155,10 +157,18 @@ fn merge(
     Ok(())
 }
 
-fn compare(files: &[PathBuf], out: &Path) -> anyhow::Result<()> {
+fn compare(files: &[PathBuf], chart: Option<&Path>, markdown: Option<&Path>) -> anyhow::Result<()> {
     let runs = load(files)?;
     for r in &runs {
         println!("{}", report::table(r));
     }
-    chart::draw(&runs, out)
+    let md = report::comparison(&runs);
+    print!("{md}");
+    if let Some(path) = markdown {
+        std::fs::write(path, &md)?;
+    }
+    if let Some(path) = chart {
+        chart::draw(&runs, path)?;
+    }
+    Ok(())
 }

@@ -18,13 +18,14 @@ pub fn micros(us: u64) -> String {
 
 pub fn bytes(b: f64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b;
+    let sign = if b < 0.0 { "-" } else { "" };
+    let mut v = b.abs();
     let mut unit = 0;
     while v >= 1024.0 && unit < UNITS.len() - 1 {
         v /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{v:.0} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+    if unit == 0 { format!("{sign}{v:.0} B") } else { format!("{sign}{v:.1} {}", UNITS[unit]) }
 }
 
 /// Counts and rates with a k/M suffix.
@@ -229,6 +230,68 @@ pub fn csv(r: &RunResult) -> anyhow::Result<String> {
     Ok(String::from_utf8(w.into_inner()?)?)
 }
 
+/// Server memory per connection over the whole run: growth of RSS from
+/// before the first connection to the last step, divided by the connections
+/// open then. Steadier than a single step's growth.
+pub fn rss_per_connection_over_run(r: &RunResult) -> Option<f64> {
+    let last = r.steps.last()?;
+    let before = r.server_baseline.as_ref()?.rss_bytes?;
+    let after = last.server.as_ref()?.rss_bytes?;
+    (last.open_connections > 0).then(|| (after as f64 - before as f64) / last.open_connections as f64)
+}
+
+/// A Markdown table comparing runs of the same scenario against different
+/// servers, at each run's last step, with ratios to the first run.
+pub fn comparison(runs: &[RunResult]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| server | open | echoed/s | p50 | p99 | p99.9 | max | errors | RSS/conn | srv CPU | gen CPU | echoed/s ratio | p99 ratio | RSS/conn ratio |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let base = runs.first();
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+        _ => "-".into(),
+    };
+    let figures = |r: &RunResult| {
+        let s = r.steps.last();
+        let lat = s.map(|s| &s.hold.latency).filter(|l| !l.is_empty());
+        (
+            s.map(|s| s.derived.received_per_sec).filter(|v| *v > 0.0),
+            lat.map(|l| l.percentile(99.0) as f64),
+            rss_per_connection_over_run(r),
+        )
+    };
+    let (b_rate, b_p99, b_rss) = base.map(figures).unwrap_or((None, None, None));
+    for (i, r) in runs.iter().enumerate() {
+        let Some(s) = r.steps.last() else { continue };
+        let lat = &s.hold.latency;
+        let has = !lat.is_empty();
+        let l = |p: f64| if has { micros(lat.percentile(p)) } else { "-".into() };
+        let (rate, p99, rss) = figures(r);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0}% | {} | {} | {} |",
+            r.label.clone().unwrap_or_else(|| format!("run {}", i + 1)),
+            s.open_connections,
+            count(s.derived.received_per_sec),
+            l(50.0),
+            l(99.0),
+            l(99.9),
+            if has { micros(lat.max()) } else { "-".into() },
+            s.derived.errors,
+            opt(rss, bytes),
+            opt(s.derived.server_cpu_percent, |p| format!("{p:.0}%")),
+            s.derived.generator_cpu_percent,
+            ratio(rate, b_rate),
+            ratio(p99, b_p99),
+            ratio(rss, b_rss),
+        );
+    }
+    out
+}
+
 /// CI thresholds.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Thresholds {
@@ -281,6 +344,7 @@ mod tests {
         assert_eq!(micros(2_500_000), "2.50s");
         assert_eq!(bytes(512.0), "512 B");
         assert_eq!(bytes(6.5 * 1024.0), "6.5 KiB");
+        assert_eq!(bytes(-4375.0), "-4.3 KiB");
         assert_eq!(count(19_000.0), "19.0k");
         assert_eq!(count(999.5), "1000");
         assert_eq!(count(12.25), "12.2");
@@ -301,6 +365,25 @@ mod tests {
         assert_eq!(&rows[1][0], "200");
         assert_eq!(&rows[1][30], "echo_mismatch=3");
         assert_eq!(rd.headers().unwrap().len(), CSV_HEADERS.len());
+    }
+
+    #[test]
+    fn comparison_has_ratios_to_the_first_run() {
+        let a = run(vec![step(100, 1000, &[100; 1000])]);
+        let mut b = run(vec![step(100, 1000, &[300; 500])]);
+        b.label = Some("peer".into());
+        b.steps[0].server.as_mut().unwrap().rss_bytes = Some(2_500_000);
+        let md = comparison(&[a, b]);
+        let rows: Vec<&str> = md.lines().collect();
+        assert_eq!(rows.len(), 4, "{md}");
+        // a: 100 echoed/s, p99 100µs, (1 MB - 0.5 MB)/100 = 5 kB per connection.
+        assert!(rows[2].ends_with("| 1.00× | 1.00× | 1.00× |"), "{}", rows[2]);
+        // b: half the echoes, three times the p99, four times the memory.
+        assert!(
+            rows[3].starts_with("| peer |") && rows[3].ends_with("| 0.50× | 3.00× | 4.00× |"),
+            "{}",
+            rows[3]
+        );
     }
 
     #[test]
