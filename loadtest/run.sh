@@ -98,7 +98,7 @@ fi
   echo "Machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB, Linux $(uname -r)."
   if [ -n "$PIN_SERVER" ]; then echo "Server pinned to CPU 1, generator to CPU 0 (one runtime thread)."; fi
   echo
-  echo "Versions: echo-server $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'), node $(node --version), ws $(node -p "require('$LOADTEST/peers/node/node_modules/ws/package.json').version"), python $("$LOADTEST/peers/python/.venv/bin/python" -c 'import sys, websockets; print(sys.version.split()[0], "websockets", websockets.__version__)'), $(mosquitto -h 2>/dev/null | head -1 || /usr/sbin/mosquitto -h | head -1)."
+  echo "Versions: echo-server $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'), node $(node --version), ws $(node -p "require('$LOADTEST/peers/node/node_modules/ws/package.json').version"), python $("$LOADTEST/peers/python/.venv/bin/python" -c 'import sys, websockets; print(sys.version.split()[0], "websockets", websockets.__version__)'), $("$(command -v mosquitto || echo /usr/sbin/mosquitto)" -h 2>/dev/null | head -1)."
   [ -n "${LOADTEST_HOLD:-}" ] && echo && echo "Holds shortened to $LOADTEST_HOLD (LOADTEST_HOLD)."
   for md in "$OUT"/*/compare.md; do
     [ -f "$md" ] || continue

@@ -128,7 +128,10 @@ pub fn draw(runs: &[RunResult], path: &Path) -> anyhow::Result<()> {
             r.settings.rate,
             r.settings.size
         ),
-        _ => "comparison".to_string(),
+        _ => {
+            let names: Vec<String> = runs.iter().enumerate().map(|(i, r)| name(r, i)).collect();
+            format!("{} — {} msg/s/conn", names.join(" vs "), runs[0].settings.rate)
+        }
     };
     let root = root.titled(&title, ("sans-serif", 22)).map_err(err)?;
     let (top, bottom) = root.split_vertically(400);
@@ -147,7 +150,13 @@ pub fn draw(runs: &[RunResult], path: &Path) -> anyhow::Result<()> {
             .y_label_area_size(64)
             .build_cartesian_2d(xr.clone(), ((min / 2.0).max(0.001)..max * 2.0).log_scale())
             .map_err(err)?;
-        chart.configure_mesh().x_desc("connections").y_desc("ms").draw().map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("connections")
+            .y_desc("ms")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .draw()
+            .map_err(err)?;
         draw_series(&mut chart, &lat).map_err(err)?;
         chart
             .configure_series_labels()
@@ -170,7 +179,13 @@ pub fn draw(runs: &[RunResult], path: &Path) -> anyhow::Result<()> {
             .y_label_area_size(64)
             .build_cartesian_2d(xr, 0.0..max * 1.1)
             .map_err(err)?;
-        chart.configure_mesh().x_desc("connections").y_desc("MiB").draw().map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("connections")
+            .y_desc("MiB")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .draw()
+            .map_err(err)?;
         draw_series(&mut chart, &mem).map_err(err)?;
         chart
             .configure_series_labels()

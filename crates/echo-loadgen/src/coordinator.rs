@@ -310,13 +310,15 @@ pub fn run(plan: Plan) -> anyhow::Result<RunResult> {
         };
         step.derive();
         let l = &step.hold.latency;
+        let pct =
+            |p: f64| if l.is_empty() { "-".to_string() } else { crate::report::micros(l.percentile(p)) };
         fleet.live.note(&format!(
             "step {}/{total}: {} of {target} connections open, {:.0} msg/s echoed, p50 {} p99 {}, {} errors",
             i + 1,
             step.open_connections,
             step.derived.received_per_sec,
-            crate::report::micros(l.percentile(50.0)),
-            crate::report::micros(l.percentile(99.0)),
+            pct(50.0),
+            pct(99.0),
             step.derived.errors
         ));
         steps.push(step);
