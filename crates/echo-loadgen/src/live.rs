@@ -30,6 +30,8 @@ enum Mode {
 pub struct Live {
     mode: Mode,
     phase: String,
+    /// The latest figures, kept on screen when the phase changes.
+    figures: String,
 }
 
 impl Live {
@@ -51,7 +53,7 @@ impl Live {
         } else {
             Mode::Lines { every: Duration::from_secs(5), last: None }
         };
-        Live { mode, phase: String::new() }
+        Live { mode, phase: String::new(), figures: String::new() }
     }
 
     /// A new phase ("ramp 2/5 → 2000", "hold 2/5"), shown at once.
@@ -61,7 +63,7 @@ impl Live {
         }
         self.phase = phase;
         if let Mode::Bar(bar) = &self.mode {
-            bar.set_message(self.phase.clone());
+            bar.set_message(format!("{} | {}", self.phase, self.figures));
         }
     }
 
@@ -75,6 +77,7 @@ impl Live {
             s.p99_us.map_or("-".into(), micros),
             s.errors
         );
+        self.figures = figures.clone();
         match &mut self.mode {
             Mode::Bar(bar) => {
                 bar.set_position(s.open);
