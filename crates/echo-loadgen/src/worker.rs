@@ -177,3 +177,28 @@ async fn tick(ctx: Arc<Ctx>) {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The connection futures are most of the generator's memory per
+    /// connection; keep an eye on their size.
+    #[test]
+    fn connection_futures_stay_small() {
+        let settings = crate::result::tests::run(vec![]).settings;
+        let ctx = Arc::new(Ctx {
+            target: Target::parse("ws://127.0.0.1:1/").unwrap(),
+            settings,
+            rec: Recorder::new(1),
+            clock: Clock::new(),
+            worker: 0,
+            run_id: "t".into(),
+        });
+        let (_tx, rx) = watch::channel(false);
+        let ws = std::mem::size_of_val(&crate::ws::run(ctx.clone(), 0, None, rx.clone()));
+        let mqtt = std::mem::size_of_val(&crate::mqtt::run(ctx, 0, None, rx));
+        eprintln!("connection future sizes: websocket {ws} B, mqtt {mqtt} B");
+        assert!(ws < 4096 && mqtt < 4096, "websocket {ws} B, mqtt {mqtt} B");
+    }
+}
