@@ -148,9 +148,9 @@ pub struct Scenario {
     #[arg(short = 'c', long, value_name = "N,N,...")]
     pub steps: Option<Steps>,
 
-    /// How long each level is held and measured [default: 10s].
-    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
-    #[serde(default, deserialize_with = "duration")]
+    /// How long each level is held and measured (alias --duration) [default: 10s].
+    #[arg(long, visible_alias = "duration", value_parser = parse_duration, value_name = "DURATION")]
+    #[serde(default, alias = "duration", deserialize_with = "duration")]
     pub hold: Option<Duration>,
 
     /// New connections per second while ramping up to the next level [default: 1000].

@@ -131,6 +131,47 @@ fn fanout_delivers_each_message_to_every_subscriber() {
     assert_eq!(u(&s["derived"]["errors"]), 0, "{s}");
 }
 
+#[test]
+fn echo_pattern_against_echo_server_mqtt() {
+    if !echo_server_has_mqtt() {
+        eprintln!("*** SKIPPED: this echo-server has no MQTT listener yet (no --mqtt-listen) ***");
+        return;
+    }
+    let server = EchoServer::start_with(&["--mqtt-listen", "127.0.0.1:0"]);
+    let url = format!("mqtt://{}", server.mqtt.expect("mqtt address logged"));
+    let metrics = server.metrics_url();
+    for (qos, version) in [("0", "3.1.1"), ("1", "5"), ("2", "3.1.1")] {
+        let run = loadgen(
+            "echo-server-mqtt",
+            &[
+                &url,
+                "--steps",
+                "10,40",
+                "--hold",
+                "2s",
+                "--rate",
+                "10",
+                "--qos",
+                qos,
+                "--mqtt-version",
+                version,
+                "--server-metrics",
+                &metrics,
+            ],
+        );
+        assert_eq!(run.code(), 0, "qos {qos}: {}", run.stderr());
+        for (i, want) in [(0, 10), (1, 40)] {
+            let s = run.step(i);
+            assert_eq!(u(&s["open_connections"]), want, "qos {qos}");
+            let (sent, received) = (u(&s["hold"]["sent"]), u(&s["hold"]["received"]));
+            assert!(sent >= want * 10 * 2 * 8 / 10, "qos {qos}: sent {sent}");
+            assert!(sent.abs_diff(received) <= want * 2, "qos {qos}: sent {sent} received {received}");
+            assert_eq!(u(&s["derived"]["errors"]), 0, "qos {qos}: {s}");
+            assert_eq!(u(&s["server"]["connections"]), want, "the server counts the same clients");
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Fault {
     /// Flip a byte of every third delivery.

@@ -22,11 +22,11 @@ pub const LOADGEN: &str = env!("CARGO_BIN_EXE_echo-loadgen");
 /// test binary came from. When the whole workspace is tested the server is
 /// already built and this is a no-op taking a fraction of a second; Cargo
 /// releases its build lock before running tests, so this cannot deadlock.
-/// `ECHO_SERVER_BIN` overrides it (e.g. to measure a release build).
+/// `LOADGEN_ECHO_SERVER_BIN` overrides it (e.g. to test another build).
 pub fn echo_server_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        if let Ok(path) = std::env::var("ECHO_SERVER_BIN") {
+        if let Ok(path) = std::env::var("LOADGEN_ECHO_SERVER_BIN") {
             return PathBuf::from(path);
         }
         let exe_dir = Path::new(LOADGEN).parent().expect("binary has a directory");
@@ -59,13 +59,42 @@ pub struct EchoServer {
     child: Child,
     pub ws: SocketAddr,
     pub admin: Option<SocketAddr>,
+    pub mqtt: Option<SocketAddr>,
+}
+
+/// Whether this workspace's echo-server has an MQTT listener yet.
+pub fn echo_server_has_mqtt() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        Command::new(echo_server_bin())
+            .arg("--help")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--mqtt-listen"))
+    })
 }
 
 impl EchoServer {
     pub fn start() -> EchoServer {
-        let mut child = Command::new(echo_server_bin())
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> EchoServer {
+        let mut command = Command::new(echo_server_bin());
+        command
             .args(["--ws-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json"])
-            .env_remove("ECHO_CONFIG")
+            .args(extra);
+        // An MQTT-capable server listens on 0.0.0.0:1883 by default: never in tests.
+        if echo_server_has_mqtt() && !extra.contains(&"--mqtt-listen") {
+            command.arg("--no-mqtt");
+        }
+        // The server reads ECHO_<SECTION>_<KEY> variables as configuration;
+        // CI's ECHO_TEST_REQUIRE_TOOLS must not reach it.
+        for (key, _) in std::env::vars() {
+            if key.starts_with("ECHO_") || key == "RUST_LOG" {
+                command.env_remove(key);
+            }
+        }
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -78,25 +107,32 @@ impl EchoServer {
                 let _ = tx.send(line);
             }
         });
-        let (mut ws, mut admin) = (None, None);
+        let (mut ws, mut admin, mut mqtt) = (None, None, None);
         let deadline = Instant::now() + Duration::from_secs(20);
+        let mut seen = Vec::new();
         loop {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("server becomes ready");
+            let line =
+                rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap_or_else(|e| {
+                    panic!(
+                        "echo-server did not become ready ({e}): {command:?}; its log:\n{}",
+                        seen.join("\n")
+                    )
+                });
+            seen.push(line.clone());
             let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
             let field =
                 |k: &str| v.get(k).or_else(|| v.get("fields").and_then(|f| f.get(k))).and_then(Value::as_str);
             match (field("message"), field("protocol"), field("addr")) {
                 (Some("listening"), Some("websocket"), Some(a)) => ws = a.parse().ok(),
                 (Some("listening"), Some("admin"), Some(a)) => admin = a.parse().ok(),
+                (Some("listening"), Some("mqtt"), Some(a)) => mqtt = mqtt.or(a.parse().ok()),
                 (Some("ready"), _, _) => break,
                 _ => {}
             }
         }
         // Keep draining the log so the server never blocks on a full pipe.
         std::thread::spawn(move || while rx.recv().is_ok() {});
-        EchoServer { child, ws: ws.expect("websocket address logged"), admin }
+        EchoServer { child, ws: ws.expect("websocket address logged"), admin, mqtt }
     }
 
     pub fn pid(&self) -> u32 {
