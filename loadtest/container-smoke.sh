@@ -82,8 +82,12 @@ for _ in $(seq 60); do
   sleep 0.5
 done
 [ $healthy = 1 ] || { "$ENGINE" logs "$NAME" >&2; die "the container never became healthy"; }
-"$ENGINE" logs "$NAME" 2>&1 | grep -q 'open_file_limit=' || die "no open-file limit line at start"
-"$ENGINE" logs "$NAME" 2>&1 | grep -q 'listening.*0.0.0.0:8080' || die "not listening on all interfaces"
+# (Logs are captured first: `logs | grep -q` under pipefail fails when grep
+# stops reading early.)
+logs() { "$ENGINE" logs "$NAME" 2>&1; }
+startup=$(logs)
+grep -q 'open_file_limit=' <<<"$startup" || die "no open-file limit line at start"
+grep -q 'listening.*0.0.0.0:8080' <<<"$startup" || die "not listening on all interfaces"
 
 log "building the load generator on the host"
 (cd "$ROOT" && cargo build --release --locked -q -p echo-loadgen)
@@ -94,7 +98,7 @@ log "WebSocket load: $CLIENTS connections, 5 msg/s each, for 5 s"
   --server-metrics "http://127.0.0.1:$ADMIN_PORT/metrics" --max-error-rate 0 --json "$WORK/ws.json" \
   || die "WebSocket load against the container"
 
-if "$ENGINE" logs "$NAME" 2>&1 | grep -q 'protocol="mqtt"'; then
+if grep -q 'protocol="mqtt"' <<<"$startup"; then
   log "MQTT load: $CLIENTS clients on their own topics, QoS 1, 5 msg/s each, for 5 s"
   "$LOADGEN" run "mqtt://127.0.0.1:$MQTT_PORT" -q --steps "$CLIENTS" --hold 5s --rate 5 --qos 1 \
     --connect-rate 500 --max-error-rate 0 --json "$WORK/mqtt.json" || die "MQTT load against the container"
@@ -136,7 +140,7 @@ exit_code=$("$ENGINE" inspect --format '{{.State.ExitCode}}' "$NAME")
 grep -q 'close 1001' "$WORK/hold.out" || die "the client did not get close 1001: $(cat "$WORK/hold.out")"
 [ "$exit_code" = 0 ] || die "the container exited with $exit_code"
 [ "$stop_ms" -lt 6000 ] || die "stopping took ${stop_ms} ms (grace is 5 s)"
-"$ENGINE" logs "$NAME" 2>&1 | tail -3 | grep -q 'shutdown complete' || die "no shutdown summary in the log"
+logs | tail -3 | grep 'shutdown complete' >/dev/null || die "no shutdown summary in the log"
 
 python3 - "$WORK" "$build_s" "$size" "$stop_ms" <<'PY'
 import json, os, sys
