@@ -25,6 +25,7 @@ use tracing::debug;
 use crate::config::WebSocketConfig;
 use crate::listener::{ConnectionLimit, Permit};
 use crate::metrics::WebSocketMetrics;
+use crate::mqtt::MqttServer;
 use crate::shutdown::Shutdown;
 use handshake::{Outcome, Response};
 
@@ -42,6 +43,9 @@ pub struct WsServer {
     pub metrics: Arc<WebSocketMetrics>,
     pub shutdown: Rc<Shutdown>,
     pub limit: Rc<ConnectionLimit>,
+    /// Where upgrades that select the `mqtt` subprotocol go, when MQTT over
+    /// WebSocket is on.
+    pub mqtt: Option<Rc<MqttServer>>,
     refusing: Cell<u32>,
 }
 
@@ -53,7 +57,19 @@ impl WsServer {
         shutdown: Rc<Shutdown>,
         limit: Rc<ConnectionLimit>,
     ) -> Rc<Self> {
-        Rc::new(WsServer { config, codec, metrics, shutdown, limit, refusing: Cell::new(0) })
+        Self::with_mqtt(config, codec, metrics, shutdown, limit, None)
+    }
+
+    /// A WebSocket server that hands `mqtt` upgrades to the MQTT broker.
+    pub fn with_mqtt(
+        config: WebSocketConfig,
+        codec: tokio_tungstenite::tungstenite::protocol::WebSocketConfig,
+        metrics: Arc<WebSocketMetrics>,
+        shutdown: Rc<Shutdown>,
+        limit: Rc<ConnectionLimit>,
+        mqtt: Option<Rc<MqttServer>>,
+    ) -> Rc<Self> {
+        Rc::new(WsServer { config, codec, metrics, shutdown, limit, mqtt, refusing: Cell::new(0) })
     }
 
     /// Called by the accept loop for every new TCP connection.
@@ -78,25 +94,50 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, permit: Permit, s
     let _permit = permit;
     // Boxed: the handshake's buffers and state are freed when it ends, and
     // do not enlarge the session future, which lives as long as the client.
-    let Some((io, prefix)) = Box::pin(handshake_phase(stream, peer, &server)).await else {
-        return;
+    let (io, prefix) = match Box::pin(handshake_phase(stream, peer, &server)).await {
+        Next::Echo(io, prefix) => (io, prefix),
+        Next::Mqtt(tcp, leftover) => {
+            // Boxed: an MQTT session's state does not enlarge every echo
+            // session's future.
+            Box::pin(serve_mqtt(tcp, leftover, peer, &server)).await;
+            return;
+        }
+        Next::Done => return,
     };
     session::run(io, prefix, &server).await;
     debug!(%peer, "session ended");
 }
 
+/// What follows the handshake.
+enum Next {
+    Echo(io::SessionIo, Option<Vec<u8>>),
+    /// The `mqtt` subprotocol was selected: an MQTT session, over binary
+    /// WebSocket messages.
+    Mqtt(TcpStream, Vec<u8>),
+    Done,
+}
+
+async fn serve_mqtt(tcp: TcpStream, leftover: Vec<u8>, peer: SocketAddr, server: &WsServer) {
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let Some(mqtt) = server.mqtt.clone() else {
+        return;
+    };
+    let ws = WebSocketStream::from_partially_read(tcp, leftover, Role::Server, Some(server.codec)).await;
+    mqtt.serve_websocket(ws, peer).await;
+    debug!(%peer, "MQTT over WebSocket session ended");
+}
+
 /// Answers the client's HTTP request; on an upgrade, returns the socket
 /// ready for the session.
-async fn handshake_phase(
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    server: &WsServer,
-) -> Option<(io::SessionIo, Option<Vec<u8>>)> {
+async fn handshake_phase(mut stream: TcpStream, peer: SocketAddr, server: &WsServer) -> Next {
     // Echo latency matters more than packet count.
     let _ = stream.set_nodelay(true);
     let config = &server.config;
+    let preferred = server.mqtt.as_ref().map(|_| "mqtt");
     let outcome = handshake::accept(
         &mut stream,
+        preferred,
         config.max_request_header_size as usize,
         config.handshake_timeout,
         config.write_timeout,
@@ -108,7 +149,11 @@ async fn handshake_phase(
         Outcome::Upgraded(upgrade) => {
             metrics.upgrades.inc();
             debug!(%peer, path = %upgrade.path, subprotocol = ?upgrade.subprotocol, "upgraded");
-            Some(session::session_io(stream, upgrade.leftover, server))
+            if server.mqtt.is_some() && upgrade.subprotocol.as_deref() == Some("mqtt") {
+                return Next::Mqtt(stream, upgrade.leftover);
+            }
+            let (io, prefix) = session::session_io(stream, upgrade.leftover, server);
+            Next::Echo(io, prefix)
         }
         Outcome::Answered { status, failure } => {
             metrics.http_response(status);
@@ -116,12 +161,12 @@ async fn handshake_phase(
                 metrics.handshake_failed(reason);
             }
             debug!(%peer, status, "answered a plain HTTP request");
-            None
+            Next::Done
         }
         Outcome::Abandoned(reason) => {
             metrics.handshake_failed(reason);
             debug!(%peer, reason, "handshake abandoned");
-            None
+            Next::Done
         }
     }
 }
