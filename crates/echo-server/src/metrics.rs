@@ -167,6 +167,8 @@ pub struct MqttMetrics {
     sent_by_type: Vec<Count>,
     pub v311: Gauge,
     pub v5: Gauge,
+    connects_v311: Count,
+    connects_v5: Count,
 }
 
 impl MqttMetrics {
@@ -174,6 +176,7 @@ impl MqttMetrics {
         let packets_received = Family::<PacketLabel, Count>::default();
         let packets_sent = Family::<PacketLabel, Count>::default();
         let connections = Family::<VersionLabel, Gauge>::default();
+        let connects = Family::<VersionLabel, Count>::default();
         let by_type = |family: &Family<PacketLabel, Count>| {
             MQTT_PACKET_TYPES
                 .iter()
@@ -187,7 +190,9 @@ impl MqttMetrics {
             v5: connections.get_or_create_owned(&VersionLabel { version: "5" }),
             connections,
             accepted: Count::default(),
-            connects: Family::default(),
+            connects_v311: connects.get_or_create_owned(&VersionLabel { version: "3.1.1" }),
+            connects_v5: connects.get_or_create_owned(&VersionLabel { version: "5" }),
+            connects,
             refused: Family::default(),
             closed: Family::default(),
             packets_received,
@@ -219,8 +224,17 @@ impl MqttMetrics {
         self.closed.get_or_create(&ReasonLabel { reason }).inc();
     }
 
+    /// Counts a successful CONNECT ("3.1.1" or "5").
     pub fn connected(&self, version: &'static str) {
-        self.connects.get_or_create(&VersionLabel { version }).inc();
+        match version {
+            "5" => self.connects_v5.inc(),
+            _ => self.connects_v311.inc(),
+        };
+    }
+
+    /// Successful CONNECTs so far, both versions.
+    pub fn sessions_served(&self) -> u64 {
+        self.connects_v311.get() + self.connects_v5.get()
     }
 
     /// Sessions open now, both versions.

@@ -120,7 +120,7 @@ impl Transport {
             }
             Transport::Ws(ws) => {
                 let code = if going_away { CloseCode::Away } else { CloseCode::Normal };
-                let _ = ws.close(Some(CloseFrame { code, reason: "".into() })).await;
+                let _ = WebSocketStream::close(&mut **ws, Some(CloseFrame { code, reason: "".into() })).await;
             }
         }
     }

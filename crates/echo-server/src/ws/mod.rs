@@ -94,29 +94,16 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, permit: Permit, s
     let _permit = permit;
     // Boxed: the handshake's buffers and state are freed when it ends, and
     // do not enlarge the session future, which lives as long as the client.
-    let (io, prefix) = match Box::pin(handshake_phase(stream, peer, &server)).await {
-        Next::Echo(io, prefix) => (io, prefix),
-        Next::Mqtt(tcp, leftover) => {
-            // Boxed: an MQTT session's state does not enlarge every echo
-            // session's future.
-            Box::pin(serve_mqtt(tcp, leftover, peer, &server)).await;
-            return;
-        }
-        Next::Done => return,
+    let Some((io, prefix)) = Box::pin(handshake_phase(stream, peer, &server)).await else {
+        return;
     };
     session::run(io, prefix, &server).await;
     debug!(%peer, "session ended");
 }
 
-/// What follows the handshake.
-enum Next {
-    Echo(io::SessionIo, Option<Vec<u8>>),
-    /// The `mqtt` subprotocol was selected: an MQTT session, over binary
-    /// WebSocket messages.
-    Mqtt(TcpStream, Vec<u8>),
-    Done,
-}
-
+/// An upgrade that selected the `mqtt` subprotocol: an MQTT session over
+/// binary WebSocket messages, run from inside the (boxed) handshake phase
+/// so that it does not enlarge every echo session's future.
 async fn serve_mqtt(tcp: TcpStream, leftover: Vec<u8>, peer: SocketAddr, server: &WsServer) {
     use tokio_tungstenite::WebSocketStream;
     use tokio_tungstenite::tungstenite::protocol::Role;
@@ -130,7 +117,11 @@ async fn serve_mqtt(tcp: TcpStream, leftover: Vec<u8>, peer: SocketAddr, server:
 
 /// Answers the client's HTTP request; on an upgrade, returns the socket
 /// ready for the session.
-async fn handshake_phase(mut stream: TcpStream, peer: SocketAddr, server: &WsServer) -> Next {
+async fn handshake_phase(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    server: &WsServer,
+) -> Option<(io::SessionIo, Option<Vec<u8>>)> {
     // Echo latency matters more than packet count.
     let _ = stream.set_nodelay(true);
     let config = &server.config;
@@ -150,10 +141,10 @@ async fn handshake_phase(mut stream: TcpStream, peer: SocketAddr, server: &WsSer
             metrics.upgrades.inc();
             debug!(%peer, path = %upgrade.path, subprotocol = ?upgrade.subprotocol, "upgraded");
             if server.mqtt.is_some() && upgrade.subprotocol.as_deref() == Some("mqtt") {
-                return Next::Mqtt(stream, upgrade.leftover);
+                Box::pin(serve_mqtt(stream, upgrade.leftover, peer, server)).await;
+                return None;
             }
-            let (io, prefix) = session::session_io(stream, upgrade.leftover, server);
-            Next::Echo(io, prefix)
+            Some(session::session_io(stream, upgrade.leftover, server))
         }
         Outcome::Answered { status, failure } => {
             metrics.http_response(status);
@@ -161,12 +152,12 @@ async fn handshake_phase(mut stream: TcpStream, peer: SocketAddr, server: &WsSer
                 metrics.handshake_failed(reason);
             }
             debug!(%peer, status, "answered a plain HTTP request");
-            Next::Done
+            None
         }
         Outcome::Abandoned(reason) => {
             metrics.handshake_failed(reason);
             debug!(%peer, reason, "handshake abandoned");
-            Next::Done
+            None
         }
     }
 }

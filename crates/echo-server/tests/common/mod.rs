@@ -11,6 +11,11 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The threads of the process, by name, as the README's architecture
+/// section lists them: the event loop, rumqttd's router, and the thread
+/// that waits for the router while MQTT clients connect.
+pub const THREADS: [&str; 3] = ["echo-server", "mqtt-connect", "router-0"];
+
 /// Path of the server binary Cargo built for these tests.
 pub const BIN: &str = env!("CARGO_BIN_EXE_echo-server");
 
@@ -38,6 +43,9 @@ impl TestServer {
         let mut all: Vec<&str> = vec!["--log-format", "json", "--log-level", "info"];
         if !args.contains(&"--ws-listen") {
             all.extend(["--ws-listen", "127.0.0.1:0"]);
+        }
+        if !args.iter().any(|a| *a == "--mqtt-listen" || *a == "--no-mqtt") {
+            all.extend(["--mqtt-listen", "127.0.0.1:0"]);
         }
         if !args.iter().any(|a| *a == "--admin-listen" || *a == "--no-admin") {
             all.extend(["--admin-listen", "127.0.0.1:0"]);
@@ -106,6 +114,10 @@ impl TestServer {
 
     pub fn ws_url(&self, path: &str) -> String {
         format!("ws://{}{}", self.ws_addr(), path)
+    }
+
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.addrs["mqtt"][0]
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
