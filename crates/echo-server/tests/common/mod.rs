@@ -2,6 +2,7 @@
 //! picks, finds those ports in its JSON logs, and offers small clients.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod mqtt_raw;
 pub mod raw;
 
 use std::collections::HashMap;
