@@ -226,7 +226,7 @@ async fn wildcards_match_as_mqtt_says() {
     let server = TestServer::start(&[]);
     let mut plus = V4::connect(&server, "plus").await;
     let mut hash = V4::connect(&server, "hash").await;
-    let mut publisher = V4::connect(&server, "publisher").await;
+    let publisher = V4::connect(&server, "publisher").await;
     plus.subscribe("w/+/x", QoS::AtMostOnce).await;
     hash.subscribe("w/#", QoS::AtMostOnce).await;
     for topic in ["w/a/x", "w/b/c", "w/a/x/y", "w", "other/a/x"] {
@@ -404,10 +404,10 @@ async fn two_thousand_clients_round_trip_twenty_messages_each() {
             let mut expected = 0u32;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
             while expected < 20 {
-                let event = tokio::time::timeout_at(deadline, eventloop.poll())
-                    .await
-                    .unwrap_or_else(|_| panic!("client {n} timed out at message {expected}"))
-                    .unwrap_or_else(|e| panic!("client {n}: {e}"));
+                let Ok(polled) = tokio::time::timeout_at(deadline, eventloop.poll()).await else {
+                    panic!("client {n} timed out at message {expected}");
+                };
+                let event = polled.unwrap_or_else(|e| panic!("client {n}: {e}"));
                 match event {
                     Event::Incoming(Packet::SubAck(_)) if !subscribed => {
                         subscribed = true;

@@ -40,7 +40,8 @@ use futures_util::FutureExt;
 use prometheus_client::metrics::histogram::Histogram;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{
-    LastWill, LastWillProperties, Packet, PubRel, PubRelReason, Publish, PublishProperties,
+    Disconnect, DisconnectReasonCode, LastWill, LastWillProperties, Packet, PubRel, PubRelReason, Publish,
+    PublishProperties,
 };
 use rumqttd::{Notification, Router, RouterConfig};
 use tokio::sync::{Notify, oneshot};
@@ -68,19 +69,30 @@ pub struct Link {
     pub connack: Notification,
 }
 
-/// Why a link could not be built.
+/// Why a link could not be built. (rumqttd's `LinkError` is over 800
+/// bytes, as it carries the event that could not be sent; only its message
+/// is kept.)
 #[derive(Debug, thiserror::Error)]
 pub enum LinkFailure {
     #[error("the router refused the client: {0}")]
-    Refused(LinkError),
+    Refused(String),
     #[error("the router thread is not running")]
     RouterGone,
+}
+
+impl From<LinkError> for LinkFailure {
+    fn from(e: LinkError) -> Self {
+        match e {
+            LinkError::Send(_) | LinkError::TrySend(_) => LinkFailure::RouterGone,
+            other => LinkFailure::Refused(other.to_string()),
+        }
+    }
 }
 
 struct LinkRequest {
     client_id: String,
     clean_session: bool,
-    reply: oneshot::Sender<Result<Link, LinkError>>,
+    reply: oneshot::Sender<Result<Link, LinkFailure>>,
 }
 
 /// The router and the server's handle on it. Lives on the event loop.
@@ -135,6 +147,7 @@ impl Broker {
                 // every such topic.
                 .dynamic_filters(false)
                 .build()
+                .map_err(LinkFailure::from)
         };
         let (wills_tx, wills_rx, _connack) =
             build(INTERNAL_CLIENT_ID, true).map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -161,11 +174,7 @@ impl Broker {
         if self.connector.send(request).is_err() {
             return Err(LinkFailure::RouterGone);
         }
-        match answer.await {
-            Ok(Ok(link)) => Ok(link),
-            Ok(Err(LinkError::Send(_))) | Err(_) => Err(LinkFailure::RouterGone),
-            Ok(Err(e)) => Err(LinkFailure::Refused(e)),
-        }
+        answer.await.unwrap_or(Err(LinkFailure::RouterGone))
     }
 
     /// A client with this id connected: a will still waiting for its delay
@@ -268,7 +277,7 @@ fn will_publish(will: &LastWill, pkid: u16) -> Publish {
 /// Runs `LinkBuilder::build()` for each request, in order, and times it.
 fn connector_thread<F>(requests: mpsc::Receiver<LinkRequest>, build: F, histogram: Histogram)
 where
-    F: Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), LinkError>,
+    F: Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), LinkFailure>,
 {
     while let Ok(request) = requests.recv() {
         // A client that gave up while queued needs no link.
@@ -279,8 +288,14 @@ where
         let result = build(&request.client_id, request.clean_session);
         histogram.observe(started.elapsed().as_secs_f64());
         let result = result.map(|(tx, rx, connack)| Link { tx, rx, connack });
-        if let Err(Err(e)) = request.reply.send(result).map_err(|r| r.map(drop)) {
-            debug!(error = %e, "link failed for a client that is gone");
+        match request.reply.send(result) {
+            Ok(()) => {}
+            // The client left while the router registered it: unregister.
+            Err(Ok(mut link)) => {
+                let bye = Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection };
+                let _ = link.tx.send(Packet::Disconnect(bye, None)).now_or_never();
+            }
+            Err(Err(e)) => debug!(error = %e, "link failed for a client that is gone"),
         }
     }
 }

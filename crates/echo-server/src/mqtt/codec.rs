@@ -14,7 +14,7 @@
 use bytes::BytesMut;
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
-use rumqttd::protocol::{Error as ProtocolError, Packet, Protocol};
+use rumqttd::protocol::{DisconnectReasonCode, Error as ProtocolError, Packet, Protocol};
 
 use super::downgrade;
 
@@ -123,6 +123,9 @@ impl Codec {
         let Some(&first) = buf.first() else {
             return Ok(None);
         };
+        if !fixed_header_flags_valid(first) {
+            return Err(ProtocolError::MalformedPacket);
+        }
         let before = buf.len();
         let result = match self.version {
             Version::V311 => V4.read_mut(buf, self.max_packet),
@@ -147,11 +150,71 @@ impl Codec {
                 };
                 V4.write(packet, out)?;
             }
-            Version::V5 => {
-                V5.write(packet, out)?;
-            }
+            Version::V5 => match packet {
+                Packet::Disconnect(disconnect, _) => write_v5_disconnect(disconnect.reason_code, out),
+                packet => {
+                    V5.write(packet, out)?;
+                }
+            },
         }
         Ok(out.get(start).map(|b| b >> 4))
+    }
+}
+
+/// Writes an MQTT 5 DISCONNECT. rumqttd 0.20's writer gets it wrong both
+/// ways: with a reason and no properties it declares a remaining length of
+/// 1 but writes 2 bytes; with an empty property set its length comes out as
+/// 2, which it takes for "normal disconnection" and writes no reason at all.
+/// The server only ever sends a reason code, so the packet is written here:
+/// reason, then an empty property length.
+fn write_v5_disconnect(reason: DisconnectReasonCode, out: &mut BytesMut) {
+    out.extend_from_slice(&[0xe0, 0x02, disconnect_code(reason), 0x00]);
+}
+
+/// MQTT 5 §3.14.2.1: the reason codes of DISCONNECT.
+pub fn disconnect_code(reason: DisconnectReasonCode) -> u8 {
+    use DisconnectReasonCode::*;
+    match reason {
+        NormalDisconnection => 0x00,
+        DisconnectWithWillMessage => 0x04,
+        UnspecifiedError => 0x80,
+        MalformedPacket => 0x81,
+        ProtocolError => 0x82,
+        ImplementationSpecificError => 0x83,
+        NotAuthorized => 0x87,
+        ServerBusy => 0x89,
+        ServerShuttingDown => 0x8b,
+        KeepAliveTimeout => 0x8d,
+        SessionTakenOver => 0x8e,
+        TopicFilterInvalid => 0x8f,
+        TopicNameInvalid => 0x90,
+        ReceiveMaximumExceeded => 0x93,
+        TopicAliasInvalid => 0x94,
+        PacketTooLarge => 0x95,
+        MessageRateTooHigh => 0x96,
+        QuotaExceeded => 0x97,
+        AdministrativeAction => 0x98,
+        PayloadFormatInvalid => 0x99,
+        RetainNotSupported => 0x9a,
+        QoSNotSupported => 0x9b,
+        UseAnotherServer => 0x9c,
+        ServerMoved => 0x9d,
+        SharedSubscriptionNotSupported => 0x9e,
+        ConnectionRateExceeded => 0x9f,
+        MaximumConnectTime => 0xa0,
+        SubscriptionIdentifiersNotSupported => 0xa1,
+        WildcardSubscriptionsNotSupported => 0xa2,
+    }
+}
+
+/// The flag bits of a fixed header are fixed for every packet type but
+/// PUBLISH (MQTT 3.1.1 §2.2.2, 5.0 §2.1.3): 0010 for PUBREL, SUBSCRIBE and
+/// UNSUBSCRIBE, 0000 for the rest. rumqttd's codecs do not check them.
+fn fixed_header_flags_valid(first: u8) -> bool {
+    match (first >> 4, first & 0x0f) {
+        (3, flags) => flags & 0b0110 != 0b0110, // PUBLISH: any flags but QoS 3
+        (6 | 8 | 10, flags) => flags == 0b0010,
+        (_, flags) => flags == 0,
     }
 }
 
@@ -191,6 +254,36 @@ mod tests {
         // PUBLISH with a remaining length of 1000, body not sent.
         let mut buf = BytesMut::from(&[0x30u8, 0xe8, 0x07][..]);
         assert!(matches!(codec.decode(&mut buf), Err(ProtocolError::PayloadSizeLimitExceeded(1000))));
+    }
+
+    #[test]
+    fn reserved_flag_bits_are_malformed() {
+        let codec = Codec::new(Version::V311, 1 << 20);
+        for bytes in [&[0x80u8, 0x03, 0, 1, 0][..], &[0x60, 0x02, 0, 1], &[0xc1, 0x00], &[0x36, 0x02, 0, 0]] {
+            let mut buf = BytesMut::from(bytes);
+            assert!(matches!(codec.decode(&mut buf), Err(ProtocolError::MalformedPacket)), "{bytes:x?}");
+        }
+        let mut ping = BytesMut::from(&[0xc0u8, 0x00][..]);
+        assert!(codec.decode(&mut ping).unwrap().is_some());
+    }
+
+    #[test]
+    fn v5_disconnect_with_a_reason_is_well_formed() {
+        use rumqttd::protocol::Disconnect;
+        let codec = Codec::new(Version::V5, 1 << 20);
+        for reason in [
+            DisconnectReasonCode::ServerShuttingDown,
+            DisconnectReasonCode::SessionTakenOver,
+            DisconnectReasonCode::NormalDisconnection,
+        ] {
+            let mut out = BytesMut::new();
+            codec.encode(Packet::Disconnect(Disconnect { reason_code: reason }, None), &mut out).unwrap();
+            assert_eq!(usize::from(out[1]), out.len() - 2, "remaining length matches: {out:x?}");
+            let mut back = out.clone();
+            let decoded = V5.read_mut(&mut back, 1 << 20).unwrap();
+            assert!(matches!(decoded, Packet::Disconnect(d, _) if d.reason_code == reason), "{out:x?}");
+            assert_eq!(out[2], disconnect_code(reason));
+        }
     }
 
     #[test]

@@ -376,10 +376,13 @@ impl End {
     }
 }
 
-/// What woke the exchange loop.
+/// What woke the exchange loop. A short-lived value on the stack, never
+/// stored: the size of a router notification is fine here.
+#[allow(clippy::large_enum_variant)]
 enum Wake {
     Shutdown,
-    Router(Result<Option<Notification>, rumqttd::local::LinkError>),
+    /// `Err`: the router dropped this client.
+    Router(Result<Option<Notification>, ()>),
     Client(std::io::Result<usize>),
     KeepAlive,
 }
@@ -412,7 +415,7 @@ async fn exchange(
                 tokio::select! {
                     biased;
                     _ = server.shutdown.wait() => Wake::Shutdown,
-                    next = router.rx.next() => Wake::Router(next),
+                    next = router.rx.next() => Wake::Router(next.map_err(drop)),
                     read = transport.read(rbuf) => Wake::Client(read),
                     _ = &mut timer => Wake::KeepAlive,
                 }
@@ -523,7 +526,7 @@ async fn exchange(
                     return End::violation("router_disconnect", code);
                 }
                 if !router.registered {
-                    return End { reason: "taken_over", will: true, disconnect: None, polite_close: true };
+                    return End::violation("taken_over", DisconnectReasonCode::SessionTakenOver);
                 }
                 if unscheduled {
                     // The router paused this client while its queue was full;

@@ -28,9 +28,14 @@ impl RawPacket {
         self.body[1]
     }
 
-    /// The reason code of an MQTT 5 DISCONNECT (0 when absent).
+    /// The reason code of an MQTT 5 DISCONNECT (0 when absent). The
+    /// packet must be well formed: a reason, then a property length that
+    /// covers the rest.
     pub fn disconnect_reason(&self) -> u8 {
         assert_eq!(self.packet_type(), 14, "not a DISCONNECT: {self:?}");
+        if self.body.len() > 1 {
+            assert_eq!(usize::from(self.body[1]), self.body.len() - 2, "malformed DISCONNECT {self:?}");
+        }
         self.body.first().copied().unwrap_or(0)
     }
 }
