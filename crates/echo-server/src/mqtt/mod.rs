@@ -217,3 +217,50 @@ async fn refuse_full(mut transport: Transport, server: &MqttServer) {
     })
     .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+
+    /// What one idle MQTT connection costs, and where it goes. Our side is
+    /// the session task (its future, allocated once per connection); the
+    /// queues rumqttd allocates per link are listed for docs/mqtt.md.
+    #[tokio::test]
+    async fn a_session_costs_a_small_future() {
+        let config = Config::default();
+        let metrics = Arc::new(Metrics::new(1024, None));
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let (broker, _watch) = Broker::start(&config.mqtt, 10, metrics.mqtt.clone()).unwrap();
+                let limit = ConnectionLimit::new(10, Default::default());
+                let server = MqttServer::new(
+                    config.mqtt.clone(),
+                    metrics.mqtt.clone(),
+                    Rc::new(Shutdown::new()),
+                    limit.clone(),
+                    broker,
+                    None,
+                );
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+                let (accepted, peer) = listener.accept().await.unwrap();
+                let session = serve_tcp(accepted, peer, limit.try_acquire().unwrap(), server);
+                let size = std::mem::size_of_val(&session);
+                let packet = std::mem::size_of::<rumqttd::protocol::Packet>();
+                let notification = std::mem::size_of::<rumqttd::Notification>();
+                println!("MQTT session future: {size} bytes");
+                println!(
+                    "rumqttd per link: LinkRx cache 100 x {notification} B = {} B; router: incoming 200 x {packet} B = {} B, \
+                     outgoing 200 x {notification} B = {} B",
+                    100 * notification,
+                    200 * packet,
+                    200 * notification
+                );
+                assert!(size <= 2048, "the per-connection MQTT future grew to {size} bytes");
+            })
+            .await;
+    }
+}

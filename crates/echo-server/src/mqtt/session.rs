@@ -66,7 +66,9 @@ struct Accepted {
     assigned_id: bool,
     clean_session: bool,
     keep_alive: u16,
-    will: Option<(LastWill, Option<LastWillProperties>)>,
+    /// Boxed: most clients have none, and this struct lives as long as
+    /// the connection.
+    will: Option<Box<(LastWill, Option<LastWillProperties>)>>,
     will_delay: Duration,
 }
 
@@ -79,22 +81,52 @@ enum Refused {
 }
 
 /// Serves one connection until it closes. The caller holds the permit.
+///
+/// The CONNECT phase and the closing phase run boxed: their state (the
+/// CONNECT's fields, refusal and CONNACK writes, timers) is allocated only
+/// while they run, so the future that lives as long as the connection holds
+/// little more than the exchange loop.
 pub async fn run(mut transport: Transport, peer: SocketAddr, server: Rc<MqttServer>) {
-    let metrics = &server.metrics;
     let mut rbuf = BytesMut::new();
+    let Some((mut session, mut router)) = Box::pin(open(&mut transport, &mut rbuf, peer, &server)).await
+    else {
+        return;
+    };
+    let metrics = &server.metrics;
+    let gauge = match session.codec.version {
+        Version::V311 => metrics.v311.clone(),
+        Version::V5 => metrics.v5.clone(),
+    };
+    gauge.inc();
+    let end = exchange(&mut transport, &mut rbuf, &mut router, &mut session, &server).await;
+    gauge.dec();
+    metrics.closed(end.reason);
+    debug!(%peer, client_id = %session.client_id, reason = end.reason, "session ended");
+    Box::pin(finish(&mut transport, &session, end, &server)).await;
+    drop(router);
+}
+
+/// The CONNECT phase: checks, the link to the router, the CONNACK.
+async fn open(
+    transport: &mut Transport,
+    rbuf: &mut BytesMut,
+    peer: SocketAddr,
+    server: &MqttServer,
+) -> Option<(Accepted, RouterLink)> {
+    let metrics = &server.metrics;
     let deadline = Instant::now() + server.config.connect_timeout;
     let accepted = tokio::select! {
         biased;
         _ = server.shutdown.wait() => Err(Refused::Silently("shutdown")),
-        result = timeout_at(deadline, handshake(&mut transport, &mut rbuf, &server)) => {
+        result = timeout_at(deadline, handshake(transport, rbuf, server)) => {
             result.unwrap_or(Err(Refused::Silently("connect_timeout")))
         }
     };
     let accepted = match accepted {
         Ok(accepted) => accepted,
         Err(refused) => {
-            refuse(&mut transport, refused, &server).await;
-            return;
+            refuse(transport, refused, server).await;
+            return None;
         }
     };
     let version = accepted.codec.version;
@@ -114,13 +146,13 @@ pub async fn run(mut transport: Transport, peer: SocketAddr, server: Rc<MqttServ
             } else {
                 ConnectReturnCode::ServiceUnavailable
             };
-            write_connack(&mut transport, version, code, &server).await;
+            write_connack(transport, version, code, server).await;
             metrics.refuse(reason);
             transport.close(false).await;
-            return;
+            return None;
         }
     };
-    let mut router = RouterLink { tx: link.tx, rx: link.rx, registered: true };
+    let router = RouterLink { tx: link.tx, rx: link.rx, registered: true };
     let session_present = match Option::<Packet>::from(link.connack) {
         Some(Packet::ConnAck(ack, _)) => ack.session_present,
         _ => false,
@@ -138,39 +170,37 @@ pub async fn run(mut transport: Transport, peer: SocketAddr, server: Rc<MqttServ
     }
     let ack = ConnAck { session_present, code: ConnectReturnCode::Success };
     let mut out = BytesMut::new();
-    if send(&mut transport, &accepted.codec, vec![Packet::ConnAck(ack, Some(connack))], &mut out, &server)
-        .await
-        .is_err()
-    {
+    let packets = vec![Packet::ConnAck(ack, Some(connack))];
+    if send(transport, &accepted.codec, packets, &mut out, server).await.is_err() {
         metrics.closed("reset");
-        publish_will(&server, &accepted);
-        return;
+        publish_will(server, &accepted);
+        return None;
     }
     metrics.connected(version.label());
-    let gauge = match version {
-        Version::V311 => metrics.v311.clone(),
-        Version::V5 => metrics.v5.clone(),
-    };
-    gauge.inc();
-    debug!(%peer, client_id = %accepted.client_id, version = version.label(), transport = transport.name(), "connected");
-    let mut accepted = accepted;
-    let end = exchange(&mut transport, &mut rbuf, &mut router, &mut accepted, &server).await;
-    gauge.dec();
-    metrics.closed(end.reason);
-    debug!(%peer, client_id = %accepted.client_id, reason = end.reason, "session ended");
+    debug!(
+        %peer,
+        client_id = %accepted.client_id,
+        version = version.label(),
+        transport = transport.name(),
+        "connected"
+    );
+    Some((accepted, router))
+}
+
+/// The closing phase: the will, MQTT 5's DISCONNECT with its reason, and a
+/// polite close, all within the shutdown grace when shutting down.
+async fn finish(transport: &mut Transport, session: &Accepted, end: End, server: &MqttServer) {
     if end.will {
-        publish_will(&server, &accepted);
+        publish_will(server, session);
     }
     let grace = server.shutdown.deadline().unwrap_or_else(|| Instant::now() + Duration::from_secs(5));
     if let Some(code) = end.disconnect
-        && version == Version::V5
+        && session.codec.version == Version::V5
     {
         let bye = Packet::Disconnect(Disconnect { reason_code: code }, None);
-        let _ = tokio::time::timeout_at(
-            grace,
-            send(&mut transport, &accepted.codec, vec![bye], &mut out, &server),
-        )
-        .await;
+        let mut out = BytesMut::new();
+        let _ = tokio::time::timeout_at(grace, send(transport, &session.codec, vec![bye], &mut out, server))
+            .await;
     }
     if end.polite_close {
         let _ = tokio::time::timeout_at(grace, async {
@@ -179,12 +209,12 @@ pub async fn run(mut transport: Transport, peer: SocketAddr, server: Rc<MqttServ
         })
         .await;
     }
-    drop(router);
 }
 
 /// Publishes the session's will, if it has one.
 fn publish_will(server: &MqttServer, accepted: &Accepted) {
-    if let Some((will, properties)) = accepted.will.clone() {
+    if let Some(will) = accepted.will.clone() {
+        let (will, properties) = *will;
         server.broker.publish_will(&accepted.client_id, will, properties, accepted.will_delay);
     }
 }
@@ -266,7 +296,7 @@ async fn handshake(
         assigned_id,
         clean_session: connect.clean_session,
         keep_alive: connect.keep_alive,
-        will: will.map(|w| (w, will_properties)),
+        will: will.map(|w| Box::new((w, will_properties))),
         will_delay: Duration::from_secs(u64::from(delay.min(session_expiry))),
     })
 }
@@ -376,13 +406,11 @@ impl End {
     }
 }
 
-/// What woke the exchange loop. A short-lived value on the stack, never
-/// stored: the size of a router notification is fine here.
-#[allow(clippy::large_enum_variant)]
+/// What woke the exchange loop.
 enum Wake {
     Shutdown,
     /// `Err`: the router dropped this client.
-    Router(Result<Option<Notification>, ()>),
+    Router(Result<RouterBatch, ()>),
     Client(std::io::Result<usize>),
     KeepAlive,
 }
@@ -415,7 +443,9 @@ async fn exchange(
                 tokio::select! {
                     biased;
                     _ = server.shutdown.wait() => Wake::Shutdown,
-                    next = router.rx.next() => Wake::Router(next.map_err(drop)),
+                    next = router.rx.next() => {
+                        Wake::Router(next.map(|first| collect(first, &mut router.rx, &mut refusals, v5)).map_err(drop))
+                    }
                     read = transport.read(rbuf) => Wake::Client(read),
                     _ = &mut timer => Wake::KeepAlive,
                 }
@@ -489,46 +519,21 @@ async fn exchange(
                     polite_close: true,
                 };
             }
-            Wake::Router(Ok(first)) => {
-                let mut packets = Vec::new();
-                let mut unscheduled = false;
-                let mut router_disconnect = None;
-                let mut next = Some(Ok(first));
-                // Everything the router has ready goes out in one write.
-                while let Some(Ok(notification)) = next.take() {
-                    if let Some(notification) = notification {
-                        match notification {
-                            Notification::Unschedule => unscheduled = true,
-                            Notification::Disconnect(disconnect, _) => {
-                                router_disconnect = Some(disconnect.reason_code);
-                            }
-                            other => match Option::<Packet>::from(other) {
-                                Some(Packet::SubAck(ack, props)) if !refusals.is_empty() => {
-                                    packets.push(Packet::SubAck(refusals.complete(ack, v5), props));
-                                }
-                                Some(packet) => packets.push(packet),
-                                None => {}
-                            },
-                        }
-                    }
-                    next = router.rx.next().now_or_never();
-                }
-                if let Some(Err(_)) = next {
-                    router.registered = false;
-                }
-                if let Err(reason) = send(transport, &codec, packets, &mut out, server).await {
+            Wake::Router(Ok(batch)) => {
+                if let Err(reason) = send(transport, &codec, batch.packets, &mut out, server).await {
                     return End::lost(reason);
                 }
-                if let Some(code) = router_disconnect {
+                if let Some(code) = batch.router_disconnect {
                     // The router refused something this client sent and has
                     // already forgotten it.
                     router.registered = false;
                     return End::violation("router_disconnect", code);
                 }
-                if !router.registered {
+                if batch.gone {
+                    router.registered = false;
                     return End::violation("taken_over", DisconnectReasonCode::SessionTakenOver);
                 }
-                if unscheduled {
+                if batch.unscheduled {
                     // The router paused this client while its queue was full;
                     // now that it has been written, ask for more.
                     let _ = router.rx.wake().await;
@@ -536,6 +541,47 @@ async fn exchange(
             }
         }
     }
+}
+
+/// What the router had ready for a client, as packets to write.
+struct RouterBatch {
+    packets: Vec<Packet>,
+    /// The router paused the client (its queue was full) and waits for a
+    /// `wake` once this is written.
+    unscheduled: bool,
+    /// The router dropped the client with this reason.
+    router_disconnect: Option<DisconnectReasonCode>,
+    /// The router forgot the client (taken over).
+    gone: bool,
+}
+
+/// Takes everything the router has ready, starting with `first`, without
+/// waiting: it all goes out in one write. Synchronous, so that no
+/// notification (248 bytes each) is held in the session's future.
+fn collect(first: Option<Notification>, rx: &mut LinkRx, refusals: &mut Refusals, v5: bool) -> RouterBatch {
+    let mut batch =
+        RouterBatch { packets: Vec::new(), unscheduled: false, router_disconnect: None, gone: false };
+    let mut next = Some(Ok(first));
+    while let Some(Ok(notification)) = next.take() {
+        if let Some(notification) = notification {
+            match notification {
+                Notification::Unschedule => batch.unscheduled = true,
+                Notification::Disconnect(disconnect, _) => {
+                    batch.router_disconnect = Some(disconnect.reason_code)
+                }
+                other => match Option::<Packet>::from(other) {
+                    Some(Packet::SubAck(ack, props)) if !refusals.is_empty() => {
+                        batch.packets.push(Packet::SubAck(refusals.complete(ack, v5), props));
+                    }
+                    Some(packet) => batch.packets.push(packet),
+                    None => {}
+                },
+            }
+        }
+        next = rx.next().now_or_never();
+    }
+    batch.gone = matches!(next, Some(Err(_)));
+    batch
 }
 
 /// Handles one packet from the client. Returns how the session ends, if
