@@ -206,7 +206,7 @@ async fn publish_loop(
     until: tokio::time::Instant,
     origin: Instant,
     counters: Arc<Counters>,
-) -> Vec<u64> {
+) -> Vec<(u64, u64)> {
     let mut rtts = Vec::new();
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + offset, Duration::from_secs(1));
     let grace = until + Duration::from_secs(3);
@@ -234,7 +234,7 @@ async fn publish_loop(
                         let payload = &body[2 + topic_len..];
                         let stamp = u64::from_be_bytes(payload[..8].try_into().unwrap());
                         let now = origin.elapsed().as_nanos() as u64;
-                        rtts.push((now - stamp) / 1000);
+                        rtts.push((stamp / 1000, (now - stamp) / 1000));
                         received += 1;
                     }
                 }
@@ -315,17 +315,34 @@ async fn run_mqtt(
     let rss_idle = rss(pid);
     let until = tokio::time::Instant::now() + Duration::from_secs(seconds);
     go_tx.send(Some(until)).unwrap();
-    let mut rtts = Vec::new();
+    let publish_start = origin.elapsed().as_micros() as u64;
+    let mut samples = Vec::new();
     for task in tasks {
-        rtts.extend(task.await.unwrap());
+        samples.extend(task.await.unwrap());
     }
     let rss_end = rss(pid);
+    let mut rtts: Vec<u64> = samples.iter().map(|&(_, rtt)| rtt).collect();
     rtts.sort_unstable();
+    // The first seconds include the router's one-time work per new topic;
+    // the steady state is the rest.
+    if std::env::var_os("MQTT_LOAD_SLOW").is_some() {
+        // When the slow round trips (over 50 ms) were sent, by 100 ms slot.
+        let mut slots = std::collections::BTreeMap::new();
+        for &(at, rtt) in &samples {
+            if rtt > 50_000 {
+                *slots.entry((at - publish_start) / 100_000).or_insert(0u32) += 1;
+            }
+        }
+        eprintln!("slow messages by 100 ms slot of the publish phase: {slots:?}");
+    }
+    let mut steady: Vec<u64> =
+        samples.iter().filter(|&&(at, _)| at >= publish_start + 10_000_000).map(|&(_, rtt)| rtt).collect();
+    steady.sort_unstable();
     let c = &counters;
     println!(
         "{label}: clients={clients} connected={connected} connect_failed={} ramp={:.2}s connects_per_s={:.0} \
          sent={} received={} lost={} dropped_connections={} rtt_p50_ms={:.2} rtt_p99_ms={:.2} rtt_max_ms={:.2} \
-         rss_before_mib={:.1} rss_idle_mib={:.1} rss_end_mib={:.1} bytes_per_idle_connection={:.0}",
+         steady_after_10s_p50_ms={:.2} steady_p99_ms={:.2} steady_max_ms={:.2} rss_before_mib={:.1} rss_idle_mib={:.1} rss_end_mib={:.1} bytes_per_idle_connection={:.0}",
         c.connect_failed.load(Ordering::Relaxed),
         ramp.as_secs_f64(),
         connected as f64 / ramp.as_secs_f64(),
@@ -336,6 +353,9 @@ async fn run_mqtt(
         percentile(&rtts, 0.5),
         percentile(&rtts, 0.99),
         percentile(&rtts, 1.0),
+        percentile(&steady, 0.5),
+        percentile(&steady, 0.99),
+        percentile(&steady, 1.0),
         rss_before as f64 / 1048576.0,
         rss_idle as f64 / 1048576.0,
         rss_end as f64 / 1048576.0,

@@ -347,15 +347,6 @@ impl Config {
         if mqtt.segment_size < 1024 {
             return Err(invalid("mqtt.segment_size", format!("{} is below 1024 bytes", mqtt.segment_size)));
         }
-        if mqtt.segment_size < mqtt.max_payload_size {
-            return Err(invalid(
-                "mqtt.segment_size",
-                format!(
-                    "{} is smaller than mqtt.max_payload_size ({}): one message must fit in a segment",
-                    mqtt.segment_size, mqtt.max_payload_size
-                ),
-            ));
-        }
         if !(1..=1024).contains(&mqtt.segment_count) {
             return Err(invalid("mqtt.segment_count", format!("{} is outside 1..=1024", mqtt.segment_count)));
         }
