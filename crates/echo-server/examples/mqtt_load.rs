@@ -46,6 +46,9 @@ enum Mode {
         /// Length of the publishing phase.
         #[arg(long, default_value_t = 30)]
         seconds: u64,
+        /// Messages per second per client.
+        #[arg(long, default_value_t = 1)]
+        rate: u32,
         /// Server process to read the memory of.
         #[arg(long)]
         pid: Option<u32>,
@@ -198,6 +201,7 @@ async fn mqtt_session(addr: &str, id: &str, topic: &str) -> Result<(TcpStream, V
 
 /// Publishes once a second to its own topic until `until`, recording the
 /// round-trip time of each message that comes back.
+#[allow(clippy::too_many_arguments)] // a measurement script, not an API
 async fn publish_loop(
     mut s: TcpStream,
     mut buf: Vec<u8>,
@@ -206,9 +210,11 @@ async fn publish_loop(
     until: tokio::time::Instant,
     origin: Instant,
     counters: Arc<Counters>,
+    rate: u32,
 ) -> Vec<(u64, u64)> {
     let mut rtts = Vec::new();
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + offset, Duration::from_secs(1));
+    let period = Duration::from_secs(1) / rate.max(1);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + offset / rate.max(1), period);
     let grace = until + Duration::from_secs(3);
     let mut sent = 0u64;
     let mut received = 0u64;
@@ -256,6 +262,7 @@ async fn run_mqtt(
     clients: u32,
     concurrency: usize,
     seconds: u64,
+    rate: u32,
     pid: Option<u32>,
     label: String,
 ) {
@@ -297,7 +304,7 @@ async fn run_mqtt(
                 }
             };
             let offset = Duration::from_millis(u64::from(i) * 1000 / u64::from(clients.max(1)));
-            publish_loop(s, buf, topic, offset, until, origin, counters).await
+            publish_loop(s, buf, topic, offset, until, origin, counters, rate).await
         }));
     }
     // Wait for the ramp to end.
@@ -498,8 +505,8 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async {
         match args.mode {
-            Mode::Mqtt { addr, clients, concurrency, seconds, pid, label } => {
-                run_mqtt(addr, clients, concurrency, seconds, pid, label).await
+            Mode::Mqtt { addr, clients, concurrency, seconds, rate, pid, label } => {
+                run_mqtt(addr, clients, concurrency, seconds, rate, pid, label).await
             }
             Mode::Mixed { ws, addr, ws_clients, clients, concurrency, pid } => {
                 run_mixed(ws, addr, ws_clients, clients, concurrency, pid).await

@@ -387,7 +387,8 @@ where
         // max_segment_size: usize, max_mem_segments: usize
         let log = CommitLog::new(max_segment_size, max_mem_segments).unwrap();
 
-        let waiters = Waiters::with_capacity(10);
+        // echo-server patch: grows on demand (was 10 requests up front per topic)
+        let waiters = Waiters::with_capacity(0);
         let metrics = SubscriptionMeter::default();
         Data {
             filter: filter.to_owned(),
@@ -430,8 +431,9 @@ impl AckLog {
     /// New log
     pub fn new() -> AckLog {
         AckLog {
-            committed: VecDeque::with_capacity(100),
-            recorded: VecDeque::with_capacity(100),
+            // echo-server patch: grow on demand (were 100 entries each up front)
+            committed: VecDeque::new(),
+            recorded: VecDeque::new(),
         }
     }
 

@@ -29,14 +29,18 @@ where
 {
     pub(crate) fn with_offset(absolute_offset: u64) -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            // echo-server patch: grows on demand (was 1024 messages up front,
+            // ~260 KB per subscribed topic)
+            data: Vec::new(),
             absolute_offset,
             total_size: 0,
         }
     }
     pub(crate) fn new() -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            // echo-server patch: grows on demand (was 1024 messages up front,
+            // ~260 KB per subscribed topic)
+            data: Vec::new(),
             absolute_offset: 0,
             total_size: 0,
         }
