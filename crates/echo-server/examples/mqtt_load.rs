@@ -55,6 +55,20 @@ enum Mode {
         #[arg(long, default_value = "bench")]
         label: String,
     },
+    /// MQTT clients that connect (and subscribe) as fast as they can, hold
+    /// their connections for `hold` seconds, and leave. Run by `mixed` as a
+    /// process of its own, so that its work does not delay the WebSocket
+    /// clients being measured.
+    Storm {
+        #[arg(long)]
+        addr: String,
+        #[arg(long, default_value_t = 5000)]
+        clients: u32,
+        #[arg(long, default_value_t = 5000)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 3)]
+        hold: u64,
+    },
     /// WebSocket clients echoing at 1/s while MQTT clients connect at once.
     Mixed {
         #[arg(long)]
@@ -81,6 +95,26 @@ fn rss(pid: Option<u32>) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         .unwrap_or(0)
         * 1024
+}
+
+/// CPU seconds used so far by each thread of a process, by thread name.
+fn thread_cpu(pid: Option<u32>) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Some(pid) = pid else { return out };
+    let ticks = 100.0; // USER_HZ
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let name =
+                std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_owned();
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else { continue };
+            let fields: Vec<&str> = after.split_whitespace().collect();
+            let cpu = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+                + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+            *out.entry(name).or_insert(0.0) += cpu / ticks;
+        }
+    }
+    out
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -402,6 +436,38 @@ async fn ws_client(
     Ok(out)
 }
 
+async fn run_storm(addr: String, clients: u32, concurrency: usize, hold: u64) {
+    let start = Instant::now();
+    let gate = Arc::new(Semaphore::new(concurrency));
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let (addr, gate) = (addr.clone(), gate.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await.unwrap();
+            let result = mqtt_session(&addr, &format!("storm-{i}"), &format!("storm/{i}")).await;
+            (result.map(|(s, _)| s), start.elapsed())
+        }));
+    }
+    let mut ramp = Duration::ZERO;
+    let mut failed = 0u32;
+    let mut held = Vec::new();
+    for task in tasks {
+        let (result, at) = task.await.unwrap();
+        ramp = ramp.max(at);
+        match result {
+            Ok(s) => held.push(s),
+            Err(e) => {
+                if failed < 5 {
+                    eprintln!("mqtt: {e}");
+                }
+                failed += 1;
+            }
+        }
+    }
+    println!("storm: clients={clients} failed={failed} ramp={:.3}", ramp.as_secs_f64());
+    tokio::time::sleep(Duration::from_secs(hold)).await;
+}
+
 async fn run_mixed(
     ws: String,
     addr: String,
@@ -425,37 +491,45 @@ async fn run_mixed(
         }));
     }
     tokio::time::sleep_until(storm_at.into()).await;
-    let rss_before = rss(pid);
+    let cpu_before = thread_cpu(pid);
     let storm_start = Instant::now();
-    let gate = Arc::new(Semaphore::new(concurrency));
-    let mut mqtt_tasks = Vec::new();
-    for i in 0..clients {
-        let (addr, gate) = (addr.clone(), gate.clone());
-        mqtt_tasks.push(tokio::spawn(async move {
-            let _permit = gate.acquire_owned().await.unwrap();
-            let result = mqtt_session(&addr, &format!("storm-{i}"), &format!("storm/{i}")).await;
-            (result.map(|(s, _)| s), storm_start.elapsed())
-        }));
-    }
-    let mut storm_end = Duration::ZERO;
-    let mut failed = 0;
-    let mut held = Vec::new();
-    for task in mqtt_tasks {
-        let (result, at) = task.await.unwrap();
-        storm_end = storm_end.max(at);
-        match result {
-            Ok(s) => held.push(s),
-            Err(e) => {
-                if failed < 5 {
-                    eprintln!("mqtt: {e}");
-                }
-                failed += 1;
-            }
-        }
-    }
+    // The storm runs in a process of its own (see `Storm`).
+    let storm_args = vec![
+        "storm".to_owned(),
+        "--addr".to_owned(),
+        addr.clone(),
+        "--clients".to_owned(),
+        clients.to_string(),
+        "--concurrency".to_owned(),
+        concurrency.to_string(),
+        "--hold".to_owned(),
+        "3".to_owned(),
+    ];
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(std::env::current_exe().unwrap()).args(storm_args).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    eprint!("{}", String::from_utf8_lossy(&output.stderr));
+    let field = |name: &str| -> f64 {
+        report
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let storm_end = Duration::from_secs_f64(field("ramp"));
+    // Includes the storm's 3 s hold (idle) and the disconnections.
+    let cpu_after = thread_cpu(pid);
+    let cpu: Vec<String> = cpu_after
+        .iter()
+        .map(|(name, after)| format!("{name}={:.2}s", after - cpu_before.get(name).copied().unwrap_or(0.0)))
+        .collect();
+    eprintln!("server CPU while the storm process ran: {}", cpu.join(" "));
+    let failed = field("failed") as u64;
+    let held = vec![(); (clients as u64 - failed) as usize];
     let storm_start_us = storm_start.duration_since(origin).as_micros() as u64;
     let storm_end_us = storm_start_us + storm_end.as_micros() as u64;
-    let rss_after = rss(pid);
     let mut baseline = Vec::new();
     let mut during = Vec::new();
     let mut ws_failed = 0;
@@ -483,8 +557,7 @@ async fn run_mixed(
     println!(
         "mixed: ws_clients={ws_clients} ws_failed={ws_failed} mqtt_clients={clients} mqtt_failed={failed} \
          storm={:.2}s mqtt_connects_per_s={:.0} \
-         ws_baseline n={} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} | ws_during_storm n={} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} \
-         rss_mqtt_delta_per_connection={:.0}",
+         ws_baseline n={} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} | ws_during_storm n={} p50_ms={:.2} p99_ms={:.2} max_ms={:.2}",
         storm_end.as_secs_f64(),
         held.len() as f64 / storm_end.as_secs_f64(),
         baseline.len(),
@@ -495,7 +568,6 @@ async fn run_mixed(
         percentile(&during, 0.5),
         percentile(&during, 0.99),
         percentile(&during, 1.0),
-        rss_after.saturating_sub(rss_before) as f64 / held.len().max(1) as f64,
     );
 }
 
@@ -507,6 +579,9 @@ fn main() {
         match args.mode {
             Mode::Mqtt { addr, clients, concurrency, seconds, rate, pid, label } => {
                 run_mqtt(addr, clients, concurrency, seconds, rate, pid, label).await
+            }
+            Mode::Storm { addr, clients, concurrency, hold } => {
+                run_storm(addr, clients, concurrency, hold).await
             }
             Mode::Mixed { ws, addr, ws_clients, clients, concurrency, pid } => {
                 run_mixed(ws, addr, ws_clients, clients, concurrency, pid).await

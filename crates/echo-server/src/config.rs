@@ -134,6 +134,8 @@ pub struct MqttConfig {
     pub backlog: u32,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// CONNECTs being processed at once (the rest wait their turn).
+    pub connect_concurrency: u32,
     pub max_payload_size: u32,
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
@@ -159,6 +161,7 @@ impl Default for MqttConfig {
             max_connections: 0,
             backlog: 4096,
             connect_timeout: Duration::from_secs(10),
+            connect_concurrency: 32,
             max_payload_size: 1 << 20,
             write_timeout: Duration::from_secs(30),
             max_outgoing_packet_count: 200,
@@ -329,6 +332,7 @@ impl Config {
         }
         positive("mqtt.backlog", mqtt.backlog)?;
         positive_duration("mqtt.connect_timeout", mqtt.connect_timeout)?;
+        positive("mqtt.connect_concurrency", mqtt.connect_concurrency)?;
         positive_duration("mqtt.write_timeout", mqtt.write_timeout)?;
         // MQTT's remaining length is at most 268,435,455 bytes.
         if !(64..=268_435_455).contains(&mqtt.max_payload_size) {

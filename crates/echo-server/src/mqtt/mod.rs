@@ -64,6 +64,8 @@ pub struct MqttServer {
     pub broker: Rc<Broker>,
     pub tls: Option<TlsAcceptor>,
     pub credentials: Option<auth::Credentials>,
+    /// Turns for processing a CONNECT (see `mqtt.connect_concurrency`).
+    pub connecting: tokio::sync::Semaphore,
     refusing: Cell<u32>,
     next_client: Cell<u64>,
     /// Makes assigned client ids unique across restarts too.
@@ -86,6 +88,7 @@ impl MqttServer {
         tls: Option<TlsAcceptor>,
     ) -> Rc<Self> {
         let credentials = auth::Credentials::new(&config.username, &config.password);
+        let connecting = tokio::sync::Semaphore::new(config.connect_concurrency as usize);
         let boot = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -98,6 +101,7 @@ impl MqttServer {
             broker,
             tls,
             credentials,
+            connecting,
             refusing: Cell::new(0),
             next_client: Cell::new(0),
             boot,

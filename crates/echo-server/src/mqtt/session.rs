@@ -106,6 +106,10 @@ pub async fn run(mut transport: Transport, peer: SocketAddr, server: Rc<MqttServ
     drop(router);
 }
 
+/// How long a new connection may hold a CONNECT turn before its CONNECT
+/// has arrived (see [`open`]).
+const TURN_PATIENCE: Duration = Duration::from_millis(50);
+
 /// The CONNECT phase: checks, the link to the router, the CONNACK.
 async fn open(
     transport: &mut Transport,
@@ -115,19 +119,64 @@ async fn open(
 ) -> Option<(Accepted, RouterLink)> {
     let metrics = &server.metrics;
     let deadline = Instant::now() + server.config.connect_timeout;
-    let accepted = tokio::select! {
+    // A new connection's whole CONNECT phase — reading the CONNECT, router
+    // registration, CONNACK — runs on a turn (`mqtt.connect_concurrency`).
+    // In a connect storm, thousands of sockets become readable at once; if
+    // each got its task polled right away, every WebSocket echo and MQTT
+    // message of the clients already connected would queue behind them on
+    // the one event loop. A task waiting for a turn has not touched its
+    // socket yet, so it is not woken by it: at most a few connecting
+    // sessions are ever runnable, and everyone else is served in between.
+    // A client that has not sent its CONNECT within `TURN_PATIENCE` gives
+    // its turn back and waits for a new one once its CONNECT is in, so
+    // silent clients cannot hold the turns.
+    let mut turn = tokio::select! {
         biased;
-        _ = server.shutdown.wait() => Err(Refused::Silently("shutdown")),
-        result = timeout_at(deadline, handshake(transport, rbuf, server)) => {
-            result.unwrap_or(Err(Refused::Silently("connect_timeout")))
+        _ = server.shutdown.wait() => None,
+        turn = server.connecting.acquire() => turn.ok(),
+    };
+    if turn.is_none() {
+        refuse(transport, Refused::Silently("shutdown"), server).await;
+        return None;
+    }
+    let accepted = {
+        let handshake = handshake(transport, rbuf, server);
+        tokio::pin!(handshake);
+        let patience = deadline.min(Instant::now() + TURN_PATIENCE);
+        let first = tokio::select! {
+            biased;
+            _ = server.shutdown.wait() => Some(Err(Refused::Silently("shutdown"))),
+            result = timeout_at(patience, &mut handshake) => result.ok(),
+        };
+        match first {
+            Some(result) => result,
+            None => {
+                turn = None;
+                tokio::select! {
+                    biased;
+                    _ = server.shutdown.wait() => Err(Refused::Silently("shutdown")),
+                    result = timeout_at(deadline, &mut handshake) => {
+                        result.unwrap_or(Err(Refused::Silently("connect_timeout")))
+                    }
+                }
+            }
         }
     };
     let accepted = match accepted {
         Ok(accepted) => accepted,
         Err(refused) => {
+            drop(turn);
             refuse(transport, refused, server).await;
             return None;
         }
+    };
+    let _turn = match turn {
+        Some(turn) => turn,
+        None => tokio::select! {
+            biased;
+            _ = server.shutdown.wait() => return None,
+            turn = server.connecting.acquire() => turn.ok()?,
+        },
     };
     let version = accepted.codec.version;
     server.broker.client_returned(&accepted.client_id, accepted.clean_session);
