@@ -398,6 +398,11 @@ async fn two_thousand_clients_round_trip_twenty_messages_each() {
             let mut options = rumqttc::MqttOptions::new(&id, addr.ip().to_string(), addr.port());
             options.set_keep_alive(Duration::from_secs(60));
             let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 32);
+            // 2,000 debug-build clients on a shared 2-core machine: the last
+            // ones may wait more than rumqttc's default 5 s for their CONNACK.
+            let mut network = rumqttc::NetworkOptions::new();
+            network.set_connection_timeout(60);
+            eventloop.set_network_options(network);
             let topic = format!("load/{n}");
             client.subscribe(&topic, QoS::AtMostOnce).await.unwrap();
             let mut subscribed = false;

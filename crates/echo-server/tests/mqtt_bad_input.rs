@@ -249,3 +249,15 @@ fn shutdown_sends_v5_clients_disconnect_0x8b_and_closes_v311_cleanly() {
     assert_eq!(summary["mqtt_sessions_served"], 2);
     assert_eq!(summary["mqtt_publishes_received"], 1);
 }
+
+#[test]
+fn silent_clients_cannot_hold_the_connect_turns() {
+    let server = TestServer::start_with_env(&[], &[("ECHO_MQTT_CONNECT_CONCURRENCY", "4")]);
+    // Many more silent connections than turns; they give their turns back.
+    let silent: Vec<RawMqtt> = (0..40).map(|_| RawMqtt::connect(server.mqtt_addr())).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let started = std::time::Instant::now();
+    let _ok = RawMqtt::session(server.mqtt_addr(), 4, "not-blocked", 30);
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    drop(silent);
+}

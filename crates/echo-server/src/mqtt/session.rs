@@ -119,17 +119,28 @@ async fn open(
 ) -> Option<(Accepted, RouterLink)> {
     let metrics = &server.metrics;
     let deadline = Instant::now() + server.config.connect_timeout;
-    // A new connection's whole CONNECT phase — reading the CONNECT, router
-    // registration, CONNACK — runs on a turn (`mqtt.connect_concurrency`).
-    // In a connect storm, thousands of sockets become readable at once; if
-    // each got its task polled right away, every WebSocket echo and MQTT
-    // message of the clients already connected would queue behind them on
-    // the one event loop. A task waiting for a turn has not touched its
-    // socket yet, so it is not woken by it: at most a few connecting
-    // sessions are ever runnable, and everyone else is served in between.
-    // A client that has not sent its CONNECT within `TURN_PATIENCE` gives
-    // its turn back and waits for a new one once its CONNECT is in, so
+    // Once the client has sent its first bytes, the CONNECT phase — reading
+    // and checking the CONNECT, router registration, CONNACK — runs on a
+    // turn (`mqtt.connect_concurrency`). In a connect storm thousands of
+    // sessions are ready at once; if all of them did that work at once,
+    // every WebSocket echo and MQTT message of the clients already
+    // connected would queue behind them on the one event loop. With a few
+    // turns, the storm's work is spread out and everyone else is served in
+    // between (a session waiting for a turn costs one poll). A client that
+    // has not sent its whole CONNECT within `TURN_PATIENCE` gives its turn
+    // back and waits for a new one once its CONNECT is in, so slow or
     // silent clients cannot hold the turns.
+    let arrived = tokio::select! {
+        biased;
+        _ = server.shutdown.wait() => Err(Refused::Silently("shutdown")),
+        arrived = timeout_at(deadline, transport.readable()) => {
+            arrived.map_err(|_| Refused::Silently("connect_timeout"))
+        }
+    };
+    if let Err(refused) = arrived {
+        refuse(transport, refused, server).await;
+        return None;
+    }
     let mut turn = tokio::select! {
         biased;
         _ = server.shutdown.wait() => None,

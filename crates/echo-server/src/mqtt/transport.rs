@@ -54,6 +54,14 @@ impl Transport {
         }
     }
 
+    /// Completes when the client has sent something (or closed). For TLS
+    /// and WebSocket, whose layers may hold bytes already read, at once.
+    pub async fn readable(&self) {
+        if let Transport::Tcp(tcp) = self {
+            let _ = tcp.readable().await;
+        }
+    }
+
     /// Appends what the client sent to `buf`; `Ok(0)` when it closed.
     /// Cancel-safe: nothing is lost if the future is dropped.
     pub async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
