@@ -1,0 +1,353 @@
+//! The parent process of a run: starts the workers, drives every step
+//! through ramp and hold in lock step, samples the server around each hold,
+//! and merges what the workers measured.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command as Process, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+
+use crate::histogram::Hist;
+use crate::ipc::{Command, Event};
+use crate::live::{Live, Snapshot};
+use crate::result::{Derived, Machine, RunResult, SCHEMA, StepResult};
+use crate::scenario::Settings;
+use crate::schedule::split;
+use crate::stats::Tally;
+use crate::target::Target;
+use crate::usage::{self, ServerProbe, ServerSample};
+
+pub struct Plan {
+    pub settings: Settings,
+    pub target: Target,
+    pub workers: usize,
+    pub threads: usize,
+    pub server: Option<ServerProbe>,
+    pub live: bool,
+}
+
+struct Worker {
+    child: Child,
+    stdin: ChildStdin,
+}
+
+/// The latest running totals of one worker, for the live view.
+#[derive(Default, Clone)]
+struct Totals {
+    open: u64,
+    attempted: u64,
+    sent: u64,
+    received: u64,
+    errors: u64,
+}
+
+struct Fleet {
+    workers: Vec<Worker>,
+    events: mpsc::Receiver<(usize, Option<Event>)>,
+    totals: Vec<Totals>,
+    tick_latency: Hist,
+    shown: (Instant, u64, u64),
+    live: Live,
+}
+
+impl Fleet {
+    fn start(plan: &Plan, run_id: &str) -> anyhow::Result<Fleet> {
+        let exe = std::env::current_exe().context("cannot find this program to start workers")?;
+        let (tx, events) = mpsc::channel();
+        let mut workers = Vec::new();
+        let n = plan.workers;
+        for w in 0..n {
+            let mut child = Process::new(&exe)
+                .arg("worker")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .with_context(|| format!("cannot start worker process {}", exe.display()))?;
+            let stdout = child.stdout.take().expect("piped");
+            let stdin = child.stdin.take().expect("piped");
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    match serde_json::from_str::<Event>(&line) {
+                        Ok(ev) => {
+                            if tx.send((w, Some(ev))).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let reason = format!("unreadable worker output {line:?}: {e}");
+                            let _ = tx.send((w, Some(Event::Failed { reason })));
+                        }
+                    }
+                }
+                let _ = tx.send((w, None));
+            });
+            // Sources are dealt out so that workers don't share ports of one
+            // address when there are enough addresses to go round.
+            let s = &plan.settings.sources;
+            let sources =
+                if s.len() >= n { s.iter().skip(w).step_by(n).copied().collect() } else { s.clone() };
+            let mut worker = Worker { child, stdin };
+            send(
+                &mut worker,
+                &Command::Init {
+                    worker: w as u32,
+                    run_id: run_id.to_string(),
+                    settings: Box::new(plan.settings.clone()),
+                    target: plan.target.clone(),
+                    sources,
+                    threads: plan.threads,
+                },
+            )?;
+            workers.push(worker);
+        }
+        let live = Live::new(plan.live, plan.settings.max_connections());
+        let mut fleet = Fleet {
+            workers,
+            events,
+            totals: vec![Totals::default(); n],
+            tick_latency: Hist::new(),
+            shown: (Instant::now(), 0, 0),
+            live,
+        };
+        fleet.collect(None, |_, ev| matches!(ev, Event::Ready).then_some(()))?;
+        Ok(fleet)
+    }
+
+    fn broadcast(&mut self, cmd: &Command) -> anyhow::Result<()> {
+        for w in &mut self.workers {
+            send(w, cmd)?;
+        }
+        Ok(())
+    }
+
+    /// Handles events until every worker has answered with what `pick`
+    /// accepts, or until `until` passes (then `Ok(vec![])`).
+    fn collect<T>(
+        &mut self,
+        until: Option<Instant>,
+        mut pick: impl FnMut(usize, Event) -> Option<T>,
+    ) -> anyhow::Result<Vec<T>> {
+        let n = self.workers.len();
+        let mut got: Vec<Option<T>> = (0..n).map(|_| None).collect();
+        loop {
+            if until.is_none() && got.iter().all(Option::is_some) {
+                return Ok(got.into_iter().map(|g| g.expect("all answered")).collect());
+            }
+            let wait = match until {
+                Some(t) => {
+                    let now = Instant::now();
+                    if now >= t {
+                        return Ok(Vec::new());
+                    }
+                    (t - now).min(Duration::from_millis(250))
+                }
+                None => Duration::from_millis(250),
+            };
+            match self.events.recv_timeout(wait) {
+                Ok((w, Some(Event::Tick { open, attempted, sent, received, errors, latency }))) => {
+                    self.totals[w] = Totals { open, attempted, sent, received, errors };
+                    self.tick_latency.merge(&latency);
+                    self.show();
+                }
+                Ok((w, Some(Event::Failed { reason }))) => bail!("worker {w} failed: {reason}"),
+                Ok((w, None)) => bail!("worker {w} exited unexpectedly (its messages, if any, are above)"),
+                Ok((w, Some(ev))) => {
+                    if let Some(v) = pick(w, ev) {
+                        got[w] = Some(v);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => bail!("all workers are gone"),
+            }
+        }
+    }
+
+    /// Updates the live view about once a second.
+    fn show(&mut self) {
+        let elapsed = self.shown.0.elapsed();
+        if elapsed < Duration::from_millis(900) {
+            return;
+        }
+        let sum = |f: fn(&Totals) -> u64| self.totals.iter().map(f).sum::<u64>();
+        let (sent, received) = (sum(|t| t.sent), sum(|t| t.received));
+        let secs = elapsed.as_secs_f64();
+        let lat = std::mem::take(&mut self.tick_latency);
+        self.live.update(&Snapshot {
+            open: sum(|t| t.open),
+            attempted: sum(|t| t.attempted),
+            sent_per_sec: sent.saturating_sub(self.shown.1) as f64 / secs,
+            received_per_sec: received.saturating_sub(self.shown.2) as f64 / secs,
+            p50_us: (!lat.is_empty()).then(|| lat.percentile(50.0)),
+            p99_us: (!lat.is_empty()).then(|| lat.percentile(99.0)),
+            errors: sum(|t| t.errors),
+        });
+        self.shown = (Instant::now(), sent, received);
+    }
+
+    fn stop(mut self) -> f64 {
+        let _ = self.broadcast(&Command::Stop);
+        let cpu = self
+            .collect(None, |_, ev| match ev {
+                Event::Stopped { cpu_seconds } => Some(cpu_seconds),
+                _ => None,
+            })
+            .map(|v| v.iter().sum())
+            .unwrap_or(0.0);
+        self.live.finish();
+        // Workers exit by themselves after Stop; Drop kills any that hang.
+        for w in &mut self.workers {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(w.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        cpu
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // A worker left behind by an error must not keep its connections.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn send(w: &mut Worker, cmd: &Command) -> anyhow::Result<()> {
+    let line = serde_json::to_string(cmd)?;
+    writeln!(w.stdin, "{line}").context("a worker stopped listening")?;
+    w.stdin.flush().context("a worker stopped listening")?;
+    Ok(())
+}
+
+fn sample(probe: &Option<ServerProbe>, warned: &mut bool, live: &Live) -> Option<ServerSample> {
+    let probe = probe.as_ref()?;
+    match probe.sample() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            if !*warned {
+                live.note(&format!("warning: cannot read the server's resources: {e}"));
+                *warned = true;
+            }
+            None
+        }
+    }
+}
+
+/// Runs every step and returns the merged result.
+pub fn run(plan: Plan) -> anyhow::Result<RunResult> {
+    let started_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let run_id = format!("{:x}{:x}", std::process::id(), started_unix & 0xffff);
+    let mut fleet = Fleet::start(&plan, &run_id)?;
+    let mut warned = false;
+    let server_baseline = sample(&plan.server, &mut warned, &fleet.live);
+    let s = &plan.settings;
+    let n = plan.workers;
+    let mut steps = Vec::new();
+    let total = s.steps.len();
+    for (i, &target) in s.steps.iter().enumerate() {
+        fleet.live.phase(format!("step {}/{total}: connecting to {target}", i + 1));
+        let ramp_start = Instant::now();
+        let shares = split(target, n);
+        for (w, share) in shares.iter().enumerate() {
+            send(
+                &mut fleet.workers[w],
+                &Command::Ramp { connections: *share, connect_rate: s.connect_rate / n as f64 },
+            )?;
+        }
+        let ramps = fleet.collect(None, |_, ev| match ev {
+            Event::Ramped { tally } => Some(tally),
+            _ => None,
+        })?;
+        let ramp_secs = ramp_start.elapsed().as_secs_f64();
+        let mut ramp = Tally::default();
+        ramps.iter().for_each(|t| ramp.merge(t));
+
+        fleet.live.phase(format!("step {}/{total}: holding {target} for {}s", i + 1, s.hold_secs));
+        let server_before = sample(&plan.server, &mut warned, &fleet.live);
+        let parent_cpu = usage::own_cpu_seconds();
+        fleet.broadcast(&Command::Hold)?;
+        let hold_start = Instant::now();
+        fleet.collect(Some(hold_start + s.hold()), |_, _| Some(()))?;
+        fleet.broadcast(&Command::EndHold)?;
+        let helds = fleet.collect(None, |_, ev| match ev {
+            Event::Held { tally, open, cpu_seconds, rss_bytes } => {
+                Some((tally, open, cpu_seconds, rss_bytes))
+            }
+            _ => None,
+        })?;
+        let hold_secs = hold_start.elapsed().as_secs_f64();
+        let server_after = sample(&plan.server, &mut warned, &fleet.live);
+        let parent_cpu = usage::own_cpu_seconds() - parent_cpu;
+
+        let mut hold = Tally::default();
+        helds.iter().for_each(|h| hold.merge(&h.0));
+        let server = server_after.map(|mut after| {
+            after.cpu_seconds = match (after.cpu_seconds, server_before.and_then(|b| b.cpu_seconds)) {
+                (Some(a), Some(b)) => Some(a - b),
+                _ => None,
+            };
+            after
+        });
+        let mut step = StepResult {
+            target_connections: target,
+            open_connections: helds.iter().map(|h| h.1).sum(),
+            ramp_secs,
+            hold_secs,
+            ramp,
+            hold,
+            server,
+            generator_cpu_seconds: parent_cpu + helds.iter().map(|h| h.2).sum::<f64>(),
+            generator_rss_bytes: helds.iter().map(|h| h.3).sum(),
+            derived: Derived::default(),
+        };
+        step.derive();
+        let l = &step.hold.latency;
+        let pct =
+            |p: f64| if l.is_empty() { "-".to_string() } else { crate::report::micros(l.percentile(p)) };
+        fleet.live.note(&format!(
+            "step {}/{total}: {} of {target} connections open, {:.0} msg/s echoed, p50 {} p99 {}, {} errors",
+            i + 1,
+            step.open_connections,
+            step.derived.received_per_sec,
+            pct(50.0),
+            pct(99.0),
+            step.derived.errors
+        ));
+        steps.push(step);
+    }
+    fleet.live.phase("closing connections".into());
+    fleet.stop();
+    let mut result = RunResult {
+        schema: SCHEMA.into(),
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        label: s.label.clone(),
+        url: s.url.clone(),
+        protocol: plan.target.protocol,
+        started_unix,
+        machine: Machine { hostname: hostname(), cpus: cpus(), workers: n, runs: 1 },
+        settings: s.clone(),
+        server_baseline,
+        steps,
+        failures: Vec::new(),
+    };
+    result.derive();
+    Ok(result)
+}
+
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}

@@ -1,0 +1,34 @@
+//! echo-loadgen: a load generator for WebSocket echo servers and MQTT
+//! brokers. See README.md for usage and the JSON schema.
+//!
+//! The modules, from the wire up:
+//! - [`payload`]: the bytes each message carries and the check of each echo;
+//! - [`flow`]: one connection's schedule, outstanding messages and verdicts;
+//! - [`ws`], [`mqtt`] (+ [`mqtt_codec`]), [`net`]: the two transports;
+//! - [`stats`], [`histogram`]: what is counted, mergeable exactly;
+//! - [`worker`], [`ipc`], [`coordinator`]: processes and phases;
+//! - [`usage`]: the server's and the generator's own resources;
+//! - [`result`], [`report`], [`chart`], [`live`]: what people read;
+//! - [`scenario`], [`target`], [`preflight`], [`cli`]: what people write.
+
+pub mod chart;
+pub mod cli;
+pub mod coordinator;
+pub mod flow;
+pub mod histogram;
+pub mod ipc;
+pub mod live;
+pub mod mqtt;
+pub mod mqtt_codec;
+pub mod net;
+pub mod payload;
+pub mod preflight;
+pub mod report;
+pub mod result;
+pub mod scenario;
+pub mod schedule;
+pub mod stats;
+pub mod target;
+pub mod usage;
+pub mod worker;
+pub mod ws;

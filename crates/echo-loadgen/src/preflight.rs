@@ -1,0 +1,220 @@
+//! Checks before a run: are the settings possible on this machine, and is
+//! there a server of the right kind at the URL? Each refusal says what to
+//! change, so nobody waits through a ramp to learn the URL was wrong.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::mqtt::Client;
+use crate::mqtt_codec::{self as codec, Packet};
+use crate::payload;
+use crate::scenario::Settings;
+use crate::stats::ErrorKind;
+use crate::target::{Protocol, Target};
+
+/// File descriptors a worker keeps for itself (runtime, pipes, /proc reads).
+pub const FD_RESERVE: u64 = 64;
+
+/// How many worker processes the largest step needs, or why it cannot run.
+pub fn workers_needed(
+    settings: &Settings,
+    requested: Option<usize>,
+    fd_limit: u64,
+    ports_per_source: u64,
+) -> Result<usize, String> {
+    let max = settings.max_connections();
+    let per_process = fd_limit.saturating_sub(FD_RESERVE).max(1);
+    let needed = max.div_ceil(per_process).max(1) as usize;
+    let workers = match requested {
+        None => needed,
+        Some(0) => return Err("--workers must be at least 1".into()),
+        Some(w) if w < needed => {
+            return Err(format!(
+                "{max} connections over {w} worker(s) is {} per process, but the open-file limit ({fd_limit}) allows {per_process}: \
+                 use --workers {needed} or more (or leave --workers out)",
+                max.div_ceil(w as u64)
+            ));
+        }
+        Some(w) => w,
+    };
+    let sources = settings.sources.len().max(1) as u64;
+    let capacity = sources * ports_per_source;
+    if max > capacity {
+        let want = max.div_ceil(ports_per_source);
+        let hint = if settings.sources.is_empty() {
+            format!("add --source 127.0.0.2-127.0.0.{} (loopback targets)", want + 1)
+        } else {
+            format!("give at least {want} --source addresses")
+        };
+        return Err(format!(
+            "{max} connections need more local ports than {sources} source address(es) × {ports_per_source} ephemeral ports = {capacity}: {hint}"
+        ));
+    }
+    Ok(workers)
+}
+
+/// Opens one connection and checks that a message comes back intact.
+pub async fn probe(target: &Target, settings: &Settings) -> Result<(), String> {
+    let timeout = settings.connect_timeout().min(Duration::from_secs(5));
+    let source = settings.sources.first().copied();
+    match target.protocol {
+        Protocol::WebSocket => probe_ws(target, settings, source, timeout).await,
+        Protocol::Mqtt => probe_mqtt(target, settings, source, timeout).await,
+    }
+}
+
+fn explain(kind: ErrorKind, target: &Target, timeout: Duration) -> String {
+    let (url, addr) = (&target.url, target.addr);
+    match kind {
+        ErrorKind::ConnectRefused => {
+            format!(
+                "nothing accepts connections at {addr} (connection refused): is the server running, and is the port in {url} right?"
+            )
+        }
+        ErrorKind::ConnectTimeout => {
+            format!(
+                "no answer from {addr} within {timeout:?}: is the address right, or is a firewall dropping packets?"
+            )
+        }
+        ErrorKind::AddressUnavailable => {
+            format!("cannot bind the --source address: is it an address of this machine? ({addr})")
+        }
+        ErrorKind::HandshakeStatus(code) => format!(
+            "{url} answered the WebSocket upgrade with HTTP {code} instead of 101 Switching Protocols: \
+             is the path right, and is this a WebSocket endpoint?"
+        ),
+        ErrorKind::HandshakeTimeout | ErrorKind::HandshakeFailed
+            if target.protocol == Protocol::WebSocket =>
+        {
+            format!(
+                "{addr} accepted TCP but did not complete a WebSocket handshake: is it a WebSocket server? (an MQTT broker is addressed as mqtt://)"
+            )
+        }
+        ErrorKind::HandshakeTimeout | ErrorKind::HandshakeFailed => format!(
+            "{addr} accepted TCP but did not answer MQTT CONNECT with CONNACK: is it an MQTT broker? (a WebSocket server is addressed as ws://)"
+        ),
+        ErrorKind::MqttConnackRefused(code) => format!(
+            "the broker at {addr} refused the connection (CONNACK code {code}{}): check --mqtt-version and the broker's access rules",
+            match code {
+                1 | 132 => ", unsupported protocol version",
+                4 | 5 | 134 | 135 => ", not authorized: anonymous clients are not allowed",
+                _ => "",
+            }
+        ),
+        ErrorKind::MqttSubscribeRefused => {
+            format!("the broker at {addr} refused SUBSCRIBE: check its access rules for the topic prefix")
+        }
+        other => format!("{url}: {other}"),
+    }
+}
+
+async fn probe_ws(
+    target: &Target,
+    settings: &Settings,
+    source: Option<std::net::IpAddr>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut ws = crate::ws::open(&target.ws_url(), target.addr, source, timeout)
+        .await
+        .map_err(|k| explain(k, target, timeout))?;
+    let msg = payload::message(0, 0, 0, settings.size);
+    ws.send(Message::Binary(Bytes::from(msg.clone())))
+        .await
+        .map_err(|e| format!("{}: the connection failed right after the handshake: {e}", target.url))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => {
+                return Err(format!(
+                    "{} accepted the WebSocket but did not echo a {}-byte message within {timeout:?}: is it an echo server?",
+                    target.url, settings.size
+                ));
+            }
+            Ok(Some(Ok(Message::Binary(data)))) if data[..] == msg[..] => break,
+            Ok(Some(Ok(Message::Binary(_) | Message::Text(_)))) => {
+                return Err(format!(
+                    "{} answered with something other than the echo of what was sent: is it an echo server?",
+                    target.url
+                ));
+            }
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                return Err(format!("{} closed the connection instead of echoing ({frame:?})", target.url));
+            }
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(e))) => return Err(format!("{}: {e}", target.url)),
+            Ok(None) => return Err(format!("{} closed the connection instead of echoing", target.url)),
+        }
+    }
+    let _ = ws.close(None).await;
+    Ok(())
+}
+
+async fn probe_mqtt(
+    target: &Target,
+    settings: &Settings,
+    source: Option<std::net::IpAddr>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let id = format!("elg-probe-{}", std::process::id());
+    let mut c = Client::open(target.addr, source, settings.mqtt_version, &id, deadline)
+        .await
+        .map_err(|k| explain(k, target, timeout))?;
+    let topic = format!("{}/probe/{}", settings.topic_prefix, std::process::id());
+    c.subscribe(&topic, 0, deadline).await.map_err(|k| explain(k, target, timeout))?;
+    let msg = payload::message(0, 0, 0, settings.size);
+    c.send(|buf, v| codec::publish(buf, v, &topic, 0, 0, &msg))
+        .await
+        .map_err(|k| explain(k, target, timeout))?;
+    loop {
+        match tokio::time::timeout_at(deadline, c.recv()).await {
+            Err(_) => {
+                return Err(format!(
+                    "the broker at {} did not deliver a message published to a subscribed topic within {timeout:?}",
+                    target.addr
+                ));
+            }
+            Ok(Ok(Packet::Publish { payload, .. })) if payload[..] == msg[..] => break,
+            Ok(Ok(Packet::Publish { .. })) => {
+                return Err("the broker delivered different bytes than were published".into());
+            }
+            Ok(Ok(_)) => continue,
+            Ok(Err(k)) => return Err(explain(k, target, timeout)),
+        }
+    }
+    let _ = c.send(|buf, _| codec::disconnect(buf)).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::result::tests::run;
+
+    fn settings(steps: Vec<u64>, sources: usize) -> Settings {
+        let mut s = run(vec![]).settings;
+        s.steps = steps;
+        s.sources = (0..sources).map(|i| format!("127.0.0.{}", i + 2).parse().unwrap()).collect();
+        s
+    }
+
+    #[test]
+    fn workers_follow_the_fd_limit() {
+        assert_eq!(workers_needed(&settings(vec![19_000], 0), None, 20_000, 28_232), Ok(1));
+        assert_eq!(workers_needed(&settings(vec![1000, 40_000], 2), None, 20_000, 28_232), Ok(3));
+        assert_eq!(workers_needed(&settings(vec![100], 0), Some(4), 20_000, 28_232), Ok(4));
+        let e = workers_needed(&settings(vec![30_000], 2), Some(1), 20_000, 28_232).unwrap_err();
+        assert!(e.contains("--workers 2"), "{e}");
+    }
+
+    #[test]
+    fn ports_need_source_addresses() {
+        let e = workers_needed(&settings(vec![60_000], 0), None, 20_000, 28_232).unwrap_err();
+        assert!(e.contains("--source 127.0.0.2-127.0.0.4"), "{e}");
+        assert!(workers_needed(&settings(vec![60_000], 3), None, 20_000, 28_232).is_ok());
+    }
+}

@@ -1,0 +1,401 @@
+//! Turning a [`RunResult`] into things people read: the per-step table,
+//! CSV, and the threshold verdict.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::result::{RunResult, StepResult};
+
+/// Microseconds as the shortest readable duration.
+pub fn micros(us: u64) -> String {
+    match us {
+        0..1_000 => format!("{us}µs"),
+        1_000..10_000 => format!("{:.2}ms", us as f64 / 1e3),
+        10_000..1_000_000 => format!("{:.1}ms", us as f64 / 1e3),
+        _ => format!("{:.2}s", us as f64 / 1e6),
+    }
+}
+
+pub fn bytes(b: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let sign = if b < 0.0 { "-" } else { "" };
+    let mut v = b.abs();
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{sign}{v:.0} B") } else { format!("{sign}{v:.1} {}", UNITS[unit]) }
+}
+
+/// Counts and rates with a k/M suffix.
+pub fn count(n: f64) -> String {
+    if n >= 1e6 {
+        format!("{:.2}M", n / 1e6)
+    } else if n >= 1e4 {
+        format!("{:.1}k", n / 1e3)
+    } else if n >= 100.0 || n == n.trunc() {
+        format!("{n:.0}")
+    } else {
+        format!("{n:.1}")
+    }
+}
+
+fn opt<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
+    v.map(f).unwrap_or_else(|| "-".into())
+}
+
+const HEADERS: [&str; 18] = [
+    "conns",
+    "open",
+    "conn p50",
+    "conn p99",
+    "conn err",
+    "sent/s",
+    "recv/s",
+    "p50",
+    "p90",
+    "p99",
+    "p99.9",
+    "max",
+    "errors",
+    "srv RSS",
+    "RSS/conn",
+    "ΔRSS/conn",
+    "srv CPU",
+    "gen CPU",
+];
+
+fn row(s: &StepResult) -> Vec<String> {
+    let d = &s.derived;
+    let lat = &s.hold.latency;
+    let ct = &s.ramp.connect_time;
+    let server = s.server.as_ref();
+    let has_lat = !lat.is_empty();
+    let l = |p: f64| if has_lat { micros(lat.percentile(p)) } else { "-".into() };
+    vec![
+        count(s.target_connections as f64),
+        count(s.open_connections as f64),
+        if ct.is_empty() { "-".into() } else { micros(ct.percentile(50.0)) },
+        if ct.is_empty() { "-".into() } else { micros(ct.percentile(99.0)) },
+        count((s.ramp.connect_errors() + s.hold.connect_errors()) as f64),
+        count(d.sent_per_sec),
+        count(d.received_per_sec),
+        l(50.0),
+        l(90.0),
+        l(99.0),
+        l(99.9),
+        if has_lat { micros(lat.max()) } else { "-".into() },
+        count(d.errors as f64),
+        opt(server.and_then(|s| s.rss_bytes), |b| bytes(b as f64)),
+        opt(d.server_rss_per_connection, bytes),
+        opt(d.server_rss_per_added_connection, bytes),
+        opt(d.server_cpu_percent, |p| format!("{p:.0}%")),
+        format!("{:.0}%", d.generator_cpu_percent),
+    ]
+}
+
+/// The per-step table and, below it, the errors of each step by kind.
+pub fn table(r: &RunResult) -> String {
+    let rows: Vec<Vec<String>> = r.steps.iter().map(row).collect();
+    let mut widths: Vec<usize> = HEADERS.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let title = r.label.as_deref().map(|l| format!("{l} — ")).unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "{title}{} ({}), rate {} msg/s/conn, {} B, hold {}s, {} worker(s) on {} CPUs",
+        r.url,
+        r.protocol,
+        r.settings.rate,
+        r.settings.size,
+        r.settings.hold_secs,
+        r.machine.workers,
+        r.machine.cpus
+    );
+    let line = |cells: &mut dyn Iterator<Item = &str>| -> String {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.zip(&widths).enumerate() {
+            let sep = if i == 0 { "" } else { "  " };
+            let pad = w - cell.chars().count();
+            let _ = write!(s, "{sep}{}{cell}", " ".repeat(pad));
+        }
+        s
+    };
+    let _ = writeln!(out, "{}", line(&mut HEADERS.iter().copied()));
+    for row in &rows {
+        let _ = writeln!(out, "{}", line(&mut row.iter().map(String::as_str)));
+    }
+    for s in &r.steps {
+        let mut kinds = s.ramp.errors.clone();
+        for (k, n) in &s.hold.errors {
+            *kinds.entry(k.clone()).or_default() += n;
+        }
+        if !kinds.is_empty() {
+            let list: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            let _ = writeln!(out, "errors at {} connections: {}", s.target_connections, list.join(", "));
+        }
+    }
+    out
+}
+
+const CSV_HEADERS: [&str; 31] = [
+    "target_connections",
+    "open_connections",
+    "ramp_secs",
+    "hold_secs",
+    "connect_attempts",
+    "connect_p50_us",
+    "connect_p99_us",
+    "connect_errors",
+    "errors",
+    "error_rate",
+    "sent",
+    "received",
+    "sent_per_sec",
+    "received_per_sec",
+    "latency_p50_us",
+    "latency_p90_us",
+    "latency_p99_us",
+    "latency_p999_us",
+    "latency_max_us",
+    "latency_mean_us",
+    "server_rss_bytes",
+    "server_rss_per_connection",
+    "server_rss_per_added_connection",
+    "server_cpu_percent",
+    "server_cpu_us_per_message",
+    "server_open_fds",
+    "server_connections",
+    "generator_cpu_percent",
+    "generator_rss_bytes",
+    "generator_rss_per_connection",
+    "errors_by_kind",
+];
+
+/// One CSV row per step, raw numbers (microseconds, bytes), empty when unknown.
+pub fn csv(r: &RunResult) -> anyhow::Result<String> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(CSV_HEADERS)?;
+    let o = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_default();
+    let ou = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
+    for s in &r.steps {
+        let d = &s.derived;
+        let l = s.hold.latency.summary();
+        let ct = s.ramp.connect_time.summary();
+        let server = s.server.clone().unwrap_or_default();
+        let mut kinds = s.ramp.errors.clone();
+        for (k, n) in &s.hold.errors {
+            *kinds.entry(k.clone()).or_default() += n;
+        }
+        let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{k}={n}")).collect();
+        w.write_record([
+            s.target_connections.to_string(),
+            s.open_connections.to_string(),
+            format!("{:.3}", s.ramp_secs),
+            format!("{:.3}", s.hold_secs),
+            s.ramp.attempted.to_string(),
+            ct.p50_us.to_string(),
+            ct.p99_us.to_string(),
+            (s.ramp.connect_errors() + s.hold.connect_errors()).to_string(),
+            d.errors.to_string(),
+            format!("{:.6}", d.error_rate),
+            s.hold.sent.to_string(),
+            s.hold.received.to_string(),
+            format!("{:.3}", d.sent_per_sec),
+            format!("{:.3}", d.received_per_sec),
+            l.p50_us.to_string(),
+            l.p90_us.to_string(),
+            l.p99_us.to_string(),
+            l.p999_us.to_string(),
+            l.max_us.to_string(),
+            format!("{:.1}", l.mean_us),
+            ou(server.rss_bytes),
+            o(d.server_rss_per_connection),
+            o(d.server_rss_per_added_connection),
+            o(d.server_cpu_percent),
+            o(d.server_cpu_us_per_message),
+            ou(server.open_fds),
+            ou(server.connections),
+            format!("{:.3}", d.generator_cpu_percent),
+            s.generator_rss_bytes.to_string(),
+            o(d.generator_rss_per_connection),
+            kinds.join(";"),
+        ])?;
+    }
+    Ok(String::from_utf8(w.into_inner()?)?)
+}
+
+/// Server memory per connection over the whole run: growth of RSS from
+/// before the first connection to the last step, divided by the connections
+/// open then. Steadier than a single step's growth.
+pub fn rss_per_connection_over_run(r: &RunResult) -> Option<f64> {
+    let last = r.steps.last()?;
+    let before = r.server_baseline.as_ref()?.rss_bytes?;
+    let after = last.server.as_ref()?.rss_bytes?;
+    (last.open_connections > 0).then(|| (after as f64 - before as f64) / last.open_connections as f64)
+}
+
+/// A Markdown table comparing runs of the same scenario against different
+/// servers, at each run's last step, with ratios to the first run.
+pub fn comparison(runs: &[RunResult]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| server | open | echoed/s | p50 | p99 | p99.9 | max | errors | RSS/conn | srv CPU | gen CPU | echoed/s ratio | p99 ratio | RSS/conn ratio |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let base = runs.first();
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+        _ => "-".into(),
+    };
+    let figures = |r: &RunResult| {
+        let s = r.steps.last();
+        let lat = s.map(|s| &s.hold.latency).filter(|l| !l.is_empty());
+        (
+            s.map(|s| s.derived.received_per_sec).filter(|v| *v > 0.0),
+            lat.map(|l| l.percentile(99.0) as f64),
+            rss_per_connection_over_run(r),
+        )
+    };
+    let (b_rate, b_p99, b_rss) = base.map(figures).unwrap_or((None, None, None));
+    for (i, r) in runs.iter().enumerate() {
+        let Some(s) = r.steps.last() else { continue };
+        let lat = &s.hold.latency;
+        let has = !lat.is_empty();
+        let l = |p: f64| if has { micros(lat.percentile(p)) } else { "-".into() };
+        let (rate, p99, rss) = figures(r);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0}% | {} | {} | {} |",
+            r.label.clone().unwrap_or_else(|| format!("run {}", i + 1)),
+            s.open_connections,
+            count(s.derived.received_per_sec),
+            l(50.0),
+            l(99.0),
+            l(99.9),
+            if has { micros(lat.max()) } else { "-".into() },
+            s.derived.errors,
+            opt(rss, bytes),
+            opt(s.derived.server_cpu_percent, |p| format!("{p:.0}%")),
+            s.derived.generator_cpu_percent,
+            ratio(rate, b_rate),
+            ratio(p99, b_p99),
+            ratio(rss, b_rss),
+        );
+    }
+    out
+}
+
+/// CI thresholds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Thresholds {
+    pub max_error_rate: Option<f64>,
+    pub max_p99: Option<Duration>,
+}
+
+/// Every step that crosses a threshold, as a sentence.
+pub fn check(r: &RunResult, t: &Thresholds) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in &r.steps {
+        let at = format!("at {} connections", s.target_connections);
+        if let Some(max) = t.max_error_rate
+            && s.derived.error_rate > max
+        {
+            out.push(format!(
+                "{at}: error rate {:.3}% ({} errors) exceeds --max-error-rate {:.3}%",
+                s.derived.error_rate * 100.0,
+                s.derived.errors,
+                max * 100.0
+            ));
+        }
+        if let Some(max) = t.max_p99 {
+            let p99 = s.hold.latency.percentile(99.0);
+            if p99 as u128 > max.as_micros() {
+                out.push(format!(
+                    "{at}: latency p99 {} exceeds --max-p99 {}",
+                    micros(p99),
+                    micros(max.as_micros() as u64)
+                ));
+            }
+            if s.hold.latency.is_empty() && s.hold.sent > 0 {
+                out.push(format!("{at}: {} messages sent and none echoed, so no p99 to check", s.hold.sent));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::result::tests::{run, step};
+
+    #[test]
+    fn formats() {
+        assert_eq!(micros(850), "850µs");
+        assert_eq!(micros(1_234), "1.23ms");
+        assert_eq!(micros(62_100), "62.1ms");
+        assert_eq!(micros(2_500_000), "2.50s");
+        assert_eq!(bytes(512.0), "512 B");
+        assert_eq!(bytes(6.5 * 1024.0), "6.5 KiB");
+        assert_eq!(bytes(-4375.0), "-4.3 KiB");
+        assert_eq!(count(19_000.0), "19.0k");
+        assert_eq!(count(999.5), "1000");
+        assert_eq!(count(12.25), "12.2");
+    }
+
+    #[test]
+    fn table_and_csv_have_a_row_per_step() {
+        let mut r = run(vec![step(100, 1000, &[100; 1000]), step(200, 2000, &[200; 2000])]);
+        r.steps[1].hold.errors.insert("echo_mismatch".into(), 3);
+        r.steps[1].derive();
+        let t = table(&r);
+        assert_eq!(t.lines().count(), 1 + 1 + 2 + 1, "{t}");
+        assert!(t.contains("errors at 200 connections: echo_mismatch 3"));
+        let c = csv(&r).unwrap();
+        let mut rd = csv::Reader::from_reader(c.as_bytes());
+        let rows: Vec<csv::StringRecord> = rd.records().map(Result::unwrap).collect();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(&rows[1][0], "200");
+        assert_eq!(&rows[1][30], "echo_mismatch=3");
+        assert_eq!(rd.headers().unwrap().len(), CSV_HEADERS.len());
+    }
+
+    #[test]
+    fn comparison_has_ratios_to_the_first_run() {
+        let a = run(vec![step(100, 1000, &[100; 1000])]);
+        let mut b = run(vec![step(100, 1000, &[300; 500])]);
+        b.label = Some("peer".into());
+        b.steps[0].server.as_mut().unwrap().rss_bytes = Some(2_500_000);
+        let md = comparison(&[a, b]);
+        let rows: Vec<&str> = md.lines().collect();
+        assert_eq!(rows.len(), 4, "{md}");
+        // a: 100 echoed/s, p99 100µs, (1 MB - 0.5 MB)/100 = 5 kB per connection.
+        assert!(rows[2].ends_with("| 1.00× | 1.00× | 1.00× |"), "{}", rows[2]);
+        // b: half the echoes, three times the p99, four times the memory.
+        assert!(
+            rows[3].starts_with("| peer |") && rows[3].ends_with("| 0.50× | 3.00× | 4.00× |"),
+            "{}",
+            rows[3]
+        );
+    }
+
+    #[test]
+    fn thresholds_name_the_step_and_the_reason() {
+        let mut r = run(vec![step(100, 1000, &[100; 1000]), step(200, 1000, &[90_000; 1000])]);
+        r.steps[0].hold.errors.insert("echo_timeout".into(), 50);
+        r.steps[0].derive();
+        let t = Thresholds { max_error_rate: Some(0.01), max_p99: Some(Duration::from_millis(50)) };
+        let f = check(&r, &t);
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert!(f[0].starts_with("at 100 connections: error rate"));
+        assert!(f[1].contains("at 200 connections: latency p99 90.0ms exceeds --max-p99 50.0ms"));
+        assert!(check(&r, &Thresholds::default()).is_empty());
+    }
+}

@@ -1,0 +1,310 @@
+//! The result of a run: what the JSON file holds, and how results merge.
+//!
+//! Raw figures (counters, whole histograms, resource readings) are stored,
+//! and the derived ones (rates, per-connection memory, percentiles) are
+//! recomputed from them whenever results are built or merged, so a merged
+//! file is exactly what one bigger run would have written.
+
+use serde::{Deserialize, Serialize};
+
+use crate::scenario::Settings;
+use crate::stats::Tally;
+use crate::target::Protocol;
+use crate::usage::ServerSample;
+
+pub const SCHEMA: &str = "echo-loadgen/1";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunResult {
+    /// Always "echo-loadgen/1" for this layout.
+    pub schema: String,
+    pub tool_version: String,
+    pub label: Option<String>,
+    pub url: String,
+    pub protocol: Protocol,
+    /// Unix time the run started.
+    pub started_unix: u64,
+    pub machine: Machine,
+    pub settings: Settings,
+    /// Server readings before the first connection was opened.
+    pub server_baseline: Option<ServerSample>,
+    pub steps: Vec<StepResult>,
+    /// Threshold violations; empty when the run passed.
+    pub failures: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Machine {
+    pub hostname: String,
+    pub cpus: usize,
+    /// Worker processes that generated the load (summed over merged runs).
+    pub workers: usize,
+    /// Runs merged into this one (1 for a plain run).
+    pub runs: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepResult {
+    /// Connections asked for at this step.
+    pub target_connections: u64,
+    /// Connections open when the hold ended.
+    pub open_connections: u64,
+    pub ramp_secs: f64,
+    pub hold_secs: f64,
+    /// Counted while ramping up to this step: connection attempts, connect
+    /// times, connect errors (and messages of the already open connections).
+    pub ramp: Tally,
+    /// Counted during the hold: messages, latency, errors.
+    pub hold: Tally,
+    /// Server readings at the end of the hold; `cpu_seconds` is the CPU used
+    /// during the hold. `None` without --server-pid/--server-metrics.
+    pub server: Option<ServerSample>,
+    /// CPU seconds all generator processes used during the hold.
+    pub generator_cpu_seconds: f64,
+    /// Resident memory of all worker processes at the end of the hold.
+    pub generator_rss_bytes: u64,
+    /// Figures derived from the above (recomputed on merge).
+    pub derived: Derived,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Derived {
+    pub sent_per_sec: f64,
+    pub received_per_sec: f64,
+    /// Errors of the ramp and hold together.
+    pub errors: u64,
+    /// errors / (connection attempts + messages sent).
+    pub error_rate: f64,
+    pub server_rss_per_connection: Option<f64>,
+    /// Growth of server RSS since the previous step (or the baseline before
+    /// the first) divided by the connections added: the marginal cost of a
+    /// connection, without the server's fixed memory.
+    pub server_rss_per_added_connection: Option<f64>,
+    /// Percent of one core.
+    pub server_cpu_percent: Option<f64>,
+    /// Server CPU microseconds per message echoed (MQTT: per delivery).
+    pub server_cpu_us_per_message: Option<f64>,
+    /// Percent of one core, summed over worker processes.
+    pub generator_cpu_percent: f64,
+    pub generator_rss_per_connection: Option<f64>,
+}
+
+impl StepResult {
+    pub fn derive(&mut self) {
+        let hold = self.hold_secs.max(1e-9);
+        let errors = self.ramp.error_count() + self.hold.error_count();
+        let attempts = self.ramp.attempted + self.hold.attempted + self.hold.sent;
+        let open = self.open_connections as f64;
+        let per_conn = |bytes: u64| (self.open_connections > 0).then(|| bytes as f64 / open);
+        let server = self.server.as_ref();
+        self.derived = Derived {
+            sent_per_sec: self.hold.sent as f64 / hold,
+            received_per_sec: self.hold.received as f64 / hold,
+            errors,
+            error_rate: if attempts == 0 { 0.0 } else { errors as f64 / attempts as f64 },
+            server_rss_per_connection: server.and_then(|s| s.rss_bytes).and_then(per_conn),
+            server_rss_per_added_connection: self.derived.server_rss_per_added_connection,
+            server_cpu_percent: server.and_then(|s| s.cpu_seconds).map(|c| c / hold * 100.0),
+            server_cpu_us_per_message: server
+                .and_then(|s| s.cpu_seconds)
+                .filter(|_| self.hold.received > 0)
+                .map(|c| c * 1e6 / self.hold.received as f64),
+            generator_cpu_percent: self.generator_cpu_seconds / hold * 100.0,
+            generator_rss_per_connection: per_conn(self.generator_rss_bytes),
+        };
+    }
+
+    /// Adds the same step of another run (another set of workers or another
+    /// machine loading the same server at the same time).
+    pub fn merge(&mut self, other: &StepResult) {
+        self.target_connections += other.target_connections;
+        self.open_connections += other.open_connections;
+        self.ramp_secs = self.ramp_secs.max(other.ramp_secs);
+        // Rates are per second of hold: parallel runs hold for the same time.
+        self.hold_secs = self.hold_secs.max(other.hold_secs);
+        self.ramp.merge(&other.ramp);
+        self.hold.merge(&other.hold);
+        // One server, seen by several generators: any reading describes it.
+        if self.server.is_none() {
+            self.server = other.server.clone();
+        }
+        self.generator_cpu_seconds += other.generator_cpu_seconds;
+        self.generator_rss_bytes += other.generator_rss_bytes;
+        self.derive();
+    }
+}
+
+impl RunResult {
+    /// Recomputes every derived figure, including those across steps.
+    pub fn derive(&mut self) {
+        let mut prev = (0u64, self.server_baseline.as_ref().and_then(|b| b.rss_bytes));
+        for s in &mut self.steps {
+            s.derive();
+            let rss = s.server.as_ref().and_then(|x| x.rss_bytes);
+            s.derived.server_rss_per_added_connection = match (prev.1, rss) {
+                (Some(before), Some(after)) if s.open_connections > prev.0 => {
+                    Some((after as f64 - before as f64) / (s.open_connections - prev.0) as f64)
+                }
+                _ => None,
+            };
+            prev = (s.open_connections, rss);
+        }
+    }
+
+    /// Merges runs that loaded the same server at the same time (from
+    /// several machines): step `i` of every run is added up.
+    pub fn merge(runs: Vec<RunResult>) -> Result<RunResult, String> {
+        let mut iter = runs.into_iter();
+        let mut out = iter.next().ok_or("nothing to merge")?;
+        for (n, other) in iter.enumerate() {
+            if other.schema != SCHEMA {
+                return Err(format!("file {} has schema {:?}, expected {SCHEMA:?}", n + 2, other.schema));
+            }
+            if other.steps.len() != out.steps.len() {
+                return Err(format!(
+                    "file {} has {} steps, the first has {}: only runs of the same scenario merge",
+                    n + 2,
+                    other.steps.len(),
+                    out.steps.len()
+                ));
+            }
+            for (a, b) in out.steps.iter_mut().zip(&other.steps) {
+                a.merge(b);
+            }
+            out.machine.workers += other.machine.workers;
+            out.machine.runs += other.machine.runs;
+            if out.machine.hostname != other.machine.hostname {
+                out.machine.hostname = format!("{}+{}", out.machine.hostname, other.machine.hostname);
+            }
+            out.failures.extend(other.failures);
+            out.started_unix = out.started_unix.min(other.started_unix);
+            if out.server_baseline.is_none() {
+                out.server_baseline = other.server_baseline;
+            }
+        }
+        out.derive();
+        out.settings.steps = out.steps.iter().map(|s| s.target_connections).collect();
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+    use crate::scenario::{MqttVersion, Pattern};
+    use crate::schedule::Rate;
+
+    pub fn step(target: u64, sent: u64, latencies: &[u64]) -> StepResult {
+        let mut hold = Tally { sent, received: latencies.len() as u64, ..Default::default() };
+        for &l in latencies {
+            hold.latency.record(l);
+        }
+        let mut s = StepResult {
+            target_connections: target,
+            open_connections: target,
+            ramp_secs: 1.0,
+            hold_secs: 10.0,
+            ramp: Tally { attempted: target, connected: target, ..Default::default() },
+            hold,
+            server: Some(ServerSample {
+                rss_bytes: Some(target * 10_000),
+                cpu_seconds: Some(2.0),
+                open_fds: None,
+                connections: Some(target),
+            }),
+            generator_cpu_seconds: 1.0,
+            generator_rss_bytes: target * 5_000,
+            derived: Derived::default(),
+        };
+        s.derive();
+        s
+    }
+
+    pub fn run(steps: Vec<StepResult>) -> RunResult {
+        RunResult {
+            schema: SCHEMA.into(),
+            tool_version: "test".into(),
+            label: Some("test".into()),
+            url: "ws://127.0.0.1:1/".into(),
+            protocol: Protocol::WebSocket,
+            started_unix: 0,
+            machine: Machine { hostname: "h".into(), cpus: 2, workers: 1, runs: 1 },
+            settings: Settings {
+                url: "ws://127.0.0.1:1/".into(),
+                steps: steps.iter().map(|s| s.target_connections).collect(),
+                hold_secs: 10.0,
+                connect_rate: 100.0,
+                rate: Rate::PerSecond(1.0),
+                in_flight: 1,
+                size: 64,
+                timeout_secs: 10.0,
+                connect_timeout_secs: 10.0,
+                qos: 0,
+                mqtt_version: MqttVersion::V311,
+                pattern: Pattern::Echo,
+                fanout: 10,
+                topic_prefix: "t".into(),
+                sources: vec![],
+                label: None,
+            },
+            server_baseline: Some(ServerSample { rss_bytes: Some(500_000), ..Default::default() }),
+            steps,
+            failures: vec![],
+        }
+    }
+
+    #[test]
+    fn derived_figures() {
+        let mut s = step(1000, 10_000, &[100; 9_990]);
+        s.ramp.errors.insert("connect_refused".into(), 10);
+        s.derive();
+        let d = &s.derived;
+        assert_eq!(d.sent_per_sec, 1000.0);
+        assert_eq!(d.received_per_sec, 999.0);
+        assert_eq!(d.errors, 10);
+        assert!((d.error_rate - 10.0 / 11_000.0).abs() < 1e-12);
+        assert_eq!(d.server_rss_per_connection, Some(10_000.0));
+        assert_eq!(d.server_cpu_percent, Some(20.0));
+        assert!((d.server_cpu_us_per_message.unwrap() - 2e6 / 9_990.0).abs() < 1e-6);
+        assert_eq!(d.generator_cpu_percent, 10.0);
+        assert_eq!(d.generator_rss_per_connection, Some(5_000.0));
+    }
+
+    #[test]
+    fn marginal_memory_per_connection_excludes_the_fixed_part() {
+        let mut r = run(vec![step(100, 0, &[]), step(300, 0, &[])]);
+        r.derive();
+        // Baseline 500 kB; 100 connections → 1 MB; 300 → 3 MB.
+        assert_eq!(r.steps[0].derived.server_rss_per_added_connection, Some(5_000.0));
+        assert_eq!(r.steps[1].derived.server_rss_per_added_connection, Some(10_000.0));
+    }
+
+    #[test]
+    fn runs_merge_step_by_step_exactly() {
+        let a = run(vec![step(100, 1000, &[100; 1000]), step(200, 2000, &[200; 2000])]);
+        let b = run(vec![step(100, 1000, &[10_000; 10]), step(200, 2000, &[300; 2000])]);
+        let m = RunResult::merge(vec![a, b.clone()]).unwrap();
+        assert_eq!(m.settings.steps, vec![200, 400]);
+        assert_eq!(m.machine.runs, 2);
+        let s0 = &m.steps[0];
+        assert_eq!(s0.open_connections, 200);
+        assert_eq!(s0.hold.latency.count(), 1010);
+        assert_eq!(s0.hold.latency.percentile(99.0), 100);
+        assert!(s0.hold.latency.max() >= 10_000);
+        assert_eq!(s0.derived.sent_per_sec, 200.0);
+        // Server readings are not doubled: both runs watched one server.
+        assert_eq!(s0.server.as_ref().unwrap().rss_bytes, Some(1_000_000));
+        assert_eq!(s0.derived.server_rss_per_connection, Some(5_000.0));
+        assert_eq!(s0.generator_cpu_seconds, 2.0);
+        let c = run(vec![step(1, 1, &[1])]);
+        assert!(RunResult::merge(vec![b, c]).unwrap_err().contains("steps"));
+    }
+
+    #[test]
+    fn json_round_trip_keeps_histograms() {
+        let r = run(vec![step(10, 100, &[5, 50, 500])]);
+        let json = serde_json::to_string_pretty(&r).unwrap();
+        let back: RunResult = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, r);
+    }
+}

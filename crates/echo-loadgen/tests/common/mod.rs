@@ -1,0 +1,241 @@
+//! Test harness: the real `echo-loadgen` binary, the real `echo-server` of
+//! this workspace, and a way to read the generator's JSON result.
+#![allow(dead_code)] // each test file uses a different part
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const LOADGEN: &str = env!("CARGO_BIN_EXE_echo-loadgen");
+
+/// The `echo-server` binary of this workspace, built with the same profile
+/// into the same target directory as this test.
+///
+/// Cargo only gives `CARGO_BIN_EXE_*` for binaries of the crate under test,
+/// and a binary cannot be a dev-dependency. So the test asks Cargo itself:
+/// `cargo build -p echo-server` with the profile and target directory this
+/// test binary came from. When the whole workspace is tested the server is
+/// already built and this is a no-op taking a fraction of a second; Cargo
+/// releases its build lock before running tests, so this cannot deadlock.
+/// `LOADGEN_ECHO_SERVER_BIN` overrides it (e.g. to test another build).
+pub fn echo_server_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(path) = std::env::var("LOADGEN_ECHO_SERVER_BIN") {
+            return PathBuf::from(path);
+        }
+        let exe_dir = Path::new(LOADGEN).parent().expect("binary has a directory");
+        let target_dir = exe_dir.parent().expect("profile directory has a parent");
+        let profile = exe_dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo
+            .args(["build", "--quiet", "-p", "echo-server", "--bin", "echo-server"])
+            .env("CARGO_TARGET_DIR", target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        match profile {
+            "debug" => {}
+            "release" => {
+                cargo.arg("--release");
+            }
+            other => {
+                cargo.args(["--profile", other]);
+            }
+        }
+        let status = cargo.status().expect("cargo runs");
+        assert!(status.success(), "cargo build -p echo-server failed");
+        let bin = exe_dir.join("echo-server");
+        assert!(bin.exists(), "{} missing after cargo build", bin.display());
+        bin
+    })
+}
+
+/// A running echo-server on loopback port 0; SIGTERM, then kill, on drop.
+pub struct EchoServer {
+    child: Child,
+    pub ws: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub mqtt: Option<SocketAddr>,
+}
+
+/// Whether this workspace's echo-server has an MQTT listener yet.
+pub fn echo_server_has_mqtt() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        Command::new(echo_server_bin())
+            .arg("--help")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--mqtt-listen"))
+    })
+}
+
+impl EchoServer {
+    pub fn start() -> EchoServer {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> EchoServer {
+        let mut command = Command::new(echo_server_bin());
+        command
+            .args(["--ws-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(extra);
+        // An MQTT-capable server listens on 0.0.0.0:1883 by default: never in tests.
+        if echo_server_has_mqtt() && !extra.contains(&"--mqtt-listen") {
+            command.arg("--no-mqtt");
+        }
+        // The server reads ECHO_<SECTION>_<KEY> variables as configuration;
+        // CI's ECHO_TEST_REQUIRE_TOOLS must not reach it.
+        for (key, _) in std::env::vars() {
+            if key.starts_with("ECHO_") || key == "RUST_LOG" {
+                command.env_remove(key);
+            }
+        }
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("echo-server starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let (mut ws, mut admin, mut mqtt) = (None, None, None);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut seen = Vec::new();
+        loop {
+            let line =
+                rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap_or_else(|e| {
+                    panic!(
+                        "echo-server did not become ready ({e}): {command:?}; its log:\n{}",
+                        seen.join("\n")
+                    )
+                });
+            seen.push(line.clone());
+            let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
+            let field =
+                |k: &str| v.get(k).or_else(|| v.get("fields").and_then(|f| f.get(k))).and_then(Value::as_str);
+            match (field("message"), field("protocol"), field("addr")) {
+                (Some("listening"), Some("websocket"), Some(a)) => ws = a.parse().ok(),
+                (Some("listening"), Some("admin"), Some(a)) => admin = a.parse().ok(),
+                (Some("listening"), Some("mqtt"), Some(a)) => mqtt = mqtt.or(a.parse().ok()),
+                (Some("ready"), _, _) => break,
+                _ => {}
+            }
+        }
+        // Keep draining the log so the server never blocks on a full pipe.
+        std::thread::spawn(move || while rx.recv().is_ok() {});
+        EchoServer { child, ws: ws.expect("websocket address logged"), admin, mqtt }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/", self.ws)
+    }
+
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}/metrics", self.admin.expect("admin listener"))
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Result of one `echo-loadgen` invocation.
+pub struct Run {
+    pub output: Output,
+    pub json: Option<Value>,
+}
+
+impl Run {
+    pub fn code(&self) -> i32 {
+        self.output.status.code().unwrap_or(-1)
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+
+    pub fn json(&self) -> &Value {
+        self.json.as_ref().unwrap_or_else(|| panic!("no JSON result; stderr:\n{}", self.stderr()))
+    }
+
+    pub fn step(&self, i: usize) -> &Value {
+        &self.json()["steps"][i]
+    }
+}
+
+/// A fresh scratch directory.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("elg-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs `echo-loadgen run ARGS --json <tmp> --quiet` and reads the result.
+pub fn loadgen(name: &str, args: &[&str]) -> Run {
+    let dir = scratch(name);
+    let json = dir.join("result.json");
+    let mut cmd = Command::new(LOADGEN);
+    cmd.arg("run").args(args).arg("--json").arg(&json).arg("--quiet").stdin(Stdio::null());
+    let output = run_bounded(cmd, Duration::from_secs(120));
+    let json = std::fs::read_to_string(&json).ok().map(|t| serde_json::from_str(&t).expect("valid JSON"));
+    Run { output, json }
+}
+
+/// Runs a command with a time limit (a hung generator fails the test).
+pub fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("wait"),
+        Err(_) => {
+            // SAFETY: killing our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("echo-loadgen did not finish within {limit:?}");
+        }
+    }
+}
+
+pub fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not an integer: {v}"))
+}
+
+/// Sum of the errors of one kind over ramp and hold of a step.
+pub fn errors(step: &Value, kind: &str) -> u64 {
+    ["ramp", "hold"].iter().map(|p| step[p]["errors"][kind].as_u64().unwrap_or(0)).sum()
+}
+
+/// Whether outside tools are mandatory (CI) rather than optional.
+pub fn tools_required() -> bool {
+    std::env::var("ECHO_TEST_REQUIRE_TOOLS").is_ok_and(|v| v == "1")
+}

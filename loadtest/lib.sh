@@ -1,0 +1,104 @@
+# Shared by run.sh and smoke.sh: starting and stopping the servers under
+# test on loopback, each on a port of its own.
+# shellcheck shell=bash
+
+LOADTEST=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$LOADTEST/.." && pwd)
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+wait_port() { # host port [seconds]
+  local deadline=$((SECONDS + ${3:-20}))
+  until (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; do
+    [ $SECONDS -lt $deadline ] || { echo "nothing listens on $1:$2" >&2; return 1; }
+    sleep 0.1
+  done
+}
+
+# Sets SERVER_PID, SERVER_URL (and SERVER_METRICS for echo-server).
+# $1: echo-server | node-ws | python-websockets | mosquitto; $2: ws | mqtt
+start_server() {
+  local name=$1 proto=$2 port logf
+  SERVER_METRICS=""
+  logf=$(mktemp)
+  case $name in
+    echo-server)
+      local args=(--ws-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --log-format json)
+      if [ "$proto" = mqtt ]; then args+=(--mqtt-listen 127.0.0.1:0); elif echo_server_has_mqtt; then args+=(--no-mqtt); fi
+      # The server reads ECHO_<SECTION>_<KEY> variables as configuration:
+      # keep CI's ECHO_TEST_REQUIRE_TOOLS and the like away from it.
+      local unset=()
+      while IFS= read -r var; do unset+=(-u "$var"); done < <(compgen -e | grep '^ECHO_' || true)
+      $PIN_SERVER env "${unset[@]}" "$ECHO_SERVER" "${args[@]}" 2>"$logf" &
+      SERVER_PID=$!
+      for _ in $(seq 200); do grep -q '"ready"' "$logf" && break; sleep 0.05; done
+      grep -q '"ready"' "$logf" || { cat "$logf" >&2; return 1; }
+      local want=websocket; [ "$proto" = mqtt ] && want=mqtt
+      local addr admin
+      addr=$(grep '"listening"' "$logf" | grep "\"protocol\":\"$want\"" | grep -o '"addr":"[^"]*"' | head -1 | cut -d'"' -f4)
+      admin=$(grep '"listening"' "$logf" | grep '"protocol":"admin"' | grep -o '"addr":"[^"]*"' | head -1 | cut -d'"' -f4)
+      if [ "$proto" = ws ]; then SERVER_URL="ws://$addr/"; else SERVER_URL="mqtt://$addr"; fi
+      SERVER_METRICS="http://$admin/metrics"
+      ;;
+    node-ws)
+      port=$(free_port)
+      HOST=127.0.0.1 PORT=$port $PIN_SERVER node "$LOADTEST/peers/node/echo.js" 2>"$logf" &
+      SERVER_PID=$!
+      wait_port 127.0.0.1 "$port"
+      SERVER_URL="ws://127.0.0.1:$port/"
+      ;;
+    python-websockets)
+      port=$(free_port)
+      $PIN_SERVER "$LOADTEST/peers/python/.venv/bin/python" "$LOADTEST/peers/python/echo.py" 127.0.0.1 "$port" 2>"$logf" &
+      SERVER_PID=$!
+      wait_port 127.0.0.1 "$port"
+      SERVER_URL="ws://127.0.0.1:$port/"
+      ;;
+    mosquitto)
+      port=$(free_port)
+      local conf; conf=$(mktemp --suffix=.conf)
+      sed "s/@PORT@/$port/" "$LOADTEST/peers/mosquitto.conf.in" >"$conf"
+      $PIN_SERVER "$(command -v mosquitto || echo /usr/sbin/mosquitto)" -c "$conf" 2>"$logf" &
+      SERVER_PID=$!
+      wait_port 127.0.0.1 "$port"
+      SERVER_URL="mqtt://127.0.0.1:$port"
+      ;;
+    *) echo "unknown server $name" >&2; return 1 ;;
+  esac
+}
+
+stop_server() {
+  [ -n "${SERVER_PID:-}" ] || return 0
+  kill -TERM "$SERVER_PID" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$SERVER_PID" 2>/dev/null || true
+  wait "$SERVER_PID" 2>/dev/null || true
+  SERVER_PID=""
+}
+
+# Whether this echo-server build speaks MQTT yet.
+echo_server_has_mqtt() {
+  "$ECHO_SERVER" --help 2>/dev/null | grep -q -- '--mqtt-listen'
+}
+
+# Installs the peers from the package registries (idempotent).
+setup_peers() {
+  if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
+    log "installing mosquitto (Debian)"
+    local sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get install -y -q mosquitto >/dev/null 2>&1 || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q mosquitto >/dev/null; }
+  fi
+  if [ ! -d "$LOADTEST/peers/node/node_modules/ws" ]; then
+    log "installing ws (npm)"
+    (cd "$LOADTEST/peers/node" && npm install --no-audit --no-fund --silent >/dev/null)
+  fi
+  if [ ! -x "$LOADTEST/peers/python/.venv/bin/python" ]; then
+    log "installing websockets (PyPI) into loadtest/peers/python/.venv"
+    python3 -m venv "$LOADTEST/peers/python/.venv"
+    "$LOADTEST/peers/python/.venv/bin/pip" install -q --disable-pip-version-check -r "$LOADTEST/peers/python/requirements.txt"
+  fi
+}

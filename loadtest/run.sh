@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# The benchmark suite: builds release binaries, installs the peers, and runs
+# the standard scenarios against echo-server and the peers with the same
+# generator settings, writing results, charts and comparison tables under
+# loadtest/results/<date>/.
+#
+#   loadtest/run.sh                 # everything (~15 minutes)
+#   loadtest/run.sh --only ws       # only WebSocket scenarios
+#   LOADTEST_HOLD=5s loadtest/run.sh  # shorter holds, for a quick look
+#
+# Options:
+#   --only ws|mqtt        run only one protocol's scenarios
+#   --servers "a b"       only these servers (echo-server node-ws python-websockets mosquitto)
+#   --out DIR             where results go (default loadtest/results/<date>)
+#   --no-pin              do not pin server and generator to separate CPUs
+#
+# The generator and the server share this machine. With 2 or more CPUs the
+# server runs on CPU 1 and the generator on CPU 0 (taskset), so neither
+# steals the other's core; the report's "gen CPU" column shows whether the
+# generator was the bottleneck.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+ONLY=""; SERVERS=""; OUT=""; PIN=1
+while [ $# -gt 0 ]; do
+  case $1 in
+    --only) ONLY=$2; shift 2 ;;
+    --servers) SERVERS=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    --no-pin) PIN=0; shift ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+OUT=${OUT:-$LOADTEST/results/$(date -u +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+
+log "building release binaries"
+(cd "$ROOT" && cargo build --release --locked -p echo-server -p echo-loadgen)
+ECHO_SERVER=$ROOT/target/release/echo-server
+LOADGEN=$ROOT/target/release/echo-loadgen
+setup_peers
+
+PIN_SERVER=""; PIN_GEN=""; THREADS=()
+if [ $PIN = 1 ] && command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+  PIN_SERVER="taskset -c 1"; PIN_GEN="taskset -c 0"; THREADS=(--threads 1)
+fi
+HOLD=(); [ -n "${LOADTEST_HOLD:-}" ] && HOLD=(--hold "$LOADTEST_HOLD")
+# Several source addresses: with one, the kernel's search for a free
+# ephemeral port slows connect() down once tens of thousands of ports are in
+# use or in TIME_WAIT, and that would show up as the server's connect time.
+SOURCES=127.0.0.2-127.0.0.9
+
+want_server() { [ -z "$SERVERS" ] || [[ " $SERVERS " == *" $1 "* ]]; }
+
+trap 'stop_server' EXIT
+FAILED=()
+run_scenario() { # scenario proto servers...
+  local scenario=$1 proto=$2; shift 2
+  local dir=$OUT/$scenario files=()
+  mkdir -p "$dir"
+  for server in "$@"; do
+    want_server "$server" || continue
+    log "$scenario against $server"
+    start_server "$server" "$proto"
+    local rc=0
+    $PIN_GEN "$LOADGEN" run --scenario "$LOADTEST/scenarios/$scenario.toml" "$SERVER_URL" \
+      --label "$server" --server-pid "$SERVER_PID" --source "$SOURCES" "${THREADS[@]}" "${HOLD[@]}" \
+      --json "$dir/$server.json" --csv "$dir/$server.csv" --chart "$dir/$server.svg" \
+      >"$dir/$server.txt" || rc=$?
+    stop_server
+    cat "$dir/$server.txt"
+    if [ $rc -ne 0 ]; then FAILED+=("$scenario/$server (exit $rc)"); fi
+    [ -f "$dir/$server.json" ] && files+=("$dir/$server.json")
+  done
+  if [ ${#files[@]} -gt 0 ]; then
+    "$LOADGEN" compare "${files[@]}" --chart "$dir/compare.svg" --markdown "$dir/compare.md" >/dev/null
+  fi
+}
+
+if [ "$ONLY" != mqtt ]; then
+  for s in ws-idle-scaling ws-latency-10k ws-throughput; do
+    run_scenario "$s" ws echo-server node-ws python-websockets
+  done
+fi
+if [ "$ONLY" != ws ]; then
+  MQTT_SERVERS=(mosquitto)
+  if echo_server_has_mqtt; then MQTT_SERVERS=(echo-server mosquitto); else log "this echo-server has no MQTT listener yet: MQTT scenarios run against mosquitto only"; fi
+  for s in mqtt-idle-scaling mqtt-latency-10k mqtt-throughput; do
+    run_scenario "$s" mqtt "${MQTT_SERVERS[@]}"
+  done
+fi
+
+# The summary: machine, versions, and every comparison table.
+{
+  echo "# Load test results $(basename "$OUT")"
+  echo
+  echo "Machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB, Linux $(uname -r)."
+  if [ -n "$PIN_SERVER" ]; then echo "Server pinned to CPU 1, generator to CPU 0 (one runtime thread)."; fi
+  echo
+  echo "Versions: echo-server $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'), node $(node --version), ws $(node -p "require('$LOADTEST/peers/node/node_modules/ws/package.json').version"), python $("$LOADTEST/peers/python/.venv/bin/python" -c 'import sys, websockets; print(sys.version.split()[0], "websockets", websockets.__version__)'), $("$(command -v mosquitto || echo /usr/sbin/mosquitto)" -h 2>/dev/null | head -1)."
+  [ -n "${LOADTEST_HOLD:-}" ] && echo && echo "Holds shortened to $LOADTEST_HOLD (LOADTEST_HOLD)."
+  for md in "$OUT"/*/compare.md; do
+    [ -f "$md" ] || continue
+    echo; echo "## $(basename "$(dirname "$md")")"; echo
+    echo "Last step of each run; ratios are to the first row. Chart: [compare.svg]($(basename "$(dirname "$md")")/compare.svg)."
+    echo; cat "$md"
+  done
+  if [ ${#FAILED[@]} -gt 0 ]; then echo; echo "Runs that did not finish cleanly: ${FAILED[*]}"; fi
+} >"$OUT/README.md"
+log "results in $OUT (summary: $OUT/README.md)"
+[ ${#FAILED[@]} -eq 0 ]
