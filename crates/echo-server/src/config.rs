@@ -678,6 +678,42 @@ mod tests {
     }
 
     #[test]
+    fn mqtt_settings_are_checked_naming_the_key() {
+        for (toml, key) in [
+            ("[mqtt]\nsegment_size = 100\n", "mqtt.segment_size"),
+            ("[mqtt]\nsegment_count = 0\n", "mqtt.segment_count"),
+            ("[mqtt]\nmax_payload_size = 10\n", "mqtt.max_payload_size"),
+            ("[mqtt]\nconnect_concurrency = 0\n", "mqtt.connect_concurrency"),
+            ("[mqtt]\nconnect_timeout = \"0s\"\n", "mqtt.connect_timeout"),
+            ("[mqtt]\nmax_outgoing_packet_count = 0\n", "mqtt.max_outgoing_packet_count"),
+            ("[mqtt]\nusername = \"alice\"\n", "mqtt.password"),
+            ("[mqtt]\ntls_key = \"/nonexistent/key.pem\"\n", "mqtt.tls_cert"),
+            (
+                "[mqtt]\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\"\n",
+                "mqtt.tls_cert",
+            ),
+            ("[mqtt]\nlisten = \"0.0.0.0:8080\"\n", "mqtt.listen"),
+            ("[mqtt]\nmax_conections = 1\n", "mqtt.max_conections"),
+        ] {
+            let err = load_str(toml).unwrap_err().to_string();
+            assert!(err.starts_with(key), "{toml:?}: {err}");
+        }
+        let config = load_str("[mqtt]\nlisten = []\nusername = \"a\"\npassword = \"b\"\n").unwrap();
+        assert!(config.mqtt.listen.is_empty());
+    }
+
+    #[test]
+    fn mqtt_flags_override_the_file() {
+        let overrides =
+            Overrides { mqtt_listen: vec!["127.0.0.1:1999".parse().unwrap()], ..Overrides::default() };
+        let config = Config::load(None, Vec::new(), &overrides).unwrap();
+        assert_eq!(config.mqtt.listen, vec!["127.0.0.1:1999".parse().unwrap()]);
+        let config =
+            Config::load(None, Vec::new(), &Overrides { no_mqtt: true, ..Overrides::default() }).unwrap();
+        assert!(config.mqtt.listen.is_empty());
+    }
+
+    #[test]
     fn bad_log_filter_is_named() {
         let err = load_str("[log]\nlevel = \"info,=[\"\n").unwrap_err().to_string();
         assert!(err.starts_with("log.level:"), "{err}");
