@@ -363,7 +363,7 @@ impl Metrics {
         );
         m.register(
             "link_build_seconds",
-            "Time LinkBuilder::build() waited for the router, per connect (on the mqtt-connect thread)",
+            "Time LinkBuilder::build() waited for the router, per connect (on the mqtt-connect-N threads)",
             mqtt.link_build_seconds.clone(),
         );
         registry.register(
