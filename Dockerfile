@@ -26,7 +26,7 @@ RUN cargo build --release --locked --bins \
 
 # Runtime stage: the binaries, the documented default configuration, no shell tools needed.
 FROM debian:bookworm-slim
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin echo
+RUN useradd --uid 10001 --user-group --no-create-home --no-log-init --shell /usr/sbin/nologin echo
 COPY --from=build /src/target/release/echo-server /src/target/release/echo-loadgen /usr/local/bin/
 COPY config/server.toml /etc/echo-server/server.toml
 # The server reads this file at start; mount your own over it to configure

@@ -37,7 +37,7 @@ mkdir -p "$OUT"
 
 log "building release binaries"
 (cd "$ROOT" && cargo build --release --locked -p echo-server -p echo-loadgen)
-ECHO_SERVER=$ROOT/target/release/echo-server
+ECHO_SERVER=${LOADTEST_ECHO_SERVER:-$ROOT/target/release/echo-server}
 LOADGEN=$ROOT/target/release/echo-loadgen
 setup_peers
 

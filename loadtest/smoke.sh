@@ -14,7 +14,7 @@ PROFILE=${PROFILE:-debug}
 log "building ($PROFILE)"
 if [ "$PROFILE" = release ]; then FLAG=(--release); else FLAG=(); fi
 (cd "$ROOT" && cargo build --locked "${FLAG[@]}" -p echo-server -p echo-loadgen)
-ECHO_SERVER=$ROOT/target/$PROFILE/echo-server
+ECHO_SERVER=${LOADTEST_ECHO_SERVER:-$ROOT/target/$PROFILE/echo-server}
 LOADGEN=$ROOT/target/$PROFILE/echo-loadgen
 PIN_SERVER=""
 OUT=$(mktemp -d)

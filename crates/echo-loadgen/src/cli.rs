@@ -27,7 +27,8 @@ pub enum Cmd {
     /// and are overridden by the flags given here.
     ///
     /// Exit status: 0 done, 1 the run failed, 2 bad settings or no usable
-    /// server at the URL (nothing was measured), 3 a threshold was crossed.
+    /// server at the URL (nothing was measured), 3 a threshold was crossed,
+    /// 130 interrupted (Ctrl-C; the completed steps are reported).
     Run {
         /// Scenario file (see loadtest/scenarios/).
         #[arg(long, value_name = "FILE")]

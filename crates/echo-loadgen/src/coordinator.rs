@@ -4,6 +4,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command as Process, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -13,11 +14,45 @@ use crate::histogram::Hist;
 use crate::ipc::{Command, Event};
 use crate::live::{Live, Snapshot};
 use crate::result::{Derived, Machine, RunResult, SCHEMA, StepResult};
-use crate::scenario::Settings;
+use crate::scenario::{Pattern, Settings};
 use crate::schedule::split;
 use crate::stats::Tally;
 use crate::target::Target;
 use crate::usage::{self, ServerProbe, ServerSample};
+
+/// Set by Ctrl-C (SIGINT) or SIGTERM: finish with the steps completed so far.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    if INTERRUPTED.swap(true, Ordering::SeqCst) {
+        // A second Ctrl-C: the user wants out now.
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(130) };
+    }
+}
+
+/// Makes Ctrl-C end the run early but cleanly: workers ignore SIGINT and
+/// are stopped by this process, and the completed steps are reported.
+pub fn catch_interrupts() {
+    let handler = on_signal as extern "C" fn(libc::c_int);
+    // SAFETY: the handler only touches an atomic (and _exit).
+    unsafe {
+        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
+    }
+}
+
+/// The run was interrupted; the steps completed so far are valid.
+#[derive(Debug)]
+struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
 
 pub struct Plan {
     pub settings: Settings,
@@ -135,6 +170,9 @@ impl Fleet {
         let n = self.workers.len();
         let mut got: Vec<Option<T>> = (0..n).map(|_| None).collect();
         loop {
+            if INTERRUPTED.load(Ordering::Relaxed) {
+                return Err(Interrupted.into());
+            }
             if until.is_none() && got.iter().all(Option::is_some) {
                 return Ok(got.into_iter().map(|g| g.expect("all answered")).collect());
             }
@@ -252,79 +290,27 @@ pub fn run(plan: Plan) -> anyhow::Result<RunResult> {
     let n = plan.workers;
     let mut steps = Vec::new();
     let total = s.steps.len();
+    let mut interrupted = None;
     for (i, &target) in s.steps.iter().enumerate() {
-        fleet.live.phase(format!("step {}/{total}: connecting to {target}", i + 1));
-        let ramp_start = Instant::now();
-        let shares = split(target, n);
-        for (w, share) in shares.iter().enumerate() {
-            send(
-                &mut fleet.workers[w],
-                &Command::Ramp { connections: *share, connect_rate: s.connect_rate / n as f64 },
-            )?;
-        }
-        let ramps = fleet.collect(None, |_, ev| match ev {
-            Event::Ramped { tally } => Some(tally),
-            _ => None,
-        })?;
-        let ramp_secs = ramp_start.elapsed().as_secs_f64();
-        let mut ramp = Tally::default();
-        ramps.iter().for_each(|t| ramp.merge(t));
-
-        fleet.live.phase(format!("step {}/{total}: holding {target} for {}s", i + 1, s.hold_secs));
-        let server_before = sample(&plan.server, &mut warned, &fleet.live);
-        let parent_cpu = usage::own_cpu_seconds();
-        fleet.broadcast(&Command::Hold)?;
-        let hold_start = Instant::now();
-        fleet.collect(Some(hold_start + s.hold()), |_, _| Some(()))?;
-        fleet.broadcast(&Command::EndHold)?;
-        let helds = fleet.collect(None, |_, ev| match ev {
-            Event::Held { tally, open, cpu_seconds, rss_bytes } => {
-                Some((tally, open, cpu_seconds, rss_bytes))
+        match measure_step(&mut fleet, &plan, i, target, &mut warned) {
+            Ok(step) => steps.push(step),
+            Err(e) if e.is::<Interrupted>() => {
+                interrupted = Some(i);
+                break;
             }
-            _ => None,
-        })?;
-        let hold_secs = hold_start.elapsed().as_secs_f64();
-        let server_after = sample(&plan.server, &mut warned, &fleet.live);
-        let parent_cpu = usage::own_cpu_seconds() - parent_cpu;
-
-        let mut hold = Tally::default();
-        helds.iter().for_each(|h| hold.merge(&h.0));
-        let server = server_after.map(|mut after| {
-            after.cpu_seconds = match (after.cpu_seconds, server_before.and_then(|b| b.cpu_seconds)) {
-                (Some(a), Some(b)) => Some(a - b),
-                _ => None,
-            };
-            after
-        });
-        let mut step = StepResult {
-            target_connections: target,
-            open_connections: helds.iter().map(|h| h.1).sum(),
-            ramp_secs,
-            hold_secs,
-            ramp,
-            hold,
-            server,
-            generator_cpu_seconds: parent_cpu + helds.iter().map(|h| h.2).sum::<f64>(),
-            generator_rss_bytes: helds.iter().map(|h| h.3).sum(),
-            derived: Derived::default(),
-        };
-        step.derive();
-        let l = &step.hold.latency;
-        let pct =
-            |p: f64| if l.is_empty() { "-".to_string() } else { crate::report::micros(l.percentile(p)) };
-        fleet.live.note(&format!(
-            "step {}/{total}: {} of {target} connections open, {:.0} msg/s echoed, p50 {} p99 {}, {} errors",
-            i + 1,
-            step.open_connections,
-            step.derived.received_per_sec,
-            pct(50.0),
-            pct(99.0),
-            step.derived.errors
-        ));
-        steps.push(step);
+            Err(e) => return Err(e),
+        }
     }
     fleet.live.phase("closing connections".into());
     fleet.stop();
+    let mut failures = Vec::new();
+    if let Some(i) = interrupted {
+        failures.push(format!(
+            "interrupted during step {} of {total}: only the {} completed step(s) are reported",
+            i + 1,
+            steps.len()
+        ));
+    }
     let mut result = RunResult {
         schema: SCHEMA.into(),
         tool_version: env!("CARGO_PKG_VERSION").into(),
@@ -332,14 +318,113 @@ pub fn run(plan: Plan) -> anyhow::Result<RunResult> {
         url: s.url.clone(),
         protocol: plan.target.protocol,
         started_unix,
-        machine: Machine { hostname: hostname(), cpus: cpus(), workers: n, runs: 1 },
+        machine: Machine {
+            hostname: hostname(),
+            cpus: cpus(),
+            workers: n,
+            runs: 1,
+            threads: n * plan.threads,
+        },
         settings: s.clone(),
         server_baseline,
         steps,
-        failures: Vec::new(),
+        failures,
     };
     result.derive();
     Ok(result)
+}
+
+/// Ramps to `target` connections, holds, and measures step `i`.
+fn measure_step(
+    fleet: &mut Fleet,
+    plan: &Plan,
+    i: usize,
+    target: u64,
+    warned: &mut bool,
+) -> anyhow::Result<StepResult> {
+    let s = &plan.settings;
+    let n = plan.workers;
+    let total = s.steps.len();
+    fleet.live.phase(format!("step {}/{total}: connecting to {target}", i + 1));
+    let ramp_start = Instant::now();
+    let shares = shares(target, n, s.pattern, s.fanout);
+    for (w, share) in shares.iter().enumerate() {
+        send(
+            &mut fleet.workers[w],
+            &Command::Ramp { connections: *share, connect_rate: s.connect_rate / n as f64 },
+        )?;
+    }
+    let ramps = fleet.collect(None, |_, ev| match ev {
+        Event::Ramped { tally } => Some(tally),
+        _ => None,
+    })?;
+    let ramp_secs = ramp_start.elapsed().as_secs_f64();
+    let mut ramp = Tally::default();
+    ramps.iter().for_each(|t| ramp.merge(t));
+
+    fleet.live.phase(format!("step {}/{total}: holding {target} for {}s", i + 1, s.hold_secs));
+    let server_before = sample(&plan.server, warned, &fleet.live);
+    let parent_cpu = usage::own_cpu_seconds();
+    fleet.broadcast(&Command::Hold)?;
+    let hold_start = Instant::now();
+    fleet.collect(Some(hold_start + s.hold()), |_, _| Some(()))?;
+    fleet.broadcast(&Command::EndHold)?;
+    let helds = fleet.collect(None, |_, ev| match ev {
+        Event::Held { tally, open, cpu_seconds, rss_bytes } => Some((tally, open, cpu_seconds, rss_bytes)),
+        _ => None,
+    })?;
+    let hold_secs = hold_start.elapsed().as_secs_f64();
+    let server_after = sample(&plan.server, warned, &fleet.live);
+    let parent_cpu = usage::own_cpu_seconds() - parent_cpu;
+
+    let mut hold = Tally::default();
+    helds.iter().for_each(|h| hold.merge(&h.0));
+    let server = server_after.map(|mut after| {
+        after.cpu_seconds = match (after.cpu_seconds, server_before.and_then(|b| b.cpu_seconds)) {
+            (Some(a), Some(b)) => Some(a - b),
+            _ => None,
+        };
+        after
+    });
+    let mut step = StepResult {
+        target_connections: target,
+        open_connections: helds.iter().map(|h| h.1).sum(),
+        ramp_secs,
+        hold_secs,
+        ramp,
+        hold,
+        server,
+        generator_cpu_seconds: parent_cpu + helds.iter().map(|h| h.2).sum::<f64>(),
+        generator_rss_bytes: helds.iter().map(|h| h.3).sum(),
+        derived: Derived::default(),
+    };
+    step.derive();
+    let l = &step.hold.latency;
+    let pct = |p: f64| if l.is_empty() { "-".to_string() } else { crate::report::micros(l.percentile(p)) };
+    fleet.live.note(&format!(
+        "step {}/{total}: {} of {target} connections open, {:.0} msg/s echoed, p50 {} p99 {}, {} errors",
+        i + 1,
+        step.open_connections,
+        step.derived.received_per_sec,
+        pct(50.0),
+        pct(99.0),
+        step.derived.errors
+    ));
+    Ok(step)
+}
+
+/// Each worker's share of a step. MQTT fan-out groups (a publisher and its
+/// subscribers) must not be cut in two, so they are dealt out whole.
+fn shares(target: u64, workers: usize, pattern: Pattern, fanout: u32) -> Vec<u64> {
+    match pattern {
+        Pattern::Echo => split(target, workers),
+        Pattern::Fanout => {
+            let group = u64::from(fanout) + 1;
+            let mut out: Vec<u64> = split(target / group, workers).iter().map(|g| g * group).collect();
+            out[0] += target % group;
+            out
+        }
+    }
 }
 
 pub fn cpus() -> usize {
@@ -350,4 +435,18 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fanout_groups_are_not_split_between_workers() {
+        assert_eq!(shares(10, 3, Pattern::Echo, 10), vec![4, 3, 3]);
+        // Groups of 1 publisher + 4 subscribers: 5 groups over 2 workers.
+        assert_eq!(shares(25, 2, Pattern::Fanout, 4), vec![15, 10]);
+        assert_eq!(shares(27, 2, Pattern::Fanout, 4), vec![17, 10]);
+        assert_eq!(shares(27, 2, Pattern::Fanout, 4).iter().sum::<u64>(), 27);
+    }
 }

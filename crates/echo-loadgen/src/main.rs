@@ -15,6 +15,8 @@ use echo_loadgen::{chart, net, preflight, report, worker};
 const EXIT_BAD_INPUT: u8 = 2;
 /// The run finished but crossed a threshold.
 const EXIT_THRESHOLD: u8 = 3;
+/// Ctrl-C: the completed steps were reported.
+const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -90,11 +92,13 @@ fn run(file: Option<PathBuf>, quiet: bool, cli: Scenario) -> ExitCode {
     let thresholds =
         report::Thresholds { max_error_rate: scenario.max_error_rate, max_p99: scenario.max_p99 };
     let plan = Plan { settings, target, workers, threads, server, live: !quiet };
+    coordinator::catch_interrupts();
     let mut result = match coordinator::run(plan) {
         Ok(r) => r,
         Err(e) => return fail(1, &format!("{e:#}")),
     };
-    result.failures = report::check(&result, &thresholds);
+    let crossed = report::check(&result, &thresholds);
+    result.failures.extend(crossed);
     if let Err(e) =
         write_outputs(&result, scenario.json.as_deref(), scenario.csv.as_deref(), scenario.chart.as_deref())
     {
@@ -103,6 +107,10 @@ fn run(file: Option<PathBuf>, quiet: bool, cli: Scenario) -> ExitCode {
         return ExitCode::FAILURE;
     }
     print!("{}", report::table(&result));
+    if result.failures.iter().any(|f| f.starts_with("interrupted")) {
+        eprintln!("echo-loadgen: {}", result.failures.join("; "));
+        return ExitCode::from(EXIT_INTERRUPTED);
+    }
     if result.failures.is_empty() {
         ExitCode::SUCCESS
     } else {

@@ -140,7 +140,30 @@ pub fn table(r: &RunResult) -> String {
             let _ = writeln!(out, "errors at {} connections: {}", s.target_connections, list.join(", "));
         }
     }
+    for w in generator_warnings(r) {
+        let _ = writeln!(out, "note: {w}");
+    }
     out
+}
+
+/// Steps where the generator used most of the CPU it had: their figures
+/// may describe the generator rather than the server.
+pub fn generator_warnings(r: &RunResult) -> Vec<String> {
+    let threads = r.machine.threads.min(r.machine.cpus.max(1) * r.machine.runs.max(1));
+    if threads == 0 {
+        return Vec::new();
+    }
+    r.steps
+        .iter()
+        .filter(|s| s.derived.generator_cpu_percent > 80.0 * threads as f64)
+        .map(|s| {
+            format!(
+                "at {} connections the generator used {:.0}% CPU of the {threads} thread(s) it had: \
+                 latency and throughput may be the generator's (add --threads/--workers or another machine)",
+                s.target_connections, s.derived.generator_cpu_percent
+            )
+        })
+        .collect()
 }
 
 const CSV_HEADERS: [&str; 31] = [
@@ -365,6 +388,17 @@ mod tests {
         assert_eq!(&rows[1][0], "200");
         assert_eq!(&rows[1][30], "echo_mismatch=3");
         assert_eq!(rd.headers().unwrap().len(), CSV_HEADERS.len());
+    }
+
+    #[test]
+    fn a_busy_generator_is_pointed_out() {
+        let mut r = run(vec![step(100, 1000, &[100; 1000]), step(200, 1000, &[100; 1000])]);
+        r.steps[1].generator_cpu_seconds = 9.0; // 90% of the 10 s hold, one thread
+        r.derive();
+        let w = generator_warnings(&r);
+        assert_eq!(w.len(), 1);
+        assert!(w[0].starts_with("at 200 connections the generator used 90% CPU"), "{}", w[0]);
+        assert!(table(&r).contains("note: at 200 connections"));
     }
 
     #[test]

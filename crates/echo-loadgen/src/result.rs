@@ -41,6 +41,10 @@ pub struct Machine {
     pub workers: usize,
     /// Runs merged into this one (1 for a plain run).
     pub runs: usize,
+    /// Runtime threads, summed over workers (and merged runs): the most CPU
+    /// the generator could use, in cores.
+    #[serde(default)]
+    pub threads: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -173,6 +177,7 @@ impl RunResult {
             }
             out.machine.workers += other.machine.workers;
             out.machine.runs += other.machine.runs;
+            out.machine.threads += other.machine.threads;
             if out.machine.hostname != other.machine.hostname {
                 out.machine.hostname = format!("{}+{}", out.machine.hostname, other.machine.hostname);
             }
@@ -228,7 +233,7 @@ pub mod tests {
             url: "ws://127.0.0.1:1/".into(),
             protocol: Protocol::WebSocket,
             started_unix: 0,
-            machine: Machine { hostname: "h".into(), cpus: 2, workers: 1, runs: 1 },
+            machine: Machine { hostname: "h".into(), cpus: 2, workers: 1, runs: 1, threads: 1 },
             settings: Settings {
                 url: "ws://127.0.0.1:1/".into(),
                 steps: steps.iter().map(|s| s.target_connections).collect(),

@@ -67,6 +67,10 @@ pub fn main() -> anyhow::Result<()> {
         anyhow::bail!("worker: expected an init command first");
     };
     raise_fd_limit();
+    // Ctrl-C reaches the whole process group; the parent decides when the
+    // workers stop (and reports what was measured until then).
+    // SAFETY: setting a signal's disposition to "ignore".
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
         .enable_all()
@@ -106,7 +110,12 @@ async fn serve(ctx: Arc<Ctx>, sources: Vec<IpAddr>, mut rx: mpsc::UnboundedRecei
                 let interval = Duration::from_secs_f64(1.0 / connect_rate.max(0.001));
                 let start = Instant::now();
                 let first = opened;
+                let mut stopping = false;
                 while opened < connections {
+                    if let Ok(Command::Stop) | Err(mpsc::error::TryRecvError::Disconnected) = rx.try_recv() {
+                        stopping = true;
+                        break;
+                    }
                     let at = start + interval.mul_f64((opened - first) as f64);
                     tokio::time::sleep_until(at).await;
                     let id = opened as u32;
@@ -121,8 +130,14 @@ async fn serve(ctx: Arc<Ctx>, sources: Vec<IpAddr>, mut rx: mpsc::UnboundedRecei
                     while tasks.try_join_next().is_some() {}
                 }
                 // Wait until every attempt is settled: ready or failed.
-                while ctx.rec.live.settled.load(Ordering::Relaxed) < opened {
+                while !stopping && ctx.rec.live.settled.load(Ordering::Relaxed) < opened {
+                    if let Ok(Command::Stop) | Err(mpsc::error::TryRecvError::Disconnected) = rx.try_recv() {
+                        stopping = true;
+                    }
                     tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                if stopping {
+                    break;
                 }
                 emit(&Event::Ramped { tally: ctx.rec.take() });
             }

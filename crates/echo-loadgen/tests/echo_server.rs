@@ -158,3 +158,53 @@ fn bad_input_is_refused_before_the_run_with_what_to_change() {
         assert!(run.json.is_none(), "nothing was measured");
     }
 }
+
+#[test]
+fn ctrl_c_reports_the_completed_steps_and_stops_the_workers() {
+    use std::os::unix::process::CommandExt;
+    let server = EchoServer::start();
+    let dir = scratch("interrupt");
+    let json = dir.join("r.json");
+    let mut cmd = Command::new(LOADGEN);
+    cmd.args([
+        "run",
+        &server.url(),
+        "--steps",
+        "10,20,30",
+        "--hold",
+        "2s",
+        "--rate",
+        "5",
+        "--workers",
+        "2",
+        "-q",
+    ])
+    .arg("--json")
+    .arg(&json);
+    // Its own process group, as a terminal's foreground job is.
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child =
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let pid = child.id() as i32;
+    // Step 1 is measured after ~2 s; interrupt during step 2.
+    std::thread::sleep(Duration::from_millis(3000));
+    // SAFETY: signalling the process group we created.
+    unsafe { libc::kill(-pid, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted during step 2 of 3"), "{stderr}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["steps"].as_array().unwrap().len(), 1);
+    assert_eq!(u(&r["steps"][0]["open_connections"]), 10);
+    // The workers are gone: no process of the group is left.
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: signal 0 only checks for existence.
+    assert_ne!(unsafe { libc::kill(-pid, 0) }, 0, "a worker outlived the run");
+}
