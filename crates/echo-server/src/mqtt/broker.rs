@@ -366,7 +366,58 @@ pub fn report(config: &MqttConfig, max_connections: u64) {
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use rumqttd::protocol::QoS;
+    use rumqttd::protocol::{Filter, QoS, RetainForwardRule, Subscribe};
+
+    /// The router's death is noticed. To kill it, this test does what
+    /// sessions refuse to do (see `topics::check_filter`): a persistent
+    /// session, alone in a share group, disconnects with a QoS 1 message
+    /// in flight, and rumqttd 0.20's router panics ("group must exists").
+    #[tokio::test]
+    async fn a_dead_router_is_noticed() {
+        let config = crate::config::MqttConfig::default();
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new(1024, None));
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let (broker, watch) = Broker::start(&config, 10, metrics.mqtt.clone()).unwrap();
+                let died = Rc::new(Cell::new(false));
+                let flag = died.clone();
+                let watcher =
+                    tokio::task::spawn_local(watch_router(broker.clone(), watch, move || flag.set(true)));
+                let mut member = broker.link("member", false).await.unwrap();
+                let filter = Filter {
+                    path: "$share/g/doomed".into(),
+                    qos: QoS::AtLeastOnce,
+                    nolocal: false,
+                    preserve_retain: false,
+                    retain_forward_rule: RetainForwardRule::Never,
+                };
+                let subscribe = Subscribe { pkid: 1, filters: vec![filter] };
+                member.tx.send(Packet::Subscribe(subscribe, None)).await.unwrap();
+                let mut publisher = broker.link("publisher", true).await.unwrap();
+                let will = LastWill {
+                    topic: Bytes::from_static(b"doomed"),
+                    message: Bytes::from_static(b"x"),
+                    qos: QoS::AtLeastOnce,
+                    retain: false,
+                };
+                publisher.tx.send(Packet::Publish(will_publish(&will, 1), None)).await.unwrap();
+                // Wait until the message is in flight to the member.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                loop {
+                    let next = tokio::time::timeout_at(deadline, member.rx.next()).await.unwrap().unwrap();
+                    if let Some(Notification::Forward(_)) = next {
+                        break;
+                    }
+                }
+                let bye = Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection };
+                member.tx.send(Packet::Disconnect(bye, None)).await.unwrap();
+                tokio::time::timeout(Duration::from_secs(5), watcher).await.expect("noticed").unwrap();
+                assert!(died.get());
+                assert!(matches!(broker.link("late", true).await, Err(LinkFailure::RouterGone)));
+            })
+            .await;
+    }
 
     #[test]
     fn will_publish_keeps_qos_packet_id_and_retain() {
