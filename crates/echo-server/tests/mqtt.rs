@@ -222,6 +222,50 @@ async fn own_topic_round_trips_at_qos_0_1_and_2() {
 }
 
 #[tokio::test]
+async fn delivery_is_at_the_lower_of_publish_and_subscription_qos() {
+    let server = TestServer::start(&[]);
+    let mut sub2 = V4::connect(&server, "sub-qos2").await;
+    sub2.subscribe("grade/#", QoS::ExactlyOnce).await;
+    let mut sub1 = V5::connect(&server, "sub-qos1").await;
+    sub1.subscribe("grade/#", qos5(QoS::AtLeastOnce)).await;
+    let publisher = V4::connect(&server, "grader").await;
+    for (round, qos) in
+        [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce, QoS::AtMostOnce].into_iter().enumerate()
+    {
+        publisher.client.publish(format!("grade/{round}"), qos, false, format!("{round}")).await.unwrap();
+        let got = sub2.next_publish().await;
+        assert_eq!((got.payload, got.qos), (Bytes::from(format!("{round}")), qos), "QoS 2 subscription");
+        let got = sub1.next_publish().await;
+        let want = if qos == QoS::ExactlyOnce { QoS::AtLeastOnce } else { qos };
+        assert_eq!(
+            (got.payload, got.qos),
+            (Bytes::from(format!("{round}")), qos5(want)),
+            "QoS 1 subscription"
+        );
+    }
+    // Many QoS 0 messages on a QoS 1 subscription take no in-flight slots:
+    // far more than the 100 rumqttd allows in flight all arrive.
+    for i in 0..300u32 {
+        publisher
+            .client
+            .publish("grade/burst", QoS::AtMostOnce, false, i.to_be_bytes().to_vec())
+            .await
+            .unwrap();
+        if i % 50 == 49 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for i in 0..300u32 {
+        let got = sub1.next_publish().await;
+        assert_eq!(
+            (got.payload.as_ref(), got.qos),
+            (&i.to_be_bytes()[..], qos5(QoS::AtMostOnce)),
+            "message {i}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn wildcards_match_as_mqtt_says() {
     let server = TestServer::start(&[]);
     let mut plus = V4::connect(&server, "plus").await;

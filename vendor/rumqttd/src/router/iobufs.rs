@@ -131,6 +131,15 @@ impl Outgoing {
         }
 
         for mut p in publishes {
+            // echo-server patch: a message delivered at QoS 0 on a QoS 1/2
+            // subscription (its publish was QoS 0) takes no packet id and
+            // no in-flight slot: nothing will acknowledge it.
+            if p.publish.qos == crate::protocol::QoS::AtMostOnce {
+                p.publish.pkid = 0;
+                self.meter.publish_count += 1;
+                buffer.push_back(Notification::Forward(p));
+                continue;
+            }
             // Index and pkid of current outgoing packet
             self.last_pkid += 1;
             p.publish.pkid = self.last_pkid;

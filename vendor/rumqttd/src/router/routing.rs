@@ -1567,7 +1567,13 @@ fn forward_device_data(
     let forwards = publishes
         .into_iter()
         .map(|((mut publish, mut properties), offset)| {
-            publish.qos = protocol::qos(qos).unwrap();
+            // echo-server patch: MQTT delivers at the lower of the publish's
+            // and the subscription's QoS (3.1.1 §3.8.4, 5.0 §3.8.4); 0.20.0
+            // delivered everything at the subscription's QoS.
+            let subscription_qos = protocol::qos(qos).unwrap();
+            if publish.qos > subscription_qos {
+                publish.qos = subscription_qos;
+            }
 
             // if there is some topic alias to use, set it in publish properties
             if topic_alias.is_some() {
