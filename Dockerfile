@@ -11,6 +11,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock rustfmt.toml ./
 COPY crates/echo-server/Cargo.toml crates/echo-server/Cargo.toml
 COPY crates/echo-loadgen/Cargo.toml crates/echo-loadgen/Cargo.toml
+# The patched rumqttd ([patch.crates-io] in Cargo.toml) is a dependency too.
+COPY vendor vendor
 # Placeholder sources with the same targets as ours: enough for cargo to
 # compile every dependency.
 RUN set -eux; for crate in crates/*/; do \

@@ -7,7 +7,8 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{LogFormat, Overrides};
 
-/// A WebSocket echo server for thousands of clients on one event-loop thread.
+/// A WebSocket echo server and MQTT broker for thousands of clients on one
+/// event-loop thread.
 ///
 /// Configuration layers, lowest to highest: built-in defaults (documented in
 /// config/server.toml), --config FILE, ECHO_<SECTION>_<KEY> environment
@@ -22,6 +23,14 @@ pub struct Cli {
     /// WebSocket listen address; repeat for several (sets websocket.listen).
     #[arg(long = "ws-listen", value_name = "ADDR")]
     pub ws_listen: Vec<SocketAddr>,
+
+    /// MQTT listen address; repeat for several (sets mqtt.listen).
+    #[arg(long = "mqtt-listen", value_name = "ADDR", conflicts_with = "no_mqtt")]
+    pub mqtt_listen: Vec<SocketAddr>,
+
+    /// Run without the MQTT port (MQTT over WebSocket stays; see mqtt.websocket).
+    #[arg(long)]
+    pub no_mqtt: bool,
 
     /// Admin listen address for /healthz, /readyz, /metrics (sets admin.listen).
     #[arg(long, value_name = "ADDR", conflicts_with = "no_admin")]
@@ -72,6 +81,8 @@ impl Cli {
     pub fn overrides(&self) -> Overrides {
         Overrides {
             websocket_listen: self.ws_listen.clone(),
+            mqtt_listen: self.mqtt_listen.clone(),
+            no_mqtt: self.no_mqtt,
             admin_listen: self.admin_listen.clone(),
             no_admin: self.no_admin,
             max_connections: self.max_connections,

@@ -27,6 +27,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub log: LogConfig,
     pub websocket: WebSocketConfig,
+    pub mqtt: MqttConfig,
     pub admin: AdminConfig,
 }
 
@@ -118,6 +119,62 @@ impl Default for WebSocketConfig {
     }
 }
 
+/// The MQTT broker: its listener, the limits of each MQTT connection, the
+/// router's memory bounds, and optional authentication and TLS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// An empty list turns the MQTT port off (MQTT over WebSocket stays).
+    #[serde(deserialize_with = "one_or_many")]
+    pub listen: Vec<SocketAddr>,
+    /// Serve MQTT over WebSocket on the WebSocket port (subprotocol `mqtt`).
+    pub websocket: bool,
+    /// Zero means "what the open-file limit leaves" (see `limits`).
+    pub max_connections: u32,
+    pub backlog: u32,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// CONNECTs being processed at once (the rest wait their turn).
+    pub connect_concurrency: u32,
+    pub max_payload_size: u32,
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Router: publishes handed to one subscriber per sweep.
+    pub max_outgoing_packet_count: u32,
+    /// Router: bytes per segment of each subscribed topic's log.
+    pub segment_size: u32,
+    /// Router: segments kept in memory per subscribed topic's log.
+    pub segment_count: u32,
+    /// Empty means "no authentication".
+    pub username: String,
+    pub password: String,
+    /// PEM files; both empty means plain TCP.
+    pub tls_cert: String,
+    pub tls_key: String,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec![SocketAddr::from(([0, 0, 0, 0], 1883))],
+            websocket: true,
+            max_connections: 0,
+            backlog: 4096,
+            connect_timeout: Duration::from_secs(10),
+            connect_concurrency: 32,
+            max_payload_size: 1 << 20,
+            write_timeout: Duration::from_secs(30),
+            max_outgoing_packet_count: 200,
+            segment_size: 4096,
+            segment_count: 2,
+            username: String::new(),
+            password: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+        }
+    }
+}
+
 /// The admin listener: health, readiness and Prometheus metrics.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -154,6 +211,8 @@ where
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub websocket_listen: Vec<SocketAddr>,
+    pub mqtt_listen: Vec<SocketAddr>,
+    pub no_mqtt: bool,
     pub admin_listen: Vec<SocketAddr>,
     pub no_admin: bool,
     pub max_connections: Option<u32>,
@@ -255,6 +314,59 @@ impl Config {
                 return Err(invalid("admin.listen", format!("{addr} is also in websocket.listen")));
             }
         }
+        self.validate_mqtt()
+    }
+
+    fn validate_mqtt(&self) -> Result<(), ConfigError> {
+        let mqtt = &self.mqtt;
+        for addr in &mqtt.listen {
+            if addr.port() == 0 {
+                continue;
+            }
+            if self.websocket.listen.contains(addr) {
+                return Err(invalid("mqtt.listen", format!("{addr} is also in websocket.listen")));
+            }
+            if self.admin.listen.contains(addr) {
+                return Err(invalid("mqtt.listen", format!("{addr} is also in admin.listen")));
+            }
+        }
+        positive("mqtt.backlog", mqtt.backlog)?;
+        positive_duration("mqtt.connect_timeout", mqtt.connect_timeout)?;
+        positive("mqtt.connect_concurrency", mqtt.connect_concurrency)?;
+        positive_duration("mqtt.write_timeout", mqtt.write_timeout)?;
+        // MQTT's remaining length is at most 268,435,455 bytes.
+        if !(64..=268_435_455).contains(&mqtt.max_payload_size) {
+            return Err(invalid(
+                "mqtt.max_payload_size",
+                format!("{} is outside 64..=268435455 bytes", mqtt.max_payload_size),
+            ));
+        }
+        // rumqttd's router panics below these bounds; refuse them here.
+        if !(1..=100_000).contains(&mqtt.max_outgoing_packet_count) {
+            return Err(invalid(
+                "mqtt.max_outgoing_packet_count",
+                format!("{} is outside 1..=100000", mqtt.max_outgoing_packet_count),
+            ));
+        }
+        if mqtt.segment_size < 1024 {
+            return Err(invalid("mqtt.segment_size", format!("{} is below 1024 bytes", mqtt.segment_size)));
+        }
+        if !(1..=1024).contains(&mqtt.segment_count) {
+            return Err(invalid("mqtt.segment_count", format!("{} is outside 1..=1024", mqtt.segment_count)));
+        }
+        if mqtt.username.is_empty() != mqtt.password.is_empty() {
+            let key = if mqtt.username.is_empty() { "mqtt.username" } else { "mqtt.password" };
+            return Err(invalid(key, "mqtt.username and mqtt.password are set together or not at all"));
+        }
+        if mqtt.tls_cert.is_empty() != mqtt.tls_key.is_empty() {
+            let key = if mqtt.tls_cert.is_empty() { "mqtt.tls_cert" } else { "mqtt.tls_key" };
+            return Err(invalid(key, "mqtt.tls_cert and mqtt.tls_key are set together or not at all"));
+        }
+        for (key, path) in [("mqtt.tls_cert", &mqtt.tls_cert), ("mqtt.tls_key", &mqtt.tls_key)] {
+            if !path.is_empty() && !Path::new(path).is_file() {
+                return Err(invalid(key, format!("{path} is not a readable file")));
+            }
+        }
         Ok(())
     }
 
@@ -354,6 +466,11 @@ fn apply_overrides(figment: Figment, o: &Overrides) -> Figment {
     };
     if !o.websocket_listen.is_empty() {
         set("websocket.listen", addrs(&o.websocket_listen));
+    }
+    if o.no_mqtt {
+        set("mqtt.listen", addrs(&[]));
+    } else if !o.mqtt_listen.is_empty() {
+        set("mqtt.listen", addrs(&o.mqtt_listen));
     }
     if o.no_admin {
         set("admin.listen", addrs(&[]));
@@ -558,6 +675,42 @@ mod tests {
         assert_eq!(config.websocket.listen, vec!["127.0.0.1:9".parse().unwrap()]);
         let config = load_str("[websocket]\nlisten = [\"127.0.0.1:9\", \"[::1]:9\"]\n").unwrap();
         assert_eq!(config.websocket.listen.len(), 2);
+    }
+
+    #[test]
+    fn mqtt_settings_are_checked_naming_the_key() {
+        for (toml, key) in [
+            ("[mqtt]\nsegment_size = 100\n", "mqtt.segment_size"),
+            ("[mqtt]\nsegment_count = 0\n", "mqtt.segment_count"),
+            ("[mqtt]\nmax_payload_size = 10\n", "mqtt.max_payload_size"),
+            ("[mqtt]\nconnect_concurrency = 0\n", "mqtt.connect_concurrency"),
+            ("[mqtt]\nconnect_timeout = \"0s\"\n", "mqtt.connect_timeout"),
+            ("[mqtt]\nmax_outgoing_packet_count = 0\n", "mqtt.max_outgoing_packet_count"),
+            ("[mqtt]\nusername = \"alice\"\n", "mqtt.password"),
+            ("[mqtt]\ntls_key = \"/nonexistent/key.pem\"\n", "mqtt.tls_cert"),
+            (
+                "[mqtt]\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\"\n",
+                "mqtt.tls_cert",
+            ),
+            ("[mqtt]\nlisten = \"0.0.0.0:8080\"\n", "mqtt.listen"),
+            ("[mqtt]\nmax_conections = 1\n", "mqtt.max_conections"),
+        ] {
+            let err = load_str(toml).unwrap_err().to_string();
+            assert!(err.starts_with(key), "{toml:?}: {err}");
+        }
+        let config = load_str("[mqtt]\nlisten = []\nusername = \"a\"\npassword = \"b\"\n").unwrap();
+        assert!(config.mqtt.listen.is_empty());
+    }
+
+    #[test]
+    fn mqtt_flags_override_the_file() {
+        let overrides =
+            Overrides { mqtt_listen: vec!["127.0.0.1:1999".parse().unwrap()], ..Overrides::default() };
+        let config = Config::load(None, Vec::new(), &overrides).unwrap();
+        assert_eq!(config.mqtt.listen, vec!["127.0.0.1:1999".parse().unwrap()]);
+        let config =
+            Config::load(None, Vec::new(), &Overrides { no_mqtt: true, ..Overrides::default() }).unwrap();
+        assert!(config.mqtt.listen.is_empty());
     }
 
     #[test]

@@ -1,9 +1,10 @@
-//! echo-server: a WebSocket echo server that serves every client socket
-//! from one single-threaded event loop.
+//! echo-server: a WebSocket echo server and MQTT broker that serves every
+//! client socket from one single-threaded event loop.
 //!
 //! Module map: [`config`] (schema, layers, validation), [`cli`], [`limits`]
 //! (open-file limit), [`listener`] (binding, accept loop, connection limit),
-//! [`ws`] (handshake and echo sessions), [`admin`] (health and metrics),
+//! [`ws`] (handshake and echo sessions), [`mqtt`] (the broker: rumqttd's
+//! router, our sockets and sessions), [`admin`] (health and metrics),
 //! [`metrics`], [`process`] (`/proc` readings), [`stats`] (summary line),
 //! [`shutdown`], [`server`] (start and stop), [`logging`], [`healthcheck`].
 
@@ -15,6 +16,7 @@ pub mod limits;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
+pub mod mqtt;
 pub mod process;
 pub mod server;
 pub mod shutdown;

@@ -53,6 +53,19 @@ pub fn effective_max_connections(configured: u32, limit: &FileLimit) -> u64 {
     if configured == 0 { limit.connection_capacity() } else { u64::from(configured) }
 }
 
+/// The limit of one protocol when the open-file capacity is shared with
+/// another: the configured value, or, when it is 0 ("automatic"), the
+/// capacity less what the other protocol was explicitly given. Two automatic
+/// limits both get the whole capacity and share the descriptors first come,
+/// first served; the open-file limit then stops new clients of either kind
+/// (the accept loops back off, clients wait in the backlog).
+pub fn shared_max_connections(configured: u32, other_configured: u32, limit: &FileLimit) -> u64 {
+    if configured != 0 {
+        return u64::from(configured);
+    }
+    limit.connection_capacity().saturating_sub(u64::from(other_configured)).max(1)
+}
+
 /// Whether an `accept` error means the process or the system ran out of file
 /// descriptors, which retrying at once cannot fix.
 pub fn is_fd_exhaustion(err: &std::io::Error) -> bool {
@@ -79,6 +92,15 @@ mod tests {
         assert_eq!(effective_max_connections(500, &limit), 500);
         let tiny = FileLimit { initial_soft: 10, soft: 10, hard: 10 };
         assert_eq!(tiny.connection_capacity(), 1);
+    }
+
+    #[test]
+    fn capacity_is_shared_between_protocols() {
+        let limit = FileLimit { initial_soft: 1024, soft: 20_000, hard: 20_000 };
+        assert_eq!(shared_max_connections(0, 0, &limit), 19_936, "both automatic: both may use it all");
+        assert_eq!(shared_max_connections(0, 5_000, &limit), 14_936, "the rest of what the other took");
+        assert_eq!(shared_max_connections(300, 5_000, &limit), 300);
+        assert_eq!(shared_max_connections(0, 50_000, &limit), 1);
     }
 
     #[test]

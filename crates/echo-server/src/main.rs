@@ -48,6 +48,7 @@ fn main() -> ExitCode {
     }
 
     logging::init(&config.log);
+    logging::log_panics();
     let files = FileLimit::raise();
     let bound = match server::bind_all(&config) {
         Ok(bound) => bound,
@@ -65,6 +66,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(server::run(config, bound, files));
+    let summary = runtime.block_on(server::run(config, bound, files));
+    if summary.router_failed {
+        return ExitCode::from(server::EXIT_ROUTER_FAILED);
+    }
     ExitCode::SUCCESS
 }

@@ -14,6 +14,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::process::ProcessStats;
@@ -41,6 +42,16 @@ pub struct ListenerLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabel {
+    pub version: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PacketLabel {
+    pub packet: &'static str,
 }
 
 /// Counter type used everywhere: a u64 behind an `Arc<AtomicU64>`.
@@ -113,6 +124,125 @@ impl WebSocketMetrics {
     }
 }
 
+/// The MQTT packet types, as labels, indexed by their type number (1..=15).
+pub const MQTT_PACKET_TYPES: [&str; 16] = [
+    "reserved",
+    "connect",
+    "connack",
+    "publish",
+    "puback",
+    "pubrec",
+    "pubrel",
+    "pubcomp",
+    "subscribe",
+    "suback",
+    "unsubscribe",
+    "unsuback",
+    "pingreq",
+    "pingresp",
+    "disconnect",
+    "auth",
+];
+
+/// Every metric of the MQTT side. Label sets are closed: two protocol
+/// versions, sixteen packet types, and fixed lists of reasons.
+#[derive(Debug)]
+pub struct MqttMetrics {
+    pub connections: Family<VersionLabel, Gauge>,
+    pub accepted: Count,
+    pub connects: Family<VersionLabel, Count>,
+    pub refused: Family<ReasonLabel, Count>,
+    pub closed: Family<ReasonLabel, Count>,
+    pub packets_received: Family<PacketLabel, Count>,
+    pub packets_sent: Family<PacketLabel, Count>,
+    pub publishes_received: Count,
+    pub publishes_sent: Count,
+    pub bytes_received: Count,
+    pub bytes_sent: Count,
+    pub wills_published: Count,
+    /// How long `LinkBuilder::build()` waited for the router, per connect.
+    pub link_build_seconds: Histogram,
+    /// Cached handles, indexed by packet type.
+    received_by_type: Vec<Count>,
+    sent_by_type: Vec<Count>,
+    pub v311: Gauge,
+    pub v5: Gauge,
+    connects_v311: Count,
+    connects_v5: Count,
+}
+
+impl MqttMetrics {
+    fn new() -> Self {
+        let packets_received = Family::<PacketLabel, Count>::default();
+        let packets_sent = Family::<PacketLabel, Count>::default();
+        let connections = Family::<VersionLabel, Gauge>::default();
+        let connects = Family::<VersionLabel, Count>::default();
+        let by_type = |family: &Family<PacketLabel, Count>| {
+            MQTT_PACKET_TYPES
+                .iter()
+                .map(|&packet| family.get_or_create_owned(&PacketLabel { packet }))
+                .collect()
+        };
+        MqttMetrics {
+            received_by_type: by_type(&packets_received),
+            sent_by_type: by_type(&packets_sent),
+            v311: connections.get_or_create_owned(&VersionLabel { version: "3.1.1" }),
+            v5: connections.get_or_create_owned(&VersionLabel { version: "5" }),
+            connections,
+            accepted: Count::default(),
+            connects_v311: connects.get_or_create_owned(&VersionLabel { version: "3.1.1" }),
+            connects_v5: connects.get_or_create_owned(&VersionLabel { version: "5" }),
+            connects,
+            refused: Family::default(),
+            closed: Family::default(),
+            packets_received,
+            packets_sent,
+            publishes_received: Count::default(),
+            publishes_sent: Count::default(),
+            bytes_received: Count::default(),
+            bytes_sent: Count::default(),
+            wills_published: Count::default(),
+            // 10 µs .. ~5 s
+            link_build_seconds: Histogram::new(exponential_buckets(1e-5, 2.5, 15)),
+        }
+    }
+
+    /// Counts one packet read from a client, by its type number.
+    pub fn packet_received(&self, packet_type: u8) {
+        self.received_by_type[usize::from(packet_type & 15)].inc();
+    }
+
+    pub fn packet_sent(&self, packet_type: u8) {
+        self.sent_by_type[usize::from(packet_type & 15)].inc();
+    }
+
+    pub fn refuse(&self, reason: &'static str) {
+        self.refused.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn closed(&self, reason: &'static str) {
+        self.closed.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// Counts a successful CONNECT ("3.1.1" or "5").
+    pub fn connected(&self, version: &'static str) {
+        match version {
+            "5" => self.connects_v5.inc(),
+            _ => self.connects_v311.inc(),
+        };
+    }
+
+    /// Successful CONNECTs so far, both versions.
+    pub fn sessions_served(&self) -> u64 {
+        self.connects_v311.get() + self.connects_v5.get()
+    }
+
+    /// Sessions open now, both versions.
+    pub fn open(&self) -> u64 {
+        (self.v311.get() + self.v5.get()).max(0) as u64
+    }
+}
+
 /// Close codes as labels: the registered ones by number, the ranges that
 /// applications and libraries choose freely as one label each.
 pub fn code_label(code: Option<u16>) -> &'static str {
@@ -141,6 +271,7 @@ pub fn code_label(code: Option<u16>) -> &'static str {
 pub struct Metrics {
     pub registry: Registry,
     pub websocket: Arc<WebSocketMetrics>,
+    pub mqtt: Arc<MqttMetrics>,
     /// Failed `accept` calls because no file descriptor was left, by listener.
     pub accept_fd_exhausted: Family<ListenerLabel, Count>,
 }
@@ -200,6 +331,41 @@ impl Metrics {
         );
         ws.register("close_codes_sent", "Close frames sent, by code", websocket.close_codes_sent.clone());
         ws.register("closed", "Connections ended, by reason", websocket.closed.clone());
+        let mqtt = Arc::new(MqttMetrics::new());
+        let m = registry.sub_registry_with_prefix("echo_mqtt");
+        m.register(
+            "connections",
+            "Open MQTT sessions (after CONNACK), by protocol version",
+            mqtt.connections.clone(),
+        );
+        m.register("accepted", "TCP connections accepted on the MQTT port", mqtt.accepted.clone());
+        m.register("connects", "Successful CONNECTs (CONNACK 0), by protocol version", mqtt.connects.clone());
+        m.register("refused", "Connections refused before or at CONNECT, by reason", mqtt.refused.clone());
+        m.register("closed", "MQTT sessions ended, by reason", mqtt.closed.clone());
+        m.register(
+            "packets_received",
+            "MQTT packets read from clients, by type",
+            mqtt.packets_received.clone(),
+        );
+        m.register("packets_sent", "MQTT packets written to clients, by type", mqtt.packets_sent.clone());
+        m.register(
+            "publishes_received",
+            "PUBLISH packets read from clients",
+            mqtt.publishes_received.clone(),
+        );
+        m.register("publishes_sent", "PUBLISH packets written to clients", mqtt.publishes_sent.clone());
+        m.register("received_bytes", "Bytes of MQTT packets read from clients", mqtt.bytes_received.clone());
+        m.register("sent_bytes", "Bytes of MQTT packets written to clients", mqtt.bytes_sent.clone());
+        m.register(
+            "wills_published",
+            "Last-will messages handed to the router",
+            mqtt.wills_published.clone(),
+        );
+        m.register(
+            "link_build_seconds",
+            "Time LinkBuilder::build() waited for the router, per connect (on the mqtt-connect-N threads)",
+            mqtt.link_build_seconds.clone(),
+        );
         registry.register(
             "echo_accept_fd_exhausted",
             "Accept attempts that failed because the open-file limit was reached",
@@ -209,7 +375,7 @@ impl Metrics {
         if let Some(runtime) = runtime {
             registry.register_collector(Box::new(RuntimeCollector { runtime }));
         }
-        Metrics { registry, websocket, accept_fd_exhausted }
+        Metrics { registry, websocket, mqtt, accept_fd_exhausted }
     }
 
     /// The exposition text served at `/metrics`.

@@ -15,18 +15,32 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::Config;
-use crate::limits::{FileLimit, effective_max_connections};
+use crate::limits::{FileLimit, shared_max_connections};
 use crate::listener::{self, ConnectionLimit};
 use crate::metrics::{ListenerLabel, Metrics};
+use crate::mqtt::{self, MqttServer, broker::Broker};
 use crate::shutdown::Shutdown;
 use crate::stats;
 use crate::ws::WsServer;
 
 /// Listening sockets, bound and ready for the runtime.
-#[derive(Debug)]
 pub struct Bound {
     pub websocket: Vec<std::net::TcpListener>,
+    pub mqtt: Vec<std::net::TcpListener>,
+    /// TLS for the MQTT port, when configured (files read before binding).
+    pub mqtt_tls: Option<tokio_rustls::TlsAcceptor>,
     pub admin: Vec<std::net::TcpListener>,
+}
+
+impl std::fmt::Debug for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bound")
+            .field("websocket", &self.websocket)
+            .field("mqtt", &self.mqtt)
+            .field("mqtt_tls", &self.mqtt_tls.is_some())
+            .field("admin", &self.admin)
+            .finish()
+    }
 }
 
 /// A listener that could not be bound.
@@ -38,8 +52,21 @@ pub struct BindError {
     pub source: std::io::Error,
 }
 
+/// Why the server could not start: a port, or the TLS files.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error(transparent)]
+    Tls(#[from] mqtt::tls::TlsError),
+}
+
 /// Binds every configured listener, or fails naming the one that could not be.
-pub fn bind_all(config: &Config) -> Result<Bound, BindError> {
+pub fn bind_all(config: &Config) -> Result<Bound, StartError> {
+    let mqtt_tls = match (config.mqtt.tls_cert.as_str(), config.mqtt.tls_key.as_str()) {
+        ("", _) | (_, "") => None,
+        (cert, key) => Some(mqtt::tls::acceptor(cert, key)?),
+    };
     let bind = |key: &'static str, addrs: &[SocketAddr], backlog: u32| {
         addrs
             .iter()
@@ -48,6 +75,8 @@ pub fn bind_all(config: &Config) -> Result<Bound, BindError> {
     };
     Ok(Bound {
         websocket: bind("websocket.listen", &config.websocket.listen, config.websocket.backlog)?,
+        mqtt: bind("mqtt.listen", &config.mqtt.listen, config.mqtt.backlog)?,
+        mqtt_tls,
         admin: bind("admin.listen", &config.admin.listen, 128)?,
     })
 }
@@ -59,7 +88,15 @@ pub struct Summary {
     pub messages_echoed: u64,
     /// Connections still open when the grace period ended.
     pub left_open: u64,
+    pub mqtt_sessions_served: u64,
+    pub mqtt_publishes_received: u64,
+    pub mqtt_publishes_sent: u64,
+    /// The MQTT router thread stopped: the process should exit with an error.
+    pub router_failed: bool,
 }
+
+/// Exit status when the MQTT router thread died (EX_SOFTWARE).
+pub const EXIT_ROUTER_FAILED: u8 = 70;
 
 /// Runs until SIGTERM or SIGINT, then shuts down gracefully. Must be called
 /// inside a `LocalRuntime` (tasks are spawned with `spawn_local`).
@@ -67,15 +104,52 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit) -> Summary {
     let shutdown = Rc::new(Shutdown::new());
     let metrics = Arc::new(Metrics::new(files.soft, Some(tokio::runtime::Handle::current())));
 
-    let max_ws = effective_max_connections(config.websocket.max_connections, &files);
-    report_file_limit(&files, max_ws, config.websocket.max_connections);
+    let ws_conf = config.websocket.max_connections;
+    let mqtt_conf = config.mqtt.max_connections;
+    let max_ws = shared_max_connections(ws_conf, mqtt_conf, &files);
+    let max_mqtt = shared_max_connections(mqtt_conf, ws_conf, &files);
+    report_file_limit(&files, max_ws, ws_conf);
     let ws_limit = ConnectionLimit::new(max_ws, metrics.websocket.connections.clone());
-    let ws = WsServer::new(
+    // MQTT's own gauge is by protocol version, set once CONNACK is sent;
+    // the limit counts sockets from accept on.
+    let mqtt_limit = ConnectionLimit::new(max_mqtt, prometheus_client::metrics::gauge::Gauge::default());
+    let router_failed = Rc::new(std::cell::Cell::new(false));
+    let mqtt_wanted = !bound.mqtt.is_empty() || config.mqtt.websocket;
+    let mqtt = if mqtt_wanted {
+        match Broker::start(&config.mqtt, max_mqtt, metrics.mqtt.clone()) {
+            Ok((broker, watch)) => {
+                mqtt::broker::report(&config.mqtt, max_mqtt);
+                let (failed, stop, grace) =
+                    (router_failed.clone(), shutdown.clone(), config.server.shutdown_grace);
+                tokio::task::spawn_local(mqtt::broker::watch_router(broker.clone(), watch, move || {
+                    failed.set(true);
+                    stop.trigger(grace);
+                }));
+                Some(MqttServer::new(
+                    config.mqtt.clone(),
+                    metrics.mqtt.clone(),
+                    shutdown.clone(),
+                    mqtt_limit.clone(),
+                    broker,
+                    bound.mqtt_tls.clone(),
+                ))
+            }
+            Err(e) => {
+                error!(error = %e, "cannot start the MQTT router; serving WebSocket only");
+                router_failed.set(true);
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let ws = WsServer::with_mqtt(
         config.websocket.clone(),
         config.tungstenite(),
         metrics.websocket.clone(),
         shutdown.clone(),
         ws_limit.clone(),
+        mqtt.clone().filter(|_| config.mqtt.websocket),
     );
 
     for std_listener in bound.websocket {
@@ -94,6 +168,24 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit) -> Summary {
             move |stream, peer| ws.on_accept(stream, peer),
         ));
     }
+    if let Some(mqtt) = &mqtt {
+        for std_listener in bound.mqtt {
+            let listener =
+                TcpListener::from_std(std_listener).expect("a bound socket registers with the runtime");
+            let addr = listener.local_addr().expect("a bound socket has an address");
+            info!(protocol = "mqtt", %addr, tls = mqtt.tls.is_some(), "listening");
+            let mqtt = mqtt.clone();
+            let fd_exhausted =
+                metrics.accept_fd_exhausted.get_or_create_owned(&ListenerLabel { listener: "mqtt" });
+            tokio::task::spawn_local(listener::accept_loop(
+                listener,
+                "mqtt",
+                shutdown.clone(),
+                fd_exhausted,
+                move |stream, peer| mqtt.on_accept(stream, peer),
+            ));
+        }
+    }
     let admin_state = AdminState::new(metrics.clone(), shutdown.clone());
     for std_listener in bound.admin {
         let listener =
@@ -106,25 +198,46 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit) -> Summary {
         config.server.stats_interval,
         metrics.clone(),
         ws_limit.clone(),
+        mqtt_limit.clone(),
         shutdown.clone(),
     ));
-    info!(max_websocket_connections = max_ws, event_loop_threads = 1, "ready");
+    info!(
+        max_websocket_connections = max_ws,
+        max_mqtt_connections = max_mqtt,
+        event_loop_threads = 1,
+        "ready"
+    );
 
-    wait_for_signal(&shutdown, config.server.shutdown_grace).await;
+    tokio::select! {
+        _ = wait_for_signal(&shutdown, config.server.shutdown_grace) => {}
+        // The router's death starts the shutdown by itself.
+        _ = shutdown.wait() => {}
+    }
     let deadline = shutdown.deadline().expect("the shutdown was triggered");
     info!(
         open_connections = ws_limit.open(),
+        open_mqtt_connections = mqtt_limit.open(),
         grace_ms = config.server.shutdown_grace.as_millis() as u64,
-        "shutting down: no new connections; closing every client with 1001"
+        "shutting down: no new connections; closing every WebSocket client with 1001, \
+         MQTT 5 clients with DISCONNECT 0x8B"
     );
     tokio::select! {
-        _ = ws_limit.all_closed() => {}
+        _ = async { ws_limit.all_closed().await; mqtt_limit.all_closed().await } => {}
         _ = tokio::time::sleep_until(deadline) => {}
     }
+    let m = &metrics.mqtt;
     let summary = Summary {
         connections_served: metrics.websocket.upgrades.get(),
         messages_echoed: metrics.websocket.messages_echoed(),
-        left_open: ws_limit.open(),
+        left_open: ws_limit.open() + mqtt_limit.open(),
+        mqtt_sessions_served: m
+            .connects
+            .get_or_create(&crate::metrics::VersionLabel { version: "3.1.1" })
+            .get()
+            + m.connects.get_or_create(&crate::metrics::VersionLabel { version: "5" }).get(),
+        mqtt_publishes_received: m.publishes_received.get(),
+        mqtt_publishes_sent: m.publishes_sent.get(),
+        router_failed: router_failed.get(),
     };
     if summary.left_open > 0 {
         warn!(
@@ -135,6 +248,9 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit) -> Summary {
     info!(
         connections_served = summary.connections_served,
         messages_echoed = summary.messages_echoed,
+        mqtt_sessions_served = summary.mqtt_sessions_served,
+        mqtt_publishes_received = summary.mqtt_publishes_received,
+        mqtt_publishes_sent = summary.mqtt_publishes_sent,
         "shutdown complete"
     );
     summary

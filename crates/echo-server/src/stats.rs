@@ -20,6 +20,8 @@ struct Snapshot {
     messages_out: u64,
     bytes_in: u64,
     bytes_out: u64,
+    mqtt_in: u64,
+    mqtt_out: u64,
     cpu_seconds: f64,
 }
 
@@ -31,6 +33,8 @@ impl Snapshot {
             messages_out: ws.messages_echoed(),
             bytes_in: ws.bytes_received.get(),
             bytes_out: ws.bytes_sent.get(),
+            mqtt_in: metrics.mqtt.publishes_received.get(),
+            mqtt_out: metrics.mqtt.publishes_sent.get(),
             cpu_seconds: process.map(|p| p.cpu_seconds).unwrap_or(0.0),
         }
     }
@@ -40,6 +44,7 @@ pub async fn run(
     interval: Duration,
     metrics: Arc<Metrics>,
     websocket: Rc<ConnectionLimit>,
+    mqtt: Rc<ConnectionLimit>,
     shutdown: Rc<Shutdown>,
 ) {
     if interval.is_zero() {
@@ -64,6 +69,9 @@ pub async fn run(
             messages_out_per_s = format_args!("{:.1}", rate(now.messages_out, last.messages_out)),
             bytes_in_per_s = format_args!("{:.0}", rate(now.bytes_in, last.bytes_in)),
             bytes_out_per_s = format_args!("{:.0}", rate(now.bytes_out, last.bytes_out)),
+            mqtt_connections = mqtt.open(),
+            mqtt_publishes_in_per_s = format_args!("{:.1}", rate(now.mqtt_in, last.mqtt_in)),
+            mqtt_publishes_out_per_s = format_args!("{:.1}", rate(now.mqtt_out, last.mqtt_out)),
             rss_mib = format_args!("{:.1}", process.map(|p| p.rss_bytes as f64 / 1048576.0).unwrap_or(0.0)),
             cpu_percent = format_args!("{:.1}", (now.cpu_seconds - last.cpu_seconds) / secs * 100.0),
             "stats"

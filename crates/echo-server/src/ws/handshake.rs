@@ -167,8 +167,11 @@ fn parse_head_len(buf: &[u8]) -> Result<Option<usize>, HeadError> {
 }
 
 /// Reads one request and answers it. On `Upgraded`, the `101` has been sent.
+/// `preferred`, when the client offers it among its subprotocols, is
+/// selected even if it is not the first one offered (`mqtt`).
 pub async fn accept(
     stream: &mut TcpStream,
+    preferred: Option<&str>,
     max_head: usize,
     handshake_timeout: Duration,
     write_timeout: Duration,
@@ -191,7 +194,7 @@ pub async fn accept(
         }
         Ok(Ok(head)) => head,
     };
-    match decide(&buf[..head_len]) {
+    match decide_with(&buf[..head_len], preferred) {
         Decision::Respond(response) => answer(stream, &response, None, write_timeout, close_timeout).await,
         Decision::Refuse(response) => {
             answer(stream, &response, Some("refused"), write_timeout, close_timeout).await
@@ -243,6 +246,12 @@ pub async fn linger_close(stream: &mut TcpStream, limit: Duration) {
 /// Decides the answer to a complete request head. Pure, so every branch is
 /// unit-tested without sockets.
 pub fn decide(head: &[u8]) -> Decision {
+    decide_with(head, None)
+}
+
+/// [`decide`], selecting `preferred` when the client offers it (MQTT.js
+/// offers `mqtt`; a client offering `mqttv3.1, mqtt` gets `mqtt`).
+pub fn decide_with(head: &[u8], preferred: Option<&str>) -> Decision {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     if !matches!(request.parse(head), Ok(httparse::Status::Complete(_))) {
@@ -295,11 +304,16 @@ pub fn decide(head: &[u8]) -> Decision {
         [] => return Decision::Refuse(Response::error(400, "missing Sec-WebSocket-Key header")),
         _ => return Decision::Refuse(Response::error(400, "invalid Sec-WebSocket-Key header")),
     };
-    let subprotocol = header("sec-websocket-protocol")
-        .filter_map(|h| std::str::from_utf8(h.value).ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .find(|p| !p.is_empty())
+    let offered = || {
+        header("sec-websocket-protocol")
+            .filter_map(|h| std::str::from_utf8(h.value).ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+    };
+    let subprotocol = preferred
+        .and_then(|wanted| offered().find(|p| *p == wanted))
+        .or_else(|| offered().next())
         .map(str::to_owned);
 
     // No Sec-WebSocket-Extensions in the answer: tungstenite has no
@@ -392,6 +406,20 @@ mod tests {
         };
         assert_eq!(subprotocol.as_deref(), Some("chat.v2"));
         assert!(String::from_utf8(response).unwrap().contains("Sec-WebSocket-Protocol: chat.v2\r\n"));
+    }
+
+    #[test]
+    fn preferred_subprotocol_wins_when_offered() {
+        let req = upgrade_request("Sec-WebSocket-Protocol: mqttv3.1, mqtt\r\n");
+        let Decision::Upgrade { subprotocol, .. } = decide_with(req.as_bytes(), Some("mqtt")) else {
+            panic!("expected an upgrade");
+        };
+        assert_eq!(subprotocol.as_deref(), Some("mqtt"));
+        let req = upgrade_request("Sec-WebSocket-Protocol: chat\r\n");
+        let Decision::Upgrade { subprotocol, .. } = decide_with(req.as_bytes(), Some("mqtt")) else {
+            panic!("expected an upgrade");
+        };
+        assert_eq!(subprotocol.as_deref(), Some("chat"));
     }
 
     #[test]

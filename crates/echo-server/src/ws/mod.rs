@@ -25,6 +25,7 @@ use tracing::debug;
 use crate::config::WebSocketConfig;
 use crate::listener::{ConnectionLimit, Permit};
 use crate::metrics::WebSocketMetrics;
+use crate::mqtt::MqttServer;
 use crate::shutdown::Shutdown;
 use handshake::{Outcome, Response};
 
@@ -42,6 +43,9 @@ pub struct WsServer {
     pub metrics: Arc<WebSocketMetrics>,
     pub shutdown: Rc<Shutdown>,
     pub limit: Rc<ConnectionLimit>,
+    /// Where upgrades that select the `mqtt` subprotocol go, when MQTT over
+    /// WebSocket is on.
+    pub mqtt: Option<Rc<MqttServer>>,
     refusing: Cell<u32>,
 }
 
@@ -53,7 +57,19 @@ impl WsServer {
         shutdown: Rc<Shutdown>,
         limit: Rc<ConnectionLimit>,
     ) -> Rc<Self> {
-        Rc::new(WsServer { config, codec, metrics, shutdown, limit, refusing: Cell::new(0) })
+        Self::with_mqtt(config, codec, metrics, shutdown, limit, None)
+    }
+
+    /// A WebSocket server that hands `mqtt` upgrades to the MQTT broker.
+    pub fn with_mqtt(
+        config: WebSocketConfig,
+        codec: tokio_tungstenite::tungstenite::protocol::WebSocketConfig,
+        metrics: Arc<WebSocketMetrics>,
+        shutdown: Rc<Shutdown>,
+        limit: Rc<ConnectionLimit>,
+        mqtt: Option<Rc<MqttServer>>,
+    ) -> Rc<Self> {
+        Rc::new(WsServer { config, codec, metrics, shutdown, limit, mqtt, refusing: Cell::new(0) })
     }
 
     /// Called by the accept loop for every new TCP connection.
@@ -85,6 +101,20 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, permit: Permit, s
     debug!(%peer, "session ended");
 }
 
+/// An upgrade that selected the `mqtt` subprotocol: an MQTT session over
+/// binary WebSocket messages, run from inside the (boxed) handshake phase
+/// so that it does not enlarge every echo session's future.
+async fn serve_mqtt(tcp: TcpStream, leftover: Vec<u8>, peer: SocketAddr, server: &WsServer) {
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let Some(mqtt) = server.mqtt.clone() else {
+        return;
+    };
+    let ws = WebSocketStream::from_partially_read(tcp, leftover, Role::Server, Some(server.codec)).await;
+    mqtt.serve_websocket(ws, peer).await;
+    debug!(%peer, "MQTT over WebSocket session ended");
+}
+
 /// Answers the client's HTTP request; on an upgrade, returns the socket
 /// ready for the session.
 async fn handshake_phase(
@@ -95,8 +125,10 @@ async fn handshake_phase(
     // Echo latency matters more than packet count.
     let _ = stream.set_nodelay(true);
     let config = &server.config;
+    let preferred = server.mqtt.as_ref().map(|_| "mqtt");
     let outcome = handshake::accept(
         &mut stream,
+        preferred,
         config.max_request_header_size as usize,
         config.handshake_timeout,
         config.write_timeout,
@@ -108,6 +140,10 @@ async fn handshake_phase(
         Outcome::Upgraded(upgrade) => {
             metrics.upgrades.inc();
             debug!(%peer, path = %upgrade.path, subprotocol = ?upgrade.subprotocol, "upgraded");
+            if server.mqtt.is_some() && upgrade.subprotocol.as_deref() == Some("mqtt") {
+                Box::pin(serve_mqtt(stream, upgrade.leftover, peer, server)).await;
+                return None;
+            }
             Some(session::session_io(stream, upgrade.leftover, server))
         }
         Outcome::Answered { status, failure } => {

@@ -2,6 +2,7 @@
 //! picks, finds those ports in its JSON logs, and offers small clients.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod mqtt_raw;
 pub mod raw;
 
 use std::collections::HashMap;
@@ -10,6 +11,12 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// The threads of the process, by name (sorted), as docs/mqtt.md's
+/// architecture section lists them: the event loop, rumqttd's router, and
+/// the four threads that wait for the router while MQTT clients connect.
+pub const THREADS: [&str; 6] =
+    ["echo-server", "mqtt-connect-0", "mqtt-connect-1", "mqtt-connect-2", "mqtt-connect-3", "router-0"];
 
 /// Path of the server binary Cargo built for these tests.
 pub const BIN: &str = env!("CARGO_BIN_EXE_echo-server");
@@ -38,6 +45,9 @@ impl TestServer {
         let mut all: Vec<&str> = vec!["--log-format", "json", "--log-level", "info"];
         if !args.contains(&"--ws-listen") {
             all.extend(["--ws-listen", "127.0.0.1:0"]);
+        }
+        if !args.iter().any(|a| *a == "--mqtt-listen" || *a == "--no-mqtt") {
+            all.extend(["--mqtt-listen", "127.0.0.1:0"]);
         }
         if !args.iter().any(|a| *a == "--admin-listen" || *a == "--no-admin") {
             all.extend(["--admin-listen", "127.0.0.1:0"]);
@@ -106,6 +116,10 @@ impl TestServer {
 
     pub fn ws_url(&self, path: &str) -> String {
         format!("ws://{}{}", self.ws_addr(), path)
+    }
+
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.addrs["mqtt"][0]
     }
 
     pub fn admin_addr(&self) -> SocketAddr {

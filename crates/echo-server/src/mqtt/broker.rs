@@ -1,0 +1,438 @@
+//! rumqttd's router, started in our process, and how sessions attach to it.
+//!
+//! # Threads
+//!
+//! - `router-0`: rumqttd's `Router::spawn()` runs the routing core (topic
+//!   matching, per-topic commit logs, retained messages, QoS state) on a
+//!   thread of its own. Sessions talk to it through `rumqttd::local` links:
+//!   `LinkTx` pushes decoded packets into a shared queue and sends the
+//!   router one event; `LinkRx` wakes when the router has notifications.
+//! - `mqtt-connect-0` .. `mqtt-connect-3`: `LinkBuilder::build()` is
+//!   *blocking*: it sends the router a connect event and waits on a channel
+//!   until the router has registered the client. On the event loop that
+//!   wait would stall every WebSocket and MQTT client for as long as the
+//!   router takes to answer, once per connecting client. So every `build()`
+//!   runs on one of these threads instead, and the session awaits the
+//!   result on a oneshot channel: the event loop pays a channel send. There
+//!   are four so that builds overlap: when the server shares one core, each
+//!   wait for the router is a context switch or more (measured: ~1 ms per
+//!   build, pinned), and one thread alone capped connects at ~1,000/s; the
+//!   router takes several waiting connect events in one pass.
+//!
+//! # What the router is not trusted with
+//!
+//! - **Refusals.** When the router is full, or dislikes a client id, it
+//!   drops the client without a word (no CONNACK). Sessions check capacity
+//!   and client ids themselves first and send the proper CONNACK.
+//! - **Last wills.** A will must go out when a connection dies, but the
+//!   events that fire it in rumqttd are private to its own server. Sessions
+//!   keep their will and publish it through an internal link of this module
+//!   ([`Broker::publish_will`]), after the will delay of MQTT 5.
+//! - **Its own death.** If the router thread ever stops (a panic), every
+//!   link's receiver fails. The internal link notices, and the server shuts
+//!   down with a clear error and exit status 70, instead of running on as a
+//!   broker that silently drops everything.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use futures_util::FutureExt;
+use prometheus_client::metrics::histogram::Histogram;
+use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::protocol::{
+    Disconnect, DisconnectReasonCode, LastWill, LastWillProperties, Packet, PubRel, PubRelReason, Publish,
+    PublishProperties,
+};
+use rumqttd::{Notification, Router, RouterConfig};
+use tokio::sync::{Notify, oneshot};
+use tokio::task::AbortHandle;
+use tracing::{debug, error, info, warn};
+
+use crate::config::MqttConfig;
+use crate::metrics::MqttMetrics;
+
+/// The client id of the server's own link, used to publish wills. It starts
+/// with a NUL character, which MQTT forbids in client ids (sessions refuse
+/// such ids), so no client can take it over.
+pub const INTERNAL_CLIENT_ID: &str = "\u{0}echo-server-wills";
+
+/// Threads that run `LinkBuilder::build()` (named `mqtt-connect-N`).
+pub const CONNECT_THREADS: usize = 4;
+
+/// Connections the router can hold beyond `mqtt.max_connections`: the
+/// internal link, and sessions that have ended on our side whose disconnect
+/// the router has not processed yet.
+const ROUTER_SLACK: usize = 1024;
+
+/// A link to the router for one session.
+pub struct Link {
+    pub tx: LinkTx,
+    pub rx: LinkRx,
+    /// The router's CONNACK for this client (session present or not).
+    pub connack: Notification,
+}
+
+/// Why a link could not be built. (rumqttd's `LinkError` is over 800
+/// bytes, as it carries the event that could not be sent; only its message
+/// is kept.)
+#[derive(Debug, thiserror::Error)]
+pub enum LinkFailure {
+    #[error("the router refused the client: {0}")]
+    Refused(String),
+    #[error("the router thread is not running")]
+    RouterGone,
+}
+
+impl From<LinkError> for LinkFailure {
+    fn from(e: LinkError) -> Self {
+        match e {
+            LinkError::Send(_) | LinkError::TrySend(_) => LinkFailure::RouterGone,
+            other => LinkFailure::Refused(other.to_string()),
+        }
+    }
+}
+
+struct LinkRequest {
+    client_id: String,
+    clean_session: bool,
+    reply: oneshot::Sender<Result<Link, LinkFailure>>,
+}
+
+/// The router and the server's handle on it. Lives on the event loop.
+pub struct Broker {
+    connector: mpsc::Sender<LinkRequest>,
+    wills: RefCell<LinkTx>,
+    next_will_pkid: Cell<u16>,
+    /// Wills waiting for their delay to pass, by client id; a client that
+    /// comes back in time cancels its own.
+    delayed_wills: RefCell<HashMap<String, (AbortHandle, Rc<Notify>)>>,
+    metrics: std::sync::Arc<MqttMetrics>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").finish_non_exhaustive()
+    }
+}
+
+/// The router settings that follow from our configuration.
+pub fn router_config(config: &MqttConfig, max_connections: u64) -> RouterConfig {
+    RouterConfig {
+        max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX / 2) + ROUTER_SLACK,
+        max_outgoing_packet_count: u64::from(config.max_outgoing_packet_count),
+        max_segment_size: config.segment_size as usize,
+        max_segment_count: config.segment_count as usize,
+        custom_segment: None,
+        initialized_filters: None,
+        shared_subscriptions_strategy: Default::default(),
+    }
+}
+
+impl Broker {
+    /// Starts the router thread and the connector thread, and attaches the
+    /// internal link. Call before the event loop runs: it blocks until the
+    /// router has answered once. Returns the broker and the internal link's
+    /// receiver, to be watched with [`watch_router`].
+    pub fn start(
+        config: &MqttConfig,
+        max_connections: u64,
+        metrics: std::sync::Arc<MqttMetrics>,
+    ) -> std::io::Result<(Rc<Broker>, LinkRx)> {
+        let router = Router::new(0, router_config(config, max_connections));
+        // The sender's type names a private rumqttd type; it is only ever
+        // captured by this closure.
+        let router_tx = router.spawn();
+        let build = move |client_id: &str, clean_session: bool| {
+            LinkBuilder::new(client_id, router_tx.clone())
+                .clean_session(clean_session)
+                // Publishes to topics nobody subscribes to are dropped by the
+                // router either way; dynamic filters would create a log for
+                // every such topic.
+                .dynamic_filters(false)
+                .build()
+                .map_err(LinkFailure::from)
+        };
+        let (wills_tx, wills_rx, _connack) =
+            build(INTERNAL_CLIENT_ID, true).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let (connector, requests) = mpsc::channel::<LinkRequest>();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(requests));
+        for n in 0..CONNECT_THREADS {
+            let (requests, build) = (requests.clone(), build.clone());
+            let histogram = metrics.link_build_seconds.clone();
+            std::thread::Builder::new()
+                .name(format!("mqtt-connect-{n}"))
+                .spawn(move || connector_thread(&requests, build, histogram))?;
+        }
+        let broker = Rc::new(Broker {
+            connector,
+            wills: RefCell::new(wills_tx),
+            next_will_pkid: Cell::new(0),
+            delayed_wills: RefCell::new(HashMap::new()),
+            metrics,
+        });
+        Ok((broker, wills_rx))
+    }
+
+    /// Registers a client with the router. The wait happens on an
+    /// `mqtt-connect-N` thread; this task just awaits the answer.
+    pub async fn link(&self, client_id: &str, clean_session: bool) -> Result<Link, LinkFailure> {
+        let (reply, answer) = oneshot::channel();
+        let request = LinkRequest { client_id: client_id.to_owned(), clean_session, reply };
+        if self.connector.send(request).is_err() {
+            return Err(LinkFailure::RouterGone);
+        }
+        answer.await.unwrap_or(Err(LinkFailure::RouterGone))
+    }
+
+    /// A client with this id connected: a will still waiting for its delay
+    /// is cancelled when the client resumes its session (MQTT 5 §3.1.2.5),
+    /// or published at once when it starts a clean one (the old session has
+    /// ended, and with it the delay).
+    pub fn client_returned(&self, client_id: &str, clean_start: bool) {
+        let Some((task, fire)) = self.delayed_wills.borrow_mut().remove(client_id) else {
+            return;
+        };
+        if clean_start {
+            fire.notify_one();
+        } else {
+            task.abort();
+        }
+    }
+
+    /// Publishes a will now, or after `delay` (MQTT 5's will delay interval,
+    /// already capped by the session expiry).
+    pub fn publish_will(
+        self: &Rc<Self>,
+        client_id: &str,
+        will: LastWill,
+        properties: Option<LastWillProperties>,
+        delay: Duration,
+    ) {
+        if delay.is_zero() {
+            self.send_will(will, properties);
+            return;
+        }
+        let broker = self.clone();
+        let id = client_id.to_owned();
+        let fire = Rc::new(Notify::new());
+        let fired = fire.clone();
+        let task = tokio::task::spawn_local(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {
+                    broker.delayed_wills.borrow_mut().remove(&id);
+                }
+                _ = fired.notified() => {}
+            }
+            broker.send_will(will, properties);
+        });
+        let previous =
+            self.delayed_wills.borrow_mut().insert(client_id.to_owned(), (task.abort_handle(), fire));
+        if let Some((previous, _)) = previous {
+            previous.abort();
+        }
+    }
+
+    fn send_will(&self, will: LastWill, properties: Option<LastWillProperties>) {
+        let qos = will.qos as u8;
+        let pkid = if qos == 0 {
+            0
+        } else {
+            let next = self.next_will_pkid.get().checked_add(1).unwrap_or(1).max(1);
+            self.next_will_pkid.set(next);
+            next
+        };
+        let publish = will_publish(&will, pkid);
+        let properties = properties.map(|p| PublishProperties {
+            payload_format_indicator: p.payload_format_indicator,
+            message_expiry_interval: p.message_expiry_interval,
+            topic_alias: None,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data,
+            user_properties: p.user_properties,
+            subscription_identifiers: Vec::new(),
+            content_type: p.content_type,
+        });
+        self.metrics.wills_published.inc();
+        // `send` is an `async fn` that never awaits: it completes on its first poll.
+        let sent = self.wills.borrow_mut().send(Packet::Publish(publish, properties)).now_or_never();
+        if let Some(Err(e)) = sent {
+            warn!(error = %e, "could not hand a will message to the router");
+        }
+    }
+
+    /// The router asked the internal link to release a QoS 2 will.
+    fn release(&self, pkid: u16) {
+        let pubrel = PubRel { pkid, reason: PubRelReason::Success };
+        let _ = self.wills.borrow_mut().send(Packet::PubRel(pubrel, None)).now_or_never();
+    }
+}
+
+/// A PUBLISH for a will, with its QoS and packet id. rumqttd keeps a
+/// publish's QoS and packet id private to the crate; its documented
+/// serialization is the public way to build one with both set.
+fn will_publish(will: &LastWill, pkid: u16) -> Publish {
+    let qos = will.qos as u8;
+    let mut raw = BytesMut::with_capacity(5 + will.topic.len() + will.message.len());
+    raw.put_u8(0b0011_0000 | u8::from(will.retain) | (qos << 1));
+    raw.put_u16(pkid);
+    raw.put_u16(will.topic.len() as u16);
+    raw.extend_from_slice(&will.topic);
+    raw.extend_from_slice(&will.message);
+    Publish::deserialize(raw.freeze())
+}
+
+/// Runs `LinkBuilder::build()` for the requests it takes from the shared
+/// queue, and times each.
+fn connector_thread<F>(
+    requests: &std::sync::Mutex<mpsc::Receiver<LinkRequest>>,
+    build: F,
+    histogram: Histogram,
+) where
+    F: Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), LinkFailure>,
+{
+    loop {
+        // One thread waits on the queue, the others on the lock.
+        let next = match requests.lock() {
+            Ok(queue) => queue.recv(),
+            Err(_) => return,
+        };
+        let Ok(request) = next else { return };
+        // A client that gave up while queued needs no link.
+        if request.reply.is_closed() {
+            continue;
+        }
+        let started = Instant::now();
+        let result = build(&request.client_id, request.clean_session);
+        histogram.observe(started.elapsed().as_secs_f64());
+        let result = result.map(|(tx, rx, connack)| Link { tx, rx, connack });
+        match request.reply.send(result) {
+            Ok(()) => {}
+            // The client left while the router registered it: unregister.
+            Err(Ok(mut link)) => {
+                let bye = Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection };
+                let _ = link.tx.send(Packet::Disconnect(bye, None)).now_or_never();
+            }
+            Err(Err(e)) => debug!(error = %e, "link failed for a client that is gone"),
+        }
+    }
+}
+
+/// Serves the internal link until the router goes away, then calls
+/// `on_death`. QoS 2 wills need a PUBREL to be released; QoS 1 wills are
+/// acknowledged and done.
+pub async fn watch_router(broker: Rc<Broker>, mut rx: LinkRx, on_death: impl FnOnce()) {
+    loop {
+        match rx.next().await {
+            Ok(Some(Notification::Unschedule)) => {
+                let _ = rx.wake().await;
+            }
+            Ok(Some(notification)) => {
+                if let Some(Packet::PubRec(pubrec, _)) = Option::<Packet>::from(notification) {
+                    broker.release(pubrec.pkid);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                error!(
+                    error = %e,
+                    "the MQTT router thread has stopped (see the panic above); \
+                     the broker cannot route messages any more, shutting down"
+                );
+                on_death();
+                return;
+            }
+        }
+    }
+}
+
+/// Logs how the router was set up, once at start.
+pub fn report(config: &MqttConfig, max_connections: u64) {
+    info!(
+        max_mqtt_connections = max_connections,
+        segment_size = config.segment_size,
+        segment_count = config.segment_count,
+        max_payload_size = config.max_payload_size,
+        authentication = !config.username.is_empty(),
+        tls = !config.tls_cert.is_empty(),
+        "MQTT router started (threads: router-0, mqtt-connect-0..3)"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use rumqttd::protocol::{Filter, QoS, RetainForwardRule, Subscribe};
+
+    /// The router's death is noticed. To kill it, this test does what
+    /// sessions refuse to do (see `topics::check_filter`): a persistent
+    /// session, alone in a share group, disconnects with a QoS 1 message
+    /// in flight, and rumqttd 0.20's router panics ("group must exists").
+    #[tokio::test]
+    async fn a_dead_router_is_noticed() {
+        let config = crate::config::MqttConfig::default();
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new(1024, None));
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let (broker, watch) = Broker::start(&config, 10, metrics.mqtt.clone()).unwrap();
+                let died = Rc::new(Cell::new(false));
+                let flag = died.clone();
+                let watcher =
+                    tokio::task::spawn_local(watch_router(broker.clone(), watch, move || flag.set(true)));
+                let mut member = broker.link("member", false).await.unwrap();
+                let filter = Filter {
+                    path: "$share/g/doomed".into(),
+                    qos: QoS::AtLeastOnce,
+                    nolocal: false,
+                    preserve_retain: false,
+                    retain_forward_rule: RetainForwardRule::Never,
+                };
+                let subscribe = Subscribe { pkid: 1, filters: vec![filter] };
+                member.tx.send(Packet::Subscribe(subscribe, None)).await.unwrap();
+                let mut publisher = broker.link("publisher", true).await.unwrap();
+                let will = LastWill {
+                    topic: Bytes::from_static(b"doomed"),
+                    message: Bytes::from_static(b"x"),
+                    qos: QoS::AtLeastOnce,
+                    retain: false,
+                };
+                publisher.tx.send(Packet::Publish(will_publish(&will, 1), None)).await.unwrap();
+                // Wait until the message is in flight to the member.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                loop {
+                    let next = tokio::time::timeout_at(deadline, member.rx.next()).await.unwrap().unwrap();
+                    if let Some(Notification::Forward(_)) = next {
+                        break;
+                    }
+                }
+                let bye = Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection };
+                member.tx.send(Packet::Disconnect(bye, None)).await.unwrap();
+                tokio::time::timeout(Duration::from_secs(5), watcher).await.expect("noticed").unwrap();
+                assert!(died.get());
+                assert!(matches!(broker.link("late", true).await, Err(LinkFailure::RouterGone)));
+            })
+            .await;
+    }
+
+    #[test]
+    fn will_publish_keeps_qos_packet_id_and_retain() {
+        let will = LastWill {
+            topic: Bytes::from_static(b"status/c1"),
+            message: Bytes::from_static(b"gone"),
+            qos: QoS::ExactlyOnce,
+            retain: true,
+        };
+        let publish = will_publish(&will, 513);
+        let raw = publish.serialize();
+        assert_eq!(raw[0], 0b0011_0101);
+        assert_eq!(u16::from_be_bytes([raw[1], raw[2]]), 513);
+        assert_eq!(publish.topic, will.topic);
+        assert_eq!(publish.payload, will.message);
+        assert!(publish.retain);
+    }
+}

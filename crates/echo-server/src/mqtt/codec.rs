@@ -1,0 +1,306 @@
+//! Framing MQTT packets with rumqttd's public codecs, for either version.
+//!
+//! One port speaks 3.1.1 and 5: the protocol level in the CONNECT packet
+//! decides which of `rumqttd::protocol::v4::V4` and `v5::V5` reads and
+//! writes the rest of the connection. [`peek_version`] reads that level
+//! from the raw bytes before anything is decoded.
+//!
+//! Writing goes through [`downgrade`](super::downgrade) for 3.1.1 clients:
+//! rumqttd's V4 writer *panics* (`unreachable!`) on any packet that carries
+//! MQTT 5 properties, and the router attaches them freely (a v5 publisher's
+//! user properties, CONNACK's topic alias maximum). Stripping them first is
+//! what keeps a v5 publisher from killing v4 subscribers.
+
+use bytes::BytesMut;
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::v5::V5;
+use rumqttd::protocol::{DisconnectReasonCode, Error as ProtocolError, Packet, Protocol};
+
+use super::downgrade;
+
+/// The MQTT version a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V311,
+    V5,
+}
+
+impl Version {
+    pub fn label(self) -> &'static str {
+        match self {
+            Version::V311 => "3.1.1",
+            Version::V5 => "5",
+        }
+    }
+}
+
+/// What the first bytes of a connection say about its CONNECT packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peek {
+    /// Not enough bytes yet.
+    Incomplete,
+    /// A CONNECT at protocol level 4 (3.1.1) or 5.
+    Connect(Version),
+    /// A CONNECT at a level we do not speak (3 is MQTT 3.1, "MQIsdp").
+    UnsupportedLevel(u8),
+    /// The first packet is not a CONNECT, or not MQTT at all (an HTTP
+    /// request, TLS hello, garbage).
+    NotConnect,
+}
+
+/// Reads the packet type and protocol level of the first packet, without
+/// consuming anything.
+pub fn peek_version(buf: &[u8]) -> Peek {
+    let Some(&first) = buf.first() else {
+        return Peek::Incomplete;
+    };
+    // CONNECT is type 1 with flags 0.
+    if first != 0x10 {
+        return Peek::NotConnect;
+    }
+    // Remaining length: 1 to 4 bytes.
+    let mut pos = 1;
+    loop {
+        let Some(&byte) = buf.get(pos) else {
+            return Peek::Incomplete;
+        };
+        pos += 1;
+        if byte & 0x80 == 0 {
+            break;
+        }
+        if pos > 4 {
+            return Peek::NotConnect;
+        }
+    }
+    // Protocol name: a 2-byte length, then "MQTT" (or "MQIsdp" for 3.1).
+    let Some(name_len) = buf.get(pos..pos + 2) else {
+        return Peek::Incomplete;
+    };
+    let name_len = usize::from(u16::from_be_bytes([name_len[0], name_len[1]]));
+    pos += 2;
+    if name_len > 6 {
+        return Peek::NotConnect;
+    }
+    let Some(name) = buf.get(pos..pos + name_len) else {
+        return Peek::Incomplete;
+    };
+    pos += name_len;
+    let Some(&level) = buf.get(pos) else {
+        return Peek::Incomplete;
+    };
+    match (name, level) {
+        (b"MQTT", 4) => Peek::Connect(Version::V311),
+        (b"MQTT", 5) => Peek::Connect(Version::V5),
+        (b"MQTT" | b"MQIsdp", level) => Peek::UnsupportedLevel(level),
+        _ => Peek::NotConnect,
+    }
+}
+
+/// Reads and writes the packets of one connection.
+#[derive(Debug, Clone)]
+pub struct Codec {
+    pub version: Version,
+    max_packet: usize,
+}
+
+/// A packet read from a client, with its type number for the metrics.
+#[derive(Debug)]
+pub struct Decoded {
+    pub packet: Packet,
+    pub packet_type: u8,
+    pub size: usize,
+}
+
+impl Codec {
+    pub fn new(version: Version, max_packet: usize) -> Codec {
+        Codec { version, max_packet }
+    }
+
+    /// Takes the next complete packet out of `buf`; `Ok(None)` when more
+    /// bytes are needed. A packet whose remaining length is over the limit
+    /// is refused from its fixed header alone, before its body arrives.
+    pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Decoded>, ProtocolError> {
+        let Some(&first) = buf.first() else {
+            return Ok(None);
+        };
+        if !fixed_header_flags_valid(first) {
+            return Err(ProtocolError::MalformedPacket);
+        }
+        let before = buf.len();
+        let result = match self.version {
+            Version::V311 => V4.read_mut(buf, self.max_packet),
+            Version::V5 => V5.read_mut(buf, self.max_packet),
+        };
+        match result {
+            Ok(packet) => Ok(Some(Decoded { packet, packet_type: first >> 4, size: before - buf.len() })),
+            Err(ProtocolError::InsufficientBytes(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Appends `packet` to `out`, as this connection's version needs it.
+    /// Returns the packet type written, or `None` when the packet has no
+    /// form in this version (a server DISCONNECT for 3.1.1) and was dropped.
+    pub fn encode(&self, packet: Packet, out: &mut BytesMut) -> Result<Option<u8>, ProtocolError> {
+        let start = out.len();
+        match self.version {
+            Version::V311 => {
+                let Some(packet) = downgrade::for_v311(packet) else {
+                    return Ok(None);
+                };
+                V4.write(packet, out)?;
+            }
+            Version::V5 => match packet {
+                Packet::Disconnect(disconnect, _) => write_v5_disconnect(disconnect.reason_code, out),
+                packet => {
+                    V5.write(packet, out)?;
+                }
+            },
+        }
+        Ok(out.get(start).map(|b| b >> 4))
+    }
+}
+
+/// Writes an MQTT 5 DISCONNECT. rumqttd 0.20's writer gets it wrong both
+/// ways: with a reason and no properties it declares a remaining length of
+/// 1 but writes 2 bytes; with an empty property set its length comes out as
+/// 2, which it takes for "normal disconnection" and writes no reason at all.
+/// The server only ever sends a reason code, so the packet is written here:
+/// reason, then an empty property length.
+fn write_v5_disconnect(reason: DisconnectReasonCode, out: &mut BytesMut) {
+    out.extend_from_slice(&[0xe0, 0x02, disconnect_code(reason), 0x00]);
+}
+
+/// MQTT 5 §3.14.2.1: the reason codes of DISCONNECT.
+pub fn disconnect_code(reason: DisconnectReasonCode) -> u8 {
+    use DisconnectReasonCode::*;
+    match reason {
+        NormalDisconnection => 0x00,
+        DisconnectWithWillMessage => 0x04,
+        UnspecifiedError => 0x80,
+        MalformedPacket => 0x81,
+        ProtocolError => 0x82,
+        ImplementationSpecificError => 0x83,
+        NotAuthorized => 0x87,
+        ServerBusy => 0x89,
+        ServerShuttingDown => 0x8b,
+        KeepAliveTimeout => 0x8d,
+        SessionTakenOver => 0x8e,
+        TopicFilterInvalid => 0x8f,
+        TopicNameInvalid => 0x90,
+        ReceiveMaximumExceeded => 0x93,
+        TopicAliasInvalid => 0x94,
+        PacketTooLarge => 0x95,
+        MessageRateTooHigh => 0x96,
+        QuotaExceeded => 0x97,
+        AdministrativeAction => 0x98,
+        PayloadFormatInvalid => 0x99,
+        RetainNotSupported => 0x9a,
+        QoSNotSupported => 0x9b,
+        UseAnotherServer => 0x9c,
+        ServerMoved => 0x9d,
+        SharedSubscriptionNotSupported => 0x9e,
+        ConnectionRateExceeded => 0x9f,
+        MaximumConnectTime => 0xa0,
+        SubscriptionIdentifiersNotSupported => 0xa1,
+        WildcardSubscriptionsNotSupported => 0xa2,
+    }
+}
+
+/// The flag bits of a fixed header are fixed for every packet type but
+/// PUBLISH (MQTT 3.1.1 §2.2.2, 5.0 §2.1.3): 0010 for PUBREL, SUBSCRIBE and
+/// UNSUBSCRIBE, 0000 for the rest. rumqttd's codecs do not check them.
+fn fixed_header_flags_valid(first: u8) -> bool {
+    match (first >> 4, first & 0x0f) {
+        (3, flags) => flags & 0b0110 != 0b0110, // PUBLISH: any flags but QoS 3
+        (6 | 8 | 10, flags) => flags == 0b0010,
+        (_, flags) => flags == 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect(name: &[u8], level: u8) -> Vec<u8> {
+        let mut body = (name.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(name);
+        body.extend_from_slice(&[level, 0x02, 0, 30, 0, 1, b'c']);
+        let mut out = vec![0x10, body.len() as u8];
+        out.extend(body);
+        out
+    }
+
+    #[test]
+    fn peeks_the_protocol_level() {
+        assert_eq!(peek_version(&connect(b"MQTT", 4)), Peek::Connect(Version::V311));
+        assert_eq!(peek_version(&connect(b"MQTT", 5)), Peek::Connect(Version::V5));
+        assert_eq!(peek_version(&connect(b"MQIsdp", 3)), Peek::UnsupportedLevel(3));
+        assert_eq!(peek_version(&connect(b"MQTT", 6)), Peek::UnsupportedLevel(6));
+        assert_eq!(peek_version(&connect(b"HTTP", 4)), Peek::NotConnect);
+        assert_eq!(peek_version(b"GET / HTTP/1.1\r\n"), Peek::NotConnect);
+        assert_eq!(peek_version(&[0x16, 0x03, 0x01]), Peek::NotConnect, "a TLS hello");
+        assert_eq!(peek_version(&[0x30, 0x00]), Peek::NotConnect, "a PUBLISH first");
+        assert_eq!(peek_version(&[0x10, 0xff, 0xff, 0xff, 0xff, 0x01]), Peek::NotConnect);
+        let whole = connect(b"MQTT", 5);
+        for len in 0..9 {
+            assert_eq!(peek_version(&whole[..len]), Peek::Incomplete, "{len} bytes");
+        }
+    }
+
+    #[test]
+    fn oversized_packets_are_refused_from_the_header() {
+        let codec = Codec::new(Version::V311, 100);
+        // PUBLISH with a remaining length of 1000, body not sent.
+        let mut buf = BytesMut::from(&[0x30u8, 0xe8, 0x07][..]);
+        assert!(matches!(codec.decode(&mut buf), Err(ProtocolError::PayloadSizeLimitExceeded(1000))));
+    }
+
+    #[test]
+    fn reserved_flag_bits_are_malformed() {
+        let codec = Codec::new(Version::V311, 1 << 20);
+        for bytes in [&[0x80u8, 0x03, 0, 1, 0][..], &[0x60, 0x02, 0, 1], &[0xc1, 0x00], &[0x36, 0x02, 0, 0]] {
+            let mut buf = BytesMut::from(bytes);
+            assert!(matches!(codec.decode(&mut buf), Err(ProtocolError::MalformedPacket)), "{bytes:x?}");
+        }
+        let mut ping = BytesMut::from(&[0xc0u8, 0x00][..]);
+        assert!(codec.decode(&mut ping).unwrap().is_some());
+    }
+
+    #[test]
+    fn v5_disconnect_with_a_reason_is_well_formed() {
+        use rumqttd::protocol::Disconnect;
+        let codec = Codec::new(Version::V5, 1 << 20);
+        for reason in [
+            DisconnectReasonCode::ServerShuttingDown,
+            DisconnectReasonCode::SessionTakenOver,
+            DisconnectReasonCode::NormalDisconnection,
+        ] {
+            let mut out = BytesMut::new();
+            codec.encode(Packet::Disconnect(Disconnect { reason_code: reason }, None), &mut out).unwrap();
+            assert_eq!(usize::from(out[1]), out.len() - 2, "remaining length matches: {out:x?}");
+            let mut back = out.clone();
+            let decoded = V5.read_mut(&mut back, 1 << 20).unwrap();
+            assert!(matches!(decoded, Packet::Disconnect(d, _) if d.reason_code == reason), "{out:x?}");
+            assert_eq!(out[2], disconnect_code(reason));
+        }
+    }
+
+    #[test]
+    fn decodes_in_pieces() {
+        let codec = Codec::new(Version::V311, 1 << 20);
+        let bytes = connect(b"MQTT", 4);
+        let mut buf = BytesMut::new();
+        for (i, b) in bytes.iter().enumerate() {
+            buf.extend_from_slice(&[*b]);
+            let decoded = codec.decode(&mut buf).unwrap();
+            assert_eq!(decoded.is_some(), i + 1 == bytes.len());
+            if let Some(d) = decoded {
+                assert_eq!(d.packet_type, 1);
+                assert_eq!(d.size, bytes.len());
+                assert!(matches!(d.packet, Packet::Connect(..)));
+            }
+        }
+        assert!(buf.is_empty());
+    }
+}

@@ -1,0 +1,270 @@
+//! The MQTT broker: rumqttd's router as the core, everything on the
+//! network side ours.
+//!
+//! rumqttd's own servers (`Broker::start`, `Server::start`) own their accept
+//! loops and threads, refuse a full server or a keep-alive of 0 by dropping
+//! the client, speak one protocol version per port, and die on a 3.1.1
+//! subscriber receiving an MQTT 5 publish (see [`downgrade`]). So this
+//! module runs only rumqttd's `Router` (on its own thread, see [`broker`])
+//! and serves the sockets itself, on the same event loop as WebSocket:
+//!
+//! - [`mod@self`]: the accept side — connection limit, CONNACK refusals when
+//!   full, TLS, and the entry for MQTT over WebSocket;
+//! - [`session`]: one connection's CONNECT checks and exchange loop;
+//! - [`codec`]: framing with rumqttd's public v4/v5 codecs;
+//! - [`downgrade`]: router output made safe for 3.1.1 clients;
+//! - [`topics`]: topic and filter checks the router does not do;
+//! - [`transport`]: TCP, TLS or WebSocket underneath;
+//! - [`auth`], [`tls`]: optional credentials and TLS.
+
+pub mod auth;
+pub mod broker;
+pub mod codec;
+pub mod downgrade;
+pub mod session;
+pub mod tls;
+pub mod topics;
+pub mod transport;
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttd::protocol::ConnectReturnCode;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::WebSocketStream;
+use tracing::debug;
+
+use crate::config::MqttConfig;
+use crate::listener::{ConnectionLimit, Permit};
+use crate::metrics::MqttMetrics;
+use crate::shutdown::Shutdown;
+use broker::Broker;
+use codec::{Peek, Version, peek_version};
+use transport::Transport;
+
+/// At most this many clients over the limit are being sent a refusing
+/// CONNACK at once; beyond that they are disconnected without one, so that
+/// a flood cannot take the file descriptors kept in reserve.
+const MAX_CONCURRENT_REFUSALS: u32 = 32;
+
+/// How long a client over the limit has to send its CONNECT.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Everything the MQTT tasks share.
+pub struct MqttServer {
+    pub config: MqttConfig,
+    pub metrics: Arc<MqttMetrics>,
+    pub shutdown: Rc<Shutdown>,
+    pub limit: Rc<ConnectionLimit>,
+    pub broker: Rc<Broker>,
+    pub tls: Option<TlsAcceptor>,
+    pub credentials: Option<auth::Credentials>,
+    /// Turns for processing a CONNECT (see `mqtt.connect_concurrency`).
+    pub connecting: tokio::sync::Semaphore,
+    refusing: Cell<u32>,
+    next_client: Cell<u64>,
+    /// Makes assigned client ids unique across restarts too.
+    boot: u64,
+}
+
+impl std::fmt::Debug for MqttServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttServer").field("tls", &self.tls.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl MqttServer {
+    pub fn new(
+        config: MqttConfig,
+        metrics: Arc<MqttMetrics>,
+        shutdown: Rc<Shutdown>,
+        limit: Rc<ConnectionLimit>,
+        broker: Rc<Broker>,
+        tls: Option<TlsAcceptor>,
+    ) -> Rc<Self> {
+        let credentials = auth::Credentials::new(&config.username, &config.password);
+        let connecting = tokio::sync::Semaphore::new(config.connect_concurrency as usize);
+        let boot = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Rc::new(MqttServer {
+            config,
+            metrics,
+            shutdown,
+            limit,
+            broker,
+            tls,
+            credentials,
+            connecting,
+            refusing: Cell::new(0),
+            next_client: Cell::new(0),
+            boot,
+        })
+    }
+
+    /// A client id for a client that sent none (MQTT 5 returns it in the
+    /// CONNACK). Only characters the router accepts.
+    pub fn assign_client_id(&self) -> String {
+        let n = self.next_client.get() + 1;
+        self.next_client.set(n);
+        format!("auto-{:x}-{n}", self.boot)
+    }
+
+    /// Called by the accept loop for every TCP connection on the MQTT port.
+    pub fn on_accept(self: &Rc<Self>, stream: TcpStream, peer: SocketAddr) {
+        self.metrics.accepted.inc();
+        let _ = stream.set_nodelay(true);
+        match self.limit.try_acquire() {
+            Some(permit) => {
+                tokio::task::spawn_local(serve_tcp(stream, peer, permit, self.clone()));
+            }
+            None => self.refuse_when_full(stream, peer),
+        }
+    }
+
+    fn refuse_when_full(self: &Rc<Self>, stream: TcpStream, peer: SocketAddr) {
+        self.metrics.refuse("capacity");
+        if self.refusing.get() >= MAX_CONCURRENT_REFUSALS {
+            return;
+        }
+        self.refusing.set(self.refusing.get() + 1);
+        let server = self.clone();
+        tokio::task::spawn_local(async move {
+            let transport = match &server.tls {
+                Some(acceptor) => {
+                    match tokio::time::timeout(REFUSAL_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => Some(Transport::Tls(Box::new(tls))),
+                        _ => None,
+                    }
+                }
+                None => Some(Transport::Tcp(stream)),
+            };
+            if let Some(transport) = transport {
+                refuse_full(transport, &server).await;
+            }
+            debug!(%peer, "refused: at the MQTT connection limit");
+            server.refusing.set(server.refusing.get() - 1);
+        });
+    }
+
+    /// Takes over a WebSocket connection whose upgrade selected the `mqtt`
+    /// subprotocol. Its WebSocket permit stays held by the caller; the MQTT
+    /// limit applies as well.
+    pub async fn serve_websocket(self: Rc<Self>, ws: WebSocketStream<TcpStream>, peer: SocketAddr) {
+        let transport = Transport::Ws(Box::new(ws));
+        match self.limit.try_acquire() {
+            Some(_permit) => session::run(transport, peer, self.clone()).await,
+            None => {
+                self.metrics.refuse("capacity");
+                refuse_full(transport, &self).await;
+            }
+        }
+    }
+}
+
+async fn serve_tcp(stream: TcpStream, peer: SocketAddr, permit: Permit, server: Rc<MqttServer>) {
+    let _permit = permit;
+    let transport = match &server.tls {
+        None => Transport::Tcp(stream),
+        Some(acceptor) => {
+            // The handshake counts against the CONNECT deadline.
+            match tokio::time::timeout(server.config.connect_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => Transport::Tls(Box::new(tls)),
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "TLS handshake failed");
+                    server.metrics.refuse("tls");
+                    return;
+                }
+                Err(_) => {
+                    server.metrics.refuse("connect_timeout");
+                    return;
+                }
+            }
+        }
+    };
+    session::run(transport, peer, server).await;
+}
+
+/// Answers a client over the limit: reads its CONNECT (for the version),
+/// then CONNACK "server unavailable" (3.1.1) or 0x97 "quota exceeded" (5).
+async fn refuse_full(mut transport: Transport, server: &MqttServer) {
+    let mut buf = BytesMut::new();
+    let version = tokio::time::timeout(REFUSAL_TIMEOUT, async {
+        loop {
+            match peek_version(&buf) {
+                Peek::Connect(version) => return Some(version),
+                Peek::UnsupportedLevel(_) | Peek::NotConnect => return None,
+                Peek::Incomplete => match transport.read(&mut buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                },
+            }
+        }
+    })
+    .await;
+    if let Ok(Some(version)) = version {
+        let code = match version {
+            Version::V311 => ConnectReturnCode::ServiceUnavailable,
+            Version::V5 => ConnectReturnCode::QuotaExceeded,
+        };
+        session::write_connack(&mut transport, version, code, server).await;
+    }
+    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async {
+        transport.close(false).await;
+        transport.drain().await;
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+
+    /// What one idle MQTT connection costs, and where it goes. Our side is
+    /// the session task (its future, allocated once per connection); the
+    /// queues rumqttd allocates per link are listed for docs/mqtt.md.
+    #[tokio::test]
+    async fn a_session_costs_a_small_future() {
+        let config = Config::default();
+        let metrics = Arc::new(Metrics::new(1024, None));
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let (broker, _watch) = Broker::start(&config.mqtt, 10, metrics.mqtt.clone()).unwrap();
+                let limit = ConnectionLimit::new(10, Default::default());
+                let server = MqttServer::new(
+                    config.mqtt.clone(),
+                    metrics.mqtt.clone(),
+                    Rc::new(Shutdown::new()),
+                    limit.clone(),
+                    broker,
+                    None,
+                );
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+                let (accepted, peer) = listener.accept().await.unwrap();
+                let session = serve_tcp(accepted, peer, limit.try_acquire().unwrap(), server);
+                let size = std::mem::size_of_val(&session);
+                let packet = std::mem::size_of::<rumqttd::protocol::Packet>();
+                let notification = std::mem::size_of::<rumqttd::Notification>();
+                println!("MQTT session future: {size} bytes");
+                println!(
+                    "rumqttd per link: LinkRx cache 100 x {notification} B = {} B; router: incoming 200 x {packet} B = {} B, \
+                     outgoing 200 x {notification} B = {} B",
+                    100 * notification,
+                    200 * packet,
+                    200 * notification
+                );
+                assert!(size <= 2048, "the per-connection MQTT future grew to {size} bytes");
+            })
+            .await;
+    }
+}

@@ -1,0 +1,764 @@
+//! One MQTT connection, from its first byte to its close.
+//!
+//! 1. **CONNECT** ([`handshake`]): read within `connect_timeout`; the
+//!    protocol level picks the codec; credentials and client id are checked
+//!    here, so a refusal is always a CONNACK with the right code (rumqttd's
+//!    router would drop the client without one).
+//! 2. **Link**: the client is registered with the router on the
+//!    `mqtt-connect-N` threads (see [`broker`](super::broker)); the router's
+//!    CONNACK (session present or not) goes to the client.
+//! 3. **Exchange** ([`exchange`]): one task waits on three things at once —
+//!    bytes from the client, notifications from the router, the keep-alive
+//!    deadline (and shutdown). Packets read are checked, counted and pushed
+//!    to the router as one batch with one wake-up; notifications are
+//!    encoded for the client's version and written as one batch.
+//!    Between bursts the task holds no read or write buffer.
+//!
+//! Whatever ends the session — the client, a protocol error, a write
+//! timeout, shutdown, or a panic — dropping [`RouterLink`] tells the router
+//! the client is gone, so no session is ever left registered.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::FutureExt;
+use rumqttd::Notification;
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{
+    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Error as ProtocolError,
+    LastWill, LastWillProperties, Packet, PingResp, SubAck,
+};
+use tokio::time::{Instant, timeout_at};
+use tracing::debug;
+
+use super::MqttServer;
+use super::broker::LinkFailure;
+use super::codec::{Codec, Decoded, Peek, Version, peek_version};
+use super::topics::{self, Refusals};
+use super::transport::Transport;
+
+/// The link to the router for one session. Dropping it while the router
+/// still knows the client sends the router a DISCONNECT for it, so that a
+/// session that ends in any way — including a panic — is removed.
+struct RouterLink {
+    tx: LinkTx,
+    rx: LinkRx,
+    /// False once the router has dropped this client (take-over, a publish
+    /// it refused) or been told it is gone.
+    registered: bool,
+}
+
+impl Drop for RouterLink {
+    fn drop(&mut self) {
+        if self.registered {
+            let bye = Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection };
+            let _ = self.tx.send(Packet::Disconnect(bye, None)).now_or_never();
+        }
+    }
+}
+
+/// A CONNECT that passed every check.
+struct Accepted {
+    codec: Codec,
+    client_id: String,
+    assigned_id: bool,
+    clean_session: bool,
+    keep_alive: u16,
+    /// Boxed: most clients have none, and this struct lives as long as
+    /// the connection.
+    will: Option<Box<(LastWill, Option<LastWillProperties>)>>,
+    will_delay: Duration,
+}
+
+/// How the CONNECT phase ended when it did not end in a session.
+enum Refused {
+    /// Nothing to answer (the client left, timed out, or is not MQTT).
+    Silently(&'static str),
+    /// Answer with this CONNACK code, then close.
+    With(Version, ConnectReturnCode, &'static str),
+}
+
+/// Serves one connection until it closes. The caller holds the permit.
+///
+/// The CONNECT phase and the closing phase run boxed: their state (the
+/// CONNECT's fields, refusal and CONNACK writes, timers) is allocated only
+/// while they run, so the future that lives as long as the connection holds
+/// little more than the exchange loop.
+pub async fn run(mut transport: Transport, peer: SocketAddr, server: Rc<MqttServer>) {
+    let mut rbuf = BytesMut::new();
+    let Some((mut session, mut router)) = Box::pin(open(&mut transport, &mut rbuf, peer, &server)).await
+    else {
+        return;
+    };
+    let metrics = &server.metrics;
+    let gauge = match session.codec.version {
+        Version::V311 => metrics.v311.clone(),
+        Version::V5 => metrics.v5.clone(),
+    };
+    gauge.inc();
+    let end = exchange(&mut transport, &mut rbuf, &mut router, &mut session, &server).await;
+    gauge.dec();
+    metrics.closed(end.reason);
+    debug!(%peer, client_id = %session.client_id, reason = end.reason, "session ended");
+    Box::pin(finish(&mut transport, &session, end, &server)).await;
+    drop(router);
+}
+
+/// How long a new connection may hold a CONNECT turn before its CONNECT
+/// has arrived (see [`open`]).
+const TURN_PATIENCE: Duration = Duration::from_millis(50);
+
+/// The CONNECT phase: checks, the link to the router, the CONNACK.
+async fn open(
+    transport: &mut Transport,
+    rbuf: &mut BytesMut,
+    peer: SocketAddr,
+    server: &MqttServer,
+) -> Option<(Accepted, RouterLink)> {
+    let metrics = &server.metrics;
+    let deadline = Instant::now() + server.config.connect_timeout;
+    // Once the client has sent its first bytes, the CONNECT phase — reading
+    // and checking the CONNECT, router registration, CONNACK — runs on a
+    // turn (`mqtt.connect_concurrency`). In a connect storm thousands of
+    // sessions are ready at once; if all of them did that work at once,
+    // every WebSocket echo and MQTT message of the clients already
+    // connected would queue behind them on the one event loop. With a few
+    // turns, the storm's work is spread out and everyone else is served in
+    // between (a session waiting for a turn costs one poll). A client that
+    // has not sent its whole CONNECT within `TURN_PATIENCE` gives its turn
+    // back and waits for a new one once its CONNECT is in, so slow or
+    // silent clients cannot hold the turns.
+    let arrived = tokio::select! {
+        biased;
+        _ = server.shutdown.wait() => Err(Refused::Silently("shutdown")),
+        arrived = timeout_at(deadline, transport.readable()) => {
+            arrived.map_err(|_| Refused::Silently("connect_timeout"))
+        }
+    };
+    if let Err(refused) = arrived {
+        refuse(transport, refused, server).await;
+        return None;
+    }
+    let mut turn = tokio::select! {
+        biased;
+        _ = server.shutdown.wait() => None,
+        turn = server.connecting.acquire() => turn.ok(),
+    };
+    if turn.is_none() {
+        refuse(transport, Refused::Silently("shutdown"), server).await;
+        return None;
+    }
+    let accepted = {
+        let handshake = handshake(transport, rbuf, server);
+        tokio::pin!(handshake);
+        let patience = deadline.min(Instant::now() + TURN_PATIENCE);
+        let first = tokio::select! {
+            biased;
+            _ = server.shutdown.wait() => Some(Err(Refused::Silently("shutdown"))),
+            result = timeout_at(patience, &mut handshake) => result.ok(),
+        };
+        match first {
+            Some(result) => result,
+            None => {
+                turn = None;
+                tokio::select! {
+                    biased;
+                    _ = server.shutdown.wait() => Err(Refused::Silently("shutdown")),
+                    result = timeout_at(deadline, &mut handshake) => {
+                        result.unwrap_or(Err(Refused::Silently("connect_timeout")))
+                    }
+                }
+            }
+        }
+    };
+    let accepted = match accepted {
+        Ok(accepted) => accepted,
+        Err(refused) => {
+            drop(turn);
+            refuse(transport, refused, server).await;
+            return None;
+        }
+    };
+    let _turn = match turn {
+        Some(turn) => turn,
+        None => tokio::select! {
+            biased;
+            _ = server.shutdown.wait() => return None,
+            turn = server.connecting.acquire() => turn.ok()?,
+        },
+    };
+    let version = accepted.codec.version;
+    server.broker.client_returned(&accepted.client_id, accepted.clean_session);
+    let link = tokio::select! {
+        biased;
+        _ = server.shutdown.wait() => Err(LinkFailure::RouterGone),
+        link = server.broker.link(&accepted.client_id, accepted.clean_session) => link,
+    };
+    let link = match link {
+        Ok(link) => link,
+        Err(e) => {
+            debug!(%peer, error = %e, "router did not take the client");
+            let reason = if server.shutdown.is_triggered() { "shutdown" } else { "router" };
+            let code = if version == Version::V5 {
+                ConnectReturnCode::ServerBusy
+            } else {
+                ConnectReturnCode::ServiceUnavailable
+            };
+            write_connack(transport, version, code, server).await;
+            metrics.refuse(reason);
+            transport.close(false).await;
+            return None;
+        }
+    };
+    let router = RouterLink { tx: link.tx, rx: link.rx, registered: true };
+    let session_present = match Option::<Packet>::from(link.connack) {
+        Some(Packet::ConnAck(ack, _)) => ack.session_present,
+        _ => false,
+    };
+    let mut connack = ConnAckProperties {
+        // The router forwards nothing bigger than this to its subscribers.
+        max_packet_size: Some(server.config.max_payload_size),
+        retain_available: Some(1),
+        wildcard_subscription_available: Some(1),
+        shared_subscription_available: Some(1),
+        ..ConnAckProperties::default()
+    };
+    if accepted.assigned_id {
+        connack.assigned_client_identifier = Some(accepted.client_id.clone());
+    }
+    let ack = ConnAck { session_present, code: ConnectReturnCode::Success };
+    let mut out = BytesMut::new();
+    let packets = vec![Packet::ConnAck(ack, Some(connack))];
+    if send(transport, &accepted.codec, packets, &mut out, server).await.is_err() {
+        metrics.closed("reset");
+        publish_will(server, &accepted);
+        return None;
+    }
+    metrics.connected(version.label());
+    debug!(
+        %peer,
+        client_id = %accepted.client_id,
+        version = version.label(),
+        transport = transport.name(),
+        "connected"
+    );
+    Some((accepted, router))
+}
+
+/// The closing phase: the will, MQTT 5's DISCONNECT with its reason, and a
+/// polite close, all within the shutdown grace when shutting down.
+async fn finish(transport: &mut Transport, session: &Accepted, end: End, server: &MqttServer) {
+    if end.will {
+        publish_will(server, session);
+    }
+    let grace = server.shutdown.deadline().unwrap_or_else(|| Instant::now() + Duration::from_secs(5));
+    if let Some(code) = end.disconnect
+        && session.codec.version == Version::V5
+    {
+        let bye = Packet::Disconnect(Disconnect { reason_code: code }, None);
+        let mut out = BytesMut::new();
+        let _ = tokio::time::timeout_at(grace, send(transport, &session.codec, vec![bye], &mut out, server))
+            .await;
+    }
+    if end.polite_close {
+        let _ = tokio::time::timeout_at(grace, async {
+            transport.close(server.shutdown.is_triggered()).await;
+            transport.drain().await;
+        })
+        .await;
+    }
+}
+
+/// Publishes the session's will, if it has one.
+fn publish_will(server: &MqttServer, accepted: &Accepted) {
+    if let Some(will) = accepted.will.clone() {
+        let (will, properties) = *will;
+        server.broker.publish_will(&accepted.client_id, will, properties, accepted.will_delay);
+    }
+}
+
+/// Reads and checks the CONNECT.
+async fn handshake(
+    transport: &mut Transport,
+    rbuf: &mut BytesMut,
+    server: &MqttServer,
+) -> Result<Accepted, Refused> {
+    let max = server.config.max_payload_size as usize;
+    let version = loop {
+        match peek_version(rbuf) {
+            Peek::Connect(version) => break version,
+            Peek::NotConnect => return Err(Refused::Silently("not_connect")),
+            // 3.1.1 §3.1.2.2: answer an unsupported level with code 1.
+            Peek::UnsupportedLevel(level) if level < 5 => {
+                return Err(Refused::With(
+                    Version::V311,
+                    ConnectReturnCode::RefusedProtocolVersion,
+                    "protocol_version",
+                ));
+            }
+            Peek::UnsupportedLevel(_) => {
+                return Err(Refused::With(
+                    Version::V5,
+                    ConnectReturnCode::UnsupportedProtocolVersion,
+                    "protocol_version",
+                ));
+            }
+            Peek::Incomplete => read_more(transport, rbuf).await?,
+        }
+    };
+    let codec = Codec::new(version, max);
+    let decoded = loop {
+        match codec.decode(rbuf) {
+            Ok(Some(decoded)) => break decoded,
+            Ok(None) => read_more(transport, rbuf).await?,
+            Err(ProtocolError::PayloadSizeLimitExceeded(_)) => {
+                return Err(Refused::With(version, ConnectReturnCode::PacketTooLarge, "too_large"));
+            }
+            Err(_) => return Err(Refused::With(version, ConnectReturnCode::MalformedPacket, "malformed")),
+        }
+    };
+    server.metrics.packet_received(decoded.packet_type);
+    server.metrics.bytes_received.inc_by(decoded.size as u64);
+    let Packet::Connect(connect, properties, will, will_properties, login) = decoded.packet else {
+        return Err(Refused::Silently("not_connect"));
+    };
+    if let Some(credentials) = &server.credentials
+        && !credentials.check(login.as_ref())
+    {
+        return Err(Refused::With(version, ConnectReturnCode::BadUserNamePassword, "bad_credentials"));
+    }
+    let mut client_id = connect.client_id;
+    let mut assigned_id = false;
+    if client_id.is_empty() {
+        // 3.1.1 §3.1.3.1: an empty id needs a clean session.
+        if !connect.clean_session && version == Version::V311 {
+            return Err(Refused::With(version, ConnectReturnCode::ClientIdentifierNotValid, "client_id"));
+        }
+        client_id = server.assign_client_id();
+        assigned_id = true;
+    } else if client_id.contains(['\0', '+', '#', '/', '$']) {
+        // The router refuses these characters (silently); NUL is not
+        // allowed in MQTT strings and marks the server's own link.
+        return Err(Refused::With(version, ConnectReturnCode::ClientIdentifierNotValid, "client_id"));
+    }
+    let session_expiry = properties.as_ref().and_then(|p| p.session_expiry_interval).unwrap_or(0);
+    let delay = will_properties.as_ref().and_then(|p| p.delay_interval).unwrap_or(0);
+    if let Some(w) = &will
+        && !topics::check_topic(&w.topic, false)
+    {
+        return Err(Refused::With(version, ConnectReturnCode::TopicNameInvalid, "malformed"));
+    }
+    Ok(Accepted {
+        codec,
+        client_id,
+        assigned_id,
+        clean_session: connect.clean_session,
+        keep_alive: connect.keep_alive,
+        will: will.map(|w| Box::new((w, will_properties))),
+        will_delay: Duration::from_secs(u64::from(delay.min(session_expiry))),
+    })
+}
+
+async fn read_more(transport: &mut Transport, rbuf: &mut BytesMut) -> Result<(), Refused> {
+    match transport.read(rbuf).await {
+        Ok(0) | Err(_) => Err(Refused::Silently("disconnected")),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Answers a CONNECT that will not become a session, and closes.
+async fn refuse(transport: &mut Transport, refused: Refused, server: &MqttServer) {
+    match refused {
+        Refused::Silently(reason) => {
+            server.metrics.refuse(reason);
+            let _ = tokio::time::timeout(Duration::from_secs(1), transport.close(false)).await;
+        }
+        Refused::With(version, code, reason) => {
+            server.metrics.refuse(reason);
+            write_connack(transport, version, code, server).await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                transport.close(false).await;
+                transport.drain().await;
+            })
+            .await;
+        }
+    }
+}
+
+/// Writes a refusing CONNACK in the client's version (3.1.1 codes are
+/// mapped from the MQTT 5 reason).
+pub async fn write_connack(
+    transport: &mut Transport,
+    version: Version,
+    code: ConnectReturnCode,
+    server: &MqttServer,
+) {
+    let codec = Codec::new(version, server.config.max_payload_size as usize);
+    let ack = ConnAck { session_present: false, code };
+    let packet = match version {
+        Version::V311 => Packet::ConnAck(ack, None),
+        Version::V5 => Packet::ConnAck(ack, Some(ConnAckProperties::default())),
+    };
+    let mut out = BytesMut::new();
+    let _ = send(transport, &codec, vec![packet], &mut out, server).await;
+}
+
+/// Encodes packets and writes them in one go, within `write_timeout`.
+async fn send(
+    transport: &mut Transport,
+    codec: &Codec,
+    packets: Vec<Packet>,
+    out: &mut BytesMut,
+    server: &MqttServer,
+) -> Result<(), &'static str> {
+    let metrics = &server.metrics;
+    for packet in packets {
+        match codec.encode(packet, out) {
+            Ok(Some(packet_type)) => {
+                metrics.packet_sent(packet_type);
+                if packet_type == 3 {
+                    metrics.publishes_sent.inc();
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                debug!(error = %e, "a packet could not be encoded; dropped");
+            }
+        }
+    }
+    if out.is_empty() {
+        return Ok(());
+    }
+    let written = tokio::time::timeout(server.config.write_timeout, transport.write_all(out)).await;
+    let len = out.len() as u64;
+    // Nothing stays allocated between bursts.
+    *out = BytesMut::new();
+    match written {
+        Ok(Ok(())) => {
+            metrics.bytes_sent.inc_by(len);
+            Ok(())
+        }
+        Ok(Err(_)) => Err("reset"),
+        Err(_) => Err("write_timeout"),
+    }
+}
+
+/// How the exchange ended.
+struct End {
+    reason: &'static str,
+    /// Publish the will (the connection ended without a normal DISCONNECT).
+    will: bool,
+    /// The DISCONNECT reason to send an MQTT 5 client, if any.
+    disconnect: Option<DisconnectReasonCode>,
+    /// Close with FIN and drain (false when the socket is already dead).
+    polite_close: bool,
+}
+
+impl End {
+    fn lost(reason: &'static str) -> End {
+        End { reason, will: true, disconnect: None, polite_close: false }
+    }
+
+    fn violation(reason: &'static str, code: DisconnectReasonCode) -> End {
+        End { reason, will: true, disconnect: Some(code), polite_close: true }
+    }
+}
+
+/// What woke the exchange loop.
+enum Wake {
+    Shutdown,
+    /// `Err`: the router dropped this client.
+    Router(Result<RouterBatch, ()>),
+    Client(std::io::Result<usize>),
+    KeepAlive,
+}
+
+/// The exchange between the client and the router, until one side ends it.
+async fn exchange(
+    transport: &mut Transport,
+    rbuf: &mut BytesMut,
+    router: &mut RouterLink,
+    session: &mut Accepted,
+    server: &MqttServer,
+) -> End {
+    let codec = session.codec.clone();
+    let v5 = codec.version == Version::V5;
+    // 1.5 times the client's keep-alive (MQTT 3.1.1 §3.1.2.10); 0 means none.
+    let keep_alive =
+        (session.keep_alive > 0).then(|| Duration::from_millis(u64::from(session.keep_alive) * 1500));
+    let mut heard = Instant::now();
+    let far = Duration::from_secs(86_400 * 365);
+    let timer = tokio::time::sleep(keep_alive.unwrap_or(far));
+    tokio::pin!(timer);
+    let mut refusals = Refusals::default();
+    let mut out = BytesMut::new();
+    // Bytes already read with the CONNECT are handled first.
+    let mut pending_read = (!rbuf.is_empty()).then_some(Ok(rbuf.len()));
+    loop {
+        let wake = match pending_read.take() {
+            Some(read) => Wake::Client(read),
+            None => {
+                tokio::select! {
+                    biased;
+                    _ = server.shutdown.wait() => Wake::Shutdown,
+                    next = router.rx.next() => {
+                        Wake::Router(next.map(|first| collect(first, &mut router.rx, &mut refusals, v5)).map_err(drop))
+                    }
+                    read = transport.read(rbuf) => Wake::Client(read),
+                    _ = &mut timer => Wake::KeepAlive,
+                }
+            }
+        };
+        match wake {
+            Wake::Shutdown => {
+                return End {
+                    reason: "shutdown",
+                    will: false,
+                    disconnect: Some(DisconnectReasonCode::ServerShuttingDown),
+                    polite_close: true,
+                };
+            }
+            Wake::KeepAlive => {
+                let limit = keep_alive.unwrap_or(far);
+                if heard.elapsed() >= limit {
+                    return End::violation("keepalive_timeout", DisconnectReasonCode::KeepAliveTimeout);
+                }
+                timer.as_mut().reset(heard + limit);
+            }
+            Wake::Client(Ok(0)) => return End::lost("client_closed"),
+            Wake::Client(Err(_)) => return End::lost("reset"),
+            Wake::Client(Ok(_)) => {
+                heard = Instant::now();
+                let mut batch = Vec::new();
+                let mut replies = Vec::new();
+                let mut end = None;
+                while end.is_none() {
+                    let decoded = match codec.decode(rbuf) {
+                        Ok(Some(decoded)) => decoded,
+                        Ok(None) => break,
+                        Err(ProtocolError::PayloadSizeLimitExceeded(_)) => {
+                            end = Some(End::violation("too_large", DisconnectReasonCode::PacketTooLarge));
+                            break;
+                        }
+                        Err(e) => {
+                            debug!(error = %e, "malformed packet");
+                            end = Some(End::violation("malformed", DisconnectReasonCode::MalformedPacket));
+                            break;
+                        }
+                    };
+                    end = incoming(decoded, session, &mut batch, &mut replies, &mut refusals, server);
+                }
+                if rbuf.is_empty() {
+                    // Payloads already split off keep their own memory alive
+                    // for as long as the router needs them.
+                    *rbuf = BytesMut::new();
+                }
+                if !batch.is_empty() {
+                    to_router(&mut router.tx, batch);
+                }
+                if !replies.is_empty()
+                    && let Err(reason) = send(transport, &codec, replies, &mut out, server).await
+                {
+                    return End::lost(reason);
+                }
+                if let Some(end) = end {
+                    return end;
+                }
+            }
+            Wake::Router(Err(_)) => {
+                // The router dropped this client: another connection took its
+                // client id over (or the router is gone, which the broker
+                // reports on its own).
+                router.registered = false;
+                return End {
+                    reason: "taken_over",
+                    will: true,
+                    disconnect: Some(DisconnectReasonCode::SessionTakenOver),
+                    polite_close: true,
+                };
+            }
+            Wake::Router(Ok(batch)) => {
+                if let Err(reason) = send(transport, &codec, batch.packets, &mut out, server).await {
+                    return End::lost(reason);
+                }
+                if let Some(code) = batch.router_disconnect {
+                    // The router refused something this client sent and has
+                    // already forgotten it.
+                    router.registered = false;
+                    return End::violation("router_disconnect", code);
+                }
+                if batch.gone {
+                    router.registered = false;
+                    return End::violation("taken_over", DisconnectReasonCode::SessionTakenOver);
+                }
+                if batch.unscheduled {
+                    // The router paused this client while its queue was full;
+                    // now that it has been written, ask for more.
+                    let _ = router.rx.wake().await;
+                }
+            }
+        }
+    }
+}
+
+/// What the router had ready for a client, as packets to write.
+struct RouterBatch {
+    packets: Vec<Packet>,
+    /// The router paused the client (its queue was full) and waits for a
+    /// `wake` once this is written.
+    unscheduled: bool,
+    /// The router dropped the client with this reason.
+    router_disconnect: Option<DisconnectReasonCode>,
+    /// The router forgot the client (taken over).
+    gone: bool,
+}
+
+/// Takes everything the router has ready, starting with `first`, without
+/// waiting: it all goes out in one write. Synchronous, so that no
+/// notification (248 bytes each) is held in the session's future.
+fn collect(first: Option<Notification>, rx: &mut LinkRx, refusals: &mut Refusals, v5: bool) -> RouterBatch {
+    let mut batch =
+        RouterBatch { packets: Vec::new(), unscheduled: false, router_disconnect: None, gone: false };
+    let mut next = Some(Ok(first));
+    while let Some(Ok(notification)) = next.take() {
+        if let Some(notification) = notification {
+            match notification {
+                Notification::Unschedule => batch.unscheduled = true,
+                Notification::Disconnect(disconnect, _) => {
+                    batch.router_disconnect = Some(disconnect.reason_code)
+                }
+                other => match Option::<Packet>::from(other) {
+                    Some(Packet::SubAck(ack, props)) if !refusals.is_empty() => {
+                        batch.packets.push(Packet::SubAck(refusals.complete(ack, v5), props));
+                    }
+                    Some(packet) => batch.packets.push(packet),
+                    None => {}
+                },
+            }
+        }
+        next = rx.next().now_or_never();
+    }
+    batch.gone = matches!(next, Some(Err(_)));
+    batch
+}
+
+/// Handles one packet from the client. Returns how the session ends, if
+/// this packet ends it.
+fn incoming(
+    decoded: Decoded,
+    session: &mut Accepted,
+    batch: &mut Vec<Packet>,
+    replies: &mut Vec<Packet>,
+    refusals: &mut Refusals,
+    server: &MqttServer,
+) -> Option<End> {
+    let metrics = &server.metrics;
+    metrics.packet_received(decoded.packet_type);
+    metrics.bytes_received.inc_by(decoded.size as u64);
+    let v5 = session.codec.version == Version::V5;
+    match decoded.packet {
+        Packet::Publish(mut publish, properties) => {
+            metrics.publishes_received.inc();
+            let alias = properties.as_ref().is_some_and(|p| p.topic_alias.is_some());
+            if !topics::check_topic(&publish.topic, alias && v5) {
+                return Some(End::violation("invalid_topic", DisconnectReasonCode::TopicNameInvalid));
+            }
+            detach(&mut publish);
+            batch.push(Packet::Publish(publish, properties));
+        }
+        Packet::Subscribe(mut subscribe, properties) => {
+            let mut refused = Vec::new();
+            let mut position = 0;
+            subscribe.filters.retain(|filter| {
+                let verdict = topics::check_filter(&filter.path, session.clean_session);
+                if let Err(reason) = verdict {
+                    refused.push((position, reason));
+                }
+                position += 1;
+                verdict.is_ok()
+            });
+            if subscribe.filters.is_empty() {
+                // Nothing left for the router: the SUBACK is ours.
+                let return_codes = refused.iter().map(|(_, reason)| reason.code(v5)).collect();
+                replies.push(Packet::SubAck(SubAck { pkid: subscribe.pkid, return_codes }, None));
+            } else {
+                refusals.remember(subscribe.pkid, refused);
+                batch.push(Packet::Subscribe(subscribe, properties));
+            }
+        }
+        Packet::PingReq(_) => replies.push(Packet::PingResp(PingResp)),
+        Packet::Disconnect(disconnect, _) => {
+            // 3.1.1: a DISCONNECT discards the will. 5: unless its reason
+            // asks for the will.
+            if disconnect.reason_code != DisconnectReasonCode::DisconnectWithWillMessage {
+                session.will = None;
+            }
+            return Some(End {
+                reason: "client_disconnect",
+                will: true,
+                disconnect: None,
+                polite_close: true,
+            });
+        }
+        packet @ (Packet::PubAck(..)
+        | Packet::PubRec(..)
+        | Packet::PubRel(..)
+        | Packet::PubComp(..)
+        | Packet::Unsubscribe(..)) => batch.push(packet),
+        // A second CONNECT, or a packet only servers send.
+        Packet::Connect(..)
+        | Packet::ConnAck(..)
+        | Packet::SubAck(..)
+        | Packet::UnsubAck(..)
+        | Packet::PingResp(_) => {
+            return Some(End::violation("protocol_error", DisconnectReasonCode::ProtocolError));
+        }
+    }
+    None
+}
+
+/// Gives a publish's topic and payload one allocation of their own.
+///
+/// Decoding splits them off the connection's read buffer without copying,
+/// so they share that buffer's allocation (4 KiB or more). The router keeps
+/// every publish in its topic's log until the log rotates: a 40-byte
+/// message would pin the whole read buffer for that long (measured: 1 GB
+/// after 30 s of 10,000 clients at 1 message/s). One copy into an exact-size
+/// buffer is far cheaper than that.
+fn detach(publish: &mut rumqttd::protocol::Publish) {
+    let (topic_len, payload_len) = (publish.topic.len(), publish.payload.len());
+    let mut own = BytesMut::with_capacity(topic_len + payload_len);
+    own.extend_from_slice(&publish.topic);
+    own.extend_from_slice(&publish.payload);
+    publish.topic = own.split_to(topic_len).freeze();
+    publish.payload = own.freeze();
+}
+
+/// Hands a batch of packets to the router with at most one wake-up event.
+///
+/// The router drains a link's whole queue on any event for it, so while
+/// the queue still holds packets an event is already on its way: adding to
+/// the queue is enough. (The check and the push happen under the queue's
+/// lock; the router takes the queue under the same lock after receiving the
+/// event.) This keeps at most one event per link in the router's bounded
+/// channel, and `LinkTx::send` — which blocks the event loop while that
+/// channel is full — is called only for a link whose queue was empty.
+fn to_router(tx: &mut LinkTx, mut batch: Vec<Packet>) {
+    {
+        let mut queue = tx.buffer();
+        if !queue.is_empty() {
+            queue.extend(batch);
+            return;
+        }
+    }
+    let Some(last) = batch.pop() else {
+        return;
+    };
+    if !batch.is_empty() {
+        tx.buffer().extend(batch);
+    }
+    // (`send` is an `async fn` that never awaits: it completes on its first poll.)
+    let _ = tx.send(last).now_or_never();
+}

@@ -1,0 +1,161 @@
+//! Checking topic names and filters before the router sees them.
+//!
+//! The router answers a SUBSCRIBE it dislikes (a `$SYS/#` filter, say) by
+//! dropping the whole connection without a SUBACK, and it does not check
+//! wildcard syntax at all. MQTT wants a per-filter failure code in the
+//! SUBACK instead. So a session takes the filters the router must not see
+//! out of the SUBSCRIBE, remembers where they were, and puts failure codes
+//! back in those places when the router's SUBACK comes by ([`Refusals`]).
+
+use std::collections::HashMap;
+
+use rumqttd::protocol::{SubAck, SubscribeReasonCode};
+
+/// Why a filter is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterRefusal {
+    /// Bad wildcard syntax, empty, or a NUL character.
+    Invalid,
+    /// `$`-topics (such as `$SYS/...`) are not served by this broker.
+    NotAuthorized,
+    /// Shared subscriptions are only for clean sessions (rumqttd 0.20's
+    /// router panics when a persistent session that is the last member of a
+    /// share group disconnects with messages in flight).
+    SharedNotSupported,
+}
+
+impl FilterRefusal {
+    /// The SUBACK code: MQTT 5 has one per reason, 3.1.1 only 0x80.
+    pub fn code(self, v5: bool) -> SubscribeReasonCode {
+        match (self, v5) {
+            (_, false) => SubscribeReasonCode::Failure,
+            (FilterRefusal::Invalid, true) => SubscribeReasonCode::TopicFilterInvalid,
+            (FilterRefusal::NotAuthorized, true) => SubscribeReasonCode::NotAuthorized,
+            (FilterRefusal::SharedNotSupported, true) => SubscribeReasonCode::SharedSubscriptionsNotSupported,
+        }
+    }
+}
+
+/// Whether a topic filter may go to the router.
+pub fn check_filter(filter: &str, clean_session: bool) -> Result<(), FilterRefusal> {
+    let path = match filter.strip_prefix("$share/") {
+        Some(rest) => {
+            if !clean_session {
+                return Err(FilterRefusal::SharedNotSupported);
+            }
+            let Some((group, path)) = rest.split_once('/') else {
+                return Err(FilterRefusal::Invalid);
+            };
+            if group.is_empty() || group.contains(['+', '#']) {
+                return Err(FilterRefusal::Invalid);
+            }
+            path
+        }
+        None if filter.starts_with('$') => return Err(FilterRefusal::NotAuthorized),
+        None => filter,
+    };
+    if path.is_empty() || path.contains('\0') {
+        return Err(FilterRefusal::Invalid);
+    }
+    let levels: Vec<&str> = path.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        let ok = match *level {
+            "#" => i + 1 == levels.len(),
+            "+" => true,
+            other => !other.contains(['+', '#']),
+        };
+        if !ok {
+            return Err(FilterRefusal::Invalid);
+        }
+    }
+    Ok(())
+}
+
+/// Whether a PUBLISH topic name is valid: no wildcards, no NUL. An empty
+/// name is valid only with an MQTT 5 topic alias (the router checks that).
+pub fn check_topic(topic: &[u8], has_alias: bool) -> bool {
+    if topic.is_empty() {
+        return has_alias;
+    }
+    !topic.iter().any(|&b| b == b'+' || b == b'#' || b == 0)
+}
+
+/// SUBSCRIBE packets whose filters were partly refused, by packet id:
+/// where in the client's list each refused filter was, and why.
+#[derive(Debug, Default)]
+pub struct Refusals(HashMap<u16, Vec<(usize, FilterRefusal)>>);
+
+impl Refusals {
+    pub fn remember(&mut self, pkid: u16, refused: Vec<(usize, FilterRefusal)>) {
+        if !refused.is_empty() {
+            self.0.insert(pkid, refused);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Puts the refused filters' failure codes back into the router's SUBACK.
+    pub fn complete(&mut self, mut ack: SubAck, v5: bool) -> SubAck {
+        if let Some(refused) = self.0.remove(&ack.pkid) {
+            for (position, reason) in refused {
+                let at = position.min(ack.return_codes.len());
+                ack.return_codes.insert(at, reason.code(v5));
+            }
+        }
+        ack
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters() {
+        for ok in
+            ["a", "a/b", "+", "#", "a/+/c", "a/#", "+/+", "/", "/a", "a//b", "$share/g/a/+", "$share/g/#"]
+        {
+            assert_eq!(check_filter(ok, true), Ok(()), "{ok}");
+        }
+        for bad in ["", "a#", "a/#/b", "a+/b", "#/a", "a/b#", "$share/g", "$share//a", "$share/g+/a", "a\0b"]
+        {
+            assert_eq!(check_filter(bad, true), Err(FilterRefusal::Invalid), "{bad:?}");
+        }
+        assert_eq!(check_filter("$SYS/#", true), Err(FilterRefusal::NotAuthorized));
+        assert_eq!(check_filter("$share/g/a", false), Err(FilterRefusal::SharedNotSupported));
+    }
+
+    #[test]
+    fn topics() {
+        assert!(check_topic(b"a/b", false));
+        assert!(!check_topic(b"a/+", false));
+        assert!(!check_topic(b"#", false));
+        assert!(!check_topic(b"", false));
+        assert!(check_topic(b"", true));
+        assert!(!check_topic(b"a\0", false));
+    }
+
+    #[test]
+    fn refused_codes_go_back_in_place() {
+        let mut refusals = Refusals::default();
+        // The client asked for [ok, $SYS/#, ok, a#]; the router saw two.
+        refusals.remember(7, vec![(1, FilterRefusal::NotAuthorized), (3, FilterRefusal::Invalid)]);
+        let ack =
+            SubAck { pkid: 7, return_codes: vec![SubscribeReasonCode::QoS1, SubscribeReasonCode::QoS0] };
+        let done = refusals.complete(ack, true);
+        assert_eq!(
+            done.return_codes,
+            vec![
+                SubscribeReasonCode::QoS1,
+                SubscribeReasonCode::NotAuthorized,
+                SubscribeReasonCode::QoS0,
+                SubscribeReasonCode::TopicFilterInvalid
+            ]
+        );
+        assert!(refusals.is_empty());
+        let untouched = SubAck { pkid: 8, return_codes: vec![SubscribeReasonCode::QoS2] };
+        assert_eq!(refusals.complete(untouched.clone(), false), untouched);
+    }
+}

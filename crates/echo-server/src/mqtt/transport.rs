@@ -1,0 +1,149 @@
+//! The byte streams an MQTT session runs over: plain TCP, TLS, or binary
+//! WebSocket messages on the WebSocket port.
+//!
+//! One enum rather than a trait object: the session is generic over nothing,
+//! and each variant keeps what it needs to read without holding a buffer
+//! while the client is quiet. Plain TCP (the common case) waits for
+//! readiness first and only then reserves room to read into, so an idle
+//! connection owns no read buffer at all.
+
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+/// Room reserved before each read.
+const READ_CHUNK: usize = 4096;
+
+/// A connection's byte stream.
+pub enum Transport {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    Ws(Box<WebSocketStream<TcpStream>>),
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Tcp(_) => "Transport::Tcp",
+            Transport::Tls(_) => "Transport::Tls",
+            Transport::Ws(_) => "Transport::Ws",
+        })
+    }
+}
+
+fn reserve(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+}
+
+impl Transport {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Transport::Tcp(_) => "tcp",
+            Transport::Tls(_) => "tls",
+            Transport::Ws(_) => "websocket",
+        }
+    }
+
+    /// Completes when the client has sent something (or closed). For TLS
+    /// and WebSocket, whose layers may hold bytes already read, at once.
+    pub async fn readable(&self) {
+        if let Transport::Tcp(tcp) = self {
+            let _ = tcp.readable().await;
+        }
+    }
+
+    /// Appends what the client sent to `buf`; `Ok(0)` when it closed.
+    /// Cancel-safe: nothing is lost if the future is dropped.
+    pub async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Transport::Tcp(tcp) => loop {
+                tcp.readable().await?;
+                reserve(buf);
+                match tcp.try_read_buf(buf) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            },
+            Transport::Tls(tls) => {
+                reserve(buf);
+                tls.read_buf(buf).await
+            }
+            Transport::Ws(ws) => loop {
+                match ws.next().await {
+                    Some(Ok(Message::Binary(bytes))) if bytes.is_empty() => continue,
+                    Some(Ok(Message::Binary(bytes))) => {
+                        buf.extend_from_slice(&bytes);
+                        return Ok(bytes.len());
+                    }
+                    // tungstenite queues the pong and sends it with the next
+                    // read or write.
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                    Some(Ok(Message::Text(_))) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "MQTT over WebSocket uses binary messages, not text",
+                        ));
+                    }
+                    Some(Ok(Message::Close(_))) | None => return Ok(0),
+                    Some(Err(e)) => return Err(io::Error::other(e)),
+                }
+            },
+        }
+    }
+
+    /// Writes every byte (as one binary message on WebSocket).
+    pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Transport::Tcp(tcp) => tcp.write_all(bytes).await,
+            Transport::Tls(tls) => {
+                tls.write_all(bytes).await?;
+                tls.flush().await
+            }
+            Transport::Ws(ws) => {
+                ws.send(Message::Binary(Bytes::copy_from_slice(bytes))).await.map_err(io::Error::other)
+            }
+        }
+    }
+
+    /// Ends the connection politely: FIN (TLS: close_notify; WebSocket: a
+    /// close frame, 1000, or 1001 when the server is going away).
+    pub async fn close(&mut self, going_away: bool) {
+        match self {
+            Transport::Tcp(tcp) => {
+                let _ = tcp.shutdown().await;
+            }
+            Transport::Tls(tls) => {
+                let _ = tls.shutdown().await;
+            }
+            Transport::Ws(ws) => {
+                let code = if going_away { CloseCode::Away } else { CloseCode::Normal };
+                let _ = WebSocketStream::close(&mut **ws, Some(CloseFrame { code, reason: "".into() })).await;
+            }
+        }
+    }
+
+    /// After [`close`](Self::close): reads and drops whatever the client
+    /// still sends until it closes too, so our last packet is not lost to a
+    /// reset caused by unread input.
+    pub async fn drain(&mut self) {
+        let mut sink = BytesMut::new();
+        loop {
+            sink.clear();
+            match self.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+}

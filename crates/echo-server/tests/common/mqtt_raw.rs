@@ -1,0 +1,195 @@
+//! A deliberately low-level MQTT client over a blocking `TcpStream`, for
+//! what client libraries will not send: keep-alive tricks, garbage, packets
+//! out of order, malformed and oversized packets, exact byte checks.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+pub struct RawMqtt {
+    pub stream: TcpStream,
+}
+
+/// A packet as the server sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawPacket {
+    pub first: u8,
+    pub body: Vec<u8>,
+}
+
+impl RawPacket {
+    pub fn packet_type(&self) -> u8 {
+        self.first >> 4
+    }
+
+    /// The CONNACK return code (3.1.1) or reason code (5).
+    pub fn connack_code(&self) -> u8 {
+        assert_eq!(self.packet_type(), 2, "not a CONNACK: {self:?}");
+        self.body[1]
+    }
+
+    /// The reason code of an MQTT 5 DISCONNECT (0 when absent). The
+    /// packet must be well formed: a reason, then a property length that
+    /// covers the rest.
+    pub fn disconnect_reason(&self) -> u8 {
+        assert_eq!(self.packet_type(), 14, "not a DISCONNECT: {self:?}");
+        if self.body.len() > 1 {
+            assert_eq!(usize::from(self.body[1]), self.body.len() - 2, "malformed DISCONNECT {self:?}");
+        }
+        self.body.first().copied().unwrap_or(0)
+    }
+}
+
+fn remaining_length(mut len: usize, out: &mut Vec<u8>) {
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+}
+
+fn string(s: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+/// A whole packet from its first byte and body.
+pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    remaining_length(body.len(), &mut out);
+    out.extend_from_slice(body);
+    out
+}
+
+/// CONNECT with a clean session; `level` 4 (3.1.1) or 5.
+pub fn connect(level: u8, client_id: &str, keep_alive: u16) -> Vec<u8> {
+    connect_with(level, client_id, keep_alive, None)
+}
+
+/// CONNECT, optionally with a username and password.
+pub fn connect_with(level: u8, client_id: &str, keep_alive: u16, login: Option<(&str, &str)>) -> Vec<u8> {
+    let mut body = Vec::new();
+    string(b"MQTT", &mut body);
+    body.push(level);
+    let mut flags = 0x02;
+    if login.is_some() {
+        flags |= 0xc0;
+    }
+    body.push(flags);
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    if level == 5 {
+        body.push(0); // no properties
+    }
+    string(client_id.as_bytes(), &mut body);
+    if let Some((user, pass)) = login {
+        string(user.as_bytes(), &mut body);
+        string(pass.as_bytes(), &mut body);
+    }
+    packet(0x10, &body)
+}
+
+/// PUBLISH at QoS 0.
+pub fn publish(level: u8, topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    string(topic.as_bytes(), &mut body);
+    if level == 5 {
+        body.push(0);
+    }
+    body.extend_from_slice(payload);
+    packet(0x30, &body)
+}
+
+/// SUBSCRIBE to one filter at QoS 0.
+pub fn subscribe(level: u8, pkid: u16, filter: &str) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    if level == 5 {
+        body.push(0);
+    }
+    string(filter.as_bytes(), &mut body);
+    body.push(0);
+    packet(0x82, &body)
+}
+
+pub const PINGREQ: [u8; 2] = [0xc0, 0x00];
+pub const DISCONNECT: [u8; 2] = [0xe0, 0x00];
+
+impl RawMqtt {
+    pub fn connect(addr: SocketAddr) -> RawMqtt {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream.set_nodelay(true).unwrap();
+        RawMqtt { stream }
+    }
+
+    /// Connects and completes CONNECT/CONNACK (code 0 expected).
+    pub fn session(addr: SocketAddr, level: u8, client_id: &str, keep_alive: u16) -> RawMqtt {
+        let mut raw = RawMqtt::connect(addr);
+        raw.send(&connect(level, client_id, keep_alive));
+        let ack = raw.read_packet().expect("a CONNACK");
+        assert_eq!(ack.connack_code(), 0, "CONNACK for {client_id}");
+        raw
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Sends, ignoring a reset (the server may already have closed).
+    pub fn try_send(&mut self, bytes: &[u8]) -> bool {
+        self.stream.write_all(bytes).is_ok()
+    }
+
+    /// The next packet, or `None` when the server closed the connection.
+    pub fn read_packet(&mut self) -> Option<RawPacket> {
+        let mut first = [0u8; 1];
+        match self.stream.read(&mut first) {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+        let mut len = 0usize;
+        let mut shift = 0;
+        loop {
+            let mut b = [0u8; 1];
+            self.stream.read_exact(&mut b).ok()?;
+            len |= ((b[0] & 0x7f) as usize) << shift;
+            if b[0] & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+        }
+        let mut body = vec![0u8; len];
+        self.stream.read_exact(&mut body).ok()?;
+        Some(RawPacket { first: first[0], body })
+    }
+
+    /// Whether the server closes the connection (EOF or reset) within
+    /// `limit`, skipping any packets it sends first.
+    pub fn closed_within(&mut self, limit: Duration) -> bool {
+        self.stream.set_read_timeout(Some(limit)).unwrap();
+        let start = std::time::Instant::now();
+        let mut buf = [0u8; 1024];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => {
+                    if start.elapsed() > limit {
+                        return false;
+                    }
+                }
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    return false;
+                }
+                Err(_) => return true,
+            }
+        }
+    }
+}

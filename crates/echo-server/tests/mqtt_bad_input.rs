@@ -1,0 +1,263 @@
+//! Hostile and broken MQTT clients: each one affects itself only. After
+//! every case, an MQTT 3.1.1 client, an MQTT 5 client and a WebSocket
+//! client (the bystanders) still round-trip, and the server is alive.
+//! Also: graceful shutdown of MQTT sessions.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestServer;
+use common::mqtt_raw::{self, RawMqtt, packet};
+use common::raw::RawClient;
+
+/// Clients that must keep working whatever the others do.
+struct Bystanders {
+    v4: RawMqtt,
+    v5: RawMqtt,
+    ws: RawClient,
+    round: u32,
+}
+
+impl Bystanders {
+    fn new(server: &TestServer) -> Bystanders {
+        let mut v4 = RawMqtt::session(server.mqtt_addr(), 4, "bystander-4", 0);
+        v4.send(&mqtt_raw::subscribe(4, 1, "bystander/4"));
+        assert_eq!(v4.read_packet().unwrap().packet_type(), 9);
+        let mut v5 = RawMqtt::session(server.mqtt_addr(), 5, "bystander-5", 0);
+        v5.send(&mqtt_raw::subscribe(5, 1, "bystander/5"));
+        assert_eq!(v5.read_packet().unwrap().packet_type(), 9);
+        Bystanders { v4, v5, ws: RawClient::connect(server.ws_addr()), round: 0 }
+    }
+
+    fn still_fine(&mut self, case: &str) {
+        self.round += 1;
+        let payload = format!("{case} {}", self.round);
+        for (raw, level) in [(&mut self.v4, 4u8), (&mut self.v5, 5)] {
+            raw.send(&mqtt_raw::publish(level, &format!("bystander/{level}"), payload.as_bytes()));
+            let echo = raw.read_packet().unwrap_or_else(|| panic!("{case}: bystander {level} lost"));
+            assert_eq!(echo.packet_type(), 3, "{case}");
+            assert!(echo.body.ends_with(payload.as_bytes()), "{case}: {echo:?}");
+        }
+        self.ws.send_frame(true, 1, payload.as_bytes());
+        assert_eq!(self.ws.read_frame().unwrap().payload, payload.as_bytes(), "{case}: WebSocket bystander");
+    }
+}
+
+#[test]
+fn garbage_http_and_non_connect_first_packets_close_only_that_client() {
+    let server = TestServer::start(&[]);
+    let mut bystanders = Bystanders::new(&server);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage", (0..=255u8).rev().cycle().take(4096).collect()),
+        ("http request", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+        ("tls hello", vec![0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00]),
+        ("publish first", mqtt_raw::publish(4, "a", b"b")),
+        ("pingreq first", mqtt_raw::PINGREQ.to_vec()),
+        ("connect with a bad name", packet(0x10, b"\x00\x04MQTX\x04\x02\x00\x1e\x00\x01c")),
+        ("connect cut short", packet(0x10, b"\x00\x04MQTT\x04\x02\x00")),
+        ("remaining length of five bytes", vec![0x10, 0xff, 0xff, 0xff, 0xff, 0x7f]),
+    ];
+    for (case, bytes) in cases {
+        let mut raw = RawMqtt::connect(server.mqtt_addr());
+        raw.try_send(&bytes);
+        assert!(raw.closed_within(Duration::from_secs(5)), "{case}: closed");
+        bystanders.still_fine(case);
+    }
+    // MQTT 3.1 (level 3): refused with 3.1.1's "unacceptable protocol version".
+    let mut old = RawMqtt::connect(server.mqtt_addr());
+    old.send(&packet(0x10, b"\x00\x06MQIsdp\x03\x02\x00\x1e\x00\x01c"));
+    assert_eq!(old.read_packet().unwrap().connack_code(), 1);
+    bystanders.still_fine("mqtt 3.1");
+}
+
+#[test]
+fn a_connect_that_never_comes_times_out() {
+    let server = TestServer::start_with_env(&[], &[("ECHO_MQTT_CONNECT_TIMEOUT", "1s")]);
+    let mut bystanders = Bystanders::new(&server);
+    let started = std::time::Instant::now();
+    let mut silent = RawMqtt::connect(server.mqtt_addr());
+    let mut half = RawMqtt::connect(server.mqtt_addr());
+    half.send(&mqtt_raw::connect(4, "half", 30)[..6]);
+    assert!(silent.closed_within(Duration::from_secs(5)));
+    assert!(half.closed_within(Duration::from_secs(5)));
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "{took:?}");
+    bystanders.still_fine("connect timeout");
+    assert_eq!(server.metric("echo_mqtt_refused_total{reason=\"connect_timeout\"}"), 2.0);
+}
+
+#[test]
+fn oversized_and_malformed_packets_close_only_the_sender() {
+    let server = TestServer::start_with_env(&[], &[("ECHO_MQTT_MAX_PAYLOAD_SIZE", "1024")]);
+    let mut bystanders = Bystanders::new(&server);
+    // Over max_payload_size: refused from the fixed header, before the body.
+    for level in [4u8, 5] {
+        let mut big = RawMqtt::session(server.mqtt_addr(), level, &format!("big-{level}"), 30);
+        big.send(&[0x30, 0x80, 0x80, 0x04]); // PUBLISH, remaining length 65,536
+        if level == 5 {
+            assert_eq!(big.read_packet().unwrap().disconnect_reason(), 0x95, "packet too large");
+        }
+        assert!(big.closed_within(Duration::from_secs(5)));
+        bystanders.still_fine("too large");
+    }
+    // Exactly at the limit is fine.
+    let mut at_limit = RawMqtt::session(server.mqtt_addr(), 4, "at-limit", 30);
+    at_limit.send(&mqtt_raw::subscribe(4, 1, "limit"));
+    at_limit.read_packet().unwrap();
+    let payload = vec![b'x'; 1024 - 2 - 5];
+    at_limit.send(&mqtt_raw::publish(4, "limit", &payload));
+    assert!(at_limit.read_packet().unwrap().body.ends_with(&payload));
+    // A CONNECT over the limit: MQTT 5 says why.
+    let mut big_connect = RawMqtt::connect(server.mqtt_addr());
+    big_connect.send(&mqtt_raw::connect(5, &"c".repeat(2000), 30));
+    assert_eq!(big_connect.read_packet().unwrap().connack_code(), 0x95);
+    let malformed: Vec<(&str, u8, Vec<u8>)> = vec![
+        ("publish at qos 3", 4, packet(0x36, b"\x00\x01a\x00\x01hi")),
+        ("subscribe with reserved flags", 4, packet(0x80, b"\x00\x01\x00\x01a\x00")),
+        ("subscribe without filters", 5, packet(0x82, b"\x00\x01\x00")),
+        ("string longer than its packet", 4, packet(0x30, b"\x00\xffab")),
+        ("invalid utf-8 topic", 4, packet(0x30, b"\x00\x02\xc3\x28hi")),
+        ("second connect", 4, mqtt_raw::connect(4, "again", 30)),
+        ("connack from a client", 4, packet(0x20, b"\x00\x00")),
+        ("wildcard in a publish topic", 5, mqtt_raw::publish(5, "a/+", b"x")),
+        ("reserved packet type 0", 4, vec![0x00, 0x00]),
+        ("auth packet on 3.1.1", 4, vec![0xf0, 0x00]),
+        ("subscription identifier in a publish", 5, packet(0x30, b"\x00\x01a\x02\x0b\x07hi")),
+        ("puback for nothing", 4, packet(0x40, b"\x00\x07")),
+        ("pubrel for nothing", 4, packet(0x62, b"\x00\x07")),
+    ];
+    for (case, level, bytes) in malformed {
+        let mut bad = RawMqtt::session(server.mqtt_addr(), level, "malformed", 30);
+        bad.send(&bytes);
+        assert!(bad.closed_within(Duration::from_secs(5)), "{case}: closed");
+        bystanders.still_fine(case);
+    }
+    assert!(server.metric("echo_mqtt_closed_total{reason=\"malformed\"}") >= 4.0);
+}
+
+#[test]
+fn a_duplicate_client_id_takes_the_session_over() {
+    let server = TestServer::start(&[]);
+    let mut bystanders = Bystanders::new(&server);
+    let mut first5 = RawMqtt::session(server.mqtt_addr(), 5, "twin5", 30);
+    let mut first4 = RawMqtt::session(server.mqtt_addr(), 4, "twin4", 30);
+    let mut second5 = RawMqtt::session(server.mqtt_addr(), 5, "twin5", 30);
+    let mut second4 = RawMqtt::session(server.mqtt_addr(), 4, "twin4", 30);
+    assert_eq!(first5.read_packet().unwrap().disconnect_reason(), 0x8e, "session taken over");
+    assert!(first5.closed_within(Duration::from_secs(5)));
+    assert!(first4.closed_within(Duration::from_secs(5)));
+    for (raw, level) in [(&mut second5, 5u8), (&mut second4, 4)] {
+        raw.send(&mqtt_raw::subscribe(level, 1, "twin"));
+        assert_eq!(raw.read_packet().unwrap().packet_type(), 9);
+    }
+    for (raw, level) in [(&mut second5, 5u8), (&mut second4, 4)] {
+        raw.send(&mqtt_raw::publish(level, "twin", b"mine now"));
+    }
+    for raw in [&mut second5, &mut second4] {
+        for _ in 0..2 {
+            assert!(raw.read_packet().unwrap().body.ends_with(b"mine now"));
+        }
+    }
+    bystanders.still_fine("takeover");
+    assert_eq!(server.metric("echo_mqtt_closed_total{reason=\"taken_over\"}"), 2.0);
+}
+
+#[test]
+fn every_kind_of_v5_property_and_alias_reaches_v311_subscribers_safely() {
+    let server = TestServer::start(&[]);
+    let mut bystanders = Bystanders::new(&server);
+    let mut v4 = RawMqtt::session(server.mqtt_addr(), 4, "old-sub", 30);
+    v4.send(&mqtt_raw::subscribe(4, 1, "props/#"));
+    v4.read_packet().unwrap();
+    let mut v5 = RawMqtt::session(server.mqtt_addr(), 5, "new-pub", 30);
+    // Properties: payload format (0x01), message expiry (0x02), content
+    // type (0x03), response topic (0x08), correlation data (0x09), two user
+    // properties (0x26), and a topic alias (0x23).
+    let mut props = vec![0x01, 0x01, 0x02, 0, 0, 0x0e, 0x10];
+    props.extend_from_slice(b"\x03\x00\x0atext/plain");
+    props.extend_from_slice(b"\x08\x00\x0bprops/reply");
+    props.extend_from_slice(b"\x09\x00\x04\x00\x01\x02\x03");
+    props.extend_from_slice(b"\x26\x00\x01k\x00\x01v\x26\x00\x01k\x00\x02v2");
+    props.extend_from_slice(b"\x23\x00\x05");
+    let mut body = b"\x00\x07props/a".to_vec();
+    body.push(props.len() as u8);
+    body.extend_from_slice(&props);
+    body.extend_from_slice(b"first");
+    v5.send(&packet(0x30, &body));
+    // Then the same topic by alias only (empty topic name).
+    v5.send(&packet(0x30, b"\x00\x00\x03\x23\x00\x05second"));
+    for expected in [&b"first"[..], b"second"] {
+        let got = v4.read_packet().expect("the 3.1.1 subscriber is alive");
+        assert_eq!(got.packet_type(), 3);
+        assert_eq!(&got.body[..9], b"\x00\x07props/a", "topic restored from the alias");
+        assert_eq!(&got.body[9..], expected, "no properties on the wire");
+    }
+    bystanders.still_fine("v5 properties");
+}
+
+#[test]
+fn refused_subscription_filters_get_failure_codes_not_a_dropped_connection() {
+    let server = TestServer::start(&[]);
+    for (level, codes) in [(4u8, [0x00u8, 0x80, 0x80, 0x80]), (5, [0x00, 0x87, 0x8f, 0x8f])] {
+        let mut c = RawMqtt::session(server.mqtt_addr(), level, &format!("filters-{level}"), 30);
+        // ok, $SYS/#, a/#/b, +a
+        let mut body = 9u16.to_be_bytes().to_vec();
+        if level == 5 {
+            body.push(0);
+        }
+        for filter in ["ok/#", "$SYS/#", "a/#/b", "+a"] {
+            body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+            body.extend_from_slice(filter.as_bytes());
+            body.push(0);
+        }
+        c.send(&packet(0x82, &body));
+        let ack = c.read_packet().unwrap();
+        assert_eq!(ack.packet_type(), 9);
+        let codes_at = if level == 5 { 3 } else { 2 };
+        assert_eq!(&ack.body[codes_at..], &codes, "level {level}");
+        // Only refused filters: the SUBACK is the server's own.
+        c.send(&mqtt_raw::subscribe(level, 10, "$SYS/broker/uptime"));
+        let ack = c.read_packet().unwrap();
+        assert_eq!(*ack.body.last().unwrap(), codes[1]);
+        // And the session goes on.
+        c.send(&mqtt_raw::publish(level, "ok/1", b"fine"));
+        assert!(c.read_packet().unwrap().body.ends_with(b"fine"));
+    }
+}
+
+#[test]
+fn shutdown_sends_v5_clients_disconnect_0x8b_and_closes_v311_cleanly() {
+    let mut server = TestServer::start(&["--shutdown-grace", "3s"]);
+    let mut v4 = RawMqtt::session(server.mqtt_addr(), 4, "down-4", 30);
+    let mut v5 = RawMqtt::session(server.mqtt_addr(), 5, "down-5", 30);
+    v4.send(&mqtt_raw::subscribe(4, 1, "down"));
+    v4.read_packet().unwrap();
+    v4.send(&mqtt_raw::publish(4, "down", b"x"));
+    v4.read_packet().unwrap();
+    let started = std::time::Instant::now();
+    server.signal(libc::SIGTERM);
+    assert_eq!(v5.read_packet().unwrap().disconnect_reason(), 0x8b, "server shutting down");
+    assert!(v5.closed_within(Duration::from_secs(3)));
+    assert_eq!(v4.read_packet(), None, "3.1.1: a clean close, no packet");
+    // The server waits (within the grace) for the clients to close too.
+    drop((v4, v5));
+    let status = server.wait(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(3), "the clients closed; no need to wait the grace out");
+    let summary = server.wait_for_log(Duration::from_secs(2), |v| v["message"] == "shutdown complete");
+    assert_eq!(summary["mqtt_sessions_served"], 2);
+    assert_eq!(summary["mqtt_publishes_received"], 1);
+}
+
+#[test]
+fn silent_clients_cannot_hold_the_connect_turns() {
+    let server = TestServer::start_with_env(&[], &[("ECHO_MQTT_CONNECT_CONCURRENCY", "4")]);
+    // Many more silent connections than turns; they give their turns back.
+    let silent: Vec<RawMqtt> = (0..40).map(|_| RawMqtt::connect(server.mqtt_addr())).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let started = std::time::Instant::now();
+    let _ok = RawMqtt::session(server.mqtt_addr(), 4, "not-blocked", 30);
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    drop(silent);
+}

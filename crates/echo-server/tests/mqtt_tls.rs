@@ -1,0 +1,111 @@
+//! TLS on the MQTT port: a self-signed certificate made with `openssl`
+//! (skips loudly when it is missing, unless `ECHO_TEST_REQUIRE_TOOLS=1`),
+//! a rustls client trusting it, and a CONNECT / SUBSCRIBE / PUBLISH round
+//! trip. Plain MQTT on the same port is refused (no TLS hello).
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::mqtt_raw::{self, RawMqtt};
+use common::{TestServer, run_to_exit, tool_available};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+
+/// Writes a self-signed certificate for 127.0.0.1 and its key; returns
+/// their paths, or `None` (skipping) without `openssl`.
+fn self_signed(dir: &std::path::Path) -> Option<(String, String)> {
+    if !tool_available("openssl (Debian package `openssl`)", Command::new("openssl").arg("version")) {
+        return None;
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+        .args(["-days", "2", "-subj", "/CN=echo-server test", "-addext", "subjectAltName=IP:127.0.0.1"])
+        // An end-entity certificate (rustls refuses a CA certificate as one).
+        .args(["-addext", "basicConstraints=critical,CA:FALSE", "-addext", "extendedKeyUsage=serverAuth"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "openssl req failed");
+    Some((cert.display().to_string(), key.display().to_string()))
+}
+
+async fn read_packet(stream: &mut (impl AsyncReadExt + Unpin)) -> (u8, Vec<u8>) {
+    let first = stream.read_u8().await.unwrap();
+    let len = stream.read_u8().await.unwrap() as usize; // small packets only
+    let mut body = vec![0; len];
+    stream.read_exact(&mut body).await.unwrap();
+    (first, body)
+}
+
+#[tokio::test]
+async fn mqtt_over_tls_round_trips_and_plain_mqtt_is_refused() {
+    let dir = std::env::temp_dir().join(format!("echo-mqtt-tls-{}", std::process::id()));
+    let Some((cert, key)) = self_signed(&dir) else { return };
+    let server =
+        TestServer::start_with_env(&[], &[("ECHO_MQTT_TLS_CERT", &cert), ("ECHO_MQTT_TLS_KEY", &key)]);
+    let listening = server.wait_for_log(Duration::from_secs(5), |v| v["protocol"] == "mqtt");
+    assert_eq!(listening["tls"], true);
+
+    let pem = std::fs::read(&cert).unwrap();
+    let mut roots = RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(CertificateDer::from(c.unwrap().to_vec())).unwrap();
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(server.mqtt_addr()).await.unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = connector.connect(name, tcp).await.expect("TLS handshake with the configured certificate");
+    tls.write_all(&mqtt_raw::connect(5, "over-tls", 30)).await.unwrap();
+    let (first, body) = read_packet(&mut tls).await;
+    assert_eq!((first >> 4, body[1]), (2, 0), "CONNACK success");
+    tls.write_all(&mqtt_raw::subscribe(5, 1, "secure/echo")).await.unwrap();
+    assert_eq!(read_packet(&mut tls).await.0 >> 4, 9, "SUBACK");
+    tls.write_all(&mqtt_raw::publish(5, "secure/echo", b"encrypted hello")).await.unwrap();
+    let (first, body) = read_packet(&mut tls).await;
+    assert_eq!(first >> 4, 3);
+    assert!(body.ends_with(b"encrypted hello"));
+
+    // A client speaking plain MQTT to the TLS port gets nowhere, and the
+    // TLS client carries on.
+    let mut plain = RawMqtt::connect(server.mqtt_addr());
+    plain.try_send(&mqtt_raw::connect(4, "plain", 30));
+    assert!(plain.closed_within(Duration::from_secs(5)));
+    tls.write_all(&mqtt_raw::publish(5, "secure/echo", b"still here")).await.unwrap();
+    assert!(read_packet(&mut tls).await.1.ends_with(b"still here"));
+    assert_eq!(server.metric("echo_mqtt_refused_total{reason=\"tls\"}"), 1.0);
+}
+
+#[test]
+fn unusable_tls_files_stop_the_start_naming_the_key() {
+    let dir = std::env::temp_dir().join(format!("echo-mqtt-badtls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let junk = dir.join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    let junk = junk.display().to_string();
+    let (status, _, stderr) = run_to_exit(
+        &["--ws-listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--no-admin"],
+        &[("ECHO_MQTT_TLS_CERT", &junk), ("ECHO_MQTT_TLS_KEY", &junk)],
+    );
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("mqtt.tls_cert"), "{stderr}");
+    // Only one of the two: a configuration error (status 2).
+    let (status, _, stderr) = run_to_exit(&["--no-admin"], &[("ECHO_MQTT_TLS_CERT", &junk)]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("mqtt.tls_key"), "{stderr}");
+}
