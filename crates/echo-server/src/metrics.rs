@@ -363,7 +363,7 @@ impl Metrics {
         );
         m.register(
             "link_build_seconds",
-            "Time LinkBuilder::build() waited for the router, per connect (on the mqtt-connect-N threads)",
+            "Time a connecting client waited for the router to register it (awaited on the event loop, not blocking it)",
             mqtt.link_build_seconds.clone(),
         );
         registry.register(

@@ -7,17 +7,15 @@
 //!   thread of its own. Sessions talk to it through `rumqttd::local` links:
 //!   `LinkTx` pushes decoded packets into a shared queue and sends the
 //!   router one event; `LinkRx` wakes when the router has notifications.
-//! - `mqtt-connect-0` .. `mqtt-connect-3`: `LinkBuilder::build()` is
-//!   *blocking*: it sends the router a connect event and waits on a channel
-//!   until the router has registered the client. On the event loop that
-//!   wait would stall every WebSocket and MQTT client for as long as the
-//!   router takes to answer, once per connecting client. So every `build()`
-//!   runs on one of these threads instead, and the session awaits the
-//!   result on a oneshot channel: the event loop pays a channel send. There
-//!   are four so that builds overlap: when the server shares one core, each
-//!   wait for the router is a context switch or more (measured: ~1 ms per
-//!   build, pinned), and one thread alone capped connects at ~1,000/s; the
-//!   router takes several waiting connect events in one pass.
+//! - Registering a client (`LinkBuilder`) means sending the router a
+//!   connect event and waiting until it has answered. rumqttd 0.20's
+//!   `build()` waits by blocking the calling thread, which on the event
+//!   loop would stall every WebSocket and MQTT client once per connecting
+//!   client (measured: WebSocket p99 61-75 ms during a 5,000-client MQTT
+//!   connect storm). Our patched rumqttd (`vendor/rumqttd/PATCHED.md`) adds
+//!   `build_async()`, which awaits the answer on flume's async channel, so
+//!   registration is just another task on the event loop and the process
+//!   needs no thread besides the router's.
 //!
 //! # What the router is not trusted with
 //!
@@ -35,13 +33,13 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
 use futures_util::FutureExt;
-use prometheus_client::metrics::histogram::Histogram;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{
     Disconnect, DisconnectReasonCode, LastWill, LastWillProperties, Packet, PubRel, PubRelReason, Publish,
@@ -59,9 +57,6 @@ use crate::metrics::MqttMetrics;
 /// with a NUL character, which MQTT forbids in client ids (sessions refuse
 /// such ids), so no client can take it over.
 pub const INTERNAL_CLIENT_ID: &str = "\u{0}echo-server-wills";
-
-/// Threads that run `LinkBuilder::build()` (named `mqtt-connect-N`).
-pub const CONNECT_THREADS: usize = 4;
 
 /// Connections the router can hold beyond `mqtt.max_connections`: the
 /// internal link, and sessions that have ended on our side whose disconnect
@@ -96,15 +91,14 @@ impl From<LinkError> for LinkFailure {
     }
 }
 
-struct LinkRequest {
-    client_id: String,
-    clean_session: bool,
-    reply: oneshot::Sender<Result<Link, LinkFailure>>,
-}
+/// Registers a client with the router: `(client id, clean session)` to
+/// the router's answer. (A closure, because the router's sender names a
+/// private rumqttd type.)
+type LinkFn = dyn Fn(String, bool) -> Pin<Box<dyn Future<Output = Result<Link, LinkFailure>>>>;
 
 /// The router and the server's handle on it. Lives on the event loop.
 pub struct Broker {
-    connector: mpsc::Sender<LinkRequest>,
+    build_link: Box<LinkFn>,
     wills: RefCell<LinkTx>,
     next_will_pkid: Cell<u16>,
     /// Wills waiting for their delay to pass, by client id; a client that
@@ -146,29 +140,32 @@ impl Broker {
         // The sender's type names a private rumqttd type; it is only ever
         // captured by this closure.
         let router_tx = router.spawn();
-        let build = move |client_id: &str, clean_session: bool| {
-            LinkBuilder::new(client_id, router_tx.clone())
-                .clean_session(clean_session)
-                // Publishes to topics nobody subscribes to are dropped by the
-                // router either way; dynamic filters would create a log for
-                // every such topic.
-                .dynamic_filters(false)
-                .build()
-                .map_err(LinkFailure::from)
-        };
-        let (wills_tx, wills_rx, _connack) =
-            build(INTERNAL_CLIENT_ID, true).map_err(|e| std::io::Error::other(e.to_string()))?;
-        let (connector, requests) = mpsc::channel::<LinkRequest>();
-        let requests = std::sync::Arc::new(std::sync::Mutex::new(requests));
-        for n in 0..CONNECT_THREADS {
-            let (requests, build) = (requests.clone(), build.clone());
-            let histogram = metrics.link_build_seconds.clone();
-            std::thread::Builder::new()
-                .name(format!("mqtt-connect-{n}"))
-                .spawn(move || connector_thread(&requests, build, histogram))?;
-        }
+        // Publishes to topics nobody subscribes to are dropped by the router
+        // either way; dynamic filters would create a log for every such topic.
+        //
+        // The internal link is built before the event loop runs: blocking is fine.
+        let (wills_tx, wills_rx, _connack) = LinkBuilder::new(INTERNAL_CLIENT_ID, router_tx.clone())
+            .clean_session(true)
+            .dynamic_filters(false)
+            .build()
+            .map_err(|e| std::io::Error::other(LinkFailure::from(e).to_string()))?;
+        let histogram = metrics.link_build_seconds.clone();
+        let build_link = Box::new(move |client_id: String, clean_session: bool| {
+            let router_tx = router_tx.clone();
+            let histogram = histogram.clone();
+            Box::pin(async move {
+                let started = Instant::now();
+                let result = LinkBuilder::new(&client_id, router_tx)
+                    .clean_session(clean_session)
+                    .dynamic_filters(false)
+                    .build_async()
+                    .await;
+                histogram.observe(started.elapsed().as_secs_f64());
+                result.map(|(tx, rx, connack)| Link { tx, rx, connack }).map_err(LinkFailure::from)
+            }) as Pin<Box<dyn Future<Output = Result<Link, LinkFailure>>>>
+        });
         let broker = Rc::new(Broker {
-            connector,
+            build_link,
             wills: RefCell::new(wills_tx),
             next_will_pkid: Cell::new(0),
             delayed_wills: RefCell::new(HashMap::new()),
@@ -177,14 +174,27 @@ impl Broker {
         Ok((broker, wills_rx))
     }
 
-    /// Registers a client with the router. The wait happens on an
-    /// `mqtt-connect-N` thread; this task just awaits the answer.
+    /// Registers a client with the router, without blocking the event loop.
+    ///
+    /// The registration runs as a task of its own: once the router has been
+    /// asked, it will register the client whatever happens to the session,
+    /// so if the session is gone by the time the router answers (the client
+    /// left, or timed out), the task unregisters it again instead of leaving
+    /// a phantom connection in the router.
     pub async fn link(&self, client_id: &str, clean_session: bool) -> Result<Link, LinkFailure> {
         let (reply, answer) = oneshot::channel();
-        let request = LinkRequest { client_id: client_id.to_owned(), clean_session, reply };
-        if self.connector.send(request).is_err() {
-            return Err(LinkFailure::RouterGone);
-        }
+        let registration = (self.build_link)(client_id.to_owned(), clean_session);
+        tokio::task::spawn_local(async move {
+            let result = registration.await;
+            match reply.send(result) {
+                Ok(()) => {}
+                Err(Ok(mut link)) => {
+                    let bye = Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection };
+                    let _ = link.tx.send(Packet::Disconnect(bye, None)).now_or_never();
+                }
+                Err(Err(e)) => debug!(error = %e, "link failed for a client that is gone"),
+            }
+        });
         answer.await.unwrap_or(Err(LinkFailure::RouterGone))
     }
 
@@ -285,42 +295,6 @@ fn will_publish(will: &LastWill, pkid: u16) -> Publish {
     Publish::deserialize(raw.freeze())
 }
 
-/// Runs `LinkBuilder::build()` for the requests it takes from the shared
-/// queue, and times each.
-fn connector_thread<F>(
-    requests: &std::sync::Mutex<mpsc::Receiver<LinkRequest>>,
-    build: F,
-    histogram: Histogram,
-) where
-    F: Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), LinkFailure>,
-{
-    loop {
-        // One thread waits on the queue, the others on the lock.
-        let next = match requests.lock() {
-            Ok(queue) => queue.recv(),
-            Err(_) => return,
-        };
-        let Ok(request) = next else { return };
-        // A client that gave up while queued needs no link.
-        if request.reply.is_closed() {
-            continue;
-        }
-        let started = Instant::now();
-        let result = build(&request.client_id, request.clean_session);
-        histogram.observe(started.elapsed().as_secs_f64());
-        let result = result.map(|(tx, rx, connack)| Link { tx, rx, connack });
-        match request.reply.send(result) {
-            Ok(()) => {}
-            // The client left while the router registered it: unregister.
-            Err(Ok(mut link)) => {
-                let bye = Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection };
-                let _ = link.tx.send(Packet::Disconnect(bye, None)).now_or_never();
-            }
-            Err(Err(e)) => debug!(error = %e, "link failed for a client that is gone"),
-        }
-    }
-}
-
 /// Serves the internal link until the router goes away, then calls
 /// `on_death`. QoS 2 wills need a PUBREL to be released; QoS 1 wills are
 /// acknowledged and done.
@@ -358,7 +332,7 @@ pub fn report(config: &MqttConfig, max_connections: u64) {
         max_payload_size = config.max_payload_size,
         authentication = !config.username.is_empty(),
         tls = !config.tls_cert.is_empty(),
-        "MQTT router started (threads: router-0, mqtt-connect-0..3)"
+        "MQTT router started (thread router-0)"
     );
 }
 

@@ -4,9 +4,9 @@
 //!    protocol level picks the codec; credentials and client id are checked
 //!    here, so a refusal is always a CONNACK with the right code (rumqttd's
 //!    router would drop the client without one).
-//! 2. **Link**: the client is registered with the router on the
-//!    `mqtt-connect-N` threads (see [`broker`](super::broker)); the router's
-//!    CONNACK (session present or not) goes to the client.
+//! 2. **Link**: the client is registered with the router, awaiting its
+//!    answer without blocking the event loop (see [`broker`](super::broker));
+//!    the router's CONNACK (session present or not) goes to the client.
 //! 3. **Exchange** ([`exchange`]): one task waits on three things at once —
 //!    bytes from the client, notifications from the router, the keep-alive
 //!    deadline (and shutdown). Packets read are checked, counted and pushed

@@ -125,6 +125,41 @@ impl<'a> LinkBuilder<'a> {
         self.router_tx.send((0, event))?;
 
         link_rx.recv()?;
+        Self::finish(self.router_tx, link_rx, outgoing_data_buffer, incoming_data_buffer)
+    }
+
+    /// echo-server patch: `build` without blocking the calling thread. The
+    /// router's answer is awaited as a future (flume's async receive), so a
+    /// single-threaded event loop can register clients while it keeps
+    /// serving the others.
+    pub async fn build_async(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        let mut connection = Connection::new(
+            self.tenant_id,
+            self.client_id.to_owned(),
+            self.clean_session,
+            self.dynamic_filters,
+        );
+        connection
+            .last_will(self.last_will, self.last_will_properties)
+            .topic_alias_max(self.topic_alias_max);
+        let incoming = Incoming::new(connection.client_id.to_owned());
+        let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        let outgoing_data_buffer = outgoing.buffer();
+        let incoming_data_buffer = incoming.buffer();
+        let event = Event::Connect { connection, incoming, outgoing };
+        self.router_tx.send_async((0, event)).await?;
+        link_rx.recv_async().await?;
+        Self::finish(self.router_tx, link_rx, outgoing_data_buffer, incoming_data_buffer)
+    }
+
+    /// The part of `build` after the router answered (echo-server patch:
+    /// shared by `build` and `build_async`).
+    fn finish(
+        router_tx: Sender<(ConnectionId, Event)>,
+        link_rx: Receiver<()>,
+        outgoing_data_buffer: Arc<Mutex<VecDeque<Notification>>>,
+        incoming_data_buffer: Arc<Mutex<VecDeque<Packet>>>,
+    ) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
         let notification = outgoing_data_buffer.lock().pop_front().unwrap();
 
         // Right now link identifies failure with dropped rx in router,
@@ -134,8 +169,8 @@ impl<'a> LinkBuilder<'a> {
             _message => return Err(LinkError::NotConnectionAck),
         };
 
-        let tx = LinkTx::new(id, self.router_tx.clone(), incoming_data_buffer);
-        let rx = LinkRx::new(id, self.router_tx, link_rx, outgoing_data_buffer);
+        let tx = LinkTx::new(id, router_tx.clone(), incoming_data_buffer);
+        let rx = LinkRx::new(id, router_tx, link_rx, outgoing_data_buffer);
         Ok((tx, rx, notification))
     }
 }
