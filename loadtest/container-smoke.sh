@@ -17,7 +17,7 @@
 #    log ends with the shutdown summary.
 #
 # With neither engine present it skips with a loud message and exits 0,
-# unless ECHO_REQUIRE_CONTAINER=1 (CI), which makes that an error.
+# unless REQUIRE_CONTAINER=1 (CI), which makes that an error.
 # Environment: ENGINE=docker|podman to choose, IMAGE=name:tag,
 # KEEP_IMAGE=1 to keep the image afterwards.
 set -euo pipefail
@@ -37,7 +37,7 @@ if [ -z "${ENGINE:-}" ]; then
 fi
 if [ -z "${ENGINE:-}" ]; then
   msg="neither docker nor podman can run containers here"
-  if [ "${ECHO_REQUIRE_CONTAINER:-0}" = 1 ]; then die "$msg (ECHO_REQUIRE_CONTAINER=1)"; fi
+  if [ "${REQUIRE_CONTAINER:-0}" = 1 ]; then die "$msg (REQUIRE_CONTAINER=1)"; fi
   printf '\n*** SKIPPED: %s; the container image was not checked. ***\n\n' "$msg" >&2
   exit 0
 fi

@@ -30,7 +30,7 @@ start_server() {
       local args=(--ws-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --log-format json)
       if [ "$proto" = mqtt ]; then args+=(--mqtt-listen 127.0.0.1:0); elif echo_server_has_mqtt; then args+=(--no-mqtt); fi
       # The server reads ECHO_<SECTION>_<KEY> variables as configuration:
-      # keep CI's ECHO_TEST_REQUIRE_TOOLS and the like away from it.
+      # keep CI's REQUIRE_TEST_TOOLS and the like away from it.
       local unset=()
       while IFS= read -r var; do unset+=(-u "$var"); done < <(compgen -e | grep '^ECHO_' || true)
       $PIN_SERVER env "${unset[@]}" "$ECHO_SERVER" "${args[@]}" 2>"$logf" &

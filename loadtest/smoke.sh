@@ -41,7 +41,7 @@ if command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; then
   smoke mqtt-mosquitto-fanout mosquitto mqtt --pattern fanout --fanout 9 --mqtt-version 5
 else
   log "mosquitto not installed: MQTT smoke skipped (apt-get install mosquitto)"
-  [ "${ECHO_TEST_REQUIRE_TOOLS:-0}" = 1 ] && { echo "mosquitto required" >&2; exit 1; }
+  [ "${REQUIRE_TEST_TOOLS:-0}" = 1 ] && { echo "mosquitto required" >&2; exit 1; }
 fi
 
 log "smoke: merge and compare"

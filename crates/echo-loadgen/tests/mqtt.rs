@@ -27,7 +27,7 @@ impl Mosquitto {
             .into_iter()
             .find(|p| std::path::Path::new(p).exists());
         let Some(bin) = bin else {
-            assert!(!tools_required(), "mosquitto is required (ECHO_TEST_REQUIRE_TOOLS=1) but missing");
+            assert!(!tools_required(), "mosquitto is required (REQUIRE_TEST_TOOLS=1) but missing");
             eprintln!("*** SKIPPED: mosquitto is not installed (apt-get install mosquitto) ***");
             return None;
         };

@@ -2,7 +2,7 @@
 //! clients (Debian `mosquitto-clients`) and Eclipse paho-mqtt for Python,
 //! each doing a round trip on MQTT 3.1.1 and 5 (paho also over WebSocket,
 //! the way browser clients connect). These skip loudly when the tool is
-//! missing, unless `ECHO_TEST_REQUIRE_TOOLS=1` (set by `.ci/run`).
+//! missing, unless `REQUIRE_TEST_TOOLS=1` (set by `.ci/run`).
 
 mod common;
 

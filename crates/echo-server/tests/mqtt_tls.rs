@@ -1,5 +1,5 @@
 //! TLS on the MQTT port: a self-signed certificate made with `openssl`
-//! (skips loudly when it is missing, unless `ECHO_TEST_REQUIRE_TOOLS=1`),
+//! (skips loudly when it is missing, unless `REQUIRE_TEST_TOOLS=1`),
 //! a rustls client trusting it, and a CONNECT / SUBSCRIBE / PUBLISH round
 //! trip. Plain MQTT on the same port is refused (no TLS hello).
 

@@ -1,7 +1,7 @@
 //! The server with clients we did not write: Python `websockets` and a
 //! browser (headless Chromium loading the page and echoing through it).
 //! These skip loudly when the tool is missing, unless
-//! `ECHO_TEST_REQUIRE_TOOLS=1` (set by `.ci/run`, which installs them).
+//! `REQUIRE_TEST_TOOLS=1` (set by `.ci/run`, which installs them).
 
 mod common;
 

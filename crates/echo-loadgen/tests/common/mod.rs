@@ -88,7 +88,7 @@ impl EchoServer {
             command.arg("--no-mqtt");
         }
         // The server reads ECHO_<SECTION>_<KEY> variables as configuration;
-        // CI's ECHO_TEST_REQUIRE_TOOLS must not reach it.
+        // CI's REQUIRE_TEST_TOOLS must not reach it.
         for (key, _) in std::env::vars() {
             if key.starts_with("ECHO_") || key == "RUST_LOG" {
                 command.env_remove(key);
@@ -237,5 +237,5 @@ pub fn errors(step: &Value, kind: &str) -> u64 {
 
 /// Whether outside tools are mandatory (CI) rather than optional.
 pub fn tools_required() -> bool {
-    std::env::var("ECHO_TEST_REQUIRE_TOOLS").is_ok_and(|v| v == "1")
+    std::env::var("REQUIRE_TEST_TOOLS").is_ok_and(|v| v == "1")
 }

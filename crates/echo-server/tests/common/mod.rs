@@ -305,7 +305,7 @@ pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
 /// Whether tests that need outside tools must fail instead of skipping
 /// (set by `.ci/run`, which installs the tools).
 pub fn external_tools_required() -> bool {
-    std::env::var("ECHO_TEST_REQUIRE_TOOLS").is_ok_and(|v| v == "1")
+    std::env::var("REQUIRE_TEST_TOOLS").is_ok_and(|v| v == "1")
 }
 
 /// Skips (returns false, loudly) or fails when an outside tool is missing.
@@ -313,11 +313,11 @@ pub fn tool_available(name: &str, probe: &mut Command) -> bool {
     let ok = probe.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
     if !ok {
         if external_tools_required() {
-            panic!("{name} is required (ECHO_TEST_REQUIRE_TOOLS=1) but missing");
+            panic!("{name} is required (REQUIRE_TEST_TOOLS=1) but missing");
         }
         eprintln!(
             "\n*** SKIPPED: {name} is not installed; this test did not run. \
-             `bash .ci/run` installs it (or set ECHO_TEST_REQUIRE_TOOLS=1 to make this a failure). ***\n"
+             `bash .ci/run` installs it (or set REQUIRE_TEST_TOOLS=1 to make this a failure). ***\n"
         );
     }
     ok
