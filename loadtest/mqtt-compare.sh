@@ -2,7 +2,7 @@
 # Side-by-side MQTT measurement: echo-server and Mosquitto under the same
 # load, one after the other, in the same run. Bounded: N clients, S seconds.
 #
-#   bash scripts/mqtt-compare.sh [CLIENTS] [SECONDS] [CONCURRENCY]
+#   bash loadtest/mqtt-compare.sh [CLIENTS] [SECONDS] [CONCURRENCY]
 #
 # Needs a release build (cargo build --release -p echo-server --bin
 # echo-server --example mqtt_load) and Debian's `mosquitto`.
