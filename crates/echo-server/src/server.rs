@@ -152,39 +152,15 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit) -> Summary {
         mqtt.clone().filter(|_| config.mqtt.websocket),
     );
 
-    for std_listener in bound.websocket {
-        let listener =
-            TcpListener::from_std(std_listener).expect("a bound socket registers with the runtime");
-        let addr = listener.local_addr().expect("a bound socket has an address");
-        info!(protocol = "websocket", %addr, "listening");
-        let ws = ws.clone();
-        let fd_exhausted =
-            metrics.accept_fd_exhausted.get_or_create_owned(&ListenerLabel { listener: "websocket" });
-        tokio::task::spawn_local(listener::accept_loop(
-            listener,
-            "websocket",
-            shutdown.clone(),
-            fd_exhausted,
-            move |stream, peer| ws.on_accept(stream, peer),
-        ));
-    }
+    let ws_accept = ws.clone();
+    start_accepting(bound.websocket, "websocket", false, &shutdown, &metrics, move |stream, peer| {
+        ws_accept.on_accept(stream, peer)
+    });
     if let Some(mqtt) = &mqtt {
-        for std_listener in bound.mqtt {
-            let listener =
-                TcpListener::from_std(std_listener).expect("a bound socket registers with the runtime");
-            let addr = listener.local_addr().expect("a bound socket has an address");
-            info!(protocol = "mqtt", %addr, tls = mqtt.tls.is_some(), "listening");
-            let mqtt = mqtt.clone();
-            let fd_exhausted =
-                metrics.accept_fd_exhausted.get_or_create_owned(&ListenerLabel { listener: "mqtt" });
-            tokio::task::spawn_local(listener::accept_loop(
-                listener,
-                "mqtt",
-                shutdown.clone(),
-                fd_exhausted,
-                move |stream, peer| mqtt.on_accept(stream, peer),
-            ));
-        }
+        let mqtt_accept = mqtt.clone();
+        start_accepting(bound.mqtt, "mqtt", mqtt.tls.is_some(), &shutdown, &metrics, move |stream, peer| {
+            mqtt_accept.on_accept(stream, peer)
+        });
     }
     let admin_state = AdminState::new(metrics.clone(), shutdown.clone());
     for std_listener in bound.admin {
@@ -306,5 +282,35 @@ fn report_file_limit(files: &FileLimit, max_ws: u64, configured: u32) {
             open_file_limit = files.soft,
             "the open-file limit is low; this server is made for thousands of clients"
         );
+    }
+}
+
+/// Hands bound listeners to the runtime, logs where each listens (tests and
+/// people read these lines to learn the ports), and runs an accept loop on
+/// each.
+fn start_accepting<F>(
+    listeners: Vec<std::net::TcpListener>,
+    protocol: &'static str,
+    tls: bool,
+    shutdown: &Rc<Shutdown>,
+    metrics: &Metrics,
+    on_accept: F,
+) where
+    F: Fn(tokio::net::TcpStream, SocketAddr) + Clone + 'static,
+{
+    for std_listener in listeners {
+        let listener =
+            TcpListener::from_std(std_listener).expect("a bound socket registers with the runtime");
+        let addr = listener.local_addr().expect("a bound socket has an address");
+        info!(protocol, %addr, tls, "listening");
+        let fd_exhausted =
+            metrics.accept_fd_exhausted.get_or_create_owned(&ListenerLabel { listener: protocol });
+        tokio::task::spawn_local(listener::accept_loop(
+            listener,
+            protocol,
+            shutdown.clone(),
+            fd_exhausted,
+            on_accept.clone(),
+        ));
     }
 }
