@@ -83,6 +83,10 @@ enum Mode {
         concurrency: usize,
         #[arg(long)]
         pid: Option<u32>,
+        /// Run the storm process at this nice level (19: it only gets the CPU
+        /// the server and the measuring clients leave).
+        #[arg(long, default_value_t = 0)]
+        storm_nice: i32,
     },
 }
 
@@ -111,7 +115,12 @@ fn thread_cpu(pid: Option<u32>) -> std::collections::BTreeMap<String, f64> {
             let fields: Vec<&str> = after.split_whitespace().collect();
             let cpu = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
                 + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
-            *out.entry(name).or_insert(0.0) += cpu / ticks;
+            *out.entry(name.clone()).or_insert(0.0) += cpu / ticks;
+            // schedstat: time on the CPU, time waiting for one (ns), timeslices.
+            let sched = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+            if let Some(wait) = sched.split_whitespace().nth(1).and_then(|w| w.parse::<f64>().ok()) {
+                *out.entry(format!("{name}:waiting_for_cpu")).or_insert(0.0) += wait / 1e9;
+            }
         }
     }
     out
@@ -475,6 +484,7 @@ async fn run_mixed(
     clients: u32,
     concurrency: usize,
     pid: Option<u32>,
+    storm_nice: i32,
 ) {
     let origin = Instant::now();
     // 10 s to connect the WebSocket clients, 10 s of baseline, the storm, then 10 s more.
@@ -495,6 +505,9 @@ async fn run_mixed(
     let storm_start = Instant::now();
     // The storm runs in a process of its own (see `Storm`).
     let storm_args = vec![
+        "-n".to_owned(),
+        storm_nice.to_string(),
+        std::env::current_exe().unwrap().display().to_string(),
         "storm".to_owned(),
         "--addr".to_owned(),
         addr.clone(),
@@ -506,7 +519,7 @@ async fn run_mixed(
         "3".to_owned(),
     ];
     let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(std::env::current_exe().unwrap()).args(storm_args).output().unwrap()
+        std::process::Command::new("nice").args(storm_args).output().unwrap()
     })
     .await
     .unwrap();
@@ -532,6 +545,7 @@ async fn run_mixed(
     let storm_end_us = storm_start_us + storm_end.as_micros() as u64;
     let mut baseline = Vec::new();
     let mut during = Vec::new();
+    let mut timeline = Vec::new();
     let mut ws_failed = 0;
     for task in ws_tasks {
         match task.await.unwrap() {
@@ -539,6 +553,7 @@ async fn run_mixed(
                 for (at, rtt) in samples {
                     if at >= storm_start_us && at <= storm_end_us {
                         during.push(rtt);
+                        timeline.push((at - storm_start_us, rtt));
                     } else if at >= storm_start_us.saturating_sub(10_000_000) && at < storm_start_us {
                         baseline.push(rtt);
                     }
@@ -554,6 +569,18 @@ async fn run_mixed(
     }
     baseline.sort_unstable();
     during.sort_unstable();
+    if std::env::var_os("MIXED_TIMELINE").is_some() {
+        // Worst echo per 50 ms of the storm: where the delays come from.
+        let mut worst = std::collections::BTreeMap::new();
+        for (at, rtt) in timeline {
+            let slot = worst.entry(at / 50_000).or_insert((0u64, 0u64));
+            slot.0 = slot.0.max(rtt);
+            slot.1 += 1;
+        }
+        for (slot, (max, n)) in worst {
+            eprintln!("  storm +{:4} ms: {n:4} echoes, worst {:.1} ms", slot * 50, max as f64 / 1000.0);
+        }
+    }
     println!(
         "mixed: ws_clients={ws_clients} ws_failed={ws_failed} mqtt_clients={clients} mqtt_failed={failed} \
          storm={:.2}s mqtt_connects_per_s={:.0} \
@@ -583,8 +610,8 @@ fn main() {
             Mode::Storm { addr, clients, concurrency, hold } => {
                 run_storm(addr, clients, concurrency, hold).await
             }
-            Mode::Mixed { ws, addr, ws_clients, clients, concurrency, pid } => {
-                run_mixed(ws, addr, ws_clients, clients, concurrency, pid).await
+            Mode::Mixed { ws, addr, ws_clients, clients, concurrency, pid, storm_nice } => {
+                run_mixed(ws, addr, ws_clients, clients, concurrency, pid, storm_nice).await
             }
         }
     });
