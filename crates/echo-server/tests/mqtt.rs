@@ -302,6 +302,32 @@ async fn retained_message_reaches_a_later_subscriber() {
     assert_eq!(late5.next_publish().await.payload, "open");
 }
 
+/// MQTT 5: a retained message's expiry interval counts from its
+/// publication, however many subscribers have read it (rumqttd 0.20 took the
+/// elapsed time off the stored interval at every read; our patch).
+#[tokio::test]
+async fn retained_expiry_counts_from_publication_for_every_reader() {
+    let server = TestServer::start(&[]);
+    let publisher = V5::connect(&server, "expiring").await;
+    let expiry = PublishProperties { message_expiry_interval: Some(20), ..Default::default() };
+    publisher
+        .client
+        .publish_with_properties("status/lamp", qos5(QoS::AtLeastOnce), true, "on", expiry)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for reader in 0..4 {
+        let mut late = V5::connect(&server, &format!("reader-{reader}")).await;
+        late.subscribe("status/lamp", qos5(QoS::AtMostOnce)).await;
+        let got = late.next_publish().await;
+        assert_eq!(got.payload, "on");
+        let left = got.properties.and_then(|p| p.message_expiry_interval).expect("an expiry interval");
+        // 2 s have passed (3 at most on a slow machine): 17-18 s left, for
+        // the fourth reader as for the first.
+        assert!((17..=18).contains(&left), "reader {reader}: {left} s left");
+    }
+}
+
 #[tokio::test]
 async fn last_will_is_delivered_when_a_client_drops() {
     let server = TestServer::start(&[]);

@@ -72,6 +72,30 @@ fn has_wildcard(filter: &str) -> bool {
     filter.contains(['+', '#'])
 }
 
+/// echo-server patch: seconds before a retained message expires (MQTT 5
+/// message expiry interval, counted from its publication); `None`: never.
+fn retained_expiry_left(data: &PublishData, now: Instant) -> Option<u32> {
+    let interval = data.properties.as_ref()?.message_expiry_interval?;
+    let spent = now.saturating_duration_since(data.timestamp).as_secs();
+    Some(u64::from(interval).saturating_sub(spent) as u32)
+}
+
+/// echo-server patch: a retained message as delivered now, its expiry
+/// interval set to the time it has left (MQTT 5, 3.3.2.3.3); `None` once
+/// expired.
+fn retained_delivery(data: &PublishData, now: Instant) -> Option<PubWithProp> {
+    let mut properties = data.properties.clone();
+    if let Some(left) = retained_expiry_left(data, now) {
+        if left == 0 {
+            return None;
+        }
+        if let Some(p) = properties.as_mut() {
+            p.message_expiry_interval = Some(left);
+        }
+    }
+    Some((data.publish.clone(), properties))
+}
+
 impl DataLog {
     pub fn new(config: RouterConfig) -> io::Result<DataLog> {
         let mut native = Slab::new();
@@ -330,41 +354,37 @@ impl DataLog {
         self.retained_publishes.remove(&topic);
     }
 
+    // echo-server patch: was, for every subscription, a pass over every
+    // retained message to drop the expired ones, then a scan of all of them
+    // against the filter: O(retained messages) per subscription. A filter
+    // without wildcards now looks up its one topic. The pass also took the
+    // time since publication off each message's stored expiry interval at
+    // every read, so a retained message read twice expired early; the stored
+    // interval is now left alone and the remaining time computed per read.
     pub fn read_retained_messages(&mut self, filter: &str) -> Vec<PubWithProp> {
         trace!(info = "reading retain msg", filter = &filter);
         let now = Instant::now();
 
+        if !has_wildcard(filter) {
+            return match self.retained_publishes.get(filter) {
+                Some(data) if retained_expiry_left(data, now) == Some(0) => {
+                    self.retained_publishes.remove(filter);
+                    Vec::new()
+                }
+                Some(data) if matches(filter, filter) => {
+                    retained_delivery(data, now).into_iter().collect()
+                }
+                _ => Vec::new(),
+            };
+        }
+
         // discard expired retained messages
-        self.retained_publishes.retain(|_, pubdata| {
-            // Keep data if no properties exists, which implies no message expiry!
-            let Some(properties) = pubdata.properties.as_mut() else {
-                return true;
-            };
-
-            // Keep data if there is no message_expiry_interval
-            let Some(message_expiry_interval) = properties.message_expiry_interval.as_mut() else {
-                return true;
-            };
-
-            let time_spent = (now - pubdata.timestamp).as_secs() as u32;
-
-            let is_valid = time_spent < *message_expiry_interval;
-
-            // ignore expired messages
-            if is_valid {
-                // set message_expiry_interval to (original value - time spent waiting in server)
-                // ref: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901112
-                *message_expiry_interval -= time_spent;
-            }
-
-            is_valid
-        });
-
-        // no need to include timestamp when returning
+        self.retained_publishes
+            .retain(|_, data| retained_expiry_left(data, now) != Some(0));
         self.retained_publishes
             .iter()
             .filter(|(topic, _)| matches(topic, filter))
-            .map(|(_, p)| (p.publish.clone(), p.properties.clone()))
+            .filter_map(|(_, data)| retained_delivery(data, now))
             .collect()
     }
 }
@@ -573,7 +593,88 @@ mod test {
 #[cfg(test)]
 mod echo_server_patch {
     use super::{matches, DataLog};
+    use crate::protocol::{Publish, PublishProperties};
     use crate::RouterConfig;
+    use std::time::{Duration, Instant};
+
+    fn datalog() -> DataLog {
+        DataLog::new(RouterConfig {
+            max_segment_size: 1024,
+            max_connections: 10,
+            max_segment_count: 10,
+            max_outgoing_packet_count: 1024,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        })
+        .unwrap()
+    }
+
+    fn retain(data: &mut DataLog, topic: &str, expiry: Option<u32>) {
+        let properties = expiry.map(|e| PublishProperties {
+            message_expiry_interval: Some(e),
+            ..Default::default()
+        });
+        let publish = Publish::new(topic.to_owned(), format!("{topic}!"), true);
+        data.insert_to_retained_publishes(publish, properties, topic.to_owned());
+    }
+
+    fn topics(got: Vec<(Publish, Option<PublishProperties>)>) -> Vec<String> {
+        let mut t: Vec<String> = got
+            .iter()
+            .map(|(p, _)| String::from_utf8(p.topic.to_vec()).unwrap())
+            .collect();
+        t.sort();
+        t
+    }
+
+    /// Exact filters find their retained message by lookup; the result is
+    /// what a scan of every retained message against the filter gives.
+    #[test]
+    fn retained_messages_as_a_full_scan_would() {
+        let mut data = datalog();
+        let all = ["a/b", "a/c", "x", "a", "a/b/c", "$SYS/x"];
+        for t in all {
+            retain(&mut data, t, None);
+        }
+        for filter in ["a/b", "x", "a", "a/b/c", "nothing", "$SYS/x", "a/+", "#", "+/b", "a/#"] {
+            let want: Vec<String> = {
+                let mut w: Vec<String> = all
+                    .iter()
+                    .filter(|t| matches(t, filter))
+                    .map(|t| t.to_string())
+                    .collect();
+                w.sort();
+                w
+            };
+            assert_eq!(topics(data.read_retained_messages(filter)), want, "{filter}");
+        }
+    }
+
+    /// A retained message's expiry interval counts from its publication,
+    /// however often it is read; an expired one is neither delivered nor
+    /// kept.
+    #[test]
+    fn retained_expiry_counts_from_publication() {
+        let mut data = datalog();
+        retain(&mut data, "live", Some(10));
+        retain(&mut data, "dead", Some(10));
+        retain(&mut data, "wild/dead", Some(10));
+        let now = Instant::now();
+        for (topic, age) in [("live", 3), ("dead", 11), ("wild/dead", 11)] {
+            data.retained_publishes.get_mut(topic).unwrap().timestamp = now - Duration::from_secs(age);
+        }
+        for _ in 0..3 {
+            let got = data.read_retained_messages("live");
+            assert_eq!(got.len(), 1);
+            let left = got[0].1.as_ref().unwrap().message_expiry_interval.unwrap();
+            assert!((6..=7).contains(&left), "{left} s left");
+        }
+        assert!(data.read_retained_messages("dead").is_empty());
+        assert!(!data.retained_publishes.contains_key("dead"));
+        assert_eq!(topics(data.read_retained_messages("#")), ["live"]);
+        assert!(!data.retained_publishes.contains_key("wild/dead"));
+    }
 
     /// The patched lookup gives what a scan of every filter gives.
     #[test]
