@@ -419,11 +419,16 @@ impl LinkRx {
         match self.cache.pop_front() {
             Some(v) => Ok(Some(v)),
             None => {
+                // echo-server patch: was a swap of the cache with the shared
+                // buffer, so both drained queues stayed allocated while the
+                // client waits (2 KB per idle client). The cache is freed
+                // before waiting and the buffer taken, not swapped.
+                self.cache = VecDeque::new();
                 // If cache is empty, check for router trigger and get fresh notifications
                 self.router_rx.recv_async().await?;
                 // Collect 'all' the data in the buffer after a notification.
                 // Notification means fresh data which isn't previously collected
-                mem::swap(&mut *self.send_buffer.lock(), &mut self.cache);
+                self.cache = mem::take(&mut *self.send_buffer.lock());
                 Ok(self.cache.pop_front())
             }
         }

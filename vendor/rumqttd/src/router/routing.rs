@@ -886,7 +886,12 @@ impl Router {
             }
         }
 
-        self.cache = Some(packets);
+        // echo-server patch: was `Some(packets)`, the drained queue kept as
+        // the cache and handed to the next connection that sends: every
+        // connection ended up holding a drained queue (1.5 KB idle, the
+        // first one 200 packets). An empty queue allocates nothing.
+        drop(packets);
+        self.cache = Some(VecDeque::new());
 
         // Prepare AcksRequest in tracker if router is operating in a
         // single node mode or force ack request for subscriptions
@@ -1387,7 +1392,10 @@ fn ack_device_data(ackslog: &mut AckLog, outgoing: &mut Outgoing) -> bool {
 
     // Unlike forwards, we are reading all the pending acks for a given connection.
     // At any given point of time, there can be a max of connection's buffer size
-    for ack in acks.drain(..) {
+    // echo-server patch: was `acks.drain(..)`, which kept the drained
+    // log's memory for as long as the client stays connected (0.9 KB
+    // per idle client).
+    for ack in std::mem::take(acks) {
         let pkid = packetid(&ack);
         trace!(pkid, "Ack added for pkid {}", pkid);
         let message = Notification::DeviceAck(ack);
