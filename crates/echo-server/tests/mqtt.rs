@@ -30,16 +30,10 @@ impl Drop for V4 {
 }
 
 impl V4 {
-    async fn connect(server: &TestServer, id: &str) -> V4 {
-        V4::with(server, id, |_| {}).await
-    }
-
-    async fn with(server: &TestServer, id: &str, tweak: impl FnOnce(&mut rumqttc::MqttOptions)) -> V4 {
-        let addr = server.mqtt_addr();
-        let mut options = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
-        options.set_keep_alive(Duration::from_secs(30));
-        tweak(&mut options);
-        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 64);
+    /// A client whose event loop runs in a task of its own, its events
+    /// (connection errors included) queued for `expect`.
+    fn start(options: rumqttc::MqttOptions, cap: usize) -> V4 {
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, cap);
         let (tx, events) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
             loop {
@@ -50,7 +44,19 @@ impl V4 {
                 }
             }
         });
-        let mut v4 = V4 { client, events, task };
+        V4 { client, events, task }
+    }
+
+    async fn connect(server: &TestServer, id: &str) -> V4 {
+        V4::with(server, id, |_| {}).await
+    }
+
+    async fn with(server: &TestServer, id: &str, tweak: impl FnOnce(&mut rumqttc::MqttOptions)) -> V4 {
+        let addr = server.mqtt_addr();
+        let mut options = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        options.set_keep_alive(Duration::from_secs(30));
+        tweak(&mut options);
+        let mut v4 = V4::start(options, 64);
         v4.expect(|e| matches!(e, Event::Incoming(Packet::ConnAck(ack)) if ack.code == rumqttc::ConnectReturnCode::Success))
             .await;
         v4
@@ -390,18 +396,7 @@ async fn mqtt_over_websocket_on_the_websocket_port() {
         .set_transport(rumqttc::Transport::Ws)
         .set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 16);
-    let (tx, events) = mpsc::unbounded_channel();
-    let task = tokio::spawn(async move {
-        loop {
-            let event = eventloop.poll().await.map_err(|e| e.to_string());
-            let failed = event.is_err();
-            if tx.send(event).is_err() || failed {
-                return;
-            }
-        }
-    });
-    let mut c = V4 { client, events, task };
+    let mut c = V4::start(options, 16);
     c.expect(|e| matches!(e, Event::Incoming(Packet::ConnAck(_)))).await;
     // And a TCP client on the MQTT port reaches it.
     let tcp = V4::connect(&server, "tcp-side").await;

@@ -96,8 +96,6 @@ pub struct Router {
     router_tx: Sender<(ConnectionId, Event)>,
     /// Router metrics
     router_meters: RouterMeter,
-    /// Buffer for cache exchange of incoming packets
-    cache: Option<VecDeque<Packet>>,
     /// Shared subscriptions map <group-name, group>
     shared_subscriptions: HashMap<String, SharedGroup>,
     /// Will messages per client_id
@@ -140,7 +138,6 @@ impl Router {
             router_rx,
             router_tx,
             router_meters: router_metrics,
-            cache: Some(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY)),
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
         }
@@ -551,8 +548,12 @@ impl Router {
         let span = tracing::error_span!("incoming_payload", client_id);
         let _guard = span.enter();
 
-        // Instead of exchanging, we should just append new incoming packets inside cache
-        let mut packets = incoming.exchange(self.cache.take().unwrap());
+        // echo-server patch: was an exchange with the router's cache, the
+        // drained queue of the previous connection that sent (the first one a
+        // 200-packet queue), so every connection ended up holding a drained
+        // queue (1.5 KB idle). The connection gets an empty queue, which
+        // allocates nothing, and the drained one is freed below.
+        let mut packets = incoming.exchange(VecDeque::new());
 
         let mut force_ack = false;
         let mut new_data = false;
@@ -886,12 +887,6 @@ impl Router {
             }
         }
 
-        // echo-server patch: was `Some(packets)`, the drained queue kept as
-        // the cache and handed to the next connection that sends: every
-        // connection ended up holding a drained queue (1.5 KB idle, the
-        // first one 200 packets). An empty queue allocates nothing.
-        drop(packets);
-        self.cache = Some(VecDeque::new());
 
         // Prepare AcksRequest in tracker if router is operating in a
         // single node mode or force ack request for subscriptions
