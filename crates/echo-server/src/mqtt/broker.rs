@@ -46,7 +46,7 @@ use rumqttd::protocol::{
     PublishProperties,
 };
 use rumqttd::{Notification, Router, RouterConfig};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::AbortHandle;
 use tracing::{debug, error, info, warn};
 
@@ -104,6 +104,12 @@ pub struct Broker {
     /// Wills waiting for their delay to pass, by client id; a client that
     /// comes back in time cancels its own.
     delayed_wills: RefCell<HashMap<String, (AbortHandle, Rc<Notify>)>>,
+    /// Set once [`watch_router`] has seen the router stop. A registration
+    /// that raced with the router's death may never be answered: its
+    /// request can sit in the router's queue, which outlives the router
+    /// while we hold senders to it, so no one drops the request's reply
+    /// channel. Registrations wait on this as well as on the answer.
+    router_gone: watch::Sender<bool>,
     metrics: std::sync::Arc<MqttMetrics>,
 }
 
@@ -169,6 +175,7 @@ impl Broker {
             wills: RefCell::new(wills_tx),
             next_will_pkid: Cell::new(0),
             delayed_wills: RefCell::new(HashMap::new()),
+            router_gone: watch::Sender::new(false),
             metrics,
         });
         Ok((broker, wills_rx))
@@ -195,7 +202,13 @@ impl Broker {
                 Err(Err(e)) => debug!(error = %e, "link failed for a client that is gone"),
             }
         });
-        answer.await.unwrap_or(Err(LinkFailure::RouterGone))
+        let mut gone = self.router_gone.subscribe();
+        tokio::select! {
+            answer = answer => answer.unwrap_or(Err(LinkFailure::RouterGone)),
+            // `wait_for` looks at the current value first: a router that died
+            // before this call is seen at once.
+            _ = gone.wait_for(|gone| *gone) => Err(LinkFailure::RouterGone),
+        }
     }
 
     /// A client with this id connected: a will still waiting for its delay
@@ -316,6 +329,7 @@ pub async fn watch_router(broker: Rc<Broker>, mut rx: LinkRx, on_death: impl FnO
                     "the MQTT router thread has stopped (see the panic above); \
                      the broker cannot route messages any more, shutting down"
                 );
+                broker.router_gone.send_replace(true);
                 on_death();
                 return;
             }
@@ -346,6 +360,8 @@ mod tests {
     /// sessions refuse to do (see `topics::check_filter`): a persistent
     /// session, alone in a share group, disconnects with a QoS 1 message
     /// in flight, and rumqttd 0.20's router panics ("group must exists").
+    /// A registration after the death is refused at once (it used to hang
+    /// now and then: see [`Broker::router_gone`]).
     #[tokio::test]
     async fn a_dead_router_is_noticed() {
         let config = crate::config::MqttConfig::default();
