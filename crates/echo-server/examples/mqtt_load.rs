@@ -6,6 +6,10 @@
 //! # N clients, each subscribed to its own topic, publishing QoS 0 at 1/s:
 //! cargo run --release --example mqtt_load -- mqtt --addr 127.0.0.1:1883 \
 //!     --clients 10000 --concurrency 256 --seconds 30 --pid <server pid>
+//! # Memory kept per client that came and went: rounds of N clients with
+//! # fresh ids that connect (and subscribe to a topic of their own) and leave:
+//! cargo run --release --example mqtt_load -- churn --addr 127.0.0.1:1883 \
+//!     --clients 20000 --rounds 3 --own-topic --pid <server pid>
 //! # WebSocket echo latency while MQTT clients connect as fast as they can:
 //! cargo run --release --example mqtt_load -- mixed --ws ws://127.0.0.1:8080/ \
 //!     --addr 127.0.0.1:1883 --ws-clients 5000 --clients 5000 --pid <server pid>
@@ -68,6 +72,27 @@ enum Mode {
         concurrency: usize,
         #[arg(long, default_value_t = 3)]
         hold: u64,
+    },
+    /// Rounds of clients with fresh ids that connect (clean session, and
+    /// with `--own-topic` subscribe to a topic of their own), DISCONNECT and
+    /// close; the server's RSS after each round shows what it keeps of
+    /// clients that are gone.
+    Churn {
+        #[arg(long)]
+        addr: String,
+        /// Clients per round.
+        #[arg(long, default_value_t = 20_000)]
+        clients: u32,
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long)]
+        own_topic: bool,
+        #[arg(long)]
+        pid: Option<u32>,
+        #[arg(long, default_value = "bench")]
+        label: String,
     },
     /// WebSocket clients echoing at 1/s while MQTT clients connect at once.
     Mixed {
@@ -477,6 +502,107 @@ async fn run_storm(addr: String, clients: u32, concurrency: usize, hold: u64) {
     tokio::time::sleep(Duration::from_secs(hold)).await;
 }
 
+/// One client of a churn round: CONNECT (and SUBSCRIBE), wait for the
+/// acknowledgements, DISCONNECT, wait for the server to close.
+async fn churn_client(addr: &str, id: &str, topic: Option<&str>) -> Result<(), String> {
+    let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    s.set_nodelay(true).ok();
+    let mut out = connect_packet(id);
+    if let Some(topic) = topic {
+        out.extend(subscribe_packet(topic));
+    }
+    s.write_all(&out).await.map_err(|e| e.to_string())?;
+    let mut buf = Vec::with_capacity(64);
+    let mut acks = 0;
+    let wanted = if topic.is_some() { 2 } else { 1 };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut chunk = [0u8; 256];
+    while acks < wanted {
+        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+            .await
+            .map_err(|_| "no CONNACK/SUBACK within 10 s".to_owned())?
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed before CONNACK/SUBACK".to_owned());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        while let Some((first, body)) = next_packet(&mut buf) {
+            match first >> 4 {
+                2 if body.get(1) == Some(&0) => acks += 1,
+                2 => return Err(format!("CONNACK refused: {body:?}")),
+                9 => acks += 1,
+                _ => {}
+            }
+        }
+    }
+    s.write_all(&[0xe0, 0x00]).await.map_err(|e| e.to_string())?;
+    // The server closes after a DISCONNECT; waiting for it means the
+    // session has ended on the server's side before the round is over.
+    let _ =
+        tokio::time::timeout_at(deadline, async { while s.read(&mut chunk).await.is_ok_and(|n| n > 0) {} })
+            .await;
+    Ok(())
+}
+
+async fn run_churn(
+    addr: String,
+    clients: u32,
+    rounds: u32,
+    concurrency: usize,
+    own_topic: bool,
+    pid: Option<u32>,
+    label: String,
+) {
+    // Fresh ids on every run too, so that a second run against the same
+    // server does not meet the first one's.
+    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    let settle = Duration::from_secs(1);
+    tokio::time::sleep(settle).await;
+    let rss_start = rss(pid);
+    let started = Instant::now();
+    let mut failed = 0u32;
+    let mut rss_end = rss_start;
+    for round in 0..rounds {
+        let round_started = Instant::now();
+        let gate = Arc::new(Semaphore::new(concurrency));
+        let mut tasks = Vec::with_capacity(clients as usize);
+        for i in 0..clients {
+            let (addr, gate) = (addr.clone(), gate.clone());
+            tasks.push(tokio::spawn(async move {
+                let _permit = gate.acquire_owned().await.unwrap();
+                let id = format!("churn-{run}-{round}-{i}");
+                let topic = own_topic.then(|| format!("churn/{run}/{round}/{i}"));
+                churn_client(&addr, &id, topic.as_deref()).await
+            }));
+        }
+        for task in tasks {
+            if let Err(e) = task.await.unwrap() {
+                if failed < 5 {
+                    eprintln!("churn: {e}");
+                }
+                failed += 1;
+            }
+        }
+        let took = round_started.elapsed().as_secs_f64();
+        tokio::time::sleep(settle).await;
+        rss_end = rss(pid);
+        println!(
+            "churn {label}: round {}/{rounds}: {clients} clients in {took:.1} s ({:.0}/s), server RSS {:.1} MiB",
+            round + 1,
+            f64::from(clients) / took,
+            rss_end as f64 / 1048576.0
+        );
+    }
+    let total = u64::from(clients) * u64::from(rounds);
+    println!(
+        "churn {label}: clients={total} own_topic={own_topic} failed={failed} seconds={:.1} \
+         rss_growth_mib={:.1} bytes_kept_per_client={:.0}",
+        started.elapsed().as_secs_f64() - settle.as_secs_f64() * f64::from(rounds),
+        (rss_end as f64 - rss_start as f64) / 1048576.0,
+        (rss_end as f64 - rss_start as f64) / total as f64,
+    );
+}
+
 async fn run_mixed(
     ws: String,
     addr: String,
@@ -609,6 +735,9 @@ fn main() {
             }
             Mode::Storm { addr, clients, concurrency, hold } => {
                 run_storm(addr, clients, concurrency, hold).await
+            }
+            Mode::Churn { addr, clients, rounds, concurrency, own_topic, pid, label } => {
+                run_churn(addr, clients, rounds, concurrency, own_topic, pid, label).await
             }
             Mode::Mixed { ws, addr, ws_clients, clients, concurrency, pid, storm_nice } => {
                 run_mixed(ws, addr, ws_clients, clients, concurrency, pid, storm_nice).await

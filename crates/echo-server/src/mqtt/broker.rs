@@ -63,6 +63,28 @@ pub const INTERNAL_CLIENT_ID: &str = "\u{0}echo-server-wills";
 /// the router has not processed yet.
 const ROUTER_SLACK: usize = 1024;
 
+/// How long the router keeps a client's session after its connection
+/// ends, as MQTT 5's session expiry interval has it (seconds; `0xFFFF_FFFF`
+/// is never). MQTT 3.1.1 knows two values: a clean session ends with its
+/// connection, any other lasts for ever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionExpiry(pub u32);
+
+impl SessionExpiry {
+    pub const AT_DISCONNECT: SessionExpiry = SessionExpiry(0);
+    pub const NEVER: SessionExpiry = SessionExpiry(u32::MAX);
+
+    /// The session outlives its connection.
+    pub fn persistent(self) -> bool {
+        self != Self::AT_DISCONNECT
+    }
+
+    /// As rumqttd takes it (`None`: never).
+    pub fn duration(self) -> Option<Duration> {
+        (self != Self::NEVER).then(|| Duration::from_secs(u64::from(self.0)))
+    }
+}
+
 /// A link to the router for one session.
 pub struct Link {
     pub tx: LinkTx,
@@ -91,10 +113,10 @@ impl From<LinkError> for LinkFailure {
     }
 }
 
-/// Registers a client with the router: `(client id, clean session)` to
-/// the router's answer. (A closure, because the router's sender names a
+/// Registers a client with the router: `(client id, clean start, session
+/// expiry)` to the router's answer. (A closure, because the router's sender names a
 /// private rumqttd type.)
-type LinkFn = dyn Fn(String, bool) -> Pin<Box<dyn Future<Output = Result<Link, LinkFailure>>>>;
+type LinkFn = dyn Fn(String, bool, SessionExpiry) -> Pin<Box<dyn Future<Output = Result<Link, LinkFailure>>>>;
 
 /// The router and the server's handle on it. Lives on the event loop.
 pub struct Broker {
@@ -156,13 +178,14 @@ impl Broker {
             .build()
             .map_err(|e| std::io::Error::other(LinkFailure::from(e).to_string()))?;
         let histogram = metrics.link_build_seconds.clone();
-        let build_link = Box::new(move |client_id: String, clean_session: bool| {
+        let build_link = Box::new(move |client_id: String, clean_start: bool, expiry: SessionExpiry| {
             let router_tx = router_tx.clone();
             let histogram = histogram.clone();
             Box::pin(async move {
                 let started = Instant::now();
                 let result = LinkBuilder::new(&client_id, router_tx)
-                    .clean_session(clean_session)
+                    .clean_session(clean_start)
+                    .session_expiry(expiry.duration())
                     .dynamic_filters(false)
                     .build_async()
                     .await;
@@ -188,9 +211,14 @@ impl Broker {
     /// so if the session is gone by the time the router answers (the client
     /// left, or timed out), the task unregisters it again instead of leaving
     /// a phantom connection in the router.
-    pub async fn link(&self, client_id: &str, clean_session: bool) -> Result<Link, LinkFailure> {
+    pub async fn link(
+        &self,
+        client_id: &str,
+        clean_start: bool,
+        expiry: SessionExpiry,
+    ) -> Result<Link, LinkFailure> {
         let (reply, answer) = oneshot::channel();
-        let registration = (self.build_link)(client_id.to_owned(), clean_session);
+        let registration = (self.build_link)(client_id.to_owned(), clean_start, expiry);
         tokio::task::spawn_local(async move {
             let result = registration.await;
             match reply.send(result) {
@@ -374,7 +402,7 @@ mod tests {
                 let flag = died.clone();
                 let watcher =
                     tokio::task::spawn_local(watch_router(broker.clone(), watch, move || flag.set(true)));
-                let mut member = broker.link("member", false).await.unwrap();
+                let mut member = broker.link("member", false, SessionExpiry::NEVER).await.unwrap();
                 let filter = Filter {
                     path: "$share/g/doomed".into(),
                     qos: QoS::AtLeastOnce,
@@ -384,7 +412,8 @@ mod tests {
                 };
                 let subscribe = Subscribe { pkid: 1, filters: vec![filter] };
                 member.tx.send(Packet::Subscribe(subscribe, None)).await.unwrap();
-                let mut publisher = broker.link("publisher", true).await.unwrap();
+                let mut publisher =
+                    broker.link("publisher", true, SessionExpiry::AT_DISCONNECT).await.unwrap();
                 let will = LastWill {
                     topic: Bytes::from_static(b"doomed"),
                     message: Bytes::from_static(b"x"),
@@ -404,7 +433,8 @@ mod tests {
                 member.tx.send(Packet::Disconnect(bye, None)).await.unwrap();
                 tokio::time::timeout(Duration::from_secs(5), watcher).await.expect("noticed").unwrap();
                 assert!(died.get());
-                assert!(matches!(broker.link("late", true).await, Err(LinkFailure::RouterGone)));
+                let late = broker.link("late", true, SessionExpiry::AT_DISCONNECT).await;
+                assert!(matches!(late, Err(LinkFailure::RouterGone)));
             })
             .await;
     }

@@ -27,14 +27,14 @@ use futures_util::FutureExt;
 use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
-    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Error as ProtocolError,
-    LastWill, LastWillProperties, Packet, PingResp, SubAck,
+    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectProperties, DisconnectReasonCode,
+    Error as ProtocolError, LastWill, LastWillProperties, Packet, PingResp, SubAck,
 };
 use tokio::time::{Instant, timeout_at};
 use tracing::debug;
 
 use super::MqttServer;
-use super::broker::LinkFailure;
+use super::broker::{LinkFailure, SessionExpiry};
 use super::codec::{Codec, Decoded, Peek, Version, peek_version};
 use super::topics::{self, Refusals};
 use super::transport::Transport;
@@ -48,6 +48,23 @@ struct RouterLink {
     /// False once the router has dropped this client (take-over, a publish
     /// it refused) or been told it is gone.
     registered: bool,
+}
+
+impl RouterLink {
+    /// Tells the router the client is gone, with the session expiry its
+    /// DISCONNECT asked for.
+    fn leave(&mut self, expiry: SessionExpiry) {
+        if std::mem::take(&mut self.registered) {
+            let bye = Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection };
+            let properties = DisconnectProperties {
+                session_expiry_interval: Some(expiry.0),
+                reason_string: None,
+                user_properties: Vec::new(),
+                server_reference: None,
+            };
+            let _ = self.tx.send(Packet::Disconnect(bye, Some(properties))).now_or_never();
+        }
+    }
 }
 
 impl Drop for RouterLink {
@@ -64,7 +81,13 @@ struct Accepted {
     codec: Codec,
     client_id: String,
     assigned_id: bool,
+    /// Clean session (3.1.1) or clean start (5): the session starts anew.
     clean_session: bool,
+    /// How long the session outlives the connection; an MQTT 5 client may
+    /// change it in its DISCONNECT.
+    session_expiry: SessionExpiry,
+    /// The client's DISCONNECT changed `session_expiry`: the router is told.
+    expiry_changed: bool,
     keep_alive: u16,
     /// Boxed: most clients have none, and this struct lives as long as
     /// the connection.
@@ -103,6 +126,9 @@ pub async fn run(mut transport: Transport, peer: SocketAddr, server: Rc<MqttServ
     metrics.closed(end.reason);
     debug!(%peer, client_id = %session.client_id, reason = end.reason, "session ended");
     Box::pin(finish(&mut transport, &session, end, &server)).await;
+    if session.expiry_changed {
+        router.leave(session.session_expiry);
+    }
     drop(router);
 }
 
@@ -194,7 +220,7 @@ async fn open(
     let link = tokio::select! {
         biased;
         _ = server.shutdown.wait() => Err(LinkFailure::RouterGone),
-        link = server.broker.link(&accepted.client_id, accepted.clean_session) => link,
+        link = server.broker.link(&accepted.client_id, accepted.clean_session, accepted.session_expiry) => link,
     };
     let link = match link {
         Ok(link) => link,
@@ -343,7 +369,14 @@ async fn handshake(
         // allowed in MQTT strings and marks the server's own link.
         return Err(Refused::With(version, ConnectReturnCode::ClientIdentifierNotValid, "client_id"));
     }
-    let session_expiry = properties.as_ref().and_then(|p| p.session_expiry_interval).unwrap_or(0);
+    // 3.1.1 §3.1.2.4, 5 §3.1.2.11.2 (absent is 0).
+    let session_expiry = match version {
+        Version::V311 if connect.clean_session => SessionExpiry::AT_DISCONNECT,
+        Version::V311 => SessionExpiry::NEVER,
+        Version::V5 => {
+            SessionExpiry(properties.as_ref().and_then(|p| p.session_expiry_interval).unwrap_or(0))
+        }
+    };
     let delay = will_properties.as_ref().and_then(|p| p.delay_interval).unwrap_or(0);
     if let Some(w) = &will
         && !topics::check_topic(&w.topic, false)
@@ -355,9 +388,11 @@ async fn handshake(
         client_id,
         assigned_id,
         clean_session: connect.clean_session,
+        session_expiry,
+        expiry_changed: false,
         keep_alive: connect.keep_alive,
         will: will.map(|w| Box::new((w, will_properties))),
-        will_delay: Duration::from_secs(u64::from(delay.min(session_expiry))),
+        will_delay: Duration::from_secs(u64::from(delay.min(session_expiry.0))),
     })
 }
 
@@ -672,7 +707,7 @@ fn incoming(
             let mut refused = Vec::new();
             let mut position = 0;
             subscribe.filters.retain(|filter| {
-                let verdict = topics::check_filter(&filter.path, session.clean_session);
+                let verdict = topics::check_filter(&filter.path, session.session_expiry.persistent());
                 if let Err(reason) = verdict {
                     refused.push((position, reason));
                 }
@@ -689,7 +724,17 @@ fn incoming(
             }
         }
         Packet::PingReq(_) => replies.push(Packet::PingResp(PingResp)),
-        Packet::Disconnect(disconnect, _) => {
+        Packet::Disconnect(disconnect, properties) => {
+            // MQTT 5 §3.14.2.2.2: a DISCONNECT may change the session expiry
+            // interval, but not make a session that ends now outlive its
+            // connection (which is then not a valid DISCONNECT).
+            if let Some(expiry) = properties.and_then(|p| p.session_expiry_interval) {
+                if !session.session_expiry.persistent() && expiry != 0 {
+                    return Some(End::violation("protocol_error", DisconnectReasonCode::ProtocolError));
+                }
+                session.session_expiry = SessionExpiry(expiry);
+                session.expiry_changed = true;
+            }
             // 3.1.1: a DISCONNECT discards the will. 5: unless its reason
             // asks for the will.
             if disconnect.reason_code != DisconnectReasonCode::DisconnectWithWillMessage {

@@ -18,9 +18,10 @@ pub enum FilterRefusal {
     Invalid,
     /// `$`-topics (such as `$SYS/...`) are not served by this broker.
     NotAuthorized,
-    /// Shared subscriptions are only for clean sessions (rumqttd 0.20's
-    /// router panics when a persistent session that is the last member of a
-    /// share group disconnects with messages in flight).
+    /// Shared subscriptions are only for sessions that end with their
+    /// connection (rumqttd 0.20's router panics when a session it keeps is
+    /// the last member of a share group and disconnects with messages in
+    /// flight).
     SharedNotSupported,
 }
 
@@ -36,11 +37,13 @@ impl FilterRefusal {
     }
 }
 
-/// Whether a topic filter may go to the router.
-pub fn check_filter(filter: &str, clean_session: bool) -> Result<(), FilterRefusal> {
+/// Whether a topic filter may go to the router. `persistent`: the session
+/// outlives its connection (3.1.1 without clean session, MQTT 5 with a
+/// session expiry interval).
+pub fn check_filter(filter: &str, persistent: bool) -> Result<(), FilterRefusal> {
     let path = match filter.strip_prefix("$share/") {
         Some(rest) => {
-            if !clean_session {
+            if persistent {
                 return Err(FilterRefusal::SharedNotSupported);
             }
             let Some((group, path)) = rest.split_once('/') else {
@@ -117,14 +120,15 @@ mod tests {
         for ok in
             ["a", "a/b", "+", "#", "a/+/c", "a/#", "+/+", "/", "/a", "a//b", "$share/g/a/+", "$share/g/#"]
         {
-            assert_eq!(check_filter(ok, true), Ok(()), "{ok}");
+            assert_eq!(check_filter(ok, false), Ok(()), "{ok}");
         }
         for bad in ["", "a#", "a/#/b", "a+/b", "#/a", "a/b#", "$share/g", "$share//a", "$share/g+/a", "a\0b"]
         {
-            assert_eq!(check_filter(bad, true), Err(FilterRefusal::Invalid), "{bad:?}");
+            assert_eq!(check_filter(bad, false), Err(FilterRefusal::Invalid), "{bad:?}");
         }
-        assert_eq!(check_filter("$SYS/#", true), Err(FilterRefusal::NotAuthorized));
-        assert_eq!(check_filter("$share/g/a", false), Err(FilterRefusal::SharedNotSupported));
+        assert_eq!(check_filter("$SYS/#", false), Err(FilterRefusal::NotAuthorized));
+        assert_eq!(check_filter("$share/g/a", true), Err(FilterRefusal::SharedNotSupported));
+        assert_eq!(check_filter("a/+", true), Ok(()));
     }
 
     #[test]

@@ -28,6 +28,12 @@ impl RawPacket {
         self.body[1]
     }
 
+    /// The CONNACK's session present flag.
+    pub fn session_present(&self) -> bool {
+        assert_eq!(self.packet_type(), 2, "not a CONNACK: {self:?}");
+        self.body[0] & 1 == 1
+    }
+
     /// The reason code of an MQTT 5 DISCONNECT (0 when absent). The
     /// packet must be well formed: a reason, then a property length that
     /// covers the rest.
@@ -92,6 +98,36 @@ pub fn connect_with(level: u8, client_id: &str, keep_alive: u16, login: Option<(
         string(pass.as_bytes(), &mut body);
     }
     packet(0x10, &body)
+}
+
+/// CONNECT that may resume a session: `clean` is 3.1.1's clean session
+/// or 5's clean start; `expiry` is MQTT 5's session expiry interval
+/// property (absent when `None`).
+pub fn connect_session(level: u8, client_id: &str, clean: bool, expiry: Option<u32>) -> Vec<u8> {
+    let mut body = Vec::new();
+    string(b"MQTT", &mut body);
+    body.push(level);
+    body.push(if clean { 0x02 } else { 0x00 });
+    body.extend_from_slice(&30u16.to_be_bytes());
+    if level == 5 {
+        match expiry {
+            Some(seconds) => {
+                body.push(5);
+                body.push(0x11);
+                body.extend_from_slice(&seconds.to_be_bytes());
+            }
+            None => body.push(0),
+        }
+    }
+    string(client_id.as_bytes(), &mut body);
+    packet(0x10, &body)
+}
+
+/// MQTT 5 DISCONNECT (normal) that sets the session expiry interval.
+pub fn disconnect_with_expiry(expiry: u32) -> Vec<u8> {
+    let mut body = vec![0x00, 5, 0x11];
+    body.extend_from_slice(&expiry.to_be_bytes());
+    packet(0xe0, &body)
 }
 
 /// PUBLISH at QoS 0.

@@ -49,6 +49,8 @@ pub struct LinkBuilder<'a> {
     dynamic_filters: bool,
     // default to 0, indicating to not use topic alias
     topic_alias_max: u16,
+    // echo-server patch: unset, the session's expiry follows `clean_session`
+    session_expiry: Option<Option<std::time::Duration>>,
 }
 
 impl<'a> LinkBuilder<'a> {
@@ -62,7 +64,18 @@ impl<'a> LinkBuilder<'a> {
             last_will_properties: None,
             dynamic_filters: false,
             topic_alias_max: 0,
+            session_expiry: None,
         }
+    }
+
+    /// echo-server patch: how long the router keeps the session after the
+    /// client disconnects (MQTT 5's session expiry interval): `Some(ZERO)`
+    /// not at all, `None` for ever. Without this call, a clean session ends
+    /// at disconnection and any other lasts for ever, as in MQTT 3.1.1.
+    /// Whether the session *starts* clean is `clean_session`'s business.
+    pub fn session_expiry(mut self, expiry: Option<std::time::Duration>) -> Self {
+        self.session_expiry = Some(expiry);
+        self
     }
 
     pub fn tenant_id(mut self, tenant_id: Option<String>) -> Self {
@@ -111,6 +124,9 @@ impl<'a> LinkBuilder<'a> {
         connection
             .last_will(self.last_will, self.last_will_properties)
             .topic_alias_max(self.topic_alias_max);
+        if let Some(expiry) = self.session_expiry {
+            connection.session_expiry = expiry;
+        }
         let incoming = Incoming::new(connection.client_id.to_owned());
         let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
         let outgoing_data_buffer = outgoing.buffer();
@@ -142,6 +158,9 @@ impl<'a> LinkBuilder<'a> {
         connection
             .last_will(self.last_will, self.last_will_properties)
             .topic_alias_max(self.topic_alias_max);
+        if let Some(expiry) = self.session_expiry {
+            connection.session_expiry = expiry;
+        }
         let incoming = Incoming::new(connection.client_id.to_owned());
         let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
         let outgoing_data_buffer = outgoing.buffer();

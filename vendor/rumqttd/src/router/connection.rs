@@ -19,6 +19,13 @@ pub struct Connection {
     pub dynamic_filters: bool,
     /// Clean session
     pub clean: bool,
+    /// echo-server patch: how long the session is kept after the client
+    /// disconnects: `Some(ZERO)` not at all, `None` for ever. 0.20.0 kept
+    /// every session that did not start clean for ever, and ended every
+    /// one that did at disconnection, whatever MQTT 5's session expiry
+    /// interval said (3.1.2.11.2). `Connection::new` derives it from
+    /// `clean` as 3.1.1 has it; `LinkBuilder::session_expiry` sets it.
+    pub session_expiry: Option<std::time::Duration>,
     /// Subscriptions
     pub subscriptions: HashSet<Filter>,
     /// Last will of this connection
@@ -59,6 +66,7 @@ impl Connection {
             tenant_prefix,
             dynamic_filters,
             clean,
+            session_expiry: if clean { Some(std::time::Duration::ZERO) } else { None },
             subscriptions: HashSet::default(),
             last_will: None,
             last_will_properties: None,

@@ -1,4 +1,6 @@
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use super::{
     scheduler::{PauseReason, Tracker},
@@ -7,19 +9,46 @@ use super::{
 
 pub struct Graveyard {
     connections: HashMap<String, SavedState>,
+    /// echo-server patch: saved sessions that expire (MQTT 5 session expiry
+    /// interval), soonest first. An entry whose session was taken back or
+    /// saved again with another deadline is skipped when it comes up.
+    expiries: BinaryHeap<Reverse<(Instant, String)>>,
 }
 
 impl Graveyard {
     pub fn new() -> Graveyard {
         Graveyard {
             connections: HashMap::new(),
+            expiries: BinaryHeap::new(),
         }
     }
 
     /// Add a new connection.
     /// Return tracker of previous connection if connection id already exists
     pub fn retrieve(&mut self, id: &str) -> Option<SavedState> {
+        self.purge(Instant::now());
         self.connections.remove(id)
+    }
+
+    /// echo-server patch: forgets the sessions whose expiry has passed.
+    /// Called whenever a session is saved or taken back, which is when the
+    /// answer matters; memory of sessions that expire while nobody connects
+    /// or disconnects is freed at the next of those.
+    fn purge(&mut self, now: Instant) {
+        while let Some(Reverse((deadline, _))) = self.expiries.peek() {
+            if *deadline > now {
+                break;
+            }
+            let Reverse((deadline, id)) = self.expiries.pop().unwrap();
+            if self.connections.get(&id).is_some_and(|s| s.expires_at == Some(deadline)) {
+                self.connections.remove(&id);
+            }
+        }
+    }
+
+    /// echo-server patch: how many sessions are saved.
+    pub fn len(&self) -> usize {
+        self.connections.len()
     }
 
     /// Save connection tracker
@@ -29,9 +58,17 @@ impl Graveyard {
         subscriptions: HashSet<String>,
         metrics: ConnectionEvents,
         unacked_pubrels: VecDeque<u16>,
+        expiry: Option<Duration>,
     ) {
         tracker.pause(PauseReason::Busy);
         let id = tracker.id.clone();
+        let now = Instant::now();
+        self.purge(now);
+        // A deadline too far to represent is no deadline.
+        let expires_at = expiry.and_then(|e| now.checked_add(e));
+        if let Some(deadline) = expires_at {
+            self.expiries.push(Reverse((deadline, id.clone())));
+        }
 
         let session_state = SessionState {
             tracker,
@@ -44,6 +81,7 @@ impl Graveyard {
             SavedState {
                 session_state: Some(session_state),
                 metrics,
+                expires_at,
             },
         );
     }
@@ -55,6 +93,7 @@ impl Graveyard {
             SavedState {
                 session_state: None,
                 metrics,
+                expires_at: None,
             },
         );
     }
@@ -64,6 +103,8 @@ impl Graveyard {
 pub struct SavedState {
     pub session_state: Option<SessionState>,
     pub metrics: ConnectionEvents,
+    /// echo-server patch: when the session expires (`None`: never).
+    pub expires_at: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -72,4 +113,50 @@ pub struct SessionState {
     pub subscriptions: HashSet<String>,
     // used for pubrel in qos2
     pub unacked_pubrels: VecDeque<u16>,
+}
+
+#[cfg(test)]
+mod echo_server_patch {
+    use super::*;
+    use std::thread::sleep;
+
+    fn save(graveyard: &mut Graveyard, id: &str, expiry: Option<Duration>) {
+        let tracker = Tracker::new(id.to_owned());
+        let metrics = ConnectionEvents::default();
+        graveyard.save_state(tracker, HashSet::new(), metrics, VecDeque::new(), expiry);
+    }
+
+    /// A session is there until its expiry, then gone, and its memory is
+    /// freed when any other session is saved or taken back.
+    #[test]
+    fn sessions_expire_and_are_forgotten() {
+        let mut graveyard = Graveyard::new();
+        save(&mut graveyard, "short", Some(Duration::from_millis(50)));
+        save(&mut graveyard, "forever", None);
+        save(&mut graveyard, "long", Some(Duration::from_secs(3600)));
+        assert!(graveyard.retrieve("short").is_some());
+        save(&mut graveyard, "short", Some(Duration::from_millis(50)));
+        sleep(Duration::from_millis(80));
+        assert_eq!(graveyard.len(), 3, "nothing purged before the next call");
+        assert!(graveyard.retrieve("short").is_none(), "expired");
+        assert_eq!(graveyard.len(), 2);
+        assert!(graveyard.retrieve("forever").is_some());
+        assert!(graveyard.retrieve("long").is_some());
+        assert!(graveyard.expiries.len() <= 1, "stale deadlines are dropped as they come up");
+    }
+
+    /// A deadline left over from an earlier save does not end the session
+    /// saved again since with a longer expiry, and an expiry too long for
+    /// the clock is none.
+    #[test]
+    fn a_stale_deadline_does_not_end_a_newer_session() {
+        let mut graveyard = Graveyard::new();
+        save(&mut graveyard, "c", Some(Duration::from_millis(30)));
+        assert!(graveyard.retrieve("c").is_some());
+        save(&mut graveyard, "c", Some(Duration::from_secs(3600)));
+        save(&mut graveyard, "huge", Some(Duration::from_secs(u64::MAX)));
+        sleep(Duration::from_millis(50));
+        assert!(graveyard.retrieve("c").is_some(), "the first deadline was for the old session");
+        assert!(graveyard.retrieve("huge").is_some());
+    }
 }

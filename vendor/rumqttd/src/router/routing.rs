@@ -498,7 +498,13 @@ impl Router {
         }
 
         // Save state for persistent sessions
-        if !connection.clean {
+        // echo-server patch: a session is kept unless its expiry is zero
+        // (was: unless it started clean), and for no longer than its expiry.
+        // Nothing at all is kept of a session that ends here: 0.20.0 kept a
+        // record of every client id ever seen (its last ten connection
+        // events, ~600 bytes measured), so a broker whose clients use fresh
+        // ids (mosquitto_sub's and MQTT.js's defaults) grew for ever.
+        if connection.session_expiry != Some(std::time::Duration::ZERO) {
             // Add inflight data requests back to tracker
             inflight_data_requests
                 .into_iter()
@@ -523,12 +529,8 @@ impl Router {
                 connection.subscriptions,
                 connection.events,
                 outgoing.unacked_pubrels,
+                connection.session_expiry,
             );
-        } else {
-            tracker.pause(PauseReason::Busy);
-            let id = tracker.id.clone();
-            // Only save metrics in clean session
-            self.graveyard.save_metrics(id, connection.events);
         }
         self.router_meters.total_connections -= 1;
     }
@@ -873,10 +875,18 @@ impl Router {
 
                     force_ack = true;
                 }
-                Packet::Disconnect(_, _) => {
+                Packet::Disconnect(_, properties) => {
                     let span = tracing::info_span!("disconnect");
                     let _guard = span.enter();
                     disconnect = true;
+                    // echo-server patch: MQTT 5 lets a DISCONNECT change the
+                    // session expiry interval (3.14.2.2.2); 0xFFFFFFFF is never.
+                    if let Some(interval) = properties.and_then(|p| p.session_expiry_interval) {
+                        if let Some(connection) = self.connections.get_mut(id) {
+                            connection.session_expiry = (interval != u32::MAX)
+                                .then(|| std::time::Duration::from_secs(u64::from(interval)));
+                        }
+                    }
                     // delete the last will message
                     self.last_wills.remove(&client_id);
                     break;

@@ -1,0 +1,172 @@
+//! Sessions that outlive their connection: MQTT 3.1.1's clean session flag
+//! and MQTT 5's clean start and session expiry interval (3.1.2.11.2,
+//! 3.14.2.2.2), seen from a raw client through the CONNACK's session
+//! present flag and what a resumed session still receives.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestServer;
+use common::mqtt_raw::{self, RawMqtt, RawPacket, packet};
+
+fn server() -> TestServer {
+    TestServer::start(&["--no-admin"])
+}
+
+/// Connects with `clean` and `expiry` (see `mqtt_raw::connect_session`);
+/// returns the client and whether the server had a session for it.
+fn open(server: &TestServer, level: u8, id: &str, clean: bool, expiry: Option<u32>) -> (RawMqtt, bool) {
+    let mut raw = RawMqtt::connect(server.mqtt_addr());
+    raw.send(&mqtt_raw::connect_session(level, id, clean, expiry));
+    let ack = raw.read_packet().expect("a CONNACK");
+    assert_eq!(ack.connack_code(), 0, "CONNACK for {id}");
+    let present = ack.session_present();
+    (raw, present)
+}
+
+/// Disconnects properly and waits until the server has closed, so that the
+/// session is ended (or kept) before the test goes on.
+fn leave(mut raw: RawMqtt, disconnect: &[u8]) {
+    raw.send(disconnect);
+    assert!(raw.closed_within(Duration::from_secs(5)), "the server closes after DISCONNECT");
+}
+
+/// SUBSCRIBE to one filter at QoS 1; returns the SUBACK's reason code.
+fn subscribe_qos1(raw: &mut RawMqtt, level: u8, filter: &str) -> u8 {
+    let mut body = 7u16.to_be_bytes().to_vec();
+    if level == 5 {
+        body.push(0);
+    }
+    body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    body.extend_from_slice(filter.as_bytes());
+    body.push(1);
+    raw.send(&packet(0x82, &body));
+    let ack = raw.read_packet().expect("a SUBACK");
+    assert_eq!(ack.packet_type(), 9, "{ack:?}");
+    *ack.body.last().unwrap()
+}
+
+/// PUBLISH at QoS 1 and wait for its PUBACK.
+fn publish_qos1(raw: &mut RawMqtt, level: u8, topic: &str, payload: &[u8]) {
+    let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(&9u16.to_be_bytes());
+    if level == 5 {
+        body.push(0);
+    }
+    body.extend_from_slice(payload);
+    raw.send(&packet(0x32, &body));
+    let ack = raw.read_packet().expect("a PUBACK");
+    assert_eq!(ack.packet_type(), 4, "{ack:?}");
+}
+
+fn expect_publish(raw: &mut RawMqtt, payload: &[u8]) -> RawPacket {
+    let p = raw.read_packet().expect("a PUBLISH");
+    assert_eq!(p.packet_type(), 3, "{p:?}");
+    assert!(p.body.ends_with(payload), "{p:?}");
+    p
+}
+
+#[test]
+fn a_3_1_1_session_without_clean_session_keeps_its_subscriptions_and_messages() {
+    let server = server();
+    let (mut keeper, present) = open(&server, 4, "keeper", false, None);
+    assert!(!present, "a new client id has no session");
+    assert_eq!(subscribe_qos1(&mut keeper, 4, "keep/t"), 1);
+    leave(keeper, &mqtt_raw::DISCONNECT);
+
+    let (mut publisher, _) = open(&server, 4, "keeper-pub", true, None);
+    publish_qos1(&mut publisher, 4, "keep/t", b"while you were away");
+
+    let (mut keeper, present) = open(&server, 4, "keeper", false, None);
+    assert!(present, "the session was kept");
+    expect_publish(&mut keeper, b"while you were away");
+    leave(keeper, &mqtt_raw::DISCONNECT);
+
+    // A clean session discards it, and ends with its connection.
+    let (clean, present) = open(&server, 4, "keeper", true, None);
+    assert!(!present);
+    leave(clean, &mqtt_raw::DISCONNECT);
+    let (again, present) = open(&server, 4, "keeper", false, None);
+    assert!(!present, "the clean session discarded the kept one and kept nothing");
+    leave(again, &mqtt_raw::DISCONNECT);
+}
+
+#[test]
+fn mqtt5_sessions_last_as_long_as_their_expiry_interval() {
+    let server = server();
+    // Absent means 0: the session ends with the connection, even without
+    // clean start (rumqttd 0.20 kept it for ever).
+    let (c, _) = open(&server, 5, "zero", false, None);
+    leave(c, &mqtt_raw::DISCONNECT);
+    let (c, present) = open(&server, 5, "zero", false, None);
+    assert!(!present, "expiry 0: nothing kept");
+    leave(c, &mqtt_raw::DISCONNECT);
+
+    // Two seconds: there at once, gone after.
+    let (mut c, _) = open(&server, 5, "short", false, Some(2));
+    assert_eq!(subscribe_qos1(&mut c, 5, "short/t"), 1);
+    leave(c, &mqtt_raw::DISCONNECT);
+    let (mut publisher, _) = open(&server, 5, "short-pub", true, None);
+    publish_qos1(&mut publisher, 5, "short/t", b"kept for you");
+    let (mut c, present) = open(&server, 5, "short", false, Some(2));
+    assert!(present, "within the expiry interval");
+    expect_publish(&mut c, b"kept for you");
+    leave(c, &mqtt_raw::DISCONNECT);
+    std::thread::sleep(Duration::from_millis(2_500));
+    let (c, present) = open(&server, 5, "short", false, Some(2));
+    assert!(!present, "expired");
+    leave(c, &mqtt_raw::DISCONNECT);
+
+    // Clean start with an expiry: a new session, kept after the connection
+    // (rumqttd 0.20 dropped every session that started clean).
+    let (c, present) = open(&server, 5, "fresh", true, Some(3600));
+    assert!(!present);
+    leave(c, &mqtt_raw::DISCONNECT);
+    let (c, present) = open(&server, 5, "fresh", false, Some(3600));
+    assert!(present, "a clean start still keeps the new session for its interval");
+
+    // A DISCONNECT may shorten it to nothing...
+    leave(c, &mqtt_raw::disconnect_with_expiry(0));
+    let (c, present) = open(&server, 5, "fresh", false, Some(3600));
+    assert!(!present, "the DISCONNECT's expiry 0 ended the session");
+    // ...or lengthen it, here to never.
+    leave(c, &mqtt_raw::disconnect_with_expiry(u32::MAX));
+    let (c, present) = open(&server, 5, "fresh", false, None);
+    assert!(present, "0xFFFFFFFF: never expires");
+    leave(c, &mqtt_raw::DISCONNECT);
+}
+
+#[test]
+fn a_disconnect_cannot_keep_a_session_that_ends_with_its_connection() {
+    let server = server();
+    let (mut c, _) = open(&server, 5, "sneaky", false, Some(0));
+    c.send(&mqtt_raw::disconnect_with_expiry(60));
+    let answer = c.read_packet().expect("a DISCONNECT from the server");
+    assert_eq!(answer.disconnect_reason(), 0x82, "protocol error (MQTT 5 §3.14.2.2.2)");
+    assert!(c.closed_within(Duration::from_secs(5)));
+    let (c, present) = open(&server, 5, "sneaky", false, None);
+    assert!(!present);
+    leave(c, &mqtt_raw::DISCONNECT);
+}
+
+/// Shared subscriptions are refused to sessions the router would keep
+/// (see `topics::check_filter`), whatever the flag that makes them kept.
+#[test]
+fn shared_subscriptions_need_a_session_that_ends_with_its_connection() {
+    let server = server();
+    for (level, clean, expiry, allowed) in [
+        (4, true, None, true),
+        (4, false, None, false),
+        (5, false, Some(0), true),
+        (5, true, Some(60), false),
+    ] {
+        let id = format!("share-{level}-{clean}-{expiry:?}");
+        let (mut c, _) = open(&server, level, &id, clean, expiry);
+        let code = subscribe_qos1(&mut c, level, "$share/g/jobs");
+        let refused = if level == 5 { 0x9e } else { 0x80 };
+        assert_eq!(code, if allowed { 1 } else { refused }, "{id}");
+        leave(c, &mqtt_raw::DISCONNECT);
+    }
+}
