@@ -1,7 +1,9 @@
-//! Sessions that outlive their connection: MQTT 3.1.1's clean session flag
-//! and MQTT 5's clean start and session expiry interval (3.1.2.11.2,
-//! 3.14.2.2.2), seen from a raw client through the CONNACK's session
-//! present flag and what a resumed session still receives.
+//! Sessions and subscriptions over their life, seen from a raw client:
+//! sessions that outlive their connection (MQTT 3.1.1's clean session flag,
+//! MQTT 5's clean start and session expiry interval, 3.1.2.11.2 and
+//! 3.14.2.2.2) through the CONNACK's session present flag and what a resumed
+//! session still receives; UNSUBSCRIBE's answer; and filters freed when
+//! their last subscriber goes, whose log slots new filters then reuse.
 
 mod common;
 
@@ -169,4 +171,113 @@ fn shared_subscriptions_need_a_session_that_ends_with_its_connection() {
         assert_eq!(code, if allowed { 1 } else { refused }, "{id}");
         leave(c, &mqtt_raw::DISCONNECT);
     }
+}
+
+/// UNSUBSCRIBE for `filters`; returns the UNSUBACK's reason codes (MQTT 5)
+/// or nothing (3.1.1), after checking it is the one answer.
+fn unsubscribe(raw: &mut RawMqtt, level: u8, filters: &[&str]) -> Vec<u8> {
+    let mut body = 5u16.to_be_bytes().to_vec();
+    if level == 5 {
+        body.push(0);
+    }
+    for filter in filters {
+        body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+        body.extend_from_slice(filter.as_bytes());
+    }
+    raw.send(&packet(0xa2, &body));
+    let ack = raw.read_packet().expect("an UNSUBACK");
+    assert_eq!(ack.packet_type(), 11, "{ack:?}");
+    assert_eq!(ack.body[..2], 5u16.to_be_bytes(), "the UNSUBSCRIBE's packet id");
+    let reasons = if level == 5 { ack.body[3..].to_vec() } else { Vec::new() };
+    assert_eq!(ack.body.len(), if level == 5 { 3 + filters.len() } else { 2 }, "{ack:?}");
+    // Exactly one UNSUBACK: the next packet is the answer to a ping.
+    raw.send(&mqtt_raw::PINGREQ);
+    let next = raw.read_packet().expect("a PINGRESP");
+    assert_eq!(next.packet_type(), 13, "one UNSUBACK per UNSUBSCRIBE, got also {next:?}");
+    reasons
+}
+
+#[test]
+fn every_unsubscribe_gets_one_answer_with_a_reason_per_filter() {
+    let server = server();
+    for level in [4u8, 5] {
+        let (mut c, _) = open(&server, level, &format!("unsub-{level}"), true, None);
+        // Never subscribed: still answered (rumqttd 0.20 sent nothing).
+        let reasons = unsubscribe(&mut c, level, &["never/subscribed"]);
+        if level == 5 {
+            assert_eq!(reasons, vec![0x11], "no subscription existed");
+        }
+        assert_eq!(subscribe_qos1(&mut c, level, "x/1"), 1);
+        assert_eq!(subscribe_qos1(&mut c, level, "x/+"), 1);
+        // Three filters, one answer (rumqttd 0.20 sent one per filter removed).
+        let reasons = unsubscribe(&mut c, level, &["x/1", "x/+", "x/3"]);
+        if level == 5 {
+            assert_eq!(reasons, vec![0x00, 0x00, 0x11]);
+        }
+        // Nothing subscribed any more: its own publish does not come back.
+        publish_qos1(&mut c, level, "x/1", b"to nobody");
+        std::thread::sleep(Duration::from_millis(200));
+        c.send(&mqtt_raw::PINGREQ);
+        assert_eq!(c.read_packet().unwrap().packet_type(), 13, "no delivery after UNSUBSCRIBE");
+        leave(c, &mqtt_raw::DISCONNECT);
+    }
+}
+
+#[test]
+fn a_resumed_session_can_unsubscribe() {
+    let server = server();
+    let (mut c, _) = open(&server, 4, "resumer", false, None);
+    assert_eq!(subscribe_qos1(&mut c, 4, "resume/t"), 1);
+    leave(c, &mqtt_raw::DISCONNECT);
+    let (mut c, present) = open(&server, 4, "resumer", false, None);
+    assert!(present);
+    // rumqttd 0.20 did not know a resumed session's subscriptions were its
+    // own: no UNSUBACK, and the subscription stayed.
+    unsubscribe(&mut c, 4, &["resume/t"]);
+    let (mut publisher, _) = open(&server, 4, "resumer-pub", true, None);
+    publish_qos1(&mut publisher, 4, "resume/t", b"after unsubscribe");
+    publish_qos1(&mut publisher, 4, "resume/control", b"control");
+    assert_eq!(subscribe_qos1(&mut c, 4, "resume/control"), 1);
+    publish_qos1(&mut publisher, 4, "resume/control", b"control");
+    let got = expect_publish(&mut c, b"control");
+    assert!(!got.body.windows(17).any(|w| w == b"after unsubscribe"), "{got:?}");
+    leave(c, &mqtt_raw::DISCONNECT);
+}
+
+/// A filter nobody subscribes to any more is freed, and its slot in the
+/// router goes to the next new filter: no message for the old filter may
+/// reach the new one, exact or wildcard, and the old filter works again
+/// when subscribed anew.
+#[test]
+fn freed_filters_pass_nothing_to_the_filters_that_reuse_their_slots() {
+    let server = server();
+    let (mut a, _) = open(&server, 5, "first-owner", true, None);
+    assert_eq!(subscribe_qos1(&mut a, 5, "old/exact"), 1);
+    assert_eq!(subscribe_qos1(&mut a, 5, "old/+"), 1);
+    publish_qos1(&mut a, 5, "old/exact", b"cached");
+    expect_publish(&mut a, b"cached");
+    expect_publish(&mut a, b"cached");
+    unsubscribe(&mut a, 5, &["old/exact", "old/+"]);
+
+    let (mut b, _) = open(&server, 5, "second-owner", true, None);
+    assert_eq!(subscribe_qos1(&mut b, 5, "new/#"), 1);
+    assert_eq!(subscribe_qos1(&mut b, 5, "new/exact"), 1);
+    publish_qos1(&mut a, 5, "old/exact", b"stray");
+    publish_qos1(&mut a, 5, "old/other", b"stray");
+    publish_qos1(&mut a, 5, "new/exact", b"for b");
+    // `new/exact` matches both of b's filters: two deliveries, then nothing.
+    for _ in 0..2 {
+        let got = expect_publish(&mut b, b"for b");
+        assert!(got.body.starts_with(b"\x00\x09new/exact"), "{got:?}");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    b.send(&mqtt_raw::PINGREQ);
+    assert_eq!(b.read_packet().unwrap().packet_type(), 13, "nothing else for b");
+
+    // The old filter, subscribed again, gets a log of its own again.
+    assert_eq!(subscribe_qos1(&mut a, 5, "old/exact"), 1);
+    publish_qos1(&mut a, 5, "old/exact", b"again");
+    expect_publish(&mut a, b"again");
+    leave(a, &mqtt_raw::DISCONNECT);
+    leave(b, &mqtt_raw::DISCONNECT);
 }

@@ -13,6 +13,9 @@ pub struct Graveyard {
     /// interval), soonest first. An entry whose session was taken back or
     /// saved again with another deadline is skipped when it comes up.
     expiries: BinaryHeap<Reverse<(Instant, String)>>,
+    /// echo-server patch: sessions forgotten since the router last asked
+    /// (`take_expired`), so that it can release what they held.
+    expired: Vec<SessionState>,
 }
 
 impl Graveyard {
@@ -20,6 +23,7 @@ impl Graveyard {
         Graveyard {
             connections: HashMap::new(),
             expiries: BinaryHeap::new(),
+            expired: Vec::new(),
         }
     }
 
@@ -41,9 +45,16 @@ impl Graveyard {
             }
             let Reverse((deadline, id)) = self.expiries.pop().unwrap();
             if self.connections.get(&id).is_some_and(|s| s.expires_at == Some(deadline)) {
-                self.connections.remove(&id);
+                if let Some(state) = self.connections.remove(&id).and_then(|s| s.session_state) {
+                    self.expired.push(state);
+                }
             }
         }
+    }
+
+    /// echo-server patch: the sessions forgotten since the last call.
+    pub fn take_expired(&mut self) -> Vec<SessionState> {
+        std::mem::take(&mut self.expired)
     }
 
     /// echo-server patch: how many sessions are saved.

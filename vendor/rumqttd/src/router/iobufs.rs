@@ -206,6 +206,18 @@ impl Outgoing {
         Some(())
     }
 
+    /// echo-server patch: the messages in flight from a filter the client
+    /// has unsubscribed from keep their packet ids (they still need their
+    /// acks) but no longer point into the filter's log, which may be freed
+    /// and its index given to another filter.
+    pub fn forget_cursors(&mut self, filter_idx: FilterIdx) {
+        for (_, idx, cursor) in self.inflight_buffer.iter_mut() {
+            if *idx == filter_idx {
+                *cursor = None;
+            }
+        }
+    }
+
     // Here we are assuming that the first unique filter_idx we find while iterating will have the
     // least corresponding cursor because of the way we insert into the inflight_buffer
     pub fn retransmission_map(&self) -> HashMap<FilterIdx, Cursor> {

@@ -129,6 +129,40 @@ impl DataLog {
         })
     }
 
+    /// echo-server patch: the index of a filter's log, if it has one.
+    pub fn index(&self, filter: &str) -> Option<FilterIdx> {
+        self.filter_indexes.get(filter).copied()
+    }
+
+    /// echo-server patch: frees a filter's log once no session subscribes
+    /// to it (0.20.0 kept every filter ever subscribed until restart, ~1.3 KB
+    /// each). Its index leaves every map first, so a later filter that gets
+    /// the same slab slot is never mistaken for it. Removing a wildcard
+    /// filter walks the topic cache, O(cached topics).
+    pub fn remove_filter(&mut self, filter: &str) {
+        let Some(idx) = self.filter_indexes.remove(filter) else {
+            return;
+        };
+        if has_wildcard(filter) {
+            self.wildcard_filters.retain(|(_, i)| *i != idx);
+            self.publish_filters.retain(|_, filters| {
+                filters.retain(|i| *i != idx);
+                !filters.is_empty()
+            });
+        } else if let Some(filters) = self.publish_filters.get_mut(filter) {
+            filters.retain(|i| *i != idx);
+            if filters.is_empty() {
+                self.publish_filters.remove(filter);
+            }
+        }
+        self.native.remove(idx);
+    }
+
+    /// echo-server patch: how many filters have a log.
+    pub fn filter_count(&self) -> usize {
+        self.native.len()
+    }
+
     pub fn meter(&mut self, filter: &str) -> Option<&mut SubscriptionMeter> {
         let data = self.native.get_mut(*self.filter_indexes.get(filter)?)?;
         Some(&mut data.meter)
@@ -705,6 +739,42 @@ mod echo_server_patch {
             want.dedup();
             assert_eq!(got, want, "{topic}");
         }
+    }
+
+    /// A freed filter leaves every map: its slab slot, given to the next new
+    /// filter, is never matched for the freed filter's topics, and topics
+    /// cached with it are matched afresh.
+    #[test]
+    fn a_freed_filter_is_forgotten_and_its_index_is_safe_to_reuse() {
+        let mut data = datalog();
+        let (exact, _) = data.next_native_offset("t/1");
+        let (wild, _) = data.next_native_offset("w/+");
+        let (other, _) = data.next_native_offset("w/#");
+        assert_eq!(data.matches("t/1").unwrap(), vec![exact]);
+        let mut both = data.matches("w/x").unwrap();
+        both.sort();
+        assert_eq!(both, vec![wild, other]);
+
+        data.remove_filter("t/1");
+        data.remove_filter("w/+");
+        data.remove_filter("never/created");
+        assert_eq!(data.filter_count(), 1);
+        assert_eq!(data.index("t/1"), None);
+        assert_eq!(data.matches("t/1").unwrap(), Vec::<usize>::new());
+        assert_eq!(data.matches("w/x").unwrap(), vec![other]);
+
+        // New filters take the freed slots.
+        let (reused_a, _) = data.next_native_offset("z/#");
+        let (reused_b, _) = data.next_native_offset("t/2");
+        let mut reused = vec![reused_a, reused_b];
+        reused.sort();
+        let mut freed = vec![exact, wild];
+        freed.sort();
+        assert_eq!(reused, freed, "slab slots are reused");
+        assert_eq!(data.matches("t/1").unwrap(), Vec::<usize>::new());
+        assert_eq!(data.matches("w/x").unwrap(), vec![other]);
+        assert_eq!(data.matches("z/q").unwrap(), vec![reused_a]);
+        assert_eq!(data.matches("t/2").unwrap(), vec![reused_b]);
     }
 
     /// A filter created after topics were cached joins the cached topics it

@@ -72,6 +72,10 @@ pub struct Router {
     connection_map: HashMap<String, ConnectionId>,
     /// Subscription map to interested connection ids
     subscription_map: HashMap<Filter, HashSet<ConnectionId>>,
+    /// echo-server patch: sessions, connected or kept, subscribed to each
+    /// log filter (`$share/group/` stripped); a filter's log is freed when
+    /// its count drops to zero.
+    filter_refs: HashMap<Filter, usize>,
     /// Incoming data grouped by connection
     ibufs: Slab<Incoming>,
     /// Outgoing data grouped by connection
@@ -128,6 +132,7 @@ impl Router {
             connections,
             connection_map: Default::default(),
             subscription_map: Default::default(),
+            filter_refs: Default::default(),
             ibufs,
             obufs,
             datalog: DataLog::new(config.clone()).unwrap(),
@@ -299,6 +304,7 @@ impl Router {
 
         // Retrieve previous connection state from graveyard
         let saved = self.graveyard.retrieve(&client_id);
+        self.release_expired_sessions();
         let clean_session = connection.clean;
         let previous_session = saved.as_ref().is_some_and(|s| s.session_state.is_some());
         // for qos2 pending pubrels
@@ -325,6 +331,13 @@ impl Router {
                 },
             )
         } else {
+            // echo-server patch: the kept session is discarded, and with it
+            // its hold on its filters.
+            if let Some(state) = saved.as_ref().and_then(|s| s.session_state.as_ref()) {
+                for filter in &state.subscriptions {
+                    self.filter_unref(filter);
+                }
+            }
             // Only retrieve metrics in clean session
             connection.events = saved.map_or_else(ConnectionEvents::default, |s| s.metrics);
             Tracker::new(client_id.clone())
@@ -351,7 +364,14 @@ impl Router {
             );
         }
 
+        // echo-server patch: a resumed session's subscriptions are its own
+        // again (0.20.0 left them out of the subscription map, so such a
+        // client could never unsubscribe).
+        let resumed: Vec<Filter> = connection.subscriptions.iter().cloned().collect();
         let connection_id = self.connections.insert(connection);
+        for filter in resumed {
+            self.subscription_map.entry(filter).or_default().insert(connection_id);
+        }
         assert_eq!(self.ibufs.insert(incoming), connection_id);
         assert_eq!(self.obufs.insert(outgoing), connection_id);
 
@@ -481,6 +501,10 @@ impl Router {
         for filter in connection.subscriptions.iter() {
             if let Some(connections) = self.subscription_map.get_mut(filter) {
                 connections.remove(&id);
+                // echo-server patch: and the filter, once nobody is left
+                if connections.is_empty() {
+                    self.subscription_map.remove(filter);
+                }
             }
         }
 
@@ -531,6 +555,12 @@ impl Router {
                 outgoing.unacked_pubrels,
                 connection.session_expiry,
             );
+            self.release_expired_sessions();
+        } else {
+            // echo-server patch: nothing kept, so no hold on its filters.
+            for filter in &connection.subscriptions {
+                self.filter_unref(filter);
+            }
         }
         self.router_meters.total_connections -= 1;
     }
@@ -717,57 +747,66 @@ impl Router {
                     force_ack = true;
                 }
                 Packet::Unsubscribe(unsubscribe, _) => {
-                    let connection = self.connections.get_mut(id).unwrap();
+                    // echo-server patch: one UNSUBACK per UNSUBSCRIBE with a
+                    // reason per filter, also for filters that were not
+                    // subscribed (0.20.0 sent one UNSUBACK per filter removed
+                    // and none at all otherwise, so such a client waited for
+                    // ever; MQTT 3.1.1 3.10.4, 5 3.11.3).
                     let pkid = unsubscribe.pkid;
+                    let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
                     for filter in &unsubscribe.filters {
                         let span = tracing::info_span!("unsubscribe", topic = filter, pkid);
                         let _guard = span.enter();
 
                         debug!("Removing subscription on filter {}", filter);
                         if let Some(connection_ids) = self.subscription_map.get_mut(filter) {
-                            let removed = connection_ids.remove(&id);
-                            if !removed {
-                                continue;
+                            connection_ids.remove(&id);
+                            if connection_ids.is_empty() {
+                                self.subscription_map.remove(filter);
                             }
-
-                            let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
-                            meter.unregister_subscription(filter);
-
-                            if !connection.subscriptions.remove(filter) {
-                                warn!(
-                                    pkid = unsubscribe.pkid,
-                                    "Unsubscribe failed as filter was not subscribed previously"
-                                );
-                                continue;
-                            }
-
-                            // Remove connections from all groups
-                            // discard empty group ( group with no client )
-                            // note: can we do this in better way?
-                            self.shared_subscriptions.retain(|_, group| {
-                                group.remove_client(&client_id);
-                                !group.is_empty()
-                            });
-
-                            if let Some(broker_aliases) = connection.broker_topic_aliases.as_mut() {
-                                broker_aliases.remove_alias(filter);
-                            }
-
-                            // remove the subscription id
-                            connection.subscription_ids.remove(filter);
-
-                            let unsuback = UnsubAck {
-                                pkid,
-                                // reasons are used in MQTTv5
-                                reasons: vec![UnsubAckReason::Success],
-                            };
-                            let ackslog = self.ackslog.get_mut(id).unwrap();
-                            ackslog.unsuback(unsuback);
-                            self.scheduler.untrack(id, filter);
-                            self.datalog.remove_waiters_for_id(id, filter);
-                            force_ack = true;
                         }
+                        let connection = self.connections.get_mut(id).unwrap();
+                        if !connection.subscriptions.remove(filter) {
+                            reasons.push(UnsubAckReason::NoSubscriptionExisted);
+                            continue;
+                        }
+                        if let Some(broker_aliases) = connection.broker_topic_aliases.as_mut() {
+                            broker_aliases.remove_alias(filter);
+                        }
+                        // remove the subscription id
+                        connection.subscription_ids.remove(filter);
+
+                        let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
+                        meter.unregister_subscription(filter);
+
+                        // Leave the share group this filter names (was: every
+                        // group, whatever the filter), discarding it if empty.
+                        if let Some((group, _)) = extract_group(filter) {
+                            if let Some(shared) = self.shared_subscriptions.get_mut(&group) {
+                                shared.remove_client(&client_id);
+                                if shared.is_empty() {
+                                    self.shared_subscriptions.remove(&group);
+                                }
+                            }
+                        }
+
+                        self.scheduler.untrack(id, filter);
+                        // Parked and ready requests wait on the filter's log
+                        // (was: looked up with `$share/group/`, which has none).
+                        let path = log_filter(filter);
+                        self.datalog.remove_waiters_for_id(id, &path);
+                        self.notifications
+                            .retain(|(conn, request)| !(*conn == id && request.filter == *filter));
+                        if let Some(idx) = self.datalog.index(&path) {
+                            self.obufs.get_mut(id).unwrap().forget_cursors(idx);
+                        }
+                        self.filter_unref(filter);
+                        reasons.push(UnsubAckReason::Success);
                     }
+                    let unsuback = UnsubAck { pkid, reasons };
+                    let ackslog = self.ackslog.get_mut(id).unwrap();
+                    ackslog.unsuback(unsuback);
+                    force_ack = true;
                 }
                 Packet::PubAck(puback, _) => {
                     let span = tracing::info_span!("puback", pkid = puback.pkid);
@@ -980,7 +1019,8 @@ impl Router {
 
         // call to `insert(_)` returns `true` if it didn't contain the filter_path already
         // i.e. its a new subscription
-        if connection.subscriptions.insert(filter_path.clone()) {
+        let new_subscription = connection.subscriptions.insert(filter_path.clone());
+        if new_subscription {
             let request = DataRequest {
                 filter: filter_path.clone(),
                 filter_idx,
@@ -1004,6 +1044,37 @@ impl Router {
 
         let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
         meter.register_subscription(filter_path.clone());
+        if new_subscription {
+            self.filter_ref(filter_path);
+        }
+    }
+
+    /// echo-server patch: one more session holds this subscription's log.
+    fn filter_ref(&mut self, filter: &str) {
+        *self.filter_refs.entry(log_filter(filter)).or_insert(0) += 1;
+    }
+
+    /// echo-server patch: one session fewer holds this subscription's log;
+    /// the log is freed when none does.
+    fn filter_unref(&mut self, filter: &str) {
+        let path = log_filter(filter);
+        if let Some(count) = self.filter_refs.get_mut(&path) {
+            *count -= 1;
+            if *count == 0 {
+                self.filter_refs.remove(&path);
+                self.datalog.remove_filter(&path);
+            }
+        }
+    }
+
+    /// echo-server patch: kept sessions that have expired let go of their
+    /// filters.
+    fn release_expired_sessions(&mut self) {
+        for state in self.graveyard.take_expired() {
+            for filter in &state.subscriptions {
+                self.filter_unref(filter);
+            }
+        }
     }
 
     /// When a connection is ready, it should sweep native data from 'datalog',
@@ -1773,6 +1844,12 @@ fn validate_clientid(client_id: &str) -> Result<(), RouterError> {
     }
 
     Ok(())
+}
+
+/// echo-server patch: the filter whose log a subscription reads (a shared
+/// subscription reads its path's).
+fn log_filter(filter: &str) -> String {
+    extract_group(filter).map_or_else(|| filter.to_owned(), |(_, path)| path)
 }
 
 fn extract_group(filter: &str) -> Option<(String, String)> {
