@@ -236,17 +236,14 @@ struct Counters {
     dropped: AtomicU64,
 }
 
-/// Connects, waits for CONNACK and SUBACK (10 s each).
-async fn mqtt_session(addr: &str, id: &str, topic: &str) -> Result<(TcpStream, Vec<u8>), String> {
-    let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-    s.set_nodelay(true).ok();
-    s.write_all(&connect_packet(id)).await.map_err(|e| e.to_string())?;
-    s.write_all(&subscribe_packet(topic)).await.map_err(|e| e.to_string())?;
+/// Reads until `wanted` acknowledgements (a successful CONNACK, SUBACKs)
+/// have come, within 10 s; returns what was read past them.
+async fn await_acks(s: &mut TcpStream, wanted: u32) -> Result<Vec<u8>, String> {
     let mut buf = Vec::with_capacity(64);
     let mut acks = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while acks < 2 {
-        let mut chunk = [0u8; 256];
+    let mut chunk = [0u8; 256];
+    while acks < wanted {
         let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
             .await
             .map_err(|_| "no CONNACK/SUBACK within 10 s".to_owned())?
@@ -264,6 +261,16 @@ async fn mqtt_session(addr: &str, id: &str, topic: &str) -> Result<(TcpStream, V
             }
         }
     }
+    Ok(buf)
+}
+
+/// Connects, waits for CONNACK and SUBACK (10 s each).
+async fn mqtt_session(addr: &str, id: &str, topic: &str) -> Result<(TcpStream, Vec<u8>), String> {
+    let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    s.set_nodelay(true).ok();
+    s.write_all(&connect_packet(id)).await.map_err(|e| e.to_string())?;
+    s.write_all(&subscribe_packet(topic)).await.map_err(|e| e.to_string())?;
+    let buf = await_acks(&mut s, 2).await?;
     Ok((s, buf))
 }
 
@@ -512,29 +519,9 @@ async fn churn_client(addr: &str, id: &str, topic: Option<&str>) -> Result<(), S
         out.extend(subscribe_packet(topic));
     }
     s.write_all(&out).await.map_err(|e| e.to_string())?;
-    let mut buf = Vec::with_capacity(64);
-    let mut acks = 0;
-    let wanted = if topic.is_some() { 2 } else { 1 };
+    await_acks(&mut s, if topic.is_some() { 2 } else { 1 }).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut chunk = [0u8; 256];
-    while acks < wanted {
-        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
-            .await
-            .map_err(|_| "no CONNACK/SUBACK within 10 s".to_owned())?
-            .map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("closed before CONNACK/SUBACK".to_owned());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        while let Some((first, body)) = next_packet(&mut buf) {
-            match first >> 4 {
-                2 if body.get(1) == Some(&0) => acks += 1,
-                2 => return Err(format!("CONNACK refused: {body:?}")),
-                9 => acks += 1,
-                _ => {}
-            }
-        }
-    }
     s.write_all(&[0xe0, 0x00]).await.map_err(|e| e.to_string())?;
     // The server closes after a DISCONNECT; waiting for it means the
     // session has ended on the server's side before the round is over.
