@@ -101,7 +101,8 @@ log "WebSocket load: $CLIENTS connections, 5 msg/s each, for 5 s"
 if grep -q 'protocol="mqtt"' <<<"$startup"; then
   log "MQTT load: $CLIENTS clients on their own topics, QoS 1, 5 msg/s each, for 5 s"
   "$LOADGEN" run "mqtt://127.0.0.1:$MQTT_PORT" -q --steps "$CLIENTS" --hold 5s --rate 5 --qos 1 \
-    --connect-rate 500 --max-error-rate 0 --json "$WORK/mqtt.json" || die "MQTT load against the container"
+    --connect-rate 500 --server-metrics "http://127.0.0.1:$ADMIN_PORT/metrics" --max-error-rate 0 \
+    --json "$WORK/mqtt.json" || die "MQTT load against the container"
 else
   log "this image's server has no MQTT listener: MQTT load skipped"
 fi

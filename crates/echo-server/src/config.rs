@@ -61,7 +61,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
-    /// A filter in `RUST_LOG` syntax; the `RUST_LOG` variable wins over it.
+    /// A filter in `RUST_LOG` syntax. The `RUST_LOG` variable sets it too,
+    /// as part of the environment layer (over the file, under the flags).
     pub level: String,
     pub format: LogFormat,
 }
@@ -191,6 +192,8 @@ impl Default for AdminConfig {
 }
 
 /// Accepts `"127.0.0.1:8080"` as well as `["127.0.0.1:8080", "[::1]:8080"]`.
+/// An address that does not parse is quoted back in the error: the key
+/// alone does not tell which entry of a list was wrong.
 fn one_or_many<'de, D>(deserializer: D) -> Result<Vec<SocketAddr>, D::Error>
 where
     D: serde::Deserializer<'de>,
@@ -198,13 +201,24 @@ where
     #[derive(Deserialize)]
     #[serde(untagged, expecting = "a socket address such as \"0.0.0.0:8080\" or a list of them")]
     enum OneOrMany {
-        One(SocketAddr),
-        Many(Vec<SocketAddr>),
+        One(String),
+        Many(Vec<String>),
     }
-    Ok(match OneOrMany::deserialize(deserializer)? {
-        OneOrMany::One(addr) => vec![addr],
-        OneOrMany::Many(addrs) => addrs,
-    })
+    let texts = match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(text) => vec![text],
+        OneOrMany::Many(texts) => texts,
+    };
+    texts
+        .iter()
+        .map(|text| {
+            text.parse().map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "{text:?} is not a socket address: expected IP:PORT, such as \"0.0.0.0:8080\" or \"[::]:8080\" \
+                     (host names are not resolved)"
+                ))
+            })
+        })
+        .collect()
 }
 
 /// Values given on the command line; each one that is set overrides its key.
@@ -227,6 +241,8 @@ pub struct Overrides {
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Unreadable { path: String, source: std::io::Error },
+    #[error("{path}:{line}:{column}: not valid TOML: {message}")]
+    Syntax { path: String, line: usize, column: usize, message: String },
     #[error("{0}")]
     Parse(String),
     #[error("{key}: {reason}")]
@@ -250,6 +266,11 @@ impl Config {
             // must not fall back to the defaults, so read it ourselves.
             let text = std::fs::read_to_string(path)
                 .map_err(|source| ConfigError::Unreadable { path: path.display().to_string(), source })?;
+            // A syntax error, as one line with its position: figment would
+            // pass on the TOML parser's multi-line drawing of it.
+            if let Err(e) = text.parse::<toml::Table>() {
+                return Err(syntax_error(path, &text, &e));
+            }
             figment = figment.merge(Toml::string(&text));
         }
         figment = figment.merge(EnvLayer::new(env));
@@ -410,7 +431,15 @@ impl EnvLayer {
     fn new(vars: impl IntoIterator<Item = (String, String)>) -> Self {
         use figment::value::{Dict, Value};
         let mut root = Dict::new();
+        let mut rust_log = None;
         for (name, value) in vars {
+            // RUST_LOG, the usual way to make one run verbose, is the
+            // environment's say on log.level; ECHO_LOG_LEVEL, more specific,
+            // wins over it, and --log-level over both.
+            if name == "RUST_LOG" && !value.trim().is_empty() {
+                rust_log = Some(value);
+                continue;
+            }
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
@@ -429,6 +458,11 @@ impl EnvLayer {
                 }
                 (slot, _) => *slot = parsed,
             }
+        }
+        if let Some(filter) = rust_log
+            && let Value::Dict(_, log) = root.entry("log".to_owned()).or_insert_with(|| Dict::new().into())
+        {
+            log.entry("level".to_owned()).or_insert_with(|| filter.into());
         }
         EnvLayer(root)
     }
@@ -508,13 +542,26 @@ impl figment::Provider for FlagLayer {
     }
 }
 
+fn syntax_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let offset = e.span().map_or(0, |span| span.start).min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    ConfigError::Syntax { path: path.display().to_string(), line, column, message }
+}
+
 /// One figment error as a line a person can act on: the key first, then what
 /// was wrong, then where the value came from.
 fn describe(err: &figment::Error, file: Option<&Path>) -> String {
     let mut key = err.path.join(".");
     let detail = match &err.kind {
         figment::error::Kind::UnknownField(field, expected) => {
-            key = if key.is_empty() { field.clone() } else { format!("{key}.{field}") };
+            // figment's path may already end with the unknown field (it
+            // does for nested tables); name it once.
+            if err.path.last() != Some(field) {
+                key = if key.is_empty() { field.clone() } else { format!("{key}.{field}") };
+            }
             format!("unknown key; expected one of {}", expected.join(", "))
         }
         other => other.to_string(),
@@ -596,8 +643,12 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let err = load_str("[websocket]\nmax_conections = 5\n").unwrap_err().to_string();
-        assert!(err.contains("websocket.max_conections"), "{err}");
-        assert!(err.contains("unknown key"), "{err}");
+        assert!(err.starts_with("websocket.max_conections: unknown key; expected one of "), "{err}");
+        assert!(err.contains("max_connections"), "{err}");
+        let err = load_str("bogus = 1\n").unwrap_err().to_string();
+        assert!(err.starts_with("bogus: unknown key; expected one of "), "{err}");
+        let err = load_str("[mqtt]\nsegment_sise = 1\n").unwrap_err().to_string();
+        assert!(err.starts_with("mqtt.segment_sise: unknown key;"), "{err}");
     }
 
     #[test]
@@ -609,7 +660,11 @@ mod tests {
     #[test]
     fn bad_address_is_named() {
         let err = load_str("[websocket]\nlisten = \"localhost:http\"\n").unwrap_err().to_string();
-        assert!(err.contains("websocket.listen"), "{err}");
+        assert!(err.starts_with("websocket.listen: \"localhost:http\" is not a socket address"), "{err}");
+        let err = load_str("[admin]\nlisten = [\"127.0.0.1:9\", \"::1:9\"]\n").unwrap_err().to_string();
+        assert!(err.starts_with("admin.listen: \"::1:9\" is not a socket address"), "{err}");
+        let err = load_str("[mqtt]\nlisten = 1883\n").unwrap_err().to_string();
+        assert!(err.starts_with("mqtt.listen: "), "{err}");
     }
 
     #[test]
@@ -618,6 +673,13 @@ mod tests {
         assert_eq!(err, "websocket.max_message_size: must be greater than 0");
         let err = load_str("[websocket]\nhandshake_timeout = \"0s\"\n").unwrap_err().to_string();
         assert_eq!(err, "websocket.handshake_timeout: must be longer than 0s");
+    }
+
+    #[test]
+    fn a_syntax_error_is_one_line_with_its_position() {
+        let err = load_str("# a comment\n[websocket\nlisten = 3\n").unwrap_err().to_string();
+        assert!(!err.contains('\n'), "{err}");
+        assert!(err.contains(".toml:2:11: not valid TOML: "), "{err}");
     }
 
     #[test]
@@ -662,11 +724,29 @@ mod tests {
     fn environment_errors_name_the_variable() {
         let env = vec![("ECHO_WEBSOCKET_MAX_CONECTIONS".to_owned(), "20".to_owned())];
         let err = Config::load(None, env, &Overrides::default()).unwrap_err().to_string();
-        assert!(err.contains("websocket.max_conections"), "{err}");
-        assert!(err.contains("ECHO_WEBSOCKET_MAX_CONECTIONS"), "{err}");
+        assert!(err.starts_with("websocket.max_conections: unknown key;"), "{err}");
+        assert!(err.ends_with(" (from the environment variable ECHO_WEBSOCKET_MAX_CONECTIONS)"), "{err}");
         let env = vec![("ECHO_WEBSOCKET_LISTEN".to_owned(), "[\"127.0.0.1:1\", \"[::1]:2\"]".to_owned())];
         let config = Config::load(None, env, &Overrides::default()).unwrap();
         assert_eq!(config.websocket.listen.len(), 2);
+    }
+
+    #[test]
+    fn rust_log_is_the_environment_layer_of_the_log_level() {
+        let var = |name: &str, value: &str| (name.to_owned(), value.to_owned());
+        let level = |env: Vec<(String, String)>, flag: Option<&str>| {
+            let overrides = Overrides { log_level: flag.map(str::to_owned), ..Overrides::default() };
+            Config::load(None, env, &overrides).unwrap().log.level
+        };
+        assert_eq!(level(vec![var("RUST_LOG", "debug")], None), "debug");
+        assert_eq!(level(vec![var("RUST_LOG", "debug")], Some("warn")), "warn");
+        assert_eq!(level(vec![var("RUST_LOG", "debug"), var("ECHO_LOG_LEVEL", "error")], None), "error");
+        assert_eq!(level(vec![var("ECHO_LOG_LEVEL", "error"), var("RUST_LOG", "debug")], None), "error");
+        assert_eq!(level(vec![var("RUST_LOG", " ")], None), "info");
+        let err = Config::load(None, vec![var("RUST_LOG", "echo_server=loud")], &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("log.level: \"echo_server=loud\" is not a valid filter"), "{err}");
     }
 
     #[test]

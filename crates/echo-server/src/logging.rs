@@ -7,14 +7,12 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{LogConfig, LogFormat};
 
-/// Installs the global subscriber. `RUST_LOG`, when set, wins over the
-/// configured level so that one run can be made verbose without editing files.
+/// Installs the global subscriber with the configured filter (`RUST_LOG`
+/// reaches it through the configuration's environment layer, so that
+/// `--print-config` shows the filter in effect and `--log-level` wins).
 pub fn init(config: &LogConfig) {
-    let directives = match std::env::var("RUST_LOG") {
-        Ok(value) if !value.trim().is_empty() => value,
-        _ => config.level.clone(),
-    };
-    let filter = EnvFilter::builder().parse_lossy(quiet_router(&directives));
+    let directives = config.level.as_str();
+    let filter = EnvFilter::builder().parse_lossy(quiet_router(directives));
     let spans = router_spans(directives.contains("rumqttd"));
     let builder =
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false);
