@@ -22,7 +22,6 @@ RUN set -eux; for crate in crates/*/; do \
     rm -rf crates/*/src target/release/deps/*echo_server* target/release/deps/*echo_loadgen* \
       target/release/.fingerprint/echo-* target/release/echo-*
 COPY crates crates
-COPY config config
 RUN cargo build --release --locked --bins \
     && strip --strip-debug target/release/echo-server target/release/echo-loadgen
 
@@ -34,7 +33,8 @@ COPY config/server.toml /etc/echo-server/server.toml
 # The server reads this file at start; mount your own over it to configure
 # the container, or override single keys with ECHO_<SECTION>_<KEY> variables.
 ENV ECHO_CONFIG=/etc/echo-server/server.toml
-USER echo
+# By number, so that orchestrators can verify it is not root (runAsNonRoot).
+USER 10001:10001
 # WebSocket (and MQTT over WebSocket), MQTT, admin (/healthz /readyz /metrics)
 EXPOSE 8080 1883 9090
 # SIGTERM starts the graceful shutdown (close 1001 to every client, 5 s grace),
