@@ -7,6 +7,7 @@
 #   loadtest/run.sh                 # everything (~15 minutes)
 #   loadtest/run.sh --only ws       # only WebSocket scenarios
 #   LOADTEST_HOLD=5s loadtest/run.sh  # shorter holds, for a quick look
+#   LOADTEST_STEPS=200 LOADTEST_HOLD=2s loadtest/run.sh --out /tmp/r   # the whole suite in miniature (CI)
 #
 # Options:
 #   --only ws|mqtt        run only one protocol's scenarios
@@ -46,6 +47,7 @@ if [ $PIN = 1 ] && command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
   PIN_SERVER="taskset -c 1"; PIN_GEN="taskset -c 0"; THREADS=(--threads 1)
 fi
 HOLD=(); [ -n "${LOADTEST_HOLD:-}" ] && HOLD=(--hold "$LOADTEST_HOLD")
+STEPS=(); [ -n "${LOADTEST_STEPS:-}" ] && STEPS=(--steps "$LOADTEST_STEPS")
 # Several source addresses: with one, the kernel's search for a free
 # ephemeral port slows connect() down once tens of thousands of ports are in
 # use or in TIME_WAIT, and that would show up as the server's connect time.
@@ -65,7 +67,7 @@ run_scenario() { # scenario proto servers...
     start_server "$server" "$proto"
     local rc=0
     $PIN_GEN "$LOADGEN" run --scenario "$LOADTEST/scenarios/$scenario.toml" "$SERVER_URL" \
-      --label "$server" --server-pid "$SERVER_PID" --source "$SOURCES" "${THREADS[@]}" "${HOLD[@]}" \
+      --label "$server" --server-pid "$SERVER_PID" --source "$SOURCES" ${THREADS[@]+"${THREADS[@]}"} ${HOLD[@]+"${HOLD[@]}"} ${STEPS[@]+"${STEPS[@]}"} \
       --json "$dir/$server.json" --csv "$dir/$server.csv" --chart "$dir/$server.svg" \
       >"$dir/$server.txt" || rc=$?
     stop_server
@@ -100,6 +102,7 @@ fi
   echo
   echo "Versions: echo-server $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'), node $(node --version), ws $(node -p "require('$LOADTEST/peers/node/node_modules/ws/package.json').version"), python $("$LOADTEST/peers/python/.venv/bin/python" -c 'import sys, websockets; print(sys.version.split()[0], "websockets", websockets.__version__)'), $("$(command -v mosquitto || echo /usr/sbin/mosquitto)" -h 2>/dev/null | head -1)."
   [ -n "${LOADTEST_HOLD:-}" ] && echo && echo "Holds shortened to $LOADTEST_HOLD (LOADTEST_HOLD)."
+  [ -n "${LOADTEST_STEPS:-}" ] && echo && echo "Connection steps replaced by $LOADTEST_STEPS (LOADTEST_STEPS)."
   for md in "$OUT"/*/compare.md; do
     [ -f "$md" ] || continue
     echo; echo "## $(basename "$(dirname "$md")")"; echo
