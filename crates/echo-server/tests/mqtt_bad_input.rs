@@ -136,6 +136,127 @@ fn oversized_and_malformed_packets_close_only_the_sender() {
     assert!(server.metric("echo_mqtt_closed_total{reason=\"malformed\"}") >= 4.0);
 }
 
+/// Log lines that say the router was handed something it refused, or
+/// that the server thinks the router is gone.
+fn router_complaints(server: &TestServer) -> Vec<String> {
+    server
+        .logs()
+        .iter()
+        .filter(|v| {
+            let message = v["message"].as_str().unwrap_or("");
+            message.contains("Failed to append") || message.contains("router thread has stopped")
+        })
+        .map(|v| v.to_string())
+        .collect()
+}
+
+/// The audit's blocker: a client whose will topic was not UTF-8 (`c3 28`)
+/// got CONNACK 0 and dropped its socket; the router refused the will
+/// (`NonUtf8Topic`), dropped the server's own wills link for it, and the
+/// server took that for the router's death and shut down. Now such a will
+/// is refused with the CONNECT (MQTT 5: 0x81 malformed, 0x90 for a topic
+/// that is well formed but not a topic name; 3.1.1: closed without a
+/// CONNACK), at every QoS, and nothing reaches the router.
+#[test]
+fn a_will_topic_the_router_cannot_take_is_refused_with_the_connect() {
+    let server = TestServer::start(&[]);
+    let mut bystanders = Bystanders::new(&server);
+    let cases: [(&str, &[u8], u8); 7] = [
+        ("the audit's c3 28", b"\xc3\x28", 0x81),
+        ("a lone continuation byte", b"status/\x80", 0x81),
+        ("an encoded surrogate", b"\xed\xa0\x80", 0x81),
+        ("a NUL", b"status\0x", 0x81),
+        ("a wildcard", b"status/+", 0x90),
+        ("a multi-level wildcard", b"#", 0x90),
+        ("an empty topic", b"", 0x90),
+    ];
+    for (case, topic, v5_code) in cases {
+        for level in [4u8, 5] {
+            for qos in 0..=2u8 {
+                let case = format!("will topic with {case}, level {level}, QoS {qos}");
+                let mut evil = RawMqtt::connect(server.mqtt_addr());
+                evil.send(&mqtt_raw::connect_with_will(level, "evil", topic, b"bye", qos));
+                if level == 5 {
+                    let ack = evil.read_packet().unwrap_or_else(|| panic!("{case}: a CONNACK"));
+                    assert_eq!(ack.connack_code(), v5_code, "{case}");
+                    assert!(evil.closed_within(Duration::from_secs(5)), "{case}: closed");
+                } else {
+                    assert_eq!(evil.read_packet(), None, "{case}: closed without a CONNACK");
+                }
+                // Dropped without DISCONNECT, as in the audit.
+                drop(evil);
+            }
+        }
+        bystanders.still_fine(case);
+    }
+    // The wills link still works: a good will is delivered.
+    let mut watcher = RawMqtt::session(server.mqtt_addr(), 4, "will-watcher", 30);
+    watcher.send(&mqtt_raw::subscribe(4, 1, "status/#"));
+    assert_eq!(watcher.read_packet().unwrap().packet_type(), 9);
+    let mut good = RawMqtt::connect(server.mqtt_addr());
+    good.send(&mqtt_raw::connect_with_will(5, "good", b"status/good", b"gone", 1));
+    assert_eq!(good.read_packet().unwrap().connack_code(), 0);
+    drop(good);
+    let will = watcher.read_packet().expect("the good will");
+    assert_eq!(will.packet_type(), 3);
+    assert!(will.body.ends_with(b"gone"), "{will:?}");
+    bystanders.still_fine("a good will after the bad ones");
+    assert_eq!(server.metric("echo_mqtt_wills_published_total"), 1.0);
+    assert_eq!(server.metric("echo_mqtt_refused_total{reason=\"malformed\"}"), 4.0 * 6.0);
+    assert_eq!(server.metric("echo_mqtt_refused_total{reason=\"invalid_topic\"}"), 3.0 * 6.0);
+    assert_eq!(router_complaints(&server), Vec::<String>::new());
+}
+
+/// A PUBLISH topic the router would refuse closes only its sender, with the
+/// reason MQTT 5 gives it, and never reaches the router (which dropped the
+/// sender without a reason, and the session reported it as taken over).
+#[test]
+fn a_publish_topic_the_router_cannot_take_closes_the_sender_with_a_reason() {
+    let server = TestServer::start(&[]);
+    let mut bystanders = Bystanders::new(&server);
+    let cases: [(&str, &[u8], u8); 6] = [
+        ("invalid utf-8", b"\xc3\x28", 0x81),
+        ("a truncated sequence", b"a/\xe2\x82", 0x81),
+        ("an overlong slash", b"a\xc0\xafb", 0x81),
+        ("a NUL", b"a\0b", 0x81),
+        ("a wildcard", b"a/#", 0x90),
+        ("an empty topic and no alias", b"", 0x82),
+    ];
+    for (case, topic, v5_code) in cases {
+        for level in [4u8, 5] {
+            for qos in 0..=2u8 {
+                let case = format!("publish topic with {case}, level {level}, QoS {qos}");
+                let mut bad = RawMqtt::session(server.mqtt_addr(), level, "bad-publisher", 30);
+                bad.send(&mqtt_raw::publish_raw(level, topic, qos, &[], b"x"));
+                if level == 5 {
+                    let bye = bad.read_packet().unwrap_or_else(|| panic!("{case}: a DISCONNECT"));
+                    assert_eq!(bye.disconnect_reason(), v5_code, "{case}");
+                } else {
+                    assert_eq!(bad.read_packet(), None, "{case}: closed, nothing acknowledged");
+                }
+                assert!(bad.closed_within(Duration::from_secs(5)), "{case}: closed");
+            }
+        }
+        bystanders.still_fine(case);
+    }
+    assert_eq!(router_complaints(&server), Vec::<String>::new(), "nothing reached the router");
+    // Topic aliases are the router's to check; it refuses bad ones with a
+    // reason, which the sender gets, and the session alone ends.
+    let alias_cases: [(&str, &[u8], &[u8], u8); 3] = [
+        ("alias 0", b"a", b"\x23\x00\x00", 0x94),
+        ("alias over the maximum", b"a", b"\x23\x10\x01", 0x94),
+        ("an empty topic with an unknown alias", b"", b"\x23\x00\x07", 0x82),
+    ];
+    for (case, topic, properties, code) in alias_cases {
+        let mut bad = RawMqtt::session(server.mqtt_addr(), 5, "bad-alias", 30);
+        bad.send(&mqtt_raw::publish_raw(5, topic, 0, properties, b"x"));
+        assert_eq!(bad.read_packet().unwrap().disconnect_reason(), code, "{case}");
+        assert!(bad.closed_within(Duration::from_secs(5)), "{case}: closed");
+        bystanders.still_fine(case);
+    }
+    assert!(router_complaints(&server).iter().all(|line| !line.contains("router thread has stopped")));
+}
+
 #[test]
 fn a_duplicate_client_id_takes_the_session_over() {
     let server = TestServer::start(&[]);

@@ -36,7 +36,7 @@ use tracing::debug;
 use super::MqttServer;
 use super::broker::{LinkFailure, SessionExpiry};
 use super::codec::{Codec, Decoded, Peek, Version, peek_version};
-use super::topics::{self, Refusals};
+use super::topics::{self, Refusals, TopicRefusal};
 use super::transport::Transport;
 
 /// The link to the router for one session. Dropping it while the router
@@ -342,7 +342,7 @@ async fn handshake(
             Err(ProtocolError::PayloadSizeLimitExceeded(_)) => {
                 return Err(Refused::With(version, ConnectReturnCode::PacketTooLarge, "too_large"));
             }
-            Err(_) => return Err(Refused::With(version, ConnectReturnCode::MalformedPacket, "malformed")),
+            Err(_) => return Err(malformed_connect(version)),
         }
     };
     server.metrics.packet_received(decoded.packet_type);
@@ -378,10 +378,25 @@ async fn handshake(
         }
     };
     let delay = will_properties.as_ref().and_then(|p| p.delay_interval).unwrap_or(0);
-    if let Some(w) = &will
-        && !topics::check_topic(&w.topic, false)
-    {
-        return Err(Refused::With(version, ConnectReturnCode::TopicNameInvalid, "malformed"));
+    // The will goes to the router later, through the server's own link, as
+    // it is: a topic the router refuses would end that link (see
+    // `broker`), so it is checked here, with the CONNECT.
+    if let Some(w) = &will {
+        match topics::check_topic(&w.topic, false) {
+            Ok(()) => {}
+            Err(TopicRefusal::Malformed) => return Err(malformed_connect(version)),
+            // MQTT 5 §3.2.2.2: 0x90, "the Will Topic Name is not malformed,
+            // but is not accepted by this Server". 3.1.1 has no code for it:
+            // the CONNECT does not conform, so no CONNACK (§3.1.4).
+            Err(TopicRefusal::Wildcard | TopicRefusal::Empty) => {
+                return Err(match version {
+                    Version::V5 => {
+                        Refused::With(version, ConnectReturnCode::TopicNameInvalid, "invalid_topic")
+                    }
+                    Version::V311 => Refused::Silently("invalid_topic"),
+                });
+            }
+        }
     }
     Ok(Accepted {
         codec,
@@ -394,6 +409,16 @@ async fn handshake(
         will: will.map(|w| Box::new((w, will_properties))),
         will_delay: Duration::from_secs(u64::from(delay.min(session_expiry.0))),
     })
+}
+
+/// A CONNECT that is not well formed. MQTT 5 may say so with CONNACK 0x81
+/// before closing (§3.1.4, §4.13); MQTT 3.1.1 closes without a CONNACK
+/// (§3.1.4: "close the Network Connection without sending a CONNACK").
+fn malformed_connect(version: Version) -> Refused {
+    match version {
+        Version::V5 => Refused::With(version, ConnectReturnCode::MalformedPacket, "malformed"),
+        Version::V311 => Refused::Silently("malformed"),
+    }
 }
 
 async fn read_more(transport: &mut Transport, rbuf: &mut BytesMut) -> Result<(), Refused> {
@@ -697,8 +722,21 @@ fn incoming(
         Packet::Publish(mut publish, properties) => {
             metrics.publishes_received.inc();
             let alias = properties.as_ref().is_some_and(|p| p.topic_alias.is_some());
-            if !topics::check_topic(&publish.topic, alias && v5) {
-                return Some(End::violation("invalid_topic", DisconnectReasonCode::TopicNameInvalid));
+            // Nothing the router would refuse goes to it: it drops the link
+            // without a reason for a topic that is not UTF-8.
+            match topics::check_topic(&publish.topic, alias && v5) {
+                Ok(()) => {}
+                Err(TopicRefusal::Malformed) => {
+                    return Some(End::violation("malformed", DisconnectReasonCode::MalformedPacket));
+                }
+                Err(TopicRefusal::Wildcard) => {
+                    return Some(End::violation("invalid_topic", DisconnectReasonCode::TopicNameInvalid));
+                }
+                // MQTT 5 §3.3.2.1: "a Protocol Error if the Topic Name is zero
+                // length and there is no Topic Alias".
+                Err(TopicRefusal::Empty) => {
+                    return Some(End::violation("protocol_error", DisconnectReasonCode::ProtocolError));
+                }
             }
             detach(&mut publish);
             batch.push(Packet::Publish(publish, properties));

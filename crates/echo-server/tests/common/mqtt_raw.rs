@@ -100,6 +100,42 @@ pub fn connect_with(level: u8, client_id: &str, keep_alive: u16, login: Option<(
     packet(0x10, &body)
 }
 
+/// CONNECT with a clean session and a will: `topic` as raw bytes (it may
+/// be anything a client can send), at `qos`, not retained.
+pub fn connect_with_will(level: u8, client_id: &str, topic: &[u8], message: &[u8], qos: u8) -> Vec<u8> {
+    let mut body = Vec::new();
+    string(b"MQTT", &mut body);
+    body.push(level);
+    body.push(0x02 | 0x04 | (qos << 3));
+    body.extend_from_slice(&30u16.to_be_bytes());
+    if level == 5 {
+        body.push(0); // no properties
+    }
+    string(client_id.as_bytes(), &mut body);
+    if level == 5 {
+        body.push(0); // no will properties
+    }
+    string(topic, &mut body);
+    string(message, &mut body);
+    packet(0x10, &body)
+}
+
+/// PUBLISH with a topic of raw bytes at `qos` (packet id 1 when above 0),
+/// and for MQTT 5 these raw `properties` (without their length).
+pub fn publish_raw(level: u8, topic: &[u8], qos: u8, properties: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    string(topic, &mut body);
+    if qos > 0 {
+        body.extend_from_slice(&1u16.to_be_bytes());
+    }
+    if level == 5 {
+        remaining_length(properties.len(), &mut body);
+        body.extend_from_slice(properties);
+    }
+    body.extend_from_slice(payload);
+    packet(0x30 | (qos << 1), &body)
+}
+
 /// CONNECT that may resume a session: `clean` is 3.1.1's clean session
 /// or 5's clean start; `expiry` is MQTT 5's session expiry interval
 /// property (absent when `None`).
