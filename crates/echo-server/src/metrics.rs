@@ -160,6 +160,9 @@ pub struct MqttMetrics {
     pub bytes_received: Count,
     pub bytes_sent: Count,
     pub wills_published: Count,
+    /// Times the router dropped the server's internal wills link while it
+    /// kept running, and the link was registered again.
+    pub wills_link_restarts: Count,
     /// How long `LinkBuilder::build()` waited for the router, per connect.
     pub link_build_seconds: Histogram,
     /// Cached handles, indexed by packet type.
@@ -202,6 +205,7 @@ impl MqttMetrics {
             bytes_received: Count::default(),
             bytes_sent: Count::default(),
             wills_published: Count::default(),
+            wills_link_restarts: Count::default(),
             // 10 µs .. ~5 s
             link_build_seconds: Histogram::new(exponential_buckets(1e-5, 2.5, 15)),
         }
@@ -360,6 +364,11 @@ impl Metrics {
             "wills_published",
             "Last-will messages handed to the router",
             mqtt.wills_published.clone(),
+        );
+        m.register(
+            "wills_link_restarts",
+            "Times the router dropped the server's internal wills link (it refused a will) and the link was registered again; 0 unless a will the router refuses got past the checks",
+            mqtt.wills_link_restarts.clone(),
         );
         m.register(
             "link_build_seconds",
