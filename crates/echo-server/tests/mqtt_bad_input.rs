@@ -257,6 +257,110 @@ fn a_publish_topic_the_router_cannot_take_closes_the_sender_with_a_reason() {
     assert!(router_complaints(&server).iter().all(|line| !line.contains("router thread has stopped")));
 }
 
+/// Packets only servers send (CONNACK, SUBACK, UNSUBACK, PINGRESP), with
+/// and without a body, at both levels: a protocol error (MQTT 5: DISCONNECT
+/// 0x82; 3.1.1: closed). rumqttd's V5 decoder used to reach
+/// `unreachable!()` on CONNACK and UNSUBACK with a body: the session's task
+/// died in a panic, without a DISCONNECT, and
+/// `echo_mqtt_connections{version="5"}` never came back down. Also the
+/// other packet types a client cannot send, and packets whose properties
+/// run past their end (which were dropped as if never sent).
+#[test]
+fn packets_clients_must_not_send_end_only_that_session_and_panic_nothing() {
+    let server = TestServer::start(&[]);
+    let mut bystanders = Bystanders::new(&server);
+    let protocol_errors: Vec<(&str, Vec<u8>)> = vec![
+        ("connack", vec![0x20, 0x02, 0x00, 0x00]),
+        ("empty connack", vec![0x20, 0x00]),
+        ("connack with properties", vec![0x20, 0x03, 0x00, 0x00, 0x00]),
+        ("suback", vec![0x90, 0x03, 0x00, 0x01, 0x00]),
+        ("empty suback", vec![0x90, 0x00]),
+        ("unsuback", vec![0xb0, 0x02, 0x00, 0x01]),
+        ("empty unsuback", vec![0xb0, 0x00]),
+        ("unsuback with a reason", vec![0xb0, 0x04, 0x00, 0x01, 0x00, 0x00]),
+        ("pingresp", vec![0xd0, 0x00]),
+        ("pingresp with a body", vec![0xd0, 0x02, 0x00, 0x00]),
+    ];
+    let mut expected_protocol_errors = 0.0;
+    for (case, bytes) in &protocol_errors {
+        for level in [4u8, 5] {
+            let case = format!("{case} from a client, level {level}");
+            let mut bad = RawMqtt::session(server.mqtt_addr(), level, "server-impostor", 30);
+            bad.send(bytes);
+            if level == 5 {
+                let bye = bad.read_packet().unwrap_or_else(|| panic!("{case}: a DISCONNECT"));
+                assert_eq!(bye.disconnect_reason(), 0x82, "{case}: protocol error");
+            } else {
+                assert_eq!(bad.read_packet(), None, "{case}: closed");
+            }
+            assert!(bad.closed_within(Duration::from_secs(5)), "{case}");
+            expected_protocol_errors += 1.0;
+        }
+        bystanders.still_fine(case);
+    }
+    // Type 15 is AUTH in MQTT 5 (a protocol error without an authentication
+    // method), reserved in 3.1.1; type 0 is reserved in both; and MQTT 5
+    // packets whose property length is cut short or missing are malformed.
+    let others: Vec<(&str, u8, Vec<u8>, Option<u8>)> = vec![
+        ("auth", 5, vec![0xf0, 0x00], Some(0x82)),
+        ("auth with a reason", 5, vec![0xf0, 0x02, 0x18, 0x00], Some(0x82)),
+        ("type 15", 4, vec![0xf0, 0x02, 0x00, 0x00], None),
+        ("type 0", 5, vec![0x00, 0x02, 0x00, 0x00], Some(0x81)),
+        ("type 0", 4, vec![0x00, 0x00], None),
+        ("publish without its property length", 5, vec![0x30, 0x03, 0x00, 0x01, b'a'], Some(0x81)),
+        ("puback with a cut property length", 5, vec![0x40, 0x05, 0x00, 0x01, 0x00, 0xa2, 0xb8], Some(0x81)),
+        ("unsubscribe without properties", 5, vec![0xa2, 0x02, 0x00, 0x01], Some(0x81)),
+        ("unsubscribe without filters", 5, vec![0xa2, 0x03, 0x00, 0x01, 0x00], Some(0x82)),
+    ];
+    for (case, level, bytes, reason) in others {
+        let mut bad = RawMqtt::session(server.mqtt_addr(), level, "odd-packets", 30);
+        bad.send(&bytes);
+        match reason {
+            Some(reason) => assert_eq!(bad.read_packet().unwrap().disconnect_reason(), reason, "{case}"),
+            None => assert_eq!(bad.read_packet(), None, "{case}: closed"),
+        }
+        assert!(bad.closed_within(Duration::from_secs(5)), "{case}");
+        if reason == Some(0x82) {
+            expected_protocol_errors += 1.0;
+        }
+        bystanders.still_fine(case);
+    }
+    let panics: Vec<_> = server.logs().into_iter().filter(|v| v["message"] == "panic").collect();
+    assert!(panics.is_empty(), "{panics:?}");
+    assert_eq!(server.metric("echo_mqtt_closed_total{reason=\"protocol_error\"}"), expected_protocol_errors);
+    assert_eq!(server.metric("echo_mqtt_connections{version=\"5\"}"), 1.0, "the bystander only");
+    assert_eq!(server.metric("echo_mqtt_connections{version=\"3.1.1\"}"), 1.0, "the bystander only");
+    drop(bystanders);
+    server.wait_for_metric("echo_mqtt_connections{version=\"5\"}", Duration::from_secs(5), |v| v == 0.0);
+    server.wait_for_metric("echo_mqtt_connections{version=\"3.1.1\"}", Duration::from_secs(5), |v| v == 0.0);
+}
+
+/// MQTT 5 §3.14.2.2.1: a DISCONNECT of remaining length 1 is a reason code
+/// and no properties. rumqttd's decoder swallowed it, so a client leaving
+/// normally that way had its will published when it closed.
+#[test]
+fn a_v5_disconnect_without_properties_is_a_disconnect() {
+    let server = TestServer::start(&[]);
+    let mut watcher = RawMqtt::session(server.mqtt_addr(), 4, "will-watcher", 30);
+    watcher.send(&mqtt_raw::subscribe(4, 1, "wills/#"));
+    assert_eq!(watcher.read_packet().unwrap().packet_type(), 9);
+    for (reason, will_expected) in [(0x00u8, false), (0x04, true)] {
+        let mut c = RawMqtt::connect(server.mqtt_addr());
+        let topic = format!("wills/{reason}");
+        c.send(&mqtt_raw::connect_with_will(5, "short-bye", topic.as_bytes(), b"gone", 0));
+        assert_eq!(c.read_packet().unwrap().connack_code(), 0);
+        c.send(&[0xe0, 0x01, reason]);
+        assert!(c.closed_within(Duration::from_secs(5)), "the server ends the session");
+        if will_expected {
+            let will = watcher.read_packet().expect("the will, asked for by reason 0x04");
+            assert!(will.body.starts_with(b"\x00\x07wills/4") && will.body.ends_with(b"gone"), "{will:?}");
+        }
+    }
+    // Only the one will: reason 0x00 discarded the first.
+    assert_eq!(server.metric("echo_mqtt_wills_published_total"), 1.0);
+    assert_eq!(server.metric("echo_mqtt_closed_total{reason=\"client_disconnect\"}"), 2.0);
+}
+
 #[test]
 fn a_duplicate_client_id_takes_the_session_over() {
     let server = TestServer::start(&[]);

@@ -24,20 +24,22 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::FutureExt;
+use prometheus_client::metrics::gauge::Gauge;
 use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectProperties, DisconnectReasonCode,
-    Error as ProtocolError, LastWill, LastWillProperties, Packet, PingResp, SubAck,
+    LastWill, LastWillProperties, Packet, PingResp, SubAck,
 };
 use tokio::time::{Instant, timeout_at};
 use tracing::debug;
 
 use super::MqttServer;
 use super::broker::{LinkFailure, SessionExpiry};
-use super::codec::{Codec, Decoded, Peek, Version, peek_version};
+use super::codec::{Codec, DecodeError, Decoded, Peek, Version, peek_version};
 use super::topics::{self, Refusals, TopicRefusal};
 use super::transport::Transport;
+use crate::metrics::MqttMetrics;
 
 /// The link to the router for one session. Dropping it while the router
 /// still knows the client sends the router a DISCONNECT for it, so that a
@@ -115,21 +117,54 @@ pub async fn run(mut transport: Transport, peer: SocketAddr, server: Rc<MqttServ
     else {
         return;
     };
-    let metrics = &server.metrics;
-    let gauge = match session.codec.version {
-        Version::V311 => metrics.v311.clone(),
-        Version::V5 => metrics.v5.clone(),
-    };
-    gauge.inc();
+    let counted = Counted::open(&server.metrics, session.codec.version);
     let end = exchange(&mut transport, &mut rbuf, &mut router, &mut session, &server).await;
-    gauge.dec();
-    metrics.closed(end.reason);
+    counted.close(end.reason);
     debug!(%peer, client_id = %session.client_id, reason = end.reason, "session ended");
     Box::pin(finish(&mut transport, &session, end, &server)).await;
     if session.expiry_changed {
         router.leave(session.session_expiry);
     }
     drop(router);
+}
+
+/// An open session in `/metrics`: one in the connections gauge of its
+/// version while it runs, one in `closed_total` with its reason when it
+/// ends. A drop guard, so that the figures stay true however the session
+/// ends: a task that unwinds from a panic (tokio catches it: the other
+/// sessions run on) is counted closed with reason `panic`.
+struct Counted<'a> {
+    metrics: &'a MqttMetrics,
+    gauge: Gauge,
+    reason: Option<&'static str>,
+}
+
+impl<'a> Counted<'a> {
+    fn open(metrics: &'a MqttMetrics, version: Version) -> Counted<'a> {
+        let gauge = match version {
+            Version::V311 => metrics.v311.clone(),
+            Version::V5 => metrics.v5.clone(),
+        };
+        gauge.inc();
+        Counted { metrics, gauge, reason: None }
+    }
+
+    fn close(mut self, reason: &'static str) {
+        self.reason = Some(reason);
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.gauge.dec();
+        let reason = match self.reason {
+            Some(reason) => reason,
+            None if std::thread::panicking() => "panic",
+            // The task was dropped without finishing (the runtime going away).
+            None => "aborted",
+        };
+        self.metrics.closed(reason);
+    }
 }
 
 /// How long a new connection may hold a CONNECT turn before its CONNECT
@@ -339,10 +374,13 @@ async fn handshake(
         match codec.decode(rbuf) {
             Ok(Some(decoded)) => break decoded,
             Ok(None) => read_more(transport, rbuf).await?,
-            Err(ProtocolError::PayloadSizeLimitExceeded(_)) => {
+            Err(DecodeError::TooLarge(_)) => {
                 return Err(Refused::With(version, ConnectReturnCode::PacketTooLarge, "too_large"));
             }
-            Err(_) => return Err(malformed_connect(version)),
+            Err(e) => {
+                debug!(error = %e, "malformed CONNECT");
+                return Err(malformed_connect(version));
+            }
         }
     };
     server.metrics.packet_received(decoded.packet_type);
@@ -598,11 +636,16 @@ async fn exchange(
                     let decoded = match codec.decode(rbuf) {
                         Ok(Some(decoded)) => decoded,
                         Ok(None) => break,
-                        Err(ProtocolError::PayloadSizeLimitExceeded(_)) => {
+                        Err(DecodeError::TooLarge(_)) => {
                             end = Some(End::violation("too_large", DisconnectReasonCode::PacketTooLarge));
                             break;
                         }
-                        Err(e) => {
+                        Err(e @ DecodeError::NotFromClients(_)) => {
+                            debug!(error = %e, "protocol error");
+                            end = Some(End::violation("protocol_error", DisconnectReasonCode::ProtocolError));
+                            break;
+                        }
+                        Err(e @ DecodeError::Malformed(_)) => {
                             debug!(error = %e, "malformed packet");
                             end = Some(End::violation("malformed", DisconnectReasonCode::MalformedPacket));
                             break;
@@ -785,12 +828,18 @@ fn incoming(
                 polite_close: true,
             });
         }
+        // MQTT 5 §3.10.3 (3.1.1's decoder refuses it already): at least one
+        // filter.
+        Packet::Unsubscribe(unsubscribe, _) if unsubscribe.filters.is_empty() => {
+            return Some(End::violation("protocol_error", DisconnectReasonCode::ProtocolError));
+        }
         packet @ (Packet::PubAck(..)
         | Packet::PubRec(..)
         | Packet::PubRel(..)
         | Packet::PubComp(..)
         | Packet::Unsubscribe(..)) => batch.push(packet),
-        // A second CONNECT, or a packet only servers send.
+        // A second CONNECT, or a packet only servers send (which the codec
+        // refuses before it is decoded).
         Packet::Connect(..)
         | Packet::ConnAck(..)
         | Packet::SubAck(..)
@@ -844,4 +893,32 @@ fn to_router(tx: &mut LinkTx, mut batch: Vec<Packet>) {
     }
     // (`send` is an `async fn` that never awaits: it completes on its first poll.)
     let _ = tx.send(last).now_or_never();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{Metrics, ReasonLabel};
+
+    /// The gauge comes back down and the session is counted closed, also
+    /// when its task unwinds from a panic.
+    #[test]
+    fn a_session_is_counted_closed_however_it_ends() {
+        let metrics = Metrics::new(1024, None);
+        let mqtt = &metrics.mqtt;
+        let closed = |reason| mqtt.closed.get_or_create(&ReasonLabel { reason }).get();
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _counted = Counted::open(mqtt, Version::V5);
+            assert_eq!(mqtt.v5.get(), 1);
+            panic!("a bug in a session (this panic is the test)");
+        }));
+        assert!(unwound.is_err());
+        assert_eq!((mqtt.v5.get(), closed("panic")), (0, 1));
+        let counted = Counted::open(mqtt, Version::V311);
+        assert_eq!(mqtt.v311.get(), 1);
+        counted.close("client_closed");
+        assert_eq!((mqtt.v311.get(), closed("client_closed"), closed("panic")), (0, 1, 1));
+        drop(Counted::open(mqtt, Version::V311));
+        assert_eq!((mqtt.v311.get(), closed("aborted")), (0, 1));
+    }
 }
