@@ -1,9 +1,10 @@
 //! One MQTT connection, from its first byte to its close.
 //!
 //! 1. **CONNECT** ([`handshake`]): read within `connect_timeout`; the
-//!    protocol level picks the codec; credentials and client id are checked
-//!    here, so a refusal is always a CONNACK with the right code (rumqttd's
-//!    router would drop the client without one).
+//!    protocol level picks the codec; credentials, client id and will are
+//!    checked here, so a refusal is a CONNACK with the right code (rumqttd's
+//!    router would drop the client without one), except for a malformed
+//!    3.1.1 CONNECT, which 3.1.1 answers by closing.
 //! 2. **Link**: the client is registered with the router, awaiting its
 //!    answer without blocking the event loop (see [`broker`](super::broker));
 //!    the router's CONNACK (session present or not) goes to the client.
@@ -494,13 +495,18 @@ pub async fn write_connack(
     server: &MqttServer,
 ) {
     let codec = Codec::new(version, server.config.max_payload_size as usize);
+    let mut out = BytesMut::new();
+    let _ = send(transport, &codec, vec![refusing_connack(version, code)], &mut out, server).await;
+}
+
+/// A CONNACK that refuses the client with `code` (3.1.1 codes are mapped
+/// from the MQTT 5 reason when it is encoded).
+pub fn refusing_connack(version: Version, code: ConnectReturnCode) -> Packet {
     let ack = ConnAck { session_present: false, code };
-    let packet = match version {
+    match version {
         Version::V311 => Packet::ConnAck(ack, None),
         Version::V5 => Packet::ConnAck(ack, Some(ConnAckProperties::default())),
-    };
-    let mut out = BytesMut::new();
-    let _ = send(transport, &codec, vec![packet], &mut out, server).await;
+    }
 }
 
 /// Encodes packets and writes them in one go, within `write_timeout`.
