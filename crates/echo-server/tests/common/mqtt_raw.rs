@@ -22,6 +22,13 @@ impl RawPacket {
         self.first >> 4
     }
 
+    /// Its size on the wire: fixed header and body.
+    pub fn wire_len(&self) -> usize {
+        let mut header = Vec::new();
+        remaining_length(self.body.len(), &mut header);
+        1 + header.len() + self.body.len()
+    }
+
     /// The CONNACK return code (3.1.1) or reason code (5).
     pub fn connack_code(&self) -> u8 {
         assert_eq!(self.packet_type(), 2, "not a CONNACK: {self:?}");
