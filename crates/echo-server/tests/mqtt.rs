@@ -387,6 +387,30 @@ fn keep_alive_zero_is_accepted_and_others_are_enforced() {
     assert_eq!(server.metric("echo_mqtt_closed_total{reason=\"keepalive_timeout\"}"), 2.0);
 }
 
+/// Keep-alive 0 with a client library in process: rumqttc (its 3.1.1
+/// client; the MQTT 5 one refuses keep-alives under 5 s) connects with
+/// `Duration::ZERO`, so it never pings; it stays connected, with nothing
+/// happening, well past the 1.5 s after which a keep-alive of 1 s is
+/// closed (above), then completes a round trip.
+#[tokio::test]
+async fn keep_alive_zero_with_rumqttc_stays_connected_and_round_trips() {
+    let server = TestServer::start(&[]);
+    let mut c = V4::with(&server, "ka0-rumqttc", |options| {
+        options.set_keep_alive(Duration::ZERO);
+    })
+    .await;
+    let quiet_until = tokio::time::Instant::now() + Duration::from_millis(2500);
+    if let Ok(event) = tokio::time::timeout_at(quiet_until, c.events.recv()).await {
+        panic!("nothing happens while the client is quiet, got {event:?}");
+    }
+    c.subscribe("ka0/echo", QoS::AtLeastOnce).await;
+    c.client.publish("ka0/echo", QoS::AtLeastOnce, false, "still here").await.unwrap();
+    assert_eq!(c.next_publish().await.payload, "still here");
+    assert_eq!(server.metric("echo_mqtt_connections{version=\"3.1.1\"}"), 1.0);
+    assert_eq!(server.metric("echo_mqtt_packets_received_total{packet=\"pingreq\"}"), 0.0, "it never pinged");
+    assert_eq!(server.metric("echo_mqtt_closed_total{reason=\"keepalive_timeout\"}"), 0.0);
+}
+
 #[tokio::test]
 async fn mqtt_over_websocket_on_the_websocket_port() {
     let server = TestServer::start(&[]);
