@@ -163,7 +163,8 @@ pub struct MqttMetrics {
     /// Times the router dropped the server's internal wills link while it
     /// kept running, and the link was registered again.
     pub wills_link_restarts: Count,
-    /// How long `LinkBuilder::build()` waited for the router, per connect.
+    /// How long `LinkBuilder::build_async()` waited for the router, per
+    /// connect (awaited: the event loop serves others meanwhile).
     pub link_build_seconds: Histogram,
     /// Cached handles, indexed by packet type.
     received_by_type: Vec<Count>,
@@ -372,7 +373,7 @@ impl Metrics {
         );
         m.register(
             "link_build_seconds",
-            "Time a connecting client waited for the router to register it (awaited on the event loop, not blocking it)",
+            "Time a connecting client waited for the router to register it (LinkBuilder::build_async, awaited on the event loop, not blocking it)",
             mqtt.link_build_seconds.clone(),
         );
         registry.register(
