@@ -361,6 +361,38 @@ fn a_v5_disconnect_without_properties_is_a_disconnect() {
     assert_eq!(server.metric("echo_mqtt_closed_total{reason=\"client_disconnect\"}"), 2.0);
 }
 
+/// Acknowledging what was never sent is a protocol error (MQTT 5:
+/// DISCONNECT 0x82; 3.1.1: closed), not a session take-over: the router
+/// drops such a client, and used to do it without a reason, which the
+/// session told an MQTT 5 client as 0x8E "session taken over".
+#[test]
+fn acknowledgements_for_nothing_are_a_protocol_error_not_a_take_over() {
+    let server = TestServer::start(&[]);
+    let mut bystanders = Bystanders::new(&server);
+    let cases = [
+        ("puback", packet(0x40, b"\x00\x07")),
+        ("pubrec", packet(0x50, b"\x00\x07")),
+        ("pubrel", packet(0x62, b"\x00\x07")),
+        ("pubcomp", packet(0x70, b"\x00\x07")),
+    ];
+    for (case, bytes) in &cases {
+        for level in [4u8, 5] {
+            let mut bad = RawMqtt::session(server.mqtt_addr(), level, "acker", 30);
+            bad.send(bytes);
+            if level == 5 {
+                let bye = bad.read_packet().unwrap_or_else(|| panic!("{case}: a DISCONNECT"));
+                assert_eq!(bye.disconnect_reason(), 0x82, "{case} for nothing, level 5");
+            } else {
+                assert_eq!(bad.read_packet(), None, "{case} for nothing, level 4: closed");
+            }
+            assert!(bad.closed_within(Duration::from_secs(5)), "{case}");
+        }
+        bystanders.still_fine(case);
+    }
+    assert_eq!(server.metric("echo_mqtt_closed_total{reason=\"taken_over\"}"), 0.0);
+    assert_eq!(server.metric("echo_mqtt_closed_total{reason=\"router_disconnect\"}"), 8.0);
+}
+
 #[test]
 fn a_duplicate_client_id_takes_the_session_over() {
     let server = TestServer::start(&[]);
