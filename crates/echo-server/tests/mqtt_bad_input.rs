@@ -393,6 +393,36 @@ fn acknowledgements_for_nothing_are_a_protocol_error_not_a_take_over() {
     assert_eq!(server.metric("echo_mqtt_closed_total{reason=\"router_disconnect\"}"), 8.0);
 }
 
+/// MQTT 5 enhanced authentication is not offered (AUTH is refused), so a
+/// CONNECT asking for it is refused with 0x8C "bad authentication method"
+/// and closed (§4.12), and authentication data without a method is a
+/// protocol error (0x82); it used to get CONNACK 0.
+#[test]
+fn a_connect_asking_for_enhanced_authentication_is_refused() {
+    let server = TestServer::start(&[]);
+    let mut bystanders = Bystanders::new(&server);
+    let connect_with_properties = |properties: &[u8]| {
+        let mut body = b"\x00\x04MQTT\x05\x02\x00\x1e".to_vec();
+        body.push(properties.len() as u8);
+        body.extend_from_slice(properties);
+        body.extend_from_slice(b"\x00\x04auth");
+        packet(0x10, &body)
+    };
+    for (case, properties, code) in [
+        ("an authentication method", &b"\x15\x00\x0bSCRAM-SHA-1"[..], 0x8c),
+        ("a method and data", b"\x15\x00\x0bSCRAM-SHA-1\x16\x00\x02\x01\x02", 0x8c),
+        ("data without a method", b"\x16\x00\x02\x01\x02", 0x82),
+    ] {
+        let mut c = RawMqtt::connect(server.mqtt_addr());
+        c.send(&connect_with_properties(properties));
+        assert_eq!(c.read_packet().expect("a CONNACK").connack_code(), code, "{case}");
+        assert!(c.closed_within(Duration::from_secs(5)), "{case}: closed");
+        bystanders.still_fine(case);
+    }
+    assert_eq!(server.metric("echo_mqtt_refused_total{reason=\"bad_auth_method\"}"), 2.0);
+    assert_eq!(server.metric("echo_mqtt_refused_total{reason=\"protocol_error\"}"), 1.0);
+}
+
 #[test]
 fn a_duplicate_client_id_takes_the_session_over() {
     let server = TestServer::start(&[]);

@@ -389,6 +389,22 @@ async fn handshake(
     let Packet::Connect(connect, properties, will, will_properties, login) = decoded.packet else {
         return Err(Refused::Silently("not_connect"));
     };
+    // MQTT 5 §4.12: this server offers no enhanced authentication (it
+    // refuses every AUTH packet), so a client asking for it is refused and
+    // closed (0x8C); authentication data without a method is a protocol
+    // error (§3.1.2.11.10).
+    if let Some(p) = &properties {
+        if p.authentication_method.is_some() {
+            return Err(Refused::With(
+                version,
+                ConnectReturnCode::BadAuthenticationMethod,
+                "bad_auth_method",
+            ));
+        }
+        if p.authentication_data.is_some() {
+            return Err(Refused::With(version, ConnectReturnCode::ProtocolError, "protocol_error"));
+        }
+    }
     if let Some(credentials) = &server.credentials
         && !credentials.check(login.as_ref())
     {
