@@ -649,7 +649,14 @@ mod tests {
                 assert!(broker.wills.borrow().is_some(), "never sent");
                 // Straight onto the link, past the checks: the router drops it.
                 let bad = will_publish(&will(b"\xc3\x28", b"bad", QoS::AtMostOnce), 0);
-                broker.wills.borrow_mut().as_mut().unwrap().send(Packet::Publish(bad, None)).await.unwrap();
+                let sent = broker
+                    .wills
+                    .borrow_mut()
+                    .as_mut()
+                    .unwrap()
+                    .send(Packet::Publish(bad, None))
+                    .now_or_never();
+                assert!(matches!(sent, Some(Ok(_))));
                 // Noticed, and registered again.
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
                 while metrics.mqtt.wills_link_restarts.get() == 0 || broker.wills.borrow().is_none() {
