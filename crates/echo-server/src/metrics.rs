@@ -160,7 +160,11 @@ pub struct MqttMetrics {
     pub bytes_received: Count,
     pub bytes_sent: Count,
     pub wills_published: Count,
-    /// How long `LinkBuilder::build()` waited for the router, per connect.
+    /// Times the router dropped the server's internal wills link while it
+    /// kept running, and the link was registered again.
+    pub wills_link_restarts: Count,
+    /// How long `LinkBuilder::build_async()` waited for the router, per
+    /// connect (awaited: the event loop serves others meanwhile).
     pub link_build_seconds: Histogram,
     /// Cached handles, indexed by packet type.
     received_by_type: Vec<Count>,
@@ -202,6 +206,7 @@ impl MqttMetrics {
             bytes_received: Count::default(),
             bytes_sent: Count::default(),
             wills_published: Count::default(),
+            wills_link_restarts: Count::default(),
             // 10 µs .. ~5 s
             link_build_seconds: Histogram::new(exponential_buckets(1e-5, 2.5, 15)),
         }
@@ -362,8 +367,13 @@ impl Metrics {
             mqtt.wills_published.clone(),
         );
         m.register(
+            "wills_link_restarts",
+            "Times the router dropped the server's internal wills link (it refused a will) and the link was registered again; 0 unless a will the router refuses got past the checks",
+            mqtt.wills_link_restarts.clone(),
+        );
+        m.register(
             "link_build_seconds",
-            "Time a connecting client waited for the router to register it (awaited on the event loop, not blocking it)",
+            "Time a connecting client waited for the router to register it (LinkBuilder::build_async, awaited on the event loop, not blocking it)",
             mqtt.link_build_seconds.clone(),
         );
         registry.register(

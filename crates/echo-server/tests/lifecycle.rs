@@ -4,6 +4,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::mqtt_raw::{self, RawMqtt};
 use common::raw::RawClient;
 use common::{TestServer, run_to_exit};
 use futures_util::{SinkExt, StreamExt};
@@ -104,6 +105,35 @@ fn admin_health_readiness_and_metrics() {
     ] {
         assert!(body.contains(name), "{name} missing from /metrics");
     }
+    // MQTT's byte counters, exactly, against an exchange whose every byte
+    // the client counts: CONNECT, SUBSCRIBE, a QoS 0 and a QoS 1 PUBLISH to
+    // its own topic, PINGREQ, DISCONNECT; back come CONNACK, SUBACK, the two
+    // echoes, PUBACK, PINGRESP.
+    let (mut client_sent, mut client_received) = (0, 0);
+    for level in [4u8, 5] {
+        let topic = format!("bytes/{level}");
+        let mut raw = RawMqtt::connect(server.mqtt_addr());
+        let mut exchange = |raw: &mut RawMqtt, bytes: Vec<u8>, answers: usize| {
+            raw.send(&bytes);
+            client_sent += bytes.len();
+            for _ in 0..answers {
+                client_received += raw.read_packet().expect("an answer").wire_len();
+            }
+        };
+        exchange(&mut raw, mqtt_raw::connect(level, &format!("bytes-{level}"), 30), 1);
+        exchange(&mut raw, mqtt_raw::subscribe(level, 1, &topic), 1);
+        exchange(&mut raw, mqtt_raw::publish(level, &topic, b"hello"), 1);
+        exchange(&mut raw, mqtt_raw::publish_raw(level, topic.as_bytes(), 1, &[], b"again"), 2);
+        exchange(&mut raw, mqtt_raw::PINGREQ.to_vec(), 1);
+        exchange(&mut raw, mqtt_raw::DISCONNECT.to_vec(), 0);
+        assert_eq!(raw.read_packet(), None, "nothing more, then the close");
+    }
+    assert_eq!(server.metric("echo_mqtt_received_bytes_total"), client_sent as f64);
+    assert_eq!(server.metric("echo_mqtt_sent_bytes_total"), client_received as f64);
+    // 3.1.1: 21 + 14 + 16 + 18 + 2 + 2 bytes out, 4 + 5 + 16 + 4 + 16 + 2
+    // in. MQTT 5 adds a property length to CONNECT, SUBSCRIBE and each
+    // PUBLISH, and its CONNACK carries the server's properties (16 bytes).
+    assert_eq!((client_sent, client_received), (73 + 77, 47 + 62));
     // The healthcheck subcommand reaches the same endpoint.
     let addr = server.admin_addr().to_string();
     let (status, _, stderr) = run_to_exit(&["healthcheck", "--addr", &addr], &[]);

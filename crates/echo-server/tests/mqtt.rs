@@ -387,6 +387,30 @@ fn keep_alive_zero_is_accepted_and_others_are_enforced() {
     assert_eq!(server.metric("echo_mqtt_closed_total{reason=\"keepalive_timeout\"}"), 2.0);
 }
 
+/// Keep-alive 0 with a client library in process: rumqttc (its 3.1.1
+/// client; the MQTT 5 one refuses keep-alives under 5 s) connects with
+/// `Duration::ZERO`, so it never pings; it stays connected, with nothing
+/// happening, well past the 1.5 s after which a keep-alive of 1 s is
+/// closed (above), then completes a round trip.
+#[tokio::test]
+async fn keep_alive_zero_with_rumqttc_stays_connected_and_round_trips() {
+    let server = TestServer::start(&[]);
+    let mut c = V4::with(&server, "ka0-rumqttc", |options| {
+        options.set_keep_alive(Duration::ZERO);
+    })
+    .await;
+    let quiet_until = tokio::time::Instant::now() + Duration::from_millis(2500);
+    if let Ok(event) = tokio::time::timeout_at(quiet_until, c.events.recv()).await {
+        panic!("nothing happens while the client is quiet, got {event:?}");
+    }
+    c.subscribe("ka0/echo", QoS::AtLeastOnce).await;
+    c.client.publish("ka0/echo", QoS::AtLeastOnce, false, "still here").await.unwrap();
+    assert_eq!(c.next_publish().await.payload, "still here");
+    assert_eq!(server.metric("echo_mqtt_connections{version=\"3.1.1\"}"), 1.0);
+    assert_eq!(server.metric("echo_mqtt_packets_received_total{packet=\"pingreq\"}"), 0.0, "it never pinged");
+    assert_eq!(server.metric("echo_mqtt_closed_total{reason=\"keepalive_timeout\"}"), 0.0);
+}
+
 #[tokio::test]
 async fn mqtt_over_websocket_on_the_websocket_port() {
     let server = TestServer::start(&[]);
@@ -430,6 +454,58 @@ fn a_full_server_refuses_with_a_connack() {
     drop(_a);
     std::thread::sleep(Duration::from_millis(200));
     let _c = RawMqtt::session(server.mqtt_addr(), 4, "c", 30);
+}
+
+/// A refusal storm costs a bounded number of sockets. Each client over the
+/// limit holds its socket while it is refused (for its CONNECT, then until
+/// it closes: up to 2 s each); at most 32 at once. Past that, a client whose
+/// CONNECT is already in is answered at once, and one whose CONNECT is not
+/// is closed at once, without a CONNACK (docs/mqtt.md); once the storm
+/// passes, refusals are CONNACKs again.
+#[test]
+fn a_refusal_storm_holds_at_most_32_sockets_and_answers_what_it_can() {
+    let server = TestServer::start_with_env(&[], &[("ECHO_MQTT_MAX_CONNECTIONS", "1")]);
+    let addr = server.mqtt_addr();
+    let _holder = RawMqtt::session(addr, 4, "holder", 30);
+    let refused = "echo_mqtt_refused_total{reason=\"capacity\"}";
+    // 32 clients over the limit that send nothing take every refusal slot.
+    let mut silent: Vec<RawMqtt> = (0..32).map(|_| RawMqtt::connect(addr)).collect();
+    server.wait_for_metric(refused, WAIT, |v| v == 32.0);
+    // The next silent one is closed at once, not held for 2 s.
+    let started = std::time::Instant::now();
+    let mut late = RawMqtt::connect(addr);
+    assert!(late.closed_within(Duration::from_secs(1)), "closed at once");
+    assert!(started.elapsed() < Duration::from_millis(900), "{:?}", started.elapsed());
+    // One that sends its CONNECT straight away gets a CONNACK if it was in
+    // when the server looked, and is closed otherwise: never held.
+    for (level, code) in [(4u8, 3u8), (5, 0x97)] {
+        let mut eager = RawMqtt::connect(addr);
+        eager.send(&mqtt_raw::connect(level, "eager", 30));
+        if let Some(ack) = eager.read_packet() {
+            assert_eq!(ack.connack_code(), code, "level {level}");
+        }
+        assert!(eager.closed_within(Duration::from_secs(1)), "level {level}: closed at once");
+    }
+    // The slots held: the first 32 are still open, waiting for a CONNECT.
+    for raw in &mut silent {
+        assert!(!raw.closed_within(Duration::from_millis(1)), "still held");
+    }
+    // The server gives up on them after 2 s and closes; each slot is free
+    // once its client has closed too (or after 2 s more).
+    for raw in &mut silent {
+        assert!(raw.closed_within(Duration::from_secs(5)), "closed after the refusal timeout");
+    }
+    drop(silent);
+    std::thread::sleep(Duration::from_millis(200));
+    // A client over the limit gets its CONNACK again, whenever it sends its
+    // CONNECT.
+    for (level, code) in [(4u8, 3u8), (5, 0x97)] {
+        let mut over = RawMqtt::connect(addr);
+        std::thread::sleep(Duration::from_millis(50));
+        over.send(&mqtt_raw::connect(level, "over", 30));
+        assert_eq!(over.read_packet().expect("a CONNACK").connack_code(), code, "level {level}");
+    }
+    assert_eq!(server.metric(refused), 32.0 + 1.0 + 2.0 + 2.0);
 }
 
 #[test]

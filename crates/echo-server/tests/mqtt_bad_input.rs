@@ -136,6 +136,293 @@ fn oversized_and_malformed_packets_close_only_the_sender() {
     assert!(server.metric("echo_mqtt_closed_total{reason=\"malformed\"}") >= 4.0);
 }
 
+/// Log lines that say the router was handed something it refused, or
+/// that the server thinks the router is gone.
+fn router_complaints(server: &TestServer) -> Vec<String> {
+    server
+        .logs()
+        .iter()
+        .filter(|v| {
+            let message = v["message"].as_str().unwrap_or("");
+            message.contains("Failed to append") || message.contains("router thread has stopped")
+        })
+        .map(|v| v.to_string())
+        .collect()
+}
+
+/// The audit's blocker: a client whose will topic was not UTF-8 (`c3 28`)
+/// got CONNACK 0 and dropped its socket; the router refused the will
+/// (`NonUtf8Topic`), dropped the server's own wills link for it, and the
+/// server took that for the router's death and shut down. Now such a will
+/// is refused with the CONNECT (MQTT 5: 0x81 malformed, 0x90 for a topic
+/// that is well formed but not a topic name; 3.1.1: closed without a
+/// CONNACK), at every QoS, and nothing reaches the router.
+#[test]
+fn a_will_topic_the_router_cannot_take_is_refused_with_the_connect() {
+    let server = TestServer::start(&[]);
+    let mut bystanders = Bystanders::new(&server);
+    let cases: [(&str, &[u8], u8); 7] = [
+        ("the audit's c3 28", b"\xc3\x28", 0x81),
+        ("a lone continuation byte", b"status/\x80", 0x81),
+        ("an encoded surrogate", b"\xed\xa0\x80", 0x81),
+        ("a NUL", b"status\0x", 0x81),
+        ("a wildcard", b"status/+", 0x90),
+        ("a multi-level wildcard", b"#", 0x90),
+        ("an empty topic", b"", 0x90),
+    ];
+    for (case, topic, v5_code) in cases {
+        for level in [4u8, 5] {
+            for qos in 0..=2u8 {
+                let case = format!("will topic with {case}, level {level}, QoS {qos}");
+                let mut evil = RawMqtt::connect(server.mqtt_addr());
+                evil.send(&mqtt_raw::connect_with_will(level, "evil", topic, b"bye", qos));
+                if level == 5 {
+                    let ack = evil.read_packet().unwrap_or_else(|| panic!("{case}: a CONNACK"));
+                    assert_eq!(ack.connack_code(), v5_code, "{case}");
+                    assert!(evil.closed_within(Duration::from_secs(5)), "{case}: closed");
+                } else {
+                    assert_eq!(evil.read_packet(), None, "{case}: closed without a CONNACK");
+                }
+                // Dropped without DISCONNECT, as in the audit.
+                drop(evil);
+            }
+        }
+        bystanders.still_fine(case);
+    }
+    // The wills link still works: a good will is delivered.
+    let mut watcher = RawMqtt::session(server.mqtt_addr(), 4, "will-watcher", 30);
+    watcher.send(&mqtt_raw::subscribe(4, 1, "status/#"));
+    assert_eq!(watcher.read_packet().unwrap().packet_type(), 9);
+    let mut good = RawMqtt::connect(server.mqtt_addr());
+    good.send(&mqtt_raw::connect_with_will(5, "good", b"status/good", b"gone", 1));
+    assert_eq!(good.read_packet().unwrap().connack_code(), 0);
+    drop(good);
+    let will = watcher.read_packet().expect("the good will");
+    assert_eq!(will.packet_type(), 3);
+    assert!(will.body.ends_with(b"gone"), "{will:?}");
+    bystanders.still_fine("a good will after the bad ones");
+    assert_eq!(server.metric("echo_mqtt_wills_published_total"), 1.0);
+    assert_eq!(server.metric("echo_mqtt_refused_total{reason=\"malformed\"}"), 4.0 * 6.0);
+    assert_eq!(server.metric("echo_mqtt_refused_total{reason=\"invalid_topic\"}"), 3.0 * 6.0);
+    assert_eq!(router_complaints(&server), Vec::<String>::new());
+}
+
+/// A PUBLISH topic the router would refuse closes only its sender, with the
+/// reason MQTT 5 gives it, and never reaches the router (which dropped the
+/// sender without a reason, and the session reported it as taken over).
+#[test]
+fn a_publish_topic_the_router_cannot_take_closes_the_sender_with_a_reason() {
+    let server = TestServer::start(&[]);
+    let mut bystanders = Bystanders::new(&server);
+    let cases: [(&str, &[u8], u8); 6] = [
+        ("invalid utf-8", b"\xc3\x28", 0x81),
+        ("a truncated sequence", b"a/\xe2\x82", 0x81),
+        ("an overlong slash", b"a\xc0\xafb", 0x81),
+        ("a NUL", b"a\0b", 0x81),
+        ("a wildcard", b"a/#", 0x90),
+        ("an empty topic and no alias", b"", 0x82),
+    ];
+    for (case, topic, v5_code) in cases {
+        for level in [4u8, 5] {
+            for qos in 0..=2u8 {
+                let case = format!("publish topic with {case}, level {level}, QoS {qos}");
+                let mut bad = RawMqtt::session(server.mqtt_addr(), level, "bad-publisher", 30);
+                bad.send(&mqtt_raw::publish_raw(level, topic, qos, &[], b"x"));
+                if level == 5 {
+                    let bye = bad.read_packet().unwrap_or_else(|| panic!("{case}: a DISCONNECT"));
+                    assert_eq!(bye.disconnect_reason(), v5_code, "{case}");
+                } else {
+                    assert_eq!(bad.read_packet(), None, "{case}: closed, nothing acknowledged");
+                }
+                assert!(bad.closed_within(Duration::from_secs(5)), "{case}: closed");
+            }
+        }
+        bystanders.still_fine(case);
+    }
+    assert_eq!(router_complaints(&server), Vec::<String>::new(), "nothing reached the router");
+    // Topic aliases are the router's to check; it refuses bad ones with a
+    // reason, which the sender gets, and the session alone ends.
+    let alias_cases: [(&str, &[u8], &[u8], u8); 3] = [
+        ("alias 0", b"a", b"\x23\x00\x00", 0x94),
+        ("alias over the maximum", b"a", b"\x23\x10\x01", 0x94),
+        ("an empty topic with an unknown alias", b"", b"\x23\x00\x07", 0x82),
+    ];
+    for (case, topic, properties, code) in alias_cases {
+        let mut bad = RawMqtt::session(server.mqtt_addr(), 5, "bad-alias", 30);
+        bad.send(&mqtt_raw::publish_raw(5, topic, 0, properties, b"x"));
+        assert_eq!(bad.read_packet().unwrap().disconnect_reason(), code, "{case}");
+        assert!(bad.closed_within(Duration::from_secs(5)), "{case}: closed");
+        bystanders.still_fine(case);
+    }
+    assert!(router_complaints(&server).iter().all(|line| !line.contains("router thread has stopped")));
+}
+
+/// Packets only servers send (CONNACK, SUBACK, UNSUBACK, PINGRESP), with
+/// and without a body, at both levels: a protocol error (MQTT 5: DISCONNECT
+/// 0x82; 3.1.1: closed). rumqttd's V5 decoder used to reach
+/// `unreachable!()` on CONNACK and UNSUBACK with a body: the session's task
+/// died in a panic, without a DISCONNECT, and
+/// `echo_mqtt_connections{version="5"}` never came back down. Also the
+/// other packet types a client cannot send, and packets whose properties
+/// run past their end (which were dropped as if never sent).
+#[test]
+fn packets_clients_must_not_send_end_only_that_session_and_panic_nothing() {
+    let server = TestServer::start(&[]);
+    let mut bystanders = Bystanders::new(&server);
+    let protocol_errors: Vec<(&str, Vec<u8>)> = vec![
+        ("connack", vec![0x20, 0x02, 0x00, 0x00]),
+        ("empty connack", vec![0x20, 0x00]),
+        ("connack with properties", vec![0x20, 0x03, 0x00, 0x00, 0x00]),
+        ("suback", vec![0x90, 0x03, 0x00, 0x01, 0x00]),
+        ("empty suback", vec![0x90, 0x00]),
+        ("unsuback", vec![0xb0, 0x02, 0x00, 0x01]),
+        ("empty unsuback", vec![0xb0, 0x00]),
+        ("unsuback with a reason", vec![0xb0, 0x04, 0x00, 0x01, 0x00, 0x00]),
+        ("pingresp", vec![0xd0, 0x00]),
+        ("pingresp with a body", vec![0xd0, 0x02, 0x00, 0x00]),
+    ];
+    let mut expected_protocol_errors = 0.0;
+    for (case, bytes) in &protocol_errors {
+        for level in [4u8, 5] {
+            let case = format!("{case} from a client, level {level}");
+            let mut bad = RawMqtt::session(server.mqtt_addr(), level, "server-impostor", 30);
+            bad.send(bytes);
+            if level == 5 {
+                let bye = bad.read_packet().unwrap_or_else(|| panic!("{case}: a DISCONNECT"));
+                assert_eq!(bye.disconnect_reason(), 0x82, "{case}: protocol error");
+            } else {
+                assert_eq!(bad.read_packet(), None, "{case}: closed");
+            }
+            assert!(bad.closed_within(Duration::from_secs(5)), "{case}");
+            expected_protocol_errors += 1.0;
+        }
+        bystanders.still_fine(case);
+    }
+    // Type 15 is AUTH in MQTT 5 (a protocol error without an authentication
+    // method), reserved in 3.1.1; type 0 is reserved in both; and MQTT 5
+    // packets whose property length is cut short or missing are malformed.
+    let others: Vec<(&str, u8, Vec<u8>, Option<u8>)> = vec![
+        ("auth", 5, vec![0xf0, 0x00], Some(0x82)),
+        ("auth with a reason", 5, vec![0xf0, 0x02, 0x18, 0x00], Some(0x82)),
+        ("type 15", 4, vec![0xf0, 0x02, 0x00, 0x00], None),
+        ("type 0", 5, vec![0x00, 0x02, 0x00, 0x00], Some(0x81)),
+        ("type 0", 4, vec![0x00, 0x00], None),
+        ("publish without its property length", 5, vec![0x30, 0x03, 0x00, 0x01, b'a'], Some(0x81)),
+        ("puback with a cut property length", 5, vec![0x40, 0x05, 0x00, 0x01, 0x00, 0xa2, 0xb8], Some(0x81)),
+        ("unsubscribe without properties", 5, vec![0xa2, 0x02, 0x00, 0x01], Some(0x81)),
+        ("unsubscribe without filters", 5, vec![0xa2, 0x03, 0x00, 0x01, 0x00], Some(0x82)),
+    ];
+    for (case, level, bytes, reason) in others {
+        let mut bad = RawMqtt::session(server.mqtt_addr(), level, "odd-packets", 30);
+        bad.send(&bytes);
+        match reason {
+            Some(reason) => assert_eq!(bad.read_packet().unwrap().disconnect_reason(), reason, "{case}"),
+            None => assert_eq!(bad.read_packet(), None, "{case}: closed"),
+        }
+        assert!(bad.closed_within(Duration::from_secs(5)), "{case}");
+        if reason == Some(0x82) {
+            expected_protocol_errors += 1.0;
+        }
+        bystanders.still_fine(case);
+    }
+    let panics: Vec<_> = server.logs().into_iter().filter(|v| v["message"] == "panic").collect();
+    assert!(panics.is_empty(), "{panics:?}");
+    assert_eq!(server.metric("echo_mqtt_closed_total{reason=\"protocol_error\"}"), expected_protocol_errors);
+    assert_eq!(server.metric("echo_mqtt_connections{version=\"5\"}"), 1.0, "the bystander only");
+    assert_eq!(server.metric("echo_mqtt_connections{version=\"3.1.1\"}"), 1.0, "the bystander only");
+    drop(bystanders);
+    server.wait_for_metric("echo_mqtt_connections{version=\"5\"}", Duration::from_secs(5), |v| v == 0.0);
+    server.wait_for_metric("echo_mqtt_connections{version=\"3.1.1\"}", Duration::from_secs(5), |v| v == 0.0);
+}
+
+/// MQTT 5 §3.14.2.2.1: a DISCONNECT of remaining length 1 is a reason code
+/// and no properties. rumqttd's decoder swallowed it, so a client leaving
+/// normally that way had its will published when it closed.
+#[test]
+fn a_v5_disconnect_without_properties_is_a_disconnect() {
+    let server = TestServer::start(&[]);
+    let mut watcher = RawMqtt::session(server.mqtt_addr(), 4, "will-watcher", 30);
+    watcher.send(&mqtt_raw::subscribe(4, 1, "wills/#"));
+    assert_eq!(watcher.read_packet().unwrap().packet_type(), 9);
+    for (reason, will_expected) in [(0x00u8, false), (0x04, true)] {
+        let mut c = RawMqtt::connect(server.mqtt_addr());
+        let topic = format!("wills/{reason}");
+        c.send(&mqtt_raw::connect_with_will(5, "short-bye", topic.as_bytes(), b"gone", 0));
+        assert_eq!(c.read_packet().unwrap().connack_code(), 0);
+        c.send(&[0xe0, 0x01, reason]);
+        assert!(c.closed_within(Duration::from_secs(5)), "the server ends the session");
+        if will_expected {
+            let will = watcher.read_packet().expect("the will, asked for by reason 0x04");
+            assert!(will.body.starts_with(b"\x00\x07wills/4") && will.body.ends_with(b"gone"), "{will:?}");
+        }
+    }
+    // Only the one will: reason 0x00 discarded the first.
+    assert_eq!(server.metric("echo_mqtt_wills_published_total"), 1.0);
+    assert_eq!(server.metric("echo_mqtt_closed_total{reason=\"client_disconnect\"}"), 2.0);
+}
+
+/// Acknowledging what was never sent is a protocol error (MQTT 5:
+/// DISCONNECT 0x82; 3.1.1: closed), not a session take-over: the router
+/// drops such a client, and used to do it without a reason, which the
+/// session told an MQTT 5 client as 0x8E "session taken over".
+#[test]
+fn acknowledgements_for_nothing_are_a_protocol_error_not_a_take_over() {
+    let server = TestServer::start(&[]);
+    let mut bystanders = Bystanders::new(&server);
+    let cases = [
+        ("puback", packet(0x40, b"\x00\x07")),
+        ("pubrec", packet(0x50, b"\x00\x07")),
+        ("pubrel", packet(0x62, b"\x00\x07")),
+        ("pubcomp", packet(0x70, b"\x00\x07")),
+    ];
+    for (case, bytes) in &cases {
+        for level in [4u8, 5] {
+            let mut bad = RawMqtt::session(server.mqtt_addr(), level, "acker", 30);
+            bad.send(bytes);
+            if level == 5 {
+                let bye = bad.read_packet().unwrap_or_else(|| panic!("{case}: a DISCONNECT"));
+                assert_eq!(bye.disconnect_reason(), 0x82, "{case} for nothing, level 5");
+            } else {
+                assert_eq!(bad.read_packet(), None, "{case} for nothing, level 4: closed");
+            }
+            assert!(bad.closed_within(Duration::from_secs(5)), "{case}");
+        }
+        bystanders.still_fine(case);
+    }
+    assert_eq!(server.metric("echo_mqtt_closed_total{reason=\"taken_over\"}"), 0.0);
+    assert_eq!(server.metric("echo_mqtt_closed_total{reason=\"router_disconnect\"}"), 8.0);
+}
+
+/// MQTT 5 enhanced authentication is not offered (AUTH is refused), so a
+/// CONNECT asking for it is refused with 0x8C "bad authentication method"
+/// and closed (§4.12), and authentication data without a method is a
+/// protocol error (0x82); it used to get CONNACK 0.
+#[test]
+fn a_connect_asking_for_enhanced_authentication_is_refused() {
+    let server = TestServer::start(&[]);
+    let mut bystanders = Bystanders::new(&server);
+    let connect_with_properties = |properties: &[u8]| {
+        let mut body = b"\x00\x04MQTT\x05\x02\x00\x1e".to_vec();
+        body.push(properties.len() as u8);
+        body.extend_from_slice(properties);
+        body.extend_from_slice(b"\x00\x04auth");
+        packet(0x10, &body)
+    };
+    for (case, properties, code) in [
+        ("an authentication method", &b"\x15\x00\x0bSCRAM-SHA-1"[..], 0x8c),
+        ("a method and data", b"\x15\x00\x0bSCRAM-SHA-1\x16\x00\x02\x01\x02", 0x8c),
+        ("data without a method", b"\x16\x00\x02\x01\x02", 0x82),
+    ] {
+        let mut c = RawMqtt::connect(server.mqtt_addr());
+        c.send(&connect_with_properties(properties));
+        assert_eq!(c.read_packet().expect("a CONNACK").connack_code(), code, "{case}");
+        assert!(c.closed_within(Duration::from_secs(5)), "{case}: closed");
+        bystanders.still_fine(case);
+    }
+    assert_eq!(server.metric("echo_mqtt_refused_total{reason=\"bad_auth_method\"}"), 2.0);
+    assert_eq!(server.metric("echo_mqtt_refused_total{reason=\"protocol_error\"}"), 1.0);
+}
+
 #[test]
 fn a_duplicate_client_id_takes_the_session_over() {
     let server = TestServer::start(&[]);

@@ -26,13 +26,23 @@
 //!   events that fire it in rumqttd are private to its own server. Sessions
 //!   keep their will and publish it through an internal link of this module
 //!   ([`Broker::publish_will`]), after the will delay of MQTT 5.
+//! - **What it refuses.** The router drops a link, without a word, when it
+//!   refuses something the link sent: a publish it cannot append (a topic
+//!   that is not UTF-8, a bad topic alias), an acknowledgement it did not
+//!   expect. Sessions check what they forward (`topics::check_topic`), and
+//!   so does [`Broker::publish_will`] for the wills link, which every
+//!   client's will goes through. Should the router drop the wills link all
+//!   the same, [`watch_router`] registers it again: one client's bad will
+//!   must cost nothing but that will (it once shut the whole server down).
 //! - **Its own death.** If the router thread ever stops (a panic), every
-//!   link's receiver fails. The internal link notices, and the server shuts
-//!   down with a clear error and exit status 70, instead of running on as a
-//!   broker that silently drops everything.
+//!   link's receiver fails. A second internal link, the sentinel, sends
+//!   nothing ever, so the router has no reason to drop it but its own end:
+//!   when the sentinel fails, [`watch_router`] shuts the server down with a
+//!   clear error and exit status 70, instead of running on as a broker that
+//!   silently drops everything.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -50,6 +60,7 @@ use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::AbortHandle;
 use tracing::{debug, error, info, warn};
 
+use super::topics;
 use crate::config::MqttConfig;
 use crate::metrics::MqttMetrics;
 
@@ -58,8 +69,25 @@ use crate::metrics::MqttMetrics;
 /// such ids), so no client can take it over.
 pub const INTERNAL_CLIENT_ID: &str = "\u{0}echo-server-wills";
 
+/// The client id of the link that only watches the router (see
+/// [`RouterWatch`]); NUL-prefixed for the same reason.
+pub const SENTINEL_CLIENT_ID: &str = "\u{0}echo-server-sentinel";
+
+/// Wills kept while the wills link is registered again (see
+/// [`watch_router`]); beyond that the oldest are dropped.
+const MAX_PENDING_WILLS: usize = 1024;
+
+/// When the wills link fails, how long the sentinel has to fail too for it
+/// to be the router's death. Both fail together then (the router frees all
+/// its links in one go, the sentinel's first); this only keeps the log
+/// from blaming a will for a death.
+const DEATH_GRACE: Duration = Duration::from_millis(100);
+
+/// Between attempts to register the wills link again.
+const RELINK_RETRY: Duration = Duration::from_millis(500);
+
 /// Connections the router can hold beyond `mqtt.max_connections`: the
-/// internal link, and sessions that have ended on our side whose disconnect
+/// internal links, and sessions that have ended on our side whose disconnect
 /// the router has not processed yet.
 const ROUTER_SLACK: usize = 1024;
 
@@ -121,7 +149,11 @@ type LinkFn = dyn Fn(String, bool, SessionExpiry) -> Pin<Box<dyn Future<Output =
 /// The router and the server's handle on it. Lives on the event loop.
 pub struct Broker {
     build_link: Box<LinkFn>,
-    wills: RefCell<LinkTx>,
+    /// The internal link wills are published through; `None` while it is
+    /// registered again after the router dropped it.
+    wills: RefCell<Option<LinkTx>>,
+    /// Wills handed over while `wills` is `None`, sent once it is back.
+    pending_wills: RefCell<VecDeque<Packet>>,
     next_will_pkid: Cell<u16>,
     /// Wills waiting for their delay to pass, by client id; a client that
     /// comes back in time cancels its own.
@@ -155,15 +187,16 @@ pub fn router_config(config: &MqttConfig, max_connections: u64) -> RouterConfig 
 }
 
 impl Broker {
-    /// Starts the router thread and the connector thread, and attaches the
-    /// internal link. Call before the event loop runs: it blocks until the
-    /// router has answered once. Returns the broker and the internal link's
-    /// receiver, to be watched with [`watch_router`].
+    /// Starts the router thread and attaches the server's two internal
+    /// links, the sentinel and the wills link. Call before the event loop
+    /// runs: it blocks until the router has answered. Returns the broker
+    /// and the internal links' receivers, to be watched with
+    /// [`watch_router`].
     pub fn start(
         config: &MqttConfig,
         max_connections: u64,
         metrics: std::sync::Arc<MqttMetrics>,
-    ) -> std::io::Result<(Rc<Broker>, LinkRx)> {
+    ) -> std::io::Result<(Rc<Broker>, RouterWatch)> {
         let router = Router::new(0, router_config(config, max_connections));
         // The sender's type names a private rumqttd type; it is only ever
         // captured by this closure.
@@ -171,12 +204,19 @@ impl Broker {
         // Publishes to topics nobody subscribes to are dropped by the router
         // either way; dynamic filters would create a log for every such topic.
         //
-        // The internal link is built before the event loop runs: blocking is fine.
-        let (wills_tx, wills_rx, _connack) = LinkBuilder::new(INTERNAL_CLIENT_ID, router_tx.clone())
-            .clean_session(true)
-            .dynamic_filters(false)
-            .build()
-            .map_err(|e| std::io::Error::other(LinkFailure::from(e).to_string()))?;
+        // The internal links are built before the event loop runs: blocking
+        // is fine. The sentinel first: the router frees its links in the
+        // order they came, so when it stops, the sentinel fails first.
+        let internal = |client_id: &str| {
+            LinkBuilder::new(client_id, router_tx.clone())
+                .clean_session(true)
+                .dynamic_filters(false)
+                .build()
+                .map_err(|e| std::io::Error::other(LinkFailure::from(e).to_string()))
+        };
+        // The sentinel's sender is never used (nothing is ever sent on it).
+        let (_, sentinel, _connack) = internal(SENTINEL_CLIENT_ID)?;
+        let (wills_tx, wills_rx, _connack) = internal(INTERNAL_CLIENT_ID)?;
         let histogram = metrics.link_build_seconds.clone();
         let build_link = Box::new(move |client_id: String, clean_start: bool, expiry: SessionExpiry| {
             let router_tx = router_tx.clone();
@@ -195,13 +235,14 @@ impl Broker {
         });
         let broker = Rc::new(Broker {
             build_link,
-            wills: RefCell::new(wills_tx),
+            wills: RefCell::new(Some(wills_tx)),
+            pending_wills: RefCell::new(VecDeque::new()),
             next_will_pkid: Cell::new(0),
             delayed_wills: RefCell::new(HashMap::new()),
             router_gone: watch::Sender::new(false),
             metrics,
         });
-        Ok((broker, wills_rx))
+        Ok((broker, RouterWatch { sentinel, wills: wills_rx }))
     }
 
     /// Registers a client with the router, without blocking the event loop.
@@ -288,6 +329,12 @@ impl Broker {
     }
 
     fn send_will(&self, will: LastWill, properties: Option<LastWillProperties>) {
+        // Sessions refuse such wills with the CONNECT; this is the last line
+        // before the router, which would drop the wills link for one.
+        if let Err(refusal) = topics::check_topic(&will.topic, false) {
+            warn!(?refusal, "a will with a topic the router refuses was not published");
+            return;
+        }
         let qos = will.qos as u8;
         let pkid = if qos == 0 {
             0
@@ -308,17 +355,49 @@ impl Broker {
             content_type: p.content_type,
         });
         self.metrics.wills_published.inc();
+        let packet = Packet::Publish(publish, properties);
+        let mut link = self.wills.borrow_mut();
+        let Some(tx) = link.as_mut() else {
+            let mut pending = self.pending_wills.borrow_mut();
+            if pending.len() >= MAX_PENDING_WILLS {
+                pending.pop_front();
+                warn!("too many wills waiting for the wills link; the oldest was dropped");
+            }
+            pending.push_back(packet);
+            return;
+        };
         // `send` is an `async fn` that never awaits: it completes on its first poll.
-        let sent = self.wills.borrow_mut().send(Packet::Publish(publish, properties)).now_or_never();
-        if let Some(Err(e)) = sent {
+        if let Some(Err(e)) = tx.send(packet).now_or_never() {
             warn!(error = %e, "could not hand a will message to the router");
         }
     }
 
-    /// The router asked the internal link to release a QoS 2 will.
+    /// The router asked the wills link to release a QoS 2 will. Only ever
+    /// for the link now registered: a PUBREL the router did not ask for
+    /// would make it drop the link.
     fn release(&self, pkid: u16) {
         let pubrel = PubRel { pkid, reason: PubRelReason::Success };
-        let _ = self.wills.borrow_mut().send(Packet::PubRel(pubrel, None)).now_or_never();
+        if let Some(tx) = self.wills.borrow_mut().as_mut() {
+            let _ = tx.send(Packet::PubRel(pubrel, None)).now_or_never();
+        }
+    }
+
+    /// The router dropped the wills link: wills wait until it is back.
+    fn wills_link_lost(&self) {
+        self.wills.borrow_mut().take();
+    }
+
+    /// The wills link is registered again: what waited goes out, with one
+    /// router event.
+    fn wills_link_back(&self, mut tx: LinkTx) {
+        let mut pending = std::mem::take(&mut *self.pending_wills.borrow_mut());
+        if let Some(last) = pending.pop_back() {
+            tx.buffer().extend(pending);
+            if let Some(Err(e)) = tx.send(last).now_or_never() {
+                warn!(error = %e, "could not hand the waiting wills to the router");
+            }
+        }
+        *self.wills.borrow_mut() = Some(tx);
     }
 }
 
@@ -336,14 +415,93 @@ fn will_publish(will: &LastWill, pkid: u16) -> Publish {
     Publish::deserialize(raw.freeze())
 }
 
-/// Serves the internal link until the router goes away, then calls
+/// The server's internal links to the router, watched by [`watch_router`].
+pub struct RouterWatch {
+    /// Sends nothing, ever. The router drops a link only for what that link
+    /// sent, for a new link with its client id (which no client can take:
+    /// see [`INTERNAL_CLIENT_ID`]), or when the router thread stops. So
+    /// this link failing is the router's death, and only that.
+    sentinel: LinkRx,
+    /// The wills link: PUBRECs for QoS 2 wills come back on it.
+    wills: LinkRx,
+}
+
+impl std::fmt::Debug for RouterWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouterWatch").finish_non_exhaustive()
+    }
+}
+
+/// Serves the internal links until the router goes away, then calls
 /// `on_death`. QoS 2 wills need a PUBREL to be released; QoS 1 wills are
-/// acknowledged and done.
-pub async fn watch_router(broker: Rc<Broker>, mut rx: LinkRx, on_death: impl FnOnce()) {
+/// acknowledged and done. If the router drops the wills link while it runs
+/// on, the link is registered again (wills wait in the meantime; those
+/// already handed to the dropped link behind the one it refused are lost
+/// with it, and the warning says so).
+pub async fn watch_router(broker: Rc<Broker>, watch: RouterWatch, on_death: impl FnOnce()) {
+    let RouterWatch { mut sentinel, mut wills } = watch;
+    'serve: loop {
+        tokio::select! {
+            biased;
+            () = router_stopped(&mut sentinel) => break 'serve,
+            () = serve_wills(&broker, &mut wills) => {}
+        }
+        if tokio::time::timeout(DEATH_GRACE, router_stopped(&mut sentinel)).await.is_ok() {
+            break 'serve;
+        }
+        broker.wills_link_lost();
+        broker.metrics.wills_link_restarts.inc();
+        warn!(
+            "the MQTT router dropped the server's wills link (it refused something sent on it; \
+             wills handed over just before are lost); the router runs on, registering the link again"
+        );
+        loop {
+            let link = tokio::select! {
+                biased;
+                () = router_stopped(&mut sentinel) => break 'serve,
+                link = broker.link(INTERNAL_CLIENT_ID, true, SessionExpiry::AT_DISCONNECT) => link,
+            };
+            match link {
+                Ok(link) => {
+                    wills = link.rx;
+                    broker.wills_link_back(link.tx);
+                    info!("the wills link is registered again");
+                    continue 'serve;
+                }
+                Err(e) => {
+                    warn!(error = %e, "could not register the wills link again; retrying");
+                    tokio::select! {
+                        biased;
+                        () = router_stopped(&mut sentinel) => break 'serve,
+                        () = tokio::time::sleep(RELINK_RETRY) => {}
+                    }
+                }
+            }
+        }
+    }
+    error!(
+        "the MQTT router thread has stopped (see the panic above); \
+         the broker cannot route messages any more, shutting down"
+    );
+    broker.router_gone.send_replace(true);
+    on_death();
+}
+
+/// Completes when the router thread has stopped (the sentinel's receiver
+/// fails). Cancel-safe.
+async fn router_stopped(sentinel: &mut LinkRx) {
+    while sentinel.next().await.is_ok() {}
+}
+
+/// Serves the wills link until the router drops it (or stops).
+async fn serve_wills(broker: &Broker, rx: &mut LinkRx) {
     loop {
         match rx.next().await {
             Ok(Some(Notification::Unschedule)) => {
                 let _ = rx.wake().await;
+            }
+            Ok(Some(Notification::Disconnect(disconnect, _))) => {
+                warn!(reason = ?disconnect.reason_code, "the MQTT router is dropping the wills link");
             }
             Ok(Some(notification)) => {
                 if let Some(Packet::PubRec(pubrec, _)) = Option::<Packet>::from(notification) {
@@ -352,13 +510,7 @@ pub async fn watch_router(broker: Rc<Broker>, mut rx: LinkRx, on_death: impl FnO
             }
             Ok(None) => {}
             Err(e) => {
-                error!(
-                    error = %e,
-                    "the MQTT router thread has stopped (see the panic above); \
-                     the broker cannot route messages any more, shutting down"
-                );
-                broker.router_gone.send_replace(true);
-                on_death();
+                debug!(error = %e, "the wills link failed");
                 return;
             }
         }
@@ -435,6 +587,105 @@ mod tests {
                 assert!(died.get());
                 let late = broker.link("late", true, SessionExpiry::AT_DISCONNECT).await;
                 assert!(matches!(late, Err(LinkFailure::RouterGone)));
+            })
+            .await;
+    }
+
+    /// Waits for the next publish the router forwards on `link`.
+    async fn forwarded(link: &mut Link) -> Publish {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let next = tokio::time::timeout_at(deadline, link.rx.next()).await.expect("a publish").unwrap();
+            if let Some(Packet::Publish(publish, _)) = next.and_then(Option::<Packet>::from) {
+                return publish;
+            }
+        }
+    }
+
+    fn will(topic: &'static [u8], message: &'static [u8], qos: QoS) -> LastWill {
+        LastWill {
+            topic: Bytes::from_static(topic),
+            message: Bytes::from_static(message),
+            qos,
+            retain: false,
+        }
+    }
+
+    /// The router drops the wills link when it refuses a will (a topic that
+    /// is not UTF-8: `NonUtf8Topic`, the audit's blocker). That is not the
+    /// router's death: the server runs on, the link is registered again,
+    /// and wills handed over meanwhile wait for it. (Sessions and
+    /// `send_will` refuse such topics, so only a test can send one.)
+    #[tokio::test]
+    async fn a_wills_link_the_router_drops_is_registered_again() {
+        let config = crate::config::MqttConfig::default();
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new(1024, None));
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let (broker, watch) = Broker::start(&config, 10, metrics.mqtt.clone()).unwrap();
+                let died = Rc::new(Cell::new(false));
+                let flag = died.clone();
+                let _watcher =
+                    tokio::task::spawn_local(watch_router(broker.clone(), watch, move || flag.set(true)));
+                let mut subscriber =
+                    broker.link("watcher", true, SessionExpiry::AT_DISCONNECT).await.unwrap();
+                let filter = Filter {
+                    path: "status/#".into(),
+                    qos: QoS::ExactlyOnce,
+                    nolocal: false,
+                    preserve_retain: false,
+                    retain_forward_rule: RetainForwardRule::Never,
+                };
+                let subscribe = Subscribe { pkid: 1, filters: vec![filter] };
+                subscriber.tx.send(Packet::Subscribe(subscribe, None)).await.unwrap();
+                // A will at each QoS goes through before.
+                for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+                    broker.publish_will("a", will(b"status/a", b"before", qos), None, Duration::ZERO);
+                    assert_eq!(forwarded(&mut subscriber).await.payload, "before");
+                }
+                // `send_will` refuses what the router would.
+                broker.publish_will("b", will(b"\xc3\x28", b"bad", QoS::AtMostOnce), None, Duration::ZERO);
+                assert!(broker.wills.borrow().is_some(), "never sent");
+                // Straight onto the link, past the checks: the router drops it.
+                let bad = will_publish(&will(b"\xc3\x28", b"bad", QoS::AtMostOnce), 0);
+                let sent = broker
+                    .wills
+                    .borrow_mut()
+                    .as_mut()
+                    .unwrap()
+                    .send(Packet::Publish(bad, None))
+                    .now_or_never();
+                assert!(matches!(sent, Some(Ok(_))));
+                // Noticed, and registered again.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                while metrics.mqtt.wills_link_restarts.get() == 0 || broker.wills.borrow().is_none() {
+                    assert!(tokio::time::Instant::now() < deadline, "the wills link did not come back");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+                    broker.publish_will("d", will(b"status/d", b"after", qos), None, Duration::ZERO);
+                    assert_eq!(forwarded(&mut subscriber).await.payload, "after");
+                }
+                // While the link is down, wills wait for it, then go out.
+                let tx = broker.wills.borrow_mut().take().unwrap();
+                for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+                    broker.publish_will("e", will(b"status/e", b"meanwhile", qos), None, Duration::ZERO);
+                }
+                assert_eq!(broker.pending_wills.borrow().len(), 3);
+                broker.wills_link_back(tx);
+                for _ in 0..3 {
+                    assert_eq!(forwarded(&mut subscriber).await.payload, "meanwhile");
+                }
+                assert!(broker.pending_wills.borrow().is_empty());
+                assert!(!died.get(), "a dropped wills link is not the router's death");
+                assert!(!*broker.router_gone.borrow());
+                assert_eq!(metrics.mqtt.wills_link_restarts.get(), 1);
+                // QoS 2 wills were released on the new link: nothing waits.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                assert!(broker.wills.borrow().is_some());
+                assert_eq!(metrics.mqtt.wills_link_restarts.get(), 1, "the new link was not dropped");
+                broker.link("later", true, SessionExpiry::AT_DISCONNECT).await.expect("the router serves on");
             })
             .await;
     }

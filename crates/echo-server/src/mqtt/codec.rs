@@ -5,13 +5,18 @@
 //! writes the rest of the connection. [`peek_version`] reads that level
 //! from the raw bytes before anything is decoded.
 //!
+//! Reading checks what rumqttd's decoders do not, or get wrong
+//! ([`Codec::decode`]): packet types a client must not send (the V5 decoder
+//! panics on some), fixed-header flags, and packets whose fields run past
+//! their end (which the V5 decoder would take for a packet still arriving).
+//!
 //! Writing goes through [`downgrade`](super::downgrade) for 3.1.1 clients:
 //! rumqttd's V4 writer *panics* (`unreachable!`) on any packet that carries
 //! MQTT 5 properties, and the router attaches them freely (a v5 publisher's
 //! user properties, CONNACK's topic alias maximum). Stripping them first is
 //! what keeps a v5 publisher from killing v4 subscribers.
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{DisconnectReasonCode, Error as ProtocolError, Packet, Protocol};
@@ -103,6 +108,24 @@ pub struct Codec {
     max_packet: usize,
 }
 
+/// Why a packet from a client is not taken. Each ends the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The remaining length is over the limit, known from the fixed header
+    /// (MQTT 5: DISCONNECT 0x95).
+    #[error("a packet of {0} bytes, over the limit")]
+    TooLarge(usize),
+    /// Not a well-formed packet (MQTT 5: 0x81).
+    #[error("malformed packet: {0}")]
+    Malformed(ProtocolError),
+    /// A packet type that clients must not send (MQTT 5: 0x82, protocol
+    /// error): CONNACK, SUBACK, UNSUBACK and PINGRESP, which only servers
+    /// send, and in MQTT 5 AUTH, which needs an authentication method this
+    /// server never agrees to (§4.12).
+    #[error("packet type {0} is not sent by clients")]
+    NotFromClients(u8),
+}
+
 /// A packet read from a client, with its type number for the metrics.
 #[derive(Debug)]
 pub struct Decoded {
@@ -118,23 +141,64 @@ impl Codec {
 
     /// Takes the next complete packet out of `buf`; `Ok(None)` when more
     /// bytes are needed. A packet whose remaining length is over the limit
-    /// is refused from its fixed header alone, before its body arrives.
-    pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Decoded>, ProtocolError> {
+    /// is refused from its fixed header alone, before its body arrives; a
+    /// packet type clients must not send, from its first byte.
+    ///
+    /// rumqttd's decoders are called only with a whole packet in `buf`:
+    /// they take the packet out before parsing it, so a field that runs
+    /// past its end — a property length cut short, a missing property
+    /// section, both of which they report as "more bytes needed" — is
+    /// malformed here, not a packet to wait for (it used to be dropped
+    /// silently, and the connection went on as if it had never come).
+    pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Decoded>, DecodeError> {
         let Some(&first) = buf.first() else {
             return Ok(None);
         };
+        let packet_type = first >> 4;
+        match (packet_type, self.version) {
+            // Reserved (MQTT 5 names 15 AUTH).
+            (0, _) | (15, Version::V311) => {
+                return Err(DecodeError::Malformed(ProtocolError::InvalidPacketType(packet_type)));
+            }
+            // rumqttd's V5 decoder hits `unreachable!()` on CONNACK and
+            // UNSUBACK with a body; V4 decodes them, for a session to refuse.
+            (2 | 9 | 11 | 13, _) | (15, Version::V5) => return Err(DecodeError::NotFromClients(packet_type)),
+            _ => {}
+        }
         if !fixed_header_flags_valid(first) {
-            return Err(ProtocolError::MalformedPacket);
+            return Err(DecodeError::Malformed(ProtocolError::MalformedPacket));
+        }
+        let Some((header_len, remaining)) = fixed_header(buf)? else {
+            return Ok(None);
+        };
+        if remaining > self.max_packet {
+            return Err(DecodeError::TooLarge(remaining));
+        }
+        if buf.len() < header_len + remaining {
+            return Ok(None);
         }
         let before = buf.len();
-        let result = match self.version {
-            Version::V311 => V4.read_mut(buf, self.max_packet),
-            Version::V5 => V5.read_mut(buf, self.max_packet),
+        let result = if self.version == Version::V5 && packet_type == 14 && remaining == 1 {
+            // MQTT 5 §3.14.2.2.1: a DISCONNECT of remaining length 1 is a
+            // reason code and no properties. rumqttd wants the property
+            // length there (it swallowed the packet: a client leaving with
+            // "normal disconnection" had its will published); it gets one.
+            let reason = buf[2];
+            buf.advance(3);
+            V5.read_mut(&mut BytesMut::from(&[0xe0, 0x02, reason, 0x00][..]), self.max_packet)
+        } else {
+            match self.version {
+                Version::V311 => V4.read_mut(buf, self.max_packet),
+                Version::V5 => V5.read_mut(buf, self.max_packet),
+            }
         };
         match result {
-            Ok(packet) => Ok(Some(Decoded { packet, packet_type: first >> 4, size: before - buf.len() })),
-            Err(ProtocolError::InsufficientBytes(_)) => Ok(None),
-            Err(e) => Err(e),
+            Ok(packet) => Ok(Some(Decoded { packet, packet_type, size: before - buf.len() })),
+            Err(ProtocolError::PayloadSizeLimitExceeded(size)) => Err(DecodeError::TooLarge(size)),
+            Err(ProtocolError::InsufficientBytes(_)) => {
+                Err(DecodeError::Malformed(ProtocolError::MalformedPacket))
+            }
+            Err(e) => Err(DecodeError::Malformed(e)),
         }
     }
 
@@ -207,6 +271,23 @@ pub fn disconnect_code(reason: DisconnectReasonCode) -> u8 {
     }
 }
 
+/// The fixed header's length and the packet's remaining length, once the
+/// whole fixed header is in (`None` before).
+fn fixed_header(buf: &[u8]) -> Result<Option<(usize, usize)>, DecodeError> {
+    let mut remaining = 0;
+    for i in 0..4 {
+        let Some(&byte) = buf.get(1 + i) else {
+            return Ok(None);
+        };
+        remaining |= usize::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Ok(Some((2 + i, remaining)));
+        }
+    }
+    // A remaining length of more than four bytes.
+    Err(DecodeError::Malformed(ProtocolError::MalformedRemainingLength))
+}
+
 /// The flag bits of a fixed header are fixed for every packet type but
 /// PUBLISH (MQTT 3.1.1 §2.2.2, 5.0 §2.1.3): 0010 for PUBREL, SUBSCRIBE and
 /// UNSUBSCRIBE, 0000 for the rest. rumqttd's codecs do not check them.
@@ -253,7 +334,7 @@ mod tests {
         let codec = Codec::new(Version::V311, 100);
         // PUBLISH with a remaining length of 1000, body not sent.
         let mut buf = BytesMut::from(&[0x30u8, 0xe8, 0x07][..]);
-        assert!(matches!(codec.decode(&mut buf), Err(ProtocolError::PayloadSizeLimitExceeded(1000))));
+        assert_eq!(codec.decode(&mut buf).unwrap_err(), DecodeError::TooLarge(1000));
     }
 
     #[test]
@@ -261,10 +342,149 @@ mod tests {
         let codec = Codec::new(Version::V311, 1 << 20);
         for bytes in [&[0x80u8, 0x03, 0, 1, 0][..], &[0x60, 0x02, 0, 1], &[0xc1, 0x00], &[0x36, 0x02, 0, 0]] {
             let mut buf = BytesMut::from(bytes);
-            assert!(matches!(codec.decode(&mut buf), Err(ProtocolError::MalformedPacket)), "{bytes:x?}");
+            assert!(matches!(codec.decode(&mut buf), Err(DecodeError::Malformed(_))), "{bytes:x?}");
         }
         let mut ping = BytesMut::from(&[0xc0u8, 0x00][..]);
         assert!(codec.decode(&mut ping).unwrap().is_some());
+    }
+
+    fn decode(version: Version, bytes: &[u8]) -> Result<Option<Decoded>, DecodeError> {
+        Codec::new(version, 1 << 20).decode(&mut BytesMut::from(bytes))
+    }
+
+    /// Packets only servers send are refused from their first byte, at both
+    /// levels, whatever follows (rumqttd's V5 decoder panicked on CONNACK
+    /// and UNSUBACK with a body).
+    #[test]
+    fn packets_clients_must_not_send_are_refused_before_decoding() {
+        for version in [Version::V311, Version::V5] {
+            for first in [0x20u8, 0x90, 0xb0, 0xd0] {
+                for bytes in
+                    [&[first][..], &[first, 0x00], &[first, 0x02, 0x00, 0x00], &[first, 0x02, 0x00, 0x01]]
+                {
+                    assert_eq!(
+                        decode(version, bytes).unwrap_err(),
+                        DecodeError::NotFromClients(first >> 4),
+                        "{version:?} {bytes:x?}"
+                    );
+                }
+            }
+            assert!(matches!(decode(version, &[0x00, 0x00]), Err(DecodeError::Malformed(_))), "type 0");
+        }
+        // Type 15: reserved in 3.1.1; AUTH in 5, which needs an authentication
+        // method this server never agrees to.
+        assert!(matches!(decode(Version::V311, &[0xf0, 0x00]), Err(DecodeError::Malformed(_))));
+        assert_eq!(
+            decode(Version::V5, &[0xf0, 0x02, 0x18, 0x00]).unwrap_err(),
+            DecodeError::NotFromClients(15)
+        );
+    }
+
+    /// A whole packet whose fields run past its end is malformed, not a
+    /// packet still arriving: rumqttd's V5 decoder takes it out of the
+    /// buffer and asks for more bytes, which used to drop it silently.
+    #[test]
+    fn fields_past_the_end_of_a_packet_are_malformed() {
+        for bytes in [
+            &[0x30u8, 0x03, 0x00, 0x01, b'a'][..], // PUBLISH without its property length
+            &[0x40, 0x05, 0x00, 0x01, 0x00, 0xa2, 0xb8], // PUBACK, property length cut short
+            &[0x62, 0x05, 0x00, 0x01, 0x00, 0x94, 0xa3], // PUBREL, same
+            &[0xa2, 0x02, 0x8e, 0x00],             // UNSUBSCRIBE without properties
+            &[0x82, 0x04, 0x00, 0x01, 0x02, 0x0b], // SUBSCRIBE, property cut short
+        ] {
+            let mut buf = BytesMut::from(bytes);
+            let result = Codec::new(Version::V5, 1 << 20).decode(&mut buf);
+            assert!(matches!(result, Err(DecodeError::Malformed(_))), "{bytes:x?}: {result:?}");
+        }
+        // Not yet whole: more bytes are needed, and nothing is taken.
+        let mut buf = BytesMut::from(&[0x30u8, 0x05, 0x00, 0x01][..]);
+        assert!(Codec::new(Version::V5, 1 << 20).decode(&mut buf).unwrap().is_none());
+        assert_eq!(buf.len(), 4);
+        let mut buf = BytesMut::from(&[0x30u8, 0xff, 0xff, 0xff, 0xff, 0x01][..]);
+        assert!(matches!(
+            Codec::new(Version::V5, usize::MAX).decode(&mut buf),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    /// MQTT 5 §3.14.2.2.1: a DISCONNECT may be its reason code alone.
+    #[test]
+    fn a_v5_disconnect_may_omit_its_property_length() {
+        use rumqttd::protocol::Disconnect;
+        for (reason, code) in [
+            (0x00, DisconnectReasonCode::NormalDisconnection),
+            (0x04, DisconnectReasonCode::DisconnectWithWillMessage),
+        ] {
+            let mut buf = BytesMut::from(&[0xe0u8, 0x01, reason, 0xc0, 0x00][..]);
+            let codec = Codec::new(Version::V5, 1 << 20);
+            let decoded = codec.decode(&mut buf).unwrap().unwrap();
+            assert_eq!(decoded.size, 3);
+            assert!(
+                matches!(decoded.packet, Packet::Disconnect(Disconnect { reason_code }, None) if reason_code == code)
+            );
+            assert_eq!(&buf[..], &[0xc0, 0x00], "the next packet is left alone");
+        }
+        assert!(
+            matches!(decode(Version::V5, &[0xe0, 0x01, 0x03]), Err(DecodeError::Malformed(_))),
+            "no such reason"
+        );
+    }
+
+    /// A byte as client bytes tend to be: lengths and flags near zero.
+    fn byte() -> impl proptest::strategy::Strategy<Value = u8> {
+        use proptest::prelude::*;
+        prop_oneof![Just(0u8), Just(1u8), 0u8..8, any::<u8>()]
+    }
+
+    /// A first byte: mostly a packet type with the flags it needs.
+    fn first_byte() -> impl proptest::strategy::Strategy<Value = u8> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (0u8..16).prop_map(|t| (t << 4) | if matches!(t, 6 | 8 | 10) { 2 } else { 0 }),
+            1 => (0u8..4).prop_map(|qos| 0x30 | (qos << 1)),
+            1 => any::<u8>(),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
+
+        /// Whatever a client sends, at either level: the codec neither
+        /// panics nor loses a packet (`None` takes nothing; a packet taken
+        /// is as long as it says). Framed packets of every type with
+        /// random bodies, and random bytes after them.
+        #[test]
+        fn any_bytes_decode_without_panic_or_loss(
+            first in first_byte(),
+            body in proptest::collection::vec(byte(), 0..48),
+            framed in proptest::prelude::any::<bool>(),
+            tail in proptest::collection::vec(byte(), 0..8),
+        ) {
+            let mut bytes = vec![first];
+            if framed {
+                bytes.push(body.len() as u8);
+            }
+            bytes.extend_from_slice(&body);
+            bytes.extend_from_slice(&tail);
+            for version in [Version::V311, Version::V5] {
+                let codec = Codec::new(version, 1 << 20);
+                let mut buf = BytesMut::from(&bytes[..]);
+                loop {
+                    let before = buf.len();
+                    match codec.decode(&mut buf) {
+                        Ok(Some(decoded)) => {
+                            proptest::prop_assert!(decoded.size > 0);
+                            proptest::prop_assert_eq!(before - buf.len(), decoded.size);
+                        }
+                        Ok(None) => {
+                            proptest::prop_assert_eq!(buf.len(), before, "nothing taken while waiting");
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
     }
 
     #[test]

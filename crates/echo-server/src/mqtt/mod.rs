@@ -47,13 +47,23 @@ use broker::Broker;
 use codec::{Peek, Version, peek_version};
 use transport::Transport;
 
-/// At most this many clients over the limit are being sent a refusing
-/// CONNACK at once; beyond that they are disconnected without one, so that
-/// a flood cannot take the file descriptors kept in reserve.
+/// At most this many clients over the limit are being refused at once,
+/// each holding its socket (a file descriptor from the reserve kept beyond
+/// the connection limit) while it waits: for its CONNECT, then for the
+/// client to close after the CONNACK, up to [`REFUSAL_TIMEOUT`] each. Past
+/// that, a client is answered only if its CONNECT is already in when it is
+/// accepted ([`MqttServer::refuse_at_once`]), and otherwise closed without
+/// a CONNACK, so that a flood cannot take the reserve.
 const MAX_CONCURRENT_REFUSALS: u32 = 32;
 
-/// How long a client over the limit has to send its CONNECT.
+/// How long a client over the limit has to send its CONNECT, and then to
+/// close after the refusing CONNACK.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How much a refusal past the bound reads of what the client already sent
+/// (its CONNECT; the rest is read too, so that closing sends a FIN, not a
+/// reset that could destroy the CONNACK).
+const REFUSE_AT_ONCE_READ: usize = 16 * 1024;
 
 /// Everything the MQTT tasks share.
 pub struct MqttServer {
@@ -130,12 +140,18 @@ impl MqttServer {
 
     fn refuse_when_full(self: &Rc<Self>, stream: TcpStream, peer: SocketAddr) {
         self.metrics.refuse("capacity");
-        if self.refusing.get() >= MAX_CONCURRENT_REFUSALS {
+        let Some(slot) = RefusalSlot::take(self) else {
+            // TLS needs a handshake first: no answer without waiting.
+            if self.tls.is_none() && self.refuse_at_once(stream) {
+                debug!(%peer, "refused at once: at the MQTT connection limit");
+            } else {
+                debug!(%peer, "closed without a CONNACK: at the MQTT connection and refusal limits");
+            }
             return;
-        }
-        self.refusing.set(self.refusing.get() + 1);
+        };
         let server = self.clone();
         tokio::task::spawn_local(async move {
+            let _slot = slot;
             let transport = match &server.tls {
                 Some(acceptor) => {
                     match tokio::time::timeout(REFUSAL_TIMEOUT, acceptor.accept(stream)).await {
@@ -149,8 +165,54 @@ impl MqttServer {
                 refuse_full(transport, &server).await;
             }
             debug!(%peer, "refused: at the MQTT connection limit");
-            server.refusing.set(server.refusing.get() - 1);
         });
+    }
+
+    /// Refuses a client over the limit without waiting for anything, when
+    /// every refusal slot is taken: if its CONNECT is already in the socket
+    /// (as it mostly is by the time a server that busy accepts it), the
+    /// CONNACK is written at once (a few bytes into an empty send buffer)
+    /// and the socket closed. One read and one write, no task, no
+    /// descriptor kept. Whether a CONNACK was sent.
+    fn refuse_at_once(&self, stream: TcpStream) -> bool {
+        use std::io::{Read, Write};
+        // Out of the event loop's hands, still non-blocking: tokio's own
+        // `try_read` would not even try before the loop has seen the socket
+        // readable, and a socket just accepted has not been looked at yet.
+        let Ok(mut stream) = stream.into_std() else {
+            return false;
+        };
+        let mut head = [0u8; 16];
+        let mut got = 0;
+        let mut chunk = [0u8; 1024];
+        let mut read = 0;
+        while read < REFUSE_AT_ONCE_READ {
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let take = n.min(head.len() - got);
+                    head[got..got + take].copy_from_slice(&chunk[..take]);
+                    got += take;
+                    read += n;
+                }
+            }
+        }
+        let Peek::Connect(version) = peek_version(&head[..got]) else {
+            return false;
+        };
+        let codec = codec::Codec::new(version, self.config.max_payload_size as usize);
+        let mut out = BytesMut::new();
+        let Ok(Some(packet_type)) =
+            codec.encode(session::refusing_connack(version, full_code(version)), &mut out)
+        else {
+            return false;
+        };
+        if stream.write(&out).ok() != Some(out.len()) {
+            return false;
+        }
+        self.metrics.packet_sent(packet_type);
+        self.metrics.bytes_sent.inc_by(out.len() as u64);
+        true
     }
 
     /// Takes over a WebSocket connection whose upgrade selected the `mqtt`
@@ -191,6 +253,35 @@ async fn serve_tcp(stream: TcpStream, peer: SocketAddr, permit: Permit, server: 
     session::run(transport, peer, server).await;
 }
 
+/// A refusal slot ([`MAX_CONCURRENT_REFUSALS`]), given back when dropped,
+/// however the refusal ends.
+struct RefusalSlot(Rc<MqttServer>);
+
+impl RefusalSlot {
+    fn take(server: &Rc<MqttServer>) -> Option<RefusalSlot> {
+        let taken = server.refusing.get();
+        (taken < MAX_CONCURRENT_REFUSALS).then(|| {
+            server.refusing.set(taken + 1);
+            RefusalSlot(server.clone())
+        })
+    }
+}
+
+impl Drop for RefusalSlot {
+    fn drop(&mut self) {
+        self.0.refusing.set(self.0.refusing.get() - 1);
+    }
+}
+
+/// The CONNACK code for a server at its limit: 3.1.1's "server
+/// unavailable", MQTT 5's "quota exceeded".
+fn full_code(version: Version) -> ConnectReturnCode {
+    match version {
+        Version::V311 => ConnectReturnCode::ServiceUnavailable,
+        Version::V5 => ConnectReturnCode::QuotaExceeded,
+    }
+}
+
 /// Answers a client over the limit: reads its CONNECT (for the version),
 /// then CONNACK "server unavailable" (3.1.1) or 0x97 "quota exceeded" (5).
 async fn refuse_full(mut transport: Transport, server: &MqttServer) {
@@ -209,11 +300,7 @@ async fn refuse_full(mut transport: Transport, server: &MqttServer) {
     })
     .await;
     if let Ok(Some(version)) = version {
-        let code = match version {
-            Version::V311 => ConnectReturnCode::ServiceUnavailable,
-            Version::V5 => ConnectReturnCode::QuotaExceeded,
-        };
-        session::write_connack(&mut transport, version, code, server).await;
+        session::write_connack(&mut transport, version, full_code(version), server).await;
     }
     let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async {
         transport.close(false).await;
@@ -227,6 +314,68 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::metrics::Metrics;
+
+    /// Past the refusal bound, a client whose CONNECT is already in is
+    /// refused at once with the CONNACK of its version; one whose CONNECT
+    /// is not is closed without one.
+    #[tokio::test]
+    async fn past_the_refusal_bound_a_connect_already_in_is_answered_at_once() {
+        use std::io::{Read, Write};
+        let config = Config::default();
+        let metrics = Arc::new(Metrics::new(1024, None));
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let (broker, _watch) = Broker::start(&config.mqtt, 10, metrics.mqtt.clone()).unwrap();
+                let limit = ConnectionLimit::new(10, Default::default());
+                let server = MqttServer::new(
+                    config.mqtt.clone(),
+                    metrics.mqtt.clone(),
+                    Rc::new(Shutdown::new()),
+                    limit,
+                    broker,
+                    None,
+                );
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = listener.local_addr().unwrap();
+                let connect = |level: u8| {
+                    let mut body = b"\x00\x04MQTT".to_vec();
+                    body.extend_from_slice(&[level, 0x02, 0, 30]);
+                    if level == 5 {
+                        body.push(0);
+                    }
+                    body.extend_from_slice(b"\x00\x01c");
+                    let mut packet = vec![0x10, body.len() as u8];
+                    packet.extend(body);
+                    packet
+                };
+                for (level, connack) in
+                    [(4u8, &[0x20u8, 0x02, 0x00, 0x03][..]), (5, &[0x20, 0x03, 0x00, 0x97, 0x00])]
+                {
+                    let mut client = std::net::TcpStream::connect(addr).unwrap();
+                    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    client.write_all(&connect(level)).unwrap();
+                    // Pipelined after the CONNECT, as some clients do.
+                    client.write_all(&[0xc0, 0x00]).unwrap();
+                    let (accepted, _) = listener.accept().await.unwrap();
+                    // Let the bytes arrive before the server looks.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    assert!(server.refuse_at_once(accepted), "level {level}");
+                    let mut answer = Vec::new();
+                    client.read_to_end(&mut answer).expect("a CONNACK, then a clean close (no reset)");
+                    assert_eq!(answer, connack, "level {level}");
+                }
+                let mut silent = std::net::TcpStream::connect(addr).unwrap();
+                silent.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let (accepted, _) = listener.accept().await.unwrap();
+                assert!(!server.refuse_at_once(accepted));
+                let mut answer = Vec::new();
+                silent.read_to_end(&mut answer).unwrap();
+                assert!(answer.is_empty(), "closed without a CONNACK");
+                assert_eq!(metrics.mqtt.bytes_sent.get(), 4 + 5);
+            })
+            .await;
+    }
 
     /// What one idle MQTT connection costs, and where it goes. Our side is
     /// the session task (its future, allocated once per connection); the

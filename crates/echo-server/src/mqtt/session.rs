@@ -1,9 +1,10 @@
 //! One MQTT connection, from its first byte to its close.
 //!
 //! 1. **CONNECT** ([`handshake`]): read within `connect_timeout`; the
-//!    protocol level picks the codec; credentials and client id are checked
-//!    here, so a refusal is always a CONNACK with the right code (rumqttd's
-//!    router would drop the client without one).
+//!    protocol level picks the codec; credentials, client id and will are
+//!    checked here, so a refusal is a CONNACK with the right code (rumqttd's
+//!    router would drop the client without one), except for a malformed
+//!    3.1.1 CONNECT, which 3.1.1 answers by closing.
 //! 2. **Link**: the client is registered with the router, awaiting its
 //!    answer without blocking the event loop (see [`broker`](super::broker));
 //!    the router's CONNACK (session present or not) goes to the client.
@@ -24,20 +25,22 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::FutureExt;
+use prometheus_client::metrics::gauge::Gauge;
 use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectProperties, DisconnectReasonCode,
-    Error as ProtocolError, LastWill, LastWillProperties, Packet, PingResp, SubAck,
+    LastWill, LastWillProperties, Packet, PingResp, SubAck,
 };
 use tokio::time::{Instant, timeout_at};
 use tracing::debug;
 
 use super::MqttServer;
 use super::broker::{LinkFailure, SessionExpiry};
-use super::codec::{Codec, Decoded, Peek, Version, peek_version};
-use super::topics::{self, Refusals};
+use super::codec::{Codec, DecodeError, Decoded, Peek, Version, peek_version};
+use super::topics::{self, Refusals, TopicRefusal};
 use super::transport::Transport;
+use crate::metrics::MqttMetrics;
 
 /// The link to the router for one session. Dropping it while the router
 /// still knows the client sends the router a DISCONNECT for it, so that a
@@ -115,21 +118,54 @@ pub async fn run(mut transport: Transport, peer: SocketAddr, server: Rc<MqttServ
     else {
         return;
     };
-    let metrics = &server.metrics;
-    let gauge = match session.codec.version {
-        Version::V311 => metrics.v311.clone(),
-        Version::V5 => metrics.v5.clone(),
-    };
-    gauge.inc();
+    let counted = Counted::open(&server.metrics, session.codec.version);
     let end = exchange(&mut transport, &mut rbuf, &mut router, &mut session, &server).await;
-    gauge.dec();
-    metrics.closed(end.reason);
+    counted.close(end.reason);
     debug!(%peer, client_id = %session.client_id, reason = end.reason, "session ended");
     Box::pin(finish(&mut transport, &session, end, &server)).await;
     if session.expiry_changed {
         router.leave(session.session_expiry);
     }
     drop(router);
+}
+
+/// An open session in `/metrics`: one in the connections gauge of its
+/// version while it runs, one in `closed_total` with its reason when it
+/// ends. A drop guard, so that the figures stay true however the session
+/// ends: a task that unwinds from a panic (tokio catches it: the other
+/// sessions run on) is counted closed with reason `panic`.
+struct Counted<'a> {
+    metrics: &'a MqttMetrics,
+    gauge: Gauge,
+    reason: Option<&'static str>,
+}
+
+impl<'a> Counted<'a> {
+    fn open(metrics: &'a MqttMetrics, version: Version) -> Counted<'a> {
+        let gauge = match version {
+            Version::V311 => metrics.v311.clone(),
+            Version::V5 => metrics.v5.clone(),
+        };
+        gauge.inc();
+        Counted { metrics, gauge, reason: None }
+    }
+
+    fn close(mut self, reason: &'static str) {
+        self.reason = Some(reason);
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.gauge.dec();
+        let reason = match self.reason {
+            Some(reason) => reason,
+            None if std::thread::panicking() => "panic",
+            // The task was dropped without finishing (the runtime going away).
+            None => "aborted",
+        };
+        self.metrics.closed(reason);
+    }
 }
 
 /// How long a new connection may hold a CONNECT turn before its CONNECT
@@ -339,10 +375,13 @@ async fn handshake(
         match codec.decode(rbuf) {
             Ok(Some(decoded)) => break decoded,
             Ok(None) => read_more(transport, rbuf).await?,
-            Err(ProtocolError::PayloadSizeLimitExceeded(_)) => {
+            Err(DecodeError::TooLarge(_)) => {
                 return Err(Refused::With(version, ConnectReturnCode::PacketTooLarge, "too_large"));
             }
-            Err(_) => return Err(Refused::With(version, ConnectReturnCode::MalformedPacket, "malformed")),
+            Err(e) => {
+                debug!(error = %e, "malformed CONNECT");
+                return Err(malformed_connect(version));
+            }
         }
     };
     server.metrics.packet_received(decoded.packet_type);
@@ -350,6 +389,22 @@ async fn handshake(
     let Packet::Connect(connect, properties, will, will_properties, login) = decoded.packet else {
         return Err(Refused::Silently("not_connect"));
     };
+    // MQTT 5 §4.12: this server offers no enhanced authentication (it
+    // refuses every AUTH packet), so a client asking for it is refused and
+    // closed (0x8C); authentication data without a method is a protocol
+    // error (§3.1.2.11.10).
+    if let Some(p) = &properties {
+        if p.authentication_method.is_some() {
+            return Err(Refused::With(
+                version,
+                ConnectReturnCode::BadAuthenticationMethod,
+                "bad_auth_method",
+            ));
+        }
+        if p.authentication_data.is_some() {
+            return Err(Refused::With(version, ConnectReturnCode::ProtocolError, "protocol_error"));
+        }
+    }
     if let Some(credentials) = &server.credentials
         && !credentials.check(login.as_ref())
     {
@@ -378,10 +433,25 @@ async fn handshake(
         }
     };
     let delay = will_properties.as_ref().and_then(|p| p.delay_interval).unwrap_or(0);
-    if let Some(w) = &will
-        && !topics::check_topic(&w.topic, false)
-    {
-        return Err(Refused::With(version, ConnectReturnCode::TopicNameInvalid, "malformed"));
+    // The will goes to the router later, through the server's own link, as
+    // it is: a topic the router refuses would end that link (see
+    // `broker`), so it is checked here, with the CONNECT.
+    if let Some(w) = &will {
+        match topics::check_topic(&w.topic, false) {
+            Ok(()) => {}
+            Err(TopicRefusal::Malformed) => return Err(malformed_connect(version)),
+            // MQTT 5 §3.2.2.2: 0x90, "the Will Topic Name is not malformed,
+            // but is not accepted by this Server". 3.1.1 has no code for it:
+            // the CONNECT does not conform, so no CONNACK (§3.1.4).
+            Err(TopicRefusal::Wildcard | TopicRefusal::Empty) => {
+                return Err(match version {
+                    Version::V5 => {
+                        Refused::With(version, ConnectReturnCode::TopicNameInvalid, "invalid_topic")
+                    }
+                    Version::V311 => Refused::Silently("invalid_topic"),
+                });
+            }
+        }
     }
     Ok(Accepted {
         codec,
@@ -394,6 +464,16 @@ async fn handshake(
         will: will.map(|w| Box::new((w, will_properties))),
         will_delay: Duration::from_secs(u64::from(delay.min(session_expiry.0))),
     })
+}
+
+/// A CONNECT that is not well formed. MQTT 5 may say so with CONNACK 0x81
+/// before closing (§3.1.4, §4.13); MQTT 3.1.1 closes without a CONNACK
+/// (§3.1.4: "close the Network Connection without sending a CONNACK").
+fn malformed_connect(version: Version) -> Refused {
+    match version {
+        Version::V5 => Refused::With(version, ConnectReturnCode::MalformedPacket, "malformed"),
+        Version::V311 => Refused::Silently("malformed"),
+    }
 }
 
 async fn read_more(transport: &mut Transport, rbuf: &mut BytesMut) -> Result<(), Refused> {
@@ -431,13 +511,18 @@ pub async fn write_connack(
     server: &MqttServer,
 ) {
     let codec = Codec::new(version, server.config.max_payload_size as usize);
+    let mut out = BytesMut::new();
+    let _ = send(transport, &codec, vec![refusing_connack(version, code)], &mut out, server).await;
+}
+
+/// A CONNACK that refuses the client with `code` (3.1.1 codes are mapped
+/// from the MQTT 5 reason when it is encoded).
+pub fn refusing_connack(version: Version, code: ConnectReturnCode) -> Packet {
     let ack = ConnAck { session_present: false, code };
-    let packet = match version {
+    match version {
         Version::V311 => Packet::ConnAck(ack, None),
         Version::V5 => Packet::ConnAck(ack, Some(ConnAckProperties::default())),
-    };
-    let mut out = BytesMut::new();
-    let _ = send(transport, &codec, vec![packet], &mut out, server).await;
+    }
 }
 
 /// Encodes packets and writes them in one go, within `write_timeout`.
@@ -573,11 +658,16 @@ async fn exchange(
                     let decoded = match codec.decode(rbuf) {
                         Ok(Some(decoded)) => decoded,
                         Ok(None) => break,
-                        Err(ProtocolError::PayloadSizeLimitExceeded(_)) => {
+                        Err(DecodeError::TooLarge(_)) => {
                             end = Some(End::violation("too_large", DisconnectReasonCode::PacketTooLarge));
                             break;
                         }
-                        Err(e) => {
+                        Err(e @ DecodeError::NotFromClients(_)) => {
+                            debug!(error = %e, "protocol error");
+                            end = Some(End::violation("protocol_error", DisconnectReasonCode::ProtocolError));
+                            break;
+                        }
+                        Err(e @ DecodeError::Malformed(_)) => {
                             debug!(error = %e, "malformed packet");
                             end = Some(End::violation("malformed", DisconnectReasonCode::MalformedPacket));
                             break;
@@ -697,8 +787,21 @@ fn incoming(
         Packet::Publish(mut publish, properties) => {
             metrics.publishes_received.inc();
             let alias = properties.as_ref().is_some_and(|p| p.topic_alias.is_some());
-            if !topics::check_topic(&publish.topic, alias && v5) {
-                return Some(End::violation("invalid_topic", DisconnectReasonCode::TopicNameInvalid));
+            // Nothing the router would refuse goes to it: it drops the link
+            // without a reason for a topic that is not UTF-8.
+            match topics::check_topic(&publish.topic, alias && v5) {
+                Ok(()) => {}
+                Err(TopicRefusal::Malformed) => {
+                    return Some(End::violation("malformed", DisconnectReasonCode::MalformedPacket));
+                }
+                Err(TopicRefusal::Wildcard) => {
+                    return Some(End::violation("invalid_topic", DisconnectReasonCode::TopicNameInvalid));
+                }
+                // MQTT 5 §3.3.2.1: "a Protocol Error if the Topic Name is zero
+                // length and there is no Topic Alias".
+                Err(TopicRefusal::Empty) => {
+                    return Some(End::violation("protocol_error", DisconnectReasonCode::ProtocolError));
+                }
             }
             detach(&mut publish);
             batch.push(Packet::Publish(publish, properties));
@@ -747,12 +850,18 @@ fn incoming(
                 polite_close: true,
             });
         }
+        // MQTT 5 §3.10.3 (3.1.1's decoder refuses it already): at least one
+        // filter.
+        Packet::Unsubscribe(unsubscribe, _) if unsubscribe.filters.is_empty() => {
+            return Some(End::violation("protocol_error", DisconnectReasonCode::ProtocolError));
+        }
         packet @ (Packet::PubAck(..)
         | Packet::PubRec(..)
         | Packet::PubRel(..)
         | Packet::PubComp(..)
         | Packet::Unsubscribe(..)) => batch.push(packet),
-        // A second CONNECT, or a packet only servers send.
+        // A second CONNECT, or a packet only servers send (which the codec
+        // refuses before it is decoded).
         Packet::Connect(..)
         | Packet::ConnAck(..)
         | Packet::SubAck(..)
@@ -806,4 +915,32 @@ fn to_router(tx: &mut LinkTx, mut batch: Vec<Packet>) {
     }
     // (`send` is an `async fn` that never awaits: it completes on its first poll.)
     let _ = tx.send(last).now_or_never();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{Metrics, ReasonLabel};
+
+    /// The gauge comes back down and the session is counted closed, also
+    /// when its task unwinds from a panic.
+    #[test]
+    fn a_session_is_counted_closed_however_it_ends() {
+        let metrics = Metrics::new(1024, None);
+        let mqtt = &metrics.mqtt;
+        let closed = |reason| mqtt.closed.get_or_create(&ReasonLabel { reason }).get();
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _counted = Counted::open(mqtt, Version::V5);
+            assert_eq!(mqtt.v5.get(), 1);
+            panic!("a bug in a session (this panic is the test)");
+        }));
+        assert!(unwound.is_err());
+        assert_eq!((mqtt.v5.get(), closed("panic")), (0, 1));
+        let counted = Counted::open(mqtt, Version::V311);
+        assert_eq!(mqtt.v311.get(), 1);
+        counted.close("client_closed");
+        assert_eq!((mqtt.v311.get(), closed("client_closed"), closed("panic")), (0, 1, 1));
+        drop(Counted::open(mqtt, Version::V311));
+        assert_eq!((mqtt.v311.get(), closed("aborted")), (0, 1));
+    }
 }

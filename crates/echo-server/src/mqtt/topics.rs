@@ -74,13 +74,42 @@ pub fn check_filter(filter: &str, persistent: bool) -> Result<(), FilterRefusal>
     Ok(())
 }
 
-/// Whether a PUBLISH topic name is valid: no wildcards, no NUL. An empty
-/// name is valid only with an MQTT 5 topic alias (the router checks that).
-pub fn check_topic(topic: &[u8], has_alias: bool) -> bool {
-    if topic.is_empty() {
-        return has_alias;
+/// Why a topic name (of a PUBLISH or a will) is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicRefusal {
+    /// Not a well-formed MQTT string: invalid UTF-8 (overlong forms and
+    /// encoded surrogates included) or a NUL character (3.1.1 §1.5.3,
+    /// 5 §1.5.4). The packet is malformed (MQTT 5: 0x81).
+    Malformed,
+    /// Wildcards, which a topic name must not have (§4.7.1; MQTT 5: 0x90).
+    Wildcard,
+    /// Empty, without an MQTT 5 topic alias to stand for it (§4.7.3; in a
+    /// PUBLISH, MQTT 5 calls it a protocol error, 0x82).
+    Empty,
+}
+
+/// Whether a topic name may go to the router. An empty name is valid only
+/// with an MQTT 5 topic alias (the router checks the alias).
+///
+/// Topic names are bytes in rumqttd's packets, not strings: its decoders
+/// check nothing. The router needs UTF-8 (`from_utf8` on every publish it
+/// appends) and drops the link that sent anything else, so this is the
+/// check that keeps a client's bytes from ending the server's own wills
+/// link (see `broker`) or a session without a reason.
+pub fn check_topic(topic: &[u8], has_alias: bool) -> Result<(), TopicRefusal> {
+    let Ok(topic) = std::str::from_utf8(topic) else {
+        return Err(TopicRefusal::Malformed);
+    };
+    if topic.contains('\0') {
+        return Err(TopicRefusal::Malformed);
     }
-    !topic.iter().any(|&b| b == b'+' || b == b'#' || b == 0)
+    if topic.is_empty() {
+        return if has_alias { Ok(()) } else { Err(TopicRefusal::Empty) };
+    }
+    if topic.contains(['+', '#']) {
+        return Err(TopicRefusal::Wildcard);
+    }
+    Ok(())
 }
 
 /// SUBSCRIBE packets whose filters were partly refused, by packet id:
@@ -133,12 +162,22 @@ mod tests {
 
     #[test]
     fn topics() {
-        assert!(check_topic(b"a/b", false));
-        assert!(!check_topic(b"a/+", false));
-        assert!(!check_topic(b"#", false));
-        assert!(!check_topic(b"", false));
-        assert!(check_topic(b"", true));
-        assert!(!check_topic(b"a\0", false));
+        assert_eq!(check_topic(b"a/b", false), Ok(()));
+        assert_eq!(check_topic("caf\u{e9}/\u{1f600}".as_bytes(), false), Ok(()));
+        assert_eq!(check_topic(b"a/+", false), Err(TopicRefusal::Wildcard));
+        assert_eq!(check_topic(b"#", false), Err(TopicRefusal::Wildcard));
+        assert_eq!(check_topic(b"", false), Err(TopicRefusal::Empty));
+        assert_eq!(check_topic(b"", true), Ok(()));
+        assert_eq!(check_topic(b"a\0", false), Err(TopicRefusal::Malformed));
+        // Invalid UTF-8: a lead byte without its continuation (the audit's
+        // will topic), a lone continuation, a truncated sequence, an
+        // overlong '/', an encoded surrogate (U+D800), past U+10FFFF.
+        for bad in
+            [&b"\xc3\x28"[..], b"a\x80", b"\xe2\x82", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80"]
+        {
+            assert_eq!(check_topic(bad, false), Err(TopicRefusal::Malformed), "{bad:x?}");
+            assert_eq!(check_topic(bad, true), Err(TopicRefusal::Malformed), "{bad:x?}");
+        }
     }
 
     #[test]

@@ -22,6 +22,13 @@ impl RawPacket {
         self.first >> 4
     }
 
+    /// Its size on the wire: fixed header and body.
+    pub fn wire_len(&self) -> usize {
+        let mut header = Vec::new();
+        remaining_length(self.body.len(), &mut header);
+        1 + header.len() + self.body.len()
+    }
+
     /// The CONNACK return code (3.1.1) or reason code (5).
     pub fn connack_code(&self) -> u8 {
         assert_eq!(self.packet_type(), 2, "not a CONNACK: {self:?}");
@@ -98,6 +105,42 @@ pub fn connect_with(level: u8, client_id: &str, keep_alive: u16, login: Option<(
         string(pass.as_bytes(), &mut body);
     }
     packet(0x10, &body)
+}
+
+/// CONNECT with a clean session and a will: `topic` as raw bytes (it may
+/// be anything a client can send), at `qos`, not retained.
+pub fn connect_with_will(level: u8, client_id: &str, topic: &[u8], message: &[u8], qos: u8) -> Vec<u8> {
+    let mut body = Vec::new();
+    string(b"MQTT", &mut body);
+    body.push(level);
+    body.push(0x02 | 0x04 | (qos << 3));
+    body.extend_from_slice(&30u16.to_be_bytes());
+    if level == 5 {
+        body.push(0); // no properties
+    }
+    string(client_id.as_bytes(), &mut body);
+    if level == 5 {
+        body.push(0); // no will properties
+    }
+    string(topic, &mut body);
+    string(message, &mut body);
+    packet(0x10, &body)
+}
+
+/// PUBLISH with a topic of raw bytes at `qos` (packet id 1 when above 0),
+/// and for MQTT 5 these raw `properties` (without their length).
+pub fn publish_raw(level: u8, topic: &[u8], qos: u8, properties: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    string(topic, &mut body);
+    if qos > 0 {
+        body.extend_from_slice(&1u16.to_be_bytes());
+    }
+    if level == 5 {
+        remaining_length(properties.len(), &mut body);
+        body.extend_from_slice(properties);
+    }
+    body.extend_from_slice(payload);
+    packet(0x30 | (qos << 1), &body)
 }
 
 /// CONNECT that may resume a session: `clean` is 3.1.1's clean session

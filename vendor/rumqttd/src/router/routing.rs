@@ -817,6 +817,9 @@ impl Router {
                     if outgoing.register_ack(pkid).is_none() {
                         error!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
                         disconnect = true;
+                        // echo-server patch: say why (was no reason, which a
+                        // client cannot tell from a session take-over)
+                        disconnect_reason = Some(DisconnectReasonCode::ProtocolError);
                         break;
                     }
 
@@ -831,6 +834,8 @@ impl Router {
                     if outgoing.register_ack(pkid).is_none() {
                         error!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
                         disconnect = true;
+                        // echo-server patch: say why
+                        disconnect_reason = Some(DisconnectReasonCode::ProtocolError);
                         break;
                     }
 
@@ -862,6 +867,8 @@ impl Router {
                         Some(v) => v,
                         None => {
                             disconnect = true;
+                            // echo-server patch: say why
+                            disconnect_reason = Some(DisconnectReasonCode::ProtocolError);
                             break;
                         }
                     };
@@ -905,6 +912,8 @@ impl Router {
                             "ack received for pkid {}, but the pkid didn't exists!", pkid
                         );
                         disconnect = true;
+                        // echo-server patch: say why
+                        disconnect_reason = Some(DisconnectReasonCode::ProtocolError);
                         break;
                     }
                 }
