@@ -19,7 +19,7 @@ const EXIT_THRESHOLD: u8 = 3;
 const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(echo_loadgen::cli::with_default_command(std::env::args_os()));
     match cli.command {
         Cmd::Worker => match worker::main() {
             Ok(()) => ExitCode::SUCCESS,

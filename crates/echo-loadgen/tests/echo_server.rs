@@ -133,6 +133,30 @@ fn thresholds_fail_the_run_with_the_reason() {
 }
 
 #[test]
+fn run_is_the_default_subcommand() {
+    let server = EchoServer::start();
+    let dir = scratch("default-run");
+    let json = dir.join("r.json");
+    // As the issue writes it: the URL first, no subcommand.
+    let mut cmd = Command::new(LOADGEN);
+    cmd.args([&server.url(), "--steps", "3", "--hold", "1s", "--rate", "5", "-q"]).arg("--json").arg(&json);
+    let out = run_bounded(cmd, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(u(&r["steps"][0]["open_connections"]), 3);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("p99.9"), "the table is printed");
+    // Help still lists the subcommands, and says which one is the default.
+    let mut cmd = Command::new(LOADGEN);
+    cmd.arg("--help");
+    let help = run_bounded(cmd, Duration::from_secs(10));
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("merge") && help.contains("compare") && help.contains("`run` is the default"),
+        "{help}"
+    );
+}
+
+#[test]
 fn bad_input_is_refused_before_the_run_with_what_to_change() {
     let server = EchoServer::start();
     let closed = {
