@@ -222,8 +222,8 @@ pub fn csv(r: &RunResult) -> anyhow::Result<String> {
             format!("{:.3}", s.ramp_secs),
             format!("{:.3}", s.hold_secs),
             s.ramp.attempted.to_string(),
-            ct.p50_us.to_string(),
-            ct.p99_us.to_string(),
+            ou(ct.p50_us),
+            ou(ct.p99_us),
             (s.ramp.connect_errors() + s.hold.connect_errors()).to_string(),
             d.errors.to_string(),
             format!("{:.6}", d.error_rate),
@@ -231,12 +231,12 @@ pub fn csv(r: &RunResult) -> anyhow::Result<String> {
             s.hold.received.to_string(),
             format!("{:.3}", d.sent_per_sec),
             format!("{:.3}", d.received_per_sec),
-            l.p50_us.to_string(),
-            l.p90_us.to_string(),
-            l.p99_us.to_string(),
-            l.p999_us.to_string(),
-            l.max_us.to_string(),
-            format!("{:.1}", l.mean_us),
+            ou(l.p50_us),
+            ou(l.p90_us),
+            ou(l.p99_us),
+            ou(l.p999_us),
+            ou(l.max_us),
+            l.mean_us.map(|m| format!("{m:.1}")).unwrap_or_default(),
             ou(server.rss_bytes),
             o(d.server_rss_per_connection),
             o(d.server_rss_per_added_connection),
@@ -388,6 +388,37 @@ mod tests {
         assert_eq!(&rows[1][0], "200");
         assert_eq!(&rows[1][30], "echo_mismatch=3");
         assert_eq!(rd.headers().unwrap().len(), CSV_HEADERS.len());
+    }
+
+    #[test]
+    fn csv_leaves_unknown_figures_empty_not_zero() {
+        // An idle step: connections, but no messages and no server probe.
+        let mut r = run(vec![step(100, 0, &[])]);
+        r.steps[0].ramp.connect_time.record(250);
+        r.steps[0].server = None;
+        r.derive();
+        let c = csv(&r).unwrap();
+        let mut rd = csv::Reader::from_reader(c.as_bytes());
+        let headers = rd.headers().unwrap().clone();
+        let row = rd.records().next().unwrap().unwrap();
+        let cell = |name: &str| &row[headers.iter().position(|h| h == name).unwrap()];
+        for name in [
+            "latency_p50_us",
+            "latency_p90_us",
+            "latency_p99_us",
+            "latency_p999_us",
+            "latency_max_us",
+            "latency_mean_us",
+            "server_rss_bytes",
+            "server_cpu_percent",
+            "server_cpu_us_per_message",
+        ] {
+            assert_eq!(cell(name), "", "{name} is unknown in an idle step");
+        }
+        // Known figures, including real zeros, are written.
+        assert_eq!(cell("connect_p50_us"), "250");
+        assert_eq!(cell("sent"), "0");
+        assert_eq!(cell("errors"), "0");
     }
 
     #[test]
