@@ -142,13 +142,18 @@ fn write_outputs(
 }
 
 fn load(files: &[PathBuf]) -> anyhow::Result<Vec<RunResult>> {
+    load_named(files).map(|runs| runs.into_iter().map(|(_, r)| r).collect())
+}
+
+fn load_named(files: &[PathBuf]) -> anyhow::Result<Vec<(String, RunResult)>> {
     use anyhow::Context;
     files
         .iter()
         .map(|f| {
             let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-            serde_json::from_str(&text)
-                .with_context(|| format!("{} is not an echo-loadgen result", f.display()))
+            let run = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not an echo-loadgen result", f.display()))?;
+            Ok((f.display().to_string(), run))
         })
         .collect()
 }
@@ -159,7 +164,7 @@ fn merge(
     csv: Option<PathBuf>,
     chart: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let merged = RunResult::merge(load(files)?).map_err(anyhow::Error::msg)?;
+    let merged = RunResult::merge_named(load_named(files)?).map_err(anyhow::Error::msg)?;
     write_outputs(&merged, json.as_deref(), csv.as_deref(), chart.as_deref())?;
     print!("{}", report::table(&merged));
     Ok(())

@@ -103,6 +103,15 @@ pub enum MqttVersion {
     V5,
 }
 
+impl std::fmt::Display for MqttVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MqttVersion::V311 => "3.1.1",
+            MqttVersion::V5 => "5",
+        })
+    }
+}
+
 /// How MQTT clients are arranged (WebSocket always echoes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -111,6 +120,15 @@ pub enum Pattern {
     Echo,
     /// Groups of one publisher and `--fanout` subscribers share a topic.
     Fanout,
+}
+
+impl std::fmt::Display for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Pattern::Echo => "echo",
+            Pattern::Fanout => "fanout",
+        })
+    }
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {

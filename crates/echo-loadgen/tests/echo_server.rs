@@ -90,7 +90,10 @@ fn closed_loop_throughput_and_merge_of_two_runs() {
         "merge-a",
         &[&server.url(), "--steps", "10", "--hold", "1s", "--rate", "max", "--in-flight", "2"],
     );
-    let b = loadgen("merge-b", &[&server.url(), "--steps", "10", "--hold", "1s", "--rate", "max"]);
+    let b = loadgen(
+        "merge-b",
+        &[&server.url(), "--steps", "10", "--hold", "1s", "--rate", "max", "--in-flight", "2"],
+    );
     assert_eq!((a.code(), b.code()), (0, 0), "{}{}", a.stderr(), b.stderr());
     let (ra, rb) = (u(&a.step(0)["hold"]["received"]), u(&b.step(0)["hold"]["received"]));
     assert!(ra > 100 && rb > 100, "closed loop echoes continuously: {ra} {rb}");
@@ -112,6 +115,23 @@ fn closed_loop_throughput_and_merge_of_two_runs() {
     assert!(merged_max.abs_diff(max) <= max / 500 + 1, "{merged_max} vs {max}");
     let csv = std::fs::read_to_string(dir.join("m.csv")).unwrap();
     assert_eq!(csv.lines().count(), 2);
+    // A run of another scenario does not merge: here, "the same" run as an
+    // MQTT QoS 1 run. The refusal names the file and the field.
+    let mut other = a.json().clone();
+    other["protocol"] = "mqtt".into();
+    other["settings"]["qos"] = 1.into();
+    let fc = dir.join("c.json");
+    std::fs::write(&fc, other.to_string()).unwrap();
+    let mut cmd = Command::new(LOADGEN);
+    cmd.arg("merge").arg(&fa).arg(&fc).arg("--json").arg(dir.join("bad.json"));
+    let o = run_bounded(cmd, Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("c.json and") && stderr.contains("differ in protocol (mqtt vs websocket)"),
+        "{stderr}"
+    );
+    assert!(!dir.join("bad.json").exists(), "nothing is written");
 }
 
 #[test]
