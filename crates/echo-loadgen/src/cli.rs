@@ -39,6 +39,9 @@ pub enum Cmd {
     /// Exit status: 0 done, 1 the run failed, 2 bad settings or no usable
     /// server at the URL (nothing was measured), 3 a threshold was crossed,
     /// 130 interrupted (Ctrl-C; the completed steps are reported).
+    // No flag of `run` looks like a number, so `--rate -1` reaches the rate's
+    // own check ("cannot be negative") instead of clap's "unexpected argument".
+    #[command(allow_negative_numbers = true)]
     Run {
         /// Scenario file (see loadtest/scenarios/).
         #[arg(long, value_name = "FILE")]

@@ -64,11 +64,13 @@ fn run(file: Option<PathBuf>, quiet: bool, cli: Scenario) -> ExitCode {
         Err(e) => return fail(EXIT_BAD_INPUT, &e),
     };
     let fd_limit = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(_, hard)| hard).unwrap_or(1024);
-    let workers =
-        match preflight::workers_needed(&settings, scenario.workers, fd_limit, net::ephemeral_ports()) {
-            Ok(w) => w,
-            Err(e) => return fail(EXIT_BAD_INPUT, &e),
-        };
+    let workers = match preflight::workers_needed(&settings, scenario.workers, fd_limit) {
+        Ok(w) => w,
+        Err(e) => return fail(EXIT_BAD_INPUT, &e),
+    };
+    if let Err(e) = preflight::sources_suffice(&settings, target.addr.ip(), net::ephemeral_ports()) {
+        return fail(EXIT_BAD_INPUT, &e);
+    }
     let threads = scenario.threads.unwrap_or_else(|| (coordinator::cpus() / workers).max(1));
     let server = match (scenario.server_pid, scenario.server_metrics.clone()) {
         (Some(_), Some(_)) => return fail(EXIT_BAD_INPUT, "give --server-pid or --server-metrics, not both"),

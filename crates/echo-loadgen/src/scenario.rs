@@ -336,6 +336,33 @@ impl Settings {
             .url
             .clone()
             .ok_or("no URL: give ws://HOST:PORT/PATH or mqtt://HOST:PORT (or url = ... in the scenario)")?;
+        let websocket =
+            url.trim().split_once("://").is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("ws"));
+        let mqtt_only: Vec<&str> = [
+            ("--qos", s.qos.is_some()),
+            ("--mqtt-version", s.mqtt_version.is_some()),
+            ("--pattern", s.pattern.is_some()),
+            ("--fanout", s.fanout.is_some()),
+            ("--topic-prefix", s.topic_prefix.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect();
+        if websocket && !mqtt_only.is_empty() {
+            let (verb, them) = if mqtt_only.len() == 1 { ("applies", "it") } else { ("apply", "them") };
+            return Err(format!(
+                "{} {verb} to MQTT only, but {url} is a WebSocket URL: leave {them} out (also from the scenario \
+                 file), or give an mqtt://HOST:PORT URL",
+                mqtt_only.join(", ")
+            ));
+        }
+        if let Some(m) = s.max_error_rate
+            && !(0.0..=1.0).contains(&m)
+        {
+            return Err(format!(
+                "--max-error-rate {m} is not a fraction between 0 and 1 (0.01 allows 1% errors; 0 none)"
+            ));
+        }
         let settings = Settings {
             url,
             steps: s.steps.clone().map(|s| s.0).unwrap_or_else(|| vec![100]),
@@ -413,6 +440,7 @@ mod tests {
     use clap::Parser;
 
     #[derive(Parser)]
+    #[command(allow_negative_numbers = true)]
     struct Cli {
         #[command(flatten)]
         s: Scenario,
@@ -454,6 +482,55 @@ mod tests {
     }
 
     #[test]
+    fn mqtt_flags_with_a_websocket_url_are_refused() {
+        let ws = |args: &[&str]| {
+            let mut argv = vec!["x", "ws://127.0.0.1:8080/"];
+            argv.extend(args);
+            Settings::resolve(&Cli::parse_from(argv).s)
+        };
+        let e = ws(&["--qos", "1"]).unwrap_err();
+        assert!(
+            e.starts_with("--qos applies to MQTT only, but ws://127.0.0.1:8080/ is a WebSocket URL"),
+            "{e}"
+        );
+        let e = ws(&["--pattern", "fanout", "--fanout", "5", "--mqtt-version", "5", "--topic-prefix", "t"])
+            .unwrap_err();
+        assert!(
+            e.starts_with("--mqtt-version, --pattern, --fanout, --topic-prefix apply to MQTT only"),
+            "{e}"
+        );
+        assert!(ws(&["--rate", "5"]).is_ok());
+        // The same flags with an MQTT URL are fine.
+        let s =
+            Cli::parse_from(["x", "mqtt://127.0.0.1", "--qos", "1", "--pattern", "fanout", "--steps", "11"])
+                .s;
+        assert!(Settings::resolve(&s).is_ok());
+        // From a scenario file, too.
+        let file: Scenario = toml::from_str("qos = 2").unwrap();
+        let cli = Cli::parse_from(["x", "WS://127.0.0.1:1/"]).s;
+        assert!(Settings::resolve(&cli.over(file)).unwrap_err().contains("--qos applies to MQTT only"));
+    }
+
+    #[test]
+    fn negative_numbers_get_a_clear_message() {
+        let err = |args: &[&str]| match Cli::try_parse_from(args) {
+            Ok(cli) => Settings::resolve(&cli.s).unwrap_err(),
+            Err(e) => e.to_string(),
+        };
+        let e = err(&["x", "ws://h:1/", "--rate", "-1"]);
+        assert!(e.contains("--rate") && e.contains("cannot be negative"), "{e}");
+        assert!(!e.contains("unexpected argument"), "{e}");
+        let e = err(&["x", "ws://h:1/", "--connect-rate", "-5"]);
+        assert!(e.contains("--connect-rate must be a positive number"), "{e}");
+        let e = err(&["x", "ws://h:1/", "--size", "-1"]);
+        assert!(e.contains("invalid value '-1' for '--size"), "{e}");
+        let e = err(&["x", "ws://h:1/", "--max-error-rate", "-1"]);
+        assert!(e.contains("not a fraction between 0 and 1"), "{e}");
+        let e = err(&["x", "ws://h:1/", "--steps", "-5"]);
+        assert!(e.contains("invalid value '-5' for '--steps"), "{e}");
+    }
+
+    #[test]
     fn sources_expand_ranges() {
         let s: Sources = "127.0.0.2-127.0.0.9".parse().unwrap();
         assert_eq!(s.0.len(), 8);
@@ -468,7 +545,9 @@ mod tests {
         for e in entries.flatten() {
             if e.path().extension().is_some_and(|x| x == "toml") {
                 let s = Scenario::load(&e.path()).unwrap();
-                let s = Scenario { url: s.url.or(Some("ws://127.0.0.1:1/".into())), ..s };
+                let mqtt = e.file_name().to_string_lossy().starts_with("mqtt-");
+                let url = if mqtt { "mqtt://127.0.0.1:1" } else { "ws://127.0.0.1:1/" };
+                let s = Scenario { url: s.url.or(Some(url.into())), ..s };
                 Settings::resolve(&s).unwrap_or_else(|e| panic!("{}: {e}", e));
             }
         }

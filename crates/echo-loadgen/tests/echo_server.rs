@@ -193,6 +193,15 @@ fn bad_input_is_refused_before_the_run_with_what_to_change() {
         (vec![server.url(), "--steps".into(), "200000".into()], "--source"),
         (vec![server.url(), "--size".into(), "10".into()], "header"),
         (vec![server.url(), "--server-pid".into(), "4000000000".into()], "--server-pid"),
+        (vec![server.url(), "--qos".into(), "1".into()], "--qos applies to MQTT only"),
+        (vec![server.url(), "--rate".into(), "-1".into()], "cannot be negative"),
+        (vec!["ws://no-such-host.invalid:8080/".into()], "cannot resolve the host \"no-such-host.invalid\""),
+        // A remote server: no loopback addresses are suggested (nothing is
+        // sent to it: the ports are counted before the server is probed).
+        (
+            vec!["ws://192.0.2.1:8080/".into(), "--steps".into(), "200000".into()],
+            "addresses of this machine that reach",
+        ),
     ];
     for (args, needle) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
