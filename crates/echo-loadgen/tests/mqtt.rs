@@ -4,15 +4,18 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use common::*;
-use echo_loadgen::mqtt_codec::{self as codec, Packet};
+use echo_loadgen::mqtt_codec as codec;
 use echo_loadgen::scenario::MqttVersion;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
 
 /// A Mosquitto on a free loopback port; killed on drop.
 struct Mosquitto {
@@ -172,16 +175,25 @@ fn echo_pattern_against_echo_server_mqtt() {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum Fault {
-    /// Flip a byte of every third delivery.
+    /// Flip a byte of every third message a client publishes.
     CorruptEveryThird,
-    /// After this many deliveries, send DISCONNECT (as MQTT 5 brokers may).
+    /// After this many messages from a client, send it DISCONNECT (as MQTT 5 brokers may).
     DisconnectAfter(u64),
+    /// After this many messages from a client, drop its TCP connection.
+    DropAfter(u64),
+    /// Before routing message `at` of a client, wait (everything behind it waits too).
+    Stall { at: u64, millis: u64 },
+    /// Route this many messages of a client, then read but never route again.
+    SwallowAfter(u64),
 }
 
-/// A broker that only knows the echo pattern: every PUBLISH goes back to
-/// the client that sent it (QoS 0), with a fault after the first message.
+/// A small broker: CONNECT, SUBSCRIBE (exact topics), PUBLISH at QoS 0
+/// routed to every subscriber of its topic, PINGREQ, DISCONNECT; MQTT
+/// 3.1.1. Faults apply to each client's messages from its second on (its
+/// first may be the generator's pre-run check). Enough for the echo
+/// pattern (each client subscribes to its own topic) and for fan-out.
 fn faulty_broker(fault: Fault) -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
@@ -190,66 +202,103 @@ fn faulty_broker(fault: Fault) -> SocketAddr {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            loop {
-                let Ok((mut tcp, _)) = listener.accept().await else { continue };
+            let broker = Broker::default();
+            for conn in 0u64.. {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let (broker, fault) = (broker.clone(), fault.clone());
                 tokio::spawn(async move {
-                    let mut buf = BytesMut::new();
-                    let mut n = 0u64;
-                    loop {
-                        // CONNECT and SUBSCRIBE are not decoded by the client codec
-                        // (a client never receives them): answer by packet type.
-                        while buf.len() >= 2 {
-                            let first = buf[0];
-                            let Some(len) = remaining(&buf) else { break };
-                            if first >> 4 != 3 {
-                                let packet = buf.split_to(len);
-                                let mut out = Vec::new();
-                                match first >> 4 {
-                                    1 => out.extend_from_slice(&[0x20, 2, 0, 0]),
-                                    8 => out.extend_from_slice(&[0x90, 3, packet[2], packet[3], 0]),
-                                    12 => out.extend_from_slice(&[0xD0, 0]),
-                                    14 => return,
-                                    _ => {}
-                                }
-                                if tcp.write_all(&out).await.is_err() {
-                                    return;
-                                }
-                                continue;
-                            }
-                            let Ok(Some(Packet::Publish { payload, .. })) =
-                                codec::decode(&mut buf, MqttVersion::V311)
-                            else {
-                                return;
-                            };
-                            let mut payload = payload.to_vec();
-                            match fault {
-                                Fault::CorruptEveryThird if n % 3 == 2 => payload[30] ^= 1,
-                                Fault::DisconnectAfter(k) if n == k => {
-                                    let _ = tcp.write_all(&[0xE0, 0]).await;
-                                    return;
-                                }
-                                _ => {}
-                            }
-                            n += 1;
-                            // The echo pattern's topic is the client's own; the
-                            // loadgen checks content, not the topic name.
-                            let mut out = Vec::new();
-                            codec::publish(&mut out, MqttVersion::V311, "t", 0, 0, &payload);
-                            if tcp.write_all(&out).await.is_err() {
-                                return;
-                            }
-                        }
-                        buf.reserve(4096);
-                        match tcp.read_buf(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(_) => {}
-                        }
-                    }
+                    let (read, write) = tcp.into_split();
+                    let out = Arc::new(tokio::sync::Mutex::new(write));
+                    client(&broker, &fault, conn, read, out).await;
+                    broker.subs.lock().unwrap().values_mut().for_each(|subs| subs.retain(|s| s.conn != conn));
                 });
             }
         });
     });
     addr
+}
+
+type Out = Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>;
+
+/// One subscription: the client that holds it, and where its deliveries go.
+#[derive(Clone)]
+struct Sub {
+    conn: u64,
+    out: Out,
+}
+
+#[derive(Clone, Default)]
+struct Broker {
+    subs: Arc<Mutex<HashMap<String, Vec<Sub>>>>,
+}
+
+impl Broker {
+    async fn route(&self, topic: &str, payload: &[u8]) {
+        let subs = self.subs.lock().unwrap().get(topic).cloned().unwrap_or_default();
+        let mut packet = Vec::new();
+        codec::publish(&mut packet, MqttVersion::V311, topic, 0, 0, payload);
+        for sub in subs {
+            // A subscriber that went away is no concern of the others.
+            let _ = sub.out.lock().await.write_all(&packet).await;
+        }
+    }
+}
+
+async fn client(broker: &Broker, fault: &Fault, conn: u64, mut read: OwnedReadHalf, out: Out) {
+    let mut buf = BytesMut::new();
+    let mut n = 0u64;
+    loop {
+        while let Some(len) = remaining(&buf) {
+            let packet = buf.split_to(len);
+            let body = &packet[len - body_len(&packet)..];
+            let reply: &[u8] = match packet[0] >> 4 {
+                1 => &[0x20, 2, 0, 0],
+                8 => {
+                    // Packet id, then one filter: length, topic, options.
+                    let topic_len = u16::from_be_bytes([body[2], body[3]]) as usize;
+                    let topic = String::from_utf8_lossy(&body[4..4 + topic_len]).into_owned();
+                    let sub = Sub { conn, out: out.clone() };
+                    broker.subs.lock().unwrap().entry(topic).or_default().push(sub);
+                    let _ = out.lock().await.write_all(&[0x90, 3, body[0], body[1], 0]).await;
+                    continue;
+                }
+                12 => &[0xD0, 0],
+                14 => return,
+                3 => {
+                    assert_eq!(packet[0] & 0x06, 0, "this broker knows QoS 0 only");
+                    let topic_len = u16::from_be_bytes([body[0], body[1]]) as usize;
+                    let topic = String::from_utf8_lossy(&body[2..2 + topic_len]).into_owned();
+                    let mut payload = body[2 + topic_len..].to_vec();
+                    match *fault {
+                        Fault::CorruptEveryThird if n % 3 == 2 => payload[30] ^= 1,
+                        Fault::DisconnectAfter(k) if n == k => {
+                            let _ = out.lock().await.write_all(&[0xE0, 0]).await;
+                            return;
+                        }
+                        Fault::DropAfter(k) if n == k => return,
+                        Fault::Stall { at, millis } if n == at => {
+                            tokio::time::sleep(Duration::from_millis(millis)).await;
+                        }
+                        _ => {}
+                    }
+                    n += 1;
+                    if !matches!(*fault, Fault::SwallowAfter(k) if n > k) {
+                        broker.route(&topic, &payload).await;
+                    }
+                    continue;
+                }
+                _ => &[],
+            };
+            if out.lock().await.write_all(reply).await.is_err() {
+                return;
+            }
+        }
+        buf.reserve(4096);
+        match read.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
 }
 
 /// Length of the whole packet at the front of `buf`, if it is all there.
@@ -263,6 +312,18 @@ fn remaining(buf: &BytesMut) -> Option<usize> {
         }
     }
     None
+}
+
+/// Length of the variable header and payload of a whole packet.
+fn body_len(packet: &[u8]) -> usize {
+    let mut len = 0usize;
+    for (i, b) in packet[1..5].iter().enumerate() {
+        len |= ((b & 0x7f) as usize) << (7 * i);
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    len
 }
 
 #[test]
@@ -284,5 +345,46 @@ fn a_broker_disconnect_is_closed_by_server() {
     assert_eq!(run.code(), 0, "{}", run.stderr());
     let s = run.step(0);
     assert_eq!(errors(s, "closed_by_server"), 5, "{s}");
+    assert_eq!(u(&s["open_connections"]), 0);
+}
+
+#[test]
+fn a_stalled_delivery_shows_as_latency_of_every_message_behind_it() {
+    // Message 30 of each client (~1.5 s in) waits 400 ms in the broker; the
+    // messages scheduled behind it during the stall wait too.
+    let url = format!("mqtt://{}", faulty_broker(Fault::Stall { at: 30, millis: 400 }));
+    let run = loadgen("mqtt-stall", &[&url, "--steps", "5", "--hold", "3s", "--rate", "20"]);
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let s = run.step(0);
+    assert_eq!(u(&s["derived"]["errors"]), 0, "a stall shorter than the timeout is not an error: {s}");
+    let lat = &s["hold"]["latency"];
+    assert!(u(&lat["max_us"]) >= 390_000, "{lat}");
+    // 20 msg/s: ~8 messages per client fall due during the stall, all
+    // delayed: > 1% of ~300 samples, so p99 shows the stall.
+    assert!(u(&lat["p99_us"]) >= 100_000, "{lat}");
+    assert!(u(&lat["p50_us"]) < 50_000, "{lat}");
+}
+
+#[test]
+fn a_dropped_tcp_connection_is_a_connection_error() {
+    let url = format!("mqtt://{}", faulty_broker(Fault::DropAfter(5)));
+    let run = loadgen("mqtt-drop", &[&url, "--steps", "5", "--hold", "2s", "--rate", "20"]);
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let s = run.step(0);
+    let dropped = errors(s, "connection_eof") + errors(s, "connection_reset");
+    assert_eq!(dropped, 5, "{s}");
+    assert_eq!(u(&s["derived"]["errors"]), 5, "{s}");
+    assert_eq!(u(&s["open_connections"]), 0);
+}
+
+#[test]
+fn a_delivery_that_never_comes_is_an_echo_timeout() {
+    let url = format!("mqtt://{}", faulty_broker(Fault::SwallowAfter(5)));
+    let run =
+        loadgen("mqtt-swallow", &[&url, "--steps", "5", "--hold", "3s", "--rate", "20", "--timeout", "1s"]);
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let s = run.step(0);
+    assert_eq!(errors(s, "echo_timeout"), 5, "{s}");
+    assert_eq!(u(&s["derived"]["errors"]), 5, "{s}");
     assert_eq!(u(&s["open_connections"]), 0);
 }
