@@ -163,8 +163,7 @@ impl Flow {
             }
             _ => None,
         };
-        let deadline = self.outstanding.front().map(|&(_, ns)| self.clock.at(ns) + self.timeout);
-        match (due, deadline) {
+        match (due, self.deadline()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -172,7 +171,23 @@ impl Flow {
 
     /// True when the oldest outstanding message waited longer than the timeout.
     pub fn timed_out(&self, now: Instant) -> bool {
-        self.outstanding.front().is_some_and(|&(_, ns)| now >= self.clock.at(ns) + self.timeout)
+        self.deadline().is_some_and(|d| now >= d)
+    }
+
+    /// When the oldest outstanding message times out.
+    fn deadline(&self) -> Option<Instant> {
+        self.outstanding.front().map(|&(_, ns)| self.clock.at(ns) + self.timeout)
+    }
+
+    /// By when a write must have completed: the oldest outstanding
+    /// message's deadline, or that of the oldest message in the write
+    /// (scheduled at `first_ns`; `None`: only acknowledgements and the like,
+    /// due `now`), whichever comes first. A server that stops reading fills
+    /// the socket buffers and blocks the write; past this deadline that is
+    /// an error (`write_stall`), not a quiet gap in the messages sent.
+    pub fn write_deadline(&self, first_ns: Option<u64>, now: Instant) -> Instant {
+        let own = first_ns.map_or(now, |ns| self.clock.at(ns)) + self.timeout;
+        self.deadline().map_or(own, |d| d.min(own))
     }
 
     pub fn id(&self) -> u32 {
@@ -314,6 +329,28 @@ mod tests {
         assert!(!f.timed_out(now));
         assert_eq!(f.next_wake(), Some(now + Duration::from_secs(1)));
         assert!(f.timed_out(now + Duration::from_secs(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_must_complete_within_the_oldest_messages_timeout() {
+        let clock = Clock::new();
+        let mut f = Flow::echo(1, 32, Rate::Max, 2, Duration::from_secs(1), clock);
+        let t0 = Instant::now();
+        // Only acknowledgements to write: the timeout from now.
+        assert_eq!(f.write_deadline(None, t0), t0 + Duration::from_secs(1));
+        let (_, ns) = f.next_due(t0).unwrap();
+        tokio::time::advance(Duration::from_millis(300)).await;
+        let t1 = Instant::now();
+        let (_, ns1) = f.next_due(t1).unwrap();
+        // The oldest outstanding message (sent at t0) sets the deadline of a
+        // write of the newer one.
+        assert_eq!(f.write_deadline(Some(ns1), t1), clock.at(ns) + Duration::from_secs(1));
+        // A fan-out publisher keeps nothing outstanding: its own message does.
+        let mut p = Flow::publisher(2, 32, Rate::PerSecond(10.0), Duration::from_secs(1), clock);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let now = Instant::now();
+        let (_, first) = p.next_due(now).unwrap();
+        assert_eq!(p.write_deadline(Some(first), now), clock.at(first) + Duration::from_secs(1));
     }
 
     #[tokio::test(start_paused = true)]

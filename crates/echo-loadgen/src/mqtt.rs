@@ -73,7 +73,7 @@ impl Client {
         let stream = net::connect(addr, source, timeout).await?;
         let mut c = Client { stream, rbuf: BytesMut::new(), wbuf: Vec::new(), version, read_size: 512 };
         codec::connect(&mut c.wbuf, version, client_id, KEEP_ALIVE.as_secs() as u16);
-        c.flush().await.map_err(|_| ErrorKind::HandshakeFailed)?;
+        c.flush_by(deadline).await?;
         match timeout_at(deadline, c.next()).await {
             Err(_) => Err(ErrorKind::HandshakeTimeout),
             Ok(Ok(Packet::ConnAck { code: 0 })) => Ok(c),
@@ -85,12 +85,21 @@ impl Client {
     /// Subscribes and waits for a granted SUBACK.
     pub async fn subscribe(&mut self, topic: &str, qos: u8, deadline: Instant) -> Result<(), ErrorKind> {
         codec::subscribe(&mut self.wbuf, self.version, 1, topic, qos);
-        self.flush().await.map_err(|_| ErrorKind::HandshakeFailed)?;
+        self.flush_by(deadline).await?;
         match timeout_at(deadline, self.next()).await {
             Err(_) => Err(ErrorKind::HandshakeTimeout),
             Ok(Ok(Packet::SubAck { code })) if code < 0x80 => Ok(()),
             Ok(Ok(Packet::SubAck { .. })) => Err(ErrorKind::MqttSubscribeRefused),
             Ok(_) => Err(ErrorKind::HandshakeFailed),
+        }
+    }
+
+    /// Writes the handshake's packets out within the connect deadline.
+    async fn flush_by(&mut self, deadline: Instant) -> Result<(), ErrorKind> {
+        match timeout_at(deadline, self.flush()).await {
+            Err(_) => Err(ErrorKind::HandshakeTimeout),
+            Ok(Err(_)) => Err(ErrorKind::HandshakeFailed),
+            Ok(Ok(())) => Ok(()),
         }
     }
 
@@ -191,8 +200,9 @@ async fn session(
     tokio::pin!(sleep);
     loop {
         if *stop.borrow() {
+            // A broker that stopped reading must not hold up the end of the run.
             codec::disconnect(&mut c.wbuf);
-            let _ = c.flush().await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), c.flush()).await;
             return None;
         }
         let now = Instant::now();
@@ -200,7 +210,9 @@ async fn session(
             return Some(ErrorKind::EchoTimeout);
         }
         let mut sent = 0;
+        let mut first_ns = None;
         while let Some((seq, ns)) = flow.next_due(now) {
+            first_ns.get_or_insert(ns);
             pkid = if pkid == u16::MAX { 1 } else { pkid + 1 };
             codec::publish(&mut c.wbuf, version, topic, qos, pkid, &flow.payload(seq, ns));
             sent += 1;
@@ -209,8 +221,16 @@ async fn session(
             codec::pingreq(&mut c.wbuf);
         }
         if !c.wbuf.is_empty() {
-            if c.flush().await.is_err() {
-                return Some(ErrorKind::ConnectionReset);
+            // A broker that stops reading blocks the write once the socket
+            // buffers are full: an error within the timeout, not a quiet gap.
+            let deadline = flow.write_deadline(first_ns, now);
+            tokio::select! {
+                biased;
+                r = c.flush() => if r.is_err() {
+                    return Some(ErrorKind::ConnectionReset);
+                },
+                _ = stop.changed() => return None,
+                _ = sleep_until(deadline) => return Some(ErrorKind::WriteStall),
             }
             last_write = now;
         }

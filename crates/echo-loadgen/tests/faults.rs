@@ -27,6 +27,9 @@ enum Fault {
     Stall { at: u64, millis: u64 },
     /// Echo this many messages, then read but never answer again.
     SwallowAfter(u64),
+    /// Echo this many messages, then never read again: the socket buffers
+    /// fill and the generator's writes block.
+    StopReadingAfter(u64),
 }
 
 /// Starts a faulty echo server on its own runtime thread; returns its address.
@@ -57,6 +60,7 @@ fn faulty_server(fault: Fault) -> SocketAddr {
                             Fault::Stall { at, millis } if n == at => {
                                 tokio::time::sleep(Duration::from_millis(millis)).await;
                             }
+                            Fault::StopReadingAfter(k) if n >= k => std::future::pending().await,
                             Fault::SwallowAfter(k) if n >= k => {
                                 n += 1;
                                 continue;
@@ -143,4 +147,27 @@ fn an_echo_that_never_comes_is_an_echo_timeout() {
     let s = run.step(0);
     assert_eq!(errors(s, "echo_timeout"), 10, "{s}");
     assert_eq!(u(&s["open_connections"]), 0);
+}
+
+#[test]
+fn a_server_that_stops_reading_is_a_write_stall_within_the_timeout() {
+    // 256 KiB at 50 msg/s fills the socket buffers within a fraction of a
+    // second; from then on every write blocks. Each connection must be given
+    // up as an error within --timeout of its oldest message, not go quiet
+    // with fewer messages sent, and the run must end on time.
+    let started = std::time::Instant::now();
+    let url = format!("ws://{}/", faulty_server(Fault::StopReadingAfter(1)));
+    let args = [&url, "--steps", "5", "--hold", "3s", "--rate", "50", "--size", "262144", "--timeout", "1s"];
+    let run = loadgen("stop-reading", &args);
+    let took = started.elapsed();
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let s = run.step(0);
+    let stalls = errors(s, "write_stall");
+    assert_eq!(stalls + errors(s, "echo_timeout"), 5, "{s}");
+    assert!(stalls >= 1, "the blocked writes are reported as such: {s}");
+    assert_eq!(u(&s["derived"]["errors"]), 5, "{s}");
+    assert_eq!(u(&s["open_connections"]), 0);
+    // A 3 s hold, a short ramp and the stop: well under the 5 s that the
+    // workers give connections to close before they are abandoned.
+    assert!(took < Duration::from_secs(9), "the run took {took:?}");
 }

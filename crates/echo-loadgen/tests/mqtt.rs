@@ -187,6 +187,9 @@ enum Fault {
     Stall { at: u64, millis: u64 },
     /// Route this many messages of a client, then read but never route again.
     SwallowAfter(u64),
+    /// Route this many messages of a client, then never read from it again:
+    /// the socket buffers fill and the client's writes block.
+    StopReadingAfter(u64),
 }
 
 /// A small broker: CONNECT, SUBSCRIBE (exact topics), PUBLISH at QoS 0
@@ -276,6 +279,7 @@ async fn client(broker: &Broker, fault: &Fault, conn: u64, mut read: OwnedReadHa
                             return;
                         }
                         Fault::DropAfter(k) if n == k => return,
+                        Fault::StopReadingAfter(k) if n == k => std::future::pending().await,
                         Fault::Stall { at, millis } if n == at => {
                             tokio::time::sleep(Duration::from_millis(millis)).await;
                         }
@@ -387,4 +391,24 @@ fn a_delivery_that_never_comes_is_an_echo_timeout() {
     assert_eq!(errors(s, "echo_timeout"), 5, "{s}");
     assert_eq!(u(&s["derived"]["errors"]), 5, "{s}");
     assert_eq!(u(&s["open_connections"]), 0);
+}
+
+#[test]
+fn a_broker_that_stops_reading_is_a_write_stall_within_the_timeout() {
+    // As for WebSocket (tests/faults.rs): 256 KiB at 50 msg/s fills the
+    // buffers at once; every client is given up within --timeout, and the
+    // run ends on time.
+    let url = format!("mqtt://{}", faulty_broker(Fault::StopReadingAfter(1)));
+    let started = Instant::now();
+    let args = [&url, "--steps", "5", "--hold", "3s", "--rate", "50", "--size", "262144", "--timeout", "1s"];
+    let run = loadgen("mqtt-stop-reading", &args);
+    let took = started.elapsed();
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let s = run.step(0);
+    let stalls = errors(s, "write_stall");
+    assert_eq!(stalls + errors(s, "echo_timeout"), 5, "{s}");
+    assert!(stalls >= 1, "the blocked writes are reported as such: {s}");
+    assert_eq!(u(&s["derived"]["errors"]), 5, "{s}");
+    assert_eq!(u(&s["open_connections"]), 0);
+    assert!(took < Duration::from_secs(9), "the run took {took:?}");
 }
