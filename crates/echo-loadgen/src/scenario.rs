@@ -411,8 +411,42 @@ impl Settings {
         if self.fanout == 0 {
             return Err("--fanout must be at least 1 subscriber per topic".into());
         }
+        if self.pattern == Pattern::Fanout {
+            self.check_fanout_groups()?;
+        }
         if self.topic_prefix.is_empty() || self.topic_prefix.contains(['+', '#']) {
             return Err("--topic-prefix must be a non-empty topic without wildcards".into());
+        }
+        Ok(())
+    }
+
+    /// Fan-out clients come in groups of 1 publisher + `fanout`
+    /// subscribers: a step must be whole groups, or its last clients would
+    /// be subscribers without a publisher (waiting for nothing, checking
+    /// nothing).
+    fn check_fanout_groups(&self) -> Result<(), String> {
+        let group = u64::from(self.fanout) + 1;
+        let what = format!(
+            "--pattern fanout --fanout {} puts 1 publisher and {} subscribers on each topic, {group} connections",
+            self.fanout, self.fanout
+        );
+        for &step in &self.steps {
+            if step < group {
+                let smaller =
+                    if step >= 2 { format!(", or --fanout {} or less", step - 1) } else { String::new() };
+                return Err(format!(
+                    "a step of {step} connection(s) is less than one fan-out group: {what}: use --steps {group} \
+                     (or a multiple of {group}){smaller}"
+                ));
+            }
+            if step % group != 0 {
+                let (down, up) = (step / group * group, step.div_ceil(group) * group);
+                return Err(format!(
+                    "a step of {step} connections is not a whole number of fan-out groups ({what}); the last {} \
+                     would be subscribers without a publisher: use {down} or {up} instead (every step a multiple of {group})",
+                    step % group
+                ));
+            }
         }
         Ok(())
     }
@@ -509,6 +543,28 @@ mod tests {
         let file: Scenario = toml::from_str("qos = 2").unwrap();
         let cli = Cli::parse_from(["x", "WS://127.0.0.1:1/"]).s;
         assert!(Settings::resolve(&cli.over(file)).unwrap_err().contains("--qos applies to MQTT only"));
+    }
+
+    #[test]
+    fn fanout_steps_must_be_whole_groups() {
+        let fanout = |steps: &str, fanout: &str| {
+            let argv = ["x", "mqtt://127.0.0.1", "--pattern", "fanout", "--steps", steps, "--fanout", fanout];
+            Settings::resolve(&Cli::parse_from(argv).s)
+        };
+        let e = fanout("5", "10").unwrap_err();
+        assert!(e.starts_with("a step of 5 connection(s) is less than one fan-out group"), "{e}");
+        assert!(e.contains("use --steps 11 (or a multiple of 11), or --fanout 4 or less"), "{e}");
+        let e = fanout("22,30", "10").unwrap_err();
+        assert!(e.contains("a step of 30 connections is not a whole number of fan-out groups"), "{e}");
+        assert!(
+            e.contains("the last 8 would be subscribers without a publisher: use 22 or 33 instead"),
+            "{e}"
+        );
+        assert!(fanout("11,22,5500", "10").is_ok());
+        assert!(fanout("5100", "50").is_ok());
+        // The echo pattern has no groups.
+        let echo = Cli::parse_from(["x", "mqtt://127.0.0.1", "--steps", "5", "--fanout", "10"]).s;
+        assert!(Settings::resolve(&echo).is_ok());
     }
 
     #[test]

@@ -106,7 +106,7 @@ async fn session(
             }
             rec.sent(flow.id(), sent);
         }
-        sleep.as_mut().reset(flow.next_wake().unwrap_or(far));
+        sleep.as_mut().reset(flow.next_wake(now).unwrap_or(far));
         tokio::select! {
             biased;
             _ = stop.changed() => return close(ws).await,

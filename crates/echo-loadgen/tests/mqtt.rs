@@ -7,6 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -190,6 +191,35 @@ enum Fault {
     /// Route this many messages of a client, then never read from it again:
     /// the socket buffers fill and the client's writes block.
     StopReadingAfter(u64),
+    /// Fan-out: drop these deliveries to these subscriptions.
+    Withhold(Vec<Withhold>),
+}
+
+/// Deliveries `from..to` (counted per subscription, from 0) to the
+/// subscriptions chosen are dropped.
+#[derive(Clone, Debug)]
+struct Withhold {
+    to_whom: Whom,
+    from: u64,
+    to: u64,
+}
+
+/// Subscriptions are numbered in the order they are made, leaving out the
+/// generator's pre-run check (a topic with "/probe/"), which always gets
+/// its message.
+#[derive(Clone, Copy, Debug)]
+enum Whom {
+    Every,
+    Nth(u64),
+}
+
+impl Fault {
+    fn withholds(&self, subscription: Option<u64>, delivery: u64) -> bool {
+        let (Fault::Withhold(list), Some(n)) = (self, subscription) else { return false };
+        list.iter().any(|w| {
+            matches!(w.to_whom, Whom::Every) || matches!(w.to_whom, Whom::Nth(k) if k == n)
+        } && (w.from..w.to).contains(&delivery))
+    }
 }
 
 /// A small broker: CONNECT, SUBSCRIBE (exact topics), PUBLISH at QoS 0
@@ -223,24 +253,37 @@ fn faulty_broker(fault: Fault) -> SocketAddr {
 
 type Out = Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>;
 
-/// One subscription: the client that holds it, and where its deliveries go.
+/// One subscription: the client that holds it, where its deliveries go,
+/// its number (`None` for the pre-run check's) and its deliveries so far.
 #[derive(Clone)]
 struct Sub {
     conn: u64,
     out: Out,
+    index: Option<u64>,
+    delivered: Arc<AtomicU64>,
 }
 
 #[derive(Clone, Default)]
 struct Broker {
     subs: Arc<Mutex<HashMap<String, Vec<Sub>>>>,
+    subscriptions: Arc<AtomicU64>,
 }
 
 impl Broker {
-    async fn route(&self, topic: &str, payload: &[u8]) {
+    fn subscribe(&self, conn: u64, topic: String, out: Out) {
+        let index = (!topic.contains("/probe/")).then(|| self.subscriptions.fetch_add(1, Ordering::SeqCst));
+        let sub = Sub { conn, out, index, delivered: Arc::default() };
+        self.subs.lock().unwrap().entry(topic).or_default().push(sub);
+    }
+
+    async fn route(&self, fault: &Fault, topic: &str, payload: &[u8]) {
         let subs = self.subs.lock().unwrap().get(topic).cloned().unwrap_or_default();
         let mut packet = Vec::new();
         codec::publish(&mut packet, MqttVersion::V311, topic, 0, 0, payload);
         for sub in subs {
+            if fault.withholds(sub.index, sub.delivered.fetch_add(1, Ordering::SeqCst)) {
+                continue;
+            }
             // A subscriber that went away is no concern of the others.
             let _ = sub.out.lock().await.write_all(&packet).await;
         }
@@ -260,8 +303,7 @@ async fn client(broker: &Broker, fault: &Fault, conn: u64, mut read: OwnedReadHa
                     // Packet id, then one filter: length, topic, options.
                     let topic_len = u16::from_be_bytes([body[2], body[3]]) as usize;
                     let topic = String::from_utf8_lossy(&body[4..4 + topic_len]).into_owned();
-                    let sub = Sub { conn, out: out.clone() };
-                    broker.subs.lock().unwrap().entry(topic).or_default().push(sub);
+                    broker.subscribe(conn, topic, out.clone());
                     let _ = out.lock().await.write_all(&[0x90, 3, body[0], body[1], 0]).await;
                     continue;
                 }
@@ -272,22 +314,22 @@ async fn client(broker: &Broker, fault: &Fault, conn: u64, mut read: OwnedReadHa
                     let topic_len = u16::from_be_bytes([body[0], body[1]]) as usize;
                     let topic = String::from_utf8_lossy(&body[2..2 + topic_len]).into_owned();
                     let mut payload = body[2 + topic_len..].to_vec();
-                    match *fault {
+                    match fault {
                         Fault::CorruptEveryThird if n % 3 == 2 => payload[30] ^= 1,
-                        Fault::DisconnectAfter(k) if n == k => {
+                        &Fault::DisconnectAfter(k) if n == k => {
                             let _ = out.lock().await.write_all(&[0xE0, 0]).await;
                             return;
                         }
-                        Fault::DropAfter(k) if n == k => return,
-                        Fault::StopReadingAfter(k) if n == k => std::future::pending().await,
-                        Fault::Stall { at, millis } if n == at => {
+                        &Fault::DropAfter(k) if n == k => return,
+                        &Fault::StopReadingAfter(k) if n == k => std::future::pending().await,
+                        &Fault::Stall { at, millis } if n == at => {
                             tokio::time::sleep(Duration::from_millis(millis)).await;
                         }
                         _ => {}
                     }
                     n += 1;
                     if !matches!(*fault, Fault::SwallowAfter(k) if n > k) {
-                        broker.route(&topic, &payload).await;
+                        broker.route(fault, &topic, &payload).await;
                     }
                     continue;
                 }
@@ -321,7 +363,7 @@ fn remaining(buf: &BytesMut) -> Option<usize> {
 /// Length of the variable header and payload of a whole packet.
 fn body_len(packet: &[u8]) -> usize {
     let mut len = 0usize;
-    for (i, b) in packet[1..5].iter().enumerate() {
+    for (i, b) in packet[1..packet.len().min(5)].iter().enumerate() {
         len |= ((b & 0x7f) as usize) << (7 * i);
         if b & 0x80 == 0 {
             break;
@@ -411,4 +453,118 @@ fn a_broker_that_stops_reading_is_a_write_stall_within_the_timeout() {
     assert_eq!(u(&s["derived"]["errors"]), 5, "{s}");
     assert_eq!(u(&s["open_connections"]), 0);
     assert!(took < Duration::from_secs(9), "the run took {took:?}");
+}
+
+/// Runs a fan-out of 2 groups (1 publisher + 5 subscribers each) against
+/// `url` at 20 msg/s for 3 s, with a 1 s timeout.
+fn fanout_run(name: &str, url: &str, extra: &[&str]) -> Run {
+    let mut args = vec![url, "--steps", "12", "--hold", "3s", "--rate", "20", "--pattern", "fanout"];
+    args.extend(["--fanout", "5", "--timeout", "1s"]);
+    args.extend(extra);
+    loadgen(name, &args)
+}
+
+#[test]
+fn fanout_against_echo_server_mqtt_delivers_every_message_to_every_subscriber() {
+    if !echo_server_has_mqtt() {
+        eprintln!("*** SKIPPED: this echo-server has no MQTT listener yet (no --mqtt-listen) ***");
+        return;
+    }
+    let server = EchoServer::start_with(&["--mqtt-listen", "127.0.0.1:0"]);
+    let url = format!("mqtt://{}", server.mqtt.expect("mqtt address logged"));
+    // Two steps, two workers: groups are dealt to workers whole, and the
+    // second step's groups start while the first step's keep publishing.
+    for (qos, version) in [("0", "3.1.1"), ("1", "5")] {
+        let run = loadgen(
+            "echo-server-fanout",
+            &[
+                &url,
+                "--steps",
+                "12,24",
+                "--hold",
+                "2s",
+                "--rate",
+                "20",
+                "--pattern",
+                "fanout",
+                "--fanout",
+                "5",
+                "--workers",
+                "2",
+                "--qos",
+                qos,
+                "--mqtt-version",
+                version,
+            ],
+        );
+        assert_eq!(run.code(), 0, "qos {qos}: {}", run.stderr());
+        for (i, groups) in [(0, 2), (1, 4)] {
+            let s = run.step(i);
+            assert_eq!(u(&s["open_connections"]), groups * 6, "qos {qos}");
+            let (sent, received) = (u(&s["hold"]["sent"]), u(&s["hold"]["received"]));
+            assert!(sent >= groups * 20 * 2 * 8 / 10, "qos {qos}: sent {sent}");
+            // Every subscriber gets every message (a loss would be an
+            // error); only those in flight at the edges of the hold differ,
+            // at most a couple per group and edge.
+            assert!(
+                received.abs_diff(sent * 5) <= groups * 5 * 4,
+                "qos {qos}: sent {sent}, received {received}"
+            );
+            assert_eq!(u(&s["derived"]["errors"]), 0, "qos {qos}: {s}");
+        }
+    }
+}
+
+#[test]
+fn a_broker_that_never_delivers_to_subscribers_is_an_echo_timeout_for_each() {
+    // It accepts SUBSCRIBE (and the pre-run check's message is delivered),
+    // but no subscriber ever gets a message: 10 subscribers, 10 timeouts.
+    let fault = Fault::Withhold(vec![Withhold { to_whom: Whom::Every, from: 0, to: u64::MAX }]);
+    let url = format!("mqtt://{}", faulty_broker(fault));
+    let run = fanout_run("fanout-never", &url, &[]);
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let s = run.step(0);
+    assert_eq!(errors(s, "echo_timeout"), 10, "{s}");
+    assert_eq!(u(&s["derived"]["errors"]), 10, "{s}");
+    assert_eq!(u(&s["hold"]["received"]), 0, "{s}");
+    // The publishers go on; the subscribers are given up.
+    assert_eq!(u(&s["open_connections"]), 2, "{s}");
+}
+
+#[test]
+fn fanout_losses_at_the_head_and_the_tail_of_one_subscriber_are_counted() {
+    // Subscription 0 misses the first 3 messages (before any message it
+    // sees); subscription 7 gets 5 and then nothing more.
+    let fault = Fault::Withhold(vec![
+        Withhold { to_whom: Whom::Nth(0), from: 0, to: 3 },
+        Withhold { to_whom: Whom::Nth(7), from: 5, to: u64::MAX },
+    ]);
+    let url = format!("mqtt://{}", faulty_broker(fault));
+    let run = fanout_run("fanout-head-tail", &url, &[]);
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let s = run.step(0);
+    assert_eq!(errors(s, "echo_lost"), 3, "{s}");
+    assert_eq!(errors(s, "echo_timeout"), 1, "{s}");
+    assert_eq!(u(&s["derived"]["errors"]), 4, "{s}");
+    assert_eq!(u(&s["open_connections"]), 11, "{s}");
+    // The other nine subscribers get everything.
+    let (sent, received) = (u(&s["hold"]["sent"]), u(&s["hold"]["received"]));
+    assert!(received.abs_diff(sent * 5) <= sent / 2 + 20, "sent {sent}, received {received}");
+}
+
+#[test]
+fn fanout_with_no_whole_group_is_refused_before_the_run() {
+    let url = format!("mqtt://{}", faulty_broker(Fault::SwallowAfter(u64::MAX)));
+    let too_few = loadgen("fanout-too-few", &[&url, "--steps", "5", "--pattern", "fanout", "--fanout", "10"]);
+    assert_eq!(too_few.code(), 2, "{}", too_few.stderr());
+    assert!(too_few.stderr().contains("less than one fan-out group"), "{}", too_few.stderr());
+    assert!(too_few.stderr().contains("use --steps 11"), "{}", too_few.stderr());
+    assert!(too_few.json.is_none(), "nothing was measured");
+    let partial = loadgen("fanout-partial", &[&url, "--steps", "14", "--pattern", "fanout", "--fanout", "5"]);
+    assert_eq!(partial.code(), 2, "{}", partial.stderr());
+    assert!(
+        partial.stderr().contains("subscribers without a publisher: use 12 or 18"),
+        "{}",
+        partial.stderr()
+    );
 }
