@@ -137,6 +137,14 @@ fn explain(kind: ErrorKind, target: &Target, timeout: Duration) -> String {
     }
 }
 
+fn not_taken(target: &Target, size: usize, timeout: Duration) -> String {
+    format!(
+        "{} accepted the connection but did not take a {size}-byte message within {timeout:?}: is the server reading \
+         (is it overloaded or stuck)?",
+        target.url
+    )
+}
+
 async fn probe_ws(
     target: &Target,
     settings: &Settings,
@@ -147,10 +155,15 @@ async fn probe_ws(
         .await
         .map_err(|k| explain(k, target, timeout))?;
     let msg = payload::message(0, 0, 0, settings.size);
-    ws.send(Message::Binary(Bytes::from(msg.clone())))
-        .await
-        .map_err(|e| format!("{}: the connection failed right after the handshake: {e}", target.url))?;
     let deadline = Instant::now() + timeout;
+    // A server that does not read must not hold the check up forever.
+    match tokio::time::timeout_at(deadline, ws.send(Message::Binary(Bytes::from(msg.clone())))).await {
+        Err(_) => return Err(not_taken(target, settings.size, timeout)),
+        Ok(Err(e)) => {
+            return Err(format!("{}: the connection failed right after the handshake: {e}", target.url));
+        }
+        Ok(Ok(())) => {}
+    }
     loop {
         match tokio::time::timeout_at(deadline, ws.next()).await {
             Err(_) => {
@@ -174,7 +187,7 @@ async fn probe_ws(
             Ok(None) => return Err(format!("{} closed the connection instead of echoing", target.url)),
         }
     }
-    let _ = ws.close(None).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
     Ok(())
 }
 
@@ -192,9 +205,12 @@ async fn probe_mqtt(
     let topic = format!("{}/probe/{}", settings.topic_prefix, std::process::id());
     c.subscribe(&topic, 0, deadline).await.map_err(|k| explain(k, target, timeout))?;
     let msg = payload::message(0, 0, 0, settings.size);
-    c.send(|buf, v| codec::publish(buf, v, &topic, 0, 0, &msg))
-        .await
-        .map_err(|k| explain(k, target, timeout))?;
+    match tokio::time::timeout_at(deadline, c.send(|buf, v| codec::publish(buf, v, &topic, 0, 0, &msg))).await
+    {
+        Err(_) => return Err(not_taken(target, settings.size, timeout)),
+        Ok(Err(k)) => return Err(explain(k, target, timeout)),
+        Ok(Ok(())) => {}
+    }
     loop {
         match tokio::time::timeout_at(deadline, c.recv()).await {
             Err(_) => {
@@ -211,7 +227,7 @@ async fn probe_mqtt(
             Ok(Err(k)) => return Err(explain(k, target, timeout)),
         }
     }
-    let _ = c.send(|buf, _| codec::disconnect(buf)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), c.send(|buf, _| codec::disconnect(buf))).await;
     Ok(())
 }
 

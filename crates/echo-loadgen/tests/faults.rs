@@ -30,6 +30,8 @@ enum Fault {
     /// Echo this many messages, then never read again: the socket buffers
     /// fill and the generator's writes block.
     StopReadingAfter(u64),
+    /// Accept the upgrade, then never read at all (not even the pre-run check's message).
+    NeverRead,
 }
 
 /// Starts a faulty echo server on its own runtime thread; returns its address.
@@ -46,6 +48,10 @@ fn faulty_server(fault: Fault) -> SocketAddr {
                 tokio::spawn(async move {
                     let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else { return };
                     let mut n = 0u64;
+                    if let Fault::NeverRead = fault {
+                        // Holds the connection open, unread.
+                        std::future::pending::<()>().await;
+                    }
                     while let Some(Ok(msg)) = ws.next().await {
                         let Message::Binary(data) = msg else { continue };
                         let mut data = data.to_vec();
@@ -170,4 +176,17 @@ fn a_server_that_stops_reading_is_a_write_stall_within_the_timeout() {
     // A 3 s hold, a short ramp and the stop: well under the 5 s that the
     // workers give connections to close before they are abandoned.
     assert!(took < Duration::from_secs(9), "the run took {took:?}");
+}
+
+#[test]
+fn a_server_that_never_reads_is_refused_before_the_run_not_waited_for() {
+    // The pre-run check's one message (16 MiB, more than the socket buffers
+    // hold) cannot be written: a refusal within the connect timeout.
+    let url = format!("ws://{}/", faulty_server(Fault::NeverRead));
+    let started = std::time::Instant::now();
+    let run =
+        loadgen("never-reads", &[&url, "--steps", "1", "--size", "16777216", "--connect-timeout", "2s"]);
+    assert_eq!(run.code(), 2, "{}", run.stderr());
+    assert!(run.stderr().contains("did not take a 16777216-byte message within"), "{}", run.stderr());
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
 }

@@ -193,6 +193,8 @@ enum Fault {
     StopReadingAfter(u64),
     /// Fan-out: drop these deliveries to these subscriptions.
     Withhold(Vec<Withhold>),
+    /// Answer CONNECT and SUBSCRIBE, but stop reading at the first PUBLISH.
+    NeverReadPublish,
 }
 
 /// Deliveries `from..to` (counted per subscription, from 0) to the
@@ -338,6 +340,9 @@ async fn client(broker: &Broker, fault: &Fault, conn: u64, mut read: OwnedReadHa
             if out.lock().await.write_all(reply).await.is_err() {
                 return;
             }
+        }
+        if matches!(fault, Fault::NeverReadPublish) && buf.first().is_some_and(|b| b >> 4 == 3) {
+            std::future::pending::<()>().await;
         }
         buf.reserve(4096);
         match read.read_buf(&mut buf).await {
@@ -567,4 +572,17 @@ fn fanout_with_no_whole_group_is_refused_before_the_run() {
         "{}",
         partial.stderr()
     );
+}
+
+#[test]
+fn a_broker_that_never_reads_is_refused_before_the_run_not_waited_for() {
+    // The pre-run check's message (16 MiB, more than the socket buffers
+    // hold) cannot be written: a refusal within the connect timeout.
+    let url = format!("mqtt://{}", faulty_broker(Fault::NeverReadPublish));
+    let started = Instant::now();
+    let run =
+        loadgen("mqtt-never-reads", &[&url, "--steps", "1", "--size", "16777216", "--connect-timeout", "2s"]);
+    assert_eq!(run.code(), 2, "{}", run.stderr());
+    assert!(run.stderr().contains("did not take a 16777216-byte message within"), "{}", run.stderr());
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
 }
