@@ -2,7 +2,8 @@
 //! never silently. The faulty server is built here, on tokio-tungstenite,
 //! so the real server stays free of test hooks. Each fault starts after a
 //! connection's first message, so the generator's pre-run check (one
-//! message on one connection) still sees an echo server.
+//! message on one connection) still sees an echo server — except
+//! `NeverRead`, which is for the check itself.
 
 mod common;
 

@@ -227,8 +227,10 @@ impl Fault {
 /// A small broker: CONNECT, SUBSCRIBE (exact topics), PUBLISH at QoS 0
 /// routed to every subscriber of its topic, PINGREQ, DISCONNECT; MQTT
 /// 3.1.1. Faults apply to each client's messages from its second on (its
-/// first may be the generator's pre-run check). Enough for the echo
-/// pattern (each client subscribes to its own topic) and for fan-out.
+/// first may be the generator's pre-run check), and withheld deliveries
+/// never touch the check's topic; `NeverReadPublish` is for the check
+/// itself. Enough for the echo pattern (each client subscribes to its own
+/// topic) and for fan-out.
 fn faulty_broker(fault: Fault) -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
