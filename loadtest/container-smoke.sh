@@ -188,8 +188,9 @@ for name in ("ws", "mqtt"):
     step = json.load(open(path))["steps"][-1]
     hold, derived = step["hold"], step["derived"]
     lat = hold["latency"]
+    ms = lambda us: "-" if us is None else f"{us / 1000:.2f} ms"  # null: no samples
     print(f"[container-smoke] {name}: {step['open_connections']} connections, {hold['received']} echoes, "
           f"{derived['errors']} errors, {derived['received_per_sec']:.0f} echoes/s, "
-          f"p50 {lat['p50_us'] / 1000:.2f} ms, p99 {lat['p99_us'] / 1000:.2f} ms")
+          f"p50 {ms(lat['p50_us'])}, p99 {ms(lat['p99_us'])}")
 PY
 log "passed"

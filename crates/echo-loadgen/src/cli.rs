@@ -1,8 +1,9 @@
 //! The command line.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::scenario::Scenario;
 
@@ -13,7 +14,16 @@ use crate::scenario::Scenario;
 /// scheduled send time), throughput, errors by kind and the server's memory
 /// and CPU per step.
 #[derive(Debug, Parser)]
-#[command(name = "echo-loadgen", version, about, long_about = None)]
+#[command(
+    name = "echo-loadgen",
+    version,
+    about,
+    long_about = None,
+    arg_required_else_help = true,
+    override_usage = "echo-loadgen [run] [OPTIONS] [URL]\n       echo-loadgen <COMMAND>",
+    after_help = "`run` is the default: `echo-loadgen ws://HOST:PORT/ --steps 1000` is \
+                  `echo-loadgen run ws://HOST:PORT/ --steps 1000` (see `echo-loadgen run --help`)."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Cmd,
@@ -21,7 +31,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
-    /// Measure a server.
+    /// Measure a server (the default: `echo-loadgen URL ...` is `echo-loadgen run URL ...`).
     ///
     /// Settings come from --scenario FILE (TOML, same names as these flags)
     /// and are overridden by the flags given here.
@@ -29,6 +39,9 @@ pub enum Cmd {
     /// Exit status: 0 done, 1 the run failed, 2 bad settings or no usable
     /// server at the URL (nothing was measured), 3 a threshold was crossed,
     /// 130 interrupted (Ctrl-C; the completed steps are reported).
+    // No flag of `run` looks like a number, so `--rate -1` reaches the rate's
+    // own check ("cannot be negative") instead of clap's "unexpected argument".
+    #[command(allow_negative_numbers = true)]
     Run {
         /// Scenario file (see loadtest/scenarios/).
         #[arg(long, value_name = "FILE")]
@@ -73,10 +86,28 @@ pub enum Cmd {
     Worker,
 }
 
+/// Makes `run` the default subcommand: when the first argument is neither a
+/// subcommand nor help/version but looks like an argument of `run` (a
+/// `--flag`, or an address such as `ws://host:8080/`), `run` is put in front
+/// of it. A bare word (`merg`) is left alone, so that clap reports the
+/// unknown subcommand and suggests the one meant.
+pub fn with_default_command(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut args: Vec<OsString> = args.into_iter().collect();
+    let Some(first) = args.get(1).map(|a| a.to_string_lossy().into_owned()) else { return args };
+    let cmd = Cli::command();
+    let is_command = first == "help"
+        || cmd.get_subcommands().any(|c| c.get_name() == first || c.get_all_aliases().any(|a| a == first));
+    let is_own_flag = ["-h", "--help", "-V", "--version"].contains(&first.as_str());
+    let for_run = first.starts_with('-') || first.contains([':', '/']);
+    if !is_command && !is_own_flag && for_run {
+        args.insert(1, "run".into());
+    }
+    args
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_is_well_formed() {
@@ -90,5 +121,52 @@ mod tests {
         let Cmd::Run { settings, .. } = cli.command else { panic!() };
         assert_eq!(settings.url.as_deref(), Some("ws://127.0.0.1:8080/"));
         assert_eq!(settings.steps.unwrap().0, vec![10, 20]);
+    }
+
+    fn rewrite(args: &[&str]) -> Vec<String> {
+        with_default_command(args.iter().map(OsString::from))
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn run_is_the_default_subcommand() {
+        // A URL or a flag of `run` first: `run` is implied.
+        assert_eq!(rewrite(&["elg", "ws://h:8080/", "-c", "5"]), ["elg", "run", "ws://h:8080/", "-c", "5"]);
+        assert_eq!(rewrite(&["elg", "--steps", "5", "mqtt://h"]), ["elg", "run", "--steps", "5", "mqtt://h"]);
+        assert_eq!(rewrite(&["elg", "-q", "ws://h/"]), ["elg", "run", "-q", "ws://h/"]);
+        assert_eq!(rewrite(&["elg", "localhost:8080"]), ["elg", "run", "localhost:8080"]);
+        // Subcommands, help and version stay as they are.
+        for args in [
+            &["elg", "run", "ws://h/"][..],
+            &["elg", "merge", "a.json"],
+            &["elg", "compare", "a.json"],
+            &["elg", "worker"],
+            &["elg", "help", "run"],
+            &["elg", "--help"],
+            &["elg", "-h"],
+            &["elg", "-V"],
+            &["elg", "--version"],
+            &["elg"],
+            // A misspelt subcommand is clap's to report ("did you mean merge?").
+            &["elg", "merg", "a.json"],
+        ] {
+            assert_eq!(rewrite(args), args, "{args:?}");
+        }
+        let cli = Cli::parse_from(with_default_command(
+            ["elg", "ws://127.0.0.1:8080/", "--rate", "max"].map(OsString::from),
+        ));
+        let Cmd::Run { settings, .. } = cli.command else { panic!("not run") };
+        assert_eq!(settings.url.as_deref(), Some("ws://127.0.0.1:8080/"));
+    }
+
+    #[test]
+    fn help_lists_the_subcommands_and_names_the_default() {
+        let help = Cli::command().render_help().to_string();
+        for word in ["run", "merge", "compare", "`run` is the default"] {
+            assert!(help.contains(word), "{word:?} missing from\n{help}");
+        }
+        assert!(!help.contains("worker"), "the internal subcommand is hidden:\n{help}");
     }
 }

@@ -108,16 +108,19 @@ impl Hist {
         Ok(out)
     }
 
+    /// The readable figures; all but `count` are `None` (JSON `null`) for
+    /// an empty histogram, where there is no minimum or percentile to give.
     pub fn summary(&self) -> HistSummary {
+        let some = |v| (!self.is_empty()).then_some(v);
         HistSummary {
             count: self.count(),
-            min_us: self.min(),
-            mean_us: (self.mean() * 10.0).round() / 10.0,
-            p50_us: self.percentile(50.0),
-            p90_us: self.percentile(90.0),
-            p99_us: self.percentile(99.0),
-            p999_us: self.percentile(99.9),
-            max_us: self.max(),
+            min_us: some(self.min()),
+            mean_us: (!self.is_empty()).then(|| (self.mean() * 10.0).round() / 10.0),
+            p50_us: some(self.percentile(50.0)),
+            p90_us: some(self.percentile(90.0)),
+            p99_us: some(self.percentile(99.0)),
+            p999_us: some(self.percentile(99.9)),
+            max_us: some(self.max()),
         }
     }
 }
@@ -126,13 +129,13 @@ impl Hist {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HistSummary {
     pub count: u64,
-    pub min_us: u64,
-    pub mean_us: f64,
-    pub p50_us: u64,
-    pub p90_us: u64,
-    pub p99_us: u64,
-    pub p999_us: u64,
-    pub max_us: u64,
+    pub min_us: Option<u64>,
+    pub mean_us: Option<f64>,
+    pub p50_us: Option<u64>,
+    pub p90_us: Option<u64>,
+    pub p99_us: Option<u64>,
+    pub p999_us: Option<u64>,
+    pub max_us: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -203,11 +206,19 @@ mod tests {
     }
 
     #[test]
-    fn empty_histogram_reports_zeros() {
+    fn empty_histogram_has_no_figures_rather_than_zeros() {
         let h = Hist::new();
         assert_eq!(h.summary(), HistSummary::default());
-        let back = Hist::decode(&h.encode()).unwrap();
+        let json: serde_json::Value = serde_json::to_value(&h).unwrap();
+        assert_eq!(json["count"], 0);
+        for key in ["min_us", "mean_us", "p50_us", "p90_us", "p99_us", "p999_us", "max_us"] {
+            assert!(json[key].is_null(), "{key}: {json}");
+        }
+        let back: Hist = serde_json::from_value(json).unwrap();
         assert!(back.is_empty());
+        let mut one = Hist::new();
+        one.record(0);
+        assert_eq!(one.summary().p99_us, Some(0), "a real 0 µs stays 0");
     }
 
     #[test]

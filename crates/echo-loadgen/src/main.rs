@@ -19,7 +19,7 @@ const EXIT_THRESHOLD: u8 = 3;
 const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(echo_loadgen::cli::with_default_command(std::env::args_os()));
     match cli.command {
         Cmd::Worker => match worker::main() {
             Ok(()) => ExitCode::SUCCESS,
@@ -64,11 +64,13 @@ fn run(file: Option<PathBuf>, quiet: bool, cli: Scenario) -> ExitCode {
         Err(e) => return fail(EXIT_BAD_INPUT, &e),
     };
     let fd_limit = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(_, hard)| hard).unwrap_or(1024);
-    let workers =
-        match preflight::workers_needed(&settings, scenario.workers, fd_limit, net::ephemeral_ports()) {
-            Ok(w) => w,
-            Err(e) => return fail(EXIT_BAD_INPUT, &e),
-        };
+    let workers = match preflight::workers_needed(&settings, scenario.workers, fd_limit) {
+        Ok(w) => w,
+        Err(e) => return fail(EXIT_BAD_INPUT, &e),
+    };
+    if let Err(e) = preflight::sources_suffice(&settings, target.addr.ip(), net::ephemeral_ports()) {
+        return fail(EXIT_BAD_INPUT, &e);
+    }
     let threads = scenario.threads.unwrap_or_else(|| (coordinator::cpus() / workers).max(1));
     let server = match (scenario.server_pid, scenario.server_metrics.clone()) {
         (Some(_), Some(_)) => return fail(EXIT_BAD_INPUT, "give --server-pid or --server-metrics, not both"),
@@ -142,13 +144,18 @@ fn write_outputs(
 }
 
 fn load(files: &[PathBuf]) -> anyhow::Result<Vec<RunResult>> {
+    load_named(files).map(|runs| runs.into_iter().map(|(_, r)| r).collect())
+}
+
+fn load_named(files: &[PathBuf]) -> anyhow::Result<Vec<(String, RunResult)>> {
     use anyhow::Context;
     files
         .iter()
         .map(|f| {
             let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-            serde_json::from_str(&text)
-                .with_context(|| format!("{} is not an echo-loadgen result", f.display()))
+            let run = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not an echo-loadgen result", f.display()))?;
+            Ok((f.display().to_string(), run))
         })
         .collect()
 }
@@ -159,7 +166,7 @@ fn merge(
     csv: Option<PathBuf>,
     chart: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let merged = RunResult::merge(load(files)?).map_err(anyhow::Error::msg)?;
+    let merged = RunResult::merge_named(load_named(files)?).map_err(anyhow::Error::msg)?;
     write_outputs(&merged, json.as_deref(), csv.as_deref(), chart.as_deref())?;
     print!("{}", report::table(&merged));
     Ok(())

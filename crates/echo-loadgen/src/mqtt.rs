@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout_at};
 
-use crate::flow::Flow;
+use crate::flow::{Feed, Flow, Settle};
 use crate::mqtt_codec::{self as codec, Packet};
 use crate::net;
 use crate::scenario::{MqttVersion, Pattern};
@@ -27,8 +27,8 @@ const KEEP_ALIVE: Duration = Duration::from_secs(60);
 /// What one client does.
 enum Role {
     Echo { topic: String },
-    Subscriber { topic: String, publisher: u32 },
-    Publisher { topic: String },
+    Subscriber { topic: String, publisher: u32, feed: Arc<Feed> },
+    Publisher { topic: String, feed: Arc<Feed> },
 }
 
 fn role(ctx: &Ctx, id: u32) -> Role {
@@ -42,7 +42,12 @@ fn role(ctx: &Ctx, id: u32) -> Role {
             let group = id / group_size;
             let topic = format!("{}/{}/{}/g{group}", s.topic_prefix, ctx.run_id, ctx.worker);
             let publisher = group * group_size + s.fanout;
-            if id == publisher { Role::Publisher { topic } } else { Role::Subscriber { topic, publisher } }
+            let feed = ctx.feed(group);
+            if id == publisher {
+                Role::Publisher { topic, feed }
+            } else {
+                Role::Subscriber { topic, publisher, feed }
+            }
         }
     }
 }
@@ -73,7 +78,7 @@ impl Client {
         let stream = net::connect(addr, source, timeout).await?;
         let mut c = Client { stream, rbuf: BytesMut::new(), wbuf: Vec::new(), version, read_size: 512 };
         codec::connect(&mut c.wbuf, version, client_id, KEEP_ALIVE.as_secs() as u16);
-        c.flush().await.map_err(|_| ErrorKind::HandshakeFailed)?;
+        c.flush_by(deadline).await?;
         match timeout_at(deadline, c.next()).await {
             Err(_) => Err(ErrorKind::HandshakeTimeout),
             Ok(Ok(Packet::ConnAck { code: 0 })) => Ok(c),
@@ -85,12 +90,21 @@ impl Client {
     /// Subscribes and waits for a granted SUBACK.
     pub async fn subscribe(&mut self, topic: &str, qos: u8, deadline: Instant) -> Result<(), ErrorKind> {
         codec::subscribe(&mut self.wbuf, self.version, 1, topic, qos);
-        self.flush().await.map_err(|_| ErrorKind::HandshakeFailed)?;
+        self.flush_by(deadline).await?;
         match timeout_at(deadline, self.next()).await {
             Err(_) => Err(ErrorKind::HandshakeTimeout),
             Ok(Ok(Packet::SubAck { code })) if code < 0x80 => Ok(()),
             Ok(Ok(Packet::SubAck { .. })) => Err(ErrorKind::MqttSubscribeRefused),
             Ok(_) => Err(ErrorKind::HandshakeFailed),
+        }
+    }
+
+    /// Writes the handshake's packets out within the connect deadline.
+    async fn flush_by(&mut self, deadline: Instant) -> Result<(), ErrorKind> {
+        match timeout_at(deadline, self.flush()).await {
+            Err(_) => Err(ErrorKind::HandshakeTimeout),
+            Ok(Err(_)) => Err(ErrorKind::HandshakeFailed),
+            Ok(Ok(())) => Ok(()),
         }
     }
 
@@ -149,25 +163,44 @@ pub async fn run(ctx: Arc<Ctx>, id: u32, source: Option<IpAddr>, mut stop: watch
     let started = Instant::now();
     let deadline = started + s.connect_timeout();
     let client_id = format!("elg-{}-{}-{id}", ctx.run_id, ctx.worker);
+    let role = role(&ctx, id);
+    // A fan-out subscriber lets its publisher start once it is subscribed,
+    // or has failed (the guard is dropped on every way out).
+    let settle = Settle::new(match &role {
+        Role::Subscriber { feed, .. } => Some(feed.clone()),
+        _ => None,
+    });
     let mut client = match Client::open(ctx.target.addr, source, s.mqtt_version, &client_id, deadline).await {
         Ok(c) => c,
         Err(kind) => return rec.error(id, kind),
     };
-    let (topic, mut flow, subscribes) = match role(&ctx, id) {
-        Role::Echo { topic } => {
-            (topic, Flow::echo(id, s.size, s.rate, s.in_flight, s.timeout(), ctx.clock), true)
-        }
-        Role::Subscriber { topic, publisher } => {
-            (topic, Flow::subscriber(id, publisher, s.size, s.timeout(), ctx.clock), true)
-        }
-        Role::Publisher { topic } => {
-            (topic, Flow::publisher(id, s.size, s.rate, s.timeout(), ctx.clock), false)
+    let topic = match &role {
+        Role::Echo { topic } | Role::Subscriber { topic, .. } | Role::Publisher { topic, .. } => {
+            topic.clone()
         }
     };
-    if subscribes && let Err(kind) = client.subscribe(&topic, s.qos, deadline).await {
+    if !matches!(role, Role::Publisher { .. })
+        && let Err(kind) = client.subscribe(&topic, s.qos, deadline).await
+    {
         return rec.error(id, kind);
     }
     rec.connected(id, started.elapsed().as_micros() as u64);
+    let mut flow = match role {
+        Role::Echo { .. } => Flow::echo(id, s.size, s.rate, s.in_flight, s.timeout(), ctx.clock),
+        Role::Subscriber { publisher, feed, .. } => {
+            Flow::subscriber(id, publisher, s.size, s.timeout(), ctx.clock, feed)
+        }
+        Role::Publisher { feed, .. } => {
+            // Every subscriber of the group is owed every message from the
+            // first: start once they are all subscribed (or have failed).
+            if !feed.wait_for_subscribers(&mut stop).await {
+                rec.closed();
+                return;
+            }
+            Flow::publisher(id, s.size, s.rate, s.timeout(), ctx.clock, feed)
+        }
+    };
+    drop(settle);
     if let Some(kind) = session(&mut client, &mut flow, &topic, &ctx, &mut stop).await {
         rec.error(id, kind);
     }
@@ -191,8 +224,9 @@ async fn session(
     tokio::pin!(sleep);
     loop {
         if *stop.borrow() {
+            // A broker that stopped reading must not hold up the end of the run.
             codec::disconnect(&mut c.wbuf);
-            let _ = c.flush().await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), c.flush()).await;
             return None;
         }
         let now = Instant::now();
@@ -200,7 +234,9 @@ async fn session(
             return Some(ErrorKind::EchoTimeout);
         }
         let mut sent = 0;
+        let mut first_ns = None;
         while let Some((seq, ns)) = flow.next_due(now) {
+            first_ns.get_or_insert(ns);
             pkid = if pkid == u16::MAX { 1 } else { pkid + 1 };
             codec::publish(&mut c.wbuf, version, topic, qos, pkid, &flow.payload(seq, ns));
             sent += 1;
@@ -209,20 +245,30 @@ async fn session(
             codec::pingreq(&mut c.wbuf);
         }
         if !c.wbuf.is_empty() {
-            if c.flush().await.is_err() {
-                return Some(ErrorKind::ConnectionReset);
+            // A broker that stops reading blocks the write once the socket
+            // buffers are full: an error within the timeout, not a quiet gap.
+            let deadline = flow.write_deadline(first_ns, now);
+            tokio::select! {
+                biased;
+                r = c.flush() => if r.is_err() {
+                    return Some(ErrorKind::ConnectionReset);
+                },
+                _ = stop.changed() => return None,
+                _ = sleep_until(deadline) => return Some(ErrorKind::WriteStall),
             }
             last_write = now;
         }
         if sent > 0 {
             rec.sent(flow.id(), sent);
+            flow.written(sent);
         }
         let wake =
-            flow.next_wake().map_or(last_write + KEEP_ALIVE / 2, |w| w.min(last_write + KEEP_ALIVE / 2));
+            flow.next_wake(now).map_or(last_write + KEEP_ALIVE / 2, |w| w.min(last_write + KEEP_ALIVE / 2));
         sleep.as_mut().reset(wake);
         tokio::select! {
             biased;
             _ = stop.changed() => continue,
+            _ = flow.feed_changed() => continue,
             r = { c.rbuf.reserve(c.read_size); c.stream.read_buf(&mut c.rbuf) } => match r {
                 Ok(0) => return Some(ErrorKind::ConnectionEof),
                 Err(_) => return Some(ErrorKind::ConnectionReset),
@@ -253,7 +299,7 @@ async fn session(
         // An idle client gives its read buffer back (4 KiB × 19,000 clients
         // is most of the generator's memory); a busy one keeps it unless a
         // burst made it large.
-        if c.rbuf.is_empty() && (flow.next_wake().is_none() || c.rbuf.capacity() > 64 * 1024) {
+        if c.rbuf.is_empty() && (flow.next_wake(now).is_none() || c.rbuf.capacity() > 64 * 1024) {
             c.rbuf = BytesMut::new();
         }
     }

@@ -2,6 +2,7 @@
 //! there a server of the right kind at the URL? Each refusal says what to
 //! change, so nobody waits through a ramp to learn the URL was wrong.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,41 +21,65 @@ use crate::target::{Protocol, Target};
 pub const FD_RESERVE: u64 = 64;
 
 /// How many worker processes the largest step needs, or why it cannot run.
-pub fn workers_needed(
-    settings: &Settings,
-    requested: Option<usize>,
-    fd_limit: u64,
-    ports_per_source: u64,
-) -> Result<usize, String> {
+pub fn workers_needed(settings: &Settings, requested: Option<usize>, fd_limit: u64) -> Result<usize, String> {
     let max = settings.max_connections();
     let per_process = fd_limit.saturating_sub(FD_RESERVE).max(1);
     let needed = max.div_ceil(per_process).max(1) as usize;
-    let workers = match requested {
-        None => needed,
-        Some(0) => return Err("--workers must be at least 1".into()),
-        Some(w) if w < needed => {
-            return Err(format!(
-                "{max} connections over {w} worker(s) is {} per process, but the open-file limit ({fd_limit}) allows {per_process}: \
-                 use --workers {needed} or more (or leave --workers out)",
-                max.div_ceil(w as u64)
-            ));
-        }
-        Some(w) => w,
-    };
-    let sources = settings.sources.len().max(1) as u64;
-    let capacity = sources * ports_per_source;
-    if max > capacity {
-        let want = max.div_ceil(ports_per_source);
-        let hint = if settings.sources.is_empty() {
-            format!("add --source 127.0.0.2-127.0.0.{} (loopback targets)", want + 1)
-        } else {
-            format!("give at least {want} --source addresses")
-        };
+    match requested {
+        None => Ok(needed),
+        Some(0) => Err("--workers must be at least 1".into()),
+        Some(w) if w < needed => Err(format!(
+            "{max} connections over {w} worker(s) is {} per process, but the open-file limit ({fd_limit}) allows {per_process}: \
+             use --workers {needed} or more (or leave --workers out)",
+            max.div_ceil(w as u64)
+        )),
+        Some(w) => Ok(w),
+    }
+}
+
+/// Whether the source addresses can reach `server` and have enough local
+/// ports for the largest step; if not, what to give instead. The hint
+/// depends on where the server is: every 127.x.y.z address is this
+/// machine's, so a loopback server can be reached from as many as needed,
+/// while a remote one only from addresses this machine really has.
+pub fn sources_suffice(settings: &Settings, server: IpAddr, ports_per_source: u64) -> Result<(), String> {
+    if let Some(bad) = settings.sources.iter().find(|a| a.is_ipv4() != server.is_ipv4()) {
+        let family = |a: &IpAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
         return Err(format!(
-            "{max} connections need more local ports than {sources} source address(es) × {ports_per_source} ephemeral ports = {capacity}: {hint}"
+            "--source {bad} is an {} address but the server's address {server} is {}: give source addresses of the same family",
+            family(bad),
+            family(&server)
         ));
     }
-    Ok(workers)
+    let max = settings.max_connections();
+    let sources = settings.sources.len().max(1) as u64;
+    let capacity = sources * ports_per_source;
+    if max <= capacity {
+        return Ok(());
+    }
+    let want = max.div_ceil(ports_per_source);
+    let loopback_range = |n: u64| {
+        let first = u32::from(Ipv4Addr::new(127, 0, 0, 2));
+        let last = Ipv4Addr::from(first.saturating_add(n.saturating_sub(1) as u32));
+        format!("127.0.0.2-{last}")
+    };
+    let hint = match server {
+        IpAddr::V4(ip) if ip.is_loopback() => format!(
+            "give --source {} ({want} addresses; every 127.x.y.z address is this machine's)",
+            loopback_range(want)
+        ),
+        IpAddr::V6(ip) if ip.is_loopback() => format!(
+            "IPv6 has one loopback address: if the server also listens on 127.0.0.1, address it so and give --source {}",
+            loopback_range(want)
+        ),
+        _ => format!(
+            "give --source with at least {want} addresses of this machine that reach {server} (e.g. extra \
+             addresses on its network interface), or spread the connections over several machines and `merge` the results"
+        ),
+    };
+    Err(format!(
+        "{max} connections need more local ports than {sources} source address(es) × {ports_per_source} ephemeral ports = {capacity}: {hint}"
+    ))
 }
 
 /// Opens one connection and checks that a message comes back intact.
@@ -112,6 +137,14 @@ fn explain(kind: ErrorKind, target: &Target, timeout: Duration) -> String {
     }
 }
 
+fn not_taken(target: &Target, size: usize, timeout: Duration) -> String {
+    format!(
+        "{} accepted the connection but did not take a {size}-byte message within {timeout:?}: is the server reading \
+         (is it overloaded or stuck)?",
+        target.url
+    )
+}
+
 async fn probe_ws(
     target: &Target,
     settings: &Settings,
@@ -122,10 +155,15 @@ async fn probe_ws(
         .await
         .map_err(|k| explain(k, target, timeout))?;
     let msg = payload::message(0, 0, 0, settings.size);
-    ws.send(Message::Binary(Bytes::from(msg.clone())))
-        .await
-        .map_err(|e| format!("{}: the connection failed right after the handshake: {e}", target.url))?;
     let deadline = Instant::now() + timeout;
+    // A server that does not read must not hold the check up forever.
+    match tokio::time::timeout_at(deadline, ws.send(Message::Binary(Bytes::from(msg.clone())))).await {
+        Err(_) => return Err(not_taken(target, settings.size, timeout)),
+        Ok(Err(e)) => {
+            return Err(format!("{}: the connection failed right after the handshake: {e}", target.url));
+        }
+        Ok(Ok(())) => {}
+    }
     loop {
         match tokio::time::timeout_at(deadline, ws.next()).await {
             Err(_) => {
@@ -149,7 +187,7 @@ async fn probe_ws(
             Ok(None) => return Err(format!("{} closed the connection instead of echoing", target.url)),
         }
     }
-    let _ = ws.close(None).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
     Ok(())
 }
 
@@ -167,9 +205,12 @@ async fn probe_mqtt(
     let topic = format!("{}/probe/{}", settings.topic_prefix, std::process::id());
     c.subscribe(&topic, 0, deadline).await.map_err(|k| explain(k, target, timeout))?;
     let msg = payload::message(0, 0, 0, settings.size);
-    c.send(|buf, v| codec::publish(buf, v, &topic, 0, 0, &msg))
-        .await
-        .map_err(|k| explain(k, target, timeout))?;
+    match tokio::time::timeout_at(deadline, c.send(|buf, v| codec::publish(buf, v, &topic, 0, 0, &msg))).await
+    {
+        Err(_) => return Err(not_taken(target, settings.size, timeout)),
+        Ok(Err(k)) => return Err(explain(k, target, timeout)),
+        Ok(Ok(())) => {}
+    }
     loop {
         match tokio::time::timeout_at(deadline, c.recv()).await {
             Err(_) => {
@@ -186,7 +227,7 @@ async fn probe_mqtt(
             Ok(Err(k)) => return Err(explain(k, target, timeout)),
         }
     }
-    let _ = c.send(|buf, _| codec::disconnect(buf)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), c.send(|buf, _| codec::disconnect(buf))).await;
     Ok(())
 }
 
@@ -204,17 +245,33 @@ mod tests {
 
     #[test]
     fn workers_follow_the_fd_limit() {
-        assert_eq!(workers_needed(&settings(vec![19_000], 0), None, 20_000, 28_232), Ok(1));
-        assert_eq!(workers_needed(&settings(vec![1000, 40_000], 2), None, 20_000, 28_232), Ok(3));
-        assert_eq!(workers_needed(&settings(vec![100], 0), Some(4), 20_000, 28_232), Ok(4));
-        let e = workers_needed(&settings(vec![30_000], 2), Some(1), 20_000, 28_232).unwrap_err();
+        assert_eq!(workers_needed(&settings(vec![19_000], 0), None, 20_000), Ok(1));
+        assert_eq!(workers_needed(&settings(vec![1000, 40_000], 2), None, 20_000), Ok(3));
+        assert_eq!(workers_needed(&settings(vec![100], 0), Some(4), 20_000), Ok(4));
+        let e = workers_needed(&settings(vec![30_000], 2), Some(1), 20_000).unwrap_err();
         assert!(e.contains("--workers 2"), "{e}");
     }
 
     #[test]
-    fn ports_need_source_addresses() {
-        let e = workers_needed(&settings(vec![60_000], 0), None, 20_000, 28_232).unwrap_err();
-        assert!(e.contains("--source 127.0.0.2-127.0.0.4"), "{e}");
-        assert!(workers_needed(&settings(vec![60_000], 3), None, 20_000, 28_232).is_ok());
+    fn ports_need_source_addresses_and_the_hint_fits_the_server() {
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        let e = sources_suffice(&settings(vec![60_000], 0), local, 28_232).unwrap_err();
+        assert!(e.contains("--source 127.0.0.2-127.0.0.4 (3 addresses"), "{e}");
+        assert!(sources_suffice(&settings(vec![60_000], 3), local, 28_232).is_ok());
+        let e = sources_suffice(&settings(vec![60_000], 2), local, 28_232).unwrap_err();
+        assert!(e.contains("2 source address(es)") && e.contains("127.0.0.2-127.0.0.4"), "{e}");
+        // A remote server: 127.x addresses cannot reach it, so none are suggested.
+        let remote: IpAddr = "192.0.2.10".parse().unwrap();
+        let e = sources_suffice(&settings(vec![60_000], 0), remote, 28_232).unwrap_err();
+        assert!(!e.contains("127.0.0") && !e.contains("loopback"), "{e}");
+        assert!(e.contains("at least 3 addresses of this machine that reach 192.0.2.10"), "{e}");
+        let e = sources_suffice(&settings(vec![60_000], 0), "::1".parse().unwrap(), 28_232).unwrap_err();
+        assert!(e.contains("IPv6 has one loopback address"), "{e}");
+        // Many addresses: the range is written correctly past 127.0.0.255.
+        let e = sources_suffice(&settings(vec![10_000_000], 0), local, 28_232).unwrap_err();
+        assert!(e.contains("127.0.0.2-127.0.1.100 (355 addresses"), "{e}");
+        // Sources of the other family cannot reach the server at all.
+        let e = sources_suffice(&settings(vec![10], 1), "::1".parse().unwrap(), 28_232).unwrap_err();
+        assert!(e.contains("--source 127.0.0.2 is an IPv4 address"), "{e}");
     }
 }

@@ -45,6 +45,8 @@ fn opt<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
     v.map(f).unwrap_or_else(|| "-".into())
 }
 
+/// The table's columns; [`CPU_PER_MESSAGE`] goes after `srv CPU` when
+/// messages flowed.
 const HEADERS: [&str; 18] = [
     "conns",
     "open",
@@ -66,14 +68,29 @@ const HEADERS: [&str; 18] = [
     "gen CPU",
 ];
 
-fn row(s: &StepResult) -> Vec<String> {
+/// Server CPU microseconds per message echoed (MQTT: per delivery).
+const CPU_PER_MESSAGE: &str = "srv µs/msg";
+const CPU_PER_MESSAGE_AT: usize = 17;
+
+/// Microseconds of CPU, to two or three significant figures.
+fn cpu_micros(us: f64) -> String {
+    if us < 10.0 {
+        format!("{us:.2}")
+    } else if us < 100.0 {
+        format!("{us:.1}")
+    } else {
+        format!("{us:.0}")
+    }
+}
+
+fn row(s: &StepResult, cpu_per_message: bool) -> Vec<String> {
     let d = &s.derived;
     let lat = &s.hold.latency;
     let ct = &s.ramp.connect_time;
     let server = s.server.as_ref();
     let has_lat = !lat.is_empty();
     let l = |p: f64| if has_lat { micros(lat.percentile(p)) } else { "-".into() };
-    vec![
+    let mut row = vec![
         count(s.target_connections as f64),
         count(s.open_connections as f64),
         if ct.is_empty() { "-".into() } else { micros(ct.percentile(50.0)) },
@@ -92,13 +109,24 @@ fn row(s: &StepResult) -> Vec<String> {
         opt(d.server_rss_per_added_connection, bytes),
         opt(d.server_cpu_percent, |p| format!("{p:.0}%")),
         format!("{:.0}%", d.generator_cpu_percent),
-    ]
+    ];
+    if cpu_per_message {
+        row.insert(CPU_PER_MESSAGE_AT, opt(d.server_cpu_us_per_message, cpu_micros));
+    }
+    row
 }
 
 /// The per-step table and, below it, the errors of each step by kind.
 pub fn table(r: &RunResult) -> String {
-    let rows: Vec<Vec<String>> = r.steps.iter().map(row).collect();
-    let mut widths: Vec<usize> = HEADERS.iter().map(|h| h.chars().count()).collect();
+    // CPU per message only means something when messages flowed; an idle
+    // run's table stays as narrow as before.
+    let cpu_per_message = r.steps.iter().any(|s| s.hold.received > 0);
+    let mut headers = HEADERS.to_vec();
+    if cpu_per_message {
+        headers.insert(CPU_PER_MESSAGE_AT, CPU_PER_MESSAGE);
+    }
+    let rows: Vec<Vec<String>> = r.steps.iter().map(|s| row(s, cpu_per_message)).collect();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
@@ -126,7 +154,7 @@ pub fn table(r: &RunResult) -> String {
         }
         s
     };
-    let _ = writeln!(out, "{}", line(&mut HEADERS.iter().copied()));
+    let _ = writeln!(out, "{}", line(&mut headers.iter().copied()));
     for row in &rows {
         let _ = writeln!(out, "{}", line(&mut row.iter().map(String::as_str)));
     }
@@ -222,8 +250,8 @@ pub fn csv(r: &RunResult) -> anyhow::Result<String> {
             format!("{:.3}", s.ramp_secs),
             format!("{:.3}", s.hold_secs),
             s.ramp.attempted.to_string(),
-            ct.p50_us.to_string(),
-            ct.p99_us.to_string(),
+            ou(ct.p50_us),
+            ou(ct.p99_us),
             (s.ramp.connect_errors() + s.hold.connect_errors()).to_string(),
             d.errors.to_string(),
             format!("{:.6}", d.error_rate),
@@ -231,12 +259,12 @@ pub fn csv(r: &RunResult) -> anyhow::Result<String> {
             s.hold.received.to_string(),
             format!("{:.3}", d.sent_per_sec),
             format!("{:.3}", d.received_per_sec),
-            l.p50_us.to_string(),
-            l.p90_us.to_string(),
-            l.p99_us.to_string(),
-            l.p999_us.to_string(),
-            l.max_us.to_string(),
-            format!("{:.1}", l.mean_us),
+            ou(l.p50_us),
+            ou(l.p90_us),
+            ou(l.p99_us),
+            ou(l.p999_us),
+            ou(l.max_us),
+            l.mean_us.map(|m| format!("{m:.1}")).unwrap_or_default(),
             ou(server.rss_bytes),
             o(d.server_rss_per_connection),
             o(d.server_rss_per_added_connection),
@@ -388,6 +416,69 @@ mod tests {
         assert_eq!(&rows[1][0], "200");
         assert_eq!(&rows[1][30], "echo_mismatch=3");
         assert_eq!(rd.headers().unwrap().len(), CSV_HEADERS.len());
+    }
+
+    #[test]
+    fn csv_leaves_unknown_figures_empty_not_zero() {
+        // An idle step: connections, but no messages and no server probe.
+        let mut r = run(vec![step(100, 0, &[])]);
+        r.steps[0].ramp.connect_time.record(250);
+        r.steps[0].server = None;
+        r.derive();
+        let c = csv(&r).unwrap();
+        let mut rd = csv::Reader::from_reader(c.as_bytes());
+        let headers = rd.headers().unwrap().clone();
+        let row = rd.records().next().unwrap().unwrap();
+        let cell = |name: &str| &row[headers.iter().position(|h| h == name).unwrap()];
+        for name in [
+            "latency_p50_us",
+            "latency_p90_us",
+            "latency_p99_us",
+            "latency_p999_us",
+            "latency_max_us",
+            "latency_mean_us",
+            "server_rss_bytes",
+            "server_cpu_percent",
+            "server_cpu_us_per_message",
+        ] {
+            assert_eq!(cell(name), "", "{name} is unknown in an idle step");
+        }
+        // Known figures, including real zeros, are written.
+        assert_eq!(cell("connect_p50_us"), "250");
+        assert_eq!(cell("sent"), "0");
+        assert_eq!(cell("errors"), "0");
+    }
+
+    #[test]
+    fn table_shows_server_cpu_per_message_when_messages_flowed() {
+        // step(): 2 s of server CPU over the hold; 1000 and 4000 echoes.
+        let r = run(vec![step(100, 1000, &[100; 1000]), step(200, 4000, &[100; 4000])]);
+        let t = table(&r);
+        let lines: Vec<&str> = t.lines().collect();
+        let header: Vec<&str> = lines[1].split("  ").map(str::trim).filter(|c| !c.is_empty()).collect();
+        let at = header.iter().position(|h| *h == "srv µs/msg").expect("column present");
+        assert_eq!(header[at - 1], "srv CPU");
+        let cells = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        // "srv RSS" etc. hold a space ("1.0 MiB"): count the CPU column from the end.
+        let from_end = header.len() - at;
+        let row0 = cells(lines[2]);
+        let row1 = cells(lines[3]);
+        assert_eq!(row0[row0.len() - from_end], "2000", "2 s / 1000 messages = 2000 µs: {t}");
+        assert_eq!(row1[row1.len() - from_end], "500", "{t}");
+        // Every line stays within a terminal of reasonable width.
+        assert!(lines[1..].iter().all(|l| l.chars().count() <= 200), "{t}");
+        // Without a server probe: a dash, not a number.
+        let mut r = r;
+        r.steps[0].server = None;
+        r.derive();
+        let row0 = cells(table(&r).lines().nth(2).unwrap());
+        assert_eq!(row0[row0.len() - from_end], "-");
+        // An idle run has no such column.
+        let idle = run(vec![step(100, 0, &[])]);
+        assert!(!table(&idle).contains("µs/msg"), "{}", table(&idle));
+        assert_eq!(cpu_micros(4.123), "4.12");
+        assert_eq!(cpu_micros(41.23), "41.2");
+        assert_eq!(cpu_micros(412.3), "412");
     }
 
     #[test]

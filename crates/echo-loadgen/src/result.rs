@@ -156,20 +156,34 @@ impl RunResult {
     }
 
     /// Merges runs that loaded the same server at the same time (from
-    /// several machines): step `i` of every run is added up.
+    /// several machines): step `i` of every run is added up. Runs are
+    /// named "file 1", "file 2", ... in errors.
     pub fn merge(runs: Vec<RunResult>) -> Result<RunResult, String> {
+        Self::merge_named(runs.into_iter().enumerate().map(|(i, r)| (format!("file {}", i + 1), r)).collect())
+    }
+
+    /// [`RunResult::merge`], with each run's name (its file) for errors.
+    ///
+    /// Only runs of one scenario against one server add up to something
+    /// meaningful, so they must agree on everything that shapes the load
+    /// or its verdicts (see [`RunResult::same_scenario`]); what may differ
+    /// between machines (workers, threads, source addresses, connect rate,
+    /// label, topic prefix, probes) is not compared.
+    pub fn merge_named(runs: Vec<(String, RunResult)>) -> Result<RunResult, String> {
         let mut iter = runs.into_iter();
-        let mut out = iter.next().ok_or("nothing to merge")?;
-        for (n, other) in iter.enumerate() {
+        let (first_name, mut out) = iter.next().ok_or("nothing to merge")?;
+        if out.schema != SCHEMA {
+            return Err(format!("{first_name} has schema {:?}, expected {SCHEMA:?}", out.schema));
+        }
+        let first = out.clone();
+        for (name, other) in iter {
             if other.schema != SCHEMA {
-                return Err(format!("file {} has schema {:?}, expected {SCHEMA:?}", n + 2, other.schema));
+                return Err(format!("{name} has schema {:?}, expected {SCHEMA:?}", other.schema));
             }
-            if other.steps.len() != out.steps.len() {
+            if let Err((field, a, b)) = first.same_scenario(&other) {
                 return Err(format!(
-                    "file {} has {} steps, the first has {}: only runs of the same scenario merge",
-                    n + 2,
-                    other.steps.len(),
-                    out.steps.len()
+                    "{name} and {first_name} differ in {field} ({b} vs {a}): only runs of the same \
+                     scenario against the same server, made at the same time, merge"
                 ));
             }
             for (a, b) in out.steps.iter_mut().zip(&other.steps) {
@@ -190,6 +204,46 @@ impl RunResult {
         out.derive();
         out.settings.steps = out.steps.iter().map(|s| s.target_connections).collect();
         Ok(out)
+    }
+
+    /// Whether `other` loaded the same server with the same scenario; if
+    /// not, the first field that differs (its JSON name) and both values.
+    ///
+    /// Must match: protocol, URL (as written: every machine addresses the
+    /// one server the same way), the completed steps and each step's
+    /// connection count, hold, rate, in-flight (with `--rate max`), size,
+    /// timeout, and for MQTT the QoS, version, pattern and fan-out.
+    pub fn same_scenario(&self, other: &RunResult) -> Result<(), (&'static str, String, String)> {
+        fn same<T: PartialEq + std::fmt::Display>(
+            field: &'static str,
+            a: T,
+            b: T,
+        ) -> Result<(), (&'static str, String, String)> {
+            if a == b { Ok(()) } else { Err((field, a.to_string(), b.to_string())) }
+        }
+        let (a, b) = (&self.settings, &other.settings);
+        same("protocol", self.protocol, other.protocol)?;
+        same("url", &self.url, &other.url)?;
+        same("steps (completed)", self.steps.len(), other.steps.len())?;
+        for (x, y) in self.steps.iter().zip(&other.steps) {
+            same("steps[].target_connections", x.target_connections, y.target_connections)?;
+        }
+        same("settings.hold_secs", a.hold_secs, b.hold_secs)?;
+        same("settings.rate", a.rate, b.rate)?;
+        if a.rate == crate::schedule::Rate::Max {
+            same("settings.in_flight", a.in_flight, b.in_flight)?;
+        }
+        same("settings.size", a.size, b.size)?;
+        same("settings.timeout_secs", a.timeout_secs, b.timeout_secs)?;
+        if self.protocol == Protocol::Mqtt {
+            same("settings.qos", a.qos, b.qos)?;
+            same("settings.mqtt_version", a.mqtt_version, b.mqtt_version)?;
+            same("settings.pattern", a.pattern, b.pattern)?;
+            if a.pattern == crate::scenario::Pattern::Fanout {
+                same("settings.fanout", a.fanout, b.fanout)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -303,6 +357,81 @@ pub mod tests {
         assert_eq!(s0.generator_cpu_seconds, 2.0);
         let c = run(vec![step(1, 1, &[1])]);
         assert!(RunResult::merge(vec![b, c]).unwrap_err().contains("steps"));
+    }
+
+    #[test]
+    fn merge_refuses_runs_of_different_scenarios_naming_the_field() {
+        fn base() -> RunResult {
+            run(vec![step(100, 1000, &[100; 1000]), step(200, 2000, &[200; 2000])])
+        }
+        fn mqtt() -> RunResult {
+            let mut r = base();
+            r.protocol = Protocol::Mqtt;
+            r.url = "mqtt://127.0.0.1:1883".into();
+            r.settings.url = r.url.clone();
+            r
+        }
+        type Make = fn() -> RunResult;
+        type Change = fn(&mut RunResult);
+        let cases: Vec<(Make, Change, &str)> = vec![
+            (base, |r| r.protocol = Protocol::Mqtt, "protocol"),
+            (base, |r| r.url = "ws://127.0.0.1:2/".into(), "url"),
+            (base, |r| r.steps[1].target_connections = 300, "steps[].target_connections"),
+            (base, |r| drop(r.steps.pop()), "steps (completed)"),
+            (base, |r| r.settings.hold_secs = 20.0, "settings.hold_secs"),
+            (base, |r| r.settings.rate = Rate::Max, "settings.rate"),
+            (base, |r| r.settings.size = 128, "settings.size"),
+            (base, |r| r.settings.timeout_secs = 1.0, "settings.timeout_secs"),
+            (mqtt, |r| r.settings.qos = 1, "settings.qos"),
+            (mqtt, |r| r.settings.mqtt_version = MqttVersion::V5, "settings.mqtt_version (5 vs 3.1.1"),
+            (mqtt, |r| r.settings.pattern = Pattern::Fanout, "settings.pattern"),
+        ];
+        for (make, change, field) in cases {
+            let mut other = make();
+            change(&mut other);
+            let err = RunResult::merge(vec![make(), other]).unwrap_err();
+            let field = if field.contains('(') { field.to_string() } else { format!("{field} (") };
+            assert!(err.contains(&format!("differ in {field}")), "{field}: {err}");
+            assert!(err.starts_with("file 2 and file 1"), "{err}");
+        }
+        // A WebSocket run and an MQTT QoS 1 run against "the same" address.
+        let mut q1 = mqtt();
+        q1.settings.qos = 1;
+        assert!(
+            RunResult::merge(vec![base(), q1])
+                .unwrap_err()
+                .contains("differ in protocol (mqtt vs websocket)")
+        );
+        // What may differ between machines does not stop a merge.
+        let mut other = base();
+        other.label = Some("machine b".into());
+        other.machine.hostname = "b".into();
+        other.settings.connect_rate = 5000.0;
+        other.settings.sources = vec!["127.0.0.2".parse().unwrap()];
+        other.settings.topic_prefix = "other".into();
+        other.settings.in_flight = 4; // only matters with --rate max
+        assert!(RunResult::merge(vec![base(), other]).is_ok());
+        // In-flight does matter in a closed loop; fan-out with --pattern fanout.
+        let closed = || {
+            let mut r = base();
+            r.settings.rate = Rate::Max;
+            r
+        };
+        let mut more = closed();
+        more.settings.in_flight = 4;
+        assert!(RunResult::merge(vec![closed(), more]).unwrap_err().contains("settings.in_flight"));
+        let fan = || {
+            let mut r = mqtt();
+            r.settings.pattern = Pattern::Fanout;
+            r
+        };
+        let mut wider = fan();
+        wider.settings.fanout = 50;
+        assert!(RunResult::merge(vec![fan(), wider]).unwrap_err().contains("settings.fanout (50 vs 10)"));
+        // The schema of the first file is checked too.
+        let mut old = base();
+        old.schema = "echo-loadgen/0".into();
+        assert!(RunResult::merge(vec![old, base()]).unwrap_err().contains("file 1 has schema"));
     }
 
     #[test]

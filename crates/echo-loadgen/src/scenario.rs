@@ -103,6 +103,15 @@ pub enum MqttVersion {
     V5,
 }
 
+impl std::fmt::Display for MqttVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MqttVersion::V311 => "3.1.1",
+            MqttVersion::V5 => "5",
+        })
+    }
+}
+
 /// How MQTT clients are arranged (WebSocket always echoes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -111,6 +120,15 @@ pub enum Pattern {
     Echo,
     /// Groups of one publisher and `--fanout` subscribers share a topic.
     Fanout,
+}
+
+impl std::fmt::Display for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Pattern::Echo => "echo",
+            Pattern::Fanout => "fanout",
+        })
+    }
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -318,6 +336,33 @@ impl Settings {
             .url
             .clone()
             .ok_or("no URL: give ws://HOST:PORT/PATH or mqtt://HOST:PORT (or url = ... in the scenario)")?;
+        let websocket =
+            url.trim().split_once("://").is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("ws"));
+        let mqtt_only: Vec<&str> = [
+            ("--qos", s.qos.is_some()),
+            ("--mqtt-version", s.mqtt_version.is_some()),
+            ("--pattern", s.pattern.is_some()),
+            ("--fanout", s.fanout.is_some()),
+            ("--topic-prefix", s.topic_prefix.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect();
+        if websocket && !mqtt_only.is_empty() {
+            let (verb, them) = if mqtt_only.len() == 1 { ("applies", "it") } else { ("apply", "them") };
+            return Err(format!(
+                "{} {verb} to MQTT only, but {url} is a WebSocket URL: leave {them} out (also from the scenario \
+                 file), or give an mqtt://HOST:PORT URL",
+                mqtt_only.join(", ")
+            ));
+        }
+        if let Some(m) = s.max_error_rate
+            && !(0.0..=1.0).contains(&m)
+        {
+            return Err(format!(
+                "--max-error-rate {m} is not a fraction between 0 and 1 (0.01 allows 1% errors; 0 none)"
+            ));
+        }
         let settings = Settings {
             url,
             steps: s.steps.clone().map(|s| s.0).unwrap_or_else(|| vec![100]),
@@ -366,8 +411,42 @@ impl Settings {
         if self.fanout == 0 {
             return Err("--fanout must be at least 1 subscriber per topic".into());
         }
+        if self.pattern == Pattern::Fanout {
+            self.check_fanout_groups()?;
+        }
         if self.topic_prefix.is_empty() || self.topic_prefix.contains(['+', '#']) {
             return Err("--topic-prefix must be a non-empty topic without wildcards".into());
+        }
+        Ok(())
+    }
+
+    /// Fan-out clients come in groups of 1 publisher + `fanout`
+    /// subscribers: a step must be whole groups, or its last clients would
+    /// be subscribers without a publisher (waiting for nothing, checking
+    /// nothing).
+    fn check_fanout_groups(&self) -> Result<(), String> {
+        let group = u64::from(self.fanout) + 1;
+        let what = format!(
+            "--pattern fanout --fanout {} puts 1 publisher and {} subscribers on each topic, {group} connections",
+            self.fanout, self.fanout
+        );
+        for &step in &self.steps {
+            if step < group {
+                let smaller =
+                    if step >= 2 { format!(", or --fanout {} or less", step - 1) } else { String::new() };
+                return Err(format!(
+                    "a step of {step} connection(s) is less than one fan-out group: {what}: use --steps {group} \
+                     (or a multiple of {group}){smaller}"
+                ));
+            }
+            if step % group != 0 {
+                let (down, up) = (step / group * group, step.div_ceil(group) * group);
+                return Err(format!(
+                    "a step of {step} connections is not a whole number of fan-out groups ({what}); the last {} \
+                     would be subscribers without a publisher: use {down} or {up} instead (every step a multiple of {group})",
+                    step % group
+                ));
+            }
         }
         Ok(())
     }
@@ -395,6 +474,7 @@ mod tests {
     use clap::Parser;
 
     #[derive(Parser)]
+    #[command(allow_negative_numbers = true)]
     struct Cli {
         #[command(flatten)]
         s: Scenario,
@@ -436,6 +516,77 @@ mod tests {
     }
 
     #[test]
+    fn mqtt_flags_with_a_websocket_url_are_refused() {
+        let ws = |args: &[&str]| {
+            let mut argv = vec!["x", "ws://127.0.0.1:8080/"];
+            argv.extend(args);
+            Settings::resolve(&Cli::parse_from(argv).s)
+        };
+        let e = ws(&["--qos", "1"]).unwrap_err();
+        assert!(
+            e.starts_with("--qos applies to MQTT only, but ws://127.0.0.1:8080/ is a WebSocket URL"),
+            "{e}"
+        );
+        let e = ws(&["--pattern", "fanout", "--fanout", "5", "--mqtt-version", "5", "--topic-prefix", "t"])
+            .unwrap_err();
+        assert!(
+            e.starts_with("--mqtt-version, --pattern, --fanout, --topic-prefix apply to MQTT only"),
+            "{e}"
+        );
+        assert!(ws(&["--rate", "5"]).is_ok());
+        // The same flags with an MQTT URL are fine.
+        let s =
+            Cli::parse_from(["x", "mqtt://127.0.0.1", "--qos", "1", "--pattern", "fanout", "--steps", "11"])
+                .s;
+        assert!(Settings::resolve(&s).is_ok());
+        // From a scenario file, too.
+        let file: Scenario = toml::from_str("qos = 2").unwrap();
+        let cli = Cli::parse_from(["x", "WS://127.0.0.1:1/"]).s;
+        assert!(Settings::resolve(&cli.over(file)).unwrap_err().contains("--qos applies to MQTT only"));
+    }
+
+    #[test]
+    fn fanout_steps_must_be_whole_groups() {
+        let fanout = |steps: &str, fanout: &str| {
+            let argv = ["x", "mqtt://127.0.0.1", "--pattern", "fanout", "--steps", steps, "--fanout", fanout];
+            Settings::resolve(&Cli::parse_from(argv).s)
+        };
+        let e = fanout("5", "10").unwrap_err();
+        assert!(e.starts_with("a step of 5 connection(s) is less than one fan-out group"), "{e}");
+        assert!(e.contains("use --steps 11 (or a multiple of 11), or --fanout 4 or less"), "{e}");
+        let e = fanout("22,30", "10").unwrap_err();
+        assert!(e.contains("a step of 30 connections is not a whole number of fan-out groups"), "{e}");
+        assert!(
+            e.contains("the last 8 would be subscribers without a publisher: use 22 or 33 instead"),
+            "{e}"
+        );
+        assert!(fanout("11,22,5500", "10").is_ok());
+        assert!(fanout("5100", "50").is_ok());
+        // The echo pattern has no groups.
+        let echo = Cli::parse_from(["x", "mqtt://127.0.0.1", "--steps", "5", "--fanout", "10"]).s;
+        assert!(Settings::resolve(&echo).is_ok());
+    }
+
+    #[test]
+    fn negative_numbers_get_a_clear_message() {
+        let err = |args: &[&str]| match Cli::try_parse_from(args) {
+            Ok(cli) => Settings::resolve(&cli.s).unwrap_err(),
+            Err(e) => e.to_string(),
+        };
+        let e = err(&["x", "ws://h:1/", "--rate", "-1"]);
+        assert!(e.contains("--rate") && e.contains("cannot be negative"), "{e}");
+        assert!(!e.contains("unexpected argument"), "{e}");
+        let e = err(&["x", "ws://h:1/", "--connect-rate", "-5"]);
+        assert!(e.contains("--connect-rate must be a positive number"), "{e}");
+        let e = err(&["x", "ws://h:1/", "--size", "-1"]);
+        assert!(e.contains("invalid value '-1' for '--size"), "{e}");
+        let e = err(&["x", "ws://h:1/", "--max-error-rate", "-1"]);
+        assert!(e.contains("not a fraction between 0 and 1"), "{e}");
+        let e = err(&["x", "ws://h:1/", "--steps", "-5"]);
+        assert!(e.contains("invalid value '-5' for '--steps"), "{e}");
+    }
+
+    #[test]
     fn sources_expand_ranges() {
         let s: Sources = "127.0.0.2-127.0.0.9".parse().unwrap();
         assert_eq!(s.0.len(), 8);
@@ -450,7 +601,9 @@ mod tests {
         for e in entries.flatten() {
             if e.path().extension().is_some_and(|x| x == "toml") {
                 let s = Scenario::load(&e.path()).unwrap();
-                let s = Scenario { url: s.url.or(Some("ws://127.0.0.1:1/".into())), ..s };
+                let mqtt = e.file_name().to_string_lossy().starts_with("mqtt-");
+                let url = if mqtt { "mqtt://127.0.0.1:1" } else { "ws://127.0.0.1:1/" };
+                let s = Scenario { url: s.url.or(Some(url.into())), ..s };
                 Settings::resolve(&s).unwrap_or_else(|e| panic!("{}: {e}", e));
             }
         }

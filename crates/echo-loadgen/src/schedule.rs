@@ -32,6 +32,9 @@ impl std::str::FromStr for Rate {
             other => match other.parse::<f64>() {
                 Ok(0.0) => Ok(Rate::Idle),
                 Ok(r) if r > 0.0 && r.is_finite() => Ok(Rate::PerSecond(r)),
+                Ok(r) if r < 0.0 => Err(format!(
+                    "a rate cannot be negative ({s}): give messages per second per connection (0 = idle) or \"max\""
+                )),
                 _ => Err(format!(
                     "invalid rate {s:?}: expected messages per second per connection (0 = idle) or \"max\""
                 )),

@@ -55,6 +55,10 @@ pub enum ErrorKind {
     EchoLost,
     /// No echo within the message timeout; the connection is given up.
     EchoTimeout,
+    /// A write did not complete within the timeout of the oldest message in
+    /// it (the server stopped reading; the socket buffers are full); the
+    /// connection is given up.
+    WriteStall,
     /// A message that this tool did not send (e.g. text for binary).
     UnexpectedMessage,
 }
@@ -80,6 +84,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::EchoOutOfOrder => f.write_str("echo_out_of_order"),
             ErrorKind::EchoLost => f.write_str("echo_lost"),
             ErrorKind::EchoTimeout => f.write_str("echo_timeout"),
+            ErrorKind::WriteStall => f.write_str("write_stall"),
             ErrorKind::UnexpectedMessage => f.write_str("unexpected_message"),
         }
     }
@@ -308,7 +313,12 @@ mod tests {
             assert!(k.is_connect_error());
             assert!(is_connect_error_name(&k.to_string()));
         }
-        for k in [ErrorKind::EchoMismatch, ErrorKind::ClosedByServer, ErrorKind::EchoTimeout] {
+        for k in [
+            ErrorKind::EchoMismatch,
+            ErrorKind::ClosedByServer,
+            ErrorKind::EchoTimeout,
+            ErrorKind::WriteStall,
+        ] {
             assert!(!k.is_connect_error());
             assert!(!is_connect_error_name(&k.to_string()));
         }

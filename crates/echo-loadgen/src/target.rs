@@ -71,11 +71,18 @@ impl Target {
             None => false,
         };
         let hostport = if has_port { authority.to_string() } else { format!("{authority}:{default_port}") };
+        let host = if has_port { &authority[..authority.rfind(':').unwrap_or(0)] } else { authority };
+        let unresolved = |why: String| {
+            format!(
+                "cannot resolve the host {host:?} of {url} ({why}): is the name spelt right, and does this machine's \
+                 resolver know it? Or give the server's IP address, e.g. {scheme}://127.0.0.1:{default_port}"
+            )
+        };
         let addr = hostport
             .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve {hostport:?}: {e}"))?
+            .map_err(|e| unresolved(e.to_string()))?
             .next()
-            .ok_or_else(|| format!("{hostport:?} resolves to no address"))?;
+            .ok_or_else(|| unresolved("no address".into()))?;
         Ok(Target { url: url.to_string(), protocol, authority: authority.to_string(), path, addr })
     }
 
@@ -110,5 +117,15 @@ mod tests {
         assert!(Target::parse("wss://x:1/").unwrap_err().contains("TLS"));
         assert!(Target::parse("mqtt://127.0.0.1:1883/topic").unwrap_err().contains("no path"));
         assert!(Target::parse("ws://").unwrap_err().contains("no host"));
+        let e = Target::parse("ws://no-such-host.invalid:8080/").unwrap_err();
+        assert!(
+            e.starts_with(
+                "cannot resolve the host \"no-such-host.invalid\" of ws://no-such-host.invalid:8080/"
+            ),
+            "{e}"
+        );
+        assert!(e.contains("give the server's IP address, e.g. ws://127.0.0.1:80"), "{e}");
+        let e = Target::parse("mqtt://no-such-host.invalid").unwrap_err();
+        assert!(e.contains("\"no-such-host.invalid\"") && e.contains("mqtt://127.0.0.1:1883"), "{e}");
     }
 }

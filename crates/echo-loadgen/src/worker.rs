@@ -6,10 +6,11 @@
 //! worker`) and drives them in lock step, so that every step is measured over
 //! the same interval in every process.
 
+use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -17,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::flow::Clock;
+use crate::flow::{Clock, Feed};
 use crate::ipc::{Command, Event};
 use crate::scenario::Settings;
 use crate::stats::{Recorder, Tally};
@@ -32,6 +33,16 @@ pub struct Ctx {
     pub clock: Clock,
     pub worker: u32,
     pub run_id: String,
+    /// MQTT fan-out: what each group's publisher sent, by group.
+    pub feeds: Mutex<HashMap<u32, Arc<Feed>>>,
+}
+
+impl Ctx {
+    /// The feed of fan-out group `group` (made by whichever of its clients asks first).
+    pub fn feed(&self, group: u32) -> Arc<Feed> {
+        let mut feeds = self.feeds.lock().unwrap_or_else(|p| p.into_inner());
+        feeds.entry(group).or_insert_with(|| Arc::new(Feed::new(self.settings.fanout))).clone()
+    }
 }
 
 fn emit(event: &Event) {
@@ -83,6 +94,7 @@ pub fn main() -> anyhow::Result<()> {
         clock: Clock::new(),
         worker,
         run_id,
+        feeds: Mutex::default(),
     });
     runtime.block_on(serve(ctx, sources, rx));
     // Connections still closing are dropped with the runtime.
@@ -209,6 +221,7 @@ mod tests {
             clock: Clock::new(),
             worker: 0,
             run_id: "t".into(),
+            feeds: Mutex::default(),
         });
         let (_tx, rx) = watch::channel(false);
         let ws = std::mem::size_of_val(&crate::ws::run(ctx.clone(), 0, None, rx.clone()));

@@ -78,20 +78,35 @@ async fn session(
         if flow.timed_out(now) {
             return Some(ErrorKind::EchoTimeout);
         }
-        let mut sent = 0;
+        let mut batch = Vec::new();
+        let mut first_ns = None;
         while let Some((seq, ns)) = flow.next_due(now) {
-            if let Err(e) = ws.feed(Message::Binary(Bytes::from(flow.payload(seq, ns)))).await {
-                return Some(classify(e));
-            }
-            sent += 1;
+            first_ns.get_or_insert(ns);
+            batch.push(Message::Binary(Bytes::from(flow.payload(seq, ns))));
         }
-        if sent > 0 {
-            if let Err(e) = ws.flush().await {
-                return Some(classify(e));
+        if !batch.is_empty() {
+            let sent = batch.len() as u64;
+            // A server that stops reading blocks the write once the socket
+            // buffers are full: that must end as an error within the
+            // timeout, and must not hold up the stop.
+            let deadline = flow.write_deadline(first_ns, now);
+            let write = async {
+                for m in batch {
+                    ws.feed(m).await?;
+                }
+                ws.flush().await
+            };
+            tokio::select! {
+                biased;
+                r = write => if let Err(e) = r {
+                    return Some(classify(e));
+                },
+                _ = stop.changed() => return None,
+                _ = sleep_until(deadline) => return Some(ErrorKind::WriteStall),
             }
             rec.sent(flow.id(), sent);
         }
-        sleep.as_mut().reset(flow.next_wake().unwrap_or(far));
+        sleep.as_mut().reset(flow.next_wake(now).unwrap_or(far));
         tokio::select! {
             biased;
             _ = stop.changed() => return close(ws).await,
@@ -110,12 +125,15 @@ async fn session(
     }
 }
 
-/// Closes politely and waits briefly for the server's close frame.
+/// Closes politely and waits briefly for the server's close frame (also
+/// when the close frame itself cannot be written: a server that stopped
+/// reading must not hold up the end of the run).
 async fn close(ws: &mut WebSocketStream<TcpStream>) -> Option<ErrorKind> {
-    let _ = ws.close(None).await;
-    let _ =
-        tokio::time::timeout(Duration::from_secs(2), async { while let Some(Ok(_)) = ws.next().await {} })
-            .await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = ws.close(None).await;
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
     None
 }
 

@@ -90,7 +90,10 @@ fn closed_loop_throughput_and_merge_of_two_runs() {
         "merge-a",
         &[&server.url(), "--steps", "10", "--hold", "1s", "--rate", "max", "--in-flight", "2"],
     );
-    let b = loadgen("merge-b", &[&server.url(), "--steps", "10", "--hold", "1s", "--rate", "max"]);
+    let b = loadgen(
+        "merge-b",
+        &[&server.url(), "--steps", "10", "--hold", "1s", "--rate", "max", "--in-flight", "2"],
+    );
     assert_eq!((a.code(), b.code()), (0, 0), "{}{}", a.stderr(), b.stderr());
     let (ra, rb) = (u(&a.step(0)["hold"]["received"]), u(&b.step(0)["hold"]["received"]));
     assert!(ra > 100 && rb > 100, "closed loop echoes continuously: {ra} {rb}");
@@ -112,6 +115,23 @@ fn closed_loop_throughput_and_merge_of_two_runs() {
     assert!(merged_max.abs_diff(max) <= max / 500 + 1, "{merged_max} vs {max}");
     let csv = std::fs::read_to_string(dir.join("m.csv")).unwrap();
     assert_eq!(csv.lines().count(), 2);
+    // A run of another scenario does not merge: here, "the same" run as an
+    // MQTT QoS 1 run. The refusal names the file and the field.
+    let mut other = a.json().clone();
+    other["protocol"] = "mqtt".into();
+    other["settings"]["qos"] = 1.into();
+    let fc = dir.join("c.json");
+    std::fs::write(&fc, other.to_string()).unwrap();
+    let mut cmd = Command::new(LOADGEN);
+    cmd.arg("merge").arg(&fa).arg(&fc).arg("--json").arg(dir.join("bad.json"));
+    let o = run_bounded(cmd, Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("c.json and") && stderr.contains("differ in protocol (mqtt vs websocket)"),
+        "{stderr}"
+    );
+    assert!(!dir.join("bad.json").exists(), "nothing is written");
 }
 
 #[test]
@@ -133,6 +153,30 @@ fn thresholds_fail_the_run_with_the_reason() {
 }
 
 #[test]
+fn run_is_the_default_subcommand() {
+    let server = EchoServer::start();
+    let dir = scratch("default-run");
+    let json = dir.join("r.json");
+    // As the issue writes it: the URL first, no subcommand.
+    let mut cmd = Command::new(LOADGEN);
+    cmd.args([&server.url(), "--steps", "3", "--hold", "1s", "--rate", "5", "-q"]).arg("--json").arg(&json);
+    let out = run_bounded(cmd, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(u(&r["steps"][0]["open_connections"]), 3);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("p99.9"), "the table is printed");
+    // Help still lists the subcommands, and says which one is the default.
+    let mut cmd = Command::new(LOADGEN);
+    cmd.arg("--help");
+    let help = run_bounded(cmd, Duration::from_secs(10));
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("merge") && help.contains("compare") && help.contains("`run` is the default"),
+        "{help}"
+    );
+}
+
+#[test]
 fn bad_input_is_refused_before_the_run_with_what_to_change() {
     let server = EchoServer::start();
     let closed = {
@@ -149,6 +193,15 @@ fn bad_input_is_refused_before_the_run_with_what_to_change() {
         (vec![server.url(), "--steps".into(), "200000".into()], "--source"),
         (vec![server.url(), "--size".into(), "10".into()], "header"),
         (vec![server.url(), "--server-pid".into(), "4000000000".into()], "--server-pid"),
+        (vec![server.url(), "--qos".into(), "1".into()], "--qos applies to MQTT only"),
+        (vec![server.url(), "--rate".into(), "-1".into()], "cannot be negative"),
+        (vec!["ws://no-such-host.invalid:8080/".into()], "cannot resolve the host \"no-such-host.invalid\""),
+        // A remote server: no loopback addresses are suggested (nothing is
+        // sent to it: the ports are counted before the server is probed).
+        (
+            vec!["ws://192.0.2.1:8080/".into(), "--steps".into(), "200000".into()],
+            "addresses of this machine that reach",
+        ),
     ];
     for (args, needle) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

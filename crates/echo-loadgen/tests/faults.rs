@@ -2,7 +2,8 @@
 //! never silently. The faulty server is built here, on tokio-tungstenite,
 //! so the real server stays free of test hooks. Each fault starts after a
 //! connection's first message, so the generator's pre-run check (one
-//! message on one connection) still sees an echo server.
+//! message on one connection) still sees an echo server — except
+//! `NeverRead`, which is for the check itself.
 
 mod common;
 
@@ -27,6 +28,11 @@ enum Fault {
     Stall { at: u64, millis: u64 },
     /// Echo this many messages, then read but never answer again.
     SwallowAfter(u64),
+    /// Echo this many messages, then never read again: the socket buffers
+    /// fill and the generator's writes block.
+    StopReadingAfter(u64),
+    /// Accept the upgrade, then never read at all (not even the pre-run check's message).
+    NeverRead,
 }
 
 /// Starts a faulty echo server on its own runtime thread; returns its address.
@@ -43,6 +49,10 @@ fn faulty_server(fault: Fault) -> SocketAddr {
                 tokio::spawn(async move {
                     let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else { return };
                     let mut n = 0u64;
+                    if let Fault::NeverRead = fault {
+                        // Holds the connection open, unread.
+                        std::future::pending::<()>().await;
+                    }
                     while let Some(Ok(msg)) = ws.next().await {
                         let Message::Binary(data) = msg else { continue };
                         let mut data = data.to_vec();
@@ -57,6 +67,7 @@ fn faulty_server(fault: Fault) -> SocketAddr {
                             Fault::Stall { at, millis } if n == at => {
                                 tokio::time::sleep(Duration::from_millis(millis)).await;
                             }
+                            Fault::StopReadingAfter(k) if n >= k => std::future::pending().await,
                             Fault::SwallowAfter(k) if n >= k => {
                                 n += 1;
                                 continue;
@@ -143,4 +154,40 @@ fn an_echo_that_never_comes_is_an_echo_timeout() {
     let s = run.step(0);
     assert_eq!(errors(s, "echo_timeout"), 10, "{s}");
     assert_eq!(u(&s["open_connections"]), 0);
+}
+
+#[test]
+fn a_server_that_stops_reading_is_a_write_stall_within_the_timeout() {
+    // 256 KiB at 50 msg/s fills the socket buffers within a fraction of a
+    // second; from then on every write blocks. Each connection must be given
+    // up as an error within --timeout of its oldest message, not go quiet
+    // with fewer messages sent, and the run must end on time.
+    let started = std::time::Instant::now();
+    let url = format!("ws://{}/", faulty_server(Fault::StopReadingAfter(1)));
+    let args = [&url, "--steps", "5", "--hold", "3s", "--rate", "50", "--size", "262144", "--timeout", "1s"];
+    let run = loadgen("stop-reading", &args);
+    let took = started.elapsed();
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let s = run.step(0);
+    let stalls = errors(s, "write_stall");
+    assert_eq!(stalls + errors(s, "echo_timeout"), 5, "{s}");
+    assert!(stalls >= 1, "the blocked writes are reported as such: {s}");
+    assert_eq!(u(&s["derived"]["errors"]), 5, "{s}");
+    assert_eq!(u(&s["open_connections"]), 0);
+    // A 3 s hold, a short ramp and the stop: well under the 5 s that the
+    // workers give connections to close before they are abandoned.
+    assert!(took < Duration::from_secs(9), "the run took {took:?}");
+}
+
+#[test]
+fn a_server_that_never_reads_is_refused_before_the_run_not_waited_for() {
+    // The pre-run check's one message (16 MiB, more than the socket buffers
+    // hold) cannot be written: a refusal within the connect timeout.
+    let url = format!("ws://{}/", faulty_server(Fault::NeverRead));
+    let started = std::time::Instant::now();
+    let run =
+        loadgen("never-reads", &[&url, "--steps", "1", "--size", "16777216", "--connect-timeout", "2s"]);
+    assert_eq!(run.code(), 2, "{}", run.stderr());
+    assert!(run.stderr().contains("did not take a 16777216-byte message within"), "{}", run.stderr());
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
 }
