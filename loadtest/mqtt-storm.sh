@@ -27,12 +27,14 @@ if [ $PIN = 1 ] && [ "$(nproc)" -ge 2 ]; then PIN_SERVER=(taskset -c 0); PIN_GEN
 addr() { grep "\"protocol\":\"$1\"" "$TMP/echo.log" | grep -o '"addr":"[^"]*"' | head -1 | cut -d'"' -f4; }
 for run in $(seq "$RUNS"); do
   env -u ECHO_CONFIG "${PIN_SERVER[@]}" ./target/release/echo-server --ws-listen 127.0.0.1:0 \
-    --mqtt-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --log-format json --log-level warn,echo_server=info \
+    --mqtt-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --log-format json --log-level "${STORM_LOG_LEVEL:-warn,echo_server=info}" \
     2>"$TMP/echo.log" &
   ECHO=$!
   for _ in $(seq 100); do grep -q '"ready"' "$TMP/echo.log" && break; sleep 0.1; done
   echo "run $run/$RUNS"
   "${PIN_GEN[@]}" $BENCH mixed --ws "ws://$(addr websocket)/" --addr "$(addr mqtt)" --ws-clients 5000 \
-    --clients 5000 --concurrency 5000 --pid $ECHO --storm-nice $NICE 2>&1 | grep -E '^(mixed|server CPU)'
+    --clients 5000 --concurrency 5000 --pid $ECHO --admin "$(addr admin)" --storm-nice $NICE 2>&1 \
+    | grep -E '^(mixed|server CPU|server event loop|  storm )'
+  [ -n "${STORM_LOG_LEVEL:-}" ] && cp "$TMP/echo.log" "/tmp/storm-run$run.log"
   kill -TERM $ECHO; wait $ECHO || true
 done

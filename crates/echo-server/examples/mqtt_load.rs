@@ -95,24 +95,31 @@ enum Mode {
         label: String,
     },
     /// WebSocket clients echoing at 1/s while MQTT clients connect at once.
-    Mixed {
-        #[arg(long)]
-        ws: String,
-        #[arg(long)]
-        addr: String,
-        #[arg(long, default_value_t = 5000)]
-        ws_clients: u32,
-        #[arg(long, default_value_t = 5000)]
-        clients: u32,
-        #[arg(long, default_value_t = 5000)]
-        concurrency: usize,
-        #[arg(long)]
-        pid: Option<u32>,
-        /// Run the storm process at this nice level (19: it only gets the CPU
-        /// the server and the measuring clients leave).
-        #[arg(long, default_value_t = 0)]
-        storm_nice: i32,
-    },
+    Mixed(Mixed),
+}
+
+#[derive(clap::Args, Debug)]
+struct Mixed {
+    #[arg(long)]
+    ws: String,
+    #[arg(long)]
+    addr: String,
+    #[arg(long, default_value_t = 5000)]
+    ws_clients: u32,
+    #[arg(long, default_value_t = 5000)]
+    clients: u32,
+    #[arg(long, default_value_t = 5000)]
+    concurrency: usize,
+    #[arg(long)]
+    pid: Option<u32>,
+    /// The server's admin address (HOST:PORT): its event-loop lag
+    /// histogram is read before and after the storm.
+    #[arg(long)]
+    admin: Option<String>,
+    /// Run the storm process at this nice level (19: it only gets the CPU
+    /// the server and the measuring clients leave).
+    #[arg(long, default_value_t = 0)]
+    storm_nice: i32,
 }
 
 fn rss(pid: Option<u32>) -> u64 {
@@ -127,6 +134,25 @@ fn rss(pid: Option<u32>) -> u64 {
 }
 
 /// CPU seconds used so far by each thread of a process, by thread name.
+/// The server's `echo_event_loop_lag_seconds` buckets (cumulative counts
+/// by upper bound), read from its admin port.
+fn loop_lag(admin: Option<&str>) -> Option<std::collections::BTreeMap<String, u64>> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(admin?).ok()?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let buckets = text
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("echo_event_loop_lag_seconds_bucket{le=\"")?;
+            let (le, count) = rest.split_once("\"} ")?;
+            Some((le.to_owned(), count.parse::<f64>().ok()? as u64))
+        })
+        .collect();
+    Some(buckets)
+}
+
 fn thread_cpu(pid: Option<u32>) -> std::collections::BTreeMap<String, f64> {
     let mut out = std::collections::BTreeMap::new();
     let Some(pid) = pid else { return out };
@@ -590,15 +616,8 @@ async fn run_churn(
     );
 }
 
-async fn run_mixed(
-    ws: String,
-    addr: String,
-    ws_clients: u32,
-    clients: u32,
-    concurrency: usize,
-    pid: Option<u32>,
-    storm_nice: i32,
-) {
+async fn run_mixed(settings: Mixed) {
+    let Mixed { ws, addr, ws_clients, clients, concurrency, pid, admin, storm_nice } = settings;
     let origin = Instant::now();
     // 10 s to connect the WebSocket clients, 10 s of baseline, the storm, then 10 s more.
     let storm_at = origin + Duration::from_secs(20);
@@ -615,6 +634,7 @@ async fn run_mixed(
     }
     tokio::time::sleep_until(storm_at.into()).await;
     let cpu_before = thread_cpu(pid);
+    let lag_before = loop_lag(admin.as_deref());
     let storm_start = Instant::now();
     // The storm runs in a process of its own (see `Storm`).
     let storm_args = vec![
@@ -645,6 +665,8 @@ async fn run_mixed(
             .unwrap_or(f64::NAN)
     };
     let storm_end = Duration::from_secs_f64(field("ramp"));
+    // The storm process ends right after its clients disconnect (together).
+    let storm_done_us = origin.elapsed().as_micros() as u64;
     // Includes the storm's 3 s hold (idle) and the disconnections.
     let cpu_after = thread_cpu(pid);
     let cpu: Vec<String> = cpu_after
@@ -652,18 +674,33 @@ async fn run_mixed(
         .map(|(name, after)| format!("{name}={:.2}s", after - cpu_before.get(name).copied().unwrap_or(0.0)))
         .collect();
     eprintln!("server CPU while the storm process ran: {}", cpu.join(" "));
+    if let (Some(before), Some(after)) = (lag_before, loop_lag(admin.as_deref())) {
+        let ticks = |le: &str| after.get(le).unwrap_or(&0) - before.get(le).unwrap_or(&0);
+        let total = ticks("+Inf");
+        let over: Vec<String> = ["0.002", "0.005", "0.01", "0.02"]
+            .iter()
+            .map(|le| {
+                format!("over_{}ms={}", (le.parse::<f64>().unwrap() * 1000.0) as u32, total - ticks(le))
+            })
+            .collect();
+        eprintln!("server event loop lag while the storm process ran: ticks={total} {}", over.join(" "));
+    }
     let failed = field("failed") as u64;
     let held = vec![(); (clients as u64 - failed) as usize];
     let storm_start_us = storm_start.duration_since(origin).as_micros() as u64;
     let storm_end_us = storm_start_us + storm_end.as_micros() as u64;
     let mut baseline = Vec::new();
     let mut during = Vec::new();
+    let mut leaving = Vec::new();
     let mut timeline = Vec::new();
     let mut ws_failed = 0;
     for task in ws_tasks {
         match task.await.unwrap() {
             Ok(samples) => {
                 for (at, rtt) in samples {
+                    if at + 1_000_000 >= storm_done_us && at <= storm_done_us {
+                        leaving.push(rtt);
+                    }
                     if at >= storm_start_us && at <= storm_end_us {
                         during.push(rtt);
                         timeline.push((at - storm_start_us, rtt));
@@ -682,6 +719,7 @@ async fn run_mixed(
     }
     baseline.sort_unstable();
     during.sort_unstable();
+    leaving.sort_unstable();
     if std::env::var_os("MIXED_TIMELINE").is_some() {
         // Worst echo per 50 ms of the storm: where the delays come from.
         let mut worst = std::collections::BTreeMap::new();
@@ -697,7 +735,8 @@ async fn run_mixed(
     println!(
         "mixed: ws_clients={ws_clients} ws_failed={ws_failed} mqtt_clients={clients} mqtt_failed={failed} \
          storm={:.2}s mqtt_connects_per_s={:.0} \
-         ws_baseline n={} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} | ws_during_storm n={} p50_ms={:.2} p99_ms={:.2} max_ms={:.2}",
+         ws_baseline n={} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} | ws_during_storm n={} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} \
+         | ws_while_they_disconnect n={} p50_ms={:.2} p99_ms={:.2} max_ms={:.2}",
         storm_end.as_secs_f64(),
         held.len() as f64 / storm_end.as_secs_f64(),
         baseline.len(),
@@ -708,6 +747,10 @@ async fn run_mixed(
         percentile(&during, 0.5),
         percentile(&during, 0.99),
         percentile(&during, 1.0),
+        leaving.len(),
+        percentile(&leaving, 0.5),
+        percentile(&leaving, 0.99),
+        percentile(&leaving, 1.0),
     );
 }
 
@@ -726,9 +769,7 @@ fn main() {
             Mode::Churn { addr, clients, rounds, concurrency, own_topic, pid, label } => {
                 run_churn(addr, clients, rounds, concurrency, own_topic, pid, label).await
             }
-            Mode::Mixed { ws, addr, ws_clients, clients, concurrency, pid, storm_nice } => {
-                run_mixed(ws, addr, ws_clients, clients, concurrency, pid, storm_nice).await
-            }
+            Mode::Mixed(settings) => run_mixed(settings).await,
         }
     });
 }

@@ -279,6 +279,8 @@ pub struct Metrics {
     pub mqtt: Arc<MqttMetrics>,
     /// Failed `accept` calls because no file descriptor was left, by listener.
     pub accept_fd_exhausted: Family<ListenerLabel, Count>,
+    /// How late the event loop runs what is due ([`crate::lag`]).
+    pub loop_lag: Arc<crate::lag::LoopLag>,
 }
 
 impl Metrics {
@@ -381,11 +383,17 @@ impl Metrics {
             "Accept attempts that failed because the open-file limit was reached",
             accept_fd_exhausted.clone(),
         );
+        let loop_lag = Arc::new(crate::lag::LoopLag::default());
+        registry.register(
+            "echo_event_loop_lag_seconds",
+            "How much later than due the event loop ran a 10 ms timer: what every client's events waited behind other work",
+            loop_lag.histogram.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector { max_fds }));
         if let Some(runtime) = runtime {
             registry.register_collector(Box::new(RuntimeCollector { runtime }));
         }
-        Metrics { registry, websocket, mqtt, accept_fd_exhausted }
+        Metrics { registry, websocket, mqtt, accept_fd_exhausted, loop_lag }
     }
 
     /// The exposition text served at `/metrics`.
@@ -471,6 +479,7 @@ mod tests {
         metrics.websocket.close_sent(Some(1001));
         metrics.websocket.close_received(Some(4321));
         metrics.websocket.reject("capacity");
+        metrics.loop_lag.record(std::time::Duration::from_millis(3));
         let text = metrics.encode();
         for needle in [
             "echo_websocket_connections ",
@@ -482,6 +491,8 @@ mod tests {
             "echo_websocket_rejected_total{reason=\"capacity\"} 1",
             "process_resident_memory_bytes ",
             "process_max_fds 20000",
+            "echo_event_loop_lag_seconds_bucket{le=\"0.005\"} 1",
+            "echo_event_loop_lag_seconds_count 1",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }

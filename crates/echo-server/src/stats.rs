@@ -74,6 +74,7 @@ pub async fn run(
             mqtt_publishes_out_per_s = format_args!("{:.1}", rate(now.mqtt_out, last.mqtt_out)),
             rss_mib = format_args!("{:.1}", process.map(|p| p.rss_bytes as f64 / 1048576.0).unwrap_or(0.0)),
             cpu_percent = format_args!("{:.1}", (now.cpu_seconds - last.cpu_seconds) / secs * 100.0),
+            loop_lag_max_ms = format_args!("{:.1}", metrics.loop_lag.take_max().as_secs_f64() * 1000.0),
             "stats"
         );
         last = now;

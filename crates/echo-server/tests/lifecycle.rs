@@ -102,9 +102,12 @@ fn admin_health_readiness_and_metrics() {
         "process_cpu_seconds_total",
         "process_open_fds",
         "echo_runtime_workers",
+        "echo_event_loop_lag_seconds_bucket",
     ] {
         assert!(body.contains(name), "{name} missing from /metrics");
     }
+    // The lag probe runs every 10 ms from the start.
+    server.wait_for_metric("echo_event_loop_lag_seconds_count", Duration::from_secs(5), |v| v >= 5.0);
     // MQTT's byte counters, exactly, against an exchange whose every byte
     // the client counts: CONNECT, SUBSCRIBE, a QoS 0 and a QoS 1 PUBLISH to
     // its own topic, PINGREQ, DISCONNECT; back come CONNACK, SUBACK, the two
