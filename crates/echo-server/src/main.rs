@@ -50,6 +50,13 @@ fn main() -> ExitCode {
     logging::init(&config.log);
     logging::log_panics();
     let files = FileLimit::raise();
+    // Before any other thread starts (see the function's docs).
+    match files.presize_descriptor_table() {
+        Some(size) => tracing::debug!(descriptors = size, "descriptor table presized"),
+        None => tracing::warn!(
+            "could not presize the descriptor table: the event loop may stall for a moment each time it grows"
+        ),
+    }
     let bound = match server::bind_all(&config) {
         Ok(bound) => bound,
         Err(err) => {
