@@ -548,3 +548,27 @@ fn silent_clients_cannot_hold_the_connect_turns() {
     assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
     drop(silent);
 }
+
+/// Closing sessions take turns too (so that thousands leaving at once do
+/// not hold the event loop), but clients that are slow to close cannot hold
+/// those turns: here every closing session waits for its client's FIN, which
+/// never comes, yet a new client connects at once.
+#[test]
+fn clients_slow_to_close_cannot_hold_the_turns() {
+    let server = TestServer::start_with_env(&[], &[("ECHO_MQTT_CONNECT_CONCURRENCY", "2")]);
+    let mut lingering = Vec::new();
+    for i in 0..10 {
+        let mut client = RawMqtt::session(server.mqtt_addr(), 5, &format!("lingering-{i}"), 30);
+        // A wildcard in a publish topic: DISCONNECT 0x90, then a polite
+        // close that waits (up to 5 s) for this client's FIN.
+        client.send(&mqtt_raw::publish(5, "not/+/allowed", b"x"));
+        lingering.push(client);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    let _ok = RawMqtt::session(server.mqtt_addr(), 4, "not-blocked-by-closers", 30);
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    for client in &mut lingering {
+        assert_eq!(client.read_packet().expect("a DISCONNECT").disconnect_reason(), 0x90);
+    }
+}
