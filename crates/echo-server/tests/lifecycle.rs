@@ -217,6 +217,17 @@ fn a_second_signal_exits_at_once() {
     assert_eq!(status.code(), Some(128 + libc::SIGINT));
 }
 
+/// How many times the log said the open-file limit stopped connections.
+fn fd_warnings(server: &TestServer) -> usize {
+    server
+        .logs()
+        .iter()
+        .filter(|v| {
+            v["message"].as_str().is_some_and(|m| m.starts_with("the open-file limit, not the server"))
+        })
+        .count()
+}
+
 #[tokio::test]
 async fn running_out_of_file_descriptors_is_reported_once_and_recovers() {
     // 128 files: about 110 are left for clients once the process has its
@@ -246,13 +257,7 @@ async fn running_out_of_file_descriptors_is_reported_once_and_recovers() {
         }
     }
     assert!(clients.len() > 80 && clients.len() < 128, "{} clients got in", clients.len());
-    let warnings = server
-        .logs()
-        .iter()
-        .filter(|v| {
-            v["message"].as_str().is_some_and(|m| m.starts_with("the open-file limit, not the server"))
-        })
-        .count();
+    let warnings = fd_warnings(&server);
     assert_eq!(warnings, 1, "one warning per episode, not one per attempt");
     // Churn at the limit: free a few descriptors, let waiting and new clients
     // take them, hit the limit again. Still the same episode: no new warning
@@ -280,13 +285,7 @@ async fn running_out_of_file_descriptors_is_reported_once_and_recovers() {
         }
         assert!(got_in >= 1, "round {round}: a freed descriptor lets a client in");
     }
-    let warnings = server
-        .logs()
-        .iter()
-        .filter(|v| {
-            v["message"].as_str().is_some_and(|m| m.starts_with("the open-file limit, not the server"))
-        })
-        .count();
+    let warnings = fd_warnings(&server);
     assert_eq!(warnings, 1, "churn at the limit is one episode");
     // Free some descriptors: a new client is accepted and echoed.
     for mut ws in clients.drain(..20) {

@@ -315,6 +315,21 @@ mod tests {
     use crate::config::Config;
     use crate::metrics::Metrics;
 
+    /// An MQTT server with its router, for 10 connections, without TLS.
+    fn test_server(config: &Config, metrics: &Metrics) -> (Rc<MqttServer>, Rc<ConnectionLimit>) {
+        let (broker, _watch) = Broker::start(&config.mqtt, 10, metrics.mqtt.clone()).unwrap();
+        let limit = ConnectionLimit::new(10, Default::default());
+        let server = MqttServer::new(
+            config.mqtt.clone(),
+            metrics.mqtt.clone(),
+            Rc::new(Shutdown::new()),
+            limit.clone(),
+            broker,
+            None,
+        );
+        (server, limit)
+    }
+
     /// Past the refusal bound, a client whose CONNECT is already in is
     /// refused at once with the CONNACK of its version; one whose CONNECT
     /// is not is closed without one.
@@ -326,16 +341,7 @@ mod tests {
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async {
-                let (broker, _watch) = Broker::start(&config.mqtt, 10, metrics.mqtt.clone()).unwrap();
-                let limit = ConnectionLimit::new(10, Default::default());
-                let server = MqttServer::new(
-                    config.mqtt.clone(),
-                    metrics.mqtt.clone(),
-                    Rc::new(Shutdown::new()),
-                    limit,
-                    broker,
-                    None,
-                );
+                let (server, _limit) = test_server(&config, &metrics);
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let addr = listener.local_addr().unwrap();
                 let connect = |level: u8| {
@@ -387,16 +393,7 @@ mod tests {
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async {
-                let (broker, _watch) = Broker::start(&config.mqtt, 10, metrics.mqtt.clone()).unwrap();
-                let limit = ConnectionLimit::new(10, Default::default());
-                let server = MqttServer::new(
-                    config.mqtt.clone(),
-                    metrics.mqtt.clone(),
-                    Rc::new(Shutdown::new()),
-                    limit.clone(),
-                    broker,
-                    None,
-                );
+                let (server, limit) = test_server(&config, &metrics);
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
                 let (accepted, peer) = listener.accept().await.unwrap();
