@@ -239,3 +239,24 @@ pub fn errors(step: &Value, kind: &str) -> u64 {
 pub fn tools_required() -> bool {
     std::env::var("REQUIRE_TEST_TOOLS").is_ok_and(|v| v == "1")
 }
+
+/// A run against a server that stops reading after its first message: at
+/// 256 KiB × 50 msg/s the socket buffers fill at once and every write
+/// blocks. Each of the 5 connections must be given up as an error within
+/// `--timeout` of its oldest message (not go quiet with fewer messages
+/// sent), and the run must end on time: a 3 s hold, a short ramp and the
+/// stop, well under the 5 s that workers give connections to close.
+pub fn assert_write_stalls_are_errors(name: &str, url: &str) {
+    let started = std::time::Instant::now();
+    let args = [url, "--steps", "5", "--hold", "3s", "--rate", "50", "--size", "262144", "--timeout", "1s"];
+    let run = loadgen(name, &args);
+    let took = started.elapsed();
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let s = run.step(0);
+    let stalls = errors(s, "write_stall");
+    assert_eq!(stalls + errors(s, "echo_timeout"), 5, "{s}");
+    assert!(stalls >= 1, "the blocked writes are reported as such: {s}");
+    assert_eq!(u(&s["derived"]["errors"]), 5, "{s}");
+    assert_eq!(u(&s["open_connections"]), 0);
+    assert!(took < Duration::from_secs(9), "the run took {took:?}");
+}
