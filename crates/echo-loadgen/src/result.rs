@@ -170,22 +170,23 @@ impl RunResult {
     /// between machines (workers, threads, source addresses, connect rate,
     /// label, topic prefix, probes) is not compared.
     pub fn merge_named(runs: Vec<(String, RunResult)>) -> Result<RunResult, String> {
-        let mut iter = runs.into_iter();
-        let (first_name, mut out) = iter.next().ok_or("nothing to merge")?;
-        if out.schema != SCHEMA {
-            return Err(format!("{first_name} has schema {:?}, expected {SCHEMA:?}", out.schema));
-        }
-        let first = out.clone();
-        for (name, other) in iter {
-            if other.schema != SCHEMA {
-                return Err(format!("{name} has schema {:?}, expected {SCHEMA:?}", other.schema));
+        let (first_name, first) = runs.first().ok_or("nothing to merge")?;
+        // Every run is checked against the first before anything is added
+        // up (adding changes the first's step counts).
+        for (name, run) in &runs {
+            if run.schema != SCHEMA {
+                return Err(format!("{name} has schema {:?}, expected {SCHEMA:?}", run.schema));
             }
-            if let Err((field, a, b)) = first.same_scenario(&other) {
+            if let Err((field, a, b)) = first.same_scenario(run) {
                 return Err(format!(
                     "{name} and {first_name} differ in {field} ({b} vs {a}): only runs of the same \
                      scenario against the same server, made at the same time, merge"
                 ));
             }
+        }
+        let mut iter = runs.into_iter().map(|(_, run)| run);
+        let mut out = iter.next().expect("checked above");
+        for other in iter {
             for (a, b) in out.steps.iter_mut().zip(&other.steps) {
                 a.merge(b);
             }

@@ -536,6 +536,19 @@ mod tests {
     use bytes::Bytes;
     use rumqttd::protocol::{Filter, QoS, RetainForwardRule, Subscribe};
 
+    /// A broker whose router is watched on the current `LocalSet`; the flag
+    /// is set when the watcher sees the router die.
+    fn watched_broker(
+        config: &crate::config::MqttConfig,
+        metrics: &crate::metrics::Metrics,
+    ) -> (Rc<Broker>, Rc<Cell<bool>>, tokio::task::JoinHandle<()>) {
+        let (broker, watch) = Broker::start(config, 10, metrics.mqtt.clone()).unwrap();
+        let died = Rc::new(Cell::new(false));
+        let flag = died.clone();
+        let watcher = tokio::task::spawn_local(watch_router(broker.clone(), watch, move || flag.set(true)));
+        (broker, died, watcher)
+    }
+
     /// The router's death is noticed. To kill it, this test does what
     /// sessions refuse to do (see `topics::check_filter`): a persistent
     /// session, alone in a share group, disconnects with a QoS 1 message
@@ -549,11 +562,7 @@ mod tests {
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async {
-                let (broker, watch) = Broker::start(&config, 10, metrics.mqtt.clone()).unwrap();
-                let died = Rc::new(Cell::new(false));
-                let flag = died.clone();
-                let watcher =
-                    tokio::task::spawn_local(watch_router(broker.clone(), watch, move || flag.set(true)));
+                let (broker, died, watcher) = watched_broker(&config, &metrics);
                 let mut member = broker.link("member", false, SessionExpiry::NEVER).await.unwrap();
                 let filter = Filter {
                     path: "$share/g/doomed".into(),
@@ -623,11 +632,7 @@ mod tests {
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async {
-                let (broker, watch) = Broker::start(&config, 10, metrics.mqtt.clone()).unwrap();
-                let died = Rc::new(Cell::new(false));
-                let flag = died.clone();
-                let _watcher =
-                    tokio::task::spawn_local(watch_router(broker.clone(), watch, move || flag.set(true)));
+                let (broker, died, _watcher) = watched_broker(&config, &metrics);
                 let mut subscriber =
                     broker.link("watcher", true, SessionExpiry::AT_DISCONNECT).await.unwrap();
                 let filter = Filter {

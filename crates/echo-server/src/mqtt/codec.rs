@@ -63,20 +63,11 @@ pub fn peek_version(buf: &[u8]) -> Peek {
     if first != 0x10 {
         return Peek::NotConnect;
     }
-    // Remaining length: 1 to 4 bytes.
-    let mut pos = 1;
-    loop {
-        let Some(&byte) = buf.get(pos) else {
-            return Peek::Incomplete;
-        };
-        pos += 1;
-        if byte & 0x80 == 0 {
-            break;
-        }
-        if pos > 4 {
-            return Peek::NotConnect;
-        }
-    }
+    let mut pos = match fixed_header(buf) {
+        Ok(Some((header_len, _))) => header_len,
+        Ok(None) => return Peek::Incomplete,
+        Err(_) => return Peek::NotConnect,
+    };
     // Protocol name: a 2-byte length, then "MQTT" (or "MQIsdp" for 3.1).
     let Some(name_len) = buf.get(pos..pos + 2) else {
         return Peek::Incomplete;
