@@ -5,39 +5,12 @@
 
 mod common;
 
-use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::mqtt_raw::{self, RawMqtt};
-use common::{TestServer, run_to_exit, tool_available};
+use common::tls::{self, self_signed};
+use common::{TestServer, run_to_exit};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
-use tokio_rustls::rustls::{ClientConfig, RootCertStore};
-
-/// Writes a self-signed certificate for 127.0.0.1 and its key; returns
-/// their paths, or `None` (skipping) without `openssl`.
-fn self_signed(dir: &std::path::Path) -> Option<(String, String)> {
-    if !tool_available("openssl (Debian package `openssl`)", Command::new("openssl").arg("version")) {
-        return None;
-    }
-    std::fs::create_dir_all(dir).unwrap();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let status = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
-        .args(["-days", "2", "-subj", "/CN=echo-server test", "-addext", "subjectAltName=IP:127.0.0.1"])
-        // An end-entity certificate (rustls refuses a CA certificate as one).
-        .args(["-addext", "basicConstraints=critical,CA:FALSE", "-addext", "extendedKeyUsage=serverAuth"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "openssl req failed");
-    Some((cert.display().to_string(), key.display().to_string()))
-}
 
 async fn read_packet(stream: &mut (impl AsyncReadExt + Unpin)) -> (u8, Vec<u8>) {
     let first = stream.read_u8().await.unwrap();
@@ -56,21 +29,7 @@ async fn mqtt_over_tls_round_trips_and_plain_mqtt_is_refused() {
     let listening = server.wait_for_log(Duration::from_secs(5), |v| v["protocol"] == "mqtt");
     assert_eq!(listening["tls"], true);
 
-    let pem = std::fs::read(&cert).unwrap();
-    let mut roots = RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots.add(CertificateDer::from(c.unwrap().to_vec())).unwrap();
-    }
-    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(server.mqtt_addr()).await.unwrap();
-    let name = ServerName::try_from("127.0.0.1").unwrap();
-    let mut tls = connector.connect(name, tcp).await.expect("TLS handshake with the configured certificate");
+    let mut tls = tls::connect(server.mqtt_addr(), &cert).await;
     tls.write_all(&mqtt_raw::connect(5, "over-tls", 30)).await.unwrap();
     let (first, body) = read_packet(&mut tls).await;
     assert_eq!((first >> 4, body[1]), (2, 0), "CONNACK success");

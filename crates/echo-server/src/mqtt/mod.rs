@@ -12,6 +12,8 @@
 //!   full, TLS, and the entry for MQTT over WebSocket;
 //! - [`session`]: one connection's CONNECT checks and exchange loop;
 //! - [`codec`]: framing with rumqttd's public v4/v5 codecs;
+//! - [`inflow`]: how much of one client's input is taken at a time
+//!   (turns, backpressure towards the router);
 //! - [`downgrade`]: router output made safe for 3.1.1 clients;
 //! - [`topics`]: topic and filter checks the router does not do;
 //! - [`transport`]: TCP, TLS or WebSocket underneath;
@@ -21,6 +23,7 @@ pub mod auth;
 pub mod broker;
 pub mod codec;
 pub mod downgrade;
+mod inflow;
 pub mod session;
 pub mod tls;
 pub mod topics;

@@ -38,6 +38,7 @@ use tracing::debug;
 use super::MqttServer;
 use super::broker::{LinkFailure, SessionExpiry};
 use super::codec::{Codec, DecodeError, Decoded, Peek, Version, peek_version};
+use super::inflow::{Flow, Inflow, RECHECK, Turn};
 use super::topics::{self, Refusals, TopicRefusal};
 use super::transport::Transport;
 use crate::metrics::MqttMetrics;
@@ -617,7 +618,11 @@ enum Wake {
     Shutdown,
     /// `Err`: the router dropped this client.
     Router(Result<RouterBatch, ()>),
+    /// This many bytes were read (0: packets left in the read buffer by a
+    /// spent turn are to be decoded).
     Client(std::io::Result<usize>),
+    /// The client closed the connection.
+    Closed,
     KeepAlive,
 }
 
@@ -640,22 +645,31 @@ async fn exchange(
     tokio::pin!(timer);
     let mut refusals = Refusals::default();
     let mut out = BytesMut::new();
-    // Bytes already read with the CONNECT are handled first.
-    let mut pending_read = (!rbuf.is_empty()).then_some(Ok(rbuf.len()));
+    let mut turn = Turn::default();
+    let mut inflow = Inflow::default();
+    // Bytes already read with the CONNECT are handled first; `buffered`
+    // stays true while the read buffer may hold whole packets that a spent
+    // turn left undecoded.
+    let mut buffered = !rbuf.is_empty();
     loop {
-        let wake = match pending_read.take() {
-            Some(read) => Wake::Client(read),
-            None => {
-                tokio::select! {
-                    biased;
-                    _ = server.shutdown.wait() => Wake::Shutdown,
-                    next = router.rx.next() => {
-                        Wake::Router(next.map(|first| collect(first, &mut router.rx, &mut refusals, v5)).map_err(drop))
-                    }
-                    read = transport.read(rbuf) => Wake::Client(read),
-                    _ = &mut timer => Wake::KeepAlive,
-                }
+        turn.end_if_spent().await;
+        let flow = inflow.flow(&router.tx);
+        let open = flow == Flow::Open;
+        if flow == Flow::FullUnannounced {
+            timer.as_mut().reset(Instant::now() + RECHECK);
+        }
+        let wake = tokio::select! {
+            biased;
+            _ = server.shutdown.wait() => Wake::Shutdown,
+            next = router.rx.next() => {
+                Wake::Router(next.map(|first| collect(first, &mut router.rx, &mut refusals, v5)).map_err(drop))
             }
+            _ = std::future::ready(()), if open && buffered => Wake::Client(Ok(0)),
+            read = transport.read(rbuf), if open && !buffered => match read {
+                Ok(0) => Wake::Closed,
+                read => Wake::Client(read),
+            },
+            _ = &mut timer => Wake::KeepAlive,
         };
         match wake {
             Wake::Shutdown => {
@@ -668,19 +682,31 @@ async fn exchange(
             }
             Wake::KeepAlive => {
                 let limit = keep_alive.unwrap_or(far);
+                if !open {
+                    // The client is not silent: we are not reading it (this
+                    // is also the recheck of a queue full by bytes).
+                    heard = Instant::now();
+                }
                 if heard.elapsed() >= limit {
                     return End::violation("keepalive_timeout", DisconnectReasonCode::KeepAliveTimeout);
                 }
                 timer.as_mut().reset(heard + limit);
             }
-            Wake::Client(Ok(0)) => return End::lost("client_closed"),
+            Wake::Closed => return End::lost("client_closed"),
             Wake::Client(Err(_)) => return End::lost("reset"),
-            Wake::Client(Ok(_)) => {
+            Wake::Client(Ok(read)) => {
                 heard = Instant::now();
+                turn.read(read);
                 let mut batch = Vec::new();
+                let mut batch_bytes = 0;
                 let mut replies = Vec::new();
                 let mut end = None;
+                buffered = false;
                 while end.is_none() {
+                    if turn.is_spent() {
+                        buffered = true;
+                        break;
+                    }
                     let decoded = match codec.decode(rbuf) {
                         Ok(Some(decoded)) => decoded,
                         Ok(None) => break,
@@ -699,6 +725,8 @@ async fn exchange(
                             break;
                         }
                     };
+                    turn.decoded(decoded.size);
+                    batch_bytes += decoded.size;
                     end = incoming(decoded, session, &mut batch, &mut replies, &mut refusals, server);
                 }
                 if rbuf.is_empty() {
@@ -707,7 +735,7 @@ async fn exchange(
                     *rbuf = BytesMut::new();
                 }
                 if !batch.is_empty() {
-                    to_router(&mut router.tx, batch);
+                    inflow.push(&mut router.tx, batch, batch_bytes).await;
                 }
                 if !replies.is_empty()
                     && let Err(reason) = send(transport, &codec, replies, &mut out, server).await
@@ -914,33 +942,6 @@ fn detach(publish: &mut rumqttd::protocol::Publish) {
     own.extend_from_slice(&publish.payload);
     publish.topic = own.split_to(topic_len).freeze();
     publish.payload = own.freeze();
-}
-
-/// Hands a batch of packets to the router with at most one wake-up event.
-///
-/// The router drains a link's whole queue on any event for it, so while
-/// the queue still holds packets an event is already on its way: adding to
-/// the queue is enough. (The check and the push happen under the queue's
-/// lock; the router takes the queue under the same lock after receiving the
-/// event.) This keeps at most one event per link in the router's bounded
-/// channel, and `LinkTx::send` — which blocks the event loop while that
-/// channel is full — is called only for a link whose queue was empty.
-fn to_router(tx: &mut LinkTx, mut batch: Vec<Packet>) {
-    {
-        let mut queue = tx.buffer();
-        if !queue.is_empty() {
-            queue.extend(batch);
-            return;
-        }
-    }
-    let Some(last) = batch.pop() else {
-        return;
-    };
-    if !batch.is_empty() {
-        tx.buffer().extend(batch);
-    }
-    // (`send` is an `async fn` that never awaits: it completes on its first poll.)
-    let _ = tx.send(last).now_or_never();
 }
 
 #[cfg(test)]

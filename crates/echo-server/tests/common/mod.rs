@@ -4,6 +4,7 @@
 
 pub mod mqtt_raw;
 pub mod raw;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};

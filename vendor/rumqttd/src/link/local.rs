@@ -194,6 +194,13 @@ impl<'a> LinkBuilder<'a> {
     }
 }
 
+/// echo-server patch: when the router takes a link's queue of incoming
+/// packets and finds at least this many, it wakes the link's `LinkRx` (an
+/// empty notification: `next` returns `Ok(None)`). A session that stops
+/// reading its client while the queue is this long or longer learns so when
+/// to read again, without polling.
+pub const QUEUE_DRAINED_WAKE: usize = 64;
+
 pub struct LinkTx {
     pub(crate) connection_id: ConnectionId,
     router_tx: Sender<(ConnectionId, Event)>,
@@ -257,7 +264,11 @@ impl LinkTx {
         Ok(len)
     }
 
-    pub(crate) async fn notify(&mut self) -> Result<(), LinkError> {
+    /// echo-server patch: public. Tells the router the link's queue has
+    /// packets, awaiting room in its event channel; for a caller that fills
+    /// the queue itself (`buffer()`) and must not block the thread while
+    /// the channel is full, as `send` does.
+    pub async fn notify(&mut self) -> Result<(), LinkError> {
         self.router_tx
             .send_async((self.connection_id, Event::DeviceData))
             .await?;

@@ -587,6 +587,17 @@ impl Router {
         // allocates nothing, and the drained one is freed below.
         let mut packets = incoming.exchange(VecDeque::new());
 
+        // echo-server patch: a link whose queue grew to QUEUE_DRAINED_WAKE
+        // packets or more may have stopped reading its client until the
+        // router has taken them (backpressure): tell it through the
+        // notification channel it already waits on. Links that send a few
+        // packets per sweep never get this extra wake-up.
+        if packets.len() >= crate::local::QUEUE_DRAINED_WAKE {
+            if let Some(outgoing) = self.obufs.get(id) {
+                outgoing.handle.try_send(()).ok();
+            }
+        }
+
         let mut force_ack = false;
         let mut new_data = false;
         let mut disconnect = false;
