@@ -362,6 +362,72 @@ async fn a_client_that_never_reads_is_closed_without_growing_memory() {
     server.wait_for_metric("echo_websocket_connections", Duration::from_secs(5), |v| v == 0.0);
 }
 
+/// The README's bound for a client that sends but never reads is
+/// `read_buffer_size` plus one message. With 16 MiB messages (the default
+/// limit), the server must hold the unwritten echo of one message and stop
+/// reading there, not read the next 16 MiB message in behind it.
+#[test]
+fn a_client_that_never_reads_costs_one_message_not_two() {
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    const SIZE: usize = 16 << 20;
+    // Room enough that the server does not give up on this client while the
+    // test waits for its writes to stall.
+    let server = TestServer::start_with_env(&[], &[("ECHO_WEBSOCKET_WRITE_TIMEOUT", "120s")]);
+    let mut client = RawClient::connect(server.ws_addr());
+    client.send_frame(true, 2, b"warm up");
+    assert_eq!(client.read_frame().unwrap().payload, b"warm up");
+    let before = server.rss_bytes();
+    // Three whole messages, each a different byte, written by a thread that
+    // counts how far it got: it blocks once the server stops reading.
+    let written = Arc::new(AtomicU64::new(0));
+    let mut stream = client.stream.try_clone().unwrap();
+    let writer = {
+        let written = written.clone();
+        std::thread::spawn(move || {
+            for fill in 1..=3u8 {
+                let frame = RawClient::frame(true, 2, &vec![fill; SIZE], true);
+                for chunk in frame.chunks(64 << 10) {
+                    stream.write_all(chunk).unwrap();
+                    written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    // Stalled: no progress for a second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut last = 0;
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = written.load(Ordering::Relaxed);
+        if now == last && now > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the client's writes never stalled");
+        last = now;
+    }
+    let grown = server.rss_bytes().saturating_sub(before);
+    let total = written.load(Ordering::Relaxed);
+    assert!(total < 3 * SIZE as u64, "the server kept reading: the client wrote all {total} bytes");
+    // The echo of the first message is held: the measurement sees it...
+    assert!(grown > (SIZE / 2) as u64, "the server holds only {grown} bytes more; the echo should be held");
+    // ...and nothing like a second message beside it.
+    assert!(
+        grown < (SIZE + SIZE / 2) as u64,
+        "a client that never reads made the server hold {grown} bytes more (one message is {SIZE})"
+    );
+    // Once the client reads, every message comes back whole and in order.
+    client.stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    for fill in 1..=3u8 {
+        let echo = client.read_frame().expect("an echo");
+        assert_eq!((echo.opcode, echo.payload.len()), (2, SIZE));
+        assert!(echo.payload.iter().all(|&b| b == fill), "echo {fill} is intact");
+    }
+    writer.join().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_clients_echo_fifty_messages_each() {
     let server = TestServer::start(&[]);
