@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::TestServer;
-use common::mqtt_raw::{self, RawMqtt, packet};
+use common::mqtt_raw::{self, RawMqtt, RawPacket, packet};
 use common::raw::RawClient;
 
 /// Clients that must keep working whatever the others do.
@@ -570,5 +570,75 @@ fn clients_slow_to_close_cannot_hold_the_turns() {
     assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
     for client in &mut lingering {
         assert_eq!(client.read_packet().expect("a DISCONNECT").disconnect_reason(), 0x90);
+    }
+}
+
+/// MQTT over WebSocket ends with a close code that says why (RFC 6455
+/// §7.4.1): 1002 for bytes that are not MQTT or break it, 1003 for a text
+/// message, 1009 for a packet over the limit, 1000 after a DISCONNECT; and
+/// a client's close frame is answered with a close frame of the same code
+/// (§5.5.1), before a CONNECT and during a session.
+#[test]
+fn mqtt_over_websocket_says_why_it_closes_and_answers_a_close() {
+    let server = TestServer::start(&[]);
+    let mut bystanders = Bystanders::new(&server);
+    let ws = server.ws_addr();
+    // Answers the server's close as a polite client does; the TCP
+    // connection then ends at once.
+    let closes_with = |client: &mut RawClient, case: &str| -> u16 {
+        let code = client.read_close_code().unwrap_or_else(|| panic!("{case}: a close frame"));
+        client.send_frame(true, 8, &code.to_be_bytes());
+        assert!(client.closed_within(Duration::from_secs(3)), "{case}: TCP closed after the handshake");
+        code
+    };
+    let before_connect: [(&str, u8, Vec<u8>, u16); 4] = [
+        ("garbage", 2, (0..=255u8).rev().cycle().take(300).collect()),
+        ("http request", 2, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+        ("publish first", 2, mqtt_raw::publish(4, "a", b"b")),
+        ("connect in a text message", 1, mqtt_raw::connect(4, "text", 30)),
+    ]
+    .map(|(case, opcode, bytes)| (case, opcode, bytes, if opcode == 1 { 1003 } else { 1002 }));
+    for (case, opcode, bytes, code) in before_connect {
+        let mut client = RawClient::connect_mqtt(ws);
+        client.send_frame(true, opcode, &bytes);
+        assert_eq!(closes_with(&mut client, case), code, "{case}");
+        bystanders.still_fine(case);
+    }
+    // In a session (MQTT 5): the DISCONNECT says why in MQTT, the close
+    // code in WebSocket terms.
+    let in_session: [(&str, Vec<u8>, Option<u8>, u16); 4] = [
+        ("publish at QoS 3", packet(0x36, b"\x00\x01a\x00\x01"), Some(0x81), 1002),
+        ("second connect", mqtt_raw::connect(5, "again", 30), Some(0x82), 1002),
+        ("over max_payload_size", vec![0x30, 0xff, 0xff, 0xff, 0x7f], Some(0x95), 1009),
+        ("disconnect", mqtt_raw::DISCONNECT.to_vec(), None, 1000),
+    ];
+    for (case, bytes, reason, code) in in_session {
+        let mut client = RawClient::connect_mqtt(ws);
+        client.send_frame(true, 2, &mqtt_raw::connect(5, "ws-session", 30));
+        let ack = RawPacket::parse(&client.read_frame().expect("CONNACK").payload);
+        assert_eq!(ack.connack_code(), 0, "{case}");
+        client.send_frame(true, 2, &bytes);
+        if let Some(reason) = reason {
+            let bye = client.read_frame().expect("DISCONNECT");
+            assert_eq!(bye.opcode, 2, "{case}");
+            assert_eq!(RawPacket::parse(&bye.payload).disconnect_reason(), reason, "{case}");
+        }
+        assert_eq!(closes_with(&mut client, case), code, "{case}");
+        bystanders.still_fine(case);
+    }
+    // The client closes first: its close frame comes back with its code.
+    for (case, connected, code) in [("before connect", false, 1000u16), ("in a session", true, 4000)] {
+        let mut client = RawClient::connect_mqtt(ws);
+        if connected {
+            client.send_frame(true, 2, &mqtt_raw::connect(4, "ws-closer", 30));
+            assert_eq!(RawPacket::parse(&client.read_frame().expect("CONNACK").payload).connack_code(), 0);
+        }
+        let mut close = code.to_be_bytes().to_vec();
+        close.extend_from_slice(b"bye");
+        client.send_frame(true, 8, &close);
+        let answer = client.read_frame().expect("a close frame in answer");
+        assert_eq!((answer.opcode, answer.close_code()), (8, Some(code)), "{case}");
+        assert!(client.closed_within(Duration::from_secs(3)), "{case}: TCP closed");
+        bystanders.still_fine(case);
     }
 }

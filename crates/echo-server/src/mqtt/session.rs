@@ -39,7 +39,7 @@ use super::MqttServer;
 use super::broker::{LinkFailure, SessionExpiry};
 use super::codec::{Codec, DecodeError, Decoded, Peek, Version, peek_version};
 use super::topics::{self, Refusals, TopicRefusal};
-use super::transport::Transport;
+use super::transport::{Goodbye, Transport};
 use crate::metrics::MqttMetrics;
 
 /// The link to the router for one session. Dropping it while the router
@@ -296,7 +296,7 @@ async fn open(
             };
             write_connack(transport, version, code, server).await;
             metrics.refuse(reason);
-            transport.close(false).await;
+            transport.close(Goodbye::for_reason(reason, false)).await;
             return None;
         }
     };
@@ -352,7 +352,7 @@ async fn finish(transport: &mut Transport, session: &Accepted, end: End, server:
     }
     if end.polite_close {
         let _ = tokio::time::timeout_at(grace, async {
-            transport.close(server.shutdown.is_triggered()).await;
+            transport.close(Goodbye::for_reason(end.reason, server.shutdown.is_triggered())).await;
             transport.drain().await;
         })
         .await;
@@ -514,13 +514,17 @@ async fn refuse(transport: &mut Transport, refused: Refused, server: &MqttServer
     match refused {
         Refused::Silently(reason) => {
             server.metrics.refuse(reason);
-            let _ = tokio::time::timeout(Duration::from_secs(1), transport.close(false)).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                transport.close(Goodbye::for_reason(reason, false)),
+            )
+            .await;
         }
         Refused::With(version, code, reason) => {
             server.metrics.refuse(reason);
             write_connack(transport, version, code, server).await;
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                transport.close(false).await;
+                transport.close(Goodbye::for_reason(reason, false)).await;
                 transport.drain().await;
             })
             .await;
