@@ -239,6 +239,42 @@ async fn plain_http_requests_get_proper_statuses() {
     assert!(server.metric("echo_websocket_handshake_failures_total{reason=\"refused\"}") >= 2.0);
 }
 
+/// The number of request headers is a limit of its own
+/// (`websocket.max_request_headers`, 100 by default), checked well under
+/// `max_request_header_size`: at the limit the upgrade succeeds, one more
+/// header gets 431.
+#[tokio::test]
+async fn request_header_count_is_limited_by_configuration() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+
+    // The client library sends five headers of its own (Host, Connection,
+    // Upgrade, Sec-WebSocket-Version, Sec-WebSocket-Key).
+    async fn upgrade_with(server: &TestServer, total: usize) -> Result<Client, u16> {
+        let mut request = server.ws_url("/").into_client_request().unwrap();
+        for i in 0..total - 5 {
+            let name = HeaderName::from_bytes(format!("x-filler-{i}").as_bytes()).unwrap();
+            request.headers_mut().insert(name, HeaderValue::from_static("y"));
+        }
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Err(response.status().as_u16()),
+            Err(other) => panic!("upgrade with {total} headers: {other}"),
+        }
+    }
+    for (limit, env) in [(100, None), (12, Some("12"))] {
+        let env: Vec<(&str, &str)> =
+            env.map(|n| ("ECHO_WEBSOCKET_MAX_REQUEST_HEADERS", n)).into_iter().collect();
+        let server = TestServer::start_with_env(&[], &env);
+        let mut ws = upgrade_with(&server, limit).await.expect("at the limit the upgrade succeeds");
+        ws.send(Message::Text("in".into())).await.unwrap();
+        assert_eq!(next_data(&mut ws).await, Message::Text("in".into()));
+        // One more: about 20 bytes more, far under the 8 KiB head size limit.
+        assert_eq!(upgrade_with(&server, limit + 1).await.err(), Some(431), "limit {limit}");
+        assert_eq!(server.metric("echo_websocket_http_responses_total{status=\"431\"}"), 1.0);
+    }
+}
+
 #[tokio::test]
 async fn subprotocol_first_offered_is_selected_and_compression_declined() {
     let server = TestServer::start(&[]);
