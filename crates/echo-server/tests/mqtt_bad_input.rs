@@ -642,3 +642,76 @@ fn mqtt_over_websocket_says_why_it_closes_and_answers_a_close() {
         bystanders.still_fine(case);
     }
 }
+
+/// MQTT 5 §2.2.2.2: a property given twice where it may appear once is a
+/// protocol error (0x82), not the last value winning: a CONNECT with one
+/// (in its own properties or its will's) is refused with CONNACK 0x82, a
+/// packet in a session ends it with DISCONNECT 0x82. User Property may
+/// repeat, and such a publish is delivered.
+#[test]
+fn a_property_given_twice_is_a_protocol_error() {
+    let server = TestServer::start(&[]);
+    let mut bystanders = Bystanders::new(&server);
+    let addr = server.mqtt_addr();
+    let session = [0x11, 0, 0, 0, 60];
+    let connects: [(&str, Vec<u8>); 2] = [
+        (
+            "session expiry twice in CONNECT",
+            packet(
+                0x10,
+                &[&b"\x00\x04MQTT\x05\x02\x00\x1e\x0a"[..], &session, &session, b"\x00\x01c"].concat(),
+            ),
+        ),
+        (
+            "will delay twice in the will's properties",
+            packet(
+                0x10,
+                &[
+                    &b"\x00\x04MQTT\x05\x06\x00\x1e\x00\x00\x01c\x0a"[..],
+                    &[0x18, 0, 0, 0, 1, 0x18, 0, 0, 0, 2],
+                    b"\x00\x01t\x00\x01m",
+                ]
+                .concat(),
+            ),
+        ),
+    ];
+    for (case, bytes) in connects {
+        let mut client = RawMqtt::connect(addr);
+        client.send(&bytes);
+        assert_eq!(client.read_packet().expect("a CONNACK").connack_code(), 0x82, "{case}");
+        assert!(client.closed_within(Duration::from_secs(5)), "{case}");
+        bystanders.still_fine(case);
+    }
+    let expiry = [0x02, 0, 0, 0, 9];
+    let reason = [0x1f, 0, 1, b'r'];
+    let in_session: [(&str, Vec<u8>); 3] = [
+        (
+            "message expiry twice in PUBLISH",
+            mqtt_raw::publish_raw(5, b"dup/t", 1, &[expiry, expiry].concat(), b"x"),
+        ),
+        (
+            "subscription identifier twice in SUBSCRIBE",
+            packet(0x82, &[0, 1, 4, 0x0b, 1, 0x0b, 2, 0, 1, b'a', 0]),
+        ),
+        ("reason string twice in DISCONNECT", packet(0xe0, &[&[0x00, 8][..], &reason, &reason].concat())),
+    ];
+    for (case, bytes) in in_session {
+        let mut client = RawMqtt::session(addr, 5, "dup", 30);
+        client.send(&bytes);
+        assert_eq!(client.read_packet().expect("a DISCONNECT").disconnect_reason(), 0x82, "{case}");
+        assert!(client.closed_within(Duration::from_secs(5)), "{case}");
+        bystanders.still_fine(case);
+    }
+    assert_eq!(server.metric("echo_mqtt_refused_total{reason=\"protocol_error\"}"), 2.0);
+    assert_eq!(server.metric("echo_mqtt_closed_total{reason=\"protocol_error\"}"), 3.0);
+    // User Property three times: taken, and delivered.
+    let mut client = RawMqtt::session(addr, 5, "users", 30);
+    client.send(&mqtt_raw::subscribe(5, 1, "dup/users"));
+    assert_eq!(client.read_packet().unwrap().packet_type(), 9);
+    let user = [0x26, 0, 1, b'k', 0, 1, b'v'];
+    client.send(&mqtt_raw::publish_raw(5, b"dup/users", 0, &[user, user, user].concat(), b"three"));
+    let delivered = client.read_packet().expect("the publish");
+    assert_eq!(delivered.packet_type(), 3);
+    assert!(delivered.body.ends_with(b"three"), "{delivered:?}");
+    bystanders.still_fine("user properties");
+}

@@ -404,6 +404,10 @@ async fn handshake(
             Err(DecodeError::TooLarge(_)) => {
                 return Err(Refused::With(version, ConnectReturnCode::PacketTooLarge, "too_large"));
             }
+            // Well formed, but against MQTT 5 (§2.2.2.2): 0x82, not 0x81.
+            Err(DecodeError::RepeatedProperty(_)) => {
+                return Err(Refused::With(version, ConnectReturnCode::ProtocolError, "protocol_error"));
+            }
             Err(e) => {
                 debug!(error = %e, "malformed CONNECT");
                 return Err(malformed_connect(version));
@@ -692,7 +696,7 @@ async fn exchange(
                             end = Some(End::violation("too_large", DisconnectReasonCode::PacketTooLarge));
                             break;
                         }
-                        Err(e @ DecodeError::NotFromClients(_)) => {
+                        Err(e @ (DecodeError::NotFromClients(_) | DecodeError::RepeatedProperty(_))) => {
                             debug!(error = %e, "protocol error");
                             end = Some(End::violation("protocol_error", DisconnectReasonCode::ProtocolError));
                             break;
