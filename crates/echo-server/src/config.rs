@@ -85,6 +85,7 @@ pub struct WebSocketConfig {
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
     pub max_request_header_size: u32,
+    pub max_request_headers: u32,
     pub max_message_size: u32,
     pub max_frame_size: u32,
     pub read_buffer_size: u32,
@@ -108,6 +109,7 @@ impl Default for WebSocketConfig {
             backlog: 4096,
             handshake_timeout: Duration::from_secs(10),
             max_request_header_size: 8192,
+            max_request_headers: 100,
             max_message_size: 16 << 20,
             max_frame_size: 16 << 20,
             read_buffer_size: 8192,
@@ -305,6 +307,14 @@ impl Config {
             return Err(invalid(
                 "websocket.max_request_header_size",
                 format!("{} is outside 1024..=1048576 bytes", ws.max_request_header_size),
+            ));
+        }
+        // An upgrade needs five headers; the request head is parsed against
+        // an array of this many, allocated for the handshake only.
+        if !(8..=1024).contains(&ws.max_request_headers) {
+            return Err(invalid(
+                "websocket.max_request_headers",
+                format!("{} is outside 8..=1024", ws.max_request_headers),
             ));
         }
         positive("websocket.max_message_size", ws.max_message_size)?;

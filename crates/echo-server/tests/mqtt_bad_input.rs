@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::TestServer;
-use common::mqtt_raw::{self, RawMqtt, packet};
+use common::mqtt_raw::{self, RawMqtt, RawPacket, packet};
 use common::raw::RawClient;
 
 /// Clients that must keep working whatever the others do.
@@ -571,4 +571,147 @@ fn clients_slow_to_close_cannot_hold_the_turns() {
     for client in &mut lingering {
         assert_eq!(client.read_packet().expect("a DISCONNECT").disconnect_reason(), 0x90);
     }
+}
+
+/// MQTT over WebSocket ends with a close code that says why (RFC 6455
+/// §7.4.1): 1002 for bytes that are not MQTT or break it, 1003 for a text
+/// message, 1009 for a packet over the limit, 1000 after a DISCONNECT; and
+/// a client's close frame is answered with a close frame of the same code
+/// (§5.5.1), before a CONNECT and during a session.
+#[test]
+fn mqtt_over_websocket_says_why_it_closes_and_answers_a_close() {
+    let server = TestServer::start(&[]);
+    let mut bystanders = Bystanders::new(&server);
+    let ws = server.ws_addr();
+    // Answers the server's close as a polite client does; the TCP
+    // connection then ends at once.
+    let closes_with = |client: &mut RawClient, case: &str| -> u16 {
+        let code = client.read_close_code().unwrap_or_else(|| panic!("{case}: a close frame"));
+        client.send_frame(true, 8, &code.to_be_bytes());
+        assert!(client.closed_within(Duration::from_secs(3)), "{case}: TCP closed after the handshake");
+        code
+    };
+    let before_connect: [(&str, u8, Vec<u8>, u16); 4] = [
+        ("garbage", 2, (0..=255u8).rev().cycle().take(300).collect()),
+        ("http request", 2, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+        ("publish first", 2, mqtt_raw::publish(4, "a", b"b")),
+        ("connect in a text message", 1, mqtt_raw::connect(4, "text", 30)),
+    ]
+    .map(|(case, opcode, bytes)| (case, opcode, bytes, if opcode == 1 { 1003 } else { 1002 }));
+    for (case, opcode, bytes, code) in before_connect {
+        let mut client = RawClient::connect_mqtt(ws);
+        client.send_frame(true, opcode, &bytes);
+        assert_eq!(closes_with(&mut client, case), code, "{case}");
+        bystanders.still_fine(case);
+    }
+    // In a session (MQTT 5): the DISCONNECT says why in MQTT, the close
+    // code in WebSocket terms.
+    let in_session: [(&str, Vec<u8>, Option<u8>, u16); 4] = [
+        ("publish at QoS 3", packet(0x36, b"\x00\x01a\x00\x01"), Some(0x81), 1002),
+        ("second connect", mqtt_raw::connect(5, "again", 30), Some(0x82), 1002),
+        ("over max_payload_size", vec![0x30, 0xff, 0xff, 0xff, 0x7f], Some(0x95), 1009),
+        ("disconnect", mqtt_raw::DISCONNECT.to_vec(), None, 1000),
+    ];
+    for (case, bytes, reason, code) in in_session {
+        let mut client = RawClient::connect_mqtt(ws);
+        client.send_frame(true, 2, &mqtt_raw::connect(5, "ws-session", 30));
+        let ack = RawPacket::parse(&client.read_frame().expect("CONNACK").payload);
+        assert_eq!(ack.connack_code(), 0, "{case}");
+        client.send_frame(true, 2, &bytes);
+        if let Some(reason) = reason {
+            let bye = client.read_frame().expect("DISCONNECT");
+            assert_eq!(bye.opcode, 2, "{case}");
+            assert_eq!(RawPacket::parse(&bye.payload).disconnect_reason(), reason, "{case}");
+        }
+        assert_eq!(closes_with(&mut client, case), code, "{case}");
+        bystanders.still_fine(case);
+    }
+    // The client closes first: its close frame comes back with its code.
+    for (case, connected, code) in [("before connect", false, 1000u16), ("in a session", true, 4000)] {
+        let mut client = RawClient::connect_mqtt(ws);
+        if connected {
+            client.send_frame(true, 2, &mqtt_raw::connect(4, "ws-closer", 30));
+            assert_eq!(RawPacket::parse(&client.read_frame().expect("CONNACK").payload).connack_code(), 0);
+        }
+        let mut close = code.to_be_bytes().to_vec();
+        close.extend_from_slice(b"bye");
+        client.send_frame(true, 8, &close);
+        let answer = client.read_frame().expect("a close frame in answer");
+        assert_eq!((answer.opcode, answer.close_code()), (8, Some(code)), "{case}");
+        assert!(client.closed_within(Duration::from_secs(3)), "{case}: TCP closed");
+        bystanders.still_fine(case);
+    }
+}
+
+/// MQTT 5 §2.2.2.2: a property given twice where it may appear once is a
+/// protocol error (0x82), not the last value winning: a CONNECT with one
+/// (in its own properties or its will's) is refused with CONNACK 0x82, a
+/// packet in a session ends it with DISCONNECT 0x82. User Property may
+/// repeat, and such a publish is delivered.
+#[test]
+fn a_property_given_twice_is_a_protocol_error() {
+    let server = TestServer::start(&[]);
+    let mut bystanders = Bystanders::new(&server);
+    let addr = server.mqtt_addr();
+    let session = [0x11, 0, 0, 0, 60];
+    let connects: [(&str, Vec<u8>); 2] = [
+        (
+            "session expiry twice in CONNECT",
+            packet(
+                0x10,
+                &[&b"\x00\x04MQTT\x05\x02\x00\x1e\x0a"[..], &session, &session, b"\x00\x01c"].concat(),
+            ),
+        ),
+        (
+            "will delay twice in the will's properties",
+            packet(
+                0x10,
+                &[
+                    &b"\x00\x04MQTT\x05\x06\x00\x1e\x00\x00\x01c\x0a"[..],
+                    &[0x18, 0, 0, 0, 1, 0x18, 0, 0, 0, 2],
+                    b"\x00\x01t\x00\x01m",
+                ]
+                .concat(),
+            ),
+        ),
+    ];
+    for (case, bytes) in connects {
+        let mut client = RawMqtt::connect(addr);
+        client.send(&bytes);
+        assert_eq!(client.read_packet().expect("a CONNACK").connack_code(), 0x82, "{case}");
+        assert!(client.closed_within(Duration::from_secs(5)), "{case}");
+        bystanders.still_fine(case);
+    }
+    let expiry = [0x02, 0, 0, 0, 9];
+    let reason = [0x1f, 0, 1, b'r'];
+    let in_session: [(&str, Vec<u8>); 3] = [
+        (
+            "message expiry twice in PUBLISH",
+            mqtt_raw::publish_raw(5, b"dup/t", 1, &[expiry, expiry].concat(), b"x"),
+        ),
+        (
+            "subscription identifier twice in SUBSCRIBE",
+            packet(0x82, &[0, 1, 4, 0x0b, 1, 0x0b, 2, 0, 1, b'a', 0]),
+        ),
+        ("reason string twice in DISCONNECT", packet(0xe0, &[&[0x00, 8][..], &reason, &reason].concat())),
+    ];
+    for (case, bytes) in in_session {
+        let mut client = RawMqtt::session(addr, 5, "dup", 30);
+        client.send(&bytes);
+        assert_eq!(client.read_packet().expect("a DISCONNECT").disconnect_reason(), 0x82, "{case}");
+        assert!(client.closed_within(Duration::from_secs(5)), "{case}");
+        bystanders.still_fine(case);
+    }
+    assert_eq!(server.metric("echo_mqtt_refused_total{reason=\"protocol_error\"}"), 2.0);
+    assert_eq!(server.metric("echo_mqtt_closed_total{reason=\"protocol_error\"}"), 3.0);
+    // User Property three times: taken, and delivered.
+    let mut client = RawMqtt::session(addr, 5, "users", 30);
+    client.send(&mqtt_raw::subscribe(5, 1, "dup/users"));
+    assert_eq!(client.read_packet().unwrap().packet_type(), 9);
+    let user = [0x26, 0, 1, b'k', 0, 1, b'v'];
+    client.send(&mqtt_raw::publish_raw(5, b"dup/users", 0, &[user, user, user].concat(), b"three"));
+    let delivered = client.read_packet().expect("the publish");
+    assert_eq!(delivered.packet_type(), 3);
+    assert!(delivered.body.ends_with(b"three"), "{delivered:?}");
+    bystanders.still_fine("user properties");
 }

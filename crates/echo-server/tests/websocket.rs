@@ -239,6 +239,42 @@ async fn plain_http_requests_get_proper_statuses() {
     assert!(server.metric("echo_websocket_handshake_failures_total{reason=\"refused\"}") >= 2.0);
 }
 
+/// The number of request headers is a limit of its own
+/// (`websocket.max_request_headers`, 100 by default), checked well under
+/// `max_request_header_size`: at the limit the upgrade succeeds, one more
+/// header gets 431.
+#[tokio::test]
+async fn request_header_count_is_limited_by_configuration() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+
+    // The client library sends five headers of its own (Host, Connection,
+    // Upgrade, Sec-WebSocket-Version, Sec-WebSocket-Key).
+    async fn upgrade_with(server: &TestServer, total: usize) -> Result<Client, u16> {
+        let mut request = server.ws_url("/").into_client_request().unwrap();
+        for i in 0..total - 5 {
+            let name = HeaderName::from_bytes(format!("x-filler-{i}").as_bytes()).unwrap();
+            request.headers_mut().insert(name, HeaderValue::from_static("y"));
+        }
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Err(response.status().as_u16()),
+            Err(other) => panic!("upgrade with {total} headers: {other}"),
+        }
+    }
+    for (limit, env) in [(100, None), (12, Some("12"))] {
+        let env: Vec<(&str, &str)> =
+            env.map(|n| ("ECHO_WEBSOCKET_MAX_REQUEST_HEADERS", n)).into_iter().collect();
+        let server = TestServer::start_with_env(&[], &env);
+        let mut ws = upgrade_with(&server, limit).await.expect("at the limit the upgrade succeeds");
+        ws.send(Message::Text("in".into())).await.unwrap();
+        assert_eq!(next_data(&mut ws).await, Message::Text("in".into()));
+        // One more: about 20 bytes more, far under the 8 KiB head size limit.
+        assert_eq!(upgrade_with(&server, limit + 1).await.err(), Some(431), "limit {limit}");
+        assert_eq!(server.metric("echo_websocket_http_responses_total{status=\"431\"}"), 1.0);
+    }
+}
+
 #[tokio::test]
 async fn subprotocol_first_offered_is_selected_and_compression_declined() {
     let server = TestServer::start(&[]);
@@ -360,6 +396,75 @@ async fn a_client_that_never_reads_is_closed_without_growing_memory() {
         |v| v == 1.0,
     );
     server.wait_for_metric("echo_websocket_connections", Duration::from_secs(5), |v| v == 0.0);
+}
+
+/// The README's bound for a client that sends but never reads is
+/// `read_buffer_size` plus one message. With 16 MiB messages (the default
+/// limit), the server must hold the unwritten echo of one message and stop
+/// reading there, not read the next 16 MiB message in behind it.
+#[test]
+fn a_client_that_never_reads_costs_one_message_not_two() {
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    const SIZE: usize = 16 << 20;
+    // Room enough that the server does not give up on this client while the
+    // test waits for its writes to stall.
+    let server = TestServer::start_with_env(&[], &[("ECHO_WEBSOCKET_WRITE_TIMEOUT", "120s")]);
+    let mut client = RawClient::connect(server.ws_addr());
+    client.send_frame(true, 2, b"warm up");
+    assert_eq!(client.read_frame().unwrap().payload, b"warm up");
+    let before = server.rss_bytes();
+    // Three whole messages, each a different byte, written by a thread that
+    // counts how far it got: it blocks once the server stops reading.
+    let written = Arc::new(AtomicU64::new(0));
+    let mut stream = client.stream.try_clone().unwrap();
+    let writer = {
+        let written = written.clone();
+        std::thread::spawn(move || {
+            for fill in 1..=3u8 {
+                let frame = RawClient::frame(true, 2, &vec![fill; SIZE], true);
+                for chunk in frame.chunks(64 << 10) {
+                    stream.write_all(chunk).unwrap();
+                    written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    // Stalled: no progress for a second, with the server holding the echo
+    // of the first message (the measurement sees it; on a busy machine a
+    // second without progress may come before that).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut last = 0;
+    let grown = loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = written.load(Ordering::Relaxed);
+        let grown = server.rss_bytes().saturating_sub(before);
+        if now == last && grown > (SIZE / 2) as u64 {
+            break grown;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client's writes never stalled with the echo held ({now} bytes written, {grown} bytes more held)"
+        );
+        last = now;
+    };
+    let total = written.load(Ordering::Relaxed);
+    assert!(total < 3 * SIZE as u64, "the server kept reading: the client wrote all {total} bytes");
+    // Nothing like a second message beside the echo.
+    assert!(
+        grown < (SIZE + SIZE / 2) as u64,
+        "a client that never reads made the server hold {grown} bytes more (one message is {SIZE})"
+    );
+    // Once the client reads, every message comes back whole and in order.
+    client.stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    for fill in 1..=3u8 {
+        let echo = client.read_frame().expect("an echo");
+        assert_eq!((echo.opcode, echo.payload.len()), (2, SIZE));
+        assert!(echo.payload.iter().all(|&b| b == fill), "echo {fill} is intact");
+    }
+    writer.join().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

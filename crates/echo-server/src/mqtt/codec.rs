@@ -8,7 +8,9 @@
 //! Reading checks what rumqttd's decoders do not, or get wrong
 //! ([`Codec::decode`]): packet types a client must not send (the V5 decoder
 //! panics on some), fixed-header flags, and packets whose fields run past
-//! their end (which the V5 decoder would take for a packet still arriving).
+//! their end (which the V5 decoder would take for a packet still arriving),
+//! and MQTT 5 properties given twice (which the V5 decoder takes, keeping
+//! the last).
 //!
 //! Writing goes through [`downgrade`](super::downgrade) for 3.1.1 clients:
 //! rumqttd's V4 writer *panics* (`unreachable!`) on any packet that carries
@@ -115,6 +117,10 @@ pub enum DecodeError {
     /// server never agrees to (§4.12).
     #[error("packet type {0} is not sent by clients")]
     NotFromClients(u8),
+    /// MQTT 5: a property given twice where it may appear once (0x82,
+    /// protocol error, §2.2.2.2); see [`repeated_property`].
+    #[error("property {0:#04x} given twice")]
+    RepeatedProperty(u8),
 }
 
 /// A packet read from a client, with its type number for the metrics.
@@ -169,6 +175,13 @@ impl Codec {
             return Ok(None);
         }
         let before = buf.len();
+        // Looked for before decoding (the decoder consumes the bytes), and
+        // reported only if the packet is otherwise well formed, so that a
+        // malformed packet is still called malformed.
+        let repeated = match self.version {
+            Version::V5 => repeated_property(&buf[..header_len + remaining]),
+            Version::V311 => None,
+        };
         let result = if self.version == Version::V5 && packet_type == 14 && remaining == 1 {
             // MQTT 5 §3.14.2.2.1: a DISCONNECT of remaining length 1 is a
             // reason code and no properties. rumqttd wants the property
@@ -184,6 +197,7 @@ impl Codec {
             }
         };
         match result {
+            Ok(_) if let Some(id) = repeated => Err(DecodeError::RepeatedProperty(id)),
             Ok(packet) => Ok(Some(Decoded { packet, packet_type, size: before - buf.len() })),
             Err(ProtocolError::PayloadSizeLimitExceeded(size)) => Err(DecodeError::TooLarge(size)),
             Err(ProtocolError::InsufficientBytes(_)) => {
@@ -277,6 +291,147 @@ fn fixed_header(buf: &[u8]) -> Result<Option<(usize, usize)>, DecodeError> {
     }
     // A remaining length of more than four bytes.
     Err(DecodeError::Malformed(ProtocolError::MalformedRemainingLength))
+}
+
+/// Why [`repeated_property`] stopped before the end of a packet.
+enum Stop {
+    Repeated(u8),
+    /// A field it cannot follow: the decoder will say what is wrong.
+    Unreadable,
+}
+
+/// Reads the fields that lead to a packet's property sections.
+struct Fields<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Fields<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], Stop> {
+        if n > self.bytes.len() {
+            return Err(Stop::Unreadable);
+        }
+        let (taken, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(taken)
+    }
+
+    fn byte(&mut self) -> Result<u8, Stop> {
+        Ok(self.take(1)?[0])
+    }
+
+    /// A string or binary data: a two-byte length, then that many bytes.
+    fn string(&mut self) -> Result<(), Stop> {
+        let len = self.take(2)?;
+        self.take(usize::from(u16::from_be_bytes([len[0], len[1]]))).map(drop)
+    }
+
+    /// A variable byte integer (§1.5.5).
+    fn varint(&mut self) -> Result<usize, Stop> {
+        let mut value = 0;
+        for i in 0..4 {
+            let byte = self.byte()?;
+            value |= usize::from(byte & 0x7f) << (7 * i);
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(Stop::Unreadable)
+    }
+
+    /// A property section: its length, then properties, each at most once
+    /// but User Property (0x26). Subscription Identifier (0x0B) may repeat
+    /// only in a PUBLISH from a server (§3.3.2.3.8); clients never send one
+    /// that may.
+    fn properties(&mut self) -> Result<(), Stop> {
+        let len = self.varint()?;
+        let mut section = Fields { bytes: self.take(len)? };
+        let mut seen = 0u64;
+        while !section.bytes.is_empty() {
+            let id = section.byte()?;
+            match id {
+                0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2a => section.take(1).map(drop)?,
+                0x13 | 0x21 | 0x22 | 0x23 => section.take(2).map(drop)?,
+                0x02 | 0x11 | 0x18 | 0x27 => section.take(4).map(drop)?,
+                0x0b => section.varint().map(drop)?,
+                0x03 | 0x08 | 0x09 | 0x12 | 0x15 | 0x16 | 0x1a | 0x1c | 0x1f => section.string()?,
+                0x26 => {
+                    section.string()?;
+                    section.string()?;
+                    continue;
+                }
+                _ => return Err(Stop::Unreadable),
+            }
+            if seen & (1 << id) != 0 {
+                return Err(Stop::Repeated(id));
+            }
+            seen |= 1 << id;
+        }
+        Ok(())
+    }
+}
+
+/// The first property that a whole MQTT 5 packet from a client gives twice
+/// in one property section, where MQTT 5 §2.2.2.2 allows it once ("It is a
+/// Protocol Error to include [it] more than once"): rumqttd's decoder keeps
+/// the last and carries on. Every property section a client sends is
+/// looked at: CONNECT's and its will's, PUBLISH, PUBACK, PUBREC, PUBREL,
+/// PUBCOMP, SUBSCRIBE, UNSUBSCRIBE and DISCONNECT. Nothing is validated
+/// here: at a field it cannot follow it stops, and the decoder decides.
+fn repeated_property(packet: &[u8]) -> Option<u8> {
+    let Ok(Some((header_len, remaining))) = fixed_header(packet) else {
+        return None;
+    };
+    let body = packet.get(header_len..header_len + remaining)?;
+    match property_sections(packet[0], Fields { bytes: body }) {
+        Err(Stop::Repeated(id)) => Some(id),
+        Ok(()) | Err(Stop::Unreadable) => None,
+    }
+}
+
+/// Walks the property sections of a packet with this first byte and body.
+fn property_sections(first: u8, mut fields: Fields<'_>) -> Result<(), Stop> {
+    let len = fields.bytes.len();
+    match first >> 4 {
+        // CONNECT: protocol name, level, flags, keep alive, properties;
+        // client id, then the will's properties if there is a will.
+        1 => {
+            fields.string()?;
+            fields.take(1)?;
+            let flags = fields.byte()?;
+            fields.take(2)?;
+            fields.properties()?;
+            fields.string()?;
+            if flags & 0x04 != 0 {
+                fields.properties()?;
+            }
+            Ok(())
+        }
+        // PUBLISH: topic, packet id above QoS 0, properties.
+        3 => {
+            fields.string()?;
+            if first & 0b0110 != 0 {
+                fields.take(2)?;
+            }
+            fields.properties()
+        }
+        // PUBACK, PUBREC, PUBREL, PUBCOMP: packet id, then a reason and
+        // properties, each of which may be left out (§3.4.2.1).
+        4..=7 if len > 3 => {
+            fields.take(3)?;
+            fields.properties()
+        }
+        // SUBSCRIBE, UNSUBSCRIBE: packet id, properties.
+        8 | 10 => {
+            fields.take(2)?;
+            fields.properties()
+        }
+        // DISCONNECT: a reason, then properties, both optional.
+        14 if len > 1 => {
+            fields.take(1)?;
+            fields.properties()
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The flag bits of a fixed header are fixed for every packet type but
@@ -494,6 +649,157 @@ mod tests {
             let decoded = V5.read_mut(&mut back, 1 << 20).unwrap();
             assert!(matches!(decoded, Packet::Disconnect(d, _) if d.reason_code == reason), "{out:x?}");
             assert_eq!(out[2], disconnect_code(reason));
+        }
+    }
+
+    /// A whole packet: `first`, then a body of `head`, a property section
+    /// holding `properties`, and `tail`.
+    fn with_properties(first: u8, head: &[u8], properties: &[u8], tail: &[u8]) -> Vec<u8> {
+        let mut body = head.to_vec();
+        let mut len = properties.len();
+        loop {
+            body.push((len as u8 & 0x7f) | if len > 0x7f { 0x80 } else { 0 });
+            len >>= 7;
+            if len == 0 {
+                break;
+            }
+        }
+        body.extend_from_slice(properties);
+        body.extend_from_slice(tail);
+        let mut out = vec![first];
+        let mut len = body.len();
+        loop {
+            out.push((len as u8 & 0x7f) | if len > 0x7f { 0x80 } else { 0 });
+            len >>= 7;
+            if len == 0 {
+                break;
+            }
+        }
+        out.extend(body);
+        out
+    }
+
+    const USER: &[u8] = &[0x26, 0, 1, b'k', 0, 1, b'v'];
+
+    /// MQTT 5 §2.2.2.2: a property given twice is a protocol error, in
+    /// every property section a client sends; User Property may repeat.
+    #[test]
+    fn a_property_given_twice_is_a_protocol_error() {
+        let expiry = [0x02, 0, 0, 0, 9];
+        let reason = [0x1f, 0, 2, b'n', b'o'];
+        let session = [0x11, 0, 0, 0, 60];
+        let connect_head = b"\x00\x04MQTT\x05\x02\x00\x1e";
+        let will_head = b"\x00\x04MQTT\x05\x06\x00\x1e";
+        let cases: Vec<(&str, Vec<u8>, u8)> = vec![
+            (
+                "CONNECT",
+                with_properties(0x10, connect_head, &[session, session].concat(), b"\x00\x01c"),
+                0x11,
+            ),
+            (
+                "CONNECT will",
+                with_properties(
+                    0x10,
+                    &[&will_head[..], &[0x00, 0x00, 0x01, b'c']].concat(),
+                    &[0x18, 0, 0, 0, 1, 0x18, 0, 0, 0, 2],
+                    b"\x00\x01t\x00\x01m",
+                ),
+                0x18,
+            ),
+            ("PUBLISH", with_properties(0x30, b"\x00\x01t", &[expiry, expiry].concat(), b"payload"), 0x02),
+            (
+                "PUBLISH QoS 1",
+                with_properties(0x32, b"\x00\x01t\x00\x07", &[&expiry[..], USER, &expiry].concat(), b""),
+                0x02,
+            ),
+            ("PUBACK", with_properties(0x40, b"\x00\x01\x10", &[reason, reason].concat(), b""), 0x1f),
+            ("PUBREC", with_properties(0x50, b"\x00\x01\x10", &[reason, reason].concat(), b""), 0x1f),
+            ("PUBREL", with_properties(0x62, b"\x00\x01\x00", &[reason, reason].concat(), b""), 0x1f),
+            ("PUBCOMP", with_properties(0x70, b"\x00\x01\x00", &[reason, reason].concat(), b""), 0x1f),
+            ("SUBSCRIBE", with_properties(0x82, b"\x00\x01", &[0x0b, 1, 0x0b, 2], b"\x00\x01a\x00"), 0x0b),
+            ("DISCONNECT", with_properties(0xe0, b"\x00", &[session, session].concat(), b""), 0x11),
+        ];
+        for (name, bytes, id) in cases {
+            assert_eq!(repeated_property(&bytes), Some(id), "{name}");
+            let result = decode(Version::V5, &bytes);
+            assert!(
+                matches!(result, Err(DecodeError::RepeatedProperty(got)) if got == id),
+                "{name}: {result:?}"
+            );
+        }
+        // User Property as often as the client likes.
+        for bytes in [
+            with_properties(0x30, b"\x00\x01t", &[USER, USER, USER].concat(), b"payload"),
+            with_properties(0x10, connect_head, &[USER, USER].concat(), b"\x00\x01c"),
+            with_properties(0xa2, b"\x00\x01", &[USER, USER].concat(), b"\x00\x01a"),
+            with_properties(0xe0, b"\x00", &[&session[..], USER, USER].concat(), b""),
+        ] {
+            assert_eq!(repeated_property(&bytes), None, "{bytes:x?}");
+            assert!(decode(Version::V5, &bytes).unwrap().is_some(), "{bytes:x?}");
+        }
+        // A malformed packet is still malformed, repetition or not: here
+        // a property identifier that does not exist follows the two.
+        let bad = with_properties(0x30, b"\x00\x01t", &[&expiry[..], &expiry, &[0x7f]].concat(), b"");
+        assert_eq!(repeated_property(&bad), Some(0x02));
+        assert!(matches!(decode(Version::V5, &bad), Err(DecodeError::Malformed(_))));
+        // 3.1.1 has no properties: nothing is looked for.
+        let v4 = with_properties(0x30, b"\x00\x01t", &[expiry, expiry].concat(), b"");
+        assert!(decode(Version::V311, &v4).unwrap().is_some());
+    }
+
+    /// Every property identifier MQTT 5 defines, with a value of its type.
+    const PROPERTIES: &[&[u8]] = &[
+        &[0x01, 1],
+        &[0x02, 0, 0, 0, 5],
+        &[0x03, 0, 1, b'x'],
+        &[0x08, 0, 2, b'r', b't'],
+        &[0x09, 0, 0],
+        &[0x0b, 0x80, 0x01],
+        &[0x11, 0, 0, 0, 1],
+        &[0x12, 0, 1, b'i'],
+        &[0x13, 0, 9],
+        &[0x15, 0, 1, b'm'],
+        &[0x16, 0, 1, 0xff],
+        &[0x17, 1],
+        &[0x18, 0, 0, 0, 3],
+        &[0x19, 0],
+        &[0x1a, 0, 1, b'r'],
+        &[0x1c, 0, 1, b's'],
+        &[0x1f, 0, 3, b'w', b'h', b'y'],
+        &[0x21, 0, 10],
+        &[0x22, 0, 10],
+        &[0x23, 0, 1],
+        &[0x24, 1],
+        &[0x25, 1],
+        &[0x26, 0, 1, b'k', 0, 0],
+        &[0x27, 0, 0, 1, 0],
+        &[0x28, 1],
+        &[0x29, 1],
+        &[0x2a, 1],
+    ];
+
+    proptest::proptest! {
+        /// Whatever properties come in whatever order, the scanner names
+        /// the first one that comes a second time (User Property never),
+        /// in a SUBSCRIBE's section and in a QoS 1 PUBLISH's.
+        #[test]
+        fn the_scanner_finds_the_first_repetition(
+            picks in proptest::collection::vec(0..PROPERTIES.len(), 0..12),
+        ) {
+            let mut expected = None;
+            let mut seen = Vec::new();
+            for &i in &picks {
+                let id = PROPERTIES[i][0];
+                if expected.is_none() && id != 0x26 && seen.contains(&id) {
+                    expected = Some(id);
+                }
+                seen.push(id);
+            }
+            let properties: Vec<u8> = picks.iter().flat_map(|&i| PROPERTIES[i].iter().copied()).collect();
+            let subscribe = with_properties(0x82, b"\x00\x01", &properties, b"\x00\x01a\x00");
+            proptest::prop_assert_eq!(repeated_property(&subscribe), expected);
+            let publish = with_properties(0x32, b"\x00\x01t\x00\x01", &properties, b"payload");
+            proptest::prop_assert_eq!(repeated_property(&publish), expected);
         }
     }
 

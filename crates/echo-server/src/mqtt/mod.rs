@@ -48,7 +48,7 @@ use crate::metrics::MqttMetrics;
 use crate::shutdown::Shutdown;
 use broker::Broker;
 use codec::{Peek, Version, peek_version};
-use transport::Transport;
+use transport::{Goodbye, Transport};
 
 /// At most this many clients over the limit are being refused at once,
 /// each holding its socket (a file descriptor from the reserve kept beyond
@@ -306,7 +306,7 @@ async fn refuse_full(mut transport: Transport, server: &MqttServer) {
         session::write_connack(&mut transport, version, full_code(version), server).await;
     }
     let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async {
-        transport.close(false).await;
+        transport.close(Goodbye::Normal).await;
         transport.drain().await;
     })
     .await;

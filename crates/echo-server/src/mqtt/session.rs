@@ -40,7 +40,7 @@ use super::broker::{LinkFailure, SessionExpiry};
 use super::codec::{Codec, DecodeError, Decoded, Peek, Version, peek_version};
 use super::inflow::{Flow, Inflow, RECHECK, Turn};
 use super::topics::{self, Refusals, TopicRefusal};
-use super::transport::Transport;
+use super::transport::{Goodbye, Transport};
 use crate::metrics::MqttMetrics;
 
 /// The link to the router for one session. Dropping it while the router
@@ -297,7 +297,7 @@ async fn open(
             };
             write_connack(transport, version, code, server).await;
             metrics.refuse(reason);
-            transport.close(false).await;
+            transport.close(Goodbye::for_reason(reason, false)).await;
             return None;
         }
     };
@@ -353,7 +353,7 @@ async fn finish(transport: &mut Transport, session: &Accepted, end: End, server:
     }
     if end.polite_close {
         let _ = tokio::time::timeout_at(grace, async {
-            transport.close(server.shutdown.is_triggered()).await;
+            transport.close(Goodbye::for_reason(end.reason, server.shutdown.is_triggered())).await;
             transport.drain().await;
         })
         .await;
@@ -404,6 +404,10 @@ async fn handshake(
             Ok(None) => read_more(transport, rbuf).await?,
             Err(DecodeError::TooLarge(_)) => {
                 return Err(Refused::With(version, ConnectReturnCode::PacketTooLarge, "too_large"));
+            }
+            // Well formed, but against MQTT 5 (§2.2.2.2): 0x82, not 0x81.
+            Err(DecodeError::RepeatedProperty(_)) => {
+                return Err(Refused::With(version, ConnectReturnCode::ProtocolError, "protocol_error"));
             }
             Err(e) => {
                 debug!(error = %e, "malformed CONNECT");
@@ -515,13 +519,17 @@ async fn refuse(transport: &mut Transport, refused: Refused, server: &MqttServer
     match refused {
         Refused::Silently(reason) => {
             server.metrics.refuse(reason);
-            let _ = tokio::time::timeout(Duration::from_secs(1), transport.close(false)).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                transport.close(Goodbye::for_reason(reason, false)),
+            )
+            .await;
         }
         Refused::With(version, code, reason) => {
             server.metrics.refuse(reason);
             write_connack(transport, version, code, server).await;
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                transport.close(false).await;
+                transport.close(Goodbye::for_reason(reason, false)).await;
                 transport.drain().await;
             })
             .await;
@@ -714,7 +722,7 @@ async fn exchange(
                             end = Some(End::violation("too_large", DisconnectReasonCode::PacketTooLarge));
                             break;
                         }
-                        Err(e @ DecodeError::NotFromClients(_)) => {
+                        Err(e @ (DecodeError::NotFromClients(_) | DecodeError::RepeatedProperty(_))) => {
                             debug!(error = %e, "protocol error");
                             end = Some(End::violation("protocol_error", DisconnectReasonCode::ProtocolError));
                             break;

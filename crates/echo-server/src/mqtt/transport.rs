@@ -15,12 +15,56 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 /// Room reserved before each read.
 const READ_CHUNK: usize = 4096;
+
+/// Why the server ends a connection, as far as the byte stream can tell
+/// the client: a WebSocket close code (RFC 6455 §7.4.1). TCP and TLS just
+/// close; MQTT 5 clients learn the MQTT reason from the DISCONNECT or
+/// CONNACK sent before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Goodbye {
+    /// 1000: the session or refusal ended the way MQTT expects.
+    Normal,
+    /// 1001: the server is shutting down.
+    Away,
+    /// 1002: the client broke MQTT (not MQTT at all, malformed, a protocol
+    /// error), so that a WebSocket client sees the failure without
+    /// speaking MQTT 5.
+    Violation,
+    /// 1009: a packet over `max_payload_size`.
+    TooLarge,
+}
+
+impl Goodbye {
+    /// The goodbye for a session or refusal that ends with `reason`, the
+    /// label it is counted under in `/metrics` (`echo_mqtt_closed_total`,
+    /// `echo_mqtt_refused_total`). Shutting down comes first, as it did
+    /// when this was a flag: the client is told the server is going.
+    pub fn for_reason(reason: &str, shutting_down: bool) -> Goodbye {
+        match reason {
+            _ if shutting_down => Goodbye::Away,
+            "shutdown" => Goodbye::Away,
+            "too_large" => Goodbye::TooLarge,
+            "not_connect" | "malformed" | "protocol_error" | "invalid_topic" => Goodbye::Violation,
+            _ => Goodbye::Normal,
+        }
+    }
+
+    fn close_code(self) -> CloseCode {
+        match self {
+            Goodbye::Normal => CloseCode::Normal,
+            Goodbye::Away => CloseCode::Away,
+            Goodbye::Violation => CloseCode::Protocol,
+            Goodbye::TooLarge => CloseCode::Size,
+        }
+    }
+}
 
 /// A connection's byte stream.
 pub enum Transport {
@@ -100,13 +144,33 @@ impl Transport {
                     // read or write.
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
                     Some(Ok(Message::Text(_))) => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            "MQTT over WebSocket uses binary messages, not text",
-                        ));
+                        // RFC 6455 §7.4.1: 1003, a type of data this
+                        // endpoint cannot accept.
+                        let why = "MQTT over WebSocket uses binary messages, not text";
+                        close_ws(ws, CloseCode::Unsupported, why).await;
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, why));
                     }
-                    Some(Ok(Message::Close(_))) | None => return Ok(0),
-                    Some(Err(e)) => return Err(io::Error::other(e)),
+                    Some(Ok(Message::Close(_))) => {
+                        // tungstenite has queued the answer, the client's
+                        // own code (RFC 6455 §5.5.1); it only goes out with
+                        // a later read or write, and the session ends here.
+                        let _ = ws.flush().await;
+                        return Ok(0);
+                    }
+                    None => return Ok(0),
+                    Some(Err(e)) => {
+                        // Said with a close code, as to an echo client.
+                        let code = match &e {
+                            WsError::Capacity(_) => Some(CloseCode::Size),
+                            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+                            WsError::Protocol(_) => Some(CloseCode::Protocol),
+                            _ => None,
+                        };
+                        if let Some(code) = code {
+                            close_ws(ws, code, "").await;
+                        }
+                        return Err(io::Error::other(e));
+                    }
                 }
             },
         }
@@ -127,8 +191,8 @@ impl Transport {
     }
 
     /// Ends the connection politely: FIN (TLS: close_notify; WebSocket: a
-    /// close frame, 1000, or 1001 when the server is going away).
-    pub async fn close(&mut self, going_away: bool) {
+    /// close frame whose code says why, see [`Goodbye`]).
+    pub async fn close(&mut self, why: Goodbye) {
         match self {
             Transport::Tcp(tcp) => {
                 let _ = tcp.shutdown().await;
@@ -136,10 +200,7 @@ impl Transport {
             Transport::Tls(tls) => {
                 let _ = tls.shutdown().await;
             }
-            Transport::Ws(ws) => {
-                let code = if going_away { CloseCode::Away } else { CloseCode::Normal };
-                let _ = WebSocketStream::close(&mut **ws, Some(CloseFrame { code, reason: "".into() })).await;
-            }
+            Transport::Ws(ws) => close_ws(ws, why.close_code(), "").await,
         }
     }
 
@@ -156,6 +217,11 @@ impl Transport {
             }
         }
     }
+}
+
+/// Sends a close frame; the client's answer is read by whoever reads next.
+async fn close_ws(ws: &mut WebSocketStream<TcpStream>, code: CloseCode, reason: &'static str) {
+    let _ = ws.close(Some(CloseFrame { code, reason: reason.into() })).await;
 }
 
 #[cfg(test)]

@@ -19,9 +19,6 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 /// The page served at `GET /`: a self-contained echo client for browsers.
 pub const PAGE: &str = include_str!("page.html");
 
-/// Most request headers we look at; more is answered with 431.
-const MAX_HEADERS: usize = 64;
-
 /// What the handshake ended with.
 #[derive(Debug)]
 pub enum Outcome {
@@ -131,7 +128,11 @@ enum HeadError {
 }
 
 /// Reads the request head: returns the buffer and where the head ends.
-async fn read_head(stream: &mut TcpStream, max: usize) -> Result<(Vec<u8>, usize), HeadError> {
+async fn read_head(
+    stream: &mut TcpStream,
+    max: usize,
+    max_headers: usize,
+) -> Result<(Vec<u8>, usize), HeadError> {
     let mut buf = Vec::with_capacity(1024.min(max));
     loop {
         if buf.len() >= max {
@@ -144,7 +145,7 @@ async fn read_head(stream: &mut TcpStream, max: usize) -> Result<(Vec<u8>, usize
         if n == 0 {
             return Err(HeadError::Closed);
         }
-        match parse_head_len(&buf) {
+        match parse_head_len(&buf, max_headers) {
             Ok(Some(len)) => return Ok((buf, len)),
             Ok(None) => continue,
             Err(e) => return Err(e),
@@ -155,8 +156,10 @@ async fn read_head(stream: &mut TcpStream, max: usize) -> Result<(Vec<u8>, usize
 /// `Some(len)` when the head is complete, `None` when more bytes are needed.
 /// Parsing the partial head after every read lets garbage (a TLS hello, an
 /// MQTT packet) be answered with 400 at once instead of after a timeout.
-fn parse_head_len(buf: &[u8]) -> Result<Option<usize>, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+/// More than `max_headers` header lines is too large (431), whatever their
+/// size: `websocket.max_request_headers`.
+fn parse_head_len(buf: &[u8], max_headers: usize) -> Result<Option<usize>, HeadError> {
+    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
     let mut request = httparse::Request::new(&mut headers);
     match request.parse(buf) {
         Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
@@ -173,18 +176,19 @@ pub async fn accept(
     stream: &mut TcpStream,
     preferred: Option<&str>,
     max_head: usize,
+    max_headers: usize,
     handshake_timeout: Duration,
     write_timeout: Duration,
     close_timeout: Duration,
 ) -> Outcome {
-    let head = tokio::time::timeout(handshake_timeout, read_head(stream, max_head)).await;
+    let head = tokio::time::timeout(handshake_timeout, read_head(stream, max_head, max_headers)).await;
     let (buf, head_len) = match head {
         Err(_) => return Outcome::Abandoned("timeout"),
         Ok(Err(HeadError::Closed)) => return Outcome::Abandoned("disconnected"),
         Ok(Err(HeadError::TooLarge)) => {
             let response = Response::error(
                 431,
-                format!("request head larger than {max_head} bytes or with more than {MAX_HEADERS} headers"),
+                format!("request head larger than {max_head} bytes or with more than {max_headers} headers"),
             );
             return answer(stream, &response, Some("too_large"), write_timeout, close_timeout).await;
         }
@@ -252,7 +256,10 @@ pub fn decide(head: &[u8]) -> Decision {
 /// [`decide`], selecting `preferred` when the client offers it (MQTT.js
 /// offers `mqtt`; a client offering `mqttv3.1, mqtt` gets `mqtt`).
 pub fn decide_with(head: &[u8], preferred: Option<&str>) -> Decision {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    // Room for every line of the head: the header count was limited when
+    // the head was read.
+    let lines = head.iter().filter(|&&b| b == b'\n').count();
+    let mut headers = vec![httparse::EMPTY_HEADER; lines];
     let mut request = httparse::Request::new(&mut headers);
     if !matches!(request.parse(head), Ok(httparse::Status::Complete(_))) {
         return Decision::Refuse(Response::error(400, "malformed HTTP request"));
@@ -470,15 +477,18 @@ mod tests {
 
     #[test]
     fn partial_heads_and_garbage() {
-        assert_eq!(parse_head_len(b"GET / HTTP/1.1\r\nHost: x\r\n"), Ok(None));
-        assert_eq!(parse_head_len(b"GET / HTTP/1.1\r\n\r\nrest"), Ok(Some(18)));
-        assert_eq!(parse_head_len(&[0x16, 0x03, 0x01, 0x02, 0x00]), Err(HeadError::Malformed));
-        assert_eq!(parse_head_len(&[0x10, 0x0c, 0x00, 0x04, b'M', b'Q']), Err(HeadError::Malformed));
-        let many: String = (0..MAX_HEADERS + 1).map(|i| format!("X-{i}: y\r\n")).collect();
-        assert_eq!(
-            parse_head_len(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes()),
-            Err(HeadError::TooLarge)
-        );
+        assert_eq!(parse_head_len(b"GET / HTTP/1.1\r\nHost: x\r\n", 8), Ok(None));
+        assert_eq!(parse_head_len(b"GET / HTTP/1.1\r\n\r\nrest", 8), Ok(Some(18)));
+        assert_eq!(parse_head_len(&[0x16, 0x03, 0x01, 0x02, 0x00], 8), Err(HeadError::Malformed));
+        assert_eq!(parse_head_len(&[0x10, 0x0c, 0x00, 0x04, b'M', b'Q'], 8), Err(HeadError::Malformed));
+        let head = |n: usize| {
+            let many: String = (0..n).map(|i| format!("X-{i}: y\r\n")).collect();
+            format!("GET / HTTP/1.1\r\n{many}\r\n")
+        };
+        assert_eq!(parse_head_len(head(64).as_bytes(), 64), Ok(Some(head(64).len())));
+        assert_eq!(parse_head_len(head(65).as_bytes(), 64), Err(HeadError::TooLarge));
+        // Still partial, but already over the count.
+        assert_eq!(parse_head_len(&head(65).as_bytes()[..head(65).len() - 2], 64), Err(HeadError::TooLarge));
     }
 
     #[test]

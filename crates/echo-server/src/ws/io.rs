@@ -100,13 +100,23 @@ pub struct SessionIo {
     tcp: TcpStream,
     boundary: FrameBoundary,
     bytes_in: u64,
+    /// The last write to the socket would have blocked: tungstenite holds
+    /// bytes it could not write (see [`SessionIo::write_blocked`]).
+    write_blocked: bool,
     received: Count,
     sent: Count,
 }
 
 impl SessionIo {
     pub fn new(tcp: TcpStream, received: Count, sent: Count) -> Self {
-        SessionIo { tcp, boundary: FrameBoundary::default(), bytes_in: 0, received, sent }
+        SessionIo {
+            tcp,
+            boundary: FrameBoundary::default(),
+            bytes_in: 0,
+            write_blocked: false,
+            received,
+            sent,
+        }
     }
 
     /// Accounts for bytes that were read during the handshake, after the
@@ -127,6 +137,17 @@ impl SessionIo {
 
     pub fn at_message_boundary(&self) -> bool {
         self.boundary.at_message_boundary()
+    }
+
+    /// True when tungstenite's last attempt to write failed for want of
+    /// room in the socket: it still holds those bytes (it writes until its
+    /// buffer is empty or a write would block, so a write that went through
+    /// was followed by another attempt or left nothing behind). The session
+    /// reads nothing more until they are out; otherwise a client that does
+    /// not read would have the server hold the next message beside the echo
+    /// of the last one.
+    pub fn write_blocked(&self) -> bool {
+        self.write_blocked
     }
 
     /// Bytes received from the client since the handshake: a sign of life
@@ -155,6 +176,7 @@ impl AsyncWrite for SessionIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let result = Pin::new(&mut this.tcp).poll_write(cx, buf);
+        this.write_blocked = result.is_pending();
         if let Poll::Ready(Ok(n)) = result {
             this.sent.inc_by(n as u64);
         }

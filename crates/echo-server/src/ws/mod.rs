@@ -130,6 +130,7 @@ async fn handshake_phase(
         &mut stream,
         preferred,
         config.max_request_header_size as usize,
+        config.max_request_headers as usize,
         config.handshake_timeout,
         config.write_timeout,
         config.close_timeout,

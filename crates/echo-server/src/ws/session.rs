@@ -8,10 +8,10 @@
 //!   spends its life, and why it costs so little memory.
 //! - **active**: a tungstenite `WebSocketStream` is built around the socket;
 //!   messages are read and their echoes queued; when there is nothing more
-//!   to read, the queued echoes go out in one write. That write must
-//!   complete before anything more is read, which is the backpressure: a
-//!   client that does not read stops being read, and is closed after
-//!   `write_timeout`. When tungstenite has consumed every byte received, no
+//!   to read, the queued echoes go out in one write (a large echo goes out
+//!   on its own, see [`echo`]). That write must complete before anything
+//!   more is read, which is the backpressure: a client that does not read
+//!   stops being read, and is closed after `write_timeout`. When tungstenite has consumed every byte received, no
 //!   message is half-read and nothing is left to write, the stream is taken
 //!   apart again and the session goes back to quiet.
 
@@ -21,12 +21,14 @@ use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data as OpData, OpCode};
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 use tracing::debug;
 
 use super::WsServer;
@@ -160,7 +162,7 @@ async fn active(
                     Message::Text(text) => {
                         metrics.text_received.inc();
                         keepalive.data(Instant::now());
-                        if !complete(&mut ws, |ws| ws.feed(Message::Text(text)), server).await {
+                        if !complete(&mut ws, |ws| echo(ws, Message::Text(text), server), server).await {
                             return Step::Done;
                         }
                         metrics.text_sent.inc();
@@ -168,7 +170,7 @@ async fn active(
                     Message::Binary(bytes) => {
                         metrics.binary_received.inc();
                         keepalive.data(Instant::now());
-                        if !complete(&mut ws, |ws| ws.feed(Message::Binary(bytes)), server).await {
+                        if !complete(&mut ws, |ws| echo(ws, Message::Binary(bytes), server), server).await {
                             return Step::Done;
                         }
                         metrics.binary_sent.inc();
@@ -249,6 +251,16 @@ async fn next_event(ws: &mut Ws, mut timer: Pin<&mut Sleep>, server: &WsServer) 
         if timer.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Event::Timer);
         }
+        // Backpressure before reading: while the echo of a message could
+        // not be written in full, the next message stays in the socket, so
+        // a client that does not read costs one message, not two.
+        if ws.get_ref().write_blocked() {
+            match ws.poll_flush_unpin(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(err)) => return Poll::Ready(Event::Failed(err)),
+                Poll::Pending => return Poll::Ready(Event::WriteBlocked),
+            }
+        }
         match ws.poll_next_unpin(cx) {
             Poll::Ready(Some(Ok(message))) => Poll::Ready(Event::Message(message)),
             Poll::Ready(Some(Err(err))) => Poll::Ready(Event::Failed(err)),
@@ -269,6 +281,30 @@ async fn next_event(ws: &mut Ws, mut timer: Pin<&mut Sleep>, server: &WsServer) 
         }
     })
     .await
+}
+
+/// Queues the echo of a data message. A small one goes into tungstenite's
+/// write buffer, to go out in one write with the others that came with it.
+/// One larger than that buffer is written straight from the bytes received,
+/// once everything queued before it is out: tungstenite would copy it into
+/// its write buffer, while its read buffer keeps the allocation the message
+/// was read into, and a client that does not read would then cost the
+/// server two messages instead of one.
+async fn echo(ws: &mut Ws, message: Message, server: &WsServer) -> Result<(), WsError> {
+    let direct_above = server.config.read_buffer_size as usize;
+    let (opcode, payload) = match message {
+        Message::Text(text) if text.len() > direct_above => (OpData::Text, Bytes::from(text)),
+        Message::Binary(bytes) if bytes.len() > direct_above => (OpData::Binary, bytes),
+        small => return ws.feed(small).await,
+    };
+    ws.flush().await?;
+    let header = FrameHeader { opcode: OpCode::Data(opcode), ..FrameHeader::default() };
+    let mut head = Vec::with_capacity(header.len(payload.len() as u64));
+    header.format(payload.len() as u64, &mut head)?;
+    let io = ws.get_mut();
+    io.write_all(&head).await?;
+    io.write_all(&payload).await?;
+    Ok(())
 }
 
 /// Runs one write operation on the stream — queueing a reply (`feed`, which

@@ -18,6 +18,23 @@ pub struct RawPacket {
 }
 
 impl RawPacket {
+    /// The one whole packet in `bytes` (as an MQTT-over-WebSocket message
+    /// carries it).
+    pub fn parse(bytes: &[u8]) -> RawPacket {
+        let mut len = 0usize;
+        let mut pos = 1;
+        loop {
+            let b = bytes[pos];
+            len |= usize::from(b & 0x7f) << (7 * (pos - 1));
+            pos += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        assert_eq!(bytes.len(), pos + len, "one whole packet: {bytes:?}");
+        RawPacket { first: bytes[0], body: bytes[pos..].to_vec() }
+    }
+
     pub fn packet_type(&self) -> u8 {
         self.first >> 4
     }

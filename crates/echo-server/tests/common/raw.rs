@@ -30,14 +30,24 @@ impl ServerFrame {
 impl RawClient {
     /// Connects and completes the opening handshake.
     pub fn connect(addr: SocketAddr) -> RawClient {
+        Self::connect_with(addr, "")
+    }
+
+    /// Connects offering the `mqtt` subprotocol: an MQTT session over
+    /// WebSocket, its packets in binary messages.
+    pub fn connect_mqtt(addr: SocketAddr) -> RawClient {
+        Self::connect_with(addr, "Sec-WebSocket-Protocol: mqtt\r\n")
+    }
+
+    /// Connects with `headers` (each ending in CRLF) added to the request.
+    fn connect_with(addr: SocketAddr, headers: &str) -> RawClient {
         let mut stream = TcpStream::connect(addr).unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        stream
-            .write_all(
-                b"GET / HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            )
-            .unwrap();
+        let request = format!(
+            "GET / HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n"
+        );
+        stream.write_all(request.as_bytes()).unwrap();
         let mut head = Vec::new();
         let mut byte = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {
