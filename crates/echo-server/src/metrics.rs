@@ -281,6 +281,10 @@ pub struct Metrics {
     pub accept_fd_exhausted: Family<ListenerLabel, Count>,
     /// How late the event loop runs what is due ([`crate::lag`]).
     pub loop_lag: Arc<crate::lag::LoopLag>,
+    /// Admin connections closed to make room for a new one ([`crate::admin`]).
+    pub admin_evictions: Count,
+    /// Admin connections closed at once because every slot was busy.
+    pub admin_refused: Count,
 }
 
 impl Metrics {
@@ -389,11 +393,23 @@ impl Metrics {
             "How much later than due the event loop ran a 10 ms timer: what every client's events waited behind other work",
             loop_lag.histogram.clone(),
         );
+        let admin_evictions = Count::default();
+        registry.register(
+            "echo_admin_evictions",
+            "Admin connections closed to make room for a new one: they had sent no request yet, or were idle between keep-alive requests",
+            admin_evictions.clone(),
+        );
+        let admin_refused = Count::default();
+        registry.register(
+            "echo_admin_refused",
+            "Admin connections closed at once because every admin slot was writing a response",
+            admin_refused.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector { max_fds }));
         if let Some(runtime) = runtime {
             registry.register_collector(Box::new(RuntimeCollector { runtime }));
         }
-        Metrics { registry, websocket, mqtt, accept_fd_exhausted, loop_lag }
+        Metrics { registry, websocket, mqtt, accept_fd_exhausted, loop_lag, admin_evictions, admin_refused }
     }
 
     /// The exposition text served at `/metrics`.
