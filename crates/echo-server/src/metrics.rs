@@ -160,6 +160,9 @@ pub struct MqttMetrics {
     pub bytes_received: Count,
     pub bytes_sent: Count,
     pub wills_published: Count,
+    /// Times a subscriber too slow for its messages skipped those that had
+    /// left the router's in-memory log (copied from the router's count).
+    pub slow_subscriber_skips: Count,
     /// Times the router dropped the server's internal wills link while it
     /// kept running, and the link was registered again.
     pub wills_link_restarts: Count,
@@ -206,6 +209,7 @@ impl MqttMetrics {
             bytes_received: Count::default(),
             bytes_sent: Count::default(),
             wills_published: Count::default(),
+            slow_subscriber_skips: Count::default(),
             wills_link_restarts: Count::default(),
             // 10 µs .. ~5 s
             link_build_seconds: Histogram::new(exponential_buckets(1e-5, 2.5, 15)),
@@ -371,6 +375,11 @@ impl Metrics {
             "wills_published",
             "Last-will messages handed to the router",
             mqtt.wills_published.clone(),
+        );
+        m.register(
+            "slow_subscriber_skips",
+            "Times an MQTT subscriber too slow for its messages skipped the ones that had left the router's in-memory log (mqtt.segment_size x mqtt.segment_count per topic); counted by the router, read once a second",
+            mqtt.slow_subscriber_skips.clone(),
         );
         m.register(
             "wills_link_restarts",
