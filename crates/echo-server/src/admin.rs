@@ -238,3 +238,36 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
         .body(Full::new(Bytes::from_static(body.as_bytes())))
         .expect("static headers are valid")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(responding: bool, since: Instant) -> Rc<AdminConn> {
+        Rc::new(AdminConn {
+            responding: Cell::new(responding),
+            since: Cell::new(since),
+            evicted: Notify::new(),
+        })
+    }
+
+    #[test]
+    fn the_connection_waiting_longest_for_a_request_is_evicted_first() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // A response stuck for 5 s, an old idle socket, a newer one, a fresh response.
+        let open = [conn(true, at(0)), conn(false, at(100)), conn(false, at(3_000)), conn(true, at(4_900))];
+        assert_eq!(eviction_victim(&open, at(5_000)), Some(1), "the oldest waiting, before a stuck response");
+        assert_eq!(eviction_victim(&open[2..], at(5_000)), Some(0));
+        assert_eq!(
+            eviction_victim(&[conn(true, at(0)), conn(true, at(4_900))], at(5_000)),
+            Some(0),
+            "stuck 5 s"
+        );
+        assert_eq!(
+            eviction_victim(&[conn(true, at(4_000)), conn(true, at(4_900))], at(5_000)),
+            None,
+            "all fresh"
+        );
+    }
+}
