@@ -5,13 +5,14 @@
 //! (open-file limit), [`listener`] (binding, accept loop, connection limit),
 //! [`ws`] (handshake and echo sessions), [`mqtt`] (the broker: rumqttd's
 //! router, our sockets and sessions), [`admin`] (health and metrics),
-//! [`metrics`], [`lag`] (event-loop lag probe), [`process`] (`/proc`
+//! [`metrics`], `episode` (log a recurring condition once per episode), [`lag`] (event-loop lag probe), [`process`] (`/proc`
 //! readings), [`stats`] (summary line),
 //! [`shutdown`], [`server`] (start and stop), [`logging`], [`healthcheck`].
 
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub(crate) mod episode;
 pub mod healthcheck;
 pub mod lag;
 pub mod limits;

@@ -4,7 +4,8 @@
 //! connection's own task, so one slow or hostile client can never hold up the
 //! next one. When the process runs out of file descriptors, `accept` fails
 //! with `EMFILE` until a socket closes; the loop then backs off instead of
-//! spinning, logs the episode once when it starts and once when it ends, and
+//! spinning, logs the episode once when it starts and once when it ends
+//! (`crate::episode`), and
 //! counts every failed attempt in `/metrics`.
 
 use std::cell::Cell;
@@ -20,6 +21,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::episode::Episodes;
 use crate::limits::is_fd_exhaustion;
 use crate::metrics::Count;
 use crate::shutdown::Shutdown;
@@ -111,7 +113,7 @@ pub async fn accept_loop<F>(
     const FIRST_BACKOFF: Duration = Duration::from_millis(10);
     const MAX_BACKOFF: Duration = Duration::from_millis(500);
     let mut backoff = FIRST_BACKOFF;
-    let mut exhaustion = Exhaustion::default();
+    let mut exhaustion = Episodes::default();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -120,14 +122,14 @@ pub async fn accept_loop<F>(
         };
         match accepted {
             Ok((stream, peer)) => {
-                if let Some(episode) = exhaustion.accepted(Instant::now()) {
+                if let Some(episode) = exhaustion.meanwhile(Instant::now()) {
                     info!(
                         listener = name,
-                        failed_accepts = episode.attempts,
-                        accepted_meanwhile = episode.accepted,
+                        failed_accepts = episode.hits,
+                        accepted_meanwhile = episode.meanwhile,
                         lasted_ms = episode.lasted.as_millis() as u64,
                         "the open-file limit has not stopped a connection for {}s: accepting normally again",
-                        Exhaustion::QUIET.as_secs()
+                        Episodes::QUIET.as_secs()
                     );
                 }
                 backoff = FIRST_BACKOFF;
@@ -135,7 +137,7 @@ pub async fn accept_loop<F>(
             }
             Err(err) if is_fd_exhaustion(&err) => {
                 fd_exhausted.inc();
-                if exhaustion.hit(Instant::now()) {
+                if exhaustion.hit(Instant::now(), 1) {
                     let limit = rlimit::Resource::NOFILE.get().map(|l| l.0).unwrap_or(0);
                     warn!(
                         listener = name,
@@ -144,7 +146,7 @@ pub async fn accept_loop<F>(
                         "the open-file limit, not the server, is stopping new connections; \
                          each waits in the backlog until a socket closes (logged once until the \
                          limit has not been hit for {}s; echo_accept_fd_exhausted_total counts every time)",
-                        Exhaustion::QUIET.as_secs()
+                        Episodes::QUIET.as_secs()
                     );
                 }
                 tokio::select! {
@@ -173,84 +175,9 @@ pub async fn accept_loop<F>(
     debug!(listener = name, "stopped accepting");
 }
 
-/// Episodes of running out of file descriptors, so that the log says so
-/// once per episode, not once per failed accept: at the limit, every freed
-/// descriptor lets one client in and the next accept fails again, which
-/// with clients coming and going would be a line per connection. An
-/// episode ends when the limit has not been hit for [`Exhaustion::QUIET`].
-#[derive(Debug, Default)]
-struct Exhaustion {
-    current: Option<Episode>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Episode {
-    started: Instant,
-    last_hit: Instant,
-    /// Accepts that failed for want of a descriptor.
-    attempts: u64,
-    /// Connections accepted between them.
-    accepted: u64,
-    lasted: Duration,
-}
-
-impl Exhaustion {
-    const QUIET: Duration = Duration::from_secs(10);
-
-    /// An accept failed for want of a descriptor; true when this starts an
-    /// episode (and should be logged).
-    fn hit(&mut self, now: Instant) -> bool {
-        if let Some(episode) = &mut self.current
-            && now.duration_since(episode.last_hit) < Self::QUIET
-        {
-            episode.attempts += 1;
-            episode.last_hit = now;
-            return false;
-        }
-        self.current =
-            Some(Episode { started: now, last_hit: now, attempts: 1, accepted: 0, lasted: Duration::ZERO });
-        true
-    }
-
-    /// A connection was accepted; returns the episode that this ends, if
-    /// the limit has been quiet long enough.
-    fn accepted(&mut self, now: Instant) -> Option<Episode> {
-        let episode = self.current.as_mut()?;
-        if now.duration_since(episode.last_hit) < Self::QUIET {
-            episode.accepted += 1;
-            return None;
-        }
-        let mut ended = self.current.take()?;
-        ended.lasted = ended.last_hit.duration_since(ended.started);
-        Some(ended)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exhaustion_is_one_episode_until_the_limit_is_quiet() {
-        let t0 = Instant::now();
-        let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let mut e = Exhaustion::default();
-        assert_eq!(e.accepted(at(0)), None, "no episode, nothing to end");
-        assert!(e.hit(at(0)), "the first failure starts an episode");
-        // At the limit with churn: one client in, the next accept fails.
-        for i in 1..1000 {
-            assert_eq!(e.accepted(at(i * 5)), None);
-            assert!(!e.hit(at(i * 5 + 1)), "still the same episode at {i}");
-        }
-        let last_hit = 999 * 5 + 1;
-        assert_eq!(e.accepted(at(last_hit + 9_999)), None, "not quiet for long enough yet");
-        let ended = e.accepted(at(last_hit + 10_000)).expect("quiet for 10 s ends it");
-        assert_eq!((ended.attempts, ended.accepted), (1000, 1000));
-        assert_eq!(ended.lasted, Duration::from_millis(last_hit));
-        assert_eq!(e.accepted(at(last_hit + 10_001)), None, "ended once");
-        assert!(e.hit(at(last_hit + 20_000)), "a later failure is a new episode");
-        assert!(e.hit(at(last_hit + 40_000)), "so is one after a quiet spell without accepts");
-    }
 
     #[test]
     fn permits_count_and_free_their_slot() {

@@ -24,10 +24,12 @@ pub fn init(config: &LogConfig) {
     }
 }
 
-/// rumqttd's router logs every connect, subscribe and disconnect at `info`;
+/// rumqttd 0.20 logs every connect, subscribe and disconnect at `info`;
 /// with thousands of clients that drowns the server's own lines (which are
-/// never per connection at `info`). Unless a filter names rumqttd itself,
-/// its messages start at `warn`.
+/// never per connection at `info`). Our patch moved those, and everything
+/// else one client can cause, to `debug`; this keeps whatever `info` lines
+/// remain in the crate (or a future patch forgets) out as well: unless a
+/// filter names rumqttd itself, its messages start at `warn`.
 fn quiet_router(directives: &str) -> String {
     if directives.contains("rumqttd") { directives.to_owned() } else { format!("{directives},rumqttd=warn") }
 }

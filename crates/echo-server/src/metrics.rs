@@ -160,6 +160,9 @@ pub struct MqttMetrics {
     pub bytes_received: Count,
     pub bytes_sent: Count,
     pub wills_published: Count,
+    /// Times a subscriber too slow for its messages skipped those that had
+    /// left the router's in-memory log (copied from the router's count).
+    pub slow_subscriber_skips: Count,
     /// Times the router dropped the server's internal wills link while it
     /// kept running, and the link was registered again.
     pub wills_link_restarts: Count,
@@ -206,6 +209,7 @@ impl MqttMetrics {
             bytes_received: Count::default(),
             bytes_sent: Count::default(),
             wills_published: Count::default(),
+            slow_subscriber_skips: Count::default(),
             wills_link_restarts: Count::default(),
             // 10 µs .. ~5 s
             link_build_seconds: Histogram::new(exponential_buckets(1e-5, 2.5, 15)),
@@ -281,6 +285,10 @@ pub struct Metrics {
     pub accept_fd_exhausted: Family<ListenerLabel, Count>,
     /// How late the event loop runs what is due ([`crate::lag`]).
     pub loop_lag: Arc<crate::lag::LoopLag>,
+    /// Admin connections closed to make room for a new one ([`crate::admin`]).
+    pub admin_evictions: Count,
+    /// Admin connections closed at once because every slot was busy.
+    pub admin_refused: Count,
 }
 
 impl Metrics {
@@ -369,6 +377,11 @@ impl Metrics {
             mqtt.wills_published.clone(),
         );
         m.register(
+            "slow_subscriber_skips",
+            "Times an MQTT subscriber too slow for its messages skipped the ones that had left the router's in-memory log (mqtt.segment_size x mqtt.segment_count per topic); counted by the router, read once a second",
+            mqtt.slow_subscriber_skips.clone(),
+        );
+        m.register(
             "wills_link_restarts",
             "Times the router dropped the server's internal wills link (it refused a will) and the link was registered again; 0 unless a will the router refuses got past the checks",
             mqtt.wills_link_restarts.clone(),
@@ -389,11 +402,23 @@ impl Metrics {
             "How much later than due the event loop ran a 10 ms timer: what every client's events waited behind other work",
             loop_lag.histogram.clone(),
         );
+        let admin_evictions = Count::default();
+        registry.register(
+            "echo_admin_evictions",
+            "Admin connections closed to make room for a new one: they had sent no request yet, or were idle between keep-alive requests",
+            admin_evictions.clone(),
+        );
+        let admin_refused = Count::default();
+        registry.register(
+            "echo_admin_refused",
+            "Admin connections closed at once because every admin slot was writing a response",
+            admin_refused.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector { max_fds }));
         if let Some(runtime) = runtime {
             registry.register_collector(Box::new(RuntimeCollector { runtime }));
         }
-        Metrics { registry, websocket, mqtt, accept_fd_exhausted, loop_lag }
+        Metrics { registry, websocket, mqtt, accept_fd_exhausted, loop_lag, admin_evictions, admin_refused }
     }
 
     /// The exposition text served at `/metrics`.

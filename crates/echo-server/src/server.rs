@@ -119,6 +119,10 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit) -> Summary {
         match Broker::start(&config.mqtt, max_mqtt, metrics.mqtt.clone()) {
             Ok((broker, watch)) => {
                 mqtt::broker::report(&config.mqtt, max_mqtt);
+                tokio::task::spawn_local(mqtt::broker::report_client_events(
+                    broker.clone(),
+                    shutdown.clone(),
+                ));
                 let (failed, stop, grace) =
                     (router_failed.clone(), shutdown.clone(), config.server.shutdown_grace);
                 tokio::task::spawn_local(mqtt::broker::watch_router(broker.clone(), watch, move || {

@@ -147,6 +147,35 @@ fn admin_health_readiness_and_metrics() {
     assert!(stderr.contains("cannot connect"), "{stderr}");
 }
 
+/// Sockets that connect to the admin port and never send a byte must not
+/// lock probes out: 16 of them used to fill every admin slot for 10 s. Here
+/// 1,000 are opened and held; each newcomer takes the place of the
+/// connection that has waited longest for a request, so the real
+/// `healthcheck` subcommand and a plain GET are answered every time, within
+/// the check's own timeout.
+#[test]
+fn idle_admin_sockets_cannot_starve_the_health_check() {
+    let server = TestServer::start(&[]);
+    let addr = server.admin_addr();
+    let idle: Vec<std::net::TcpStream> =
+        (0..1000).map(|_| std::net::TcpStream::connect(addr).expect("the admin port accepts")).collect();
+    // All accepted; all but the last 16 evicted (each /metrics read here
+    // evicts one more).
+    server.wait_for_metric("echo_admin_evictions_total", Duration::from_secs(20), |v| v >= 984.0);
+    let target = addr.to_string();
+    for round in 0..10 {
+        let started = std::time::Instant::now();
+        let (status, _, stderr) = run_to_exit(&["healthcheck", "--addr", &target, "--timeout", "2s"], &[]);
+        assert!(status.success(), "round {round}: {stderr}");
+        let checked = started.elapsed();
+        let started = std::time::Instant::now();
+        assert_eq!(common::http_get(addr, "/healthz"), (200, "ok\n".to_owned()), "round {round}");
+        eprintln!("round {round}: healthcheck {checked:?}, GET /healthz {:?}", started.elapsed());
+    }
+    assert_eq!(server.metric("echo_admin_refused_total"), 0.0, "idle sockets are evicted, never probes");
+    drop(idle);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_every_client_with_1001_and_exits_0() {
     let mut server = TestServer::start(&[]);

@@ -137,7 +137,9 @@ fn oversized_and_malformed_packets_close_only_the_sender() {
 }
 
 /// Log lines that say the router was handed something it refused, or
-/// that the server thinks the router is gone.
+/// that the server thinks the router is gone. The router says the former at
+/// `debug` (a client can cause it per packet), so servers whose complaints
+/// are read log rumqttd at `debug`: [`ROUTER_DEBUG`].
 fn router_complaints(server: &TestServer) -> Vec<String> {
     server
         .logs()
@@ -157,9 +159,12 @@ fn router_complaints(server: &TestServer) -> Vec<String> {
 /// is refused with the CONNECT (MQTT 5: 0x81 malformed, 0x90 for a topic
 /// that is well formed but not a topic name; 3.1.1: closed without a
 /// CONNACK), at every QoS, and nothing reaches the router.
+/// Logging for tests that read [`router_complaints`].
+const ROUTER_DEBUG: [&str; 2] = ["--log-level", "info,rumqttd=debug"];
+
 #[test]
 fn a_will_topic_the_router_cannot_take_is_refused_with_the_connect() {
-    let server = TestServer::start(&[]);
+    let server = TestServer::start(&ROUTER_DEBUG);
     let mut bystanders = Bystanders::new(&server);
     let cases: [(&str, &[u8], u8); 7] = [
         ("the audit's c3 28", b"\xc3\x28", 0x81),
@@ -212,7 +217,7 @@ fn a_will_topic_the_router_cannot_take_is_refused_with_the_connect() {
 /// sender without a reason, and the session reported it as taken over).
 #[test]
 fn a_publish_topic_the_router_cannot_take_closes_the_sender_with_a_reason() {
-    let server = TestServer::start(&[]);
+    let server = TestServer::start(&ROUTER_DEBUG);
     let mut bystanders = Bystanders::new(&server);
     let cases: [(&str, &[u8], u8); 6] = [
         ("invalid utf-8", b"\xc3\x28", 0x81),
@@ -254,7 +259,15 @@ fn a_publish_topic_the_router_cannot_take_closes_the_sender_with_a_reason() {
         assert!(bad.closed_within(Duration::from_secs(5)), "{case}: closed");
         bystanders.still_fine(case);
     }
-    assert!(router_complaints(&server).iter().all(|line| !line.contains("router thread has stopped")));
+    let complaints = router_complaints(&server);
+    assert!(complaints.iter().all(|line| !line.contains("router thread has stopped")));
+    // The router's refusals are seen (so the check above that none came
+    // earlier means something).
+    assert_eq!(
+        complaints.iter().filter(|line| line.contains("Failed to append")).count(),
+        3,
+        "{complaints:?}"
+    );
 }
 
 /// Packets only servers send (CONNACK, SUBACK, UNSUBACK, PINGRESP), with
@@ -448,6 +461,112 @@ fn a_duplicate_client_id_takes_the_session_over() {
     }
     bystanders.still_fine("takeover");
     assert_eq!(server.metric("echo_mqtt_closed_total{reason=\"taken_over\"}"), 2.0);
+}
+
+/// Log lines at `warn` or `error`, and all lines after the first `skip`.
+fn loud_lines(server: &TestServer, skip: usize) -> Vec<String> {
+    server
+        .logs()
+        .iter()
+        .skip(skip)
+        .filter(|v| matches!(v["level"].as_str(), Some("WARN" | "ERROR")))
+        .map(|v| v.to_string())
+        .collect()
+}
+
+/// Four clients sharing one client id, each connecting again as soon as
+/// it has been taken over: rumqttd logged an ERROR line for every
+/// take-over (68,561 lines in 20 s from 4 such clients), and in debug
+/// builds a WARN line for many. Now the episode is one warning, and the
+/// metric counts every take-over.
+#[test]
+fn clients_taking_each_other_over_in_a_loop_do_not_flood_the_log() {
+    let server = TestServer::start(&[]);
+    let mut bystanders = Bystanders::new(&server);
+    let before = server.logs().len();
+    const CLIENTS: usize = 4;
+    const CONNECTS: usize = 400;
+    let addr = server.mqtt_addr();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let connacks: usize = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut connacks = 0;
+                    while let i @ 0..CONNECTS = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) {
+                        let level = if i % 2 == 0 { 4 } else { 5 };
+                        let mut raw = RawMqtt::connect(addr);
+                        raw.send(&mqtt_raw::connect(level, "shared-id", 30));
+                        // A CONNACK, unless the next one took it over first.
+                        if raw.read_packet().is_some_and(|p| p.packet_type() == 2 && p.connack_code() == 0) {
+                            connacks += 1;
+                        }
+                        // Until the next one takes it over (the last one
+                        // waits this out).
+                        raw.closed_within(Duration::from_secs(2));
+                    }
+                    connacks
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).sum()
+    });
+    bystanders.still_fine("take-overs");
+    // Every session was taken over but the last one (and some before
+    // their CONNACK).
+    let taken_over = server.metric("echo_mqtt_closed_total{reason=\"taken_over\"}");
+    assert!(connacks >= 100, "{connacks} sessions");
+    assert!(taken_over >= (connacks - 1) as f64, "{connacks} sessions, {taken_over} take-overs");
+    let episode = server.wait_for_log(Duration::from_secs(5), |v| {
+        v["message"].as_str().is_some_and(|m| m.starts_with("MQTT sessions are being taken over"))
+    });
+    assert!(episode["count"].as_u64().unwrap() >= 1, "{episode}");
+    let loud = loud_lines(&server, before);
+    assert_eq!(loud.len(), 1, "one line for {taken_over} take-overs, not one each:\n{}", loud.join("\n"));
+}
+
+/// A subscriber that stops reading while its topic gets far more than the
+/// router keeps in memory per topic (mqtt.segment_size x segment_count, 8
+/// KiB by default) skips the messages that left the log when it reads
+/// again. rumqttd warned twice for every such read (~40,000 lines/s with
+/// one slow subscriber); now an episode is one warning, and
+/// `echo_mqtt_slow_subscriber_skips_total` counts the skips.
+#[test]
+fn a_slow_subscriber_skips_messages_without_flooding_the_log() {
+    let server = TestServer::start(&[]);
+    let mut bystanders = Bystanders::new(&server);
+    let before = server.logs().len();
+    let mut slow = RawMqtt::session(server.mqtt_addr(), 4, "slow-sub", 0);
+    slow.send(&mqtt_raw::subscribe(4, 1, "firehose"));
+    assert_eq!(slow.read_packet().unwrap().packet_type(), 9);
+    let mut publisher = RawMqtt::session(server.mqtt_addr(), 4, "firehose-pub", 0);
+    let message = mqtt_raw::publish(4, "firehose", &[b'x'; 1000]);
+    // Enough to fill the subscriber's socket buffers, so that the server
+    // stops writing to it, and then the router's log for the topic many
+    // times over; then the subscriber reads, three times.
+    const PER_ROUND: usize = 5_000;
+    for round in 0..3 {
+        for _ in 0..PER_ROUND {
+            publisher.send(&message);
+        }
+        publisher.send(&mqtt_raw::PINGREQ);
+        assert_eq!(publisher.read_packet().unwrap().packet_type(), 13, "every publish read");
+        let received = slow.drain(Duration::from_millis(500));
+        assert!(received < PER_ROUND * message.len(), "round {round}: {received} bytes, nothing skipped");
+        bystanders.still_fine("a slow subscriber");
+    }
+    let skips =
+        server.wait_for_metric("echo_mqtt_slow_subscriber_skips_total", Duration::from_secs(5), |v| v >= 3.0);
+    let episode = server.wait_for_log(Duration::from_secs(5), |v| {
+        v["message"].as_str().is_some_and(|m| m.starts_with("MQTT subscribers too slow"))
+    });
+    assert!(episode["count"].as_u64().unwrap() >= 1, "{episode}");
+    let loud = loud_lines(&server, before);
+    assert_eq!(loud.len(), 1, "one line for {skips} skips:\n{}", loud.join("\n"));
+    // The subscriber is still served: a message after the flood arrives.
+    publisher.send(&mqtt_raw::publish(4, "firehose", b"last"));
+    let last = slow.read_packet().expect("the last message");
+    assert!(last.body.ends_with(b"last"), "{last:?}");
 }
 
 #[test]

@@ -46,6 +46,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
@@ -62,7 +63,9 @@ use tracing::{debug, error, info, warn};
 
 use super::topics;
 use crate::config::MqttConfig;
-use crate::metrics::MqttMetrics;
+use crate::episode::Episodes;
+use crate::metrics::{MqttMetrics, ReasonLabel};
+use crate::shutdown::Shutdown;
 
 /// The client id of the server's own link, used to publish wills. It starts
 /// with a NUL character, which MQTT forbids in client ids (sessions refuse
@@ -165,6 +168,9 @@ pub struct Broker {
     /// channel. Registrations wait on this as well as on the answer.
     router_gone: watch::Sender<bool>,
     metrics: std::sync::Arc<MqttMetrics>,
+    /// The router's count of slow subscribers' skips (our rumqttd patch),
+    /// read by [`report_client_events`].
+    cursor_jumps: std::sync::Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -198,6 +204,7 @@ impl Broker {
         metrics: std::sync::Arc<MqttMetrics>,
     ) -> std::io::Result<(Rc<Broker>, RouterWatch)> {
         let router = Router::new(0, router_config(config, max_connections));
+        let cursor_jumps = router.cursor_jumps();
         // The sender's type names a private rumqttd type; it is only ever
         // captured by this closure.
         let router_tx = router.spawn();
@@ -241,6 +248,7 @@ impl Broker {
             delayed_wills: RefCell::new(HashMap::new()),
             router_gone: watch::Sender::new(false),
             metrics,
+            cursor_jumps,
         });
         Ok((broker, RouterWatch { sentinel, wills: wills_rx }))
     }
@@ -514,6 +522,79 @@ async fn serve_wills(broker: &Broker, rx: &mut LinkRx) {
                 return;
             }
         }
+    }
+}
+
+/// How often [`report_client_events`] reads the counts.
+const CLIENT_EVENTS_EVERY: Duration = Duration::from_secs(1);
+
+/// Logs, once per episode (`crate::episode`), the two things clients can
+/// make happen at any rate that the router now logs at `debug` only: one
+/// line per occurrence was a flood (4 clients sharing one client id took
+/// each other over 68,559 times in 20 s, an ERROR line each; a slow
+/// subscriber caused ~40,000 WARN lines/s). Every occurrence is counted:
+/// take-overs in `echo_mqtt_closed_total{reason="taken_over"}` (by the
+/// session that was taken over), skips in
+/// `echo_mqtt_slow_subscriber_skips_total` (copied from the router's count
+/// here, so at most [`CLIENT_EVENTS_EVERY`] late). Runs until shutdown.
+pub async fn report_client_events(broker: Rc<Broker>, shutdown: Rc<Shutdown>) {
+    let metrics = broker.metrics.clone();
+    let taken_over = metrics.closed.get_or_create_owned(&ReasonLabel { reason: "taken_over" });
+    let mut takeovers = Recurring {
+        started: "MQTT sessions are being taken over (a new connection with a client id in use \
+                  closes the old one; clients sharing an id take each other over in a loop): \
+                  logged once until there has been none for 10 s; \
+                  echo_mqtt_closed_total{reason=\"taken_over\"} counts every one",
+        ended: "no MQTT session take-over for 10 s",
+        ..Recurring::default()
+    };
+    let mut skips = Recurring {
+        started: "MQTT subscribers too slow for their messages are skipping the ones that left \
+                  the router's in-memory log (mqtt.segment_size x mqtt.segment_count per topic): \
+                  logged once until there has been none for 10 s; \
+                  echo_mqtt_slow_subscriber_skips_total counts every skip",
+        ended: "no slow MQTT subscriber skipped messages for 10 s",
+        ..Recurring::default()
+    };
+    let mut ticks = tokio::time::interval(CLIENT_EVENTS_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.wait() => return,
+            _ = ticks.tick() => {}
+        }
+        let now = tokio::time::Instant::now();
+        takeovers.update(now, taken_over.get());
+        let new_skips = skips.update(now, broker.cursor_jumps.load(Ordering::Relaxed));
+        metrics.slow_subscriber_skips.inc_by(new_skips);
+    }
+}
+
+/// One condition [`report_client_events`] watches: its episodes, the count
+/// it has seen, and what to log.
+#[derive(Debug, Default)]
+struct Recurring {
+    episodes: Episodes,
+    seen: u64,
+    started: &'static str,
+    ended: &'static str,
+}
+
+impl Recurring {
+    /// Takes the count so far; logs an episode's start or end; returns how
+    /// many occurred since the last call.
+    fn update(&mut self, now: tokio::time::Instant, total: u64) -> u64 {
+        let new = total.saturating_sub(self.seen);
+        self.seen = total;
+        if new > 0 {
+            if self.episodes.hit(now, new) {
+                warn!(count = new, "{}", self.started);
+            }
+        } else if let Some(episode) = self.episodes.end_if_quiet(now) {
+            info!(count = episode.hits, lasted_ms = episode.lasted.as_millis() as u64, "{}", self.ended);
+        }
+        new
     }
 }
 

@@ -41,7 +41,10 @@ impl TestServer {
     /// Like `start_with_env`, with the child's open-file limit (soft and
     /// hard) lowered to `nofile`.
     pub fn start_with_limit(args: &[&str], env: &[(&str, &str)], nofile: Option<u64>) -> TestServer {
-        let mut all: Vec<&str> = vec!["--log-format", "json", "--log-level", "info"];
+        let mut all: Vec<&str> = vec!["--log-format", "json"];
+        if !args.contains(&"--log-level") {
+            all.extend(["--log-level", "info"]);
+        }
         if !args.contains(&"--ws-listen") {
             all.extend(["--ws-listen", "127.0.0.1:0"]);
         }

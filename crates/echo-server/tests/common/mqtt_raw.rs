@@ -264,6 +264,19 @@ impl RawMqtt {
         Some(RawPacket { first: first[0], body })
     }
 
+    /// Reads and discards whatever the server sends until it has sent
+    /// nothing for `quiet`; returns the bytes read.
+    pub fn drain(&mut self, quiet: Duration) -> usize {
+        self.stream.set_read_timeout(Some(quiet)).unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0;
+        while let Ok(n @ 1..) = self.stream.read(&mut buf) {
+            total += n;
+        }
+        self.stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        total
+    }
+
     /// Whether the server closes the connection (EOF or reset) within
     /// `limit`, skipping any packets it sends first.
     pub fn closed_within(&mut self, limit: Duration) -> bool {

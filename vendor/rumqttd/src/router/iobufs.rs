@@ -5,7 +5,7 @@ use std::{
 
 use flume::{Receiver, Sender};
 use parking_lot::Mutex;
-use tracing::{error, warn};
+use tracing::debug;
 
 use crate::{
     protocol::Packet,
@@ -161,7 +161,9 @@ impl Outgoing {
         let inflight_count = self.inflight_buffer.len();
 
         if inflight_count > MAX_INFLIGHT {
-            warn!(
+            // echo-server patch: debug, as everything a client causes per
+            // packet (see PATCHED.md)
+            debug!(
                 "More inflight publishes than max allowed, inflight count = {}, max allowed = {}",
                 inflight_count, MAX_INFLIGHT
             );
@@ -177,7 +179,7 @@ impl Outgoing {
 
         // We don't support out of order acks
         if pkid != head {
-            error!(pkid, head, "out of order ack.");
+            debug!(pkid, head, "out of order ack.");
             return None;
         }
 
@@ -199,7 +201,7 @@ impl Outgoing {
 
         // out of order acks
         if pkid != id {
-            error!(pkid, id, "out of order ack.");
+            debug!(pkid, id, "out of order ack.");
             return None;
         }
 

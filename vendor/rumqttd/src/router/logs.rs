@@ -1,6 +1,6 @@
 use super::Ack;
 use slab::Slab;
-use tracing::{info, trace};
+use tracing::{debug, trace};
 
 use crate::protocol::{
     matches, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubRec, PubRel, Publish,
@@ -442,7 +442,8 @@ where
         if let Some(config) = &router_config.custom_segment {
             for (f, segment_config) in config {
                 if matches(filter, f) {
-                    info!("Overriding segment config for filter: {}", filter);
+                    // echo-server patch: debug, once per filter a client creates
+                    debug!("Overriding segment config for filter: {}", filter);
                     max_segment_size = segment_config.max_segment_size;
                     max_mem_segments = segment_config.max_segment_count;
                 }

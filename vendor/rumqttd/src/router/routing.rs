@@ -13,10 +13,12 @@ use flume::{bounded, Receiver, RecvError, Sender, TryRecvError};
 use slab::Slab;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::Utf8Error;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::SystemTime;
 use thiserror::Error;
-use tracing::{debug, error, info, trace, warn};
+use tracing::{debug, error, trace};
 
 use super::alertlog::{Alert, AlertLog};
 use super::graveyard::Graveyard;
@@ -104,6 +106,11 @@ pub struct Router {
     shared_subscriptions: HashMap<String, SharedGroup>,
     /// Will messages per client_id
     last_wills: HashMap<String, (LastWill, Option<LastWillProperties>)>,
+    /// echo-server patch: reads that found a subscriber's next messages
+    /// already gone from the in-memory log (it read too slowly), so that it
+    /// skipped to the oldest one kept. Logged at `debug` only, since a slow
+    /// client causes one per read; see [`Router::cursor_jumps`].
+    cursor_jumps: Arc<AtomicU64>,
 }
 
 impl Router {
@@ -145,7 +152,16 @@ impl Router {
             router_meters: router_metrics,
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
+            cursor_jumps: Arc::default(),
         }
+    }
+
+    /// echo-server patch: the count of slow subscribers' skips (cursor
+    /// jumps) so far, kept up to date by the router thread once it runs, so
+    /// that the embedding server can count and summarise what the router
+    /// only logs at `debug`.
+    pub fn cursor_jumps(&self) -> Arc<AtomicU64> {
+        self.cursor_jumps.clone()
     }
 
     /// Gets handle to the router. This is not a public method to ensure that link
@@ -216,9 +232,11 @@ impl Router {
         }
 
         // A connection should not be scheduled multiple times
+        // echo-server patch: debug, not warn: clients taking each other's
+        // client id over in a loop cause this (debug builds only) at any rate
         #[cfg(debug_assertions)]
         if let Some(readyqueue) = self.scheduler.check_readyqueue_duplicates() {
-            warn!(
+            debug!(
                 "Connection was scheduled multiple times in readyqueue: {:?}",
                 readyqueue
             );
@@ -274,7 +292,10 @@ impl Router {
     ) {
         let client_id = outgoing.client_id.clone();
         if let Err(err) = validate_clientid(&client_id) {
-            error!("Invalid client_id: {}", err);
+            // echo-server patch: debug, not error (here and below, for
+            // everything one client can cause per packet or per connection:
+            // a client in a loop flooded the log; see PATCHED.md)
+            debug!("Invalid client_id: {}", err);
             return;
         };
 
@@ -287,7 +308,7 @@ impl Router {
 
             let connection_id = self.connection_map.get(&client_id);
             if let Some(connection_id) = connection_id {
-                error!(
+                debug!(
                     "Duplicate client_id, dropping previous connection with connection_id: {}",
                     connection_id
                 );
@@ -296,7 +317,7 @@ impl Router {
         }
 
         if self.connections.len() >= self.config.max_connections {
-            error!("no space for new connection");
+            debug!("no space for new connection");
             // let ack = ConnectionAck::Failure("No space for new connection".to_owned());
             // let message = Notification::ConnectionAck(ack);
             return;
@@ -376,7 +397,7 @@ impl Router {
         assert_eq!(self.obufs.insert(outgoing), connection_id);
 
         self.connection_map.insert(client_id.clone(), connection_id);
-        info!(connection_id, "Client connection registered");
+        debug!(connection_id, "Client connection registered");
 
         assert_eq!(self.ackslog.insert(ackslog), connection_id);
         assert_eq!(self.scheduler.add(tracker), connection_id);
@@ -430,7 +451,7 @@ impl Router {
         let client_id = match &self.obufs.get(id) {
             Some(v) => v.client_id.clone(),
             None => {
-                error!("no-connection id {} is already gone", id);
+                debug!("no-connection id {} is already gone", id);
                 return;
             }
         };
@@ -444,13 +465,13 @@ impl Router {
         //     self.handle_last_will(id);
         // }
 
-        info!("Disconnecting connection");
+        debug!("Disconnecting connection");
 
         if let Some(reason_code) = reason {
             let outgoing = match self.obufs.get_mut(id) {
                 Some(v) => v,
                 None => {
-                    error!("no-connection id {} is already gone", id);
+                    debug!("no-connection id {} is already gone", id);
                     return;
                 }
             };
@@ -571,7 +592,7 @@ impl Router {
         let incoming = match self.ibufs.get_mut(id) {
             Some(v) => v,
             None => {
-                error!("no-connection id {} is already gone", id);
+                debug!("no-connection id {} is already gone", id);
                 return;
             }
         };
@@ -674,7 +695,7 @@ impl Router {
                         }
                         Err(e) => {
                             // Disconnect on bad publishes
-                            error!(
+                            debug!(
                                 reason = ?e, "Failed to append to commitlog"
                             );
                             self.router_meters.failed_publishes += 1;
@@ -690,7 +711,7 @@ impl Router {
 
                     let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
                     if let Err(e) = meter.register_publish(&publish) {
-                        error!(
+                        debug!(
                             reason = ?e, "Failed to write to incoming meter"
                         );
                     };
@@ -705,11 +726,11 @@ impl Router {
                             tracing::info_span!("subscribe", topic = f.path, pkid = subscribe.pkid);
                         let _guard = span.enter();
 
-                        info!("Adding subscription on topic {}", f.path);
+                        debug!("Adding subscription on topic {}", f.path);
                         let connection = self.connections.get_mut(id).unwrap();
 
                         if let Err(e) = validate_subscription(connection, f) {
-                            warn!(reason = ?e,"Subscription cannot be validated: {}", e);
+                            debug!(reason = ?e,"Subscription cannot be validated: {}", e);
 
                             disconnect = true;
                             break;
@@ -726,7 +747,7 @@ impl Router {
                         let subscription_id = props.as_ref().and_then(|p| p.id);
 
                         if subscription_id == Some(0) {
-                            error!("Subscription identifier can't be 0");
+                            debug!("Subscription identifier can't be 0");
                             disconnect = true;
                             disconnect_reason = Some(DisconnectReasonCode::ProtocolError);
                             break;
@@ -826,7 +847,7 @@ impl Router {
                     let outgoing = self.obufs.get_mut(id).unwrap();
                     let pkid = puback.pkid;
                     if outgoing.register_ack(pkid).is_none() {
-                        error!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
+                        debug!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
                         disconnect = true;
                         // echo-server patch: say why (was no reason, which a
                         // client cannot tell from a session take-over)
@@ -843,7 +864,7 @@ impl Router {
                     let outgoing = self.obufs.get_mut(id).unwrap();
                     let pkid = pubrec.pkid;
                     if outgoing.register_ack(pkid).is_none() {
-                        error!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
+                        debug!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
                         disconnect = true;
                         // echo-server patch: say why
                         disconnect_reason = Some(DisconnectReasonCode::ProtocolError);
@@ -901,7 +922,7 @@ impl Router {
                         }
                         Err(e) => {
                             // Disconnect on bad publishes
-                            error!(
+                            debug!(
                                 reason = ?e, "Failed to append to commitlog"
                             );
                             self.router_meters.failed_publishes += 1;
@@ -918,7 +939,7 @@ impl Router {
                     let outgoing = self.obufs.get_mut(id).unwrap();
                     let pkid = pubcomp.pkid;
                     if outgoing.register_pubcomp(pkid).is_none() {
-                        error!(
+                        debug!(
                             pkid,
                             "ack received for pkid {}, but the pkid didn't exists!", pkid
                         );
@@ -951,7 +972,7 @@ impl Router {
                     break;
                 }
                 incoming => {
-                    warn!(packet=?incoming, "Unexpected packet received, ignoring the packet." );
+                    debug!(packet=?incoming, "Unexpected packet received, ignoring the packet." );
                 }
             }
         }
@@ -1110,7 +1131,7 @@ impl Router {
         let outgoing = match self.obufs.get_mut(id) {
             Some(v) => v,
             None => {
-                error!("Connection is already disconnected");
+                debug!("Connection is already disconnected");
                 return Some(());
             }
         };
@@ -1164,6 +1185,7 @@ impl Router {
                 alertlog,
                 connection,
                 shared_group,
+                &self.cursor_jumps,
             ) {
                 ConsumeStatus::BufferFull => {
                     requests.push_back(request);
@@ -1247,7 +1269,7 @@ impl Router {
             }
             Err(e) => {
                 // Disconnect on bad publishes
-                error!(
+                debug!(
                     reason = ?e, "Failed to append to commitlog"
                 );
                 self.router_meters.failed_publishes += 1;
@@ -1311,7 +1333,7 @@ fn append_to_commitlog(
         .as_ref()
         .is_some_and(|p| !p.subscription_identifiers.is_empty())
     {
-        error!("A PUBLISH packet sent from a Client to a Server MUST NOT contain a Subscription Identifier");
+        debug!("A PUBLISH packet sent from a Client to a Server MUST NOT contain a Subscription Identifier");
         return Err(RouterError::Disconnect(
             DisconnectReasonCode::MalformedPacket,
         ));
@@ -1386,7 +1408,7 @@ fn append_will_message(
         .as_ref()
         .is_some_and(|p| !p.subscription_identifiers.is_empty())
     {
-        error!("A PUBLISH packet sent from a Client to a Server MUST NOT contain a Subscription Identifier");
+        debug!("A PUBLISH packet sent from a Client to a Server MUST NOT contain a Subscription Identifier");
         return Err(RouterError::Disconnect(
             DisconnectReasonCode::MalformedPacket,
         ));
@@ -1445,7 +1467,7 @@ fn validate_and_set_topic_alias(
     alias: u16,
 ) -> Result<(), RouterError> {
     if alias == 0 || alias > TOPIC_ALIAS_MAX {
-        error!("Alias must be greater than 0 and <={TOPIC_ALIAS_MAX}");
+        debug!("Alias must be greater than 0 and <={TOPIC_ALIAS_MAX}");
         return Err(RouterError::Disconnect(
             DisconnectReasonCode::TopicAliasInvalid,
         ));
@@ -1454,7 +1476,7 @@ fn validate_and_set_topic_alias(
     if publish.topic.is_empty() {
         // if publish topic is empty, publisher must have set a valid alias
         let Some(alias_topic) = connection.topic_aliases.get(&alias) else {
-            error!("Empty topic name with invalid alias");
+            debug!("Empty topic name with invalid alias");
             return Err(RouterError::Disconnect(DisconnectReasonCode::ProtocolError));
         };
         // set the publish topic before further processing
@@ -1531,6 +1553,7 @@ fn forward_device_data(
     alertlog: &mut AlertLog,
     connection: &mut Connection,
     shared_group: Option<&mut SharedGroup>,
+    cursor_jumps: &AtomicU64,
 ) -> ConsumeStatus {
     let span = tracing::info_span!("outgoing_publish", client_id = outgoing.client_id);
     let _guard = span.enter();
@@ -1623,11 +1646,12 @@ fn forward_device_data(
             request.cursor, start, request.filter
         );
 
-        warn!(
+        debug!(
             request_cursor = ?request.cursor,
             start_cursor = ?start,
             error
         );
+        cursor_jumps.fetch_add(1, Ordering::Relaxed);
 
         let alert = alert::cursorjump(&outgoing.client_id, &request.filter, 0);
         alertlog.log(alert);

@@ -5,7 +5,7 @@ mod segment;
 pub mod utils;
 
 use segment::{Segment, SegmentPosition};
-use tracing::warn;
+use tracing::debug;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Position {
@@ -185,7 +185,10 @@ where
 
         if cursor.0 < self.head {
             let head_absolute_offset = self.segments.front().unwrap().absolute_offset;
-            warn!(
+            // echo-server patch: debug, not warn: a slow subscriber causes
+            // this on every read (~40,000 lines/s); the router counts these
+            // skips (`Router::cursor_jumps`), see PATCHED.md
+            debug!(
                 "given index {} less than head {}, jumping to head",
                 cursor.0, head_absolute_offset
             );
@@ -197,7 +200,7 @@ where
         let mut curr_segment = &self.segments[idx];
 
         if curr_segment.absolute_offset > cursor.1 {
-            warn!(
+            debug!(
                 "offset specified {} if less than actual {}, jumping",
                 cursor.1, curr_segment.absolute_offset
             );
