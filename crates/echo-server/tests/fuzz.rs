@@ -161,7 +161,16 @@ fn still_served(server: &TestServer) {
 fn mqtt_packets_mutated_from_the_corpus_never_hurt_the_server() {
     let server = TestServer::start(&[]);
     fuzz(&server, server.mqtt_addr(), "mqtt");
-    assert_eq!(server.metric("echo_mqtt_closed_total{reason=\"panic\"}"), 0.0);
+    let metrics = server.metrics();
+    let total =
+        |prefix: &str| metrics.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, v)| v).sum::<f64>();
+    let (sessions, publishes) =
+        (total("echo_mqtt_connects_total"), total("echo_mqtt_publishes_received_total"));
+    eprintln!("{} inputs: {sessions} sessions, {publishes} publishes routed", cases());
+    // Mutations that only ever broke the CONNECT would test one function.
+    assert!(sessions >= f64::from(cases()) / 10.0, "too few inputs got past CONNECT: {sessions}");
+    assert!(publishes > 0.0, "no fuzzed publish reached the router");
+    assert_eq!(metrics.get("echo_mqtt_closed_total{reason=\"panic\"}").copied().unwrap_or(0.0), 0.0);
     still_served(&server);
 }
 
