@@ -115,7 +115,10 @@ enum Level<'a> {
 
 impl FilterNode {
     fn is_empty(&self) -> bool {
-        self.end.is_empty() && self.hash.is_empty() && self.plus.is_none() && self.literal.is_empty()
+        self.end.is_empty()
+            && self.hash.is_empty()
+            && self.plus.is_none()
+            && self.literal.is_empty()
     }
 
     fn child(&self, level: Level) -> Option<&FilterNode> {
@@ -1050,9 +1053,15 @@ mod echo_server_patch {
     fn random_name(rng: &mut impl rand::Rng, filter: bool) -> String {
         const FILTER_LEVELS: [&str; 8] = ["a", "b", "c", "", "+", "#", "a+", "b#"];
         const TOPIC_LEVELS: [&str; 7] = ["a", "b", "c", "", "+", "#", "$a"];
-        let levels = if filter { &FILTER_LEVELS[..] } else { &TOPIC_LEVELS[..] };
+        let levels = if filter {
+            &FILTER_LEVELS[..]
+        } else {
+            &TOPIC_LEVELS[..]
+        };
         let n = rng.gen_range(1..=4);
-        let mut name: Vec<&str> = (0..n).map(|_| levels[rng.gen_range(0..levels.len())]).collect();
+        let mut name: Vec<&str> = (0..n)
+            .map(|_| levels[rng.gen_range(0..levels.len())])
+            .collect();
         if !filter && rng.gen_bool(0.1) {
             name[0] = "$SYS";
         }
@@ -1060,7 +1069,11 @@ mod echo_server_patch {
     }
 
     /// What 0.20.0's scan of every filter gives for a topic.
-    fn full_scan(data: &DataLog, live: &std::collections::HashSet<String>, topic: &str) -> Vec<usize> {
+    fn full_scan(
+        data: &DataLog,
+        live: &std::collections::HashSet<String>,
+        topic: &str,
+    ) -> Vec<usize> {
         let mut want: Vec<usize> = live
             .iter()
             .filter(|f| matches(topic, f))
@@ -1097,19 +1110,32 @@ mod echo_server_patch {
                 for topic in &seen_topics {
                     let mut got = data.matches(topic).unwrap();
                     got.sort();
-                    assert_eq!(got, full_scan(&data, &live, topic), "seed {seed}, topic {topic:?}");
+                    assert_eq!(
+                        got,
+                        full_scan(&data, &live, topic),
+                        "seed {seed}, topic {topic:?}"
+                    );
                     for f in &live {
-                        assert_eq!(super::topic_matches(topic, f), matches(topic, f), "{topic:?} {f:?}");
+                        assert_eq!(
+                            super::topic_matches(topic, f),
+                            matches(topic, f),
+                            "{topic:?} {f:?}"
+                        );
                     }
                 }
                 // Free some filters together, as a client leaving does.
-                let gone: Vec<String> = live.iter().filter(|_| rng.gen_bool(0.4)).cloned().collect();
+                let gone: Vec<String> =
+                    live.iter().filter(|_| rng.gen_bool(0.4)).cloned().collect();
                 for f in &gone {
                     live.remove(f);
                 }
                 data.remove_filters(&gone);
                 for topic in &seen_topics {
-                    let mut cached = data.publish_filters.get(topic.as_str()).cloned().unwrap_or_default();
+                    let mut cached = data
+                        .publish_filters
+                        .get(topic.as_str())
+                        .cloned()
+                        .unwrap_or_default();
                     cached.sort();
                     let want = full_scan(&data, &live, topic);
                     // A topic is cached while some filter matches it.
@@ -1120,7 +1146,10 @@ mod echo_server_patch {
             }
             data.remove_filters(live.iter());
             assert_eq!(data.filter_count(), 0);
-            assert!(data.wildcard_filters.root.is_empty(), "seed {seed}: the tree is pruned");
+            assert!(
+                data.wildcard_filters.root.is_empty(),
+                "seed {seed}: the tree is pruned"
+            );
             assert!(data.publish_filters.is_empty(), "seed {seed}");
             assert!(data.wildcard_topics.is_empty(), "seed {seed}");
         }
@@ -1208,7 +1237,12 @@ mod echo_server_patch {
         data.remove_filters(&filters[1..]);
         assert_eq!(data.filter_count(), 1);
         for i in 0..1000 {
-            assert_eq!(data.publish_filters.get(format!("w/{i}/x").as_str()).unwrap(), &vec![other]);
+            assert_eq!(
+                data.publish_filters
+                    .get(format!("w/{i}/x").as_str())
+                    .unwrap(),
+                &vec![other]
+            );
         }
         // Only `w/#`'s node is left: one path of one level.
         let root = &data.wildcard_filters.root;
