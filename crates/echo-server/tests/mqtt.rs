@@ -293,6 +293,29 @@ async fn wildcards_match_as_mqtt_says() {
     assert_eq!(got, vec!["w", "w/a/x", "w/a/x/y", "w/b/c"]);
 }
 
+/// rumqttd's `protocol::matches` slices a topic's first byte to look for
+/// `$`, which panics when the first character takes more bytes: its
+/// router thread died on a publish to `é/x` that met a wildcard filter
+/// (or its own exact filter). The router's maps no longer call it.
+#[tokio::test]
+async fn topics_starting_with_a_multibyte_character_are_matched() {
+    let server = TestServer::start(&[]);
+    let mut plus = V4::connect(&server, "plus").await;
+    let mut exact = V4::connect(&server, "exact").await;
+    let publisher = V4::connect(&server, "publisher").await;
+    plus.subscribe("+/x", QoS::AtMostOnce).await;
+    exact.subscribe("é/x", QoS::AtMostOnce).await;
+    publisher.client.publish("é/x", QoS::AtMostOnce, false, "1").await.unwrap();
+    assert_eq!(plus.next_publish().await.topic, "é/x");
+    assert_eq!(exact.next_publish().await.topic, "é/x");
+    // A wildcard filter created once the topic is cached joins it.
+    let mut late = V4::connect(&server, "late").await;
+    late.subscribe("é/+", QoS::AtMostOnce).await;
+    publisher.client.publish("é/x", QoS::AtMostOnce, false, "2").await.unwrap();
+    assert_eq!(late.next_publish().await.topic, "é/x");
+    assert_eq!(plus.next_publish().await.payload, "2");
+}
+
 #[tokio::test]
 async fn retained_message_reaches_a_later_subscriber() {
     let server = TestServer::start(&[]);

@@ -355,9 +355,7 @@ impl Router {
             // echo-server patch: the kept session is discarded, and with it
             // its hold on its filters.
             if let Some(state) = saved.as_ref().and_then(|s| s.session_state.as_ref()) {
-                for filter in &state.subscriptions {
-                    self.filter_unref(filter);
-                }
+                self.filters_unref(&state.subscriptions);
             }
             // Only retrieve metrics in clean session
             connection.events = saved.map_or_else(ConnectionEvents::default, |s| s.metrics);
@@ -579,9 +577,7 @@ impl Router {
             self.release_expired_sessions();
         } else {
             // echo-server patch: nothing kept, so no hold on its filters.
-            for filter in &connection.subscriptions {
-                self.filter_unref(filter);
-            }
+            self.filters_unref(&connection.subscriptions);
         }
         self.router_meters.total_connections -= 1;
     }
@@ -1097,24 +1093,33 @@ impl Router {
 
     /// echo-server patch: one session fewer holds this subscription's log;
     /// the log is freed when none does.
-    fn filter_unref(&mut self, filter: &str) {
-        let path = log_filter(filter);
-        if let Some(count) = self.filter_refs.get_mut(&path) {
-            *count -= 1;
-            if *count == 0 {
-                self.filter_refs.remove(&path);
-                self.datalog.remove_filter(&path);
+    fn filter_unref(&mut self, filter: &Filter) {
+        self.filters_unref([filter]);
+    }
+
+    /// echo-server patch: `filter_unref` for each of these filters, the logs
+    /// that nobody holds any more freed together (`DataLog::remove_filters`:
+    /// a client leaving with many wildcard filters costs those filters only).
+    fn filters_unref<'a>(&mut self, filters: impl IntoIterator<Item = &'a Filter>) {
+        let mut freed = Vec::new();
+        for filter in filters {
+            let path = log_filter(filter);
+            if let Some(count) = self.filter_refs.get_mut(&path) {
+                *count -= 1;
+                if *count == 0 {
+                    self.filter_refs.remove(&path);
+                    freed.push(path);
+                }
             }
         }
+        self.datalog.remove_filters(freed);
     }
 
     /// echo-server patch: kept sessions that have expired let go of their
     /// filters.
     fn release_expired_sessions(&mut self) {
         for state in self.graveyard.take_expired() {
-            for filter in &state.subscriptions {
-                self.filter_unref(filter);
-            }
+            self.filters_unref(&state.subscriptions);
         }
     }
 
