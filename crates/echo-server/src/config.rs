@@ -148,6 +148,21 @@ pub struct MqttConfig {
     pub segment_size: u32,
     /// Router: segments kept in memory per subscribed topic's log.
     pub segment_count: u32,
+    /// Longest client id accepted, in bytes (the router copies it into
+    /// several of its maps).
+    pub max_client_id_length: u32,
+    /// Most distinct filters one session may hold.
+    pub max_subscriptions: u32,
+    /// Longest topic name or filter accepted, in bytes.
+    pub max_topic_length: u32,
+    /// Most levels in a topic name or filter.
+    pub max_topic_levels: u32,
+    /// MQTT 5 topic aliases a client may set (CONNACK's Topic Alias
+    /// Maximum); 0: none.
+    pub topic_alias_maximum: u16,
+    /// QoS 1 and 2 publishes a client may have in flight towards the
+    /// server (CONNACK's Receive Maximum).
+    pub receive_maximum: u16,
     /// Empty means "no authentication".
     pub username: String,
     pub password: String,
@@ -170,6 +185,12 @@ impl Default for MqttConfig {
             max_outgoing_packet_count: 200,
             segment_size: 4096,
             segment_count: 2,
+            max_client_id_length: 256,
+            max_subscriptions: 1000,
+            max_topic_length: 1024,
+            max_topic_levels: 32,
+            topic_alias_maximum: 10,
+            receive_maximum: 32,
             username: String::new(),
             password: String::new(),
             tls_cert: String::new(),
@@ -385,6 +406,30 @@ impl Config {
         if !(1..=1024).contains(&mqtt.segment_count) {
             return Err(invalid("mqtt.segment_count", format!("{} is outside 1..=1024", mqtt.segment_count)));
         }
+        // MQTT 5 §3.1.3.1: a server must accept client ids of 1 to 23 bytes.
+        if !(23..=65_535).contains(&mqtt.max_client_id_length) {
+            return Err(invalid(
+                "mqtt.max_client_id_length",
+                format!("{} is outside 23..=65535 bytes", mqtt.max_client_id_length),
+            ));
+        }
+        positive("mqtt.max_subscriptions", mqtt.max_subscriptions)?;
+        if !(1..=65_535).contains(&mqtt.max_topic_length) {
+            return Err(invalid(
+                "mqtt.max_topic_length",
+                format!("{} is outside 1..=65535 bytes", mqtt.max_topic_length),
+            ));
+        }
+        positive("mqtt.max_topic_levels", mqtt.max_topic_levels)?;
+        // rumqttd's router refuses aliases above 4,096 itself.
+        if mqtt.topic_alias_maximum > 4096 {
+            return Err(invalid(
+                "mqtt.topic_alias_maximum",
+                format!("{} is above 4096 (rumqttd's own bound)", mqtt.topic_alias_maximum),
+            ));
+        }
+        // MQTT 5 §3.2.2.3.3: 0 is a protocol error.
+        positive("mqtt.receive_maximum", u32::from(mqtt.receive_maximum))?;
         if mqtt.username.is_empty() != mqtt.password.is_empty() {
             let key = if mqtt.username.is_empty() { "mqtt.username" } else { "mqtt.password" };
             return Err(invalid(key, "mqtt.username and mqtt.password are set together or not at all"));
@@ -784,6 +829,13 @@ mod tests {
             ),
             ("[mqtt]\nlisten = \"0.0.0.0:8080\"\n", "mqtt.listen"),
             ("[mqtt]\nmax_conections = 1\n", "mqtt.max_conections"),
+            ("[mqtt]\nmax_client_id_length = 22\n", "mqtt.max_client_id_length"),
+            ("[mqtt]\nmax_subscriptions = 0\n", "mqtt.max_subscriptions"),
+            ("[mqtt]\nmax_topic_length = 65536\n", "mqtt.max_topic_length"),
+            ("[mqtt]\nmax_topic_levels = 0\n", "mqtt.max_topic_levels"),
+            ("[mqtt]\ntopic_alias_maximum = 4097\n", "mqtt.topic_alias_maximum"),
+            ("[mqtt]\ntopic_alias_maximum = 70000\n", "mqtt.topic_alias_maximum"),
+            ("[mqtt]\nreceive_maximum = 0\n", "mqtt.receive_maximum"),
         ] {
             let err = load_str(toml).unwrap_err().to_string();
             assert!(err.starts_with(key), "{toml:?}: {err}");

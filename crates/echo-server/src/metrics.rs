@@ -50,6 +50,11 @@ pub struct VersionLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CapLabel {
+    pub cap: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PacketLabel {
     pub packet: &'static str,
 }
@@ -166,6 +171,8 @@ pub struct MqttMetrics {
     /// Times the router dropped the server's internal wills link while it
     /// kept running, and the link was registered again.
     pub wills_link_restarts: Count,
+    /// Times a per-client cap (`mqtt::caps`) refused something, by cap.
+    pub cap_refusals: Family<CapLabel, Count>,
     /// How long `LinkBuilder::build_async()` waited for the router, per
     /// connect (awaited: the event loop serves others meanwhile).
     pub link_build_seconds: Histogram,
@@ -211,6 +218,7 @@ impl MqttMetrics {
             wills_published: Count::default(),
             slow_subscriber_skips: Count::default(),
             wills_link_restarts: Count::default(),
+            cap_refusals: Family::default(),
             // 10 µs .. ~5 s
             link_build_seconds: Histogram::new(exponential_buckets(1e-5, 2.5, 15)),
         }
@@ -231,6 +239,10 @@ impl MqttMetrics {
 
     pub fn closed(&self, reason: &'static str) {
         self.closed.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn cap_refused(&self, cap: &'static str) {
+        self.cap_refusals.get_or_create(&CapLabel { cap }).inc();
     }
 
     /// Counts a successful CONNECT ("3.1.1" or "5").
@@ -385,6 +397,11 @@ impl Metrics {
             "wills_link_restarts",
             "Times the router dropped the server's internal wills link (it refused a will) and the link was registered again; 0 unless a will the router refuses got past the checks",
             mqtt.wills_link_restarts.clone(),
+        );
+        m.register(
+            "cap_refusals",
+            "Times a per-client cap refused something (client id, filter or topic length or levels, subscriptions, topic alias, receive maximum), by cap",
+            mqtt.cap_refusals.clone(),
         );
         m.register(
             "link_build_seconds",

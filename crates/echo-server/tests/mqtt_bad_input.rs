@@ -245,8 +245,9 @@ fn a_publish_topic_the_router_cannot_take_closes_the_sender_with_a_reason() {
         bystanders.still_fine(case);
     }
     assert_eq!(router_complaints(&server), Vec::<String>::new(), "nothing reached the router");
-    // Topic aliases are the router's to check; it refuses bad ones with a
-    // reason, which the sender gets, and the session alone ends.
+    // Bad topic aliases end the sender's session alone, with a reason: 0
+    // and one over `mqtt.topic_alias_maximum` refused by the session (see
+    // tests/mqtt_caps.rs), an unknown one by the router.
     let alias_cases: [(&str, &[u8], &[u8], u8); 3] = [
         ("alias 0", b"a", b"\x23\x00\x00", 0x94),
         ("alias over the maximum", b"a", b"\x23\x10\x01", 0x94),

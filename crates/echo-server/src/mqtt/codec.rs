@@ -128,6 +128,9 @@ pub enum DecodeError {
 pub struct Decoded {
     pub packet: Packet,
     pub packet_type: u8,
+    /// The fixed header's flags (a publish's QoS is in bits 1–2: rumqttd
+    /// keeps its own field private).
+    pub flags: u8,
     pub size: usize,
 }
 
@@ -198,7 +201,9 @@ impl Codec {
         };
         match result {
             Ok(_) if let Some(id) = repeated => Err(DecodeError::RepeatedProperty(id)),
-            Ok(packet) => Ok(Some(Decoded { packet, packet_type, size: before - buf.len() })),
+            Ok(packet) => {
+                Ok(Some(Decoded { packet, packet_type, flags: first & 0x0f, size: before - buf.len() }))
+            }
             Err(ProtocolError::PayloadSizeLimitExceeded(size)) => Err(DecodeError::TooLarge(size)),
             Err(ProtocolError::InsufficientBytes(_)) => {
                 Err(DecodeError::Malformed(ProtocolError::MalformedPacket))

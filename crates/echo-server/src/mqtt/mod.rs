@@ -16,11 +16,13 @@
 //!   (turns, backpressure towards the router);
 //! - [`downgrade`]: router output made safe for 3.1.1 clients;
 //! - [`topics`]: topic and filter checks the router does not do;
+//! - [`caps`]: what one client may make the server hold;
 //! - [`transport`]: TCP, TLS or WebSocket underneath;
 //! - [`auth`], [`tls`]: optional credentials and TLS.
 
 pub mod auth;
 pub mod broker;
+pub(crate) mod caps;
 pub mod codec;
 pub mod downgrade;
 mod inflow;
@@ -79,6 +81,9 @@ pub struct MqttServer {
     pub credentials: Option<auth::Credentials>,
     /// Turns for processing a CONNECT (see `mqtt.connect_concurrency`).
     pub connecting: tokio::sync::Semaphore,
+    /// The filters of sessions that outlive their connections, counted
+    /// against `mqtt.max_subscriptions` across connections.
+    pub(crate) kept: caps::Kept,
     refusing: Cell<u32>,
     next_client: Cell<u64>,
     /// Makes assigned client ids unique across restarts too.
@@ -115,6 +120,7 @@ impl MqttServer {
             tls,
             credentials,
             connecting,
+            kept: caps::Kept::default(),
             refusing: Cell::new(0),
             next_client: Cell::new(0),
             boot,

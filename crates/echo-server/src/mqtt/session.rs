@@ -37,9 +37,10 @@ use tracing::debug;
 
 use super::MqttServer;
 use super::broker::{LinkFailure, SessionExpiry};
+use super::caps::{self, Held, InFlight, Quota};
 use super::codec::{Codec, DecodeError, Decoded, Peek, Version, peek_version};
 use super::inflow::{Flow, Inflow, RECHECK, Turn};
-use super::topics::{self, Refusals, TopicRefusal};
+use super::topics::{self, FilterRefusal, Refusals, TopicRefusal};
 use super::transport::{Goodbye, Transport};
 use crate::metrics::MqttMetrics;
 
@@ -97,6 +98,8 @@ struct Accepted {
     /// the connection.
     will: Option<Box<(LastWill, Option<LastWillProperties>)>>,
     will_delay: Duration,
+    /// What the client holds in the server, against the caps.
+    held: Held,
 }
 
 /// How the CONNECT phase ended when it did not end in a session.
@@ -121,6 +124,7 @@ pub async fn run(mut transport: Transport, peer: SocketAddr, server: Rc<MqttServ
     };
     let counted = Counted::open(&server.metrics, session.codec.version);
     let end = exchange(&mut transport, &mut rbuf, &mut router, &mut session, &server).await;
+    server.kept.disconnected(&session.client_id, &session.held.filters, session.session_expiry);
     counted.close(end.reason);
     debug!(%peer, client_id = %session.client_id, reason = end.reason, "session ended");
     // The closing phase runs on a turn too (the same ones as CONNECTs): when
@@ -262,7 +266,7 @@ async fn open(
             }
         }
     };
-    let accepted = match accepted {
+    let mut accepted = match accepted {
         Ok(accepted) => accepted,
         Err(refused) => {
             drop(turn);
@@ -312,6 +316,10 @@ async fn open(
         retain_available: Some(1),
         wildcard_subscription_available: Some(1),
         shared_subscription_available: Some(1),
+        // The caps a client can see, so that a conforming MQTT 5 client
+        // never crosses them (see `caps`).
+        receive_max: Some(server.config.receive_maximum),
+        topic_alias_max: Some(server.config.topic_alias_maximum),
         ..ConnAckProperties::default()
     };
     if accepted.assigned_id {
@@ -326,6 +334,8 @@ async fn open(
         return None;
     }
     metrics.connected(version.label());
+    accepted.held.filters =
+        server.kept.connected(&accepted.client_id, session_present, accepted.session_expiry);
     debug!(
         %peer,
         client_id = %accepted.client_id,
@@ -454,6 +464,10 @@ async fn handshake(
         // The router refuses these characters (silently); NUL is not
         // allowed in MQTT strings and marks the server's own link.
         return Err(Refused::With(version, ConnectReturnCode::ClientIdentifierNotValid, "client_id"));
+    } else if let Err(cap) = caps::client_id(&client_id, &server.config) {
+        // 3.1.1 §3.1.3.1 lets a server refuse any id with code 2.
+        server.metrics.cap_refused(cap.label());
+        return Err(Refused::With(version, ConnectReturnCode::ClientIdentifierNotValid, "client_id"));
     }
     // 3.1.1 §3.1.2.4, 5 §3.1.2.11.2 (absent is 0).
     let session_expiry = match version {
@@ -468,11 +482,18 @@ async fn handshake(
     // it is: a topic the router refuses would end that link (see
     // `broker`), so it is checked here, with the CONNECT.
     if let Some(w) = &will {
-        match topics::check_topic(&w.topic, false) {
+        let checked = topics::check_topic(&w.topic, false).and_then(|()| {
+            caps::topic(&w.topic, &server.config).map_err(|cap| {
+                server.metrics.cap_refused(cap.label());
+                TopicRefusal::Wildcard
+            })
+        });
+        match checked {
             Ok(()) => {}
             Err(TopicRefusal::Malformed) => return Err(malformed_connect(version)),
             // MQTT 5 §3.2.2.2: 0x90, "the Will Topic Name is not malformed,
-            // but is not accepted by this Server". 3.1.1 has no code for it:
+            // but is not accepted by this Server" (also one over the length
+            // or level caps). 3.1.1 has no code for it:
             // the CONNECT does not conform, so no CONNACK (§3.1.4).
             Err(TopicRefusal::Wildcard | TopicRefusal::Empty) => {
                 return Err(match version {
@@ -494,6 +515,7 @@ async fn handshake(
         keep_alive: connect.keep_alive,
         will: will.map(|w| Box::new((w, will_properties))),
         will_delay: Duration::from_secs(u64::from(delay.min(session_expiry.0))),
+        held: Held::default(),
     })
 }
 
@@ -670,7 +692,7 @@ async fn exchange(
             biased;
             _ = server.shutdown.wait() => Wake::Shutdown,
             next = router.rx.next() => {
-                Wake::Router(next.map(|first| collect(first, &mut router.rx, &mut refusals, v5)).map_err(drop))
+                Wake::Router(next.map(|first| collect(first, &mut router.rx, &mut refusals, &mut session.held.in_flight, v5)).map_err(drop))
             }
             _ = std::future::ready(()), if open && buffered => Wake::Client(Ok(0)),
             read = transport.read(rbuf), if open && !buffered => match read {
@@ -805,7 +827,15 @@ struct RouterBatch {
 /// Takes everything the router has ready, starting with `first`, without
 /// waiting: it all goes out in one write. Synchronous, so that no
 /// notification (248 bytes each) is held in the session's future.
-fn collect(first: Option<Notification>, rx: &mut LinkRx, refusals: &mut Refusals, v5: bool) -> RouterBatch {
+/// The client's in-flight window ([`InFlight`]) learns of the PUBACKs and
+/// PUBCOMPs going out.
+fn collect(
+    first: Option<Notification>,
+    rx: &mut LinkRx,
+    refusals: &mut Refusals,
+    in_flight: &mut InFlight,
+    v5: bool,
+) -> RouterBatch {
     let mut batch =
         RouterBatch { packets: Vec::new(), unscheduled: false, router_disconnect: None, gone: false };
     let mut next = Some(Ok(first));
@@ -820,7 +850,10 @@ fn collect(first: Option<Notification>, rx: &mut LinkRx, refusals: &mut Refusals
                     Some(Packet::SubAck(ack, props)) if !refusals.is_empty() => {
                         batch.packets.push(Packet::SubAck(refusals.complete(ack, v5), props));
                     }
-                    Some(packet) => batch.packets.push(packet),
+                    Some(packet) => {
+                        in_flight.sent(&packet);
+                        batch.packets.push(packet);
+                    }
                     None => {}
                 },
             }
@@ -848,10 +881,10 @@ fn incoming(
     match decoded.packet {
         Packet::Publish(mut publish, properties) => {
             metrics.publishes_received.inc();
-            let alias = properties.as_ref().is_some_and(|p| p.topic_alias.is_some());
+            let alias = properties.as_ref().and_then(|p| p.topic_alias).filter(|_| v5);
             // Nothing the router would refuse goes to it: it drops the link
             // without a reason for a topic that is not UTF-8.
-            match topics::check_topic(&publish.topic, alias && v5) {
+            match topics::check_topic(&publish.topic, alias.is_some()) {
                 Ok(()) => {}
                 Err(TopicRefusal::Malformed) => {
                     return Some(End::violation("malformed", DisconnectReasonCode::MalformedPacket));
@@ -865,6 +898,24 @@ fn incoming(
                     return Some(End::violation("protocol_error", DisconnectReasonCode::ProtocolError));
                 }
             }
+            let config = &server.config;
+            if let Some(alias) = alias
+                && let Err(cap) = caps::topic_alias(alias, config)
+            {
+                // Alias 0 is a protocol violation, not a cap.
+                if alias != 0 {
+                    metrics.cap_refused(cap.label());
+                }
+                return Some(End::violation("topic_alias", DisconnectReasonCode::TopicAliasInvalid));
+            }
+            if let Err(cap) = caps::topic(&publish.topic, config) {
+                metrics.cap_refused(cap.label());
+                return Some(End::violation("invalid_topic", DisconnectReasonCode::TopicNameInvalid));
+            }
+            if let Err(cap) = session.held.in_flight.received((decoded.flags >> 1) & 3, v5, config) {
+                metrics.cap_refused(cap.label());
+                return Some(End::violation("receive_maximum", DisconnectReasonCode::ReceiveMaximumExceeded));
+            }
             detach(&mut publish);
             batch.push(Packet::Publish(publish, properties));
         }
@@ -872,7 +923,22 @@ fn incoming(
             let mut refused = Vec::new();
             let mut position = 0;
             subscribe.filters.retain(|filter| {
-                let verdict = topics::check_filter(&filter.path, session.session_expiry.persistent());
+                let verdict = topics::check_filter(&filter.path, session.session_expiry.persistent())
+                    .and_then(|()| {
+                        caps::filter(&filter.path, &server.config).map_err(|cap| {
+                            metrics.cap_refused(cap.label());
+                            FilterRefusal::Invalid
+                        })
+                    })
+                    .and_then(|()| {
+                        match server.kept.subscribe(&session.held.filters, &filter.path, &server.config) {
+                            Quota::Exceeded => {
+                                metrics.cap_refused(caps::Cap::Subscriptions.label());
+                                Err(FilterRefusal::QuotaExceeded)
+                            }
+                            Quota::Counted | Quota::Held => Ok(()),
+                        }
+                    });
                 if let Err(reason) = verdict {
                     refused.push((position, reason));
                 }
@@ -917,11 +983,13 @@ fn incoming(
         Packet::Unsubscribe(unsubscribe, _) if unsubscribe.filters.is_empty() => {
             return Some(End::violation("protocol_error", DisconnectReasonCode::ProtocolError));
         }
-        packet @ (Packet::PubAck(..)
-        | Packet::PubRec(..)
-        | Packet::PubRel(..)
-        | Packet::PubComp(..)
-        | Packet::Unsubscribe(..)) => batch.push(packet),
+        Packet::Unsubscribe(unsubscribe, properties) => {
+            server.kept.unsubscribe(&session.held.filters, &unsubscribe.filters);
+            batch.push(Packet::Unsubscribe(unsubscribe, properties));
+        }
+        packet @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubRel(..) | Packet::PubComp(..)) => {
+            batch.push(packet)
+        }
         // A second CONNECT, or a packet only servers send (which the codec
         // refuses before it is decoded).
         Packet::Connect(..)

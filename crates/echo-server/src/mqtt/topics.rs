@@ -23,6 +23,8 @@ pub enum FilterRefusal {
     /// the last member of a share group and disconnects with messages in
     /// flight).
     SharedNotSupported,
+    /// One filter more than `mqtt.max_subscriptions` (see `caps`).
+    QuotaExceeded,
 }
 
 impl FilterRefusal {
@@ -33,6 +35,7 @@ impl FilterRefusal {
             (FilterRefusal::Invalid, true) => SubscribeReasonCode::TopicFilterInvalid,
             (FilterRefusal::NotAuthorized, true) => SubscribeReasonCode::NotAuthorized,
             (FilterRefusal::SharedNotSupported, true) => SubscribeReasonCode::SharedSubscriptionsNotSupported,
+            (FilterRefusal::QuotaExceeded, true) => SubscribeReasonCode::QuotaExceeded,
         }
     }
 }

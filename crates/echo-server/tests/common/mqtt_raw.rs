@@ -302,3 +302,93 @@ impl RawMqtt {
         }
     }
 }
+
+/// PUBLISH at `qos` with packet id `pkid` (for QoS 1 and 2), no properties.
+pub fn publish_qos(level: u8, topic: &str, qos: u8, pkid: u16, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(topic.len() + payload.len() + 5);
+    string(topic.as_bytes(), &mut body);
+    if qos > 0 {
+        body.extend_from_slice(&pkid.to_be_bytes());
+    }
+    if level == 5 {
+        body.push(0);
+    }
+    body.extend_from_slice(payload);
+    packet(0x30 | (qos << 1), &body)
+}
+
+/// SUBSCRIBE to several filters at QoS 0, in one packet.
+pub fn subscribe_all(level: u8, pkid: u16, filters: &[&str]) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    if level == 5 {
+        body.push(0);
+    }
+    for filter in filters {
+        string(filter.as_bytes(), &mut body);
+        body.push(0);
+    }
+    packet(0x82, &body)
+}
+
+/// UNSUBSCRIBE from several filters.
+pub fn unsubscribe_all(level: u8, pkid: u16, filters: &[&str]) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    if level == 5 {
+        body.push(0);
+    }
+    for filter in filters {
+        string(filter.as_bytes(), &mut body);
+    }
+    packet(0xa2, &body)
+}
+
+/// An acknowledgement (PUBREL: `0x62`, PUBACK: `0x40`, ...) for `pkid`.
+pub fn ack(first: u8, pkid: u16) -> Vec<u8> {
+    packet(first, &pkid.to_be_bytes())
+}
+
+impl RawPacket {
+    /// A SUBACK's return codes (3.1.1) or reason codes (5).
+    pub fn suback_codes(&self, level: u8) -> Vec<u8> {
+        assert_eq!(self.packet_type(), 9, "not a SUBACK: {self:?}");
+        let at = if level == 5 { 3 + usize::from(self.body[2]) } else { 2 };
+        self.body[at..].to_vec()
+    }
+
+    /// The packet id of a PUBACK, PUBREC, PUBREL, PUBCOMP, SUBACK or UNSUBACK.
+    pub fn pkid(&self) -> u16 {
+        u16::from_be_bytes([self.body[0], self.body[1]])
+    }
+
+    /// An MQTT 5 CONNACK's integer properties, by identifier (strings and
+    /// binary data are skipped).
+    pub fn connack_properties(&self) -> std::collections::HashMap<u8, u32> {
+        assert_eq!(self.packet_type(), 2, "not a CONNACK: {self:?}");
+        let mut properties = std::collections::HashMap::new();
+        let (len, mut at) = (usize::from(self.body[2]), 3);
+        assert!(len < 128, "a short property section");
+        let end = at + len;
+        while at < end {
+            let id = self.body[at];
+            at += 1;
+            let size = match id {
+                // Byte: maximum QoS, retain, wildcard, subscription ids, shared.
+                0x24 | 0x25 | 0x28 | 0x29 | 0x2a => 1,
+                // Two bytes: receive maximum, topic alias maximum, keep-alive.
+                0x21 | 0x22 | 0x13 => 2,
+                // Four bytes: session expiry, maximum packet size.
+                0x11 | 0x27 => 4,
+                // Strings: assigned client id, reason, response info, reference.
+                0x12 | 0x1f | 0x1a | 0x1c => {
+                    at += 2 + usize::from(u16::from_be_bytes([self.body[at], self.body[at + 1]]));
+                    continue;
+                }
+                other => panic!("CONNACK property {other:#x} not expected: {self:?}"),
+            };
+            let value = self.body[at..at + size].iter().fold(0u32, |v, &b| (v << 8) | u32::from(b));
+            properties.insert(id, value);
+            at += size;
+        }
+        properties
+    }
+}
