@@ -135,8 +135,10 @@ fn admin_health_readiness_and_metrics() {
     assert_eq!(server.metric("echo_mqtt_sent_bytes_total"), client_received as f64);
     // 3.1.1: 21 + 14 + 16 + 18 + 2 + 2 bytes out, 4 + 5 + 16 + 4 + 16 + 2
     // in. MQTT 5 adds a property length to CONNECT, SUBSCRIBE and each
-    // PUBLISH, and its CONNACK carries the server's properties (16 bytes).
-    assert_eq!((client_sent, client_received), (73 + 77, 47 + 62));
+    // PUBLISH, and its CONNACK carries the server's properties (22 bytes:
+    // receive maximum, maximum packet size, topic alias maximum, and what
+    // is available).
+    assert_eq!((client_sent, client_received), (73 + 77, 47 + 68));
     // The healthcheck subcommand reaches the same endpoint.
     let addr = server.admin_addr().to_string();
     let (status, _, stderr) = run_to_exit(&["healthcheck", "--addr", &addr], &[]);
