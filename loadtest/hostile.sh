@@ -25,14 +25,16 @@
 #   HOSTILE_RSS_BUDGET_MIB  peak RSS growth above this is marked [off]
 #   HOSTILE_LOG_LINES     more server log lines than this in one attack are marked [100]
 #   HOSTILE_NICE          niceness of the attacker [0]
+#   HOSTILE_RSS_CEILING_MIB  server RSS at which the attacker is stopped early [8192]
 #   LOADTEST_ECHO_SERVER  the server binary [target/release/echo-server]
 #   LOADTEST_LOADGEN      the bystander binary [target/release/echo-loadgen]
 #
 # Exit status: 0 the server survived every attack and the bystander saw no
 # errors (with --strict: and nothing exceeded its target); 1 otherwise.
 # Every attack is bounded: the attacker is killed HOSTILE_DURATION + 15 s
-# after it started, the bystander's hold is fixed, the server is stopped
-# (SIGKILL after 10 s) before the next attack starts.
+# after it started or when the server's RSS passes the ceiling, the
+# bystander's hold is fixed, the server is stopped (SIGKILL after 10 s)
+# before the next attack starts.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -44,7 +46,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     --strict) STRICT=1; shift ;;
     --no-pin) PIN=0; shift ;;
-    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -62,6 +64,7 @@ P99_MS=${HOSTILE_P99_MS:-10}
 RSS_SLACK=${HOSTILE_RSS_SLACK:-10}
 RSS_BUDGET_MIB=${HOSTILE_RSS_BUDGET_MIB:-}
 LOG_LINES=${HOSTILE_LOG_LINES:-100}
+RSS_CEILING_MIB=${HOSTILE_RSS_CEILING_MIB:-8192}
 LEAD=1                # the bystander's pre-check and ramp, before the attack starts
 HOLD=$((D + 2))       # the bystander measures from ~LEAD before the attack to ~1 s after it
 NICE=${HOSTILE_NICE:-0}
@@ -102,7 +105,7 @@ trap cleanup EXIT
 
 rss_kib() { # VmRSS of a process, in KiB; empty if it is gone
   local k v _
-  while read -r k v _; do [ "$k" = VmRSS: ] && { echo "$v"; return; }; done <"/proc/$1/status" 2>/dev/null || true
+  while read -r k v _; do [ "$k" = VmRSS: ] && { echo "$v"; return; }; done 2>/dev/null <"/proc/$1/status" || true
 }
 
 start_echo() { # dir: a fresh server, its log in dir/server.log
@@ -127,8 +130,16 @@ run_attack() { # name
   sleep 0.5
   local before; before=$(rss_kib "$SERVER_PID")
   local lines_before; lines_before=$(wc -l <"$dir/server.log")
-  # RSS every 100 ms until the "after" reading.
-  (while kill -0 "$SERVER_PID" 2>/dev/null; do rss_kib "$SERVER_PID"; sleep 0.1; done) >"$dir/rss.txt" &
+  # RSS every 100 ms until the "after" reading; past the ceiling the
+  # attacker is stopped (its pid is in attacker.pid while it runs).
+  rm -f "$dir/attacker.pid"
+  (while kill -0 "$SERVER_PID" 2>/dev/null; do
+     r=$(rss_kib "$SERVER_PID"); echo "$r"
+     if [ -n "$r" ] && [ "$r" -gt $((RSS_CEILING_MIB * 1024)) ] && [ -s "$dir/attacker.pid" ]; then
+       kill -TERM "$(cat "$dir/attacker.pid")" 2>/dev/null && echo ceiling >"$dir/ceiling"; rm -f "$dir/attacker.pid"
+     fi
+     sleep 0.1
+   done) >"$dir/rss.txt" &
   SAMPLER_PID=$!
   local brc=0 arc=0
   ${PIN_GEN[@]+"${PIN_GEN[@]}"} timeout -s INT -k 5 $((HOLD + 30)) "$LOADGEN" run "ws://$WS_ADDR/" --steps 50 --rate 20 \
@@ -141,8 +152,9 @@ run_attack() { # name
     --mqtt "$MQTT_ADDR" --ws "$WS_ADDR" --admin "$ADMIN_ADDR" --duration "$D" ${quick[@]+"${quick[@]}"} \
     --healthcheck "$ECHO_SERVER healthcheck --addr $ADMIN_ADDR" >"$dir/attack.json" 2>"$dir/attack.err" &
   ATTACKER_PID=$!
+  echo "$ATTACKER_PID" >"$dir/attacker.pid"
   wait "$ATTACKER_PID" || arc=$?
-  ATTACKER_PID=""
+  ATTACKER_PID=""; rm -f "$dir/attacker.pid"
   local left=$SECONDS
   wait "$BYSTANDER_PID" || brc=$?
   BYSTANDER_PID=""
@@ -235,7 +247,10 @@ if hc:
     exceeds.append(f'healthchecks failed {hc}/{row["attack_summary"]["healthchecks"]}')
 if log_limit and count > int(log_limit):
     exceeds.append(f"log lines >{log_limit}")
-if arc in (124, 137):
+import os
+if os.path.exists(f"{d}/ceiling"):
+    exceeds.append("attacker stopped at the RSS ceiling")
+elif arc in (124, 137):
     exceeds.append(f"attacker killed at {int(dur) + 15}s")
 row["fail"], row["exceeds"] = fail, exceeds
 print(json.dumps(row, separators=(",", ":")))

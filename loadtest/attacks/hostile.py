@@ -19,13 +19,29 @@ import argparse
 import base64
 import collections
 import json
+import math
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+
+# A SIGTERM (hostile.sh stopping the attack early) makes every deadline
+# pass at once: the attack winds down the normal way and reports what it did.
+STOPPED = False
+
+
+def now():
+    return math.inf if STOPPED else time.monotonic()
+
+
+def on_sigterm(_sig, _frame):
+    global STOPPED
+    STOPPED = True
+
 
 # ---------------------------------------------------------------- MQTT bytes
 
@@ -286,7 +302,7 @@ class Conn:
         raw = self.frame(data) if self.ws else data
         view, off = memoryview(raw), 0
         while off < len(raw):
-            left = deadline - time.monotonic()
+            left = deadline - now()
             if left <= 0 or self.closed_by_server:
                 break
             try:
@@ -305,7 +321,7 @@ class Conn:
 
     def wait(self, cond, deadline):
         """Waits until cond(self.mqtt) is true, the server closed, or the deadline."""
-        while time.monotonic() < deadline and not self.closed_by_server:
+        while now() < deadline and not self.closed_by_server:
             with self.lock:
                 if cond(self.mqtt):
                     return True
@@ -344,20 +360,20 @@ class Conn:
 
 def remaining(deadline, cap):
     """A socket timeout that does not outlast the deadline."""
-    return max(0.05, min(cap, deadline - time.monotonic()))
+    return max(0.05, min(cap, deadline - now()))
 
 
 def open_session(args, client_id, version=4, ws=False, deadline=None):
     c = Conn(args.ws if ws else args.mqtt, ws=ws, version=version,
              timeout=remaining(deadline, 10) if deadline else 10.0)
-    c.send(connect(client_id, version=version), deadline or time.monotonic() + 10)
-    c.wait(lambda m: m.connack, deadline or time.monotonic() + 10)
+    c.send(connect(client_id, version=version), deadline or now() + 10)
+    c.wait(lambda m: m.connack, deadline or now() + 10)
     return c
 
 
 def hold_until(deadline, conns=()):
     """Stays connected until the deadline (or every connection was closed)."""
-    while time.monotonic() < deadline:
+    while now() < deadline:
         if conns and all(c.closed_by_server for c in conns):
             return
         time.sleep(0.05)
@@ -371,7 +387,7 @@ def flood(args, deadline, ws):
     c = open_session(args, "flood-ws" if ws else "flood-tcp", ws=ws, deadline=deadline)
     chunk = (b"\x30\x0b\x00\x01t" + b"x" * 8) * 5000  # 5,000 publishes of 8 bytes to "t"
     sent = 0
-    while time.monotonic() < deadline and not c.closed_by_server:
+    while now() < deadline and not c.closed_by_server:
         sent += c.send(chunk, deadline)
     rep = c.report()
     c.close()
@@ -393,13 +409,13 @@ def attack_qos2_unreleased(args, deadline):
     payload = b"q" * size
     sent = 0
     for i in range(n):
-        if time.monotonic() >= deadline or c.closed_by_server:
+        if now() >= deadline or c.closed_by_server:
             break
         pkt = publish("q2/%d" % (i % 16), payload, qos=2, pid=i % 65535 + 1)
         if c.send(pkt, deadline) < len(pkt):
             break
         sent += 1
-    got_all = c.wait(lambda m: m.types["pubrec"] >= sent, min(deadline, time.monotonic() + 2))
+    got_all = c.wait(lambda m: m.types["pubrec"] >= sent, min(deadline, now() + 2))
     hold_until(deadline, [c])  # never PUBREL: the server keeps every one
     rep = c.report()
     c.close()
@@ -411,7 +427,7 @@ def subscribe_many(c, filters, per_packet, deadline, version=4):
     (filters sent, packets sent)."""
     sent = packets = 0
     for i in range(0, len(filters), per_packet):
-        if time.monotonic() >= deadline or c.closed_by_server:
+        if now() >= deadline or c.closed_by_server:
             break
         part = filters[i : i + per_packet]
         pkt = subscribe(packets % 65535 + 1, part, version=version)
@@ -451,7 +467,7 @@ def attack_long_filters(args, deadline):
         filters.append(head + b"f" * (size - len(head)))
     # 15 filters of 65 KB per SUBSCRIBE: just under the 1 MiB packet limit.
     sent, packets = subscribe_many(c, filters, 15, deadline)
-    c.wait(lambda m: subacked(m) >= sent, min(deadline, time.monotonic() + 5))
+    c.wait(lambda m: subacked(m) >= sent, min(deadline, now() + 5))
     hold_until(deadline, [c])
     rep = c.report()
     c.close()
@@ -463,7 +479,7 @@ def attack_long_client_ids(args, deadline):
     size = 65_535  # the longest an MQTT string can be
     conns, codes, refused, errors = [], collections.Counter(), 0, collections.Counter()
     for i in range(n):
-        if time.monotonic() >= deadline:
+        if now() >= deadline:
             break
         head = b"id-%d-" % i
         cid = head + b"c" * (size - len(head))
@@ -511,13 +527,13 @@ def attack_topic_aliases(args, deadline):
     sent = 0
     for a in range(1, aliases + 1):
         for k, c in enumerate(conns):
-            if time.monotonic() >= deadline or c.closed_by_server:
+            if now() >= deadline or c.closed_by_server:
                 continue
             head = b"ta/%d/%d/" % (k, a)
             pkt = publish(head + filler[: size - len(head)], b"x", version=5, alias=a)
             if c.send(pkt, deadline) == len(pkt):
                 sent += 1
-        if time.monotonic() >= deadline or all(c.closed_by_server for c in conns):
+        if now() >= deadline or all(c.closed_by_server for c in conns):
             break
     hold_until(deadline, conns)
     reps = [c.report() for c in conns]
@@ -540,7 +556,7 @@ def attack_distinct_topics(args, deadline):
     sent = 0
     batch = 500
     for start in range(0, n, batch):
-        if time.monotonic() >= deadline or c.closed_by_server:
+        if now() >= deadline or c.closed_by_server:
             break
         pkts = []
         for i in range(start, min(n, start + batch)):
@@ -571,7 +587,7 @@ def attack_wildcard_disconnect(args, deadline):
     subacked_n = subacked(c.mqtt)
     pub_until = start + (deadline - start) * 0.7
     published, i = 0, 0
-    while time.monotonic() < pub_until and not c.closed_by_server:
+    while now() < pub_until and not c.closed_by_server:
         data = b"".join(publish(b"w/%d/%d" % ((i + k) % n, i + k), b"12345678") for k in range(200))
         done = c.send(data, pub_until)
         published += done * 200 // len(data)
@@ -592,16 +608,16 @@ def attack_takeover(args, deadline):
     lock = threading.Lock()
 
     def loop():
-        while time.monotonic() < deadline:
+        while now() < deadline:
             try:
                 s = socket.create_connection(hostport(args.mqtt), timeout=remaining(deadline, 2))
                 s.settimeout(remaining(deadline, 2))
                 s.sendall(connect("takeover", version=5))
                 r = MqttReader()
                 r.version = 5
-                end = time.monotonic() + 0.2
+                end = now() + 0.2
                 server_closed = False
-                while time.monotonic() < min(end, deadline):
+                while now() < min(end, deadline):
                     try:
                         data = s.recv(4096)
                     except socket.timeout:
@@ -611,7 +627,7 @@ def attack_takeover(args, deadline):
                         break
                     r.feed(data)
                     if r.connack:
-                        s.settimeout(max(0.001, min(end, deadline) - time.monotonic()))
+                        s.settimeout(max(0.001, min(end, deadline) - now()))
                 s.close()
             except OSError as e:
                 with lock:
@@ -629,7 +645,7 @@ def attack_takeover(args, deadline):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(max(0, deadline - time.monotonic()) + 3)
+        t.join(max(0, deadline - now()) + 3)
     return {"clients": clients, "client_id": "takeover", **dict(stats),
             "disconnect_reasons": dict(reasons)}
 
@@ -645,7 +661,7 @@ def attack_admin_idle(args, deadline):
     cmd = args.healthcheck.split() if args.healthcheck else None
     checks = failures = 0
     slowest = 0.0
-    while time.monotonic() < deadline - 0.2:
+    while now() < deadline - 0.2:
         t = time.monotonic()
         ok = False
         if cmd:
@@ -711,13 +727,15 @@ def main():
         print("\n".join(ATTACKS))
         return
     duration = args.duration or (3.0 if args.quick else 30.0)
+    signal.signal(signal.SIGTERM, on_sigterm)
     start = time.monotonic()
     deadline = start + duration
     try:
         out = ATTACKS[args.attack](args, deadline)
     except (OSError, ConnectionError) as e:
         out = {"error": f"{type(e).__name__}: {e}"}
-    out = {"attack": args.attack, "quick": args.quick, "secs": round(time.monotonic() - start, 2), **out}
+    out = {"attack": args.attack, "quick": args.quick, "secs": round(time.monotonic() - start, 2),
+           **({"stopped_early": True} if STOPPED else {}), **out}
     print(json.dumps(out, separators=(",", ":")), flush=True)
     # Now, without waiting on reader threads still blocked in the kernel
     # (interpreter shutdown can take seconds with hundreds of them).
