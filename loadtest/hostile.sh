@@ -6,7 +6,7 @@
 # errors, the server's RSS before / peak / after, its largest event-loop lag
 # and how many log lines it wrote, and the attack's own summary.
 #
-#   bash loadtest/hostile.sh                      # full size (~8 minutes)
+#   bash loadtest/hostile.sh                      # full size (~7 minutes)
 #   bash loadtest/hostile.sh --quick              # miniature, what CI runs (~1.5 minutes)
 #   bash loadtest/hostile.sh --only flood-tcp,takeover --out /tmp/h
 #
