@@ -140,6 +140,9 @@ pub struct MqttConfig {
     /// CONNECTs being processed at once (the rest wait their turn).
     pub connect_concurrency: u32,
     pub max_payload_size: u32,
+    /// Largest CONNECT accepted, in bytes: what a client that has not yet
+    /// connected (or authenticated) can make the server buffer.
+    pub max_connect_size: u32,
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
     /// Router: publishes handed to one subscriber per sweep.
@@ -181,6 +184,7 @@ impl Default for MqttConfig {
             connect_timeout: Duration::from_secs(10),
             connect_concurrency: 32,
             max_payload_size: 1 << 20,
+            max_connect_size: 1 << 16,
             write_timeout: Duration::from_secs(30),
             max_outgoing_packet_count: 200,
             segment_size: 4096,
@@ -391,6 +395,14 @@ impl Config {
             return Err(invalid(
                 "mqtt.max_payload_size",
                 format!("{} is outside 64..=268435455 bytes", mqtt.max_payload_size),
+            ));
+        }
+        // A CONNECT with a 23-byte client id, credentials and a small will
+        // fits in 128 bytes.
+        if !(128..=268_435_455).contains(&mqtt.max_connect_size) {
+            return Err(invalid(
+                "mqtt.max_connect_size",
+                format!("{} is outside 128..=268435455 bytes", mqtt.max_connect_size),
             ));
         }
         // rumqttd's router panics below these bounds; refuse them here.

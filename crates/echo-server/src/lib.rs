@@ -24,4 +24,5 @@ pub mod process;
 pub mod server;
 pub mod shutdown;
 pub mod stats;
+pub mod trim;
 pub mod ws;

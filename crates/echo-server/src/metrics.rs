@@ -297,6 +297,8 @@ pub struct Metrics {
     pub accept_fd_exhausted: Family<ListenerLabel, Count>,
     /// How late the event loop runs what is due ([`crate::lag`]).
     pub loop_lag: Arc<crate::lag::LoopLag>,
+    /// How long each give-back of freed memory took ([`crate::trim`]).
+    pub memory_trim_seconds: Histogram,
     /// Admin connections closed to make room for a new one ([`crate::admin`]).
     pub admin_evictions: Count,
     /// Admin connections closed at once because every slot was busy.
@@ -419,6 +421,12 @@ impl Metrics {
             "How much later than due the event loop ran a 10 ms timer: what every client's events waited behind other work",
             loop_lag.histogram.clone(),
         );
+        let memory_trim_seconds = Histogram::new(exponential_buckets(1e-5, 2.5, 15));
+        registry.register(
+            "echo_memory_trim_seconds",
+            "Time the event loop spent giving freed memory back to the OS (malloc_trim, when malloc held over 16 MiB free)",
+            memory_trim_seconds.clone(),
+        );
         let admin_evictions = Count::default();
         registry.register(
             "echo_admin_evictions",
@@ -435,7 +443,16 @@ impl Metrics {
         if let Some(runtime) = runtime {
             registry.register_collector(Box::new(RuntimeCollector { runtime }));
         }
-        Metrics { registry, websocket, mqtt, accept_fd_exhausted, loop_lag, admin_evictions, admin_refused }
+        Metrics {
+            registry,
+            websocket,
+            mqtt,
+            accept_fd_exhausted,
+            loop_lag,
+            memory_trim_seconds,
+            admin_evictions,
+            admin_refused,
+        }
     }
 
     /// The exposition text served at `/metrics`.

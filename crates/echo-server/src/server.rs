@@ -175,6 +175,7 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit) -> Summary {
         tokio::task::spawn_local(admin::serve(listener, admin_state.clone()));
     }
     tokio::task::spawn_local(crate::lag::probe(metrics.loop_lag.clone(), shutdown.clone()));
+    tokio::task::spawn_local(crate::trim::run(metrics.clone(), shutdown.clone()));
     tokio::task::spawn_local(stats::run(
         config.server.stats_interval,
         metrics.clone(),

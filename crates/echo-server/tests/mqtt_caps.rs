@@ -50,6 +50,33 @@ fn a_client_id_over_the_cap_is_refused() {
     assert_eq!(server.metric("echo_mqtt_refused_total{reason=\"client_id\"}"), 2.0);
 }
 
+/// A CONNECT over `max_connect_size` is refused as soon as its fixed
+/// header is in, before its body is buffered (3.1.1: CONNACK 3, 5: 0x95);
+/// at the cap, accepted. A client that has not connected cannot make the
+/// server hold a packet of `max_payload_size`.
+#[test]
+fn a_connect_over_its_cap_is_refused_before_it_is_buffered() {
+    let server = TestServer::start_with_env(&[], &[("ECHO_MQTT_MAX_CONNECT_SIZE", "200")]);
+    for (level, code) in [(4u8, 3u8), (5, 0x95)] {
+        // A will message fills the CONNECT to the byte.
+        let fits = |size: usize| {
+            let empty = mqtt_raw::connect_with_will(level, "big", b"w", b"", 0).len();
+            mqtt_raw::connect_with_will(level, "big", b"w", &vec![b'x'; size + 2 - empty], 0)
+        };
+        let mut at_cap = RawMqtt::connect(server.mqtt_addr());
+        at_cap.send(&fits(200));
+        assert_eq!(at_cap.read_packet().unwrap().connack_code(), 0, "level {level}: at the cap");
+        // Only the fixed header of a 1 MB CONNECT and its protocol name and
+        // level: refused at once.
+        let big = fits(1_000_000);
+        let mut over = RawMqtt::connect(server.mqtt_addr());
+        over.send(&big[..4 + 7]);
+        assert_eq!(over.read_packet().unwrap().connack_code(), code, "level {level}: over the cap");
+        assert!(over.closed_within(Duration::from_secs(5)));
+    }
+    assert_eq!(server.metric("echo_mqtt_refused_total{reason=\"too_large\"}"), 2.0);
+}
+
 /// Filters over the length or level cap get 0x8F (3.1.1: 0x80) each, the
 /// others of the same SUBSCRIBE are granted; new filters past
 /// `max_subscriptions` get 0x97 (3.1.1: 0x80); a filter already held and

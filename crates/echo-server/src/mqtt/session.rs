@@ -408,8 +408,11 @@ async fn handshake(
         }
     };
     let codec = Codec::new(version, max);
+    // Until it is connected (and authenticated), a client may make the
+    // server buffer only a small CONNECT.
+    let connecting = Codec::new(version, max.min(server.config.max_connect_size as usize));
     let decoded = loop {
-        match codec.decode(rbuf) {
+        match connecting.decode(rbuf) {
             Ok(Some(decoded)) => break decoded,
             Ok(None) => read_more(transport, rbuf).await?,
             Err(DecodeError::TooLarge(_)) => {
