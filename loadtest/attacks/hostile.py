@@ -394,6 +394,22 @@ def flood(args, deadline, ws):
     return {"publishes_sent": sent // 13, "bytes_sent": sent, **rep}
 
 
+def close_all(socks):
+    """Closes every socket; returns how many the server had closed first."""
+    closed = 0
+    for s in socks:
+        try:
+            s.setblocking(False)
+            if s.recv(1) == b"":
+                closed += 1
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed += 1
+        s.close()
+    return closed
+
+
 def attack_flood_tcp(args, deadline):
     return flood(args, deadline, ws=False)
 
@@ -503,17 +519,7 @@ def attack_long_client_ids(args, deadline):
             s.close()
     opened = len(conns)
     hold_until(deadline)
-    closed = 0
-    for s in conns:  # which of them did the server close meanwhile?
-        try:
-            s.setblocking(False)
-            if s.recv(1) == b"":
-                closed += 1
-        except BlockingIOError:
-            pass
-        except OSError:
-            closed += 1
-        s.close()
+    closed = close_all(conns)
     return {"connections": opened, "of": n, "client_id_bytes": size, "connack": dict(codes),
             "closed_without_connack": refused, "connect_errors": dict(errors),
             "server_closed": closed}
@@ -682,17 +688,7 @@ def attack_admin_idle(args, deadline):
         checks += 1
         failures += not ok
         time.sleep(0.2)
-    closed = 0
-    for s in socks:
-        try:
-            s.setblocking(False)
-            if s.recv(1) == b"":
-                closed += 1
-        except BlockingIOError:
-            pass
-        except OSError:
-            closed += 1
-        s.close()
+    closed = close_all(socks)
     return {"idle_sockets": len(socks), "of": n, "connect_errors": dict(errors), "healthchecks": checks,
             "healthcheck_failures": failures, "slowest_healthcheck_ms": round(slowest * 1000, 1),
             "server_closed": closed}
