@@ -726,9 +726,15 @@ fn mqtt_over_websocket_says_why_it_closes_and_answers_a_close() {
     }
     // In a session (MQTT 5): the DISCONNECT says why in MQTT, the close
     // code in WebSocket terms.
-    let in_session: [(&str, Vec<u8>, Option<u8>, u16); 4] = [
+    let in_session: [(&str, Vec<u8>, Option<u8>, u16); 5] = [
         ("publish at QoS 3", packet(0x36, b"\x00\x01a\x00\x01"), Some(0x81), 1002),
         ("second connect", mqtt_raw::connect(5, "again", 30), Some(0x82), 1002),
+        (
+            "alias over the maximum",
+            mqtt_raw::publish_raw(5, b"a", 0, b"\x23\x10\x01", b"x"),
+            Some(0x94),
+            1002,
+        ),
         ("over max_payload_size", vec![0x30, 0xff, 0xff, 0xff, 0x7f], Some(0x95), 1009),
         ("disconnect", mqtt_raw::DISCONNECT.to_vec(), None, 1000),
     ];

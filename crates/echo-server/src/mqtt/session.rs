@@ -301,7 +301,7 @@ async fn open(
             };
             write_connack(transport, version, code, server).await;
             metrics.refuse(reason);
-            transport.close(Goodbye::for_reason(reason, false)).await;
+            transport.close(Goodbye::for_refusal(reason, false)).await;
             return None;
         }
     };
@@ -363,7 +363,7 @@ async fn finish(transport: &mut Transport, session: &Accepted, end: End, server:
     }
     if end.polite_close {
         let _ = tokio::time::timeout_at(grace, async {
-            transport.close(Goodbye::for_reason(end.reason, server.shutdown.is_triggered())).await;
+            transport.close(Goodbye::after_session(end.disconnect, server.shutdown.is_triggered())).await;
             transport.drain().await;
         })
         .await;
@@ -546,7 +546,7 @@ async fn refuse(transport: &mut Transport, refused: Refused, server: &MqttServer
             server.metrics.refuse(reason);
             let _ = tokio::time::timeout(
                 Duration::from_secs(1),
-                transport.close(Goodbye::for_reason(reason, false)),
+                transport.close(Goodbye::for_refusal(reason, false)),
             )
             .await;
         }
@@ -554,7 +554,7 @@ async fn refuse(transport: &mut Transport, refused: Refused, server: &MqttServer
             server.metrics.refuse(reason);
             write_connack(transport, version, code, server).await;
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                transport.close(Goodbye::for_reason(reason, false)).await;
+                transport.close(Goodbye::for_refusal(reason, false)).await;
                 transport.drain().await;
             })
             .await;

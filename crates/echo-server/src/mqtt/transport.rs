@@ -11,6 +11,7 @@ use std::io;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
+use rumqttd::protocol::DisconnectReasonCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
@@ -42,11 +43,31 @@ pub enum Goodbye {
 }
 
 impl Goodbye {
-    /// The goodbye for a session or refusal that ends with `reason`, the
-    /// label it is counted under in `/metrics` (`echo_mqtt_closed_total`,
-    /// `echo_mqtt_refused_total`). Shutting down comes first, as it did
-    /// when this was a flag: the client is told the server is going.
-    pub fn for_reason(reason: &str, shutting_down: bool) -> Goodbye {
+    /// The goodbye after a session that ends with the MQTT 5 DISCONNECT
+    /// reason `code` (sent to MQTT 5 clients; `None`: the client
+    /// disconnected). Shutting down comes first: the client is told the
+    /// server is going.
+    pub fn after_session(code: Option<DisconnectReasonCode>, shutting_down: bool) -> Goodbye {
+        use DisconnectReasonCode::*;
+        match code {
+            _ if shutting_down => Goodbye::Away,
+            Some(ServerShuttingDown) => Goodbye::Away,
+            Some(PacketTooLarge) => Goodbye::TooLarge,
+            Some(
+                MalformedPacket
+                | ProtocolError
+                | TopicNameInvalid
+                | TopicAliasInvalid
+                | ReceiveMaximumExceeded,
+            ) => Goodbye::Violation,
+            _ => Goodbye::Normal,
+        }
+    }
+
+    /// The goodbye for a connection refused before its session, by
+    /// `reason`, the label it is counted under in `echo_mqtt_refused_total`
+    /// (a refusal of a 3.1.1 CONNECT has no code to go by).
+    pub fn for_refusal(reason: &str, shutting_down: bool) -> Goodbye {
         match reason {
             _ if shutting_down => Goodbye::Away,
             "shutdown" => Goodbye::Away,
