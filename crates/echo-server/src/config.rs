@@ -41,11 +41,15 @@ pub struct ServerConfig {
     /// Period of the `info` summary line; zero turns it off.
     #[serde(with = "humantime_serde")]
     pub stats_interval: Duration,
+    /// Bytes of memory the server may use before it refuses new
+    /// connections, publishes and subscriptions (see `budget`); 0 means
+    /// three quarters of what the process may use.
+    pub memory_limit: u64,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { shutdown_grace: Duration::from_secs(5), stats_interval: Duration::from_secs(10) }
+        Self { shutdown_grace: Duration::from_secs(5), stats_interval: Duration::from_secs(10), memory_limit: 0 }
     }
 }
 
@@ -320,6 +324,13 @@ impl Config {
 
     /// Checks what types alone cannot: ranges and relations between keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let limit = self.server.memory_limit;
+        if limit != 0 && limit < crate::budget::MIN_LIMIT {
+            return Err(invalid(
+                "server.memory_limit",
+                format!("{limit} is under {} bytes (32 MiB), which the server itself needs", crate::budget::MIN_LIMIT),
+            ));
+        }
         let ws = &self.websocket;
         if ws.listen.is_empty() {
             return Err(invalid("websocket.listen", "needs at least one address"));

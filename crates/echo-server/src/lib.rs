@@ -7,13 +7,17 @@
 //! router, our sockets and sessions), [`admin`] (health and metrics),
 //! [`metrics`], `episode` (log a recurring condition once per episode), [`lag`] (event-loop lag probe), [`process`] (`/proc`
 //! readings), [`stats`] (summary line),
-//! [`shutdown`], [`server`] (start and stop), [`logging`], [`healthcheck`].
+//! [`shutdown`], [`server`] (start and stop), [`logging`], [`healthcheck`],
+//! [`heap`] (bytes allocated, counted), [`budget`] (`server.memory_limit`),
+//! [`trim`] (freed memory back to the OS).
 
 pub mod admin;
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub(crate) mod episode;
 pub mod healthcheck;
+pub mod heap;
 pub mod lag;
 pub mod limits;
 pub mod listener;
@@ -26,3 +30,8 @@ pub mod shutdown;
 pub mod stats;
 pub mod trim;
 pub mod ws;
+
+/// Every program built with this library counts its heap ([`heap`]), so
+/// that the memory budget ([`budget`]) sees what the server holds.
+#[global_allocator]
+static ALLOCATOR: heap::Counting = heap::Counting;

@@ -303,6 +303,10 @@ pub struct Metrics {
     pub admin_evictions: Count,
     /// Admin connections closed at once because every slot was busy.
     pub admin_refused: Count,
+    /// Requests the memory budget refused, by what ([`crate::budget`]).
+    pub memory_refusals: Family<crate::budget::RefusalLabel, Count>,
+    /// `server.memory_limit` in effect, in bytes.
+    pub memory_limit: Gauge,
 }
 
 impl Metrics {
@@ -439,6 +443,18 @@ impl Metrics {
             "Admin connections closed at once because every admin slot was writing a response",
             admin_refused.clone(),
         );
+        let memory_refusals = Family::<crate::budget::RefusalLabel, Count>::default();
+        registry.register(
+            "echo_memory_refusals",
+            "Requests refused because the memory budget (server.memory_limit) was spent, by what: websocket (HTTP 503), connect, publish, subscribe",
+            memory_refusals.clone(),
+        );
+        let memory_limit = Gauge::default();
+        registry.register(
+            "echo_memory_limit_bytes",
+            "The memory budget in effect (server.memory_limit, or three quarters of what the process may use)",
+            memory_limit.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector { max_fds }));
         if let Some(runtime) = runtime {
             registry.register_collector(Box::new(RuntimeCollector { runtime }));
@@ -452,6 +468,8 @@ impl Metrics {
             memory_trim_seconds,
             admin_evictions,
             admin_refused,
+            memory_refusals,
+            memory_limit,
         }
     }
 
@@ -497,6 +515,12 @@ impl Collector for ProcessCollector {
         gauge(&mut encoder, "process_open_fds", "Number of open file descriptors", stats.open_fds as i64)?;
         gauge(&mut encoder, "process_max_fds", "The open-file limit (soft)", self.max_fds as i64)?;
         gauge(&mut encoder, "process_threads", "Number of OS threads", stats.threads as i64)?;
+        gauge(
+            &mut encoder,
+            "echo_memory_heap_bytes",
+            "Heap bytes allocated and not freed, counted by the allocator: what the memory budget is checked against",
+            crate::heap::in_use() as i64,
+        )?;
         Ok(())
     }
 }

@@ -14,6 +14,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
+use crate::budget::MemoryBudget;
 use crate::config::Config;
 use crate::limits::{FileLimit, shared_max_connections};
 use crate::listener::{self, ConnectionLimit};
@@ -113,6 +114,8 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit) -> Summary {
     // MQTT's own gauge is by protocol version, set once CONNACK is sent;
     // the limit counts sockets from accept on.
     let mqtt_limit = ConnectionLimit::new(max_mqtt, prometheus_client::metrics::gauge::Gauge::default());
+    let budget = Rc::new(MemoryBudget::new(config.server.memory_limit, metrics.memory_refusals.clone()));
+    metrics.memory_limit.set(i64::try_from(budget.limit()).unwrap_or(i64::MAX));
     let router_failed = Rc::new(std::cell::Cell::new(false));
     let mqtt_wanted = !bound.mqtt.is_empty() || config.mqtt.websocket;
     let mqtt = if mqtt_wanted {
@@ -136,6 +139,7 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit) -> Summary {
                     mqtt_limit.clone(),
                     broker,
                     bound.mqtt_tls.clone(),
+                    budget.clone(),
                 ))
             }
             Err(e) => {
@@ -154,6 +158,7 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit) -> Summary {
         shutdown.clone(),
         ws_limit.clone(),
         mqtt.clone().filter(|_| config.mqtt.websocket),
+        budget.clone(),
     );
 
     let ws_accept = ws.clone();
@@ -187,6 +192,7 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit) -> Summary {
         max_websocket_connections = max_ws,
         max_mqtt_connections = max_mqtt,
         event_loop_threads = 1,
+        memory_limit_bytes = budget.limit(),
         "ready"
     );
 

@@ -44,6 +44,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::WebSocketStream;
 use tracing::debug;
 
+use crate::budget::MemoryBudget;
 use crate::config::MqttConfig;
 use crate::listener::{ConnectionLimit, Permit};
 use crate::metrics::MqttMetrics;
@@ -79,6 +80,8 @@ pub struct MqttServer {
     pub broker: Rc<Broker>,
     pub tls: Option<TlsAcceptor>,
     pub credentials: Option<auth::Credentials>,
+    /// The server's memory budget, checked before a client is given more.
+    pub budget: Rc<MemoryBudget>,
     /// Turns for processing a CONNECT (see `mqtt.connect_concurrency`).
     pub connecting: tokio::sync::Semaphore,
     /// The filters of sessions that outlive their connections, counted
@@ -104,6 +107,7 @@ impl MqttServer {
         limit: Rc<ConnectionLimit>,
         broker: Rc<Broker>,
         tls: Option<TlsAcceptor>,
+        budget: Rc<MemoryBudget>,
     ) -> Rc<Self> {
         let credentials = auth::Credentials::new(&config.username, &config.password);
         let connecting = tokio::sync::Semaphore::new(config.connect_concurrency as usize);
@@ -119,6 +123,7 @@ impl MqttServer {
             broker,
             tls,
             credentials,
+            budget,
             connecting,
             kept: caps::Kept::default(),
             refusing: Cell::new(0),
@@ -335,6 +340,7 @@ mod tests {
             limit.clone(),
             broker,
             None,
+            Rc::new(MemoryBudget::unlimited()),
         );
         (server, limit)
     }

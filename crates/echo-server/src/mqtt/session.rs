@@ -30,7 +30,7 @@ use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectProperties, DisconnectReasonCode,
-    LastWill, LastWillProperties, Packet, PingResp, SubAck,
+    LastWill, LastWillProperties, Packet, PingResp, PubAck, PubAckReason, PubRec, PubRecReason, SubAck,
 };
 use tokio::time::{Instant, timeout_at};
 use tracing::debug;
@@ -42,7 +42,11 @@ use super::codec::{Codec, DecodeError, Decoded, Peek, Version, peek_version};
 use super::inflow::{Flow, Inflow, RECHECK, Turn};
 use super::topics::{self, FilterRefusal, Refusals, TopicRefusal};
 use super::transport::{Goodbye, Transport};
+use crate::budget::PAUSE_PARTIAL;
 use crate::metrics::MqttMetrics;
+
+/// How soon a session paused by the memory budget looks again.
+const BUDGET_RECHECK: Duration = Duration::from_millis(10);
 
 /// The link to the router for one session. Dropping it while the router
 /// still knows the client sends the router a DISCONNECT for it, so that a
@@ -454,6 +458,11 @@ async fn handshake(
     {
         return Err(Refused::With(version, ConnectReturnCode::BadUserNamePassword, "bad_credentials"));
     }
+    // A session is more memory: none while the budget is spent (3.1.1
+    // gets code 3, server unavailable, from the downgrade).
+    if !server.budget.allows("connect") {
+        return Err(Refused::With(version, ConnectReturnCode::QuotaExceeded, "memory_limit"));
+    }
     let mut client_id = connect.client_id;
     let mut assigned_id = false;
     if client_id.is_empty() {
@@ -687,9 +696,14 @@ async fn exchange(
     loop {
         turn.end_if_spent().await;
         let flow = inflow.flow(&router.tx);
-        let open = flow == Flow::Open;
+        // Half-way through a large packet while the memory budget is
+        // spent: the rest waits in the kernel (see `budget`).
+        let starved = rbuf.len() >= PAUSE_PARTIAL && server.budget.spent();
+        let open = flow == Flow::Open && !starved;
         if flow == Flow::FullUnannounced {
             timer.as_mut().reset(Instant::now() + RECHECK);
+        } else if starved {
+            timer.as_mut().reset(Instant::now() + BUDGET_RECHECK);
         }
         let wake = tokio::select! {
             biased;
@@ -915,7 +929,12 @@ fn incoming(
                 metrics.cap_refused(cap.label());
                 return Some(End::violation("invalid_topic", DisconnectReasonCode::TopicNameInvalid));
             }
-            if let Err(cap) = session.held.in_flight.received((decoded.flags >> 1) & 3, v5, config) {
+            let qos = (decoded.flags >> 1) & 3;
+            if !server.budget.allows("publish") {
+                let sets_alias = alias.is_some() && !publish.topic.is_empty();
+                return over_budget(publish.pkid(), qos, sets_alias, v5, replies);
+            }
+            if let Err(cap) = session.held.in_flight.received(qos, v5, config) {
                 metrics.cap_refused(cap.label());
                 return Some(End::violation("receive_maximum", DisconnectReasonCode::ReceiveMaximumExceeded));
             }
@@ -925,8 +944,10 @@ fn incoming(
         Packet::Subscribe(mut subscribe, properties) => {
             let mut refused = Vec::new();
             let mut position = 0;
+            let spent = !server.budget.allows("subscribe");
             subscribe.filters.retain(|filter| {
-                let verdict = topics::check_filter(&filter.path, session.session_expiry.persistent())
+                let verdict = (if spent { Err(FilterRefusal::QuotaExceeded) } else { Ok(()) })
+                    .and_then(|()| topics::check_filter(&filter.path, session.session_expiry.persistent()))
                     .and_then(|()| {
                         caps::filter(&filter.path, &server.config).map_err(|cap| {
                             metrics.cap_refused(cap.label());
@@ -1004,6 +1025,30 @@ fn incoming(
         }
     }
     None
+}
+
+/// Answers a publish the memory budget has no room for (see `budget`); it
+/// does not go to the router.
+fn over_budget(pkid: u16, qos: u8, sets_alias: bool, v5: bool, replies: &mut Vec<Packet>) -> Option<End> {
+    let full = || End::violation("memory_limit", DisconnectReasonCode::QuotaExceeded);
+    match qos {
+        // An alias the router never learnt would leave the client's next
+        // publishes without a topic.
+        _ if sets_alias => Some(full()),
+        // At most once: the publish is simply not delivered.
+        0 => None,
+        // MQTT 3.1.1 cannot refuse a publish but by closing.
+        _ if !v5 => Some(full()),
+        1 => {
+            replies.push(Packet::PubAck(PubAck { pkid, reason: PubAckReason::QuotaExceeded }, None));
+            None
+        }
+        // §4.3.3: a PUBREC of 0x80 or more ends the exchange (no PUBREL).
+        _ => {
+            replies.push(Packet::PubRec(PubRec { pkid, reason: PubRecReason::QuotaExceeded }, None));
+            None
+        }
+    }
 }
 
 /// Gives a publish's topic and payload one allocation of their own.

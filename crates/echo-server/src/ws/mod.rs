@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 use tokio::time::Duration;
 use tracing::debug;
 
+use crate::budget::MemoryBudget;
 use crate::config::WebSocketConfig;
 use crate::listener::{ConnectionLimit, Permit};
 use crate::metrics::WebSocketMetrics;
@@ -46,6 +47,8 @@ pub struct WsServer {
     /// Where upgrades that select the `mqtt` subprotocol go, when MQTT over
     /// WebSocket is on.
     pub mqtt: Option<Rc<MqttServer>>,
+    /// The server's memory budget: no new connection once it is spent.
+    pub budget: Rc<MemoryBudget>,
     refusing: Cell<u32>,
 }
 
@@ -57,7 +60,7 @@ impl WsServer {
         shutdown: Rc<Shutdown>,
         limit: Rc<ConnectionLimit>,
     ) -> Rc<Self> {
-        Self::with_mqtt(config, codec, metrics, shutdown, limit, None)
+        Self::with_mqtt(config, codec, metrics, shutdown, limit, None, Rc::new(MemoryBudget::unlimited()))
     }
 
     /// A WebSocket server that hands `mqtt` upgrades to the MQTT broker.
@@ -68,24 +71,47 @@ impl WsServer {
         shutdown: Rc<Shutdown>,
         limit: Rc<ConnectionLimit>,
         mqtt: Option<Rc<MqttServer>>,
+        budget: Rc<MemoryBudget>,
     ) -> Rc<Self> {
-        Rc::new(WsServer { config, codec, metrics, shutdown, limit, mqtt, refusing: Cell::new(0) })
+        Rc::new(WsServer { config, codec, metrics, shutdown, limit, mqtt, budget, refusing: Cell::new(0) })
     }
 
     /// Called by the accept loop for every new TCP connection.
     pub fn on_accept(self: &Rc<Self>, stream: TcpStream, peer: SocketAddr) {
         self.metrics.accepted.inc();
-        match self.limit.try_acquire() {
-            Some(permit) => {
-                tokio::task::spawn_local(serve_connection(stream, peer, permit, self.clone()));
-            }
-            None => {
-                self.metrics.reject("capacity");
-                if self.refusing.get() < MAX_CONCURRENT_REFUSALS {
-                    self.refusing.set(self.refusing.get() + 1);
-                    tokio::task::spawn_local(refuse(stream, self.clone()));
+        let why = if !self.budget.allows("websocket") {
+            Full::Memory
+        } else {
+            match self.limit.try_acquire() {
+                Some(permit) => {
+                    tokio::task::spawn_local(serve_connection(stream, peer, permit, self.clone()));
+                    return;
                 }
+                None => Full::Connections,
             }
+        };
+        self.metrics.reject(why.label());
+        if self.refusing.get() < MAX_CONCURRENT_REFUSALS {
+            self.refusing.set(self.refusing.get() + 1);
+            tokio::task::spawn_local(refuse(stream, why, self.clone()));
+        }
+    }
+}
+
+/// Why a new connection is turned away.
+#[derive(Debug, Clone, Copy)]
+enum Full {
+    /// `websocket.max_connections`, or the open-file limit.
+    Connections,
+    /// `server.memory_limit` (see `budget`).
+    Memory,
+}
+
+impl Full {
+    fn label(self) -> &'static str {
+        match self {
+            Full::Connections => "capacity",
+            Full::Memory => "memory_limit",
         }
     }
 }
@@ -163,13 +189,15 @@ async fn handshake_phase(
     }
 }
 
-/// Tells a client over the connection limit to come back later.
-async fn refuse(mut stream: TcpStream, server: Rc<WsServer>) {
-    let response = Response::error(
-        503,
-        format!("the server is at its connection limit ({}); try again later", server.limit.max()),
-    )
-    .with_header("Retry-After", "1");
+/// Tells a client the server cannot take it to come back later.
+async fn refuse(mut stream: TcpStream, why: Full, server: Rc<WsServer>) {
+    let body = match why {
+        Full::Connections => {
+            format!("the server is at its connection limit ({}); try again later", server.limit.max())
+        }
+        Full::Memory => "the server is at its memory limit; try again later".to_owned(),
+    };
+    let response = Response::error(503, body).with_header("Retry-After", "1");
     let limit = Duration::from_secs(1);
     use tokio::io::AsyncWriteExt;
     if let Ok(Ok(())) = tokio::time::timeout(limit, stream.write_all(&response.to_bytes())).await {

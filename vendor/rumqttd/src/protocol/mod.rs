@@ -195,6 +195,12 @@ impl Publish {
         false
     }
 
+    /// The packet identifier (0 at QoS 0). echo-server patch: a server
+    /// that answers a publish itself (a refusal) needs it.
+    pub fn pkid(&self) -> u16 {
+        self.pkid
+    }
+
     /// Approximate length for meter
     pub fn len(&self) -> usize {
         let len = 2 + self.topic.len() + self.payload.len();

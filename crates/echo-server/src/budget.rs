@@ -1,0 +1,201 @@
+//! The server's memory budget (`server.memory_limit`): past it, the server
+//! takes on nothing new, so that no crowd of clients can make it grow
+//! without end.
+//!
+//! Per-client caps (`mqtt::caps`) bound what one client can make the server
+//! hold, but not what a hundred can: each may keep unreleased QoS 2
+//! publishes, subscriptions, retained messages, a session that outlives
+//! it. Like Mosquitto's `memory_limit`, the budget is checked where a
+//! client asks the server to hold more, and refused there:
+//!
+//! | what | refused with |
+//! |---|---|
+//! | a new WebSocket connection | HTTP 503 |
+//! | a CONNECT | CONNACK 0x97 quota exceeded (3.1.1: 3 server unavailable) |
+//! | a PUBLISH at QoS 1 or 2 | PUBACK / PUBREC 0x97 (3.1.1: the client is closed) |
+//! | a PUBLISH at QoS 0 | dropped (at most once allows it) |
+//! | a SUBSCRIBE's filters | SUBACK 0x97 (3.1.1: 0x80) |
+//! | more of a packet larger than [`PAUSE_PARTIAL`] | not read until there is room |
+//!
+//! Everything already held keeps working: acknowledgements, unsubscribes,
+//! disconnects and WebSocket echoes, which free memory rather than take it.
+//!
+//! The heap is what is counted ([`crate::heap`]): it is known exactly and
+//! at once, where RSS lags behind. RSS is the heap plus code, thread stacks
+//! and what malloc has freed but not yet given back ([`crate::trim`]), so
+//! the heap is refused more at [`MemoryBudget::threshold`]: the limit less
+//! what the process held besides its heap at start, and less an eighth for
+//! malloc's slack.
+
+use std::cell::{Cell, RefCell};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::episode::Episodes;
+use crate::heap;
+use crate::metrics::Count;
+use crate::process::ProcessStats;
+
+/// While the budget is spent, a client in the middle of a packet larger
+/// than this is not read further (its sends wait in the kernel's buffers):
+/// a hundred clients each half-way through a 1 MiB publish would otherwise
+/// add a hundred MiB that nothing checked.
+pub const PAUSE_PARTIAL: usize = 64 * 1024;
+
+/// The smallest `server.memory_limit` accepted: the server itself, idle,
+/// is about 10 MiB.
+pub const MIN_LIMIT: u64 = 32 << 20;
+
+/// Which request the budget refused.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabel {
+    pub what: &'static str,
+}
+
+/// The budget and its refusals.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    limit: u64,
+    threshold: usize,
+    refusals: Family<RefusalLabel, Count>,
+    /// Whether an episode of refusals may be in progress (so that an
+    /// unspent budget costs one load and one flag per check).
+    refusing: Cell<bool>,
+    episodes: RefCell<Episodes>,
+}
+
+impl MemoryBudget {
+    /// A budget of `limit` bytes (0: three quarters of what the process may
+    /// use, see [`available_memory`]), measured against the process as it
+    /// is now.
+    pub fn new(limit: u64, refusals: Family<RefusalLabel, Count>) -> MemoryBudget {
+        let limit = if limit == 0 { available_memory().map_or(u64::MAX, |m| m / 4 * 3) } else { limit };
+        let besides_heap = ProcessStats::read()
+            .map_or(0, |stats| stats.rss_bytes.saturating_sub(heap::in_use() as u64));
+        let threshold = limit.saturating_sub(besides_heap).saturating_sub(limit / 8);
+        MemoryBudget {
+            limit,
+            threshold: usize::try_from(threshold).unwrap_or(usize::MAX),
+            refusals,
+            refusing: Cell::new(false),
+            episodes: RefCell::default(),
+        }
+    }
+
+    /// No budget: for tests that build servers by hand.
+    pub fn unlimited() -> MemoryBudget {
+        MemoryBudget::new(u64::MAX, Family::default())
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Heap bytes at which the server takes on nothing new.
+    pub fn threshold(&self) -> usize {
+        self.threshold
+    }
+
+    /// Whether the budget is spent. One atomic load: cheap enough for
+    /// every publish.
+    pub fn spent(&self) -> bool {
+        heap::in_use() >= self.threshold
+    }
+
+    /// Whether `what` may go ahead; if not, the refusal is counted (and the
+    /// first of an episode logged).
+    pub fn allows(&self, what: &'static str) -> bool {
+        if !self.spent() {
+            if self.refusing.get() {
+                self.note_quiet();
+            }
+            return true;
+        }
+        self.refusing.set(true);
+        self.refusals.get_or_create(&RefusalLabel { what }).inc();
+        if self.episodes.borrow_mut().hit(Instant::now(), 1) {
+            warn!(
+                heap_bytes = heap::in_use(),
+                limit_bytes = self.limit,
+                first_refused = what,
+                "memory budget spent (server.memory_limit): refusing new connections, publishes and subscriptions until clients let go"
+            );
+        }
+        false
+    }
+
+    /// Ends the episode of refusals, with a line saying how many, once the
+    /// budget has had room for a while.
+    fn note_quiet(&self) {
+        let Ok(mut episodes) = self.episodes.try_borrow_mut() else {
+            return;
+        };
+        if let Some(ended) = episodes.end_if_quiet(Instant::now()) {
+            self.refusing.set(false);
+            info!(
+                refused = ended.hits,
+                lasted_ms = ended.lasted.as_millis() as u64,
+                "memory budget has room again"
+            );
+        }
+    }
+}
+
+/// What the process may use: its cgroup's memory limit when it has one
+/// (a container started with `--memory`), else the machine's RAM.
+pub fn available_memory() -> Option<u64> {
+    let cgroup = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
+        .iter()
+        .find_map(|path| std::fs::read_to_string(path).ok()?.trim().parse::<u64>().ok());
+    let ram = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| parse_mem_total(&m));
+    match (cgroup, ram) {
+        (Some(c), Some(r)) => Some(c.min(r)),
+        (c, r) => c.or(r),
+    }
+}
+
+/// `MemTotal` from `/proc/meminfo`, in bytes.
+fn parse_mem_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_ascii_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_mem_total() {
+        let meminfo = "MemTotal:       24604852 kB\nMemFree:         1000 kB\n";
+        assert_eq!(parse_mem_total(meminfo), Some(24604852 * 1024));
+        assert_eq!(parse_mem_total("MemFree: 1 kB\n"), None);
+        assert!(available_memory().is_some_and(|m| m > 64 << 20), "this machine has RAM");
+    }
+
+    #[test]
+    fn a_budget_leaves_room_for_what_is_not_heap() {
+        let budget = MemoryBudget::new(1 << 30, Family::default());
+        assert_eq!(budget.limit(), 1 << 30);
+        assert!(budget.threshold() <= (1 << 30) - (1 << 27), "an eighth is kept for malloc");
+        assert!(budget.allows("test"));
+        let auto = MemoryBudget::new(0, Family::default());
+        assert!(auto.limit() < available_memory().unwrap());
+    }
+
+    #[test]
+    fn a_spent_budget_refuses_and_counts() {
+        let refusals = Family::<RefusalLabel, Counter>::default();
+        // A limit the heap is already over once the share for the rest
+        // of the process is taken off.
+        let budget = MemoryBudget::new(MIN_LIMIT / 4, refusals.clone());
+        let _held = vec![7u8; 8 << 20];
+        assert!(budget.spent());
+        assert!(!budget.allows("publish"));
+        assert!(!budget.allows("publish"));
+        assert_eq!(refusals.get_or_create(&RefusalLabel { what: "publish" }).get(), 2);
+    }
+}

@@ -1,0 +1,157 @@
+//! The server-wide memory budget (`server.memory_limit`, `budget.rs`): a
+//! crowd of clients, each within its own caps, fills it; then the server
+//! refuses whatever would take more (with each protocol's answer), keeps
+//! serving what it already holds, stays under the limit, and takes new
+//! work again once the crowd lets go.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::TestServer;
+use common::mqtt_raw::{self, RawMqtt};
+
+const LIMIT: u64 = 96 << 20;
+
+fn refused(server: &TestServer, what: &str) -> f64 {
+    server.metric(&format!("echo_memory_refusals_total{{what=\"{what}\"}}"))
+}
+
+/// A client that keeps QoS 2 publishes unreleased: each holds Receive
+/// Maximum (32) × the payload in the router, allowed by every per-client
+/// cap. Returns the reason codes of its PUBRECs, up to the first publish
+/// that was not answered within a second (`None` then: it was not read).
+fn hoard(c: &mut RawMqtt, payload: &[u8]) -> (Vec<u8>, Option<u16>) {
+    c.stream.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut codes = Vec::new();
+    for pkid in 1..=32u16 {
+        c.send(&mqtt_raw::publish_qos(5, "hoard", 2, pkid, payload));
+        let Some(pubrec) = c.read_packet() else {
+            return (codes, Some(pkid));
+        };
+        assert_eq!((pubrec.packet_type(), pubrec.pkid()), (5, pkid), "{pubrec:?}");
+        // MQTT 5 §3.5.2.1: no reason code means success.
+        codes.push(pubrec.body.get(2).copied().unwrap_or(0));
+    }
+    c.stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (codes, None)
+}
+
+#[test]
+fn a_crowd_fills_the_budget_then_is_refused_and_the_server_stays_under_it() {
+    let server = TestServer::start_with_env(&[], &[("ECHO_SERVER_MEMORY_LIMIT", &LIMIT.to_string())]);
+    assert_eq!(server.metric("echo_memory_limit_bytes"), LIMIT as f64);
+    let mut bystander = RawMqtt::session(server.mqtt_addr(), 5, "bystander", 0);
+    bystander.send(&mqtt_raw::subscribe(5, 1, "news"));
+    assert_eq!(bystander.read_packet().unwrap().suback_codes(5), vec![0]);
+    let mut old = RawMqtt::session(server.mqtt_addr(), 4, "bystander-3.1.1", 0);
+
+    // Publishes under `budget::PAUSE_PARTIAL`, each read whole and then
+    // refused; about 2 MB held per hoarder.
+    let payload = vec![b'h'; 60_000];
+    let mut hoarders = Vec::new();
+    let mut peak = 0;
+    let mut refused_at = None;
+    for n in 0..100 {
+        let mut c = RawMqtt::session(server.mqtt_addr(), 5, &format!("hoarder-{n}"), 0);
+        let (codes, unanswered) = hoard(&mut c, &payload);
+        assert_eq!(unanswered, None, "hoarder {n}: a small publish is read and answered");
+        peak = peak.max(server.rss_bytes());
+        hoarders.push(c);
+        if let Some(first) = codes.iter().position(|&code| code != 0) {
+            // Refused with 0x97 from then on, and nothing else.
+            assert!(codes[first..].iter().all(|&code| code == 0x97), "hoarder {n}: {codes:?}");
+            refused_at = Some(n);
+            break;
+        }
+    }
+    let refused_at = refused_at.expect("a hundred hoarders of 2 MB each spend a 96 MiB budget");
+    assert!(refused_at >= 1, "one hoarder alone fits the budget");
+    assert!(refused(&server, "publish") >= 1.0);
+    println!(
+        "budget spent at hoarder {refused_at}; peak RSS {} MiB of {} MiB (heap {} MiB)",
+        peak >> 20,
+        LIMIT >> 20,
+        server.metric("echo_memory_heap_bytes") as u64 >> 20
+    );
+    assert!(peak < LIMIT, "RSS {} MiB over the {} MiB limit", peak >> 20, LIMIT >> 20);
+
+    // Spent: new sessions, subscriptions and WebSocket connections are
+    // refused, each the way its protocol says.
+    let mut late = RawMqtt::connect(server.mqtt_addr());
+    late.send(&mqtt_raw::connect(5, "late-5", 0));
+    assert_eq!(late.read_packet().unwrap().connack_code(), 0x97, "MQTT 5: quota exceeded");
+    let mut late = RawMqtt::connect(server.mqtt_addr());
+    late.send(&mqtt_raw::connect(4, "late-4", 0));
+    assert_eq!(late.read_packet().unwrap().connack_code(), 3, "3.1.1: server unavailable");
+    assert!(refused(&server, "connect") >= 2.0);
+    let (status, body) = common::http_get(server.ws_addr(), "/");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("memory limit"), "{body}");
+    assert!(refused(&server, "websocket") >= 1.0);
+    bystander.send(&mqtt_raw::subscribe(5, 2, "more"));
+    assert_eq!(bystander.read_packet().unwrap().suback_codes(5), vec![0x97]);
+    // What is held keeps working: a ping, and an unsubscribe.
+    bystander.send(&[0xc0, 0]);
+    assert_eq!(bystander.read_packet().unwrap().packet_type(), 13);
+    bystander.send(&mqtt_raw::unsubscribe_all(5, 3, &["news"]));
+    assert_eq!(bystander.read_packet().unwrap().packet_type(), 11);
+    // A publish at QoS 1: MQTT 5 gets PUBACK 0x97; 3.1.1 cannot be told
+    // no but by closing.
+    bystander.send(&mqtt_raw::publish_qos(5, "news", 1, 9, b"x"));
+    let puback = bystander.read_packet().unwrap();
+    assert_eq!((puback.packet_type(), puback.pkid(), puback.body.get(2)), (4, 9, Some(&0x97)));
+    old.send(&mqtt_raw::publish_qos(4, "news", 1, 9, b"x"));
+    assert!(old.closed_within(Duration::from_secs(5)), "the 3.1.1 publisher is closed");
+    server.wait_for_log(Duration::from_secs(5), |line| line.to_string().contains("memory budget spent"));
+    let warnings = server.log_text().matches("memory budget spent").count();
+    assert_eq!(warnings, 1, "one warning for the episode");
+
+    // The crowd leaves: its sessions end, and the room comes back.
+    drop(hoarders);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut again = RawMqtt::connect(server.mqtt_addr());
+        again.send(&mqtt_raw::connect(5, "again", 0));
+        if again.read_packet().unwrap().connack_code() == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the budget never had room again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(common::http_get(server.ws_addr(), "/").0, 200);
+}
+
+/// A client half-way through a large publish while the budget is spent is
+/// not read further: the rest of its packet waits in the kernel, so a
+/// crowd of such clients adds nothing the budget did not allow. Once there
+/// is room, it is read on and answered.
+#[test]
+fn a_large_packet_is_not_read_further_while_the_budget_is_spent() {
+    let server = TestServer::start_with_env(&[], &[("ECHO_SERVER_MEMORY_LIMIT", &LIMIT.to_string())]);
+    let payload = vec![b'h'; 900 * 1000];
+    let mut hoarders = Vec::new();
+    let mut paused = None;
+    for n in 0..12 {
+        let mut c = RawMqtt::session(server.mqtt_addr(), 5, &format!("hoarder-{n}"), 0);
+        let (codes, unanswered) = hoard(&mut c, &payload);
+        assert!(codes.iter().all(|&code| code == 0), "hoarder {n}: {codes:?}");
+        if let Some(pkid) = unanswered {
+            paused = Some((c, pkid));
+            break;
+        }
+        hoarders.push(c);
+    }
+    let (mut paused, pkid) = paused.expect("twelve hoarders of 28 MB each spend a 96 MiB budget");
+    let rss = server.rss_bytes();
+    assert!(rss < LIMIT, "RSS {} MiB over the {} MiB limit", rss >> 20, LIMIT >> 20);
+    std::thread::sleep(Duration::from_millis(500));
+    let grown = server.rss_bytes().saturating_sub(rss);
+    println!("paused at {} MiB RSS; grew {} KiB in 500 ms", rss >> 20, grown >> 10);
+    assert!(grown < 512 * 1024, "the server read on: {} KiB", grown >> 10);
+    // The crowd leaves: the paused publish is read and answered.
+    drop(hoarders);
+    paused.stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let pubrec = paused.read_packet().expect("the PUBREC once there is room");
+    assert_eq!((pubrec.packet_type(), pubrec.pkid()), (5, pkid), "{pubrec:?}");
+}
