@@ -83,14 +83,14 @@ def subscribe(pid, filters, version=4, qos=0):
     return packet(0x82, body)
 
 
-def publish(topic, payload, qos=0, pid=None, version=4, alias=None):
+def publish(topic, payload, qos=0, pid=None, version=4, alias=None, retain=False):
     body = mstr(topic)
     if qos:
         body += pid.to_bytes(2, "big")
     if version == 5:
         props = b"" if alias is None else b"\x23" + alias.to_bytes(2, "big")
         body += varint(len(props)) + props
-    return packet(0x30 | (qos << 1), body + payload)
+    return packet(0x30 | (qos << 1) | retain, body + payload)
 
 
 DISCONNECT = b"\xe0\x00"
@@ -105,6 +105,7 @@ class MqttReader:
         self.connack = []  # return / reason codes, in order
         self.connack_props = {}
         self.suback = collections.Counter()  # code -> count
+        self.acks = collections.Counter()  # "puback 0x97" -> count (MQTT 5 reason codes)
         self.disconnect = []  # reason codes (MQTT 5; None for an empty one)
         self.version = 4
 
@@ -144,6 +145,8 @@ class MqttReader:
                 codes = codes[used + plen :]
             for c in codes:
                 self.suback["0x%02x" % c] += 1
+        elif kind in (4, 5):
+            self.acks["%s 0x%02x" % (name, body[2] if len(body) > 2 else 0)] += 1
         elif kind == 14:
             self.disconnect.append("0x%02x" % body[0] if body else None)
 
@@ -349,6 +352,8 @@ class Conn:
                    "received": dict(m.types)}
             if m.suback:
                 out["suback"] = dict(m.suback)
+            if m.acks:
+                out["acks"] = dict(m.acks)
             if m.disconnect:
                 out["disconnect_reasons"] = m.disconnect
             if m.connack_props:
@@ -694,6 +699,155 @@ def attack_admin_idle(args, deadline):
             "server_closed": closed}
 
 
+class AsyncConn:
+    """An MQTT connection for asyncio: a task drains and tallies what the
+    server sends. The crowd runs every client in one thread, so that it
+    does not outnumber the bystander's threads on their shared CPU (each
+    thread, even at nice 19, gets its own share of the CPU)."""
+
+    @classmethod
+    async def open(cls, args, client_id, version, clean, deadline):
+        import asyncio
+        self = cls()
+        self.m, self.closed, self.deadline = MqttReader(), False, deadline
+        self.m.version = version
+        host, port = hostport(args.mqtt)
+        self.reader, self.writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port), max(0.05, deadline - now()))
+        self.task = asyncio.ensure_future(self._pump())
+        await self.send(connect(client_id, version=version, clean=clean))
+        await self.wait(lambda m: m.connack, 10)
+        return self
+
+    async def _pump(self):
+        try:
+            while True:
+                data = await self.reader.read(1 << 16)
+                if not data:
+                    break
+                self.m.feed(data)
+        except OSError:
+            pass
+        self.closed = True
+
+    async def send(self, data):
+        """Sends unless the server has closed; waits for the socket to take
+        it until the deadline (a server that does not read holds us there)."""
+        import asyncio
+        if self.closed or now() >= self.deadline:
+            return False
+        self.writer.write(data)
+        try:
+            await asyncio.wait_for(self.writer.drain(), max(0.01, self.deadline - now()))
+            return True
+        except (asyncio.TimeoutError, OSError):
+            return False
+
+    async def wait(self, cond, most):
+        import asyncio
+        end = min(self.deadline, now() + most)
+        while not cond(self.m) and not self.closed and now() < end:
+            await asyncio.sleep(0.01)
+        return cond(self.m)
+
+    def close(self):
+        if not self.closed:
+            try:
+                self.writer.write(DISCONNECT)
+            except OSError:
+                pass
+        self.writer.close()
+        self.task.cancel()
+
+
+def attack_crowd(args, deadline):
+    """Many clients, each trying every memory case above at once, each up to
+    the per-client caps: unreleased QoS 2 publishes at the largest packet
+    size, a thousand 1 KB filters, 256-byte client ids, ten 1 KB topic
+    aliases, retained messages on fresh topics, QoS 0 to fresh topics,
+    sessions that outlive their connections, and large publishes sent by
+    half. What stops them is the server-wide budget (server.memory_limit):
+    hostile.sh starts the server with one for this attack and checks the
+    RSS peak against it."""
+    import asyncio
+    n = args.count or (20 if args.quick else 100)
+    big = 1_000_000  # under mqtt.max_payload_size (1 MiB) with its header
+    tally = collections.Counter()
+    conns = []
+
+    def pad(head, size):
+        return head + b"x" * (size - len(head))
+
+    def count(c):
+        m = c.m
+        for code in m.connack:
+            tally["connack 0x%02x" % code] += 1
+        for code, k in m.suback.items():
+            tally["suback " + code] += k
+        for code, k in m.acks.items():
+            tally[code] += k
+        tally["server_closed"] += c.closed
+
+    async def opened(client_id, version, clean=True):
+        try:
+            c = await AsyncConn.open(args, client_id, version, clean, deadline)
+        except (OSError, asyncio.TimeoutError) as e:
+            tally["errors_" + type(e).__name__] += 1
+            return None
+        conns.append(c)
+        return c if c.m.connack[:1] == [0] else None
+
+    async def one(k):
+        c = await opened(pad(b"crowd-%d-" % k, 256), 5)
+        if not c:
+            return
+        filters = [pad(b"c/%d/%d/" % (k, i), 1000) for i in range(1000)]
+        for i in range(0, 1000, 50):
+            await c.send(subscribe(i // 50 + 1, filters[i : i + 50], version=5))
+        for a in range(1, 11):
+            await c.send(publish(pad(b"a/%d/%d/" % (k, a), 1000), b"x", version=5, alias=a))
+        for pid in range(1, 33):  # Receive Maximum: never released
+            await c.send(publish(b"q/%d" % k, b"q" * big, qos=2, pid=pid, version=5))
+        half = await opened(pad(b"half-%d-" % k, 256), 5)
+        if half:
+            whole = publish(b"h/%d" % k, b"h" * big, qos=1, pid=1, version=5)
+            await half.send(whole[: len(whole) // 2])
+        # Then, until the deadline: retained messages and QoS 0 on fresh
+        # topics, and sessions that outlive their connections.
+        i = 0
+        while now() < deadline and not c.closed:
+            retained = publish(b"r/%d/%d" % (k, i), b"r" * (big // 10), qos=1, pid=i % 65000 + 100,
+                               version=5, retain=True)
+            await c.send(retained)
+            await c.send(b"".join(publish(pad(b"d/%d/%d/%d/" % (k, i, j), 1000), b"d", version=5)
+                                  for j in range(20)))
+            s = await opened(b"p-%d-%d" % (k, i), 4, clean=False)
+            tally["persistent_sessions_tried"] += 1
+            if s:
+                kept = [pad(b"p/%d/%d/%d/" % (k, i, j), 1000) for j in range(100)]
+                await s.send(subscribe(1, kept[:50]) + subscribe(2, kept[50:]))
+                await s.wait(lambda m: subacked(m) >= 100, 5)
+                s.close()
+            i += 1
+            await asyncio.sleep(0.05)
+
+    async def crowd():
+        clients = asyncio.gather(*(one(k) for k in range(n)), return_exceptions=True)
+        try:
+            await asyncio.wait_for(clients, max(0.1, deadline - now()) + 5)
+        except asyncio.TimeoutError:
+            tally["clients_cut_at_deadline"] += 1
+        while now() < deadline:
+            await asyncio.sleep(0.05)
+        for c in conns:
+            count(c)
+            c.close()
+        await asyncio.sleep(0.1)
+
+    asyncio.run(crowd())
+    return {"clients": n, **dict(sorted(tally.items()))}
+
+
 ATTACKS = {
     "flood-tcp": attack_flood_tcp,
     "flood-ws": attack_flood_ws,
@@ -706,6 +860,7 @@ ATTACKS = {
     "wildcard-disconnect": attack_wildcard_disconnect,
     "takeover": attack_takeover,
     "admin-idle": attack_admin_idle,
+    "crowd": attack_crowd,
 }
 
 

@@ -15,7 +15,7 @@
 //! | a PUBLISH at QoS 1 or 2 | PUBACK / PUBREC 0x97 (3.1.1: the client is closed) |
 //! | a PUBLISH at QoS 0 | dropped (at most once allows it) |
 //! | a SUBSCRIBE's filters | SUBACK 0x97 (3.1.1: 0x80) |
-//! | more of a packet larger than [`PAUSE_PARTIAL`] | not read until there is room |
+//! | more of a packet larger than [`PAUSE_PARTIAL`] | not read until there is room, for at most [`PAUSE_LIMIT`] (then MQTT 5 DISCONNECT 0x97) |
 //!
 //! Everything already held keeps working: acknowledgements, unsubscribes,
 //! disconnects and WebSocket echoes, which free memory rather than take it.
@@ -28,6 +28,7 @@
 //! malloc's slack.
 
 use std::cell::{Cell, RefCell};
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
@@ -44,6 +45,10 @@ use crate::process::ProcessStats;
 /// a hundred clients each half-way through a 1 MiB publish would otherwise
 /// add a hundred MiB that nothing checked.
 pub const PAUSE_PARTIAL: usize = 64 * 1024;
+
+/// How long a client may stay paused that way before it is closed (MQTT 5:
+/// DISCONNECT 0x97), so that the memory its session holds comes back.
+pub const PAUSE_LIMIT: Duration = Duration::from_secs(10);
 
 /// The smallest `server.memory_limit` accepted: the server itself, idle,
 /// is about 10 MiB.
@@ -73,8 +78,8 @@ impl MemoryBudget {
     /// is now.
     pub fn new(limit: u64, refusals: Family<RefusalLabel, Count>) -> MemoryBudget {
         let limit = if limit == 0 { available_memory().map_or(u64::MAX, |m| m / 4 * 3) } else { limit };
-        let besides_heap = ProcessStats::read()
-            .map_or(0, |stats| stats.rss_bytes.saturating_sub(heap::in_use() as u64));
+        let besides_heap =
+            ProcessStats::read().map_or(0, |stats| stats.rss_bytes.saturating_sub(heap::in_use() as u64));
         let threshold = limit.saturating_sub(besides_heap).saturating_sub(limit / 8);
         MemoryBudget {
             limit,
@@ -188,7 +193,7 @@ mod tests {
 
     #[test]
     fn a_spent_budget_refuses_and_counts() {
-        let refusals = Family::<RefusalLabel, Counter>::default();
+        let refusals = Family::<RefusalLabel, Count>::default();
         // A limit the heap is already over once the share for the rest
         // of the process is taken off.
         let budget = MemoryBudget::new(MIN_LIMIT / 4, refusals.clone());

@@ -49,7 +49,11 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { shutdown_grace: Duration::from_secs(5), stats_interval: Duration::from_secs(10), memory_limit: 0 }
+        Self {
+            shutdown_grace: Duration::from_secs(5),
+            stats_interval: Duration::from_secs(10),
+            memory_limit: 0,
+        }
     }
 }
 
@@ -328,7 +332,10 @@ impl Config {
         if limit != 0 && limit < crate::budget::MIN_LIMIT {
             return Err(invalid(
                 "server.memory_limit",
-                format!("{limit} is under {} bytes (32 MiB), which the server itself needs", crate::budget::MIN_LIMIT),
+                format!(
+                    "{limit} is under {} bytes (32 MiB), which the server itself needs",
+                    crate::budget::MIN_LIMIT
+                ),
             ));
         }
         let ws = &self.websocket;
@@ -764,6 +771,14 @@ mod tests {
     fn bad_duration_is_named() {
         let err = load_str("[server]\nshutdown_grace = \"soon\"\n").unwrap_err().to_string();
         assert!(err.contains("server.shutdown_grace"), "{err}");
+    }
+
+    #[test]
+    fn a_memory_limit_too_small_to_run_in_is_named() {
+        let err = load_str("[server]\nmemory_limit = 1000000\n").unwrap_err().to_string();
+        assert!(err.contains("server.memory_limit"), "{err}");
+        assert!(load_str("[server]\nmemory_limit = 33554432\n").is_ok());
+        assert!(load_str("[server]\nmemory_limit = 0\n").is_ok(), "0: derived from the machine");
     }
 
     #[test]

@@ -446,7 +446,7 @@ impl Metrics {
         let memory_refusals = Family::<crate::budget::RefusalLabel, Count>::default();
         registry.register(
             "echo_memory_refusals",
-            "Requests refused because the memory budget (server.memory_limit) was spent, by what: websocket (HTTP 503), connect, publish, subscribe",
+            "Requests refused because the memory budget (server.memory_limit) was spent, by what: websocket (HTTP 503), connect, publish, subscribe, read (a client paused half-way through a large packet)",
             memory_refusals.clone(),
         );
         let memory_limit = Gauge::default();

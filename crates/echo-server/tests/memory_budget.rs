@@ -155,3 +155,37 @@ fn a_large_packet_is_not_read_further_while_the_budget_is_spent() {
     let pubrec = paused.read_packet().expect("the PUBREC once there is room");
     assert_eq!((pubrec.packet_type(), pubrec.pkid()), (5, pkid), "{pubrec:?}");
 }
+
+/// A client kept paused longer than `budget::PAUSE_LIMIT` is closed (MQTT
+/// 5: DISCONNECT 0x97), and what its session held comes back: one that
+/// walked away with the rest of its packet unsent never closes its end
+/// (its FIN waits behind that data), and its held publishes would keep
+/// the budget spent for ever.
+#[test]
+fn a_client_paused_too_long_is_closed_and_its_memory_comes_back() {
+    let server = TestServer::start_with_env(&[], &[("ECHO_SERVER_MEMORY_LIMIT", &LIMIT.to_string())]);
+    let payload = vec![b'h'; 900 * 1000];
+    let mut hoarders = Vec::new();
+    let mut paused = None;
+    for n in 0..12 {
+        let mut c = RawMqtt::session(server.mqtt_addr(), 5, &format!("hoarder-{n}"), 0);
+        if hoard(&mut c, &payload).1.is_some() {
+            paused = Some(c);
+            break;
+        }
+        hoarders.push(c);
+    }
+    let mut paused = paused.expect("twelve hoarders of 28 MB each spend a 96 MiB budget");
+    let heap = server.metric("echo_memory_heap_bytes");
+    paused.stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let started = Instant::now();
+    let disconnect = paused.read_packet().expect("a DISCONNECT");
+    println!("closed after {:?} paused", started.elapsed());
+    assert_eq!(disconnect.disconnect_reason(), 0x97);
+    assert!(paused.closed_within(Duration::from_secs(5)));
+    let freed =
+        server.wait_for_metric("echo_memory_heap_bytes", Duration::from_secs(5), |now| now < heap - 20e6);
+    println!("heap {} MiB -> {} MiB", heap as u64 >> 20, freed as u64 >> 20);
+    assert_eq!(server.metric("echo_mqtt_closed_total{reason=\"memory_limit\"}"), 1.0);
+    drop(hoarders);
+}

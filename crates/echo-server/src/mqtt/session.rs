@@ -42,7 +42,7 @@ use super::codec::{Codec, DecodeError, Decoded, Peek, Version, peek_version};
 use super::inflow::{Flow, Inflow, RECHECK, Turn};
 use super::topics::{self, FilterRefusal, Refusals, TopicRefusal};
 use super::transport::{Goodbye, Transport};
-use crate::budget::PAUSE_PARTIAL;
+use crate::budget::{PAUSE_LIMIT, PAUSE_PARTIAL};
 use crate::metrics::MqttMetrics;
 
 /// How soon a session paused by the memory budget looks again.
@@ -693,12 +693,23 @@ async fn exchange(
     // stays true while the read buffer may hold whole packets that a spent
     // turn left undecoded.
     let mut buffered = !rbuf.is_empty();
+    // Since when the memory budget has kept this client from being read.
+    let mut starved_since: Option<Instant> = None;
     loop {
         turn.end_if_spent().await;
         let flow = inflow.flow(&router.tx);
         // Half-way through a large packet while the memory budget is
         // spent: the rest waits in the kernel (see `budget`).
         let starved = rbuf.len() >= PAUSE_PARTIAL && server.budget.spent();
+        match (starved, starved_since) {
+            (true, None) => {
+                // Counted (and logged) like a refusal, once per pause.
+                server.budget.allows("read");
+                starved_since = Some(Instant::now());
+            }
+            (false, Some(_)) => starved_since = None,
+            _ => {}
+        }
         let open = flow == Flow::Open && !starved;
         if flow == Flow::FullUnannounced {
             timer.as_mut().reset(Instant::now() + RECHECK);
@@ -728,6 +739,18 @@ async fn exchange(
                 };
             }
             Wake::KeepAlive => {
+                if let Some(since) = starved_since {
+                    if transport.peer_gone() {
+                        return End::lost("client_closed");
+                    }
+                    // A client that walked away with the rest of its packet
+                    // unsent never closes (its FIN waits behind that data),
+                    // and what its session holds counts against the budget
+                    // that keeps it paused: a bounded pause breaks the knot.
+                    if since.elapsed() >= PAUSE_LIMIT {
+                        return End::violation("memory_limit", DisconnectReasonCode::QuotaExceeded);
+                    }
+                }
                 let limit = keep_alive.unwrap_or(far);
                 if !open {
                     // The client is not silent: we are not reading it (this

@@ -111,6 +111,24 @@ fn reserve(buf: &mut BytesMut) {
 }
 
 impl Transport {
+    /// Whether the client has closed its end (or the connection failed),
+    /// asked of the kernel without reading: for a session that is not
+    /// being read (the memory budget's pause), which would otherwise hold
+    /// a departed client's session, and what it holds, until the pause
+    /// ends. One `poll` system call.
+    pub fn peer_gone(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Transport::Tcp(tcp) => tcp.as_raw_fd(),
+            Transport::Tls(tls) => tls.get_ref().0.as_raw_fd(),
+            Transport::Ws(ws) => ws.get_ref().as_raw_fd(),
+        };
+        let mut pollfd = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
+        // SAFETY: one valid pollfd, owned by this stack frame; timeout 0.
+        let ready = unsafe { libc::poll(&mut pollfd, 1, 0) };
+        ready > 0 && pollfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Transport::Tcp(_) => "tcp",
@@ -267,5 +285,20 @@ mod tests {
         client.write_all(b"yz").await.unwrap();
         assert_eq!(transport.read(&mut buf).await.unwrap(), 2);
         assert_eq!(&buf[..], b"yz");
+    }
+
+    /// A client that sent data nobody read and then closed is seen gone
+    /// without reading.
+    #[tokio::test]
+    async fn a_departed_client_is_seen_without_reading() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let transport = Transport::Tcp(listener.accept().await.unwrap().0);
+        client.write_all(&[7; 10_000]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!transport.peer_gone(), "connected, with unread data");
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(transport.peer_gone(), "closed, with unread data");
     }
 }
