@@ -42,7 +42,7 @@ use super::codec::{Codec, DecodeError, Decoded, Peek, Version, peek_version};
 use super::inflow::{Flow, Inflow, RECHECK, Turn};
 use super::topics::{self, FilterRefusal, Refusals, TopicRefusal};
 use super::transport::{Goodbye, Transport};
-use crate::budget::{PAUSE_LIMIT, PAUSE_PARTIAL};
+use crate::budget::{Charges, PAUSE_LIMIT, PAUSE_PARTIAL, subscription_cost};
 use crate::metrics::MqttMetrics;
 
 /// How soon a session paused by the memory budget looks again.
@@ -685,7 +685,7 @@ async fn exchange(
     let far = Duration::from_secs(86_400 * 365);
     let timer = tokio::time::sleep(keep_alive.unwrap_or(far));
     tokio::pin!(timer);
-    let mut refusals = Refusals::default();
+    let mut awaiting = Awaiting { refusals: Refusals::default(), charges: Charges::new(&server.budget) };
     let mut out = BytesMut::new();
     let mut turn = Turn::default();
     let mut inflow = Inflow::default();
@@ -698,9 +698,10 @@ async fn exchange(
     loop {
         turn.end_if_spent().await;
         let flow = inflow.flow(&router.tx);
-        // Half-way through a large packet while the memory budget is
-        // spent: the rest waits in the kernel (see `budget`).
-        let starved = rbuf.len() >= PAUSE_PARTIAL && server.budget.spent();
+        // Half-way through a large packet (what is buffered is not a
+        // whole packet) while the memory budget is spent: the rest waits in
+        // the kernel (see `budget`). Whole packets are still taken.
+        let starved = !buffered && rbuf.len() >= PAUSE_PARTIAL && server.budget.spent();
         match (starved, starved_since) {
             (true, None) => {
                 // Counted (and logged) like a refusal, once per pause.
@@ -710,7 +711,7 @@ async fn exchange(
             (false, Some(_)) => starved_since = None,
             _ => {}
         }
-        let open = flow == Flow::Open && !starved;
+        let open = flow == Flow::Open;
         if flow == Flow::FullUnannounced {
             timer.as_mut().reset(Instant::now() + RECHECK);
         } else if starved {
@@ -720,10 +721,10 @@ async fn exchange(
             biased;
             _ = server.shutdown.wait() => Wake::Shutdown,
             next = router.rx.next() => {
-                Wake::Router(next.map(|first| collect(first, &mut router.rx, &mut refusals, &mut session.held.in_flight, v5)).map_err(drop))
+                Wake::Router(next.map(|first| collect(first, &mut router.rx, &mut awaiting, &mut session.held.in_flight, v5)).map_err(drop))
             }
             _ = std::future::ready(()), if open && buffered => Wake::Client(Ok(0)),
-            read = transport.read(rbuf), if open && !buffered => match read {
+            read = transport.read(rbuf), if open && !buffered && !starved => match read {
                 Ok(0) => Wake::Closed,
                 read => Wake::Client(read),
             },
@@ -752,7 +753,7 @@ async fn exchange(
                     }
                 }
                 let limit = keep_alive.unwrap_or(far);
-                if !open {
+                if !open || starved {
                     // The client is not silent: we are not reading it (this
                     // is also the recheck of a queue full by bytes).
                     heard = Instant::now();
@@ -797,7 +798,7 @@ async fn exchange(
                     };
                     turn.decoded(decoded.size);
                     batch_bytes += decoded.size;
-                    end = incoming(decoded, session, &mut batch, &mut replies, &mut refusals, server);
+                    end = incoming(decoded, session, &mut batch, &mut replies, &mut awaiting, server);
                 }
                 if rbuf.is_empty() {
                     // Payloads already split off keep their own memory alive
@@ -852,6 +853,14 @@ async fn exchange(
     }
 }
 
+/// SUBSCRIBEs handed to the router and not answered yet: the filters
+/// refused before (put back into the SUBACK), and what the memory budget
+/// has been charged for them.
+struct Awaiting<'a> {
+    refusals: Refusals,
+    charges: Charges<'a>,
+}
+
 /// What the router had ready for a client, as packets to write.
 struct RouterBatch {
     packets: Vec<Packet>,
@@ -872,7 +881,7 @@ struct RouterBatch {
 fn collect(
     first: Option<Notification>,
     rx: &mut LinkRx,
-    refusals: &mut Refusals,
+    awaiting: &mut Awaiting,
     in_flight: &mut InFlight,
     v5: bool,
 ) -> RouterBatch {
@@ -887,8 +896,9 @@ fn collect(
                     batch.router_disconnect = Some(disconnect.reason_code)
                 }
                 other => match Option::<Packet>::from(other) {
-                    Some(Packet::SubAck(ack, props)) if !refusals.is_empty() => {
-                        batch.packets.push(Packet::SubAck(refusals.complete(ack, v5), props));
+                    Some(Packet::SubAck(ack, props)) => {
+                        awaiting.charges.settle(ack.pkid);
+                        batch.packets.push(Packet::SubAck(awaiting.refusals.complete(ack, v5), props));
                     }
                     Some(packet) => {
                         in_flight.sent(&packet);
@@ -911,7 +921,7 @@ fn incoming(
     session: &mut Accepted,
     batch: &mut Vec<Packet>,
     replies: &mut Vec<Packet>,
-    refusals: &mut Refusals,
+    awaiting: &mut Awaiting,
     server: &MqttServer,
 ) -> Option<End> {
     let metrics = &server.metrics;
@@ -997,7 +1007,9 @@ fn incoming(
                 let return_codes = refused.iter().map(|(_, reason)| reason.code(v5)).collect();
                 replies.push(Packet::SubAck(SubAck { pkid: subscribe.pkid, return_codes }, None));
             } else {
-                refusals.remember(subscribe.pkid, refused);
+                awaiting.refusals.remember(subscribe.pkid, refused);
+                let cost = subscribe.filters.iter().map(|f| subscription_cost(f.path.len())).sum();
+                awaiting.charges.charge(subscribe.pkid, cost);
                 batch.push(Packet::Subscribe(subscribe, properties));
             }
         }
