@@ -15,7 +15,7 @@
 //! | a PUBLISH at QoS 1 or 2 | PUBACK / PUBREC 0x97 (3.1.1: the client is closed) |
 //! | a PUBLISH at QoS 0 | dropped (at most once allows it) |
 //! | a SUBSCRIBE's filters | SUBACK 0x97 (3.1.1: 0x80) |
-//! | more of a packet larger than [`PAUSE_PARTIAL`] | not read until there is room, for at most [`PAUSE_LIMIT`] (then MQTT 5 DISCONNECT 0x97) |
+//! | more of an MQTT packet or WebSocket message larger than [`PAUSE_PARTIAL`] | not read until there is room, for at most [`PAUSE_LIMIT`] (then MQTT 5 DISCONNECT 0x97, WebSocket close 1013) |
 //!
 //! Everything already held keeps working: acknowledgements, unsubscribes,
 //! disconnects and WebSocket echoes, which free memory rather than take it.
@@ -156,6 +156,27 @@ impl MemoryBudget {
             );
         }
     }
+}
+
+/// The error a paused client's read fails with after [`PAUSE_LIMIT`].
+#[derive(Debug, thiserror::Error)]
+#[error("paused by the memory budget for too long")]
+pub struct PausedTooLong;
+
+/// Whether `error` is [`PausedTooLong`].
+pub fn is_paused_too_long(error: &std::io::Error) -> bool {
+    error.get_ref().is_some_and(|inner| inner.is::<PausedTooLong>())
+}
+
+/// Whether the client has closed its end (or the connection failed), asked
+/// of the kernel without reading: for a client that is not being read
+/// because of the budget, which would otherwise hold a departed client, and
+/// what it holds, until the pause ends. One `poll` system call.
+pub fn peer_gone(socket: &impl std::os::fd::AsRawFd) -> bool {
+    let mut pollfd = libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+    // SAFETY: one valid pollfd, owned by this stack frame; timeout 0.
+    let ready = unsafe { libc::poll(&mut pollfd, 1, 0) };
+    ready > 0 && pollfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 
 /// What the router will hold for one subscription filter of `len` bytes:

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::TestServer;
 use common::mqtt_raw::{self, RawMqtt};
+use common::raw::RawClient;
 
 const LIMIT: u64 = 96 << 20;
 
@@ -187,4 +188,34 @@ fn a_client_paused_too_long_is_closed() {
     assert_eq!(disconnect.disconnect_reason(), 0x97);
     assert!(big.closed_within(Duration::from_secs(5)));
     assert_eq!(server.metric("echo_mqtt_closed_total{reason=\"memory_limit\"}"), 1.0);
+}
+
+/// The same for a WebSocket echo client half-way through a large message:
+/// not read further while the budget is spent, echoed once there is room;
+/// kept paused too long, closed with 1013 (try again later).
+#[test]
+fn a_websocket_message_half_way_waits_for_room_then_is_echoed_or_closed() {
+    let server = TestServer::start_with_env(&[], &[("ECHO_SERVER_MEMORY_LIMIT", &LIMIT.to_string())]);
+    let mut waits = RawClient::connect(server.ws_addr());
+    let mut gives_up = RawClient::connect(server.ws_addr());
+    let message = vec![b'w'; 900 * 1000];
+    let frame = RawClient::frame(true, 2, &message, true);
+    let (head, rest) = frame.split_at(frame.len() / 2);
+    let hoarders = spend(&server);
+    waits.send_raw(head);
+    server.wait_for_metric("echo_memory_refusals_total{what=\"read\"}", Duration::from_secs(5), |n| n >= 1.0);
+    waits.stream.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    assert!(waits.stream.peek(&mut [0u8; 1]).is_err(), "no echo while paused");
+    // The crowd leaves: the message is read on and echoed whole.
+    drop(hoarders);
+    waits.send_raw(rest);
+    waits.stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let echo = waits.read_frame().expect("the echo once there is room");
+    assert_eq!((echo.opcode, echo.payload.len()), (2, message.len()));
+    // Kept paused: closed with 1013 after budget::PAUSE_LIMIT.
+    let _hoarders = spend(&server);
+    gives_up.send_raw(head);
+    gives_up.stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    assert_eq!(gives_up.read_close_code(), Some(1013));
+    assert_eq!(server.metric("echo_websocket_closed_total{reason=\"memory_limit\"}"), 1.0);
 }

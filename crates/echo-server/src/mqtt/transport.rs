@@ -111,22 +111,13 @@ fn reserve(buf: &mut BytesMut) {
 }
 
 impl Transport {
-    /// Whether the client has closed its end (or the connection failed),
-    /// asked of the kernel without reading: for a session that is not
-    /// being read (the memory budget's pause), which would otherwise hold
-    /// a departed client's session, and what it holds, until the pause
-    /// ends. One `poll` system call.
+    /// Whether the client has closed its end (see `budget::peer_gone`).
     pub fn peer_gone(&self) -> bool {
-        use std::os::fd::AsRawFd;
-        let fd = match self {
-            Transport::Tcp(tcp) => tcp.as_raw_fd(),
-            Transport::Tls(tls) => tls.get_ref().0.as_raw_fd(),
-            Transport::Ws(ws) => ws.get_ref().as_raw_fd(),
-        };
-        let mut pollfd = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
-        // SAFETY: one valid pollfd, owned by this stack frame; timeout 0.
-        let ready = unsafe { libc::poll(&mut pollfd, 1, 0) };
-        ready > 0 && pollfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+        match self {
+            Transport::Tcp(tcp) => crate::budget::peer_gone(tcp),
+            Transport::Tls(tls) => crate::budget::peer_gone(tls.get_ref().0),
+            Transport::Ws(ws) => crate::budget::peer_gone(ws.get_ref()),
+        }
     }
 
     pub fn name(&self) -> &'static str {

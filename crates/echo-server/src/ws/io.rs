@@ -22,9 +22,14 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::future::Future;
+use std::rc::Rc;
+
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::{Duration, Instant, Sleep};
 
+use crate::budget::{self, MemoryBudget, PAUSE_LIMIT, PAUSE_PARTIAL};
 use crate::metrics::Count;
 
 /// Follows frame headers through a byte stream, without validating them.
@@ -37,6 +42,9 @@ pub struct FrameBoundary {
     payload_left: u64,
     /// A data frame without FIN arrived and its message has not ended.
     in_fragmented_message: bool,
+    /// Bytes seen since the last message boundary: how much of the
+    /// message under way the WebSocket codec holds.
+    message_bytes: u64,
 }
 
 impl FrameBoundary {
@@ -46,14 +54,19 @@ impl FrameBoundary {
             if self.payload_left > 0 {
                 let skip = self.payload_left.min(bytes.len() as u64);
                 self.payload_left -= skip;
+                self.message_bytes += skip;
                 bytes = &bytes[skip as usize..];
-                continue;
+            } else {
+                self.header[self.header_len as usize] = bytes[0];
+                self.header_len += 1;
+                self.message_bytes += 1;
+                bytes = &bytes[1..];
+                if self.header_len >= 2 && self.header_len == header_size(self.header[1]) {
+                    self.frame_header_complete();
+                }
             }
-            self.header[self.header_len as usize] = bytes[0];
-            self.header_len += 1;
-            bytes = &bytes[1..];
-            if self.header_len >= 2 && self.header_len == header_size(self.header[1]) {
-                self.frame_header_complete();
+            if self.at_message_boundary() {
+                self.message_bytes = 0;
             }
         }
     }
@@ -81,6 +94,11 @@ impl FrameBoundary {
     pub fn at_message_boundary(&self) -> bool {
         self.header_len == 0 && self.payload_left == 0 && !self.in_fragmented_message
     }
+
+    /// Bytes of the message under way seen so far (0 at a boundary).
+    pub fn message_bytes(&self) -> u64 {
+        self.message_bytes
+    }
 }
 
 /// Length of a frame header, given its second byte.
@@ -105,10 +123,25 @@ pub struct SessionIo {
     write_blocked: bool,
     received: Count,
     sent: Count,
+    budget: Rc<MemoryBudget>,
+    /// Set while the memory budget keeps this client from being read.
+    paused: Option<Box<Paused>>,
 }
 
+/// A session the memory budget has stopped reading, half-way through a
+/// large message (see `budget`).
+#[derive(Debug)]
+struct Paused {
+    since: Instant,
+    /// Wakes the session to look at the budget again.
+    recheck: Pin<Box<Sleep>>,
+}
+
+/// How soon a paused session looks at the budget again.
+const BUDGET_RECHECK: Duration = Duration::from_millis(10);
+
 impl SessionIo {
-    pub fn new(tcp: TcpStream, received: Count, sent: Count) -> Self {
+    pub fn new(tcp: TcpStream, received: Count, sent: Count, budget: Rc<MemoryBudget>) -> Self {
         SessionIo {
             tcp,
             boundary: FrameBoundary::default(),
@@ -116,7 +149,37 @@ impl SessionIo {
             write_blocked: false,
             received,
             sent,
+            budget,
+            paused: None,
         }
+    }
+
+    /// `Some` when the client must not be read now: half-way through a
+    /// message larger than `budget::PAUSE_PARTIAL` while the memory budget
+    /// is spent. Pending while it waits for room (a timer wakes it to look
+    /// again); an error once it is gone, or has waited `budget::PAUSE_LIMIT`
+    /// (the session then closes with 1013, try again later).
+    fn hold_back(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<()>>> {
+        if self.boundary.message_bytes() < PAUSE_PARTIAL as u64 || !self.budget.spent() {
+            self.paused = None;
+            return None;
+        }
+        if self.paused.is_none() {
+            self.budget.allows("read");
+            let recheck = Box::pin(tokio::time::sleep(BUDGET_RECHECK));
+            self.paused = Some(Box::new(Paused { since: Instant::now(), recheck }));
+        }
+        let paused = self.paused.as_mut()?;
+        if budget::peer_gone(&self.tcp) {
+            return Some(Poll::Ready(Err(io::ErrorKind::ConnectionReset.into())));
+        }
+        if paused.since.elapsed() >= PAUSE_LIMIT {
+            return Some(Poll::Ready(Err(io::Error::other(budget::PausedTooLong))));
+        }
+        while paused.recheck.as_mut().poll(cx).is_ready() {
+            paused.recheck.as_mut().reset(Instant::now() + BUDGET_RECHECK);
+        }
+        Some(Poll::Pending)
     }
 
     /// Accounts for bytes that were read during the handshake, after the
@@ -160,6 +223,9 @@ impl SessionIo {
 impl AsyncRead for SessionIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(held) = this.hold_back(cx) {
+            return held;
+        }
         let before = buf.filled().len();
         let result = Pin::new(&mut this.tcp).poll_read(cx, buf);
         let new = &buf.filled()[before..];

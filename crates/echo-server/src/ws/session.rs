@@ -77,7 +77,12 @@ enum Step {
 /// wait for the response).
 pub fn session_io(tcp: TcpStream, leftover: Vec<u8>, server: &WsServer) -> (SessionIo, Option<Vec<u8>>) {
     let metrics = &server.metrics;
-    let mut io = SessionIo::new(tcp, metrics.bytes_received.clone(), metrics.bytes_sent.clone());
+    let mut io = SessionIo::new(
+        tcp,
+        metrics.bytes_received.clone(),
+        metrics.bytes_sent.clone(),
+        server.budget.clone(),
+    );
     if leftover.is_empty() {
         return (io, None);
     }
@@ -341,6 +346,11 @@ async fn fail(ws: Ws, err: WsError, server: &WsServer) -> Step {
     let metrics = &server.metrics;
     let (code, reason, label) = match &err {
         WsError::ConnectionClosed | WsError::AlreadyClosed => return Step::Done,
+        // RFC 6455 §7.4.1 leaves 1013 (try again later) to servers that
+        // are overloaded: the memory budget kept this client paused too long.
+        WsError::Io(e) if crate::budget::is_paused_too_long(e) => {
+            (CloseCode::Again, "the server is at its memory limit".to_owned(), "memory_limit")
+        }
         WsError::Io(_)
         | WsError::Protocol(
             tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
