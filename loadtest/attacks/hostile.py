@@ -765,8 +765,8 @@ def attack_crowd(args, deadline):
     the per-client caps: unreleased QoS 2 publishes at the largest packet
     size, a thousand 1 KB filters, 256-byte client ids, ten 1 KB topic
     aliases, retained messages on fresh topics, QoS 0 to fresh topics,
-    sessions that outlive their connections, and large publishes sent by
-    half. What stops them is the server-wide budget (server.memory_limit):
+    sessions that outlive their connections, and large publishes (and a
+    WebSocket message) sent by half. What stops them is the server-wide budget (server.memory_limit):
     hostile.sh starts the server with one for this attack and checks the
     RSS peak against it."""
     import asyncio
@@ -774,6 +774,7 @@ def attack_crowd(args, deadline):
     big = 1_000_000  # under mqtt.max_payload_size (1 MiB) with its header
     tally = collections.Counter()
     conns = []
+    ws_conns = []
 
     def pad(head, size):
         return head + b"x" * (size - len(head))
@@ -812,6 +813,8 @@ def attack_crowd(args, deadline):
         if half:
             whole = publish(b"h/%d" % k, b"h" * big, qos=1, pid=1, version=5)
             await half.send(whole[: len(whole) // 2])
+        if args.ws:
+            await half_a_websocket_message(k)
         # Then, until the deadline: retained messages and QoS 0 on fresh
         # topics, and sessions that outlive their connections.
         i = 0
@@ -831,6 +834,23 @@ def attack_crowd(args, deadline):
             i += 1
             await asyncio.sleep(0.05)
 
+    async def half_a_websocket_message(k):
+        """A WebSocket echo client that sends half of a 1 MB message."""
+        host, port = hostport(args.ws)
+        try:
+            r, w = await asyncio.wait_for(asyncio.open_connection(host, port), max(0.05, deadline - now()))
+            key = base64.b64encode(os.urandom(16)).decode()
+            w.write((f"GET / HTTP/1.1\r\nHost: {args.ws}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), max(0.05, deadline - now()))
+            tally["websocket " + head.split(b" ", 2)[1].decode()] += 1
+            if head.startswith(b"HTTP/1.1 101"):
+                frame = bytes([0x82, 0xFF]) + big.to_bytes(8, "big") + b"\0\0\0\0" + b"w" * big
+                w.write(frame[: len(frame) // 2])
+            ws_conns.append(w)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+            tally["errors_websocket_" + type(e).__name__] += 1
+
     async def crowd():
         clients = asyncio.gather(*(one(k) for k in range(n)), return_exceptions=True)
         try:
@@ -842,6 +862,8 @@ def attack_crowd(args, deadline):
         for c in conns:
             count(c)
             c.close()
+        for w in ws_conns:
+            w.close()
         await asyncio.sleep(0.1)
 
     asyncio.run(crowd())
