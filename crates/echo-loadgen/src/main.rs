@@ -93,7 +93,7 @@ fn run(file: Option<PathBuf>, quiet: bool, cli: Scenario) -> ExitCode {
     }
     let thresholds =
         report::Thresholds { max_error_rate: scenario.max_error_rate, max_p99: scenario.max_p99 };
-    let plan = Plan { settings, target, workers, threads, server, live: !quiet };
+    let plan = Plan { settings, target, workers, threads, server, live: !quiet, nice: 0 };
     coordinator::catch_interrupts();
     let mut result = match coordinator::run(plan) {
         Ok(r) => r,

@@ -294,6 +294,7 @@ pub mod tests {
                 steps: steps.iter().map(|s| s.target_connections).collect(),
                 hold_secs: 10.0,
                 connect_rate: 100.0,
+                connect_concurrency: None,
                 rate: Rate::PerSecond(1.0),
                 in_flight: 1,
                 size: 64,

@@ -175,6 +175,10 @@ pub struct Scenario {
     #[arg(long, value_name = "PER_SEC")]
     pub connect_rate: Option<f64>,
 
+    /// At most this many connection attempts in flight (not yet ready or failed) while ramping; with a high --connect-rate the server's pace sets the ramp's [default: no limit].
+    #[arg(long, value_name = "N")]
+    pub connect_concurrency: Option<u64>,
+
     /// Messages per second per connection; 0 = idle connections, max = closed loop as fast as echoes return [default: 1].
     #[arg(short, long, value_name = "PER_SEC|max")]
     #[serde(default, deserialize_with = "rate")]
@@ -283,6 +287,7 @@ impl Scenario {
             steps,
             hold,
             connect_rate,
+            connect_concurrency,
             rate,
             in_flight,
             size,
@@ -315,6 +320,9 @@ pub struct Settings {
     pub steps: Vec<u64>,
     pub hold_secs: f64,
     pub connect_rate: f64,
+    /// Attempts in flight at most while ramping (`None`: no limit).
+    #[serde(default)]
+    pub connect_concurrency: Option<u64>,
     pub rate: Rate,
     pub in_flight: u32,
     pub size: usize,
@@ -368,6 +376,7 @@ impl Settings {
             steps: s.steps.clone().map(|s| s.0).unwrap_or_else(|| vec![100]),
             hold_secs: s.hold.unwrap_or(Duration::from_secs(10)).as_secs_f64(),
             connect_rate: s.connect_rate.unwrap_or(1000.0),
+            connect_concurrency: s.connect_concurrency,
             rate: s.rate.unwrap_or(Rate::PerSecond(1.0)),
             in_flight: s.in_flight.unwrap_or(1),
             size: s.size.unwrap_or(64),
@@ -385,7 +394,7 @@ impl Settings {
         Ok(settings)
     }
 
-    fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self) -> Result<(), String> {
         use crate::payload::HEADER_LEN;
         if self.size < HEADER_LEN {
             return Err(format!(
@@ -398,6 +407,9 @@ impl Settings {
         }
         if !(self.connect_rate > 0.0 && self.connect_rate.is_finite()) {
             return Err("--connect-rate must be a positive number of connections per second".into());
+        }
+        if self.connect_concurrency == Some(0) {
+            return Err("--connect-concurrency must be at least 1 attempt in flight".into());
         }
         if self.hold_secs.is_nan() || self.hold_secs <= 0.0 {
             return Err("--hold must be longer than 0s".into());
