@@ -19,7 +19,7 @@ LOADGEN=./target/release/echo-loadgen
 TMP=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$TMP"' EXIT
 
-for topics in "" --own-topic; do
+for topics in "" "--own-topic --pipeline-subscribe"; do
   env -u ECHO_CONFIG ./target/release/echo-server --ws-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --no-admin \
     --log-format json --log-level warn,echo_server=info 2>"$TMP/echo.log" &
   ECHO=$!

@@ -5,7 +5,8 @@
 #   bash loadtest/mqtt-compare.sh [CLIENTS] [SECONDS] [CONCURRENCY]
 #
 # Per server (fresh process), two `echo-loadgen run`s: CLIENTS idle MQTT
-# clients, each subscribed to its own topic, connected with CONCURRENCY
+# clients, each subscribed to its own topic (SUBSCRIBE written with
+# CONNECT), connected with CONCURRENCY
 # attempts in flight (the broker's pace sets the ramp: connects/s) and held
 # 3 s (server memory per idle connection: ΔRSS/conn); then CLIENTS clients
 # publishing 1 message/s each to their own topic for SECONDS (QoS 0,
@@ -25,7 +26,8 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$TMP"' EXIT
 
 # $1 label, $2 URL, $3 server PID
 measure() {
-  local common=(--steps "$CLIENTS" --connect-rate 1000000 --connect-concurrency "$CONC" --server-pid "$3" --quiet)
+  local common=(--steps "$CLIENTS" --connect-rate 1000000 --connect-concurrency "$CONC" --pipeline-subscribe
+    --server-pid "$3" --quiet)
   $LOADGEN run "$2" "${common[@]}" --rate 0 --hold 3s --label "$1 (idle)" --json "$TMP/$1-idle.json"
   python3 - "$TMP/$1-idle.json" <<'PY'
 import json, sys

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What an MQTT connect storm costs the WebSocket clients of the same server:
 # 5,000 WebSocket clients echo once a second while 5,000 MQTT clients connect
-# (and subscribe) all at once, stay 3 s and disconnect together
-# (`echo-loadgen mixed`). Prints, per run, the WebSocket echo latency per
+# (and subscribe, SUBSCRIBE written with CONNECT) all at once, stay 3 s and
+# disconnect together (`echo-loadgen mixed`). Prints, per run, the WebSocket echo latency per
 # phase (before the storm, during it, while the MQTT clients stay, while
 # they disconnect), the storm's connects/s, the CPU time of each server
 # thread and how long it was runnable but waiting for a CPU
@@ -39,7 +39,7 @@ for run in $(seq "$RUNS"); do
   echo "run $run/$RUNS"
   "${PIN_GEN[@]}" $LOADGEN mixed "ws://$(addr websocket)/" "mqtt://$(addr mqtt)" \
     --ws-clients "${STORM_WS_CLIENTS:-5000}" --mqtt-clients "${STORM_MQTT_CLIENTS:-5000}" --before "${STORM_BEFORE:-10s}" \
-    --server-pid $ECHO --server-metrics "http://$(addr admin)/metrics" --mqtt-nice $NICE --quiet
+    --pipeline-subscribe --server-pid $ECHO --server-metrics "http://$(addr admin)/metrics" --mqtt-nice $NICE --quiet
   [ -n "${STORM_LOG_LEVEL:-}" ] && cp "$TMP/echo.log" "/tmp/storm-run$run.log"
   kill -TERM $ECHO; wait $ECHO || true
 done

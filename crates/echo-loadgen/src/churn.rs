@@ -61,6 +61,11 @@ pub struct ChurnArgs {
     #[arg(long)]
     pub own_topic: bool,
 
+    /// With --own-topic: write SUBSCRIBE right behind CONNECT, without
+    /// waiting for CONNACK (one read per client for the broker instead of two).
+    #[arg(long, requires = "own_topic")]
+    pub pipeline_subscribe: bool,
+
     /// Pause after each round before the server's memory is read.
     #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
     #[serde(with = "secs")]
@@ -249,9 +254,11 @@ async fn one_round(args: &ChurnArgs, target: &Target, run_id: &str, round: u32) 
         let client_id = format!("elg-churn-{run_id}-{round}-{i}");
         let topic = args.own_topic.then(|| format!("{}/{run_id}/{round}/{i}", args.topic_prefix));
         let source = (!sources.is_empty()).then(|| sources[i as usize % sources.len()]);
-        let (addr, version, limit) = (target.addr, args.mqtt_version, args.connect_timeout);
+        let (addr, version, limit, pipeline) =
+            (target.addr, args.mqtt_version, args.connect_timeout, args.pipeline_subscribe);
         tasks.spawn(async move {
-            let outcome = come_and_go(addr, source, version, &client_id, topic.as_deref(), limit).await;
+            let outcome =
+                come_and_go(addr, source, version, &client_id, topic.as_deref(), pipeline, limit).await;
             drop(permit);
             outcome
         });
@@ -292,15 +299,22 @@ async fn come_and_go(
     version: MqttVersion,
     client_id: &str,
     topic: Option<&str>,
+    pipeline: bool,
     limit: Duration,
 ) -> Outcome {
     let started = Instant::now();
     let deadline = started + limit;
-    let mut client = match Client::open(addr, source, version, client_id, deadline).await {
+    let opened = match topic {
+        Some(topic) if pipeline => {
+            Client::open_subscribed(addr, source, version, client_id, topic, 0, deadline).await
+        }
+        _ => Client::open(addr, source, version, client_id, deadline).await,
+    };
+    let mut client = match opened {
         Ok(c) => c,
         Err(kind) => return (Err(kind), false),
     };
-    if let Some(topic) = topic
+    if let Some(topic) = topic.filter(|_| !pipeline)
         && let Err(kind) = client.subscribe(topic, 0, deadline).await
     {
         return (Err(kind), false);

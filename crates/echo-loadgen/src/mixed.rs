@@ -116,6 +116,11 @@ pub struct MixedArgs {
     #[arg(long, default_value = "3.1.1", value_name = "VERSION")]
     pub mqtt_version: MqttVersion,
 
+    /// MQTT clients write SUBSCRIBE right behind CONNECT, without waiting
+    /// for CONNACK (one read per client for the broker instead of two).
+    #[arg(long)]
+    pub pipeline_subscribe: bool,
+
     /// How long the WebSocket clients are measured from the moment the MQTT
     /// clients disconnect (at least until the MQTT workers are gone).
     #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
@@ -275,6 +280,7 @@ fn fleet_settings(args: &MixedArgs, url: &str, clients: u64, protocol: Protocol)
         mqtt_version: args.mqtt_version,
         pattern: Pattern::Echo,
         fanout: 10,
+        pipeline_subscribe: protocol == Protocol::Mqtt && args.pipeline_subscribe,
         topic_prefix: "echo-loadgen".into(),
         sources: args.source.clone().map(|s| s.0).unwrap_or_default(),
         label: args.label.clone(),
@@ -531,10 +537,11 @@ pub fn report(r: &MixedResult) -> String {
     let a = &r.settings;
     let mut out = String::new();
     let title = r.label.as_deref().map(|l| format!("{l} — ")).unwrap_or_default();
+    let subscribed = if a.pipeline_subscribe { "subscribed with CONNECT" } else { "subscribed" };
     let mqtt_what = if a.mqtt_rate == Rate::Idle {
-        "subscribed, idle".to_string()
+        format!("{subscribed}, idle")
     } else {
-        format!("subscribed, {} msg/s each, QoS {}", a.mqtt_rate, a.qos)
+        format!("{subscribed}, {} msg/s each, QoS {}", a.mqtt_rate, a.qos)
     };
     let how = if a.mqtt_connect_rate >= ALL_AT_ONCE {
         "all at once".to_string()

@@ -304,6 +304,7 @@ pub mod tests {
                 mqtt_version: MqttVersion::V311,
                 pattern: Pattern::Echo,
                 fanout: 10,
+                pipeline_subscribe: false,
                 topic_prefix: "t".into(),
                 sources: vec![],
                 label: None,

@@ -218,6 +218,10 @@ pub struct Scenario {
     #[arg(long, value_name = "N")]
     pub fanout: Option<u32>,
 
+    /// MQTT: write SUBSCRIBE right behind CONNECT, without waiting for CONNACK (one read per client for the broker instead of two).
+    #[arg(long, num_args = 0, default_missing_value = "true")]
+    pub pipeline_subscribe: Option<bool>,
+
     /// MQTT topic prefix; topics are PREFIX/RUN/WORKER/N [default: echo-loadgen].
     #[arg(long, value_name = "TOPIC")]
     pub topic_prefix: Option<String>,
@@ -297,6 +301,7 @@ impl Scenario {
             mqtt_version,
             pattern,
             fanout,
+            pipeline_subscribe,
             topic_prefix,
             workers,
             threads,
@@ -332,6 +337,9 @@ pub struct Settings {
     pub mqtt_version: MqttVersion,
     pub pattern: Pattern,
     pub fanout: u32,
+    /// SUBSCRIBE written with CONNECT, before CONNACK.
+    #[serde(default)]
+    pub pipeline_subscribe: bool,
     pub topic_prefix: String,
     pub sources: Vec<IpAddr>,
     pub label: Option<String>,
@@ -351,6 +359,7 @@ impl Settings {
             ("--mqtt-version", s.mqtt_version.is_some()),
             ("--pattern", s.pattern.is_some()),
             ("--fanout", s.fanout.is_some()),
+            ("--pipeline-subscribe", s.pipeline_subscribe.is_some()),
             ("--topic-prefix", s.topic_prefix.is_some()),
         ]
         .into_iter()
@@ -386,6 +395,7 @@ impl Settings {
             mqtt_version: s.mqtt_version.unwrap_or(MqttVersion::V311),
             pattern: s.pattern.unwrap_or(Pattern::Echo),
             fanout: s.fanout.unwrap_or(10),
+            pipeline_subscribe: s.pipeline_subscribe.unwrap_or(false),
             topic_prefix: s.topic_prefix.clone().unwrap_or_else(|| "echo-loadgen".into()),
             sources: s.source.clone().map(|s| s.0).unwrap_or_default(),
             label: s.label.clone(),
@@ -545,13 +555,24 @@ mod tests {
             e.starts_with("--mqtt-version, --pattern, --fanout, --topic-prefix apply to MQTT only"),
             "{e}"
         );
+        assert!(
+            ws(&["--pipeline-subscribe"])
+                .unwrap_err()
+                .starts_with("--pipeline-subscribe applies to MQTT only")
+        );
         assert!(ws(&["--rate", "5"]).is_ok());
         // The same flags with an MQTT URL are fine.
         let s =
             Cli::parse_from(["x", "mqtt://127.0.0.1", "--qos", "1", "--pattern", "fanout", "--steps", "11"])
                 .s;
         assert!(Settings::resolve(&s).is_ok());
+        let s = Cli::parse_from(["x", "mqtt://127.0.0.1", "--pipeline-subscribe"]).s;
+        assert!(Settings::resolve(&s).unwrap().pipeline_subscribe);
+        let s = Cli::parse_from(["x", "mqtt://127.0.0.1"]).s;
+        assert!(!Settings::resolve(&s).unwrap().pipeline_subscribe, "off unless asked for");
         // From a scenario file, too.
+        let file: Scenario = toml::from_str("pipeline-subscribe = true").unwrap();
+        assert_eq!(file.pipeline_subscribe, Some(true));
         let file: Scenario = toml::from_str("qos = 2").unwrap();
         let cli = Cli::parse_from(["x", "WS://127.0.0.1:1/"]).s;
         assert!(Settings::resolve(&cli.over(file)).unwrap_err().contains("--qos applies to MQTT only"));

@@ -70,6 +70,8 @@ fn a_connect_storm_is_measured_phase_by_phase_and_the_server_agrees() {
         &pid,
         "--server-metrics",
         &metrics,
+        // As the storm script does: SUBSCRIBE in the same write as CONNECT.
+        "--pipeline-subscribe",
     ];
     let run = loadgen_sub("storm", "mixed", &args);
     assert_eq!(run.code(), 0, "{}", run.stderr());
@@ -98,6 +100,8 @@ fn a_connect_storm_is_measured_phase_by_phase_and_the_server_agrees() {
     assert_eq!(u(&m["connect_time"]["count"]), 300);
     assert!(m["errors"].as_object().unwrap().is_empty(), "{m}");
     assert_eq!(u(&phase(&run, "held")["mqtt_open"]), 300);
+    assert_eq!(r["mqtt_settings"]["pipeline_subscribe"], true);
+    assert_eq!(r["ws_settings"]["pipeline_subscribe"], false);
     let secs = r["mqtt_connect_secs"].as_f64().unwrap();
     assert!(secs > 0.0 && secs < 30.0, "{secs}");
     // The server counted the same connects (and the pre-run check's one),
