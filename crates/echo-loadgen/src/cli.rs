@@ -81,18 +81,23 @@ pub enum Cmd {
         #[arg(long, value_name = "FILE")]
         markdown: Option<PathBuf>,
     },
-    /// WebSocket and MQTT clients on one server in one run, in phases: the
-    /// WebSocket clients' latency before, while the MQTT clients connect (by
-    /// default all at once: a connect storm), while they stay, and while they
-    /// leave; MQTT connects per second; the server's threads and event-loop lag.
+    /// WebSocket and MQTT clients in one run, in phases (by default an MQTT connect storm).
+    ///
+    /// The WebSocket clients' latency before, while the MQTT clients connect
+    /// (by default all at once), while they stay, and while they leave; MQTT
+    /// connects per second; the server's CPU and memory per phase, its
+    /// threads' CPU and CPU-wait time, and its event-loop lag.
     #[command(visible_alias = "storm")]
     Mixed {
         #[command(flatten)]
         args: Box<crate::mixed::MixedArgs>,
     },
-    /// Rounds of MQTT clients with fresh client ids that connect (optionally
-    /// subscribe to a topic of their own) and leave: the server memory kept
-    /// per client gone, per round.
+    /// Rounds of fresh MQTT clients that come and go: the server memory kept per client gone.
+    ///
+    /// Each client has a client id never used before, connects with a clean
+    /// session, optionally subscribes to a topic of its own, sends
+    /// DISCONNECT and waits for the broker to close; the server's RSS is read
+    /// after every round.
     Churn {
         #[command(flatten)]
         args: Box<crate::churn::ChurnArgs>,
