@@ -4,25 +4,48 @@
 #
 #   bash loadtest/mqtt-compare.sh [CLIENTS] [SECONDS] [CONCURRENCY]
 #
-# Needs a release build (cargo build --release -p echo-server --bin
-# echo-server --example mqtt_load) and Debian's `mosquitto`.
+# Per server (fresh process), two `echo-loadgen run`s: CLIENTS idle MQTT
+# clients, each subscribed to its own topic (SUBSCRIBE written with
+# CONNECT), connected with CONCURRENCY
+# attempts in flight (the broker's pace sets the ramp: connects/s) and held
+# 3 s (server memory per idle connection: ΔRSS/conn); then CLIENTS clients
+# publishing 1 message/s each to their own topic for SECONDS (QoS 0,
+# latency from the scheduled send time, every delivery checked; lost ones
+# are echo_lost/echo_timeout errors).
+#
+# Needs a release build (cargo build --release -p echo-server -p
+# echo-loadgen) and Debian's `mosquitto`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLIENTS=${1:-10000}
 SECONDS_=${2:-30}
 CONC=${3:-256}
-BENCH=./target/release/examples/mqtt_load
+LOADGEN=./target/release/echo-loadgen
 TMP=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$TMP"' EXIT
 
+# $1 label, $2 URL, $3 server PID
+measure() {
+  local common=(--steps "$CLIENTS" --connect-rate 1000000 --connect-concurrency "$CONC" --pipeline-subscribe
+    --server-pid "$3" --quiet)
+  $LOADGEN run "$2" "${common[@]}" --rate 0 --hold 3s --label "$1 (idle)" --json "$TMP/$1-idle.json"
+  python3 - "$TMP/$1-idle.json" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))["steps"][0]
+print(f"connects/s over the ramp: {s['ramp']['connected'] / s['ramp_secs']:.0f} "
+      f"({s['ramp']['connected']} connected in {s['ramp_secs']:.2f} s)")
+PY
+  $LOADGEN run "$2" "${common[@]}" --rate 1 --hold "${SECONDS_}s" --label "$1" --json "$TMP/$1.json"
+}
+
 # echo-server, all listeners on loopback ports the OS picks.
-./target/release/echo-server --ws-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
+env -u ECHO_CONFIG ./target/release/echo-server --ws-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
   --log-format json 2>"$TMP/echo.log" &
 ECHO=$!
 for _ in $(seq 100); do grep -q '"ready"' "$TMP/echo.log" && break; sleep 0.1; done
 PORT=$(grep '"protocol":"mqtt"' "$TMP/echo.log" | grep -o '"addr":"[^"]*"' | head -1 | cut -d'"' -f4)
 ADMIN=$(grep '"protocol":"admin"' "$TMP/echo.log" | grep -o '"addr":"[^"]*"' | head -1 | cut -d'"' -f4)
-$BENCH mqtt --addr "$PORT" --clients "$CLIENTS" --concurrency "$CONC" --seconds "$SECONDS_" --pid $ECHO --label echo-server
+measure echo-server "mqtt://$PORT" $ECHO
 curl -s "http://$ADMIN/metrics" | grep -E '^echo_mqtt_link_build_seconds_(sum|count)' || true
 kill -TERM $ECHO; wait $ECHO || true
 
@@ -32,5 +55,5 @@ printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_conn
 mosquitto -c "$TMP/mosquitto.conf" &
 MOSQ=$!
 sleep 0.5
-$BENCH mqtt --addr "127.0.0.1:$MPORT" --clients "$CLIENTS" --concurrency "$CONC" --seconds "$SECONDS_" --pid $MOSQ --label mosquitto
+measure mosquitto "mqtt://127.0.0.1:$MPORT" $MOSQ
 kill -TERM $MOSQ; wait $MOSQ || true

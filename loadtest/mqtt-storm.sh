@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
 # What an MQTT connect storm costs the WebSocket clients of the same server:
 # 5,000 WebSocket clients echo once a second while 5,000 MQTT clients connect
-# (and subscribe) all at once. Prints, per run, the WebSocket echo latency
-# before and during the storm, the storm's connects/s, and how long each
-# server thread was runnable but waiting for a CPU during the storm.
+# (and subscribe, SUBSCRIBE written with CONNECT) all at once, stay 3 s and
+# disconnect together (`echo-loadgen mixed`). Prints, per run, the WebSocket echo latency per
+# phase (before the storm, during it, while the MQTT clients stay, while
+# they disconnect), the storm's connects/s, the CPU time of each server
+# thread and how long it was runnable but waiting for a CPU
+# (/proc/PID/task/*/schedstat), and the server's event-loop lag, from the
+# storm's first connect to the end of the disconnect.
 #
 #   bash loadtest/mqtt-storm.sh [RUNS] [--no-pin]
+#   STORM_WS_CLIENTS=500 STORM_MQTT_CLIENTS=500 STORM_BEFORE=3s bash loadtest/mqtt-storm.sh 1   # short form
 #
 # By default the server runs on CPU 0 and the generator on CPU 1 (taskset),
-# and the storm process at nice 19, so that the generator's own work does
-# not take the server's core: what is measured is the server. With
+# and the storm's worker process at nice 19, so that the generator's own
+# work does not take the server's core: what is measured is the server. With
 # --no-pin everything shares both CPUs, which on a 2-CPU machine mostly
-# measures the generator preempting the event loop (see the waiting_for_cpu
+# measures the generator preempting the event loop (see the waiting-for-a-CPU
 # figures). Needs a release build (cargo build --release -p echo-server
-# --bin echo-server --example mqtt_load) and 2 CPUs. Each run takes ~45 s.
+# -p echo-loadgen) and 2 CPUs. Each run takes ~25 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}
 PIN=1; [ "${2:-}" = --no-pin ] && PIN=0
-BENCH=./target/release/examples/mqtt_load
+LOADGEN=./target/release/echo-loadgen
 TMP=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$TMP"' EXIT
 PIN_SERVER=(); PIN_GEN=(); NICE=0
@@ -32,9 +37,9 @@ for run in $(seq "$RUNS"); do
   ECHO=$!
   for _ in $(seq 100); do grep -q '"ready"' "$TMP/echo.log" && break; sleep 0.1; done
   echo "run $run/$RUNS"
-  "${PIN_GEN[@]}" $BENCH mixed --ws "ws://$(addr websocket)/" --addr "$(addr mqtt)" --ws-clients 5000 \
-    --clients 5000 --concurrency 5000 --pid $ECHO --admin "$(addr admin)" --storm-nice $NICE 2>&1 \
-    | grep -E '^(mixed|server CPU|server event loop|  storm )'
+  "${PIN_GEN[@]}" $LOADGEN mixed "ws://$(addr websocket)/" "mqtt://$(addr mqtt)" \
+    --ws-clients "${STORM_WS_CLIENTS:-5000}" --mqtt-clients "${STORM_MQTT_CLIENTS:-5000}" --before "${STORM_BEFORE:-10s}" \
+    --pipeline-subscribe --server-pid $ECHO --server-metrics "http://$(addr admin)/metrics" --mqtt-nice $NICE --quiet
   [ -n "${STORM_LOG_LEVEL:-}" ] && cp "$TMP/echo.log" "/tmp/storm-run$run.log"
   kill -TERM $ECHO; wait $ECHO || true
 done

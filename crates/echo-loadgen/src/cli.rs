@@ -81,6 +81,27 @@ pub enum Cmd {
         #[arg(long, value_name = "FILE")]
         markdown: Option<PathBuf>,
     },
+    /// WebSocket and MQTT clients in one run, in phases (by default an MQTT connect storm).
+    ///
+    /// The WebSocket clients' latency before, while the MQTT clients connect
+    /// (by default all at once), while they stay, and while they leave; MQTT
+    /// connects per second; the server's CPU and memory per phase, its
+    /// threads' CPU and CPU-wait time, and its event-loop lag.
+    #[command(visible_alias = "storm")]
+    Mixed {
+        #[command(flatten)]
+        args: Box<crate::mixed::MixedArgs>,
+    },
+    /// Rounds of fresh MQTT clients that come and go: the server memory kept per client gone.
+    ///
+    /// Each client has a client id never used before, connects with a clean
+    /// session, optionally subscribes to a topic of its own, sends
+    /// DISCONNECT and waits for the broker to close; the server's RSS is read
+    /// after every round.
+    Churn {
+        #[command(flatten)]
+        args: Box<crate::churn::ChurnArgs>,
+    },
     /// (internal) A worker process, driven by `run` over stdin/stdout.
     #[command(hide = true)]
     Worker,
@@ -142,6 +163,9 @@ mod tests {
             &["elg", "run", "ws://h/"][..],
             &["elg", "merge", "a.json"],
             &["elg", "compare", "a.json"],
+            &["elg", "mixed", "ws://h/", "mqtt://h"],
+            &["elg", "storm", "ws://h/", "mqtt://h"],
+            &["elg", "churn", "mqtt://h"],
             &["elg", "worker"],
             &["elg", "help", "run"],
             &["elg", "--help"],
@@ -164,7 +188,7 @@ mod tests {
     #[test]
     fn help_lists_the_subcommands_and_names_the_default() {
         let help = Cli::command().render_help().to_string();
-        for word in ["run", "merge", "compare", "`run` is the default"] {
+        for word in ["run", "merge", "compare", "mixed", "storm", "churn", "`run` is the default"] {
             assert!(help.contains(word), "{word:?} missing from\n{help}");
         }
         assert!(!help.contains("worker"), "the internal subcommand is hidden:\n{help}");

@@ -42,6 +42,11 @@ pub fn catch_interrupts() {
     }
 }
 
+/// Whether Ctrl-C (or SIGTERM) has ended the run.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
+}
+
 /// The run was interrupted; the steps completed so far are valid.
 #[derive(Debug)]
 struct Interrupted;
@@ -61,6 +66,10 @@ pub struct Plan {
     pub threads: usize,
     pub server: Option<ServerProbe>,
     pub live: bool,
+    /// Nice level of the worker processes (0: as this process). A fleet
+    /// that only makes load (the MQTT clients of `mixed`) runs at 19 so
+    /// that it gets only the CPU the server and the measuring fleet leave.
+    pub nice: i32,
 }
 
 struct Worker {
@@ -78,17 +87,30 @@ struct Totals {
     errors: u64,
 }
 
-struct Fleet {
+/// What the workers of a fleet measured over one hold, summed.
+pub(crate) struct Held {
+    pub(crate) tally: Tally,
+    /// Connections open at the end of the hold.
+    pub(crate) open: u64,
+    /// CPU the workers used during the hold.
+    pub(crate) cpu_seconds: f64,
+    /// The workers' resident memory at the end of the hold.
+    pub(crate) rss_bytes: u64,
+}
+
+/// The worker processes of one run (or of one kind of client of a `mixed`
+/// run), driven in lock step.
+pub(crate) struct Fleet {
     workers: Vec<Worker>,
     events: mpsc::Receiver<(usize, Option<Event>)>,
     totals: Vec<Totals>,
     tick_latency: Hist,
     shown: (Instant, u64, u64),
-    live: Live,
+    pub(crate) live: Live,
 }
 
 impl Fleet {
-    fn start(plan: &Plan, run_id: &str) -> anyhow::Result<Fleet> {
+    pub(crate) fn start(plan: &Plan, run_id: &str) -> anyhow::Result<Fleet> {
         let exe = std::env::current_exe().context("cannot find this program to start workers")?;
         let (tx, events) = mpsc::channel();
         let mut workers = Vec::new();
@@ -136,6 +158,7 @@ impl Fleet {
                     target: plan.target.clone(),
                     sources,
                     threads: plan.threads,
+                    nice: plan.nice,
                 },
             )?;
             workers.push(worker);
@@ -205,6 +228,66 @@ impl Fleet {
         }
     }
 
+    /// Opens connections until the fleet holds `target` (each worker its
+    /// share) and waits until every attempt is ready or failed: what was
+    /// counted meanwhile, and how long it took.
+    pub(crate) fn ramp(&mut self, plan: &Plan, target: u64) -> anyhow::Result<(Tally, f64)> {
+        let s = &plan.settings;
+        let n = self.workers.len();
+        let start = Instant::now();
+        let shares = shares(target, n, s.pattern, s.fanout);
+        // A limit on attempts in flight is shared out like the connections.
+        let pending = s.connect_concurrency.map(|c| split(c, n));
+        for (w, share) in shares.iter().enumerate() {
+            let max_pending = pending.as_ref().map(|p| p[w].max(1));
+            send(
+                &mut self.workers[w],
+                &Command::Ramp { connections: *share, connect_rate: s.connect_rate / n as f64, max_pending },
+            )?;
+        }
+        let ramps = self.collect(None, |_, ev| match ev {
+            Event::Ramped { tally } => Some(tally),
+            _ => None,
+        })?;
+        let mut ramp = Tally::default();
+        ramps.iter().for_each(|t| ramp.merge(t));
+        Ok((ramp, start.elapsed().as_secs_f64()))
+    }
+
+    /// Starts a measured interval in every worker.
+    pub(crate) fn hold(&mut self) -> anyhow::Result<()> {
+        self.broadcast(&Command::Hold)
+    }
+
+    /// Keeps the live view going until `until`.
+    pub(crate) fn wait_until(&mut self, until: Instant) -> anyhow::Result<()> {
+        self.collect(Some(until), |_, _| Some(())).map(drop)
+    }
+
+    /// Ends the measured interval and returns what it counted; with `next`,
+    /// the next interval starts right after it (the command follows in the
+    /// same breath, so only what arrives between the two is not counted).
+    pub(crate) fn end_hold(&mut self, next: bool) -> anyhow::Result<Held> {
+        self.broadcast(&Command::EndHold)?;
+        if next {
+            self.broadcast(&Command::Hold)?;
+        }
+        let helds = self.collect(None, |_, ev| match ev {
+            Event::Held { tally, open, cpu_seconds, rss_bytes } => {
+                Some((tally, open, cpu_seconds, rss_bytes))
+            }
+            _ => None,
+        })?;
+        let mut held = Held { tally: Tally::default(), open: 0, cpu_seconds: 0.0, rss_bytes: 0 };
+        for (tally, open, cpu, rss) in &helds {
+            held.tally.merge(tally);
+            held.open += open;
+            held.cpu_seconds += cpu;
+            held.rss_bytes += rss;
+        }
+        Ok(held)
+    }
+
     /// Updates the live view about once a second.
     fn show(&mut self) {
         let elapsed = self.shown.0.elapsed();
@@ -227,7 +310,7 @@ impl Fleet {
         self.shown = (Instant::now(), sent, received);
     }
 
-    fn stop(mut self) -> f64 {
+    pub(crate) fn stop(mut self) -> f64 {
         let _ = self.broadcast(&Command::Stop);
         let cpu = self
             .collect(None, |_, ev| match ev {
@@ -265,7 +348,7 @@ fn send(w: &mut Worker, cmd: &Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sample(probe: &Option<ServerProbe>, warned: &mut bool, live: &Live) -> Option<ServerSample> {
+pub(crate) fn sample(probe: &Option<ServerProbe>, warned: &mut bool, live: &Live) -> Option<ServerSample> {
     let probe = probe.as_ref()?;
     match probe.sample() {
         Ok(s) => Some(s),
@@ -343,42 +426,21 @@ fn measure_step(
     warned: &mut bool,
 ) -> anyhow::Result<StepResult> {
     let s = &plan.settings;
-    let n = plan.workers;
     let total = s.steps.len();
     fleet.live.phase(format!("step {}/{total}: connecting to {target}", i + 1));
-    let ramp_start = Instant::now();
-    let shares = shares(target, n, s.pattern, s.fanout);
-    for (w, share) in shares.iter().enumerate() {
-        send(
-            &mut fleet.workers[w],
-            &Command::Ramp { connections: *share, connect_rate: s.connect_rate / n as f64 },
-        )?;
-    }
-    let ramps = fleet.collect(None, |_, ev| match ev {
-        Event::Ramped { tally } => Some(tally),
-        _ => None,
-    })?;
-    let ramp_secs = ramp_start.elapsed().as_secs_f64();
-    let mut ramp = Tally::default();
-    ramps.iter().for_each(|t| ramp.merge(t));
+    let (ramp, ramp_secs) = fleet.ramp(plan, target)?;
 
     fleet.live.phase(format!("step {}/{total}: holding {target} for {}s", i + 1, s.hold_secs));
     let server_before = sample(&plan.server, warned, &fleet.live);
     let parent_cpu = usage::own_cpu_seconds();
-    fleet.broadcast(&Command::Hold)?;
+    fleet.hold()?;
     let hold_start = Instant::now();
-    fleet.collect(Some(hold_start + s.hold()), |_, _| Some(()))?;
-    fleet.broadcast(&Command::EndHold)?;
-    let helds = fleet.collect(None, |_, ev| match ev {
-        Event::Held { tally, open, cpu_seconds, rss_bytes } => Some((tally, open, cpu_seconds, rss_bytes)),
-        _ => None,
-    })?;
+    fleet.wait_until(hold_start + s.hold())?;
+    let held = fleet.end_hold(false)?;
     let hold_secs = hold_start.elapsed().as_secs_f64();
     let server_after = sample(&plan.server, warned, &fleet.live);
     let parent_cpu = usage::own_cpu_seconds() - parent_cpu;
 
-    let mut hold = Tally::default();
-    helds.iter().for_each(|h| hold.merge(&h.0));
     let server = server_after.map(|mut after| {
         after.cpu_seconds = match (after.cpu_seconds, server_before.and_then(|b| b.cpu_seconds)) {
             (Some(a), Some(b)) => Some(a - b),
@@ -388,14 +450,14 @@ fn measure_step(
     });
     let mut step = StepResult {
         target_connections: target,
-        open_connections: helds.iter().map(|h| h.1).sum(),
+        open_connections: held.open,
         ramp_secs,
         hold_secs,
         ramp,
-        hold,
+        hold: held.tally,
         server,
-        generator_cpu_seconds: parent_cpu + helds.iter().map(|h| h.2).sum::<f64>(),
-        generator_rss_bytes: helds.iter().map(|h| h.3).sum(),
+        generator_cpu_seconds: parent_cpu + held.cpu_seconds,
+        generator_rss_bytes: held.rss_bytes,
         derived: Derived::default(),
     };
     step.derive();
@@ -431,7 +493,7 @@ pub fn cpus() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())

@@ -22,10 +22,19 @@ pub enum Command {
         target: Target,
         sources: Vec<IpAddr>,
         threads: usize,
+        /// Nice level to run at (0: the parent's).
+        #[serde(default)]
+        nice: i32,
     },
     /// Open connections until this worker holds `connections` (its share of
-    /// the step), `connect_rate` per second.
-    Ramp { connections: u64, connect_rate: f64 },
+    /// the step), `connect_rate` per second, and with `max_pending` at most
+    /// that many attempts not yet ready or failed at a time.
+    Ramp {
+        connections: u64,
+        connect_rate: f64,
+        #[serde(default)]
+        max_pending: Option<u64>,
+    },
     /// Start the measured interval (discard what was counted since the ramp ended).
     Hold,
     /// End the measured interval and report it.

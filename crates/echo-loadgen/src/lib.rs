@@ -9,15 +9,20 @@
 //! - [`worker`], [`ipc`], [`coordinator`]: processes and phases;
 //! - [`usage`]: the server's and the generator's own resources;
 //! - [`result`], [`report`], [`chart`], [`live`]: what people read;
-//! - [`scenario`], [`target`], [`preflight`], [`cli`]: what people write.
+//! - [`scenario`], [`target`], [`preflight`], [`cli`]: what people write;
+//! - [`mixed`], [`churn`]: the two measurements that are not steps of
+//!   one kind of client (WebSocket and MQTT clients in phases; rounds of
+//!   MQTT clients that come and go).
 
 pub mod chart;
+pub mod churn;
 pub mod cli;
 pub mod coordinator;
 pub mod flow;
 pub mod histogram;
 pub mod ipc;
 pub mod live;
+pub mod mixed;
 pub mod mqtt;
 pub mod mqtt_codec;
 pub mod net;

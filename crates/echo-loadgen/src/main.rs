@@ -29,6 +29,8 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Run { scenario, quiet, settings } => run(scenario, quiet, *settings),
+        Cmd::Mixed { args } => mixed(*args),
+        Cmd::Churn { args } => churn(*args),
         Cmd::Merge { files, json, csv, chart } => match merge(&files, json, csv, chart) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(EXIT_BAD_INPUT, &format!("{e:#}")),
@@ -93,7 +95,7 @@ fn run(file: Option<PathBuf>, quiet: bool, cli: Scenario) -> ExitCode {
     }
     let thresholds =
         report::Thresholds { max_error_rate: scenario.max_error_rate, max_p99: scenario.max_p99 };
-    let plan = Plan { settings, target, workers, threads, server, live: !quiet };
+    let plan = Plan { settings, target, workers, threads, server, live: !quiet, nice: 0 };
     coordinator::catch_interrupts();
     let mut result = match coordinator::run(plan) {
         Ok(r) => r,
@@ -121,6 +123,48 @@ fn run(file: Option<PathBuf>, quiet: bool, cli: Scenario) -> ExitCode {
         }
         ExitCode::from(EXIT_THRESHOLD)
     }
+}
+
+fn mixed(args: echo_loadgen::mixed::MixedArgs) -> ExitCode {
+    use echo_loadgen::mixed;
+    let json = args.json.clone();
+    let checked = match mixed::check(args) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_BAD_INPUT, &e),
+    };
+    coordinator::catch_interrupts();
+    let result = match mixed::run(checked) {
+        Ok(r) => r,
+        Err(e) if coordinator::interrupted() => return fail(EXIT_INTERRUPTED, &format!("interrupted ({e})")),
+        Err(e) => return fail(1, &format!("{e:#}")),
+    };
+    print!("{}", mixed::report(&result));
+    if let Some(path) = json
+        && let Err(e) = mixed::write_json(&result, &path)
+    {
+        return fail(1, &format!("{e:#}"));
+    }
+    ExitCode::SUCCESS
+}
+
+fn churn(args: echo_loadgen::churn::ChurnArgs) -> ExitCode {
+    use echo_loadgen::churn;
+    let (target, probe) = match churn::check(&args) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_BAD_INPUT, &e),
+    };
+    let json = args.json.clone();
+    let result = match churn::run(args, target, probe) {
+        Ok(r) => r,
+        Err(e) => return fail(1, &format!("{e:#}")),
+    };
+    print!("{}", churn::report(&result));
+    if let Some(path) = json
+        && let Err(e) = churn::write_json(&result, &path)
+    {
+        return fail(1, &format!("{e:#}"));
+    }
+    ExitCode::SUCCESS
 }
 
 fn write_outputs(

@@ -175,6 +175,10 @@ pub struct Scenario {
     #[arg(long, value_name = "PER_SEC")]
     pub connect_rate: Option<f64>,
 
+    /// At most this many connection attempts in flight (not yet ready or failed) while ramping; with a high --connect-rate the server's pace sets the ramp's [default: no limit].
+    #[arg(long, value_name = "N")]
+    pub connect_concurrency: Option<u64>,
+
     /// Messages per second per connection; 0 = idle connections, max = closed loop as fast as echoes return [default: 1].
     #[arg(short, long, value_name = "PER_SEC|max")]
     #[serde(default, deserialize_with = "rate")]
@@ -213,6 +217,10 @@ pub struct Scenario {
     /// With --pattern fanout: subscribers per topic [default: 10].
     #[arg(long, value_name = "N")]
     pub fanout: Option<u32>,
+
+    /// MQTT: write SUBSCRIBE right behind CONNECT, without waiting for CONNACK (one read per client for the broker instead of two).
+    #[arg(long, num_args = 0, default_missing_value = "true")]
+    pub pipeline_subscribe: Option<bool>,
 
     /// MQTT topic prefix; topics are PREFIX/RUN/WORKER/N [default: echo-loadgen].
     #[arg(long, value_name = "TOPIC")]
@@ -283,6 +291,7 @@ impl Scenario {
             steps,
             hold,
             connect_rate,
+            connect_concurrency,
             rate,
             in_flight,
             size,
@@ -292,6 +301,7 @@ impl Scenario {
             mqtt_version,
             pattern,
             fanout,
+            pipeline_subscribe,
             topic_prefix,
             workers,
             threads,
@@ -315,6 +325,9 @@ pub struct Settings {
     pub steps: Vec<u64>,
     pub hold_secs: f64,
     pub connect_rate: f64,
+    /// Attempts in flight at most while ramping (`None`: no limit).
+    #[serde(default)]
+    pub connect_concurrency: Option<u64>,
     pub rate: Rate,
     pub in_flight: u32,
     pub size: usize,
@@ -324,6 +337,9 @@ pub struct Settings {
     pub mqtt_version: MqttVersion,
     pub pattern: Pattern,
     pub fanout: u32,
+    /// SUBSCRIBE written with CONNECT, before CONNACK.
+    #[serde(default)]
+    pub pipeline_subscribe: bool,
     pub topic_prefix: String,
     pub sources: Vec<IpAddr>,
     pub label: Option<String>,
@@ -343,6 +359,7 @@ impl Settings {
             ("--mqtt-version", s.mqtt_version.is_some()),
             ("--pattern", s.pattern.is_some()),
             ("--fanout", s.fanout.is_some()),
+            ("--pipeline-subscribe", s.pipeline_subscribe.is_some()),
             ("--topic-prefix", s.topic_prefix.is_some()),
         ]
         .into_iter()
@@ -368,6 +385,7 @@ impl Settings {
             steps: s.steps.clone().map(|s| s.0).unwrap_or_else(|| vec![100]),
             hold_secs: s.hold.unwrap_or(Duration::from_secs(10)).as_secs_f64(),
             connect_rate: s.connect_rate.unwrap_or(1000.0),
+            connect_concurrency: s.connect_concurrency,
             rate: s.rate.unwrap_or(Rate::PerSecond(1.0)),
             in_flight: s.in_flight.unwrap_or(1),
             size: s.size.unwrap_or(64),
@@ -377,6 +395,7 @@ impl Settings {
             mqtt_version: s.mqtt_version.unwrap_or(MqttVersion::V311),
             pattern: s.pattern.unwrap_or(Pattern::Echo),
             fanout: s.fanout.unwrap_or(10),
+            pipeline_subscribe: s.pipeline_subscribe.unwrap_or(false),
             topic_prefix: s.topic_prefix.clone().unwrap_or_else(|| "echo-loadgen".into()),
             sources: s.source.clone().map(|s| s.0).unwrap_or_default(),
             label: s.label.clone(),
@@ -385,7 +404,7 @@ impl Settings {
         Ok(settings)
     }
 
-    fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self) -> Result<(), String> {
         use crate::payload::HEADER_LEN;
         if self.size < HEADER_LEN {
             return Err(format!(
@@ -398,6 +417,9 @@ impl Settings {
         }
         if !(self.connect_rate > 0.0 && self.connect_rate.is_finite()) {
             return Err("--connect-rate must be a positive number of connections per second".into());
+        }
+        if self.connect_concurrency == Some(0) {
+            return Err("--connect-concurrency must be at least 1 attempt in flight".into());
         }
         if self.hold_secs.is_nan() || self.hold_secs <= 0.0 {
             return Err("--hold must be longer than 0s".into());
@@ -533,13 +555,24 @@ mod tests {
             e.starts_with("--mqtt-version, --pattern, --fanout, --topic-prefix apply to MQTT only"),
             "{e}"
         );
+        assert!(
+            ws(&["--pipeline-subscribe"])
+                .unwrap_err()
+                .starts_with("--pipeline-subscribe applies to MQTT only")
+        );
         assert!(ws(&["--rate", "5"]).is_ok());
         // The same flags with an MQTT URL are fine.
         let s =
             Cli::parse_from(["x", "mqtt://127.0.0.1", "--qos", "1", "--pattern", "fanout", "--steps", "11"])
                 .s;
         assert!(Settings::resolve(&s).is_ok());
+        let s = Cli::parse_from(["x", "mqtt://127.0.0.1", "--pipeline-subscribe"]).s;
+        assert!(Settings::resolve(&s).unwrap().pipeline_subscribe);
+        let s = Cli::parse_from(["x", "mqtt://127.0.0.1"]).s;
+        assert!(!Settings::resolve(&s).unwrap().pipeline_subscribe, "off unless asked for");
         // From a scenario file, too.
+        let file: Scenario = toml::from_str("pipeline-subscribe = true").unwrap();
+        assert_eq!(file.pipeline_subscribe, Some(true));
         let file: Scenario = toml::from_str("qos = 2").unwrap();
         let cli = Cli::parse_from(["x", "WS://127.0.0.1:1/"]).s;
         assert!(Settings::resolve(&cli.over(file)).unwrap_err().contains("--qos applies to MQTT only"));

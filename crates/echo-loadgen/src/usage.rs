@@ -5,6 +5,7 @@
 //! exports the standard `process_*` metrics). Both are sampled around every
 //! hold so the report can divide memory by connections and CPU by messages.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
@@ -70,19 +71,9 @@ fn sample_pid(pid: u32) -> Result<ServerSample, String> {
             "cannot read /proc/{pid}/stat ({e}): is --server-pid {pid} a running process on this machine?"
         )
     })?;
-    // Fields after the parenthesised command name; utime and stime are the
-    // 14th and 15th fields of the whole line.
-    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let cpu = match (
-        fields.get(11).and_then(|v| v.parse::<f64>().ok()),
-        fields.get(12).and_then(|v| v.parse::<f64>().ok()),
-    ) {
-        (Some(u), Some(s)) => Some((u + s) / ticks),
-        _ => None,
-    };
+    let cpu = stat_cpu_seconds(&stat, ticks);
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok().map(|d| d.count() as u64);
     Ok(ServerSample {
         rss_bytes: proc_rss(&pid.to_string()),
@@ -90,6 +81,87 @@ fn sample_pid(pid: u32) -> Result<ServerSample, String> {
         open_fds: fds,
         connections: None,
     })
+}
+
+/// What the threads of one name (`/proc/PID/task/*/comm`) have used so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ThreadTimes {
+    /// CPU time, user + system.
+    pub cpu_seconds: f64,
+    /// Time spent runnable but waiting for a CPU (`schedstat`'s second
+    /// field): how long the thread was ready to serve and could not.
+    /// `None` on kernels without scheduler statistics.
+    pub wait_seconds: Option<f64>,
+}
+
+impl ThreadTimes {
+    /// What was used between `before` and `self`.
+    pub fn since(&self, before: &ThreadTimes) -> ThreadTimes {
+        ThreadTimes {
+            cpu_seconds: self.cpu_seconds - before.cpu_seconds,
+            wait_seconds: match (self.wait_seconds, before.wait_seconds) {
+                (Some(a), Some(b)) => Some(a - b),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// CPU and CPU-wait time of each thread of process `pid`, by thread name
+/// (threads of one name add up: a server's thread pool is one line).
+pub fn thread_times(pid: u32) -> Result<BTreeMap<String, ThreadTimes>, String> {
+    let dir = format!("/proc/{pid}/task");
+    let tasks = std::fs::read_dir(&dir).map_err(|e| format!("cannot read {dir}: {e}"))?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut out: BTreeMap<String, ThreadTimes> = BTreeMap::new();
+    for task in tasks.flatten() {
+        let path = task.path();
+        // A thread that ended between the listing and the reads is skipped.
+        let (Ok(comm), Ok(stat)) =
+            (std::fs::read_to_string(path.join("comm")), std::fs::read_to_string(path.join("stat")))
+        else {
+            continue;
+        };
+        let Some(cpu) = stat_cpu_seconds(&stat, ticks) else { continue };
+        let wait = std::fs::read_to_string(path.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .map(|ns| ns / 1e9);
+        // The wait is known for a name only when every thread of it has one.
+        let entry = out
+            .entry(comm.trim().to_string())
+            .or_insert(ThreadTimes { cpu_seconds: 0.0, wait_seconds: Some(0.0) });
+        entry.cpu_seconds += cpu;
+        entry.wait_seconds = entry.wait_seconds.zip(wait).map(|(a, b)| a + b);
+    }
+    Ok(out)
+}
+
+/// utime + stime of a `/proc/.../stat` line, in seconds.
+fn stat_cpu_seconds(stat: &str, ticks: f64) -> Option<f64> {
+    // Fields after the parenthesised command name (which may hold spaces);
+    // utime and stime are the 14th and 15th fields of the whole line.
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let utime = fields.get(11)?.parse::<f64>().ok()?;
+    let stime = fields.get(12)?.parse::<f64>().ok()?;
+    Some((utime + stime) / ticks)
+}
+
+/// The cumulative buckets of Prometheus histogram `name` in `text`, as
+/// (upper bound `le`, count) in the order given; empty when absent.
+pub fn histogram_buckets(text: &str, name: &str) -> Vec<(String, u64)> {
+    let prefix = format!("{name}_bucket{{");
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.trim().strip_prefix(&prefix)?;
+            let (labels, value) = rest.rsplit_once('}')?;
+            let le = labels.split(',').find_map(|l| l.trim().strip_prefix("le=\""))?.strip_suffix('"')?;
+            let count = value.split_whitespace().next()?.parse::<f64>().ok()?;
+            Some((le.to_string(), count as u64))
+        })
+        .collect()
 }
 
 /// A minimal HTTP/1.0 GET over plain TCP: enough for a `/metrics` page
@@ -172,6 +244,46 @@ mod tests {
         assert_eq!(s.open_fds, Some(107));
         assert_eq!(s.connections, Some(100));
         assert_eq!(parse_prometheus(text, Protocol::Mqtt).connections, None);
+    }
+
+    #[test]
+    fn histogram_buckets_are_read_in_order() {
+        let text = "# TYPE echo_event_loop_lag_seconds histogram\n\
+            echo_event_loop_lag_seconds_bucket{le=\"0.001\"} 90\n\
+            echo_event_loop_lag_seconds_bucket{le=\"0.005\"} 99\n\
+            echo_event_loop_lag_seconds_bucket{le=\"+Inf\"} 100\n\
+            echo_event_loop_lag_seconds_sum 0.2\n\
+            echo_event_loop_lag_seconds_count 100\n\
+            other_bucket{le=\"1\"} 5\n";
+        let b = histogram_buckets(text, "echo_event_loop_lag_seconds");
+        assert_eq!(b, vec![("0.001".into(), 90), ("0.005".into(), 99), ("+Inf".into(), 100)]);
+        assert!(histogram_buckets(text, "missing").is_empty());
+    }
+
+    #[test]
+    fn threads_of_this_process_are_read_by_name() {
+        // Burn some CPU on a named thread so it has something to show.
+        let busy = std::thread::Builder::new()
+            .name("elg-busy".into())
+            .spawn(|| {
+                let start = std::time::Instant::now();
+                let mut x = 0u64;
+                while start.elapsed() < Duration::from_millis(300) {
+                    x = x.wrapping_mul(31).wrapping_add(7);
+                }
+                std::hint::black_box(x);
+                thread_times(std::process::id()).unwrap()
+            })
+            .unwrap();
+        let times = busy.join().unwrap();
+        let t = times.get("elg-busy").expect("the thread is listed by its name");
+        assert!(t.cpu_seconds >= 0.1, "{t:?}");
+        if let Some(w) = t.wait_seconds {
+            assert!(w >= 0.0, "{t:?}");
+        }
+        let d = t.since(&ThreadTimes { cpu_seconds: 0.05, wait_seconds: t.wait_seconds });
+        assert!((d.cpu_seconds - (t.cpu_seconds - 0.05)).abs() < 1e-9);
+        assert!(thread_times(u32::MAX - 1).is_err());
     }
 
     #[test]

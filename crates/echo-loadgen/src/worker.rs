@@ -73,11 +73,20 @@ pub fn main() -> anyhow::Result<()> {
         }
         // stdin closed: the parent is gone; Stop is implied by the dropped sender.
     });
-    let Some(Command::Init { worker, run_id, settings, target, sources, threads }) = rx.blocking_recv()
+    let Some(Command::Init { worker, run_id, settings, target, sources, threads, nice }) = rx.blocking_recv()
     else {
         anyhow::bail!("worker: expected an init command first");
     };
     raise_fd_limit();
+    if nice != 0 {
+        // On Linux the nice level is per thread and inherited by threads
+        // created later: set before the runtime starts, it covers them all.
+        // SAFETY: setpriority on the calling thread, no pointers involved.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+            let e = std::io::Error::last_os_error();
+            anyhow::bail!("worker: cannot set nice level {nice}: {e}");
+        }
+    }
     // Ctrl-C reaches the whole process group; the parent decides when the
     // workers stop (and reports what was measured until then).
     // SAFETY: setting a signal's disposition to "ignore".
@@ -118,7 +127,7 @@ async fn serve(ctx: Arc<Ctx>, sources: Vec<IpAddr>, mut rx: mpsc::UnboundedRecei
     while let Some(cmd) = rx.recv().await {
         match cmd {
             Command::Init { .. } => emit(&Event::Failed { reason: "init sent twice".into() }),
-            Command::Ramp { connections, connect_rate } => {
+            Command::Ramp { connections, connect_rate, max_pending } => {
                 let interval = Duration::from_secs_f64(1.0 / connect_rate.max(0.001));
                 let start = Instant::now();
                 let first = opened;
@@ -130,6 +139,13 @@ async fn serve(ctx: Arc<Ctx>, sources: Vec<IpAddr>, mut rx: mpsc::UnboundedRecei
                     }
                     let at = start + interval.mul_f64((opened - first) as f64);
                     tokio::time::sleep_until(at).await;
+                    // With a limit on attempts in flight, the server's pace
+                    // (how fast it answers) sets the ramp's, not the clock.
+                    if let Some(max) = max_pending {
+                        while opened - ctx.rec.live.settled.load(Ordering::Relaxed) >= max {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
                     let id = opened as u32;
                     let source = (!sources.is_empty()).then(|| sources[opened as usize % sources.len()]);
                     let (ctx, stop) = (ctx.clone(), stop_rx.clone());

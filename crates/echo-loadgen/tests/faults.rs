@@ -174,3 +174,66 @@ fn a_server_that_never_reads_is_refused_before_the_run_not_waited_for() {
     assert!(run.stderr().contains("did not take a 16777216-byte message within"), "{}", run.stderr());
     assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
 }
+
+/// An echo server that takes 200 ms over every WebSocket handshake and
+/// counts how many were in progress at once (the most, since it started).
+fn slow_handshake_server() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let most = Arc::new(AtomicU64::new(0));
+    let seen = most.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let now = Arc::new(AtomicU64::new(0));
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let (now, most) = (now.clone(), most.clone());
+                tokio::spawn(async move {
+                    let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(n, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let ws = tokio_tungstenite::accept_async(tcp).await;
+                    now.fetch_sub(1, Ordering::SeqCst);
+                    let Ok(mut ws) = ws else { return };
+                    while let Some(Ok(msg)) = ws.next().await {
+                        if msg.is_binary() && ws.send(msg).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    });
+    (addr, seen)
+}
+
+#[test]
+fn connect_concurrency_bounds_the_attempts_in_flight() {
+    use std::sync::atomic::Ordering;
+    // Without a limit, 12 connections at 1,000,000/s are 12 handshakes at once.
+    let (addr, most) = slow_handshake_server();
+    let url = format!("ws://{addr}/");
+    let base = [url.as_str(), "--steps", "12", "--hold", "1s", "--rate", "0", "--connect-rate", "1000000"];
+    let run = loadgen("no-connect-limit", &base);
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    assert_eq!(most.load(Ordering::SeqCst), 12);
+    // With --connect-concurrency 3: never more than 3, so the 12 take at
+    // least 4 rounds of 200 ms, and every one connects.
+    let (addr, most) = slow_handshake_server();
+    let url = format!("ws://{addr}/");
+    let mut args = base.to_vec();
+    args[0] = &url;
+    args.extend(["--connect-concurrency", "3"]);
+    let run = loadgen("connect-limit", &args);
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    assert_eq!(most.load(Ordering::SeqCst), 3);
+    let s = run.step(0);
+    assert_eq!(u(&s["open_connections"]), 12);
+    assert!(s["ramp_secs"].as_f64().unwrap() >= 0.8, "{s}");
+    assert_eq!(run.json()["settings"]["connect_concurrency"], 3);
+}
