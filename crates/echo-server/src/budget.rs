@@ -119,6 +119,12 @@ impl MemoryBudget {
         heap::in_use() + self.charged.get() >= self.threshold
     }
 
+    /// Whether the heap is past three quarters of the threshold: time to
+    /// give back what malloc holds free more often (see `trim`).
+    pub fn pressed(&self) -> bool {
+        heap::in_use() + self.charged.get() >= self.threshold / 4 * 3
+    }
+
     /// Whether `what` may go ahead; if not, the refusal is counted (and the
     /// first of an episode logged).
     pub fn allows(&self, what: &'static str) -> bool {

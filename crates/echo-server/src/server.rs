@@ -180,7 +180,8 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit) -> Summary {
         tokio::task::spawn_local(admin::serve(listener, admin_state.clone()));
     }
     tokio::task::spawn_local(crate::lag::probe(metrics.loop_lag.clone(), shutdown.clone()));
-    tokio::task::spawn_local(crate::trim::run(metrics.clone(), shutdown.clone()));
+    crate::trim::return_large_buffers_at_once();
+    tokio::task::spawn_local(crate::trim::run(metrics.clone(), budget.clone(), shutdown.clone()));
     tokio::task::spawn_local(stats::run(
         config.server.stats_interval,
         metrics.clone(),
