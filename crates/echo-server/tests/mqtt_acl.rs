@@ -210,6 +210,49 @@ fn a_publish_by_topic_alias_is_judged_by_its_topic() {
     assert_eq!(denied(&server, "publish"), 2.0);
 }
 
+/// A 3.1.1 CONNECT without clean session (the session outlives the
+/// connection), with a login.
+fn connect_persistent(client_id: &str, user: &str, password: &str) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xc0, 0, 30];
+    for s in [client_id, user, password] {
+        body.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        body.extend_from_slice(s.as_bytes());
+    }
+    mqtt_raw::packet(0x10, &body)
+}
+
+/// A kept session's subscriptions were checked against its user's rules:
+/// its user resumes it, another user connecting with the same client id
+/// starts anew (session present 0) and gets none of its messages.
+#[test]
+fn another_user_does_not_resume_a_kept_session() {
+    let dir = Dir::new("resume");
+    let server = server_with_users(&dir);
+    let mut alice = RawMqtt::connect(server.mqtt_addr());
+    alice.send(&connect_persistent("shared-id", "alice", "alice-pw"));
+    assert_eq!(alice.read_packet().unwrap().connack_code(), 0);
+    alice.send(&mqtt_raw::subscribe(4, 1, "alice/inbox"));
+    assert_eq!(alice.read_packet().unwrap().suback_codes(4), vec![0]);
+    alice.send(&mqtt_raw::DISCONNECT);
+    assert!(alice.closed_within(Duration::from_secs(5)));
+    // Her own reconnection resumes it.
+    let mut alice = RawMqtt::connect(server.mqtt_addr());
+    alice.send(&connect_persistent("shared-id", "alice", "alice-pw"));
+    let ack = alice.read_packet().unwrap();
+    assert_eq!((ack.connack_code(), ack.session_present()), (0, true));
+    alice.send(&mqtt_raw::DISCONNECT);
+    assert!(alice.closed_within(Duration::from_secs(5)));
+    // bob's does not.
+    let mut bob = RawMqtt::connect(server.mqtt_addr());
+    bob.send(&connect_persistent("shared-id", "bob", "bob-pw"));
+    let ack = bob.read_packet().unwrap();
+    assert_eq!((ack.connack_code(), ack.session_present()), (0, false));
+    let mut sender = login(&server, 4, "alice-sender", "alice", "alice-pw");
+    sender.send(&mqtt_raw::publish_qos(4, "alice/inbox", 1, 5, b"for alice"));
+    assert_eq!(sender.read_packet().unwrap().packet_type(), 4);
+    assert_eq!(bob.drain(Duration::from_millis(500)), 0, "bob got alice's message");
+}
+
 /// Without a password file, clients without a username get the rules
 /// before the first `user` line; patterns apply to every client.
 #[test]

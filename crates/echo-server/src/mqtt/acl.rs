@@ -38,7 +38,11 @@
 //! match (they overlap). With `topic read #` and `topic deny secret/#`,
 //! `#` and `+/x` are refused (Mosquitto grants them and withholds
 //! `secret/...` messages), `news/#` is granted. Every message a granted
-//! filter can bring is then readable, retained ones included.
+//! filter can bring is then readable, retained ones included. A kept
+//! session (3.1.1 without clean session, MQTT 5 with a session expiry)
+//! holds filters granted to the user it was connected with; a connection
+//! of another user (or of none) with the same client id starts a new
+//! session instead of resuming it (see `caps::Kept::owner`).
 
 use std::collections::HashMap;
 
@@ -207,6 +211,8 @@ impl ClientAcl {
 #[derive(Debug)]
 pub(crate) struct SessionAcl {
     rules: ClientAcl,
+    /// The username the rules are for (`None`: anonymous).
+    username: Option<Box<str>>,
     /// The MQTT 5 topic aliases the client set, so that a publish by alias
     /// is judged by its topic (at most `mqtt.topic_alias_maximum`, checked
     /// before). Set whether or not that publish was allowed: the router
@@ -220,8 +226,17 @@ pub(crate) struct SessionAcl {
 }
 
 impl SessionAcl {
-    pub(crate) fn new(rules: ClientAcl) -> SessionAcl {
-        SessionAcl { rules, aliases: HashMap::new(), refused_qos2: Vec::new() }
+    pub(crate) fn new(rules: ClientAcl, username: Option<&str>) -> SessionAcl {
+        SessionAcl {
+            rules,
+            username: username.map(Box::from),
+            aliases: HashMap::new(),
+            refused_qos2: Vec::new(),
+        }
+    }
+
+    pub(crate) fn username(&self) -> Option<&str> {
+        self.username.as_deref()
     }
 
     /// Whether the client may publish to `topic`, or to what `alias`

@@ -346,6 +346,9 @@ async fn open(
     metrics.connected(version.label());
     accepted.held.filters =
         server.kept.connected(&accepted.client_id, session_present, accepted.session_expiry);
+    if let Some(acl) = &accepted.acl {
+        server.kept.set_owner(&accepted.client_id, acl.username());
+    }
     debug!(
         %peer,
         client_id = %accepted.client_id,
@@ -498,8 +501,11 @@ async fn handshake(
     // The ACL's rules for this client, by the username it logged in with
     // (none, or an empty one: the anonymous section) and its client id.
     let username = login.as_ref().map(|l| l.username.as_str()).filter(|u| !u.is_empty());
-    let mut acl =
-        server.access.acl.as_ref().map(|acl| Box::new(SessionAcl::new(acl.for_client(username, &client_id))));
+    let mut acl = server
+        .access
+        .acl
+        .as_ref()
+        .map(|acl| Box::new(SessionAcl::new(acl.for_client(username, &client_id), username)));
     let delay = will_properties.as_ref().and_then(|p| p.delay_interval).unwrap_or(0);
     // The will goes to the router later, through the server's own link, as
     // it is: a topic the router refuses would end that link (see
@@ -536,11 +542,21 @@ async fn handshake(
             return Err(Refused::With(version, ConnectReturnCode::NotAuthorized, "not_authorized"));
         }
     }
+    // A kept session that another user (or no user) connected with holds
+    // subscriptions checked against that user's rules: this one starts
+    // anew instead of resuming it.
+    let mut clean_session = connect.clean_session;
+    if acl.is_some()
+        && !clean_session
+        && server.kept.owner(&client_id).is_some_and(|owner| owner.as_deref() != username)
+    {
+        clean_session = true;
+    }
     Ok(Accepted {
         codec,
         client_id,
         assigned_id,
-        clean_session: connect.clean_session,
+        clean_session,
         session_expiry,
         expiry_changed: false,
         keep_alive: connect.keep_alive,
