@@ -356,6 +356,55 @@ fn a_file_from_mosquitto_passwd_works() {
     assert_eq!(c.read_packet().unwrap().connack_code(), 0x86);
 }
 
+/// And the other way: Mosquitto's broker takes a file `echo-server passwd`
+/// wrote.
+#[test]
+fn mosquitto_takes_a_file_from_echo_server_passwd() {
+    if !tool_available(
+        "mosquitto and mosquitto_pub (Debian packages `mosquitto`, `mosquitto-clients`)",
+        Command::new("sh").args(["-c", "command -v mosquitto && command -v mosquitto_pub"]),
+    ) {
+        return;
+    }
+    let dir = Dir::new("to-mosquitto");
+    let passwords = dir.path("passwd");
+    add_user(&passwords, "gina", "gina pw");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    // `user root`: as root, Mosquitto would otherwise switch to its own
+    // user, which cannot read a file of mode 0600 (elsewhere it is ignored).
+    let config = dir.file(
+        "mosquitto.conf",
+        &format!("user root\nlistener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwords}\n"),
+    );
+    let mut broker = Command::new("mosquitto")
+        .args(["-c", &config])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let publish = |password: &str| {
+        Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-u", "gina", "-P", password, "-t", "t", "-m", "x"])
+            .output()
+            .unwrap()
+    };
+    let mut right = publish("gina pw");
+    for _ in 0..50 {
+        if right.status.success() || !String::from_utf8_lossy(&right.stderr).contains("Connection refused") {
+            break;
+        }
+        // Not listening yet.
+        std::thread::sleep(Duration::from_millis(100));
+        right = publish("gina pw");
+    }
+    let wrong = publish("gina pW");
+    let _ = broker.kill();
+    let _ = broker.wait();
+    assert!(right.status.success(), "{}", String::from_utf8_lossy(&right.stderr));
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("not authorised"), "{wrong:?}");
+}
+
 /// `echo-server passwd FILE USER` reads the password from standard input.
 #[test]
 fn passwd_reads_the_password_from_standard_input() {
