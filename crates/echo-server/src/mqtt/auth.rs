@@ -51,10 +51,11 @@ fn read<T>(
 /// Whether a CONNECT's login lets the client in: with no authentication
 /// configured, any; otherwise the configured pair or a user of the
 /// password file. The password file's hashes are slow on purpose (PBKDF2,
-/// about 0.5 ms at `echo-server passwd`'s iterations in a release build,
+/// about 0.55 ms at `echo-server passwd`'s iterations in a release build,
 /// and as many as another tool wrote): that runs on tokio's blocking
-/// threads, never on the event loop, and at most
-/// `mqtt.connect_concurrency` at once since a CONNECT is checked on a turn.
+/// threads, never on the event loop. A CONNECT is checked on a turn, so
+/// at most `mqtt.connect_concurrency` run at once while each takes less
+/// than the turn's patience (50 ms).
 pub(crate) async fn authenticate(
     credentials: Option<&Credentials>,
     passwords: Option<&Arc<PasswordFile>>,

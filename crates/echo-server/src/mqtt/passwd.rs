@@ -25,7 +25,7 @@ use super::acl::LineError;
 /// The iterations `echo-server passwd` uses unless told otherwise: ten
 /// times `mosquitto_passwd`'s 101. One verification costs about 0.55 ms of
 /// one core in a release build (see docs/mqtt.md), done on a blocking
-/// thread, at most `mqtt.connect_concurrency` at once.
+/// thread (see `auth::authenticate`).
 pub const DEFAULT_ITERATIONS: u32 = 1000;
 
 /// Salt bytes, as `mosquitto_passwd` makes them.
