@@ -536,6 +536,27 @@ pattern read inbox/%u/#
         assert!(!bob.may_subscribe("$share/g/alice/#"));
     }
 
+    /// A publish by alias is judged by the topic the alias was last set
+    /// to, allowed or not; refused 3.1.1 QoS 2 publishes are remembered
+    /// until their PUBREL.
+    #[test]
+    fn a_session_follows_aliases_and_refused_releases() {
+        let mut bob = SessionAcl::new(acl().for_client(Some("bob"), "b1"), Some("bob"));
+        assert_eq!(bob.username(), Some("bob"));
+        assert!(!bob.may_publish(b"alice/x", Some(1)));
+        assert!(!bob.may_publish(b"", Some(1)), "alias 1 is alice/x");
+        assert!(bob.may_publish(b"bob/x", Some(1)));
+        assert!(bob.may_publish(b"", Some(1)), "alias 1 is bob/x now");
+        assert!(bob.may_publish(b"", Some(2)), "an alias never set is the router's to refuse");
+        assert!(bob.may_publish(b"bob/y", None) && !bob.may_publish(b"alice/y", None));
+        assert!(!bob.may_subscribe("alice/#") && bob.may_subscribe("bob/+"));
+        bob.refused_qos2(7);
+        bob.refused_qos2(7);
+        assert!(!bob.releases_refused(8));
+        assert!(bob.releases_refused(7));
+        assert!(!bob.releases_refused(7), "released once");
+    }
+
     #[test]
     fn topics_may_have_spaces() {
         let acl = Acl::parse("topic read my topic/#\ntopic room one\n").unwrap();
