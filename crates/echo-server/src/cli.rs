@@ -75,6 +75,24 @@ pub enum Command {
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Set USER's password in FILE, a password file for mqtt.password_file
+    /// (Mosquitto's format: mosquitto_passwd reads it, and this reads
+    /// mosquitto_passwd's). The file is created if missing; the user's line
+    /// is replaced if there is one. The password is read from the first
+    /// line of standard input unless --password is given.
+    Passwd {
+        /// The password file.
+        file: PathBuf,
+        /// The username (no ':').
+        user: String,
+        /// The password (visible to other users in the process list: prefer
+        /// standard input).
+        #[arg(long)]
+        password: Option<String>,
+        /// PBKDF2-SHA512 iterations (mosquitto_passwd uses 101).
+        #[arg(long, default_value_t = crate::mqtt::passwd::DEFAULT_ITERATIONS)]
+        iterations: u32,
+    },
 }
 
 impl Cli {
@@ -120,5 +138,19 @@ mod tests {
         assert_eq!(o.websocket_listen.len(), 2);
         assert_eq!(o.max_connections, Some(7));
         assert_eq!(o.log_format, Some(LogFormat::Json));
+    }
+
+    #[test]
+    fn passwd_takes_a_file_and_a_user() {
+        let cli = Cli::parse_from(["echo-server", "passwd", "/tmp/p", "alice", "--iterations", "5"]);
+        match cli.command {
+            Some(Command::Passwd { file, user, password, iterations }) => {
+                assert_eq!(
+                    (file.to_str(), user.as_str(), password, iterations),
+                    (Some("/tmp/p"), "alice", None, 5)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -177,6 +177,11 @@ pub struct MqttConfig {
     /// Empty means "no authentication".
     pub username: String,
     pub password: String,
+    /// Users and hashed passwords, Mosquitto's format; "" is off.
+    pub password_file: String,
+    /// Who may publish and subscribe where, Mosquitto's `acl_file`
+    /// format; "" is off (everything allowed).
+    pub acl_file: String,
     /// PEM files; both empty means plain TCP.
     pub tls_cert: String,
     pub tls_key: String,
@@ -205,6 +210,8 @@ impl Default for MqttConfig {
             receive_maximum: 32,
             username: String::new(),
             password: String::new(),
+            password_file: String::new(),
+            acl_file: String::new(),
             tls_cert: String::new(),
             tls_key: String::new(),
         }

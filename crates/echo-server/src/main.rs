@@ -7,6 +7,8 @@ use tracing::error;
 use echo_server::cli::{Cli, Command};
 use echo_server::config::Config;
 use echo_server::limits::FileLimit;
+use echo_server::mqtt::auth::Access;
+use echo_server::mqtt::passwd;
 use echo_server::{healthcheck, logging, server};
 
 /// Exit status for a configuration that was refused (before anything ran).
@@ -14,6 +16,10 @@ const EXIT_BAD_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Needs no configuration (it writes a file the configuration names).
+    if let Some(Command::Passwd { file, user, password, iterations }) = &cli.command {
+        return passwd(file, user, password.as_deref(), *iterations);
+    }
     let config = match Config::load(cli.config.as_deref(), std::env::vars(), &cli.overrides()) {
         Ok(config) => config,
         Err(err) => {
@@ -47,6 +53,16 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
+    // Read once, now: a bad line is a configuration error, reported before
+    // anything is bound.
+    let mqtt_access = match Access::load(&config.mqtt) {
+        Ok(access) => access,
+        Err(err) => {
+            eprintln!("echo-server: invalid configuration: {err}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+
     logging::init(&config.log);
     logging::log_panics();
     let files = FileLimit::raise();
@@ -57,7 +73,7 @@ fn main() -> ExitCode {
             "could not presize the descriptor table: the event loop may stall for a moment each time it grows"
         ),
     }
-    let bound = match server::bind_all(&config) {
+    let bound = match server::bind_all(&config, mqtt_access) {
         Ok(bound) => bound,
         Err(err) => {
             error!("{err}");
@@ -78,4 +94,31 @@ fn main() -> ExitCode {
         return ExitCode::from(server::EXIT_ROUTER_FAILED);
     }
     ExitCode::SUCCESS
+}
+
+/// `echo-server passwd FILE USER`: the password from `--password`, or else
+/// the first line of standard input (so that it stays out of the process
+/// list and the shell's history: `echo-server passwd FILE USER < secret`).
+fn passwd(file: &std::path::Path, user: &str, password: Option<&str>, iterations: u32) -> ExitCode {
+    let password = match password {
+        Some(password) => password.to_owned(),
+        None => {
+            if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                eprintln!("Password for {user} (one line, shown as typed):");
+            }
+            let mut line = String::new();
+            if let Err(err) = std::io::stdin().read_line(&mut line) {
+                eprintln!("echo-server passwd: cannot read the password: {err}");
+                return ExitCode::FAILURE;
+            }
+            line.trim_end_matches(['\n', '\r']).to_owned()
+        }
+    };
+    match passwd::set_password(file, user, &password, iterations) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("echo-server passwd: {err}");
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
+    }
 }

@@ -54,6 +54,12 @@ pub struct CapLabel {
     pub cap: &'static str,
 }
 
+/// What an MQTT client was refused by the ACL: "publish" or "subscribe".
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabel {
+    pub action: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PacketLabel {
     pub packet: &'static str,
@@ -173,6 +179,9 @@ pub struct MqttMetrics {
     pub wills_link_restarts: Count,
     /// Times a per-client cap (`mqtt::caps`) refused something, by cap.
     pub cap_refusals: Family<CapLabel, Count>,
+    /// Publishes (wills included) and subscription filters the ACL
+    /// (`mqtt.acl_file`) refused, by action.
+    pub acl_denied: Family<ActionLabel, Count>,
     /// How long `LinkBuilder::build_async()` waited for the router, per
     /// connect (awaited: the event loop serves others meanwhile).
     pub link_build_seconds: Histogram,
@@ -219,6 +228,7 @@ impl MqttMetrics {
             slow_subscriber_skips: Count::default(),
             wills_link_restarts: Count::default(),
             cap_refusals: Family::default(),
+            acl_denied: Family::default(),
             // 10 µs .. ~5 s
             link_build_seconds: Histogram::new(exponential_buckets(1e-5, 2.5, 15)),
         }
@@ -243,6 +253,11 @@ impl MqttMetrics {
 
     pub fn cap_refused(&self, cap: &'static str) {
         self.cap_refusals.get_or_create(&CapLabel { cap }).inc();
+    }
+
+    /// Counts one refusal by the ACL ("publish" or "subscribe").
+    pub fn acl_denied(&self, action: &'static str) {
+        self.acl_denied.get_or_create(&ActionLabel { action }).inc();
     }
 
     /// Counts a successful CONNECT ("3.1.1" or "5").
@@ -408,6 +423,11 @@ impl Metrics {
             "cap_refusals",
             "Times a per-client cap refused something (client id, filter or topic length or levels, subscriptions, topic alias, receive maximum), by cap",
             mqtt.cap_refusals.clone(),
+        );
+        m.register(
+            "acl_denied",
+            "Publishes (wills at CONNECT included) and subscription filters refused by mqtt.acl_file, by action",
+            mqtt.acl_denied.clone(),
         );
         m.register(
             "link_build_seconds",

@@ -30,6 +30,9 @@ pub struct Bound {
     pub mqtt: Vec<std::net::TcpListener>,
     /// TLS for the MQTT port, when configured (files read before binding).
     pub mqtt_tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The MQTT password and ACL files, read before binding (by the
+    /// caller: a bad one is a configuration error, exit status 2).
+    pub mqtt_access: mqtt::auth::Access,
     pub admin: Vec<std::net::TcpListener>,
 }
 
@@ -63,7 +66,8 @@ pub enum StartError {
 }
 
 /// Binds every configured listener, or fails naming the one that could not be.
-pub fn bind_all(config: &Config) -> Result<Bound, StartError> {
+/// `mqtt_access`: the MQTT password and ACL files, already read.
+pub fn bind_all(config: &Config, mqtt_access: mqtt::auth::Access) -> Result<Bound, StartError> {
     let mqtt_tls = match (config.mqtt.tls_cert.as_str(), config.mqtt.tls_key.as_str()) {
         ("", _) | (_, "") => None,
         (cert, key) => Some(mqtt::tls::acceptor(cert, key)?),
@@ -78,6 +82,7 @@ pub fn bind_all(config: &Config) -> Result<Bound, StartError> {
         websocket: bind("websocket.listen", &config.websocket.listen, config.websocket.backlog)?,
         mqtt: bind("mqtt.listen", &config.mqtt.listen, config.mqtt.backlog)?,
         mqtt_tls,
+        mqtt_access,
         admin: bind("admin.listen", &config.admin.listen, 128)?,
     })
 }
@@ -139,6 +144,7 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit) -> Summary {
                     mqtt_limit.clone(),
                     broker,
                     bound.mqtt_tls.clone(),
+                    bound.mqtt_access,
                     budget.clone(),
                 ))
             }

@@ -155,6 +155,13 @@ impl InFlight {
 /// [`Kept`]).
 pub(crate) type Filters = Rc<RefCell<HashSet<u64>>>;
 
+/// The username a kept session was connected with (see [`Kept::owner`]).
+pub(crate) type Owner = Option<Rc<str>>;
+
+/// A kept session: its filters, until when it is kept (`None` while it is
+/// connected, or when it never expires), and its owner.
+type KeptSession = (Filters, Option<Instant>, Owner);
+
 /// What a session can hold besides the router's state: its in-flight
 /// window and its filters.
 #[derive(Debug, Default)]
@@ -187,7 +194,7 @@ pub(crate) enum Quota {
 #[derive(Debug)]
 pub(crate) struct Kept {
     hasher: RandomState,
-    sessions: RefCell<HashMap<String, (Filters, Option<Instant>)>>,
+    sessions: RefCell<HashMap<String, KeptSession>>,
     /// Sessions kept when expired ones were last swept: the next sweep
     /// waits until there are twice as many, so sweeping is amortized O(1).
     swept_at: std::cell::Cell<usize>,
@@ -236,12 +243,28 @@ impl Kept {
     /// router resumed the session, none otherwise.
     pub(crate) fn connected(&self, client_id: &str, session_present: bool, expiry: SessionExpiry) -> Filters {
         let mut sessions = self.sessions.borrow_mut();
-        let kept = sessions.remove(client_id).filter(|_| session_present).map(|(filters, _)| filters);
+        let kept = sessions.remove(client_id).filter(|_| session_present).map(|(filters, _, _)| filters);
         let filters = kept.unwrap_or_default();
         if expiry.persistent() {
-            sessions.insert(client_id.to_owned(), (filters.clone(), None));
+            sessions.insert(client_id.to_owned(), (filters.clone(), None, None));
         }
         filters
+    }
+
+    /// Who a kept session belongs to, when the ACL is on: `None` when no
+    /// session of `client_id` is kept, else the username (if any) it was
+    /// last connected with. A session's subscriptions were checked against
+    /// that user's rules, so another user must not resume it.
+    pub(crate) fn owner(&self, client_id: &str) -> Option<Owner> {
+        self.sessions.borrow().get(client_id).map(|(_, _, owner)| owner.clone())
+    }
+
+    /// Records the username of the connection that now holds `client_id`'s
+    /// kept session (after [`Kept::connected`]).
+    pub(crate) fn set_owner(&self, client_id: &str, username: Option<&str>) {
+        if let Some((_, _, owner)) = self.sessions.borrow_mut().get_mut(client_id) {
+            *owner = username.map(Rc::from);
+        }
     }
 
     /// A connection ended: its session's filters are kept for as long as
@@ -253,7 +276,7 @@ impl Kept {
 
     fn disconnected_at(&self, client_id: &str, filters: &Filters, expiry: SessionExpiry, now: Instant) {
         let mut sessions = self.sessions.borrow_mut();
-        let Some((registered, until)) = sessions.get_mut(client_id) else {
+        let Some((registered, until, _)) = sessions.get_mut(client_id) else {
             return;
         };
         if !Rc::ptr_eq(registered, filters) {
@@ -265,7 +288,7 @@ impl Kept {
             sessions.remove(client_id);
         }
         if sessions.len() >= 2 * self.swept_at.get() {
-            sessions.retain(|_, (_, until)| until.is_none_or(|t| t > now));
+            sessions.retain(|_, (_, until, _)| until.is_none_or(|t| t > now));
             self.swept_at.set(sessions.len().max(64));
         }
     }
@@ -377,5 +400,25 @@ mod tests {
         let sessions = kept.sessions.borrow();
         assert!((0..100).all(|i| !sessions.contains_key(&format!("d{i}"))), "the expired ones were swept");
         assert!((100..200).all(|i| sessions.contains_key(&format!("d{i}"))), "the others kept");
+    }
+
+    /// The owner of a kept session is whoever last connected it, and goes
+    /// with the session.
+    #[test]
+    fn a_kept_session_knows_its_owner() {
+        let kept = Kept::default();
+        assert_eq!(kept.owner("c"), None, "nothing kept");
+        let filters = kept.connected("c", false, SessionExpiry::NEVER);
+        assert_eq!(kept.owner("c"), Some(None), "kept, not claimed yet: anonymous");
+        kept.set_owner("c", Some("alice"));
+        kept.disconnected("c", &filters, SessionExpiry::NEVER);
+        assert_eq!(kept.owner("c").flatten().as_deref(), Some("alice"), "kept after the connection");
+        let filters = kept.connected("c", true, SessionExpiry::NEVER);
+        kept.set_owner("c", None);
+        assert_eq!(kept.owner("c"), Some(None));
+        kept.disconnected("c", &filters, SessionExpiry::AT_DISCONNECT);
+        assert_eq!(kept.owner("c"), None, "a session that ends is not kept");
+        kept.set_owner("c", Some("bob"));
+        assert_eq!(kept.owner("c"), None, "no owner without a session");
     }
 }

@@ -18,14 +18,18 @@
 //! - [`topics`]: topic and filter checks the router does not do;
 //! - [`caps`]: what one client may make the server hold;
 //! - [`transport`]: TCP, TLS or WebSocket underneath;
-//! - [`auth`], [`tls`]: optional credentials and TLS.
+//! - [`auth`], [`passwd`], [`acl`]: who may connect (a username and
+//!   password, a password file), and who may publish and subscribe where;
+//! - [`tls`]: optional TLS.
 
+pub(crate) mod acl;
 pub mod auth;
 pub mod broker;
 pub(crate) mod caps;
 pub mod codec;
 pub mod downgrade;
 mod inflow;
+pub mod passwd;
 pub mod session;
 pub mod tls;
 pub mod topics;
@@ -80,6 +84,8 @@ pub struct MqttServer {
     pub broker: Rc<Broker>,
     pub tls: Option<TlsAcceptor>,
     pub credentials: Option<auth::Credentials>,
+    /// The password and ACL files (`mqtt.password_file`, `mqtt.acl_file`).
+    pub access: auth::Access,
     /// The server's memory budget, checked before a client is given more.
     pub budget: Rc<MemoryBudget>,
     /// Turns for processing a CONNECT (see `mqtt.connect_concurrency`).
@@ -100,6 +106,9 @@ impl std::fmt::Debug for MqttServer {
 }
 
 impl MqttServer {
+    // Each part is built by the server's start-up; a struct of them would
+    // only repeat this list.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: MqttConfig,
         metrics: Arc<MqttMetrics>,
@@ -107,6 +116,7 @@ impl MqttServer {
         limit: Rc<ConnectionLimit>,
         broker: Rc<Broker>,
         tls: Option<TlsAcceptor>,
+        access: auth::Access,
         budget: Rc<MemoryBudget>,
     ) -> Rc<Self> {
         let credentials = auth::Credentials::new(&config.username, &config.password);
@@ -123,6 +133,7 @@ impl MqttServer {
             broker,
             tls,
             credentials,
+            access,
             budget,
             connecting,
             kept: caps::Kept::default(),
@@ -340,6 +351,7 @@ mod tests {
             limit.clone(),
             broker,
             None,
+            auth::Access::default(),
             Rc::new(MemoryBudget::unlimited()),
         );
         (server, limit)

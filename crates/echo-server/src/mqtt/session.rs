@@ -30,12 +30,15 @@ use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectProperties, DisconnectReasonCode,
-    LastWill, LastWillProperties, Packet, PingResp, PubAck, PubAckReason, PubRec, PubRecReason, SubAck,
+    LastWill, LastWillProperties, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
+    PubRecReason, SubAck,
 };
 use tokio::time::{Instant, timeout_at};
 use tracing::debug;
 
 use super::MqttServer;
+use super::acl::SessionAcl;
+use super::auth;
 use super::broker::{LinkFailure, SessionExpiry};
 use super::caps::{self, Held, InFlight, Quota};
 use super::codec::{Codec, DecodeError, Decoded, Peek, Version, peek_version};
@@ -104,6 +107,9 @@ struct Accepted {
     will_delay: Duration,
     /// What the client holds in the server, against the caps.
     held: Held,
+    /// What the client may publish and subscribe to, when `mqtt.acl_file`
+    /// is set. Boxed: it lives as long as the connection.
+    acl: Option<Box<SessionAcl>>,
 }
 
 /// How the CONNECT phase ended when it did not end in a session.
@@ -340,6 +346,9 @@ async fn open(
     metrics.connected(version.label());
     accepted.held.filters =
         server.kept.connected(&accepted.client_id, session_present, accepted.session_expiry);
+    if let Some(acl) = &accepted.acl {
+        server.kept.set_owner(&accepted.client_id, acl.username());
+    }
     debug!(
         %peer,
         client_id = %accepted.client_id,
@@ -453,9 +462,9 @@ async fn handshake(
             return Err(Refused::With(version, ConnectReturnCode::ProtocolError, "protocol_error"));
         }
     }
-    if let Some(credentials) = &server.credentials
-        && !credentials.check(login.as_ref())
-    {
+    // A password file's check runs on a blocking thread (see `auth`).
+    let passwords = server.access.passwords.as_ref();
+    if !auth::authenticate(server.credentials.as_ref(), passwords, login.as_ref()).await {
         return Err(Refused::With(version, ConnectReturnCode::BadUserNamePassword, "bad_credentials"));
     }
     // A session is more memory: none while the budget is spent (3.1.1
@@ -489,6 +498,14 @@ async fn handshake(
             SessionExpiry(properties.as_ref().and_then(|p| p.session_expiry_interval).unwrap_or(0))
         }
     };
+    // The ACL's rules for this client, by the username it logged in with
+    // (none, or an empty one: the anonymous section) and its client id.
+    let username = login.as_ref().map(|l| l.username.as_str()).filter(|u| !u.is_empty());
+    let mut acl = server
+        .access
+        .acl
+        .as_ref()
+        .map(|acl| Box::new(SessionAcl::new(acl.for_client(username, &client_id), username)));
     let delay = will_properties.as_ref().and_then(|p| p.delay_interval).unwrap_or(0);
     // The will goes to the router later, through the server's own link, as
     // it is: a topic the router refuses would end that link (see
@@ -516,18 +533,37 @@ async fn handshake(
                 });
             }
         }
+        // A will is a publish, checked now (Mosquitto does the same): it
+        // could not be refused when it is due.
+        if let Some(acl) = &mut acl
+            && !acl.may_publish(&w.topic, None)
+        {
+            server.metrics.acl_denied("publish");
+            return Err(Refused::With(version, ConnectReturnCode::NotAuthorized, "not_authorized"));
+        }
+    }
+    // A kept session that another user (or no user) connected with holds
+    // subscriptions checked against that user's rules: this one starts
+    // anew instead of resuming it.
+    let mut clean_session = connect.clean_session;
+    if acl.is_some()
+        && !clean_session
+        && server.kept.owner(&client_id).is_some_and(|owner| owner.as_deref() != username)
+    {
+        clean_session = true;
     }
     Ok(Accepted {
         codec,
         client_id,
         assigned_id,
-        clean_session: connect.clean_session,
+        clean_session,
         session_expiry,
         expiry_changed: false,
         keep_alive: connect.keep_alive,
         will: will.map(|w| Box::new((w, will_properties))),
         will_delay: Duration::from_secs(u64::from(delay.min(session_expiry.0))),
         held: Held::default(),
+        acl,
     })
 }
 
@@ -963,6 +999,12 @@ fn incoming(
                 return Some(End::violation("invalid_topic", DisconnectReasonCode::TopicNameInvalid));
             }
             let qos = (decoded.flags >> 1) & 3;
+            if let Some(acl) = &mut session.acl
+                && !acl.may_publish(&publish.topic, alias)
+            {
+                metrics.acl_denied("publish");
+                return refused_by_acl(publish.pkid(), qos, v5, acl, replies);
+            }
             if !server.budget.allows("publish") {
                 let sets_alias = alias.is_some() && !publish.topic.is_empty();
                 return over_budget(publish.pkid(), qos, sets_alias, v5, replies);
@@ -981,6 +1023,13 @@ fn incoming(
             subscribe.filters.retain(|filter| {
                 let verdict = (if spent { Err(FilterRefusal::QuotaExceeded) } else { Ok(()) })
                     .and_then(|()| topics::check_filter(&filter.path, session.session_expiry.persistent()))
+                    .and_then(|()| match &session.acl {
+                        Some(acl) if !acl.may_subscribe(&filter.path) => {
+                            metrics.acl_denied("subscribe");
+                            Err(FilterRefusal::NotAuthorized)
+                        }
+                        _ => Ok(()),
+                    })
                     .and_then(|()| {
                         caps::filter(&filter.path, &server.config).map_err(|cap| {
                             metrics.cap_refused(cap.label());
@@ -1046,6 +1095,14 @@ fn incoming(
             server.kept.unsubscribe(&session.held.filters, &unsubscribe.filters);
             batch.push(Packet::Unsubscribe(unsubscribe, properties));
         }
+        // The release of a publish the ACL refused (3.1.1, QoS 2): the
+        // router never saw it.
+        Packet::PubRel(pubrel, _)
+            if session.acl.as_mut().is_some_and(|acl| acl.releases_refused(pubrel.pkid)) =>
+        {
+            let pubcomp = PubComp { pkid: pubrel.pkid, reason: PubCompReason::Success };
+            replies.push(Packet::PubComp(pubcomp, None));
+        }
         packet @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubRel(..) | Packet::PubComp(..)) => {
             batch.push(packet)
         }
@@ -1084,6 +1141,37 @@ fn over_budget(pkid: u16, qos: u8, sets_alias: bool, v5: bool, replies: &mut Vec
             None
         }
     }
+}
+
+/// Answers a publish the ACL refused; it does not go to the router.
+/// MQTT 5 says so: PUBACK or PUBREC 0x87 (a PUBREC of 0x80 or more ends the
+/// exchange, §4.3.3). MQTT 3.1.1 has no way to: the publish is
+/// acknowledged as if delivered (as Mosquitto does), so that the client
+/// does not send it again or stall its in-flight window. At QoS 0 it is
+/// simply not delivered.
+fn refused_by_acl(
+    pkid: u16,
+    qos: u8,
+    v5: bool,
+    acl: &mut SessionAcl,
+    replies: &mut Vec<Packet>,
+) -> Option<End> {
+    let (puback, pubrec) = if v5 {
+        (PubAckReason::NotAuthorized, PubRecReason::NotAuthorized)
+    } else {
+        (PubAckReason::Success, PubRecReason::Success)
+    };
+    match qos {
+        0 => {}
+        1 => replies.push(Packet::PubAck(PubAck { pkid, reason: puback }, None)),
+        _ => {
+            if !v5 {
+                acl.refused_qos2(pkid);
+            }
+            replies.push(Packet::PubRec(PubRec { pkid, reason: pubrec }, None));
+        }
+    }
+    None
 }
 
 /// Gives a publish's topic and payload one allocation of their own.
