@@ -57,6 +57,30 @@ pub enum RouterError {
 // TODO: set this to some appropriate value
 const TOPIC_ALIAS_MAX: u16 = 4096;
 
+/// echo-server patch: how much one turn of the router does when it runs as
+/// a task (`Router::into_task`) before it yields to the other tasks of its
+/// thread. Smaller turns let those tasks in more often; larger ones batch
+/// more events per read of a subscriber's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TurnBudget {
+    /// Events taken from the router's channel per turn (at least one).
+    pub events: usize,
+    /// Connections served (`consume`, each bounded by
+    /// `MAX_SCHEDULE_ITERATIONS` requests) per turn.
+    pub consumes: usize,
+}
+
+impl Default for TurnBudget {
+    /// A fifth of what a turn of the router's own thread takes (500 events,
+    /// 100 connections), whose turns share nothing.
+    fn default() -> Self {
+        TurnBudget {
+            events: 100,
+            consumes: 20,
+        }
+    }
+}
+
 pub struct Router {
     id: RouterId,
     /// Id of this router. Used to index native commitlog to store data from
@@ -189,6 +213,74 @@ impl Router {
             })
             .unwrap();
         link
+    }
+
+    /// echo-server patch: the router as a future, to run as a task of the
+    /// caller's async runtime instead of on a thread of its own (`spawn`).
+    /// Returns the link to the router, as `spawn` does, and the future,
+    /// which runs until the router fails and resolves to the error.
+    ///
+    /// The future shares its thread with the runtime's other tasks, so it
+    /// never blocks: it awaits events (flume's async receive) when it has
+    /// nothing to do, and otherwise works in turns of bounded size
+    /// (`budget`), yielding to the runtime after each. Dropping the future
+    /// drops the router, and with it every link's notifications channel:
+    /// links see the router gone exactly as when its thread stops.
+    pub fn into_task(
+        mut self,
+        budget: TurnBudget,
+    ) -> (
+        Sender<(ConnectionId, Event)>,
+        impl std::future::Future<Output = RouterError>,
+    ) {
+        let link = self.link();
+        let task = async move {
+            loop {
+                if let Err(e) = self.turn_async(budget).await {
+                    error!(reason = ?e, "Router done!");
+                    return e;
+                }
+                // Whatever is left waits for the next turn; the sessions
+                // sharing the thread run in between.
+                tokio::task::yield_now().await;
+            }
+        };
+        (link, task)
+    }
+
+    /// One turn of the router as a task: `run_inner` without blocking the
+    /// thread, and with its work bounded by `budget`.
+    async fn turn_async(&mut self, budget: TurnBudget) -> Result<(), RouterError> {
+        let mut consumed = 0;
+        if self.consume().is_none() {
+            match self.router_rx.try_recv() {
+                Ok((id, data)) => self.events(id, data),
+                Err(TryRecvError::Disconnected) => return Err(RouterError::Disconnected),
+                // Nothing to do: wait without holding the thread.
+                Err(TryRecvError::Empty) => {
+                    let (id, data) = self.router_rx.recv_async().await?;
+                    self.events(id, data);
+                }
+            }
+        } else {
+            consumed += 1;
+        }
+
+        for _ in 1..budget.events {
+            match self.router_rx.try_recv() {
+                Ok((id, data)) => self.events(id, data),
+                Err(TryRecvError::Disconnected) => return Err(RouterError::Disconnected),
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+
+        while consumed < budget.consumes {
+            if self.consume().is_none() {
+                break;
+            }
+            consumed += 1;
+        }
+        Ok(())
     }
 
     /// Waits on incoming events when ready queue is empty.
