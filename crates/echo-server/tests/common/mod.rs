@@ -14,8 +14,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The threads of the process, by name (sorted), as the README's
-/// architecture section lists them: the event loop and rumqttd's router.
-pub const THREADS: [&str; 2] = ["echo-server", "router-0"];
+/// architecture section lists them: the event loop, which runs rumqttd's
+/// router too (`mqtt.router = "event-loop"`, the default).
+pub const THREADS: [&str; 1] = ["echo-server"];
+
+/// The environment that puts rumqttd's router on a thread of its own.
+pub const ROUTER_ON_A_THREAD: [(&str, &str); 1] = [("ECHO_MQTT_ROUTER", "thread")];
+
+/// The threads of the process with [`ROUTER_ON_A_THREAD`].
+pub const THREADS_WITH_ROUTER_THREAD: [&str; 2] = ["echo-server", "router-0"];
 
 /// Path of the server binary Cargo built for these tests.
 pub const BIN: &str = env!("CARGO_BIN_EXE_echo-server");
