@@ -189,7 +189,7 @@ impl Default for MqttConfig {
             max_payload_size: 1 << 20,
             max_connect_size: 1 << 16,
             write_timeout: Duration::from_secs(30),
-            router: RouterPlacement::EventLoop,
+            router: RouterPlacement::Thread,
             max_outgoing_packet_count: 200,
             segment_size: 4096,
             segment_count: 2,
@@ -874,10 +874,10 @@ mod tests {
 
     #[test]
     fn the_router_placement_is_named_by_the_file_or_the_environment() {
-        let config = load_str("[mqtt]\nrouter = \"thread\"\n").unwrap();
-        assert_eq!(config.mqtt.router, RouterPlacement::Thread);
         let env = vec![("ECHO_MQTT_ROUTER".to_owned(), "event-loop".to_owned())];
         let config = Config::load(None, env, &Overrides::default()).unwrap();
+        assert_eq!(config.mqtt.router, RouterPlacement::EventLoop);
+        let config = load_str("[mqtt]\nrouter = \"event-loop\"\n").unwrap();
         assert_eq!(config.mqtt.router, RouterPlacement::EventLoop);
         let env = vec![("ECHO_MQTT_ROUTER".to_owned(), "threads".to_owned())];
         let err = Config::load(None, env, &Overrides::default()).unwrap_err().to_string();

@@ -728,14 +728,14 @@ async fn v5_properties_never_break_v311_subscribers() {
     assert_eq!(again.next_publish().await.payload, "y");
 }
 
-/// The same traffic with rumqttd's router on a thread of its own
-/// (`mqtt.router = "thread"`), the other placement than the default's.
-mod router_on_a_thread {
+/// The same traffic with rumqttd's router on the event loop
+/// (`mqtt.router = "event-loop"`), the other placement than the default's.
+mod router_on_the_loop {
     use super::*;
 
     fn server() -> TestServer {
-        let server = TestServer::start_with_env(&[], &common::ROUTER_ON_A_THREAD);
-        assert_eq!(server.thread_names(), common::THREADS_WITH_ROUTER_THREAD.map(String::from).to_vec());
+        let server = TestServer::start_with_env(&[], &common::ROUTER_ON_THE_LOOP);
+        assert_eq!(server.thread_names(), common::THREADS_WITH_ROUTER_ON_THE_LOOP.map(String::from).to_vec());
         server
     }
 

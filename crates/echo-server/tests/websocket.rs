@@ -497,8 +497,8 @@ async fn two_thousand_clients_echo_fifty_messages_each() {
     assert_eq!(server.metric("echo_websocket_connections"), 2000.0);
     assert_eq!(server.metric("echo_websocket_messages_sent_total{kind=\"text\"}"), 50_000.0);
     assert_eq!(server.metric("echo_websocket_messages_sent_total{kind=\"binary\"}"), 50_000.0);
-    // One event loop served all of them: one runtime worker, and no other
-    // thread in the process (see common::THREADS).
+    // One event loop served all of them: one runtime worker, and the only
+    // other thread of the process is the MQTT router's (see common::THREADS).
     assert_eq!(server.metric("echo_runtime_workers"), 1.0);
     assert_eq!(server.thread_names(), common::THREADS.map(String::from).to_vec());
     drop(clients);

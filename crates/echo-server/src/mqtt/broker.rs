@@ -8,16 +8,18 @@
 //! queue and sends the router one event; `LinkRx` wakes when the router has
 //! notifications.
 //!
-//! - `"event-loop"` (the default): the router is a task on the event loop,
-//!   beside the sessions (`Router::into_task`, our rumqttd patch). It
-//!   awaits its events (flume's async receive) and works in turns of
-//!   bounded size (`TurnBudget`: events taken, connections served), then
-//!   yields, so that no turn holds the WebSocket and MQTT sessions up for
-//!   longer than a bounded amount of routing. The process has one thread,
-//!   and a message goes from session to router and back without crossing
-//!   threads (no wake-up of another thread, no lock taken by two).
-//! - `"thread"`: rumqttd's own `Router::spawn()` runs the router on a
-//!   thread of its own, `router-0`; every message crosses to it and back.
+//! - `"thread"` (the default): rumqttd's own `Router::spawn()` runs the
+//!   router on a thread of its own, `router-0`; every message crosses to it
+//!   and back (a wake-up of the other thread each way).
+//! - `"event-loop"`: the router is a task on the event loop, beside the
+//!   sessions (`Router::into_task`, our rumqttd patch). It awaits its
+//!   events (flume's async receive) and works in small turns (`TurnBudget`:
+//!   connections served, then events taken), yielding after each, so that
+//!   no turn holds the WebSocket and MQTT sessions up for longer than a
+//!   bounded amount of routing. The process has one thread, and a message
+//!   goes from session to router and back without crossing threads. It
+//!   costs less CPU per message, but its latency tail was longer at light
+//!   load and under CPU contention, hence not the default (docs/mqtt.md).
 //!
 //! Either way, nothing on the event loop blocks on the router:
 //!
@@ -444,10 +446,10 @@ impl Broker {
 /// would wait for ever, the router being unable to run. So the packet is
 /// queued on the link and the router's event is sent now if there is room,
 /// else by a task of its own, for callers that cannot wait (destructors).
-pub(crate) fn hand_over(tx: &mut LinkTx, packet: Packet) -> Result<(), LinkError> {
+pub(crate) fn hand_over(tx: &mut LinkTx, packet: Packet) -> Result<(), LinkFailure> {
     tx.buffer().push_back(packet);
     match tx.notify().now_or_never() {
-        Some(sent) => sent,
+        Some(sent) => sent.map_err(LinkFailure::from),
         None => {
             let wake = tx.notify_owned();
             tokio::task::spawn_local(async move {
