@@ -42,7 +42,7 @@ for router in ${ROUTERS:-${ECHO_MQTT_ROUTER:-default}}; do
   "${PIN_GEN[@]}" $BENCH mixed --ws "ws://$(addr websocket)/" --addr "$(addr mqtt)" --ws-clients 5000 \
     --clients 5000 --concurrency 5000 --pid $ECHO --admin "$(addr admin)" --storm-nice $NICE 2>&1 \
     | grep -E '^(mixed|server CPU|server event loop|  storm )'
-  [ -n "${STORM_LOG_LEVEL:-}" ] && cp "$TMP/echo.log" "/tmp/storm-run$run.log"
-  kill -TERM $ECHO; wait $ECHO || true
+  [ -n "${STORM_LOG_LEVEL:-}" ] && cp "$TMP/echo.log" "/tmp/storm-run$run-$router.log"
+  kill -TERM $ECHO 2>/dev/null || { echo "the server had exited:"; tail -5 "$TMP/echo.log"; }; wait $ECHO || true
 done
 done
