@@ -2,14 +2,23 @@
 # Side-by-side MQTT measurement: echo-server and Mosquitto under the same
 # load, one after the other, in the same run. Bounded: N clients, S seconds.
 #
-#   bash loadtest/mqtt-compare.sh [CLIENTS] [SECONDS] [CONCURRENCY]
+#   bash loadtest/mqtt-compare.sh [CLIENTS] [SECONDS] [CONCURRENCY] [--no-pin]
+#
+# RATE sets the messages per second per client (default 1).
+#
+# ROUTERS="event-loop thread" runs echo-server once per placement of its
+# MQTT router (mqtt.router), back to back, before Mosquitto; unset, the
+# configured one (ECHO_MQTT_ROUTER, else the default) runs once.
+#
+# By default each server runs on CPU 0 and the generator on CPU 1 (taskset),
+# as in mqtt-storm.sh; --no-pin lets everything share the CPUs.
 #
 # Per server (fresh process), two `echo-loadgen run`s: CLIENTS idle MQTT
 # clients, each subscribed to its own topic (SUBSCRIBE written with
 # CONNECT), connected with CONCURRENCY
 # attempts in flight (the broker's pace sets the ramp: connects/s) and held
 # 3 s (server memory per idle connection: ΔRSS/conn); then CLIENTS clients
-# publishing 1 message/s each to their own topic for SECONDS (QoS 0,
+# publishing RATE messages/s each (default 1) to their own topic for SECONDS (QoS 0,
 # latency from the scheduled send time, every delivery checked; lost ones
 # are echo_lost/echo_timeout errors).
 #
@@ -20,39 +29,47 @@ cd "$(dirname "$0")/.."
 CLIENTS=${1:-10000}
 SECONDS_=${2:-30}
 CONC=${3:-256}
+PIN=1; [ "${4:-}" = --no-pin ] && PIN=0
 LOADGEN=./target/release/echo-loadgen
 TMP=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$TMP"' EXIT
+PIN_SERVER=(); PIN_GEN=()
+if [ $PIN = 1 ] && [ "$(nproc)" -ge 2 ]; then PIN_SERVER=(taskset -c 0); PIN_GEN=(taskset -c 1); fi
 
 # $1 label, $2 URL, $3 server PID
 measure() {
   local common=(--steps "$CLIENTS" --connect-rate 1000000 --connect-concurrency "$CONC" --pipeline-subscribe
     --server-pid "$3" --quiet)
-  $LOADGEN run "$2" "${common[@]}" --rate 0 --hold 3s --label "$1 (idle)" --json "$TMP/$1-idle.json"
+  ${PIN_GEN[@]+"${PIN_GEN[@]}"} $LOADGEN run "$2" "${common[@]}" --rate 0 --hold 3s --label "$1 (idle)" --json "$TMP/$1-idle.json"
   python3 - "$TMP/$1-idle.json" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))["steps"][0]
 print(f"connects/s over the ramp: {s['ramp']['connected'] / s['ramp_secs']:.0f} "
       f"({s['ramp']['connected']} connected in {s['ramp_secs']:.2f} s)")
 PY
-  $LOADGEN run "$2" "${common[@]}" --rate 1 --hold "${SECONDS_}s" --label "$1" --json "$TMP/$1.json"
+  ${PIN_GEN[@]+"${PIN_GEN[@]}"} $LOADGEN run "$2" "${common[@]}" --rate "${RATE:-1}" --hold "${SECONDS_}s" --label "$1" --json "$TMP/$1.json"
 }
 
 # echo-server, all listeners on loopback ports the OS picks.
-env -u ECHO_CONFIG ./target/release/echo-server --ws-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
-  --log-format json 2>"$TMP/echo.log" &
-ECHO=$!
-for _ in $(seq 100); do grep -q '"ready"' "$TMP/echo.log" && break; sleep 0.1; done
-PORT=$(grep '"protocol":"mqtt"' "$TMP/echo.log" | grep -o '"addr":"[^"]*"' | head -1 | cut -d'"' -f4)
-ADMIN=$(grep '"protocol":"admin"' "$TMP/echo.log" | grep -o '"addr":"[^"]*"' | head -1 | cut -d'"' -f4)
-measure echo-server "mqtt://$PORT" $ECHO
-curl -s "http://$ADMIN/metrics" | grep -E '^echo_mqtt_link_build_seconds_(sum|count)' || true
-kill -TERM $ECHO; wait $ECHO || true
+for router in ${ROUTERS:-${ECHO_MQTT_ROUTER:-default}}; do
+  label=echo-server; router_env=()
+  if [ "$router" != default ]; then label="echo-server-$router"; router_env=(ECHO_MQTT_ROUTER="$router"); fi
+  ${PIN_SERVER[@]+"${PIN_SERVER[@]}"} env -u ECHO_CONFIG ${router_env[@]+"${router_env[@]}"} ./target/release/echo-server \
+    --ws-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
+    --log-format json 2>"$TMP/echo.log" &
+  ECHO=$!
+  for _ in $(seq 100); do grep -q '"ready"' "$TMP/echo.log" && break; sleep 0.1; done
+  PORT=$(grep '"protocol":"mqtt"' "$TMP/echo.log" | grep -o '"addr":"[^"]*"' | head -1 | cut -d'"' -f4)
+  ADMIN=$(grep '"protocol":"admin"' "$TMP/echo.log" | grep -o '"addr":"[^"]*"' | head -1 | cut -d'"' -f4)
+  measure "$label" "mqtt://$PORT" $ECHO
+  curl -s "http://$ADMIN/metrics" | grep -E '^echo_mqtt_link_build_seconds_(sum|count)' || true
+  kill -TERM $ECHO; wait $ECHO || true
+done
 
 # Mosquitto with an equivalent setup: anonymous, loopback, no persistence.
 MPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_connections -1\nlog_type error\n' "$MPORT" > "$TMP/mosquitto.conf"
-mosquitto -c "$TMP/mosquitto.conf" &
+${PIN_SERVER[@]+"${PIN_SERVER[@]}"} mosquitto -c "$TMP/mosquitto.conf" &
 MOSQ=$!
 sleep 0.5
 measure mosquitto "mqtt://127.0.0.1:$MPORT" $MOSQ

@@ -19,6 +19,10 @@
 # measures the generator preempting the event loop (see the waiting-for-a-CPU
 # figures). Needs a release build (cargo build --release -p echo-server
 # -p echo-loadgen) and 2 CPUs. Each run takes ~25 s.
+#
+# ROUTERS="event-loop thread" runs each run once per placement of the MQTT
+# router (mqtt.router), alternating, so that both see the same machine;
+# unset, the configured one (ECHO_MQTT_ROUTER, else the default) runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}
@@ -31,15 +35,19 @@ if [ $PIN = 1 ] && [ "$(nproc)" -ge 2 ]; then PIN_SERVER=(taskset -c 0); PIN_GEN
 
 addr() { grep "\"protocol\":\"$1\"" "$TMP/echo.log" | grep -o '"addr":"[^"]*"' | head -1 | cut -d'"' -f4; }
 for run in $(seq "$RUNS"); do
-  env -u ECHO_CONFIG "${PIN_SERVER[@]}" ./target/release/echo-server --ws-listen 127.0.0.1:0 \
+for router in ${ROUTERS:-${ECHO_MQTT_ROUTER:-default}}; do
+  router_env=(); [ "$router" != default ] && router_env=(ECHO_MQTT_ROUTER="$router")
+  env -u ECHO_CONFIG ${router_env[@]+"${router_env[@]}"} ${PIN_SERVER[@]+"${PIN_SERVER[@]}"} \
+    ./target/release/echo-server --ws-listen 127.0.0.1:0 \
     --mqtt-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --log-format json --log-level "${STORM_LOG_LEVEL:-warn,echo_server=info}" \
     2>"$TMP/echo.log" &
   ECHO=$!
   for _ in $(seq 100); do grep -q '"ready"' "$TMP/echo.log" && break; sleep 0.1; done
-  echo "run $run/$RUNS"
+  echo "run $run/$RUNS (router: $router)"
   "${PIN_GEN[@]}" $LOADGEN mixed "ws://$(addr websocket)/" "mqtt://$(addr mqtt)" \
     --ws-clients "${STORM_WS_CLIENTS:-5000}" --mqtt-clients "${STORM_MQTT_CLIENTS:-5000}" --before "${STORM_BEFORE:-10s}" \
     --pipeline-subscribe --server-pid $ECHO --server-metrics "http://$(addr admin)/metrics" --mqtt-nice $NICE --quiet
-  [ -n "${STORM_LOG_LEVEL:-}" ] && cp "$TMP/echo.log" "/tmp/storm-run$run.log"
-  kill -TERM $ECHO; wait $ECHO || true
+  [ -n "${STORM_LOG_LEVEL:-}" ] && cp "$TMP/echo.log" "/tmp/storm-run$run-$router.log"
+  kill -TERM $ECHO 2>/dev/null || { echo "the server had exited:"; tail -5 "$TMP/echo.log"; }; wait $ECHO || true
+done
 done

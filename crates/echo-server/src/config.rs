@@ -153,6 +153,9 @@ pub struct MqttConfig {
     pub max_connect_size: u32,
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
+    /// Where rumqttd's router runs: a task on the event loop, or a thread
+    /// of its own.
+    pub router: RouterPlacement,
     /// Router: publishes handed to one subscriber per sweep.
     pub max_outgoing_packet_count: u32,
     /// Router: bytes per segment of each subscribed topic's log.
@@ -199,6 +202,7 @@ impl Default for MqttConfig {
             max_payload_size: 1 << 20,
             max_connect_size: 1 << 16,
             write_timeout: Duration::from_secs(30),
+            router: RouterPlacement::Thread,
             max_outgoing_packet_count: 200,
             segment_size: 4096,
             segment_count: 2,
@@ -216,6 +220,17 @@ impl Default for MqttConfig {
             tls_key: String::new(),
         }
     }
+}
+
+/// Where rumqttd's router runs (`mqtt.router`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RouterPlacement {
+    /// A task on the event loop, beside the sessions: no thread crossing
+    /// per message.
+    EventLoop,
+    /// A thread of its own (`router-0`).
+    Thread,
 }
 
 /// The admin listener: health, readiness and Prometheus metrics.
@@ -881,12 +896,26 @@ mod tests {
             ("[mqtt]\ntopic_alias_maximum = 4097\n", "mqtt.topic_alias_maximum"),
             ("[mqtt]\ntopic_alias_maximum = 70000\n", "mqtt.topic_alias_maximum"),
             ("[mqtt]\nreceive_maximum = 0\n", "mqtt.receive_maximum"),
+            ("[mqtt]\nrouter = \"loop\"\n", "mqtt.router"),
         ] {
             let err = load_str(toml).unwrap_err().to_string();
             assert!(err.starts_with(key), "{toml:?}: {err}");
         }
         let config = load_str("[mqtt]\nlisten = []\nusername = \"a\"\npassword = \"b\"\n").unwrap();
         assert!(config.mqtt.listen.is_empty());
+    }
+
+    #[test]
+    fn the_router_placement_is_named_by_the_file_or_the_environment() {
+        let env = vec![("ECHO_MQTT_ROUTER".to_owned(), "event-loop".to_owned())];
+        let config = Config::load(None, env, &Overrides::default()).unwrap();
+        assert_eq!(config.mqtt.router, RouterPlacement::EventLoop);
+        let config = load_str("[mqtt]\nrouter = \"event-loop\"\n").unwrap();
+        assert_eq!(config.mqtt.router, RouterPlacement::EventLoop);
+        let env = vec![("ECHO_MQTT_ROUTER".to_owned(), "threads".to_owned())];
+        let err = Config::load(None, env, &Overrides::default()).unwrap_err().to_string();
+        assert!(err.starts_with("mqtt.router: "), "{err}");
+        assert!(err.contains("event-loop") && err.contains("ECHO_MQTT_ROUTER"), "{err}");
     }
 
     #[test]

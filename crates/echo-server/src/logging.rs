@@ -51,8 +51,8 @@ fn router_spans(asked_for: bool) -> FilterFn {
 }
 
 /// Routes panics through the log as well, naming the thread, so that a
-/// panic in the MQTT router thread (fatal) or in one client's task (that
-/// client only) shows up in JSON log pipelines, not only on raw stderr.
+/// panic in the MQTT router (fatal) or in one client's task (that client
+/// only) shows up in JSON log pipelines, not only on raw stderr.
 pub fn log_panics() {
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {

@@ -97,11 +97,11 @@ pub struct Summary {
     pub mqtt_sessions_served: u64,
     pub mqtt_publishes_received: u64,
     pub mqtt_publishes_sent: u64,
-    /// The MQTT router thread stopped: the process should exit with an error.
+    /// The MQTT router stopped: the process should exit with an error.
     pub router_failed: bool,
 }
 
-/// Exit status when the MQTT router thread died (EX_SOFTWARE).
+/// Exit status when the MQTT router died (EX_SOFTWARE).
 pub const EXIT_ROUTER_FAILED: u8 = 70;
 
 /// Runs until SIGTERM or SIGINT, then shuts down gracefully. Must be called
@@ -124,7 +124,7 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit) -> Summary {
     let router_failed = Rc::new(std::cell::Cell::new(false));
     let mqtt_wanted = !bound.mqtt.is_empty() || config.mqtt.websocket;
     let mqtt = if mqtt_wanted {
-        match Broker::start(&config.mqtt, max_mqtt, metrics.mqtt.clone()) {
+        match Broker::start(&config.mqtt, max_mqtt, metrics.mqtt.clone()).await {
             Ok((broker, watch)) => {
                 mqtt::broker::report(&config.mqtt, max_mqtt);
                 tokio::task::spawn_local(mqtt::broker::report_client_events(

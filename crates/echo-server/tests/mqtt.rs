@@ -187,7 +187,10 @@ async fn v311_and_v5_share_one_port_and_reach_each_other() {
 
 #[tokio::test]
 async fn own_topic_round_trips_at_qos_0_1_and_2() {
-    let server = TestServer::start(&[]);
+    own_topic_round_trips(TestServer::start(&[])).await;
+}
+
+async fn own_topic_round_trips(server: TestServer) {
     for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
         let id = format!("v4-{}", qos as u8);
         let mut c = V4::connect(&server, &id).await;
@@ -273,7 +276,10 @@ async fn delivery_is_at_the_lower_of_publish_and_subscription_qos() {
 
 #[tokio::test]
 async fn wildcards_match_as_mqtt_says() {
-    let server = TestServer::start(&[]);
+    wildcards_match(TestServer::start(&[])).await;
+}
+
+async fn wildcards_match(server: TestServer) {
     let mut plus = V4::connect(&server, "plus").await;
     let mut hash = V4::connect(&server, "hash").await;
     let publisher = V4::connect(&server, "publisher").await;
@@ -318,7 +324,10 @@ async fn topics_starting_with_a_multibyte_character_are_matched() {
 
 #[tokio::test]
 async fn retained_message_reaches_a_later_subscriber() {
-    let server = TestServer::start(&[]);
+    retained_reaches_a_later_subscriber(TestServer::start(&[])).await;
+}
+
+async fn retained_reaches_a_later_subscriber(server: TestServer) {
     let publisher = V4::connect(&server, "retainer").await;
     publisher.client.publish("status/door", QoS::AtLeastOnce, true, "open").await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -359,7 +368,10 @@ async fn retained_expiry_counts_from_publication_for_every_reader() {
 
 #[tokio::test]
 async fn last_will_is_delivered_when_a_client_drops() {
-    let server = TestServer::start(&[]);
+    last_will_is_delivered(TestServer::start(&[])).await;
+}
+
+async fn last_will_is_delivered(server: TestServer) {
     let mut watcher = V4::connect(&server, "watcher").await;
     watcher.subscribe("wills/#", QoS::AtLeastOnce).await;
     for (level, qos) in [(4u8, QoS::AtMostOnce), (4, QoS::AtLeastOnce), (5, QoS::ExactlyOnce)] {
@@ -714,4 +726,36 @@ async fn v5_properties_never_break_v311_subscribers() {
     let other = V4::connect(&server, "other").await;
     other.client.publish("repro/x", QoS::AtMostOnce, false, "y").await.unwrap();
     assert_eq!(again.next_publish().await.payload, "y");
+}
+
+/// The same traffic with rumqttd's router on the event loop
+/// (`mqtt.router = "event-loop"`), the other placement than the default's.
+mod router_on_the_loop {
+    use super::*;
+
+    fn server() -> TestServer {
+        let server = TestServer::start_with_env(&[], &common::ROUTER_ON_THE_LOOP);
+        assert_eq!(server.thread_names(), common::THREADS_WITH_ROUTER_ON_THE_LOOP.map(String::from).to_vec());
+        server
+    }
+
+    #[tokio::test]
+    async fn own_topic_round_trips_at_qos_0_1_and_2() {
+        own_topic_round_trips(server()).await;
+    }
+
+    #[tokio::test]
+    async fn wildcards_match_as_mqtt_says() {
+        wildcards_match(server()).await;
+    }
+
+    #[tokio::test]
+    async fn retained_message_reaches_a_later_subscriber() {
+        retained_reaches_a_later_subscriber(server()).await;
+    }
+
+    #[tokio::test]
+    async fn last_will_is_delivered_when_a_client_drops() {
+        last_will_is_delivered(server()).await;
+    }
 }

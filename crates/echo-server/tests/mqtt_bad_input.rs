@@ -146,7 +146,7 @@ fn router_complaints(server: &TestServer) -> Vec<String> {
         .iter()
         .filter(|v| {
             let message = v["message"].as_str().unwrap_or("");
-            message.contains("Failed to append") || message.contains("router thread has stopped")
+            message.contains("Failed to append") || message.contains("MQTT router has stopped")
         })
         .map(|v| v.to_string())
         .collect()
@@ -261,7 +261,7 @@ fn a_publish_topic_the_router_cannot_take_closes_the_sender_with_a_reason() {
         bystanders.still_fine(case);
     }
     let complaints = router_complaints(&server);
-    assert!(complaints.iter().all(|line| !line.contains("router thread has stopped")));
+    assert!(complaints.iter().all(|line| !line.contains("MQTT router has stopped")));
     // The router's refusal of the unknown alias is seen (so the check above
     // that none came earlier means something).
     assert_eq!(

@@ -1,21 +1,39 @@
 //! rumqttd's router, started in our process, and how sessions attach to it.
 //!
-//! # Threads
+//! # Where the router runs (`mqtt.router`)
 //!
-//! - `router-0`: rumqttd's `Router::spawn()` runs the routing core (topic
-//!   matching, per-topic commit logs, retained messages, QoS state) on a
-//!   thread of its own. Sessions talk to it through `rumqttd::local` links:
-//!   `LinkTx` pushes decoded packets into a shared queue and sends the
-//!   router one event; `LinkRx` wakes when the router has notifications.
+//! The router is rumqttd's routing core: topic matching, per-topic commit
+//! logs, retained messages, QoS state. Sessions talk to it through
+//! `rumqttd::local` links: `LinkTx` pushes decoded packets into a shared
+//! queue and sends the router one event; `LinkRx` wakes when the router has
+//! notifications.
+//!
+//! - `"thread"` (the default): rumqttd's own `Router::spawn()` runs the
+//!   router on a thread of its own, `router-0`; every message crosses to it
+//!   and back (a wake-up of the other thread each way).
+//! - `"event-loop"`: the router is a task on the event loop, beside the
+//!   sessions (`Router::into_task`, our rumqttd patch). It awaits its
+//!   events (flume's async receive) and works in small turns (`TurnBudget`:
+//!   connections served, then events taken), yielding after each, so that
+//!   no turn holds the WebSocket and MQTT sessions up for longer than a
+//!   bounded amount of routing. The process has one thread, and a message
+//!   goes from session to router and back without crossing threads. It
+//!   costs less CPU per message, but its latency tail was longer at light
+//!   load and under CPU contention, hence not the default (docs/mqtt.md).
+//!
+//! Either way, nothing on the event loop blocks on the router:
+//!
 //! - Registering a client (`LinkBuilder`) means sending the router a
 //!   connect event and waiting until it has answered. rumqttd 0.20's
 //!   `build()` waits by blocking the calling thread, which on the event
 //!   loop would stall every WebSocket and MQTT client once per connecting
 //!   client (measured: WebSocket p99 61-75 ms during a 5,000-client MQTT
-//!   connect storm). Our patched rumqttd (`vendor/rumqttd/PATCHED.md`) adds
-//!   `build_async()`, which awaits the answer on flume's async channel, so
-//!   registration is just another task on the event loop and the process
-//!   needs no thread besides the router's.
+//!   connect storm), and with the router on the loop would never return.
+//!   Our patched rumqttd adds `build_async()`, which awaits the answer, so
+//!   registration is just another task on the event loop.
+//! - rumqttd's `LinkTx::send` blocks while the router's event channel is
+//!   full; sessions and this module hand packets over with [`hand_over`]
+//!   instead, or await room (`inflow`).
 //!
 //! # What the router is not trusted with
 //!
@@ -34,10 +52,12 @@
 //!   client's will goes through. Should the router drop the wills link all
 //!   the same, [`watch_router`] registers it again: one client's bad will
 //!   must cost nothing but that will (it once shut the whole server down).
-//! - **Its own death.** If the router thread ever stops (a panic), every
-//!   link's receiver fails. A second internal link, the sentinel, sends
-//!   nothing ever, so the router has no reason to drop it but its own end:
-//!   when the sentinel fails, [`watch_router`] shuts the server down with a
+//! - **Its own death.** If the router ever stops (a panic on its thread,
+//!   or in its task on the event loop, which tokio catches: the loop runs
+//!   on, the router is dropped), every link's receiver fails. A second
+//!   internal link, the sentinel, sends nothing ever, so the router has no
+//!   reason to drop it but its own end: when the sentinel fails (or the
+//!   router's task ends), [`watch_router`] shuts the server down with a
 //!   clear error and exit status 70, instead of running on as a broker that
 //!   silently drops everything.
 
@@ -56,13 +76,13 @@ use rumqttd::protocol::{
     Disconnect, DisconnectReasonCode, LastWill, LastWillProperties, Packet, PubRel, PubRelReason, Publish,
     PublishProperties,
 };
-use rumqttd::{Notification, Router, RouterConfig};
+use rumqttd::{Notification, Router, RouterConfig, RouterError, TurnBudget};
 use tokio::sync::{Notify, oneshot, watch};
-use tokio::task::AbortHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{debug, error, info, warn};
 
 use super::topics;
-use crate::config::MqttConfig;
+use crate::config::{MqttConfig, RouterPlacement};
 use crate::episode::Episodes;
 use crate::metrics::{MqttMetrics, ReasonLabel};
 use crate::shutdown::Shutdown;
@@ -131,7 +151,7 @@ pub struct Link {
 pub enum LinkFailure {
     #[error("the router refused the client: {0}")]
     Refused(String),
-    #[error("the router thread is not running")]
+    #[error("the router is not running")]
     RouterGone,
 }
 
@@ -193,12 +213,12 @@ pub fn router_config(config: &MqttConfig, max_connections: u64) -> RouterConfig 
 }
 
 impl Broker {
-    /// Starts the router thread and attaches the server's two internal
-    /// links, the sentinel and the wills link. Call before the event loop
-    /// runs: it blocks until the router has answered. Returns the broker
-    /// and the internal links' receivers, to be watched with
-    /// [`watch_router`].
-    pub fn start(
+    /// Starts the router, where `config.router` says (a task on this event
+    /// loop, or a thread of its own), and attaches the server's two
+    /// internal links, the sentinel and the wills link. Must run on the
+    /// event loop (a `LocalSet` or `LocalRuntime`). Returns the broker and
+    /// the internal links' receivers, to be watched with [`watch_router`].
+    pub async fn start(
         config: &MqttConfig,
         max_connections: u64,
         metrics: std::sync::Arc<MqttMetrics>,
@@ -207,23 +227,32 @@ impl Broker {
         let cursor_jumps = router.cursor_jumps();
         // The sender's type names a private rumqttd type; it is only ever
         // captured by this closure.
-        let router_tx = router.spawn();
+        let (router_tx, task) = match config.router {
+            RouterPlacement::Thread => (router.spawn(), None),
+            RouterPlacement::EventLoop => {
+                let (router_tx, task) = router.into_task(TurnBudget::default());
+                (router_tx, Some(tokio::task::spawn_local(task)))
+            }
+        };
         // Publishes to topics nobody subscribes to are dropped by the router
         // either way; dynamic filters would create a log for every such topic.
         //
-        // The internal links are built before the event loop runs: blocking
-        // is fine. The sentinel first: the router frees its links in the
-        // order they came, so when it stops, the sentinel fails first.
-        let internal = |client_id: &str| {
-            LinkBuilder::new(client_id, router_tx.clone())
-                .clean_session(true)
-                .dynamic_filters(false)
-                .build()
-                .map_err(|e| std::io::Error::other(LinkFailure::from(e).to_string()))
+        // The sentinel first: the router frees its links in the order they
+        // came, so when it stops, the sentinel fails first.
+        let internal = |client_id: &'static str| {
+            let router_tx = router_tx.clone();
+            async move {
+                LinkBuilder::new(client_id, router_tx)
+                    .clean_session(true)
+                    .dynamic_filters(false)
+                    .build_async()
+                    .await
+                    .map_err(|e| std::io::Error::other(LinkFailure::from(e).to_string()))
+            }
         };
         // The sentinel's sender is never used (nothing is ever sent on it).
-        let (_, sentinel, _connack) = internal(SENTINEL_CLIENT_ID)?;
-        let (wills_tx, wills_rx, _connack) = internal(INTERNAL_CLIENT_ID)?;
+        let (_, sentinel, _connack) = internal(SENTINEL_CLIENT_ID).await?;
+        let (wills_tx, wills_rx, _connack) = internal(INTERNAL_CLIENT_ID).await?;
         let histogram = metrics.link_build_seconds.clone();
         let build_link = Box::new(move |client_id: String, clean_start: bool, expiry: SessionExpiry| {
             let router_tx = router_tx.clone();
@@ -250,7 +279,8 @@ impl Broker {
             metrics,
             cursor_jumps,
         });
-        Ok((broker, RouterWatch { sentinel, wills: wills_rx }))
+        let death = RouterDeath { sentinel, task };
+        Ok((broker, RouterWatch { death, wills: wills_rx }))
     }
 
     /// Registers a client with the router, without blocking the event loop.
@@ -274,7 +304,7 @@ impl Broker {
                 Ok(()) => {}
                 Err(Ok(mut link)) => {
                     let bye = Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection };
-                    let _ = link.tx.send(Packet::Disconnect(bye, None)).now_or_never();
+                    let _ = hand_over(&mut link.tx, Packet::Disconnect(bye, None));
                 }
                 Err(Err(e)) => debug!(error = %e, "link failed for a client that is gone"),
             }
@@ -374,8 +404,7 @@ impl Broker {
             pending.push_back(packet);
             return;
         };
-        // `send` is an `async fn` that never awaits: it completes on its first poll.
-        if let Some(Err(e)) = tx.send(packet).now_or_never() {
+        if let Err(e) = hand_over(tx, packet) {
             warn!(error = %e, "could not hand a will message to the router");
         }
     }
@@ -386,7 +415,7 @@ impl Broker {
     fn release(&self, pkid: u16) {
         let pubrel = PubRel { pkid, reason: PubRelReason::Success };
         if let Some(tx) = self.wills.borrow_mut().as_mut() {
-            let _ = tx.send(Packet::PubRel(pubrel, None)).now_or_never();
+            let _ = hand_over(tx, Packet::PubRel(pubrel, None));
         }
     }
 
@@ -401,11 +430,33 @@ impl Broker {
         let mut pending = std::mem::take(&mut *self.pending_wills.borrow_mut());
         if let Some(last) = pending.pop_back() {
             tx.buffer().extend(pending);
-            if let Some(Err(e)) = tx.send(last).now_or_never() {
+            if let Err(e) = hand_over(&mut tx, last) {
                 warn!(error = %e, "could not hand the waiting wills to the router");
             }
         }
         *self.wills.borrow_mut() = Some(tx);
+    }
+}
+
+/// Hands one packet to the router without ever blocking the thread.
+///
+/// rumqttd's `LinkTx::send` blocks the calling thread while the router's
+/// event channel is full. With the router on a thread of its own that
+/// stalls the event loop; with the router a task of the event loop it
+/// would wait for ever, the router being unable to run. So the packet is
+/// queued on the link and the router's event is sent now if there is room,
+/// else by a task of its own, for callers that cannot wait (destructors).
+pub(crate) fn hand_over(tx: &mut LinkTx, packet: Packet) -> Result<(), LinkFailure> {
+    tx.buffer().push_back(packet);
+    match tx.notify().now_or_never() {
+        Some(sent) => sent.map_err(LinkFailure::from),
+        None => {
+            let wake = tx.notify_owned();
+            tokio::task::spawn_local(async move {
+                let _ = wake.await;
+            });
+            Ok(())
+        }
     }
 }
 
@@ -425,13 +476,46 @@ fn will_publish(will: &LastWill, pkid: u16) -> Publish {
 
 /// The server's internal links to the router, watched by [`watch_router`].
 pub struct RouterWatch {
-    /// Sends nothing, ever. The router drops a link only for what that link
-    /// sent, for a new link with its client id (which no client can take:
-    /// see [`INTERNAL_CLIENT_ID`]), or when the router thread stops. So
-    /// this link failing is the router's death, and only that.
-    sentinel: LinkRx,
+    death: RouterDeath,
     /// The wills link: PUBRECs for QoS 2 wills come back on it.
     wills: LinkRx,
+}
+
+/// What tells the router's death.
+struct RouterDeath {
+    /// Sends nothing, ever. The router drops a link only for what that link
+    /// sent, for a new link with its client id (which no client can take:
+    /// see [`INTERNAL_CLIENT_ID`]), or when the router stops (its thread
+    /// ends, or its task on the event loop does). So this link failing is
+    /// the router's death, and only that.
+    sentinel: LinkRx,
+    /// The router's task, when it runs on the event loop; `None` once it
+    /// has ended (or with the router on a thread of its own). A panic in it
+    /// ends the task and drops the router, and with it the sentinel's
+    /// channel; the handle also says how it ended.
+    task: Option<JoinHandle<RouterError>>,
+}
+
+impl RouterDeath {
+    /// Completes when the router has stopped. Cancel-safe.
+    async fn wait(&mut self) {
+        let Some(task) = &mut self.task else {
+            while self.sentinel.next().await.is_ok() {}
+            return;
+        };
+        tokio::select! {
+            biased;
+            ended = task => {
+                self.task = None;
+                match ended {
+                    Ok(e) => error!(error = %e, "the MQTT router's task ended"),
+                    Err(e) if e.is_panic() => error!("the MQTT router's task panicked (see the panic above)"),
+                    Err(e) => error!(error = %e, "the MQTT router's task was cancelled"),
+                }
+            }
+            () = async { while self.sentinel.next().await.is_ok() {} } => {}
+        }
+    }
 }
 
 impl std::fmt::Debug for RouterWatch {
@@ -447,14 +531,14 @@ impl std::fmt::Debug for RouterWatch {
 /// already handed to the dropped link behind the one it refused are lost
 /// with it, and the warning says so).
 pub async fn watch_router(broker: Rc<Broker>, watch: RouterWatch, on_death: impl FnOnce()) {
-    let RouterWatch { mut sentinel, mut wills } = watch;
+    let RouterWatch { mut death, mut wills } = watch;
     'serve: loop {
         tokio::select! {
             biased;
-            () = router_stopped(&mut sentinel) => break 'serve,
+            () = death.wait() => break 'serve,
             () = serve_wills(&broker, &mut wills) => {}
         }
-        if tokio::time::timeout(DEATH_GRACE, router_stopped(&mut sentinel)).await.is_ok() {
+        if tokio::time::timeout(DEATH_GRACE, death.wait()).await.is_ok() {
             break 'serve;
         }
         broker.wills_link_lost();
@@ -466,7 +550,7 @@ pub async fn watch_router(broker: Rc<Broker>, watch: RouterWatch, on_death: impl
         loop {
             let link = tokio::select! {
                 biased;
-                () = router_stopped(&mut sentinel) => break 'serve,
+                () = death.wait() => break 'serve,
                 link = broker.link(INTERNAL_CLIENT_ID, true, SessionExpiry::AT_DISCONNECT) => link,
             };
             match link {
@@ -480,7 +564,7 @@ pub async fn watch_router(broker: Rc<Broker>, watch: RouterWatch, on_death: impl
                     warn!(error = %e, "could not register the wills link again; retrying");
                     tokio::select! {
                         biased;
-                        () = router_stopped(&mut sentinel) => break 'serve,
+                        () = death.wait() => break 'serve,
                         () = tokio::time::sleep(RELINK_RETRY) => {}
                     }
                 }
@@ -488,17 +572,11 @@ pub async fn watch_router(broker: Rc<Broker>, watch: RouterWatch, on_death: impl
         }
     }
     error!(
-        "the MQTT router thread has stopped (see the panic above); \
+        "the MQTT router has stopped (see the panic above); \
          the broker cannot route messages any more, shutting down"
     );
     broker.router_gone.send_replace(true);
     on_death();
-}
-
-/// Completes when the router thread has stopped (the sentinel's receiver
-/// fails). Cancel-safe.
-async fn router_stopped(sentinel: &mut LinkRx) {
-    while sentinel.next().await.is_ok() {}
 }
 
 /// Serves the wills link until the router drops it (or stops).
@@ -607,7 +685,11 @@ pub fn report(config: &MqttConfig, max_connections: u64) {
         max_payload_size = config.max_payload_size,
         authentication = !config.username.is_empty(),
         tls = !config.tls_cert.is_empty(),
-        "MQTT router started (thread router-0)"
+        router = match config.router {
+            RouterPlacement::EventLoop => "event-loop",
+            RouterPlacement::Thread => "thread router-0",
+        },
+        "MQTT router started"
     );
 }
 
@@ -619,11 +701,11 @@ mod tests {
 
     /// A broker whose router is watched on the current `LocalSet`; the flag
     /// is set when the watcher sees the router die.
-    fn watched_broker(
+    async fn watched_broker(
         config: &crate::config::MqttConfig,
         metrics: &crate::metrics::Metrics,
     ) -> (Rc<Broker>, Rc<Cell<bool>>, tokio::task::JoinHandle<()>) {
-        let (broker, watch) = Broker::start(config, 10, metrics.mqtt.clone()).unwrap();
+        let (broker, watch) = Broker::start(config, 10, metrics.mqtt.clone()).await.unwrap();
         let died = Rc::new(Cell::new(false));
         let flag = died.clone();
         let watcher = tokio::task::spawn_local(watch_router(broker.clone(), watch, move || flag.set(true)));
@@ -637,13 +719,24 @@ mod tests {
     /// A registration after the death is refused at once (it used to hang
     /// now and then: see [`Broker::router_gone`]).
     #[tokio::test]
-    async fn a_dead_router_is_noticed() {
-        let config = crate::config::MqttConfig::default();
+    async fn a_dead_router_thread_is_noticed() {
+        a_dead_router_is_noticed(RouterPlacement::Thread).await;
+    }
+
+    /// The same panic in the router's task on the event loop: the task ends,
+    /// the loop and the watcher run on, and the watcher sees the death.
+    #[tokio::test]
+    async fn a_dead_router_task_is_noticed() {
+        a_dead_router_is_noticed(RouterPlacement::EventLoop).await;
+    }
+
+    async fn a_dead_router_is_noticed(router: RouterPlacement) {
+        let config = crate::config::MqttConfig { router, ..Default::default() };
         let metrics = std::sync::Arc::new(crate::metrics::Metrics::new(1024, None));
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async {
-                let (broker, died, watcher) = watched_broker(&config, &metrics);
+                let (broker, died, watcher) = watched_broker(&config, &metrics).await;
                 let mut member = broker.link("member", false, SessionExpiry::NEVER).await.unwrap();
                 let filter = Filter {
                     path: "$share/g/doomed".into(),
@@ -708,12 +801,18 @@ mod tests {
     /// `send_will` refuse such topics, so only a test can send one.)
     #[tokio::test]
     async fn a_wills_link_the_router_drops_is_registered_again() {
-        let config = crate::config::MqttConfig::default();
+        for router in [RouterPlacement::Thread, RouterPlacement::EventLoop] {
+            wills_link_dropped_and_registered_again(router).await;
+        }
+    }
+
+    async fn wills_link_dropped_and_registered_again(router: RouterPlacement) {
+        let config = crate::config::MqttConfig { router, ..Default::default() };
         let metrics = std::sync::Arc::new(crate::metrics::Metrics::new(1024, None));
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async {
-                let (broker, died, _watcher) = watched_broker(&config, &metrics);
+                let (broker, died, _watcher) = watched_broker(&config, &metrics).await;
                 let mut subscriber =
                     broker.link("watcher", true, SessionExpiry::AT_DISCONNECT).await.unwrap();
                 let filter = Filter {

@@ -1,8 +1,9 @@
 //! How much of one client's input a session takes at a time.
 //!
-//! Every client shares the one event loop, and the router thread behind it,
-//! so a client that sends faster than the broker can route must not get more
-//! than its share of either. Two bounds do it:
+//! Every client shares the one event loop, and the router behind it (on the
+//! loop too, or on a thread of its own: `mqtt.router`), so a client that
+//! sends faster than the broker can route must not get more than its share
+//! of either. Two bounds do it:
 //!
 //! - **A turn** ([`Turn`]): a session decodes at most [`TURN_PACKETS`]
 //!   packets or reads [`TURN_BYTES`] bytes before it yields to the other

@@ -341,8 +341,8 @@ mod tests {
     use crate::metrics::Metrics;
 
     /// An MQTT server with its router, for 10 connections, without TLS.
-    fn test_server(config: &Config, metrics: &Metrics) -> (Rc<MqttServer>, Rc<ConnectionLimit>) {
-        let (broker, _watch) = Broker::start(&config.mqtt, 10, metrics.mqtt.clone()).unwrap();
+    async fn test_server(config: &Config, metrics: &Metrics) -> (Rc<MqttServer>, Rc<ConnectionLimit>) {
+        let (broker, _watch) = Broker::start(&config.mqtt, 10, metrics.mqtt.clone()).await.unwrap();
         let limit = ConnectionLimit::new(10, Default::default());
         let server = MqttServer::new(
             config.mqtt.clone(),
@@ -368,7 +368,7 @@ mod tests {
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async {
-                let (server, _limit) = test_server(&config, &metrics);
+                let (server, _limit) = test_server(&config, &metrics).await;
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let addr = listener.local_addr().unwrap();
                 let connect = |level: u8| {
@@ -420,7 +420,7 @@ mod tests {
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async {
-                let (server, limit) = test_server(&config, &metrics);
+                let (server, limit) = test_server(&config, &metrics).await;
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
                 let (accepted, peer) = listener.accept().await.unwrap();

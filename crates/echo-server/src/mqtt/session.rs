@@ -74,7 +74,7 @@ impl RouterLink {
                 user_properties: Vec::new(),
                 server_reference: None,
             };
-            let _ = self.tx.send(Packet::Disconnect(bye, Some(properties))).now_or_never();
+            let _ = super::broker::hand_over(&mut self.tx, Packet::Disconnect(bye, Some(properties)));
         }
     }
 }
@@ -83,7 +83,7 @@ impl Drop for RouterLink {
     fn drop(&mut self) {
         if self.registered {
             let bye = Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection };
-            let _ = self.tx.send(Packet::Disconnect(bye, None)).now_or_never();
+            let _ = super::broker::hand_over(&mut self.tx, Packet::Disconnect(bye, None));
         }
     }
 }

@@ -14,8 +14,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The threads of the process, by name (sorted), as the README's
-/// architecture section lists them: the event loop and rumqttd's router.
+/// architecture section lists them: the event loop and rumqttd's router
+/// (`mqtt.router = "thread"`, the default).
 pub const THREADS: [&str; 2] = ["echo-server", "router-0"];
+
+/// The environment that puts rumqttd's router on the event loop.
+pub const ROUTER_ON_THE_LOOP: [(&str, &str); 1] = [("ECHO_MQTT_ROUTER", "event-loop")];
+
+/// The threads of the process with [`ROUTER_ON_THE_LOOP`]: the event loop
+/// alone.
+pub const THREADS_WITH_ROUTER_ON_THE_LOOP: [&str; 1] = ["echo-server"];
 
 /// Path of the server binary Cargo built for these tests.
 pub const BIN: &str = env!("CARGO_BIN_EXE_echo-server");

@@ -276,6 +276,24 @@ impl LinkTx {
         Ok(())
     }
 
+    /// echo-server patch: `notify` as a future that borrows nothing, for a
+    /// caller that cannot wait itself (a destructor) and hands the wait to
+    /// a task of its own. With the router running as a task on the same
+    /// thread (`Router::into_task`), blocking on a full channel, as `send`
+    /// does, would wait for ever.
+    pub fn notify_owned(
+        &self,
+    ) -> impl std::future::Future<Output = Result<(), LinkError>> + Send + 'static {
+        let wake = self
+            .router_tx
+            .clone()
+            .into_send_async((self.connection_id, Event::DeviceData));
+        async move {
+            wake.await?;
+            Ok(())
+        }
+    }
+
     /// Sends a MQTT Publish to the router
     pub fn publish<S, V>(&mut self, topic: S, payload: V) -> Result<usize, LinkError>
     where
