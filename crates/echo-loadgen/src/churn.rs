@@ -68,7 +68,7 @@ pub struct ChurnArgs {
 
     /// Pause after each round before the server's memory is read.
     #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
-    #[serde(with = "secs")]
+    #[serde(with = "crate::result::secs")]
     pub settle: Duration,
 
     /// MQTT protocol version.
@@ -78,7 +78,7 @@ pub struct ChurnArgs {
     /// Limit for TCP connect plus CONNACK (and SUBACK), and for the broker
     /// to close the connection after DISCONNECT.
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
-    #[serde(with = "secs")]
+    #[serde(with = "crate::result::secs")]
     pub connect_timeout: Duration,
 
     /// MQTT topic prefix of --own-topic: PREFIX/RUN/ROUND/N.
@@ -107,20 +107,6 @@ pub struct ChurnArgs {
     #[arg(short, long)]
     #[serde(skip)]
     pub quiet: bool,
-}
-
-mod secs {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let secs = f64::deserialize(d)?;
-        Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom)
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -91,7 +91,7 @@ pub struct MixedArgs {
 
     /// How long the WebSocket clients are measured before the MQTT clients come.
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
-    #[serde(with = "secs")]
+    #[serde(with = "crate::result::secs")]
     pub before: Duration,
 
     /// New MQTT connections per second; "all" starts every one at once (a connect storm).
@@ -100,7 +100,7 @@ pub struct MixedArgs {
 
     /// How long the MQTT clients stay once all are connected.
     #[arg(long, default_value = "3s", value_parser = parse_duration, value_name = "DURATION")]
-    #[serde(with = "secs")]
+    #[serde(with = "crate::result::secs")]
     pub mqtt_hold: Duration,
 
     /// Messages per second per MQTT client, each to its own topic and back
@@ -124,7 +124,7 @@ pub struct MixedArgs {
     /// How long the WebSocket clients are measured from the moment the MQTT
     /// clients disconnect (at least until the MQTT workers are gone).
     #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
-    #[serde(with = "secs")]
+    #[serde(with = "crate::result::secs")]
     pub disconnect_window: Duration,
 
     /// Nice level of the MQTT clients' processes: 19 gives them only the CPU
@@ -134,12 +134,12 @@ pub struct MixedArgs {
 
     /// A message not echoed within this time is an error (echo_timeout).
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
-    #[serde(with = "secs")]
+    #[serde(with = "crate::result::secs")]
     pub timeout: Duration,
 
     /// Limit for TCP connect plus handshake (MQTT: CONNACK and SUBACK).
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
-    #[serde(with = "secs")]
+    #[serde(with = "crate::result::secs")]
     pub connect_timeout: Duration,
 
     /// Local addresses to connect from, e.g. 127.0.0.2-127.0.0.9.
@@ -171,21 +171,6 @@ pub struct MixedArgs {
     #[arg(short, long)]
     #[serde(skip)]
     pub quiet: bool,
-}
-
-/// Durations in JSON as seconds, like the rest of the result files.
-mod secs {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let secs = f64::deserialize(d)?;
-        Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom)
-    }
 }
 
 /// One interval of the run.
