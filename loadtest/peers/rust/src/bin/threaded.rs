@@ -21,6 +21,9 @@ struct Args {
     /// Address to listen on; port 0 picks a free one (printed on stdout).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// Read and write buffer of each connection (echo-server's default).
+    #[arg(long, value_parser = echo_peers::parse_size, default_value = echo_peers::ECHO_SERVER_BUFFER)]
+    buffer_size: usize,
     /// Stack size of each connection's thread (e.g. 64k); without it,
     /// Rust's default for spawned threads (2 MiB, or RUST_MIN_STACK).
     #[arg(long, value_parser = echo_peers::parse_size)]
@@ -52,8 +55,9 @@ fn main() -> anyhow::Result<()> {
         // The stream moves into the closure; if the spawn fails the closure
         // (and with it the stream) is dropped, which closes the connection.
         counter.fetch_add(1, Ordering::Relaxed);
+        let buffer = args.buffer_size;
         let spawned = builder.spawn(move || {
-            serve(stream);
+            serve(stream, buffer);
             counter.fetch_sub(1, Ordering::Relaxed);
         });
         if let Err(e) = spawned {
@@ -68,10 +72,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// One connection, from handshake to close, on its own thread.
-fn serve(stream: TcpStream) {
+fn serve(stream: TcpStream, buffer: usize) {
     // Echoes are small and latency is what is measured: no Nagle delay.
     let _ = stream.set_nodelay(true);
-    let Ok(mut ws) = tungstenite::accept(stream) else { return };
+    let Ok(mut ws) = tungstenite::accept_with_config(stream, Some(echo_peers::codec(buffer))) else { return };
     loop {
         match ws.read() {
             Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {

@@ -16,6 +16,9 @@ struct Args {
     /// Address to listen on; port 0 picks a free one (printed on stdout).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// Read and write buffer of each connection (echo-server's default).
+    #[arg(long, value_parser = echo_peers::parse_size, default_value = echo_peers::ECHO_SERVER_BUFFER)]
+    buffer_size: usize,
     /// Worker threads; default one per CPU the process may use.
     #[arg(long)]
     workers: Option<usize>,
@@ -28,16 +31,16 @@ fn main() -> anyhow::Result<()> {
     if let Some(n) = args.workers {
         rt.worker_threads(n);
     }
-    rt.build()?.block_on(serve(args.listen))
+    rt.build()?.block_on(serve(args.listen, args.buffer_size))
 }
 
-async fn serve(addr: SocketAddr) -> anyhow::Result<()> {
+async fn serve(addr: SocketAddr, buffer: usize) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     println!("listening on {}", listener.local_addr()?);
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(connection(stream));
+                tokio::spawn(connection(stream, buffer));
             }
             Err(e) => {
                 // Out of descriptors, mostly; pause rather than spin.
@@ -48,9 +51,13 @@ async fn serve(addr: SocketAddr) -> anyhow::Result<()> {
     }
 }
 
-async fn connection(stream: TcpStream) {
+async fn connection(stream: TcpStream, buffer: usize) {
     let _ = stream.set_nodelay(true);
-    let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+    let Ok(mut ws) =
+        tokio_tungstenite::accept_async_with_config(stream, Some(echo_peers::codec(buffer))).await
+    else {
+        return;
+    };
     while let Some(Ok(msg)) = ws.next().await {
         match msg {
             Message::Text(_) | Message::Binary(_) => {
