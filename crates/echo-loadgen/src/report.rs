@@ -123,7 +123,15 @@ fn row(s: &StepResult, cpu_per_message: bool) -> Vec<String> {
 
 /// Context switches per message, to two significant figures or so.
 fn switches(n: f64) -> String {
-    if n < 10.0 { format!("{n:.2}") } else { format!("{n:.0}") }
+    // An event loop under load switches far less than once per message:
+    // three decimals keep 0.001 from reading as 0.
+    if n < 0.1 {
+        format!("{n:.3}")
+    } else if n < 10.0 {
+        format!("{n:.2}")
+    } else {
+        format!("{n:.0}")
+    }
 }
 
 /// The first step where the server did not serve every connection and
@@ -595,6 +603,14 @@ mod tests {
         // b echoed 500 of 1000: no error was counted, so it is not a failure
         // in this sense; a connection short, or a dead server, is.
         assert!(rows[3].contains("| 4000 | 2.00 | 1 | - |"), "{}", rows[3]);
+    }
+
+    #[test]
+    fn switches_keep_small_figures_readable() {
+        assert_eq!(switches(0.0014), "0.001");
+        assert_eq!(switches(0.054), "0.054");
+        assert_eq!(switches(1.138), "1.14");
+        assert_eq!(switches(10594.2), "10594");
     }
 
     #[test]
