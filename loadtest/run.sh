@@ -73,7 +73,7 @@ run_scenario() { # scenario proto servers...
     start_server "$server" "$proto"
     local rc=0
     $PIN_GEN "$LOADGEN" run --scenario "$LOADTEST/scenarios/$scenario.toml" "$SERVER_URL" \
-      --label "$server" --server-pid "$SERVER_PID" --source "$SOURCES" ${THREADS[@]+"${THREADS[@]}"} ${HOLD[@]+"${HOLD[@]}"} ${STEPS[@]+"${STEPS[@]}"} \
+      --label "$server" --server-pid "$SERVER_PID" --server-log "$SERVER_LOG" --source "$SOURCES" ${THREADS[@]+"${THREADS[@]}"} ${HOLD[@]+"${HOLD[@]}"} ${STEPS[@]+"${STEPS[@]}"} \
       --json "$dir/$server.json" --csv "$dir/$server.csv" --chart "$dir/$server.svg" \
       >"$dir/$server.txt" || rc=$?
     local log=$SERVER_LOG

@@ -65,6 +65,9 @@ pub struct Plan {
     pub workers: usize,
     pub threads: usize,
     pub server: Option<ServerProbe>,
+    /// The server's log, whose `thread_spawn_failed` lines are counted per
+    /// step (`--server-log`).
+    pub server_log: Option<std::path::PathBuf>,
     pub live: bool,
     /// Nice level of the worker processes (0: as this process). A fleet
     /// that only makes load (the MQTT clients of `mixed`) runs at 19 so
@@ -369,6 +372,8 @@ pub fn run(plan: Plan) -> anyhow::Result<RunResult> {
     let mut fleet = Fleet::start(&plan, &run_id)?;
     let mut warned = false;
     let server_baseline = sample(&plan.server, &mut warned, &fleet.live);
+    let mut spawn_failures =
+        plan.server_log.as_deref().and_then(|p| usage::count_log_lines(p, usage::THREAD_SPAWN_FAILED));
     let s = &plan.settings;
     let n = plan.workers;
     let mut steps = Vec::new();
@@ -377,7 +382,16 @@ pub fn run(plan: Plan) -> anyhow::Result<RunResult> {
     let mut interrupted = None;
     for (i, &target) in s.steps.iter().enumerate() {
         match measure_step(&mut fleet, &plan, i, target, &mut warned) {
-            Ok(step) => {
+            Ok(mut step) => {
+                let now = plan
+                    .server_log
+                    .as_deref()
+                    .and_then(|p| usage::count_log_lines(p, usage::THREAD_SPAWN_FAILED));
+                step.server_thread_spawn_failures = match (now, spawn_failures) {
+                    (Some(n), Some(before)) => Some(n.saturating_sub(before)),
+                    (n, _) => n,
+                };
+                spawn_failures = now.or(spawn_failures);
                 let exited = step.server_exited;
                 steps.push(step);
                 if exited {
@@ -478,6 +492,7 @@ fn measure_step(
         generator_cpu_seconds: parent_cpu + held.cpu_seconds,
         generator_rss_bytes: held.rss_bytes,
         server_exited,
+        server_thread_spawn_failures: None,
         derived: Derived::default(),
     };
     step.derive();

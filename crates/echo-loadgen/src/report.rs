@@ -137,11 +137,12 @@ fn switches(n: f64) -> String {
 /// The first step where the server did not serve every connection and
 /// message: its connections and the commonest errors, `-` when none.
 fn first_failure(r: &RunResult) -> String {
-    let Some(s) = r
-        .steps
-        .iter()
-        .find(|s| s.server_exited || s.open_connections < s.target_connections || s.derived.errors > 0)
-    else {
+    let Some(s) = r.steps.iter().find(|s| {
+        s.server_exited
+            || s.open_connections < s.target_connections
+            || s.derived.errors > 0
+            || s.server_thread_spawn_failures.unwrap_or(0) > 0
+    }) else {
         return "-".into();
     };
     let mut kinds: Vec<(String, u64)> = s.ramp.errors.clone().into_iter().collect();
@@ -153,6 +154,9 @@ fn first_failure(r: &RunResult) -> String {
     }
     kinds.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     let mut how: Vec<String> = kinds.iter().take(3).map(|(k, n)| format!("{k} {n}")).collect();
+    if let Some(n) = s.server_thread_spawn_failures.filter(|&n| n > 0) {
+        how.insert(0, format!("{n} thread_spawn_failed"));
+    }
     if s.server_exited {
         how.insert(0, "server exited".into());
     }
@@ -213,6 +217,13 @@ pub fn table(r: &RunResult) -> String {
                 s.target_connections
             );
         }
+        if let Some(n) = s.server_thread_spawn_failures.filter(|&n| n > 0) {
+            let _ = writeln!(
+                out,
+                "the server's log reports {n} thread(s) it could not create during the step at {} connections",
+                s.target_connections
+            );
+        }
         let mut kinds = s.ramp.errors.clone();
         for (k, n) in &s.hold.errors {
             *kinds.entry(k.clone()).or_default() += n;
@@ -248,7 +259,7 @@ pub fn generator_warnings(r: &RunResult) -> Vec<String> {
         .collect()
 }
 
-const CSV_HEADERS: [&str; 37] = [
+const CSV_HEADERS: [&str; 38] = [
     "target_connections",
     "open_connections",
     "ramp_secs",
@@ -282,6 +293,7 @@ const CSV_HEADERS: [&str; 37] = [
     "server_ctxt_switches_per_message",
     "server_ctxt_switches_per_sec",
     "server_exited",
+    "server_thread_spawn_failures",
     "generator_cpu_percent",
     "generator_rss_bytes",
     "generator_rss_per_connection",
@@ -338,6 +350,7 @@ pub fn csv(r: &RunResult) -> anyhow::Result<String> {
             o(d.server_ctxt_switches_per_message),
             o(d.server_ctxt_switches_per_sec),
             s.server_exited.to_string(),
+            ou(s.server_thread_spawn_failures),
             format!("{:.3}", d.generator_cpu_percent),
             s.generator_rss_bytes.to_string(),
             o(d.generator_rss_per_connection),
@@ -623,12 +636,18 @@ mod tests {
         r.steps[1].ramp.errors.insert("connect_refused".into(), 6);
         r.steps[1].hold.errors.insert("connection_reset".into(), 3);
         r.steps[2].server_exited = true;
+        r.steps[2].server_thread_spawn_failures = Some(35);
         r.derive();
         assert_eq!(first_failure(&r), "1000: connection_reset 7, connect_refused 6");
         r.steps[1] = step(1000, 1000, &[100; 1000]);
         r.derive();
-        assert_eq!(first_failure(&r), "2000: server exited");
+        assert_eq!(first_failure(&r), "2000: server exited, 35 thread_spawn_failed");
         assert!(table(&r).contains("the server process exited during the step at 2000 connections"));
+        assert!(
+            table(&r).contains(
+                "the server's log reports 35 thread(s) it could not create during the step at 2000"
+            )
+        );
         let c = csv(&r).unwrap();
         let mut rd = csv::Reader::from_reader(c.as_bytes());
         let headers = rd.headers().unwrap().clone();
@@ -636,6 +655,8 @@ mod tests {
         let cell =
             |row: usize, name: &str| rows[row][headers.iter().position(|h| h == name).unwrap()].to_string();
         assert_eq!(cell(2, "server_exited"), "true");
+        assert_eq!(cell(2, "server_thread_spawn_failures"), "35");
+        assert_eq!(cell(0, "server_thread_spawn_failures"), "", "no log given");
         assert_eq!(cell(0, "server_exited"), "false");
         assert_eq!(cell(0, "server_threads"), "1");
         assert_eq!(cell(0, "server_voluntary_ctxt_switches"), "900");

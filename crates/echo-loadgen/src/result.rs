@@ -72,6 +72,10 @@ pub struct StepResult {
     /// clients saw that.
     #[serde(default)]
     pub server_exited: bool,
+    /// `thread_spawn_failed` lines the server's log gained during this
+    /// step, ramp and hold (`--server-log`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_thread_spawn_failures: Option<u64>,
     /// Figures derived from the above (recomputed on merge).
     pub derived: Derived,
 }
@@ -154,6 +158,9 @@ impl StepResult {
         self.generator_cpu_seconds += other.generator_cpu_seconds;
         self.generator_rss_bytes += other.generator_rss_bytes;
         self.server_exited |= other.server_exited;
+        // One server's log, seen by several generators: any count describes it.
+        self.server_thread_spawn_failures =
+            self.server_thread_spawn_failures.or(other.server_thread_spawn_failures);
         self.derive();
     }
 }
@@ -297,6 +304,7 @@ pub mod tests {
             generator_cpu_seconds: 1.0,
             generator_rss_bytes: target * 5_000,
             server_exited: false,
+            server_thread_spawn_failures: None,
             derived: Derived::default(),
         };
         s.derive();

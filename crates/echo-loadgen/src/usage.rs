@@ -104,6 +104,21 @@ fn process_ctxt_switches(pid: u32) -> Option<ContextSwitches> {
     Some(sum)
 }
 
+/// What loadtest/peers write to their log when a connection's thread
+/// cannot be created.
+pub const THREAD_SPAWN_FAILED: &str = "thread_spawn_failed";
+
+/// Lines of the file at `path` that contain `needle`; `None` when it
+/// cannot be read. Read whole at every step: server logs of a benchmark
+/// are small, and a server that appends while this reads is only counted
+/// at the next step.
+pub fn count_log_lines(path: &std::path::Path, needle: &str) -> Option<u64> {
+    let bytes = std::fs::read(path).ok()?;
+    let needle = needle.as_bytes();
+    Some(bytes.split(|&b| b == b'\n').filter(|line| line.windows(needle.len()).any(|w| w == needle)).count()
+        as u64)
+}
+
 /// Whether process `pid` still runs: not gone, and not a zombie waiting
 /// for its parent (a server that died while run.sh's shell was busy).
 pub fn process_alive(pid: u32) -> bool {
@@ -401,6 +416,21 @@ mod tests {
         assert!(s.ctxt_switches.unwrap().total() >= during.total());
         assert!(process_alive(pid));
         assert!(!process_alive(u32::MAX - 1));
+    }
+
+    #[test]
+    fn log_lines_are_counted_by_what_they_contain() {
+        let path = std::env::temp_dir().join(format!("elg-log-{}", std::process::id()));
+        std::fs::write(
+            &path,
+            "listening on 127.0.0.1:1\nthread_spawn_failed error=\"x\" failed=1\n\
+             accept_failed\nthread_spawn_failed error=\"x\" failed=2",
+        )
+        .unwrap();
+        assert_eq!(count_log_lines(&path, THREAD_SPAWN_FAILED), Some(2), "the last line has no newline yet");
+        assert_eq!(count_log_lines(&path, "accept_failed"), Some(1));
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(count_log_lines(&path, THREAD_SPAWN_FAILED), None);
     }
 
     #[test]

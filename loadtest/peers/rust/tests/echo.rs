@@ -72,3 +72,34 @@ fn tokio_multi_thread_echo() {
     let (_server, addr) = start(env!("CARGO_BIN_EXE_tokio-mt-echo"), &["--workers", "2"]);
     check_echo(&addr);
 }
+
+#[test]
+fn a_thread_that_cannot_be_created_closes_its_connection_and_is_logged() {
+    // A stack far larger than memory: the kernel refuses to map it, so
+    // every spawn fails the way it does when threads run out for real.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_threaded-echo"))
+        .args(["--listen", "127.0.0.1:0", "--stack-size", "1000000m"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening on ").unwrap().to_string();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut server = Server(child);
+    for n in 1..=2 {
+        let mut stream = TcpStream::connect(&addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Closed without a byte: a read sees the end (or a reset).
+        let mut buf = [0u8; 16];
+        let got = std::io::Read::read(&mut stream, &mut buf);
+        assert!(matches!(got, Ok(0) | Err(_)), "{got:?}");
+        let mut log = String::new();
+        stderr.read_line(&mut log).unwrap();
+        assert!(log.starts_with("thread_spawn_failed "), "{log}");
+        assert!(log.contains(&format!("failed={n} ")), "{log}");
+    }
+    // The server itself lives on.
+    assert!(server.0.try_wait().unwrap().is_none());
+}
