@@ -19,12 +19,16 @@ wait_port() { # host port [seconds]
   done
 }
 
-# Sets SERVER_PID, SERVER_URL (and SERVER_METRICS for echo-server).
-# $1: echo-server | node-ws | python-websockets | mosquitto; $2: ws | mqtt
+# Sets SERVER_PID, SERVER_URL, SERVER_LOG (the server's stdout and stderr)
+# and SERVER_METRICS (echo-server only).
+# $1: echo-server | node-ws | python-websockets | mosquitto, or one of the
+#     threads-vs-loop peers: rust-threads | rust-threads-64k | tokio-mt |
+#     python-threads; $2: ws | mqtt
 start_server() {
   local name=$1 proto=$2 port logf
   SERVER_METRICS=""
   logf=$(mktemp)
+  SERVER_LOG=$logf
   case $name in
     echo-server)
       local args=(--ws-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --log-format json)
@@ -58,6 +62,24 @@ start_server() {
       wait_port 127.0.0.1 "$port"
       SERVER_URL="ws://127.0.0.1:$port/"
       ;;
+    rust-threads|rust-threads-64k|tokio-mt)
+      # loadtest/peers/rust (built by run.sh with the rest of the workspace).
+      local bin=threaded-echo extra=()
+      [ "$name" = tokio-mt ] && bin=tokio-mt-echo
+      [ "$name" = rust-threads-64k ] && extra=(--stack-size 64k)
+      port=$(free_port)
+      $PIN_SERVER "$ROOT/target/release/$bin" --listen "127.0.0.1:$port" ${extra[@]+"${extra[@]}"} >"$logf" 2>&1 &
+      SERVER_PID=$!
+      wait_port 127.0.0.1 "$port"
+      SERVER_URL="ws://127.0.0.1:$port/"
+      ;;
+    python-threads)
+      port=$(free_port)
+      $PIN_SERVER "$LOADTEST/peers/python/.venv/bin/python" "$LOADTEST/peers/python/echo_threads.py" 127.0.0.1 "$port" >"$logf" 2>&1 &
+      SERVER_PID=$!
+      wait_port 127.0.0.1 "$port"
+      SERVER_URL="ws://127.0.0.1:$port/"
+      ;;
     mosquitto)
       port=$(free_port)
       local conf; conf=$(mktemp --suffix=.conf)
@@ -71,12 +93,23 @@ start_server() {
   esac
 }
 
+# Sets SERVER_EXIT: "stopped" when the server was still running, else how
+# it had ended by itself ("exit N", or "signal N": 9 is what the kernel's
+# OOM killer sends).
 stop_server() {
   [ -n "${SERVER_PID:-}" ] || return 0
+  local died=0 rc=0
+  # A zombie still answers kill -0: look at the state instead.
+  if [ ! -e "/proc/$SERVER_PID" ] || [ "$(cut -d')' -f2 "/proc/$SERVER_PID/stat" 2>/dev/null | awk '{print $1}')" = Z ]; then died=1; fi
   kill -TERM "$SERVER_PID" 2>/dev/null || true
   for _ in $(seq 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
   kill -KILL "$SERVER_PID" 2>/dev/null || true
-  wait "$SERVER_PID" 2>/dev/null || true
+  wait "$SERVER_PID" 2>/dev/null || rc=$?
+  if [ $died = 1 ]; then
+    if [ $rc -gt 128 ]; then SERVER_EXIT="signal $((rc - 128))"; else SERVER_EXIT="exit $rc"; fi
+  else
+    SERVER_EXIT=stopped
+  fi
   SERVER_PID=""
 }
 

@@ -4,14 +4,17 @@
 # generator settings, writing results, charts and comparison tables under
 # loadtest/results/<date>/.
 #
-#   loadtest/run.sh                 # everything (~15 minutes)
+#   loadtest/run.sh                 # everything (~25 minutes)
 #   loadtest/run.sh --only ws       # only WebSocket scenarios
+#   loadtest/run.sh --only threads  # threads or one event loop? (~10 minutes)
 #   LOADTEST_HOLD=5s loadtest/run.sh  # shorter holds, for a quick look
 #   LOADTEST_STEPS=200 LOADTEST_HOLD=2s loadtest/run.sh --out /tmp/r   # the whole suite in miniature (CI)
 #
 # Options:
-#   --only ws|mqtt        run only one protocol's scenarios
-#   --servers "a b"       only these servers (echo-server node-ws python-websockets mosquitto)
+#   --only ws|mqtt|threads  run only one protocol's scenarios, or only
+#                         threads-vs-loop (the thread-per-connection peers)
+#   --servers "a b"       only these servers (echo-server node-ws python-websockets mosquitto
+#                         rust-threads rust-threads-64k tokio-mt python-threads)
 #   --out DIR             where results go (default loadtest/results/<date>)
 #   --no-pin              do not pin server and generator to separate CPUs
 #
@@ -29,7 +32,7 @@ while [ $# -gt 0 ]; do
     --servers) SERVERS=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --no-pin) PIN=0; shift ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -37,7 +40,7 @@ OUT=${OUT:-$LOADTEST/results/$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 
 log "building release binaries"
-(cd "$ROOT" && cargo build --release --locked -p echo-server -p echo-loadgen)
+(cd "$ROOT" && cargo build --release --locked -p echo-server -p echo-loadgen -p echo-peers)
 ECHO_SERVER=${LOADTEST_ECHO_SERVER:-$ROOT/target/release/echo-server}
 LOADGEN=$ROOT/target/release/echo-loadgen
 setup_peers
@@ -56,36 +59,62 @@ SOURCES=127.0.0.2-127.0.0.9
 want_server() { [ -z "$SERVERS" ] || [[ " $SERVERS " == *" $1 "* ]]; }
 
 trap 'stop_server' EXIT
-FAILED=()
+FAILED=(); DIED=()
 run_scenario() { # scenario proto servers...
   local scenario=$1 proto=$2; shift 2
   local dir=$OUT/$scenario files=()
   mkdir -p "$dir"
+  if [ "$scenario" = threads-vs-loop ]; then
+    printf '| server | process at the end | thread_spawn_failed lines | accept_failed lines |\n|---|---|---:|---:|\n' >"$dir/peers.md"
+  fi
   for server in "$@"; do
     want_server "$server" || continue
     log "$scenario against $server"
     start_server "$server" "$proto"
     local rc=0
     $PIN_GEN "$LOADGEN" run --scenario "$LOADTEST/scenarios/$scenario.toml" "$SERVER_URL" \
-      --label "$server" --server-pid "$SERVER_PID" --source "$SOURCES" ${THREADS[@]+"${THREADS[@]}"} ${HOLD[@]+"${HOLD[@]}"} ${STEPS[@]+"${STEPS[@]}"} \
+      --label "$server" --server-pid "$SERVER_PID" --server-log "$SERVER_LOG" --source "$SOURCES" ${THREADS[@]+"${THREADS[@]}"} ${HOLD[@]+"${HOLD[@]}"} ${STEPS[@]+"${STEPS[@]}"} \
       --json "$dir/$server.json" --csv "$dir/$server.csv" --chart "$dir/$server.svg" \
       >"$dir/$server.txt" || rc=$?
+    local log=$SERVER_LOG
     stop_server
     cat "$dir/$server.txt"
-    if [ $rc -ne 0 ]; then FAILED+=("$scenario/$server (exit $rc)"); fi
+    if [ "$scenario" = threads-vs-loop ]; then
+      # How the peer failed, from its side: threads it could not create,
+      # accepts that failed, and whether it was still running at the end.
+      cp "$log" "$dir/$server.log"
+      printf '| %s | %s | %s | %s |\n' "$server" "$SERVER_EXIT" \
+        "$(grep -c thread_spawn_failed "$log" || true)" "$(grep -c accept_failed "$log" || true)" >>"$dir/peers.md"
+    fi
+    rm -f "$log"
+    if [ $rc -eq 3 ] && [ "$scenario" = threads-vs-loop ] && [ "$SERVER_EXIT" != stopped ]; then
+      # A peer that dies under load is what this scenario looks for: a
+      # result (peers.md says how), not a failure of the suite.
+      DIED+=("$server ($SERVER_EXIT)")
+    elif [ $rc -ne 0 ]; then
+      FAILED+=("$scenario/$server (exit $rc)")
+    fi
     [ -f "$dir/$server.json" ] && files+=("$dir/$server.json")
   done
   if [ ${#files[@]} -gt 0 ]; then
     "$LOADGEN" compare "${files[@]}" --chart "$dir/compare.svg" --markdown "$dir/compare.md" >/dev/null
   fi
+  if [ "$scenario" = threads-vs-loop ]; then
+    python3 "$LOADTEST/threads-summary.py" "$dir" >"$dir/summary.md"
+  fi
 }
 
-if [ "$ONLY" != mqtt ]; then
+if [ -z "$ONLY" ] || [ "$ONLY" = ws ]; then
   for s in ws-idle-scaling ws-latency-10k ws-throughput; do
     run_scenario "$s" ws echo-server node-ws python-websockets
   done
 fi
-if [ "$ONLY" != ws ]; then
+if [ -z "$ONLY" ] || [ "$ONLY" = threads ]; then
+  # A thread per connection against one event loop: every peer on one
+  # pinned core, like the rest (tokio-mt then has one worker).
+  run_scenario threads-vs-loop ws echo-server rust-threads rust-threads-64k tokio-mt python-threads python-websockets
+fi
+if [ -z "$ONLY" ] || [ "$ONLY" = mqtt ]; then
   MQTT_SERVERS=(mosquitto)
   if echo_server_has_mqtt; then MQTT_SERVERS=(echo-server mosquitto); else log "this echo-server has no MQTT listener yet: MQTT scenarios run against mosquitto only"; fi
   for s in mqtt-idle-scaling mqtt-latency-10k mqtt-throughput; do
@@ -108,7 +137,16 @@ fi
     echo; echo "## $(basename "$(dirname "$md")")"; echo
     echo "Last step of each run; ratios are to the first row. Chart: [compare.svg]($(basename "$(dirname "$md")")/compare.svg)."
     echo; cat "$md"
+    if [ -f "$(dirname "$md")/peers.md" ]; then
+      echo; echo "How each process ended (\"stopped\": still running when the run ended; \"signal 9\": killed, e.g. by the OOM killer), and the failures its log reports:"
+      echo; cat "$(dirname "$md")/peers.md"
+    fi
+    if [ -f "$(dirname "$md")/summary.md" ]; then
+      echo; echo "Each peer's largest step served cleanly, and its first failure (loadtest/threads-summary.py):"
+      echo; cat "$(dirname "$md")/summary.md"
+    fi
   done
+  if [ ${#DIED[@]} -gt 0 ]; then echo; echo "Peers whose process died in threads-vs-loop (a result; see its peers.md): ${DIED[*]}"; fi
   if [ ${#FAILED[@]} -gt 0 ]; then echo; echo "Runs that did not finish cleanly: ${FAILED[*]}"; fi
 } >"$OUT/README.md"
 log "results in $OUT (summary: $OUT/README.md)"

@@ -1,4 +1,6 @@
-//! The chart: latency percentiles and server memory against connections.
+//! The chart: latency percentiles and server memory against connections,
+//! and the server's context switches per message when they were sampled
+//! (`--server-pid` with messages flowing).
 //!
 //! SVG, drawn with plotters' SVG backend, which needs no system libraries
 //! or font files. One run draws p50/p90/p99/p99.9; several runs (a
@@ -84,6 +86,107 @@ fn memory_series(runs: &[RunResult]) -> Vec<Series> {
         .collect()
 }
 
+/// Server context switches per message echoed, per step that has them.
+fn switches_series(runs: &[RunResult]) -> Vec<Series> {
+    runs.iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let points: Vec<(f64, f64)> = r
+                .steps
+                .iter()
+                // A step where connections failed has few messages and
+                // the switches of its failures: per message, meaningless.
+                .filter(|s| s.open_connections == s.target_connections && !s.server_exited)
+                .filter_map(|s| {
+                    Some((s.open_connections as f64, s.derived.server_ctxt_switches_per_message?))
+                })
+                .collect();
+            (!points.is_empty()).then(|| Series {
+                name: if runs.len() == 1 { "context switches per message".into() } else { name(r, i) },
+                colour: if runs.len() == 1 { COLOURS[0] } else { COLOURS[i % 6] },
+                width: 2,
+                points,
+            })
+        })
+        .collect()
+}
+
+/// A panel with a linear y axis from 0: memory, context switches.
+fn linear_panel(area: &Area, series: &[Series], caption: &str, y_desc: &str) -> anyhow::Result<()> {
+    let err = |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("chart: {e}");
+    let max = series.iter().flat_map(|s| &s.points).map(|p| p.1).fold(1.0, f64::max);
+    let xr = series_x_range(series);
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(64)
+        .build_cartesian_2d(xr, 0.0..max * 1.1)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("connections")
+        .y_desc(y_desc)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .draw()
+        .map_err(err)?;
+    draw_series(&mut chart, series).map_err(err)?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    Ok(())
+}
+
+/// A panel with a logarithmic y axis: context switches per message run
+/// from hundredths (an event loop under load) to several (threads).
+fn log_panel(area: &Area, series: &[Series], caption: &str, y_desc: &str) -> anyhow::Result<()> {
+    let err = |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("chart: {e}");
+    // A log axis cannot show 0: a step without a switch is drawn at 0.001.
+    let clamped: Vec<Series> = series
+        .iter()
+        .map(|s| Series {
+            name: s.name.clone(),
+            colour: s.colour,
+            width: s.width,
+            points: s.points.iter().map(|&(x, y)| (x, y.max(0.001))).collect(),
+        })
+        .collect();
+    let max = clamped.iter().flat_map(|s| &s.points).map(|p| p.1).fold(0.001, f64::max);
+    let min = clamped.iter().flat_map(|s| &s.points).map(|p| p.1).fold(f64::MAX, f64::min);
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(64)
+        .build_cartesian_2d(series_x_range(series), ((min / 2.0)..(max * 2.0)).log_scale())
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("connections")
+        .y_desc(y_desc)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .draw()
+        .map_err(err)?;
+    draw_series(&mut chart, &clamped).map_err(err)?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    Ok(())
+}
+
+fn series_x_range(series: &[Series]) -> std::ops::Range<f64> {
+    let max = series.iter().flat_map(|s| &s.points).map(|p| p.0).fold(1.0, f64::max);
+    0.0..max * 1.05
+}
+
 fn x_range(runs: &[RunResult]) -> std::ops::Range<f64> {
     let max = runs
         .iter()
@@ -119,7 +222,9 @@ fn empty(area: &Area, text: &str) -> anyhow::Result<()> {
 /// Writes the chart of one or more runs to `path` (SVG).
 pub fn draw(runs: &[RunResult], path: &Path) -> anyhow::Result<()> {
     let err = |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("chart {}: {e}", path.display());
-    let root = SVGBackend::new(path, (1000, 800)).into_drawing_area();
+    let switches = switches_series(runs);
+    let height = if switches.is_empty() { 800 } else { 1150 };
+    let root = SVGBackend::new(path, (1000, height)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let title = match runs {
         [r] => format!(
@@ -134,7 +239,13 @@ pub fn draw(runs: &[RunResult], path: &Path) -> anyhow::Result<()> {
         }
     };
     let root = root.titled(&title, ("sans-serif", 22)).map_err(err)?;
-    let (top, bottom) = root.split_vertically(400);
+    let (top, rest) = root.split_vertically(400);
+    let (bottom, third) = if switches.is_empty() {
+        (rest, None)
+    } else {
+        let (a, b) = rest.split_vertically(375);
+        (a, Some(b))
+    };
     let xr = x_range(runs);
 
     let lat = latency_series(runs);
@@ -171,29 +282,15 @@ pub fn draw(runs: &[RunResult], path: &Path) -> anyhow::Result<()> {
     if mem.is_empty() {
         empty(&bottom, "no server memory readings (use --server-pid or --server-metrics)")?;
     } else {
-        let max = mem.iter().flat_map(|s| &s.points).map(|p| p.1).fold(1.0, f64::max);
-        let mut chart = ChartBuilder::on(&bottom)
-            .caption("server resident memory (MiB)", ("sans-serif", 16))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(64)
-            .build_cartesian_2d(xr, 0.0..max * 1.1)
-            .map_err(err)?;
-        chart
-            .configure_mesh()
-            .x_desc("connections")
-            .y_desc("MiB")
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .draw()
-            .map_err(err)?;
-        draw_series(&mut chart, &mem).map_err(err)?;
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(err)?;
+        linear_panel(&bottom, &mem, "server resident memory (MiB)", "MiB")?;
+    }
+    if let Some(area) = third {
+        log_panel(
+            &area,
+            &switches,
+            "server context switches per message echoed (all threads; steps with every connection open; log scale)",
+            "switches",
+        )?;
     }
     root.present().map_err(err)?;
     Ok(())
@@ -219,6 +316,13 @@ mod tests {
         draw(&[r, other], &path).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(svg.contains("peer p99"));
+        // step() carries context switches: a third panel.
+        assert!(svg.contains("context switches per message echoed"));
+        let mut idle = run(vec![step(100, 0, &[])]);
+        idle.steps[0].server.as_mut().unwrap().ctxt_switches = None;
+        idle.derive();
+        draw(&[idle], &path).unwrap();
+        assert!(!std::fs::read_to_string(&path).unwrap().contains("context switches"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -65,6 +65,9 @@ pub struct Plan {
     pub workers: usize,
     pub threads: usize,
     pub server: Option<ServerProbe>,
+    /// The server's log, whose `thread_spawn_failed` lines are counted per
+    /// step (`--server-log`).
+    pub server_log: Option<std::path::PathBuf>,
     pub live: bool,
     /// Nice level of the worker processes (0: as this process). A fleet
     /// that only makes load (the MQTT clients of `mixed`) runs at 19 so
@@ -369,14 +372,37 @@ pub fn run(plan: Plan) -> anyhow::Result<RunResult> {
     let mut fleet = Fleet::start(&plan, &run_id)?;
     let mut warned = false;
     let server_baseline = sample(&plan.server, &mut warned, &fleet.live);
+    let mut spawn_failures =
+        plan.server_log.as_deref().and_then(|p| usage::count_log_lines(p, usage::THREAD_SPAWN_FAILED));
     let s = &plan.settings;
     let n = plan.workers;
     let mut steps = Vec::new();
+    let mut failures = Vec::new();
     let total = s.steps.len();
     let mut interrupted = None;
     for (i, &target) in s.steps.iter().enumerate() {
         match measure_step(&mut fleet, &plan, i, target, &mut warned) {
-            Ok(step) => steps.push(step),
+            Ok(mut step) => {
+                let now = plan
+                    .server_log
+                    .as_deref()
+                    .and_then(|p| usage::count_log_lines(p, usage::THREAD_SPAWN_FAILED));
+                step.server_thread_spawn_failures = match (now, spawn_failures) {
+                    (Some(n), Some(before)) => Some(n.saturating_sub(before)),
+                    (n, _) => n,
+                };
+                spawn_failures = now.or(spawn_failures);
+                let exited = step.server_exited;
+                steps.push(step);
+                if exited {
+                    // Larger steps against no server would only count refusals.
+                    failures.push(format!(
+                        "the server process exited during step {} of {total} ({target} connections)",
+                        i + 1
+                    ));
+                    break;
+                }
+            }
             Err(e) if e.is::<Interrupted>() => {
                 interrupted = Some(i);
                 break;
@@ -386,7 +412,6 @@ pub fn run(plan: Plan) -> anyhow::Result<RunResult> {
     }
     fleet.live.phase("closing connections".into());
     fleet.stop();
-    let mut failures = Vec::new();
     if let Some(i) = interrupted {
         failures.push(format!(
             "interrupted during step {} of {total}: only the {} completed step(s) are reported",
@@ -442,12 +467,20 @@ fn measure_step(
     let parent_cpu = usage::own_cpu_seconds() - parent_cpu;
 
     let server = server_after.map(|mut after| {
-        after.cpu_seconds = match (after.cpu_seconds, server_before.and_then(|b| b.cpu_seconds)) {
+        let before = server_before.as_ref();
+        after.cpu_seconds = match (after.cpu_seconds, before.and_then(|b| b.cpu_seconds)) {
             (Some(a), Some(b)) => Some(a - b),
+            _ => None,
+        };
+        after.ctxt_switches = match (after.ctxt_switches, before.and_then(|b| b.ctxt_switches)) {
+            (Some(a), Some(b)) => Some(a.since(&b)),
             _ => None,
         };
         after
     });
+    // A server that died (killed for memory, or aborted when a thread could
+    // not be made) is worth a line of its own; its clients' errors follow.
+    let server_exited = matches!(plan.server, Some(ServerProbe::Pid(pid)) if !usage::process_alive(pid));
     let mut step = StepResult {
         target_connections: target,
         open_connections: held.open,
@@ -458,6 +491,8 @@ fn measure_step(
         server,
         generator_cpu_seconds: parent_cpu + held.cpu_seconds,
         generator_rss_bytes: held.rss_bytes,
+        server_exited,
+        server_thread_spawn_failures: None,
         derived: Derived::default(),
     };
     step.derive();

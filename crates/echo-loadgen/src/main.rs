@@ -95,7 +95,8 @@ fn run(file: Option<PathBuf>, quiet: bool, cli: Scenario) -> ExitCode {
     }
     let thresholds =
         report::Thresholds { max_error_rate: scenario.max_error_rate, max_p99: scenario.max_p99 };
-    let plan = Plan { settings, target, workers, threads, server, live: !quiet, nice: 0 };
+    let server_log = scenario.server_log.clone();
+    let plan = Plan { settings, target, workers, threads, server, server_log, live: !quiet, nice: 0 };
     coordinator::catch_interrupts();
     let mut result = match coordinator::run(plan) {
         Ok(r) => r,

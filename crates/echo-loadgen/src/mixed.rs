@@ -343,6 +343,7 @@ pub fn check(args: MixedArgs) -> Result<Checked, String> {
         workers: ws_workers,
         threads: threads(ws_workers),
         server: probe,
+        server_log: None,
         live: !args.quiet,
         nice: 0,
     };
@@ -352,6 +353,7 @@ pub fn check(args: MixedArgs) -> Result<Checked, String> {
         workers: mqtt_workers,
         threads: threads(mqtt_workers),
         server: None,
+        server_log: None,
         live: false,
         nice: args.mqtt_nice,
     };

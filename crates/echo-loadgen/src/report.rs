@@ -47,7 +47,7 @@ fn opt<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
 
 /// The table's columns; [`CPU_PER_MESSAGE`] goes after `srv CPU` when
 /// messages flowed.
-const HEADERS: [&str; 18] = [
+const HEADERS: [&str; 19] = [
     "conns",
     "open",
     "conn p50",
@@ -65,11 +65,14 @@ const HEADERS: [&str; 18] = [
     "RSS/conn",
     "ΔRSS/conn",
     "srv CPU",
+    "srv thr",
     "gen CPU",
 ];
 
-/// Server CPU microseconds per message echoed (MQTT: per delivery).
+/// Server CPU microseconds per message echoed (MQTT: per delivery), and
+/// the server's context switches per message, after `srv CPU`.
 const CPU_PER_MESSAGE: &str = "srv µs/msg";
+const SWITCHES_PER_MESSAGE: &str = "cs/msg";
 const CPU_PER_MESSAGE_AT: usize = 17;
 
 /// Microseconds of CPU, to two or three significant figures.
@@ -108,12 +111,59 @@ fn row(s: &StepResult, cpu_per_message: bool) -> Vec<String> {
         opt(d.server_rss_per_connection, bytes),
         opt(d.server_rss_per_added_connection, bytes),
         opt(d.server_cpu_percent, |p| format!("{p:.0}%")),
+        opt(server.and_then(|s| s.threads), |t| count(t as f64)),
         format!("{:.0}%", d.generator_cpu_percent),
     ];
     if cpu_per_message {
         row.insert(CPU_PER_MESSAGE_AT, opt(d.server_cpu_us_per_message, cpu_micros));
+        row.insert(CPU_PER_MESSAGE_AT + 1, opt(d.server_ctxt_switches_per_message, switches));
     }
     row
+}
+
+/// Context switches per message, to two significant figures or so.
+fn switches(n: f64) -> String {
+    // An event loop under load switches far less than once per message:
+    // three decimals keep 0.001 from reading as 0.
+    if n < 0.1 {
+        format!("{n:.3}")
+    } else if n < 10.0 {
+        format!("{n:.2}")
+    } else {
+        format!("{n:.0}")
+    }
+}
+
+/// The first step where the server did not serve every connection and
+/// message: its connections and the commonest errors, `-` when none.
+fn first_failure(r: &RunResult) -> String {
+    let Some(s) = r.steps.iter().find(|s| {
+        s.server_exited
+            || s.open_connections < s.target_connections
+            || s.derived.errors > 0
+            || s.server_thread_spawn_failures.unwrap_or(0) > 0
+    }) else {
+        return "-".into();
+    };
+    let mut kinds: Vec<(String, u64)> = s.ramp.errors.clone().into_iter().collect();
+    for (k, n) in &s.hold.errors {
+        match kinds.iter_mut().find(|(name, _)| name == k) {
+            Some((_, m)) => *m += n,
+            None => kinds.push((k.clone(), *n)),
+        }
+    }
+    kinds.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let mut how: Vec<String> = kinds.iter().take(3).map(|(k, n)| format!("{k} {n}")).collect();
+    if let Some(n) = s.server_thread_spawn_failures.filter(|&n| n > 0) {
+        how.insert(0, format!("{n} thread_spawn_failed"));
+    }
+    if s.server_exited {
+        how.insert(0, "server exited".into());
+    }
+    if how.is_empty() {
+        how.push(format!("{} of {} open", s.open_connections, s.target_connections));
+    }
+    format!("{}: {}", s.target_connections, how.join(", "))
 }
 
 /// The per-step table and, below it, the errors of each step by kind.
@@ -124,6 +174,7 @@ pub fn table(r: &RunResult) -> String {
     let mut headers = HEADERS.to_vec();
     if cpu_per_message {
         headers.insert(CPU_PER_MESSAGE_AT, CPU_PER_MESSAGE);
+        headers.insert(CPU_PER_MESSAGE_AT + 1, SWITCHES_PER_MESSAGE);
     }
     let rows: Vec<Vec<String>> = r.steps.iter().map(|s| row(s, cpu_per_message)).collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
@@ -159,6 +210,20 @@ pub fn table(r: &RunResult) -> String {
         let _ = writeln!(out, "{}", line(&mut row.iter().map(String::as_str)));
     }
     for s in &r.steps {
+        if s.server_exited {
+            let _ = writeln!(
+                out,
+                "the server process exited during the step at {} connections",
+                s.target_connections
+            );
+        }
+        if let Some(n) = s.server_thread_spawn_failures.filter(|&n| n > 0) {
+            let _ = writeln!(
+                out,
+                "the server's log reports {n} thread(s) it could not create during the step at {} connections",
+                s.target_connections
+            );
+        }
         let mut kinds = s.ramp.errors.clone();
         for (k, n) in &s.hold.errors {
             *kinds.entry(k.clone()).or_default() += n;
@@ -194,7 +259,7 @@ pub fn generator_warnings(r: &RunResult) -> Vec<String> {
         .collect()
 }
 
-const CSV_HEADERS: [&str; 31] = [
+const CSV_HEADERS: [&str; 38] = [
     "target_connections",
     "open_connections",
     "ramp_secs",
@@ -222,6 +287,13 @@ const CSV_HEADERS: [&str; 31] = [
     "server_cpu_us_per_message",
     "server_open_fds",
     "server_connections",
+    "server_threads",
+    "server_voluntary_ctxt_switches",
+    "server_involuntary_ctxt_switches",
+    "server_ctxt_switches_per_message",
+    "server_ctxt_switches_per_sec",
+    "server_exited",
+    "server_thread_spawn_failures",
     "generator_cpu_percent",
     "generator_rss_bytes",
     "generator_rss_per_connection",
@@ -272,6 +344,13 @@ pub fn csv(r: &RunResult) -> anyhow::Result<String> {
             o(d.server_cpu_us_per_message),
             ou(server.open_fds),
             ou(server.connections),
+            ou(server.threads),
+            ou(server.ctxt_switches.map(|c| c.voluntary)),
+            ou(server.ctxt_switches.map(|c| c.involuntary)),
+            o(d.server_ctxt_switches_per_message),
+            o(d.server_ctxt_switches_per_sec),
+            s.server_exited.to_string(),
+            ou(s.server_thread_spawn_failures),
             format!("{:.3}", d.generator_cpu_percent),
             s.generator_rss_bytes.to_string(),
             o(d.generator_rss_per_connection),
@@ -295,11 +374,21 @@ pub fn rss_per_connection_over_run(r: &RunResult) -> Option<f64> {
 /// servers, at each run's last step, with ratios to the first run.
 pub fn comparison(runs: &[RunResult]) -> String {
     let mut out = String::new();
+    // Runs sampled from /proc (--server-pid) also show the server's CPU and
+    // context switches per message, its threads, and where it first failed.
+    let threads =
+        runs.iter().any(|r| r.steps.iter().any(|s| s.server.as_ref().is_some_and(|x| x.threads.is_some())));
+    let (extra_head, extra_rule) = if threads {
+        (" µs/msg | cs/msg | threads | first failure |", "---:|---:|---:|---|")
+    } else {
+        ("", "")
+    };
     let _ = writeln!(
         out,
-        "| server | open | echoed/s | p50 | p99 | p99.9 | max | errors | RSS/conn | srv CPU | gen CPU | echoed/s ratio | p99 ratio | RSS/conn ratio |"
+        "| server | open | echoed/s | p50 | p99 | p99.9 | max | errors | RSS/conn | srv CPU | gen CPU |{extra_head} echoed/s ratio | p99 ratio | RSS/conn ratio |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ =
+        writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|{extra_rule}---:|---:|---:|");
     let base = runs.first();
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
@@ -321,9 +410,20 @@ pub fn comparison(runs: &[RunResult]) -> String {
         let has = !lat.is_empty();
         let l = |p: f64| if has { micros(lat.percentile(p)) } else { "-".into() };
         let (rate, p99, rss) = figures(r);
+        let extra = if threads {
+            format!(
+                " {} | {} | {} | {} |",
+                opt(s.derived.server_cpu_us_per_message, cpu_micros),
+                opt(s.derived.server_ctxt_switches_per_message, switches),
+                opt(s.server.as_ref().and_then(|x| x.threads), |t| t.to_string()),
+                first_failure(r)
+            )
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0}% | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0}% |{extra} {} | {} | {} |",
             r.label.clone().unwrap_or_else(|| format!("run {}", i + 1)),
             s.open_connections,
             count(s.derived.received_per_sec),
@@ -414,7 +514,7 @@ mod tests {
         let rows: Vec<csv::StringRecord> = rd.records().map(Result::unwrap).collect();
         assert_eq!(rows.len(), 2);
         assert_eq!(&rows[1][0], "200");
-        assert_eq!(&rows[1][30], "echo_mismatch=3");
+        assert_eq!(&rows[1][CSV_HEADERS.len() - 1], "echo_mismatch=3");
         assert_eq!(rd.headers().unwrap().len(), CSV_HEADERS.len());
     }
 
@@ -509,6 +609,61 @@ mod tests {
             "{}",
             rows[3]
         );
+        // Sampled from /proc: CPU and context switches per message (step():
+        // 2 s and 1000 switches over 1000 echoes), threads, no failure.
+        assert!(rows[0].contains("| µs/msg | cs/msg | threads | first failure |"), "{}", rows[0]);
+        assert!(rows[2].contains("| 2000 | 1.00 | 1 | - |"), "{}", rows[2]);
+        // b echoed 500 of 1000: no error was counted, so it is not a failure
+        // in this sense; a connection short, or a dead server, is.
+        assert!(rows[3].contains("| 4000 | 2.00 | 1 | - |"), "{}", rows[3]);
+    }
+
+    #[test]
+    fn switches_keep_small_figures_readable() {
+        assert_eq!(switches(0.0014), "0.001");
+        assert_eq!(switches(0.054), "0.054");
+        assert_eq!(switches(1.138), "1.14");
+        assert_eq!(switches(10594.2), "10594");
+    }
+
+    #[test]
+    fn the_first_failure_says_where_and_how() {
+        let mut r =
+            run(vec![step(100, 100, &[100; 100]), step(1000, 1000, &[100; 1000]), step(2000, 0, &[])]);
+        assert_eq!(first_failure(&r), "-");
+        r.steps[1].open_connections = 990;
+        r.steps[1].ramp.errors.insert("connection_reset".into(), 4);
+        r.steps[1].ramp.errors.insert("connect_refused".into(), 6);
+        r.steps[1].hold.errors.insert("connection_reset".into(), 3);
+        r.steps[2].server_exited = true;
+        r.steps[2].server_thread_spawn_failures = Some(35);
+        r.derive();
+        assert_eq!(first_failure(&r), "1000: connection_reset 7, connect_refused 6");
+        r.steps[1] = step(1000, 1000, &[100; 1000]);
+        r.derive();
+        assert_eq!(first_failure(&r), "2000: server exited, 35 thread_spawn_failed");
+        assert!(table(&r).contains("the server process exited during the step at 2000 connections"));
+        assert!(
+            table(&r).contains(
+                "the server's log reports 35 thread(s) it could not create during the step at 2000"
+            )
+        );
+        let c = csv(&r).unwrap();
+        let mut rd = csv::Reader::from_reader(c.as_bytes());
+        let headers = rd.headers().unwrap().clone();
+        let rows: Vec<csv::StringRecord> = rd.records().map(Result::unwrap).collect();
+        let cell =
+            |row: usize, name: &str| rows[row][headers.iter().position(|h| h == name).unwrap()].to_string();
+        assert_eq!(cell(2, "server_exited"), "true");
+        assert_eq!(cell(2, "server_thread_spawn_failures"), "35");
+        assert_eq!(cell(0, "server_thread_spawn_failures"), "", "no log given");
+        assert_eq!(cell(0, "server_exited"), "false");
+        assert_eq!(cell(0, "server_threads"), "1");
+        assert_eq!(cell(0, "server_voluntary_ctxt_switches"), "900");
+        assert_eq!(cell(0, "server_involuntary_ctxt_switches"), "100");
+        assert_eq!(cell(0, "server_ctxt_switches_per_message"), "10.000");
+        assert_eq!(cell(2, "server_ctxt_switches_per_message"), "", "no messages, no figure");
+        assert_eq!(cell(2, "server_ctxt_switches_per_sec"), "100.000");
     }
 
     #[test]

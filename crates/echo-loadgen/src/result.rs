@@ -67,6 +67,15 @@ pub struct StepResult {
     pub generator_cpu_seconds: f64,
     /// Resident memory of all worker processes at the end of the hold.
     pub generator_rss_bytes: u64,
+    /// The server process (--server-pid) had exited by the end of this
+    /// step: the run stops after it, and the step's errors say how its
+    /// clients saw that.
+    #[serde(default)]
+    pub server_exited: bool,
+    /// `thread_spawn_failed` lines the server's log gained during this
+    /// step, ramp and hold (`--server-log`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_thread_spawn_failures: Option<u64>,
     /// Figures derived from the above (recomputed on merge).
     pub derived: Derived,
 }
@@ -88,6 +97,13 @@ pub struct Derived {
     pub server_cpu_percent: Option<f64>,
     /// Server CPU microseconds per message echoed (MQTT: per delivery).
     pub server_cpu_us_per_message: Option<f64>,
+    /// Server context switches (all threads) per message echoed.
+    #[serde(default)]
+    pub server_ctxt_switches_per_message: Option<f64>,
+    /// Server context switches (all threads) per second of hold: what an
+    /// idle step costs in wake-ups.
+    #[serde(default)]
+    pub server_ctxt_switches_per_sec: Option<f64>,
     /// Percent of one core, summed over worker processes.
     pub generator_cpu_percent: f64,
     pub generator_rss_per_connection: Option<f64>,
@@ -113,6 +129,13 @@ impl StepResult {
                 .and_then(|s| s.cpu_seconds)
                 .filter(|_| self.hold.received > 0)
                 .map(|c| c * 1e6 / self.hold.received as f64),
+            server_ctxt_switches_per_message: server
+                .and_then(|s| s.ctxt_switches)
+                .filter(|_| self.hold.received > 0)
+                .map(|c| c.total() as f64 / self.hold.received as f64),
+            server_ctxt_switches_per_sec: server
+                .and_then(|s| s.ctxt_switches)
+                .map(|c| c.total() as f64 / hold),
             generator_cpu_percent: self.generator_cpu_seconds / hold * 100.0,
             generator_rss_per_connection: per_conn(self.generator_rss_bytes),
         };
@@ -134,6 +157,10 @@ impl StepResult {
         }
         self.generator_cpu_seconds += other.generator_cpu_seconds;
         self.generator_rss_bytes += other.generator_rss_bytes;
+        self.server_exited |= other.server_exited;
+        // One server's log, seen by several generators: any count describes it.
+        self.server_thread_spawn_failures =
+            self.server_thread_spawn_failures.or(other.server_thread_spawn_failures);
         self.derive();
     }
 }
@@ -271,9 +298,13 @@ pub mod tests {
                 cpu_seconds: Some(2.0),
                 open_fds: None,
                 connections: Some(target),
+                threads: Some(1),
+                ctxt_switches: Some(crate::usage::ContextSwitches { voluntary: 900, involuntary: 100 }),
             }),
             generator_cpu_seconds: 1.0,
             generator_rss_bytes: target * 5_000,
+            server_exited: false,
+            server_thread_spawn_failures: None,
             derived: Derived::default(),
         };
         s.derive();
@@ -330,6 +361,12 @@ pub mod tests {
         assert!((d.server_cpu_us_per_message.unwrap() - 2e6 / 9_990.0).abs() < 1e-6);
         assert_eq!(d.generator_cpu_percent, 10.0);
         assert_eq!(d.generator_rss_per_connection, Some(5_000.0));
+        assert!((d.server_ctxt_switches_per_message.unwrap() - 1000.0 / 9_990.0).abs() < 1e-9);
+        assert_eq!(d.server_ctxt_switches_per_sec, Some(100.0));
+        // Idle: switches per second, none per message.
+        let idle = step(1000, 0, &[]);
+        assert_eq!(idle.derived.server_ctxt_switches_per_message, None);
+        assert_eq!(idle.derived.server_ctxt_switches_per_sec, Some(100.0));
     }
 
     #[test]

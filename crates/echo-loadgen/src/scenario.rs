@@ -246,6 +246,11 @@ pub struct Scenario {
     #[arg(long, value_name = "URL")]
     pub server_metrics: Option<String>,
 
+    /// The server's log file: the `thread_spawn_failed` lines it gains during each step are counted
+    /// (what loadtest/peers write when a connection's thread cannot be created).
+    #[arg(long, value_name = "FILE")]
+    pub server_log: Option<PathBuf>,
+
     /// Fail (exit 3) when errors / (connection attempts + messages sent) exceeds this fraction in any step.
     #[arg(long, value_name = "FRACTION")]
     pub max_error_rate: Option<f64>,
@@ -308,6 +313,7 @@ impl Scenario {
             source,
             server_pid,
             server_metrics,
+            server_log,
             max_error_rate,
             max_p99,
             label,

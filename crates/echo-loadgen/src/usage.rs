@@ -44,6 +44,90 @@ pub struct ServerSample {
     pub open_fds: Option<u64>,
     /// The server's own count of open connections.
     pub connections: Option<u64>,
+    /// Threads of the server process (`/proc/PID/status`'s `Threads:`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<u64>,
+    /// Context switches of all the server's threads: a thread that waits
+    /// (for a socket, a lock) switches voluntarily, one whose time slice
+    /// ran out or that a waking thread pushed off the CPU involuntarily.
+    /// Cumulative in a reading; in a step's reading, those of the hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ctxt_switches: Option<ContextSwitches>,
+}
+
+/// Context switches, voluntary and involuntary, summed over threads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContextSwitches {
+    pub voluntary: u64,
+    pub involuntary: u64,
+}
+
+impl ContextSwitches {
+    pub fn total(&self) -> u64 {
+        self.voluntary + self.involuntary
+    }
+
+    /// Those between `before` and `self`. Threads that ended in between
+    /// take their counts with them (the kernel keeps them only for
+    /// getrusage of the process itself), so a difference is floored at 0.
+    pub fn since(&self, before: &ContextSwitches) -> ContextSwitches {
+        ContextSwitches {
+            voluntary: self.voluntary.saturating_sub(before.voluntary),
+            involuntary: self.involuntary.saturating_sub(before.involuntary),
+        }
+    }
+}
+
+/// The two context-switch counters of one task's `/proc/.../status`.
+fn parse_ctxt_switches(status: &str) -> Option<ContextSwitches> {
+    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok());
+    Some(ContextSwitches {
+        voluntary: field("voluntary_ctxt_switches:")?,
+        involuntary: field("nonvoluntary_ctxt_switches:")?,
+    })
+}
+
+/// Context switches of every thread of `pid`, summed. `/proc/PID/status`
+/// alone counts only the main thread (the counters are per task), which
+/// for a thread-per-connection server is the one that only accepts.
+fn process_ctxt_switches(pid: u32) -> Option<ContextSwitches> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut sum = ContextSwitches::default();
+    for task in tasks.flatten() {
+        // A thread that ended between the listing and the read is skipped.
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else { continue };
+        if let Some(c) = parse_ctxt_switches(&status) {
+            sum.voluntary += c.voluntary;
+            sum.involuntary += c.involuntary;
+        }
+    }
+    Some(sum)
+}
+
+/// What loadtest/peers write to their log when a connection's thread
+/// cannot be created.
+pub const THREAD_SPAWN_FAILED: &str = "thread_spawn_failed";
+
+/// Lines of the file at `path` that contain `needle`; `None` when it
+/// cannot be read. Read whole at every step: server logs of a benchmark
+/// are small, and a server that appends while this reads is only counted
+/// at the next step.
+pub fn count_log_lines(path: &std::path::Path, needle: &str) -> Option<u64> {
+    let bytes = std::fs::read(path).ok()?;
+    let needle = needle.as_bytes();
+    Some(bytes.split(|&b| b == b'\n').filter(|line| line.windows(needle.len()).any(|w| w == needle)).count()
+        as u64)
+}
+
+/// Whether process `pid` still runs: not gone, and not a zombie waiting
+/// for its parent (a server that died while run.sh's shell was busy).
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next().map(String::from))
+        })
+        .is_some_and(|state| state != "Z" && state != "X")
 }
 
 /// Where server readings come from.
@@ -75,11 +159,16 @@ fn sample_pid(pid: u32) -> Result<ServerSample, String> {
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let cpu = stat_cpu_seconds(&stat, ticks);
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok().map(|d| d.count() as u64);
+    let threads = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Threads:")?.trim().parse::<u64>().ok()));
     Ok(ServerSample {
         rss_bytes: proc_rss(&pid.to_string()),
         cpu_seconds: cpu,
         open_fds: fds,
         connections: None,
+        threads,
+        ctxt_switches: process_ctxt_switches(pid),
     })
 }
 
@@ -284,6 +373,64 @@ mod tests {
         let d = t.since(&ThreadTimes { cpu_seconds: 0.05, wait_seconds: t.wait_seconds });
         assert!((d.cpu_seconds - (t.cpu_seconds - 0.05)).abs() < 1e-9);
         assert!(thread_times(u32::MAX - 1).is_err());
+    }
+
+    #[test]
+    fn context_switches_are_read_from_a_status_file() {
+        let status = "Name:\techo-server\nState:\tS (sleeping)\nThreads:\t3\n\
+            voluntary_ctxt_switches:\t1234\nnonvoluntary_ctxt_switches:\t56\n";
+        assert_eq!(parse_ctxt_switches(status), Some(ContextSwitches { voluntary: 1234, involuntary: 56 }));
+        // A kernel without the lines (or a truncated read) gives nothing,
+        // not zeros that would pass for a quiet server.
+        assert_eq!(parse_ctxt_switches("Name:\tx\nvoluntary_ctxt_switches:\t1\n"), None);
+        let later = ContextSwitches { voluntary: 1300, involuntary: 50 };
+        let d = later.since(&ContextSwitches { voluntary: 1234, involuntary: 56 });
+        assert_eq!(d, ContextSwitches { voluntary: 66, involuntary: 0 }, "floored when threads ended");
+        assert_eq!(d.total(), 66);
+    }
+
+    #[test]
+    fn context_switches_of_every_thread_add_up() {
+        let pid = std::process::id();
+        let before = process_ctxt_switches(pid).unwrap();
+        // Threads that sleep switch voluntarily each time; the main
+        // thread's own counters (all /proc/PID/status shows) would miss them.
+        let sleepers: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(|| {
+                    for _ in 0..20 {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let during = process_ctxt_switches(pid).unwrap();
+        let s = ServerProbe::Pid(pid).sample().unwrap();
+        for t in sleepers {
+            t.join().unwrap();
+        }
+        assert!(during.since(&before).voluntary >= 4 * 20, "{before:?} {during:?}");
+        assert!(s.threads.unwrap() >= 5, "{s:?}");
+        assert!(s.ctxt_switches.unwrap().total() >= during.total());
+        assert!(process_alive(pid));
+        assert!(!process_alive(u32::MAX - 1));
+    }
+
+    #[test]
+    fn log_lines_are_counted_by_what_they_contain() {
+        let path = std::env::temp_dir().join(format!("elg-log-{}", std::process::id()));
+        std::fs::write(
+            &path,
+            "listening on 127.0.0.1:1\nthread_spawn_failed error=\"x\" failed=1\n\
+             accept_failed\nthread_spawn_failed error=\"x\" failed=2",
+        )
+        .unwrap();
+        assert_eq!(count_log_lines(&path, THREAD_SPAWN_FAILED), Some(2), "the last line has no newline yet");
+        assert_eq!(count_log_lines(&path, "accept_failed"), Some(1));
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(count_log_lines(&path, THREAD_SPAWN_FAILED), None);
     }
 
     #[test]
