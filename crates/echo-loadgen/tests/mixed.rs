@@ -86,7 +86,11 @@ fn a_connect_storm_is_measured_phase_by_phase_and_the_server_agrees() {
         assert_eq!(u(&p["ws_open"]), 40, "{p}");
         assert!(p["ws"]["errors"].as_object().unwrap().is_empty(), "{p}");
         let (sent, received) = (u(&p["ws"]["sent"]), u(&p["ws"]["received"]));
-        assert!(received <= sent && sent <= received + 40, "{p}");
+        // A phase counts an echo when it comes back: the echoes of the
+        // last messages a phase sent land in the next one, so either count
+        // may lead by what was in flight at the boundary (a message per
+        // client, at this rate and latency).
+        assert!(received <= sent + 40 && sent <= received + 40, "{p}");
         if p["secs"].as_f64().unwrap() >= 0.9 {
             assert!(received >= 500, "40 clients × 20/s for a second: {p}");
             assert_eq!(u(&p["ws"]["latency"]["count"]), received);
