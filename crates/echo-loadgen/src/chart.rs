@@ -143,7 +143,13 @@ fn linear_panel(area: &Area, series: &[Series], caption: &str, y_desc: &str) -> 
 
 /// A panel with a logarithmic y axis: context switches per message run
 /// from hundredths (an event loop under load) to several (threads).
-fn log_panel(area: &Area, series: &[Series], caption: &str, y_desc: &str) -> anyhow::Result<()> {
+fn log_panel(
+    area: &Area,
+    x: std::ops::Range<f64>,
+    series: &[Series],
+    caption: &str,
+    y_desc: &str,
+) -> anyhow::Result<()> {
     let err = |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("chart: {e}");
     // A log axis cannot show 0: a step without a switch is drawn at 0.001.
     let clamped: Vec<Series> = series
@@ -162,7 +168,7 @@ fn log_panel(area: &Area, series: &[Series], caption: &str, y_desc: &str) -> any
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(64)
-        .build_cartesian_2d(series_x_range(series), ((min / 2.0)..(max * 2.0)).log_scale())
+        .build_cartesian_2d(x, ((min / 2.0)..(max * 2.0)).log_scale())
         .map_err(err)?;
     chart
         .configure_mesh()
@@ -252,30 +258,7 @@ pub fn draw(runs: &[RunResult], path: &Path) -> anyhow::Result<()> {
     if lat.is_empty() {
         empty(&top, "no latency samples (idle connections)")?;
     } else {
-        let max = lat.iter().flat_map(|s| &s.points).map(|p| p.1).fold(0.001, f64::max);
-        let min = lat.iter().flat_map(|s| &s.points).map(|p| p.1).fold(f64::MAX, f64::min);
-        let mut chart = ChartBuilder::on(&top)
-            .caption("echo latency from scheduled send (ms, log scale)", ("sans-serif", 16))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(64)
-            .build_cartesian_2d(xr.clone(), ((min / 2.0).max(0.001)..max * 2.0).log_scale())
-            .map_err(err)?;
-        chart
-            .configure_mesh()
-            .x_desc("connections")
-            .y_desc("ms")
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .draw()
-            .map_err(err)?;
-        draw_series(&mut chart, &lat).map_err(err)?;
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(err)?;
+        log_panel(&top, xr.clone(), &lat, "echo latency from scheduled send (ms, log scale)", "ms")?;
     }
 
     let mem = memory_series(runs);
@@ -287,6 +270,7 @@ pub fn draw(runs: &[RunResult], path: &Path) -> anyhow::Result<()> {
     if let Some(area) = third {
         log_panel(
             &area,
+            xr,
             &switches,
             "server context switches per message echoed (all threads; steps with every connection open; log scale)",
             "switches",
