@@ -11,18 +11,23 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock rustfmt.toml ./
 COPY crates/echo-server/Cargo.toml crates/echo-server/Cargo.toml
 COPY crates/echo-loadgen/Cargo.toml crates/echo-loadgen/Cargo.toml
+# The threads-vs-loop peers are a workspace member: cargo needs their
+# manifest, and files for their targets, to load the workspace. They are not
+# built into the image.
+COPY loadtest/peers/rust/Cargo.toml loadtest/peers/rust/Cargo.toml
 # The patched rumqttd ([patch.crates-io] in Cargo.toml) is a dependency too.
 COPY vendor vendor
 # Placeholder sources with the same targets as ours: enough for cargo to
 # compile every dependency.
-RUN set -eux; for crate in crates/*/; do \
-      mkdir -p "$crate/src"; echo 'fn main() {}' > "$crate/src/main.rs"; touch "$crate/src/lib.rs"; \
+RUN set -eux; for crate in crates/*/ loadtest/peers/rust/; do \
+      mkdir -p "$crate/src/bin"; echo 'fn main() {}' > "$crate/src/main.rs"; touch "$crate/src/lib.rs"; \
     done; \
-    cargo build --release --locked; \
+    for bin in threaded tokio_mt; do echo 'fn main() {}' > "loadtest/peers/rust/src/bin/$bin.rs"; done; \
+    cargo build --release --locked -p echo-server -p echo-loadgen; \
     rm -rf crates/*/src target/release/deps/*echo_server* target/release/deps/*echo_loadgen* \
       target/release/.fingerprint/echo-* target/release/echo-*
 COPY crates crates
-RUN cargo build --release --locked --bins \
+RUN cargo build --release --locked -p echo-server -p echo-loadgen --bins \
     && strip --strip-debug target/release/echo-server target/release/echo-loadgen
 
 # Runtime stage: the binaries, the documented default configuration, no shell tools needed.
