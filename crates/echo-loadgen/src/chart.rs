@@ -65,44 +65,43 @@ fn latency_series(runs: &[RunResult]) -> Vec<Series> {
 }
 
 fn memory_series(runs: &[RunResult]) -> Vec<Series> {
-    runs.iter()
-        .enumerate()
-        .filter_map(|(i, r)| {
-            let points: Vec<(f64, f64)> = r
-                .steps
-                .iter()
-                .filter_map(|s| {
-                    let rss = s.server.as_ref()?.rss_bytes?;
-                    Some((s.open_connections as f64, rss as f64 / (1024.0 * 1024.0)))
-                })
-                .collect();
-            (!points.is_empty()).then(|| Series {
-                name: if runs.len() == 1 { "server RSS".into() } else { name(r, i) },
-                colour: if runs.len() == 1 { COLOURS[0] } else { COLOURS[i % 6] },
-                width: 2,
-                points,
+    per_run_series(runs, "server RSS", |r| {
+        r.steps
+            .iter()
+            .filter_map(|s| {
+                let rss = s.server.as_ref()?.rss_bytes?;
+                Some((s.open_connections as f64, rss as f64 / (1024.0 * 1024.0)))
             })
-        })
-        .collect()
+            .collect()
+    })
 }
 
 /// Server context switches per message echoed, per step that has them.
 fn switches_series(runs: &[RunResult]) -> Vec<Series> {
+    per_run_series(runs, "context switches per message", |r| {
+        r.steps
+            .iter()
+            // A step where connections failed has few messages and the
+            // switches of its failures: per message, meaningless.
+            .filter(|s| s.open_connections == s.target_connections && !s.server_exited)
+            .filter_map(|s| Some((s.open_connections as f64, s.derived.server_ctxt_switches_per_message?)))
+            .collect()
+    })
+}
+
+/// One line per run that has `points`: named `single` when it is the only
+/// run, else by its run.
+fn per_run_series(
+    runs: &[RunResult],
+    single: &str,
+    points: impl Fn(&RunResult) -> Vec<(f64, f64)>,
+) -> Vec<Series> {
     runs.iter()
         .enumerate()
         .filter_map(|(i, r)| {
-            let points: Vec<(f64, f64)> = r
-                .steps
-                .iter()
-                // A step where connections failed has few messages and
-                // the switches of its failures: per message, meaningless.
-                .filter(|s| s.open_connections == s.target_connections && !s.server_exited)
-                .filter_map(|s| {
-                    Some((s.open_connections as f64, s.derived.server_ctxt_switches_per_message?))
-                })
-                .collect();
+            let points = points(r);
             (!points.is_empty()).then(|| Series {
-                name: if runs.len() == 1 { "context switches per message".into() } else { name(r, i) },
+                name: if runs.len() == 1 { single.into() } else { name(r, i) },
                 colour: if runs.len() == 1 { COLOURS[0] } else { COLOURS[i % 6] },
                 width: 2,
                 points,
