@@ -3,7 +3,8 @@
 # loadtest/attacks/hostile.py against a fresh echo-server while a bystander
 # (echo-loadgen: 50 WebSocket connections x 20 echoes/s) measures its
 # latency, and prints one row per attack: the bystander's p50/p99/max and
-# errors, the server's RSS before / peak / after, its largest event-loop lag
+# errors, the server's RSS before (after one ordinary client of each kind
+# has come and gone) / peak / after, its largest event-loop lag
 # and how many log lines it wrote, and the attack's own summary.
 #
 #   bash loadtest/hostile.sh                      # full size (~7 minutes)
@@ -47,7 +48,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     --strict) STRICT=1; shift ;;
     --no-pin) PIN=0; shift ;;
-    -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -137,7 +138,12 @@ run_attack() { # name
   local limit_mib="" env=()
   if [ "$name" = crowd ]; then limit_mib=$CROWD_LIMIT_MIB; env=(ECHO_SERVER_MEMORY_LIMIT=$((limit_mib << 20))); fi
   start_echo "$dir" ${env[@]+"${env[@]}"}
-  sleep 0.5
+  # "Before" is a server that has served one client of each kind: what the
+  # first clients cost (the router's heap arena, code paths paged in) is
+  # not what an attacker kept.
+  ${PIN_GEN[@]+"${PIN_GEN[@]}"} python3 "$ATTACKS_PY" warmup --mqtt "$MQTT_ADDR" --ws "$WS_ADDR" --duration 5 \
+    >"$dir/warmup.json" 2>&1 || { cat "$dir/warmup.json" >&2; echo "$name: the warm-up failed" >&2; }
+  sleep 1
   local before; before=$(rss_kib "$SERVER_PID")
   local lines_before; lines_before=$(wc -l <"$dir/server.log")
   # RSS every 100 ms until the "after" reading; past the ceiling the

@@ -22,6 +22,11 @@ const FOLD: isize = 64 * 1024;
 
 static TOTAL: AtomicIsize = AtomicIsize::new(0);
 
+/// The highest [`TOTAL`] since [`take_high_water`] last looked: memory
+/// freed within a second of being taken shows here, not in [`in_use`]
+/// sampled once a second.
+static HIGH: AtomicIsize = AtomicIsize::new(0);
+
 thread_local! {
     // `const`, and no destructor: reading it never allocates and never
     // fails, even while the thread is being torn down.
@@ -32,7 +37,10 @@ fn add(bytes: isize) {
     TALLY.with(|tally| {
         let moved = tally.get() + bytes;
         if moved.abs() >= FOLD {
-            TOTAL.fetch_add(moved, Ordering::Relaxed);
+            let total = TOTAL.fetch_add(moved, Ordering::Relaxed) + moved;
+            if moved > 0 {
+                HIGH.fetch_max(total, Ordering::Relaxed);
+            }
             tally.set(0);
         } else {
             tally.set(moved);
@@ -44,6 +52,13 @@ fn add(bytes: isize) {
 /// (zero in a program that does not use it as its global allocator).
 pub fn in_use() -> usize {
     TOTAL.load(Ordering::Relaxed).max(0) as usize
+}
+
+/// The most heap in use since the last call (or since start), to within
+/// [`FOLD`] bytes per thread; starts the next period at what is in use now.
+pub fn take_high_water() -> usize {
+    let now = TOTAL.load(Ordering::Relaxed);
+    HIGH.swap(now, Ordering::Relaxed).max(now).max(0) as usize
 }
 
 /// The system allocator, counting what it hands out.
@@ -102,5 +117,17 @@ mod tests {
         drop(block);
         // Other tests' threads allocate too; 8 MiB of slack for them.
         assert!(in_use() < during - (24 << 20), "during {during}, after {}", in_use());
+    }
+
+    /// A block taken and freed between two looks still shows as the high
+    /// water mark of the period, and not in the next one.
+    #[test]
+    fn the_high_water_mark_remembers_what_was_freed_since() {
+        take_high_water();
+        let before = in_use();
+        drop(std::hint::black_box(vec![1u8; 32 << 20]));
+        let high = take_high_water();
+        assert!(high >= before + (30 << 20), "before {before}, high {high}");
+        assert!(take_high_water() < high - (24 << 20));
     }
 }

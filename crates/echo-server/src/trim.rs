@@ -6,9 +6,13 @@
 //! 2,000 connections with 64 KiB client ids had been refused and gone, the
 //! server still had 158 MiB resident, against 6 MiB before them; glibc's
 //! `malloc_trim` (which also releases whole free pages inside the heaps)
-//! brought it to 10 MiB. So every [`PERIOD`] the server looks at how much
-//! glibc holds free, and trims when that is over [`THRESHOLD`]: a quiet or
-//! steady server never trims, one that has just shed a crowd does once.
+//! brought it to 10 MiB. So every [`PERIOD`] the server looks at how far
+//! its heap (as [`heap`] counts it) has fallen since the last trim, and
+//! trims when it has fallen far enough: a quiet or steady server never
+//! trims, one that has just shed a crowd does once. Waiting for malloc's
+//! free memory to pass a fixed mark instead left 11 MiB resident after a
+//! client with 1,000 wildcard filters had gone, three times what the
+//! server held before it came.
 //!
 //! Trimming walks glibc's free chunks on the event loop; it is timed into
 //! `echo_memory_trim_seconds`, so what it costs every client is on
@@ -21,14 +25,9 @@ use std::time::{Duration, Instant};
 use tracing::debug;
 
 use crate::budget::MemoryBudget;
+use crate::heap;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-
-/// How often glibc's free memory is looked at.
-const PERIOD: Duration = Duration::from_secs(10);
-
-/// Free bytes held by malloc above which they are given back.
-const THRESHOLD: usize = 16 << 20;
 
 /// Allocations at least this large get pages of their own from the OS,
 /// which go back the moment they are freed.
@@ -51,31 +50,52 @@ pub fn return_large_buffers_at_once() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn return_large_buffers_at_once() {}
 
-/// How often glibc's free memory is looked at while the memory budget is
-/// pressed: what malloc holds free is resident, and counts against the
-/// limit like the rest (a crowd refused by the budget left RSS 74 MiB over
-/// the heap for seconds, past its 256 MiB limit).
-const PRESSED_PERIOD: Duration = Duration::from_secs(1);
+/// How often the heap is looked at: two atomic operations ([`heap`]).
+const PERIOD: Duration = Duration::from_secs(1);
 
-/// Looks every [`PERIOD`] (every [`PRESSED_PERIOD`] while the memory
-/// budget is pressed) and trims when glibc holds more than [`THRESHOLD`]
-/// free, until shutdown.
+/// Freed bytes (the heap's fall from its high-water mark since the last
+/// trim) below which nothing is done.
+const FREED_FLOOR: usize = 1 << 20;
+
+/// Free bytes held by malloc above which they are given back while the
+/// memory budget is pressed, whether or not the heap has just fallen:
+/// what malloc holds free is resident and counts against the limit like
+/// the rest (a crowd refused by the budget left RSS 74 MiB over the heap
+/// for seconds, past its 256 MiB limit).
+const PRESSED_FREE: usize = 16 << 20;
+
+/// Every [`PERIOD`], trims when the heap has fallen by [`freed_enough`]
+/// from its high-water mark since the last trim (a crowd or one large
+/// client has just let go of memory), or when the budget is pressed and
+/// malloc holds more than [`PRESSED_FREE`] free; until shutdown. A steady
+/// server, whose heap moves by less, never trims.
 pub async fn run(metrics: Arc<Metrics>, budget: Rc<MemoryBudget>, shutdown: Rc<Shutdown>) {
-    let mut ticks = tokio::time::interval(PRESSED_PERIOD);
+    let mut ticks = tokio::time::interval(PERIOD);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last = Instant::now();
+    let mut high = heap::in_use();
+    let mut last = high;
+    let mut waited = 0;
     loop {
         tokio::select! {
             _ = shutdown.wait() => return,
             _ = ticks.tick() => {}
         }
-        if last.elapsed() < PERIOD && !budget.pressed() {
+        let now = heap::in_use();
+        high = high.max(heap::take_high_water());
+        // A client with many filters is freed over several router turns:
+        // trimming half-way would leave the rest of its memory resident
+        // until the heap falls far enough again. So wait (a little) until
+        // the heap has stopped falling.
+        let falling = still_falling(last, now) && waited < MAX_WAIT;
+        last = now;
+        let fell = freed_enough(high, now) && !falling;
+        waited = if falling { waited + 1 } else { 0 };
+        if !fell && !budget.pressed() {
             continue;
         }
-        last = Instant::now();
-        if let Some(free) = free_bytes()
-            && free > THRESHOLD
-        {
+        let Some(free) = free_bytes() else { continue };
+        if fell || free > PRESSED_FREE {
+            high = now;
             let started = Instant::now();
             let released = trim();
             let took = started.elapsed();
@@ -83,6 +103,22 @@ pub async fn run(metrics: Arc<Metrics>, budget: Rc<MemoryBudget>, shutdown: Rc<S
             debug!(free_bytes = free, released, took_us = took.as_micros() as u64, "gave freed memory back");
         }
     }
+}
+
+/// Ticks a trim waits for the heap to stop falling.
+const MAX_WAIT: u32 = 3;
+
+/// Whether the heap fell since the last tick by more than a sixteenth of
+/// [`FREED_FLOOR`]: memory is still being let go of.
+fn still_falling(last: usize, now: usize) -> bool {
+    last.saturating_sub(now) > FREED_FLOOR / 16
+}
+
+/// Whether the heap's fall from `high` to `now` is worth a trim: at least
+/// [`FREED_FLOOR`], and at least 1/32 of the heap, so that a large server
+/// whose heap swings by a few MiB does not trim every second.
+fn freed_enough(high: usize, now: usize) -> bool {
+    high - now >= FREED_FLOOR.max(now / 32)
 }
 
 /// Bytes malloc holds free in its heaps, where that can be asked.
@@ -108,4 +144,19 @@ fn trim() -> bool {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn trim() -> bool {
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trims_after_a_fall_of_a_mebibyte_or_a_thirty_second_of_the_heap() {
+        assert!(!freed_enough(20 << 20, 20 << 20));
+        assert!(!freed_enough((21 << 20) - 1, 20 << 20));
+        assert!(freed_enough(21 << 20, 20 << 20));
+        // A 1 GiB heap: a 16 MiB swing is not enough, 32 MiB is.
+        assert!(!freed_enough((1 << 30) + (16 << 20), 1 << 30));
+        assert!(freed_enough((1 << 30) + (32 << 20), 1 << 30));
+    }
 }

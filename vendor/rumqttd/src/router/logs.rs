@@ -6,6 +6,7 @@ use crate::protocol::{
     ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubRec, PubRel, Publish,
     PublishProperties, SubAck, UnsubAck,
 };
+use crate::router::tables::Shrink;
 use crate::router::{DataRequest, FilterIdx, SubscriptionMeter, Waiters};
 use crate::{ConnectionId, Filter, Offset, RouterConfig, Topic};
 
@@ -377,6 +378,16 @@ impl DataLog {
     /// echo-server patch: how many filters have a log.
     pub fn filter_count(&self) -> usize {
         self.native.len()
+    }
+
+    /// echo-server patch: the filter and topic tables give back the
+    /// capacity that filters and topics freed left unused (`tables`).
+    pub fn shrink_tables(&mut self) {
+        self.native.shrink_when_idle();
+        self.filter_indexes.shrink_when_idle();
+        self.publish_filters.shrink_when_idle();
+        self.wildcard_topics.shrink_when_idle();
+        self.retained_publishes.shrink_when_idle();
     }
 
     pub fn meter(&mut self, filter: &str) -> Option<&mut SubscriptionMeter> {

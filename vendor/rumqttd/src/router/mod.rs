@@ -23,6 +23,7 @@ mod logs;
 mod routing;
 mod scheduler;
 pub(crate) mod shared_subs;
+mod tables;
 mod waiters;
 
 pub use alertlog::Alert;

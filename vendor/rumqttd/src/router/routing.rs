@@ -25,6 +25,7 @@ use super::graveyard::Graveyard;
 use super::iobufs::{Incoming, Outgoing};
 use super::logs::{AckLog, DataLog};
 use super::scheduler::{ScheduleReason, Scheduler};
+use super::tables::Shrink;
 use super::shared_subs::SharedGroup;
 use super::{
     packetid, Connection, DataRequest, Event, FilterIdx, Meter, Notification, Print, RouterMeter,
@@ -675,6 +676,7 @@ impl Router {
             // echo-server patch: nothing kept, so no hold on its filters.
             self.filters_unref(&connection.subscriptions);
         }
+        self.connection_map.shrink_when_idle();
         self.router_meters.total_connections -= 1;
     }
 
@@ -1209,6 +1211,17 @@ impl Router {
             }
         }
         self.datalog.remove_filters(freed);
+        self.shrink_tables();
+    }
+
+    /// echo-server patch: what a client grew and left empty goes back
+    /// (`tables`): the filter and topic tables, and the maps by filter and
+    /// by client id.
+    fn shrink_tables(&mut self) {
+        self.datalog.shrink_tables();
+        self.filter_refs.shrink_when_idle();
+        self.subscription_map.shrink_when_idle();
+        self.connection_map.shrink_when_idle();
     }
 
     /// echo-server patch: kept sessions that have expired let go of their
