@@ -1103,9 +1103,11 @@ fn incoming(
             let pubcomp = PubComp { pkid: pubrel.pkid, reason: PubCompReason::Success };
             replies.push(Packet::PubComp(pubcomp, None));
         }
-        packet @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubRel(..) | Packet::PubComp(..)) => {
-            batch.push(packet)
-        }
+        // Without its properties (a reason string, user properties), which
+        // mean nothing to the router: it ignores a PUBREL that has any, so
+        // the publish would stay held and never be completed.
+        Packet::PubRel(pubrel, _) => batch.push(Packet::PubRel(pubrel, None)),
+        packet @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => batch.push(packet),
         // A second CONNECT, or a packet only servers send (which the codec
         // refuses before it is decoded).
         Packet::Connect(..)
