@@ -759,3 +759,19 @@ mod router_on_the_loop {
         last_will_is_delivered(server()).await;
     }
 }
+
+/// An MQTT 5 PUBREL may carry a reason string or user properties; it is
+/// completed like any other (rumqttd's router ignored a PUBREL with
+/// properties: no PUBCOMP, and the publish stayed held).
+#[test]
+fn a_pubrel_with_properties_is_completed() {
+    let server = TestServer::start(&[]);
+    let mut c = RawMqtt::session(server.mqtt_addr(), 5, "releaser", 30);
+    c.send(&mqtt_raw::publish_qos(5, "released", 2, 9, b"m"));
+    let pubrec = c.read_packet().unwrap();
+    assert_eq!((pubrec.packet_type(), pubrec.pkid()), (5, 9));
+    // Packet id 9, reason 0, properties: a reason string "ok".
+    c.send(&mqtt_raw::packet(0x62, &[0, 9, 0, 5, 0x1f, 0, 2, b'o', b'k']));
+    let pubcomp = c.read_packet().unwrap();
+    assert_eq!((pubcomp.packet_type(), pubcomp.pkid()), (7, 9));
+}

@@ -485,3 +485,79 @@ fn mosquitto_clients_log_in_and_meet_the_acl() {
     assert!(said.contains("denied"), "a refused subscription: {said}");
     assert_eq!(denied(&server, "subscribe"), 1.0);
 }
+
+/// What comes back for each packet of a pipelined burst: (type, pkid,
+/// reason), the reason 0 when the packet has none (3.1.1, or MQTT 5's
+/// short form for success).
+fn acks(c: &mut RawMqtt, count: usize) -> Vec<(u8, u16, u8)> {
+    (0..count)
+        .map(|_| {
+            let p = c.read_packet().expect("an acknowledgement");
+            (p.packet_type(), p.pkid(), p.body.get(2).copied().unwrap_or(0))
+        })
+        .collect()
+}
+
+/// MQTT 3.1.1 and 5 §4.6: PUBACKs go out in the order their PUBLISHes came
+/// in, PUBRECs too, and (here) PUBCOMPs in the order of their PUBRELs —
+/// whether the router acknowledged a packet or the session answered it
+/// itself because the ACL refused it. Publishes allowed and refused are
+/// pipelined in one write, so the session's own answers would overtake
+/// the router's acknowledgements of earlier publishes if they did not wait
+/// for them; with the router on its thread and on the event loop.
+#[test]
+fn acknowledgements_keep_the_order_of_the_packets_whatever_answers_them() {
+    let dir = Dir::new("order");
+    let acl = dir.file("acl", ACL);
+    for on_the_loop in [false, true] {
+        let mut env = vec![("ECHO_MQTT_ACL_FILE", acl.as_str())];
+        if on_the_loop {
+            env.extend(common::ROUTER_ON_THE_LOOP);
+        }
+        let server = TestServer::start_with_env(&[], &env);
+        for level in [4u8, 5] {
+            let refused = if level == 5 { 0x87 } else { 0 };
+            let id = format!("order{level}");
+            let allowed = format!("clients/{id}/data");
+            let mut c = RawMqtt::session(server.mqtt_addr(), level, &id, 30);
+            // Two allowed, one refused (public/# is read-only), and so on.
+            let topic = |pkid: u16| if pkid.is_multiple_of(3) { "public/x" } else { allowed.as_str() };
+            let code = |pkid: u16| if pkid.is_multiple_of(3) { refused } else { 0 };
+            let pkids: Vec<u16> = (1..=30).collect();
+            for qos in [1u8, 2] {
+                let burst: Vec<u8> = pkids
+                    .iter()
+                    .flat_map(|&p| mqtt_raw::publish_qos(level, topic(p), qos, p, b"m"))
+                    .collect();
+                c.send(&burst);
+                let expected: Vec<_> = pkids.iter().map(|&p| (3 + qos, p, code(p))).collect();
+                assert_eq!(
+                    acks(&mut c, pkids.len()),
+                    expected,
+                    "level {level}, QoS {qos}, loop {on_the_loop}"
+                );
+            }
+            // The releases of the accepted QoS 2 publishes (and, in 3.1.1,
+            // of the refused ones, which were acknowledged as delivered);
+            // MQTT 5's PUBREC 0x87 ended those exchanges.
+            let released: Vec<u16> = pkids.iter().copied().filter(|&p| level == 4 || code(p) == 0).collect();
+            let burst: Vec<u8> = released.iter().flat_map(|&p| mqtt_raw::ack(0x62, p)).collect();
+            c.send(&burst);
+            let expected: Vec<_> = released.iter().map(|&p| (7, p, 0)).collect();
+            assert_eq!(acks(&mut c, released.len()), expected, "level {level}, PUBCOMP, loop {on_the_loop}");
+            // A burst longer than a turn (256 packets), mostly refused: the
+            // answers held back for the router's are released as its
+            // acknowledgements come, in order.
+            let topic = |pkid: u16| if pkid % 30 == 1 { allowed.as_str() } else { "public/x" };
+            let code = |pkid: u16| if pkid % 30 == 1 { 0 } else { refused };
+            let pkids: Vec<u16> = (1..=600).collect();
+            let burst: Vec<u8> =
+                pkids.iter().flat_map(|&p| mqtt_raw::publish_qos(level, topic(p), 1, p, b"m")).collect();
+            c.send(&burst);
+            let expected: Vec<_> = pkids.iter().map(|&p| (4, p, code(p))).collect();
+            assert_eq!(acks(&mut c, pkids.len()), expected, "level {level}, long burst, loop {on_the_loop}");
+            c.send(&mqtt_raw::PINGREQ);
+            assert_eq!(c.read_packet().unwrap().packet_type(), 13, "still connected");
+        }
+    }
+}

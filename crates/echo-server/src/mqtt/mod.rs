@@ -14,6 +14,8 @@
 //! - [`codec`]: framing with rumqttd's public v4/v5 codecs;
 //! - [`inflow`]: how much of one client's input is taken at a time
 //!   (turns, backpressure towards the router);
+//! - [`ackorder`]: the session's own acknowledgements kept in order with
+//!   the router's;
 //! - [`downgrade`]: router output made safe for 3.1.1 clients;
 //! - [`topics`]: topic and filter checks the router does not do;
 //! - [`caps`]: what one client may make the server hold;
@@ -22,6 +24,7 @@
 //!   password, a password file), and who may publish and subscribe where;
 //! - [`tls`]: optional TLS.
 
+pub(crate) mod ackorder;
 pub(crate) mod acl;
 pub mod auth;
 pub mod broker;

@@ -30,13 +30,13 @@ use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectProperties, DisconnectReasonCode,
-    LastWill, LastWillProperties, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, SubAck,
+    LastWill, LastWillProperties, Packet, PingResp, PubAckReason, PubRecReason, SubAck,
 };
 use tokio::time::{Instant, timeout_at};
 use tracing::debug;
 
 use super::MqttServer;
+use super::ackorder::{AckOrder, Answer};
 use super::acl::SessionAcl;
 use super::auth;
 use super::broker::{LinkFailure, SessionExpiry};
@@ -721,7 +721,11 @@ async fn exchange(
     let far = Duration::from_secs(86_400 * 365);
     let timer = tokio::time::sleep(keep_alive.unwrap_or(far));
     tokio::pin!(timer);
-    let mut awaiting = Awaiting { refusals: Refusals::default(), charges: Charges::new(&server.budget) };
+    let mut awaiting = Awaiting {
+        refusals: Refusals::default(),
+        charges: Charges::new(&server.budget),
+        acks: AckOrder::default(),
+    };
     let mut out = BytesMut::new();
     let mut turn = Turn::default();
     let mut inflow = Inflow::default();
@@ -747,7 +751,8 @@ async fn exchange(
             (false, Some(_)) => starved_since = None,
             _ => {}
         }
-        let open = flow == Flow::Open;
+        // Not while too many answers wait for the router's (see `ackorder`).
+        let open = flow == Flow::Open && !awaiting.acks.is_full();
         if flow == Flow::FullUnannounced {
             timer.as_mut().reset(Instant::now() + RECHECK);
         } else if starved {
@@ -810,7 +815,7 @@ async fn exchange(
                 let mut end = None;
                 buffered = false;
                 while end.is_none() {
-                    if turn.is_spent() {
+                    if turn.is_spent() || awaiting.acks.is_full() {
                         buffered = true;
                         break;
                     }
@@ -889,12 +894,14 @@ async fn exchange(
     }
 }
 
-/// SUBSCRIBEs handed to the router and not answered yet: the filters
-/// refused before (put back into the SUBACK), and what the memory budget
-/// has been charged for them.
+/// What the session awaits from the router: the answers to SUBSCRIBEs
+/// handed to it — with the filters refused before (put back into the
+/// SUBACK) and what the memory budget has been charged for them — and the
+/// acknowledgements that the session's own must follow.
 struct Awaiting<'a> {
     refusals: Refusals,
     charges: Charges<'a>,
+    acks: AckOrder,
 }
 
 /// What the router had ready for a client, as packets to write.
@@ -913,7 +920,8 @@ struct RouterBatch {
 /// waiting: it all goes out in one write. Synchronous, so that no
 /// notification (248 bytes each) is held in the session's future.
 /// The client's in-flight window ([`InFlight`]) learns of the PUBACKs and
-/// PUBCOMPs going out.
+/// PUBCOMPs going out; the session's own answers held back for them go out
+/// right after them ([`AckOrder`]).
 fn collect(
     first: Option<Notification>,
     rx: &mut LinkRx,
@@ -938,7 +946,7 @@ fn collect(
                     }
                     Some(packet) => {
                         in_flight.sent(&packet);
-                        batch.packets.push(packet);
+                        awaiting.acks.pass(packet, &mut batch.packets);
                     }
                     None => {}
                 },
@@ -1003,17 +1011,21 @@ fn incoming(
                 && !acl.may_publish(&publish.topic, alias)
             {
                 metrics.acl_denied("publish");
-                return refused_by_acl(publish.pkid(), qos, v5, acl, replies);
+                refused_by_acl(publish.pkid(), qos, v5, acl, &mut awaiting.acks, replies);
+                return None;
             }
             if !server.budget.allows("publish") {
                 let sets_alias = alias.is_some() && !publish.topic.is_empty();
-                return over_budget(publish.pkid(), qos, sets_alias, v5, replies);
+                return over_budget(publish.pkid(), qos, sets_alias, v5, &mut awaiting.acks, replies);
             }
             if let Err(cap) = session.held.in_flight.received(qos, v5, config) {
                 metrics.cap_refused(cap.label());
                 return Some(End::violation("receive_maximum", DisconnectReasonCode::ReceiveMaximumExceeded));
             }
             detach(&mut publish);
+            if qos > 0 {
+                awaiting.acks.owed();
+            }
             batch.push(Packet::Publish(publish, properties));
         }
         Packet::Subscribe(mut subscribe, properties) => {
@@ -1100,12 +1112,16 @@ fn incoming(
         Packet::PubRel(pubrel, _)
             if session.acl.as_mut().is_some_and(|acl| acl.releases_refused(pubrel.pkid)) =>
         {
-            let pubcomp = PubComp { pkid: pubrel.pkid, reason: PubCompReason::Success };
-            replies.push(Packet::PubComp(pubcomp, None));
+            awaiting.acks.answer(Answer::PubComp(pubrel.pkid), replies);
         }
-        packet @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubRel(..) | Packet::PubComp(..)) => {
-            batch.push(packet)
+        // Without its properties (a reason string, user properties), which
+        // mean nothing to the router: it ignores a PUBREL that has any, so
+        // the publish would stay held and never be completed.
+        Packet::PubRel(pubrel, _) => {
+            awaiting.acks.owed();
+            batch.push(Packet::PubRel(pubrel, None));
         }
+        packet @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => batch.push(packet),
         // A second CONNECT, or a packet only servers send (which the codec
         // refuses before it is decoded).
         Packet::Connect(..)
@@ -1121,7 +1137,14 @@ fn incoming(
 
 /// Answers a publish the memory budget has no room for (see `budget`); it
 /// does not go to the router.
-fn over_budget(pkid: u16, qos: u8, sets_alias: bool, v5: bool, replies: &mut Vec<Packet>) -> Option<End> {
+fn over_budget(
+    pkid: u16,
+    qos: u8,
+    sets_alias: bool,
+    v5: bool,
+    acks: &mut AckOrder,
+    replies: &mut Vec<Packet>,
+) -> Option<End> {
     let full = || End::violation("memory_limit", DisconnectReasonCode::QuotaExceeded);
     match qos {
         // An alias the router never learnt would leave the client's next
@@ -1132,12 +1155,12 @@ fn over_budget(pkid: u16, qos: u8, sets_alias: bool, v5: bool, replies: &mut Vec
         // MQTT 3.1.1 cannot refuse a publish but by closing.
         _ if !v5 => Some(full()),
         1 => {
-            replies.push(Packet::PubAck(PubAck { pkid, reason: PubAckReason::QuotaExceeded }, None));
+            acks.answer(Answer::PubAck(pkid, PubAckReason::QuotaExceeded), replies);
             None
         }
         // §4.3.3: a PUBREC of 0x80 or more ends the exchange (no PUBREL).
         _ => {
-            replies.push(Packet::PubRec(PubRec { pkid, reason: PubRecReason::QuotaExceeded }, None));
+            acks.answer(Answer::PubRec(pkid, PubRecReason::QuotaExceeded), replies);
             None
         }
     }
@@ -1154,8 +1177,9 @@ fn refused_by_acl(
     qos: u8,
     v5: bool,
     acl: &mut SessionAcl,
+    acks: &mut AckOrder,
     replies: &mut Vec<Packet>,
-) -> Option<End> {
+) {
     let (puback, pubrec) = if v5 {
         (PubAckReason::NotAuthorized, PubRecReason::NotAuthorized)
     } else {
@@ -1163,15 +1187,14 @@ fn refused_by_acl(
     };
     match qos {
         0 => {}
-        1 => replies.push(Packet::PubAck(PubAck { pkid, reason: puback }, None)),
+        1 => acks.answer(Answer::PubAck(pkid, puback), replies),
         _ => {
             if !v5 {
                 acl.refused_qos2(pkid);
             }
-            replies.push(Packet::PubRec(PubRec { pkid, reason: pubrec }, None));
+            acks.answer(Answer::PubRec(pkid, pubrec), replies);
         }
     }
-    None
 }
 
 /// Gives a publish's topic and payload one allocation of their own.
