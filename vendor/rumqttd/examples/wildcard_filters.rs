@@ -216,6 +216,7 @@ fn main() {
     let (mut probe_tx, mut probe_rx) = build("probe");
 
     // Its deliveries are never read: the router stops at its queue's limit.
+    let started = now();
     let _own_topics = (cached > 0).then(|| {
         let (mut own_tx, mut own_rx) = build("own-topics");
         for chunk in (0..cached).collect::<Vec<_>>().chunks(1000) {
@@ -250,10 +251,11 @@ fn main() {
                 }
             }
         }
-        println!("{cached} topics cached, {}", rss());
+        println!("{cached} topics cached: {}, {}", since(started), rss());
         (own_tx, own_rx)
     });
 
+    let started = now();
     for chunk in (0..retained).collect::<Vec<_>>().chunks(WINDOW) {
         for (n, k) in chunk.iter().enumerate() {
             let retained = publish(&format!("r/{k}"), (n + 1) as u16, true);
@@ -267,7 +269,7 @@ fn main() {
         }
     }
     if retained > 0 {
-        println!("{retained} topics retained, {}", rss());
+        println!("{retained} topics retained: {}, {}", since(started), rss());
     }
 
     let rate = publish_fresh(&mut pub_tx, &mut pub_rx, "before", publishes);
