@@ -3,7 +3,7 @@
 //! crate, as .ci/run runs its tests:
 //!
 //! ```sh
-//! cargo run --release --example wildcard_filters -- 100000 2000 [T]
+//! cargo run --release --example wildcard_filters -- 100000 2000 [T [R]]
 //! ```
 //!
 //! One router, as echo-server starts it, and three local links: a holder
@@ -20,8 +20,12 @@
 //!
 //! With T, another client first subscribes to T topics `c/<k>` and
 //! publishes once to each, so that the router has T topics cached when the
-//! wildcard filters come (each new wildcard filter is matched against every
-//! cached topic).
+//! wildcard filters come (each new wildcard filter is matched against the
+//! cached topics). With R, the publisher first retains a message on each of
+//! R topics `r/<k>` (each new subscription reads the retained messages its
+//! filter matches). The retained messages are read when the router serves
+//! the subscriptions, which may be after their SUBACKs: the subscription
+//! phase ends when the router thread has stopped using CPU.
 
 use std::time::{Duration, Instant};
 
@@ -115,11 +119,38 @@ fn now() -> (Instant, Duration) {
     (Instant::now(), router_cpu())
 }
 
+/// Waits until the router thread has used no CPU for 100 ms, and returns
+/// the time it was last seen working.
+fn router_idle() -> Instant {
+    let mut last = (Instant::now(), router_cpu());
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let cpu = router_cpu();
+        if cpu == last.1 {
+            return last.0;
+        }
+        last = (Instant::now(), cpu);
+    }
+}
+
+/// Resident memory of the process (Linux; empty elsewhere).
+fn rss() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .map_or_else(String::new, |kb| format!("RSS {}", kb.trim()))
+}
+
 /// A QoS 1 publish (its QoS and packet id are private to the crate; its
 /// serialization is the public way to set them).
 fn qos1(topic: &str, pkid: u16) -> Publish {
+    publish(topic, pkid, false)
+}
+
+fn publish(topic: &str, pkid: u16, retain: bool) -> Publish {
     let mut raw = Vec::with_capacity(5 + topic.len() + 16);
-    raw.push(0b0011_0010);
+    raw.push(0b0011_0010 | u8::from(retain));
     raw.extend_from_slice(&pkid.to_be_bytes());
     raw.extend_from_slice(&(topic.len() as u16).to_be_bytes());
     raw.extend_from_slice(topic.as_bytes());
@@ -155,6 +186,9 @@ fn main() {
     let cached: usize = args
         .next()
         .map_or(0, |a| a.parse().expect("T cached topics"));
+    let retained: usize = args
+        .next()
+        .map_or(0, |a| a.parse().expect("R retained topics"));
 
     let router = Router::new(
         0,
@@ -182,6 +216,7 @@ fn main() {
     let (mut probe_tx, mut probe_rx) = build("probe");
 
     // Its deliveries are never read: the router stops at its queue's limit.
+    let started = now();
     let _own_topics = (cached > 0).then(|| {
         let (mut own_tx, mut own_rx) = build("own-topics");
         for chunk in (0..cached).collect::<Vec<_>>().chunks(1000) {
@@ -216,9 +251,26 @@ fn main() {
                 }
             }
         }
-        println!("{cached} topics cached");
+        println!("{cached} topics cached: {}, {}", since(started), rss());
         (own_tx, own_rx)
     });
+
+    let started = now();
+    for chunk in (0..retained).collect::<Vec<_>>().chunks(WINDOW) {
+        for (n, k) in chunk.iter().enumerate() {
+            let retained = publish(&format!("r/{k}"), (n + 1) as u16, true);
+            pub_tx.push_packet(Packet::Publish(retained, None));
+        }
+        let mut acked = 0;
+        while acked < chunk.len() {
+            if let Packet::PubAck(..) = next_packet(&mut pub_rx) {
+                acked += 1;
+            }
+        }
+    }
+    if retained > 0 {
+        println!("{retained} topics retained: {}, {}", since(started), rss());
+    }
 
     let rate = publish_fresh(&mut pub_tx, &mut pub_rx, "before", publishes);
     println!("publishes to fresh topics, no filters held: {rate}");
@@ -246,7 +298,13 @@ fn main() {
         while !matches!(next_packet(&mut holder_rx), Packet::SubAck(..)) {}
         subscribed += n;
     }
-    println!("{filters} wildcard filters subscribed: {}", since(started));
+    let acked = since(started);
+    let idle = router_idle();
+    println!(
+        "{filters} wildcard filters subscribed: SUBACKs {acked}; router done after {:.3} s, router CPU {:.3} s",
+        (idle - started.0).as_secs_f64(),
+        (router_cpu() - started.1).as_secs_f64()
+    );
 
     let rate = publish_fresh(&mut pub_tx, &mut pub_rx, "held", publishes);
     println!("publishes to fresh topics, {filters} filters held: {rate}");
