@@ -264,6 +264,14 @@ impl<V> Default for TopicMap<V> {
     }
 }
 
+/// The map is what grows with the topics; the tree frees its nodes as
+/// topics leave (pruning the empty ones).
+impl<V> Shrink for TopicMap<V> {
+    fn shrink_when_idle(&mut self) {
+        self.map.shrink_when_idle();
+    }
+}
+
 impl<V> TopicMap<V> {
     fn get(&self, topic: &str) -> Option<&V> {
         self.map.get(topic)
