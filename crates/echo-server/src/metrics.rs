@@ -174,6 +174,10 @@ pub struct MqttMetrics {
     /// Times a subscriber too slow for its messages skipped those that had
     /// left the router's in-memory log (copied from the router's count).
     pub slow_subscriber_skips: Count,
+    /// Publishes not sent to a subscriber, by reason: `max_packet_size`,
+    /// larger than the client's MQTT 5 Maximum Packet Size (copied from
+    /// the router's count).
+    pub dropped: Family<ReasonLabel, Count>,
     /// Times the router dropped the server's internal wills link while it
     /// kept running, and the link was registered again.
     pub wills_link_restarts: Count,
@@ -226,6 +230,7 @@ impl MqttMetrics {
             bytes_sent: Count::default(),
             wills_published: Count::default(),
             slow_subscriber_skips: Count::default(),
+            dropped: Family::default(),
             wills_link_restarts: Count::default(),
             cap_refusals: Family::default(),
             acl_denied: Family::default(),
@@ -413,6 +418,11 @@ impl Metrics {
             "slow_subscriber_skips",
             "Times an MQTT subscriber too slow for its messages skipped the ones that had left the router's in-memory log (mqtt.segment_size x mqtt.segment_count per topic); counted by the router, read once a second",
             mqtt.slow_subscriber_skips.clone(),
+        );
+        m.register(
+            "dropped",
+            "Publishes not sent to a subscriber, by reason (max_packet_size: larger than the Maximum Packet Size the MQTT 5 client announced; dropped for that client alone, as if sent); counted by the router, read once a second",
+            mqtt.dropped.clone(),
         );
         m.register(
             "wills_link_restarts",

@@ -136,6 +136,18 @@ impl SessionExpiry {
     }
 }
 
+/// What an MQTT 5 client announced in its CONNECT about what it can take
+/// (§3.1.2.11.3-4); the router keeps to it when it sends to the client
+/// (see vendor/rumqttd/PATCHED.md). `None`: not announced, no limit but
+/// the router's own (100 unacknowledged publishes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// Receive Maximum: QoS 1 and 2 publishes unacknowledged at most.
+    pub receive_maximum: Option<u16>,
+    /// Maximum Packet Size: larger publishes are not sent to the client.
+    pub max_packet_size: Option<u32>,
+}
+
 /// A link to the router for one session.
 pub struct Link {
     pub tx: LinkTx,
@@ -165,9 +177,14 @@ impl From<LinkError> for LinkFailure {
 }
 
 /// Registers a client with the router: `(client id, clean start, session
-/// expiry)` to the router's answer. (A closure, because the router's sender names a
+/// expiry, limits)` to the router's answer. (A closure, because the router's sender names a
 /// private rumqttd type.)
-type LinkFn = dyn Fn(String, bool, SessionExpiry) -> Pin<Box<dyn Future<Output = Result<Link, LinkFailure>>>>;
+type LinkFn = dyn Fn(
+    String,
+    bool,
+    SessionExpiry,
+    ClientLimits,
+) -> Pin<Box<dyn Future<Output = Result<Link, LinkFailure>>>>;
 
 /// The router and the server's handle on it. Lives on the event loop.
 pub struct Broker {
@@ -191,6 +208,9 @@ pub struct Broker {
     /// The router's count of slow subscribers' skips (our rumqttd patch),
     /// read by [`report_client_events`].
     cursor_jumps: std::sync::Arc<AtomicU64>,
+    /// The router's count of publishes too large for their subscriber
+    /// (our rumqttd patch), read by [`report_client_events`].
+    oversize_drops: std::sync::Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -225,6 +245,7 @@ impl Broker {
     ) -> std::io::Result<(Rc<Broker>, RouterWatch)> {
         let router = Router::new(0, router_config(config, max_connections));
         let cursor_jumps = router.cursor_jumps();
+        let oversize_drops = router.oversize_drops();
         // The sender's type names a private rumqttd type; it is only ever
         // captured by this closure.
         let (router_tx, task) = match config.router {
@@ -254,21 +275,25 @@ impl Broker {
         let (_, sentinel, _connack) = internal(SENTINEL_CLIENT_ID).await?;
         let (wills_tx, wills_rx, _connack) = internal(INTERNAL_CLIENT_ID).await?;
         let histogram = metrics.link_build_seconds.clone();
-        let build_link = Box::new(move |client_id: String, clean_start: bool, expiry: SessionExpiry| {
-            let router_tx = router_tx.clone();
-            let histogram = histogram.clone();
-            Box::pin(async move {
-                let started = Instant::now();
-                let result = LinkBuilder::new(&client_id, router_tx)
-                    .clean_session(clean_start)
-                    .session_expiry(expiry.duration())
-                    .dynamic_filters(false)
-                    .build_async()
-                    .await;
-                histogram.observe(started.elapsed().as_secs_f64());
-                result.map(|(tx, rx, connack)| Link { tx, rx, connack }).map_err(LinkFailure::from)
-            }) as Pin<Box<dyn Future<Output = Result<Link, LinkFailure>>>>
-        });
+        let build_link = Box::new(
+            move |client_id: String, clean_start: bool, expiry: SessionExpiry, limits: ClientLimits| {
+                let router_tx = router_tx.clone();
+                let histogram = histogram.clone();
+                Box::pin(async move {
+                    let started = Instant::now();
+                    let result = LinkBuilder::new(&client_id, router_tx)
+                        .clean_session(clean_start)
+                        .session_expiry(expiry.duration())
+                        .receive_maximum(limits.receive_maximum)
+                        .max_packet_size(limits.max_packet_size)
+                        .dynamic_filters(false)
+                        .build_async()
+                        .await;
+                    histogram.observe(started.elapsed().as_secs_f64());
+                    result.map(|(tx, rx, connack)| Link { tx, rx, connack }).map_err(LinkFailure::from)
+                }) as Pin<Box<dyn Future<Output = Result<Link, LinkFailure>>>>
+            },
+        );
         let broker = Rc::new(Broker {
             build_link,
             wills: RefCell::new(Some(wills_tx)),
@@ -278,6 +303,7 @@ impl Broker {
             router_gone: watch::Sender::new(false),
             metrics,
             cursor_jumps,
+            oversize_drops,
         });
         let death = RouterDeath { sentinel, task };
         Ok((broker, RouterWatch { death, wills: wills_rx }))
@@ -295,9 +321,10 @@ impl Broker {
         client_id: &str,
         clean_start: bool,
         expiry: SessionExpiry,
+        limits: ClientLimits,
     ) -> Result<Link, LinkFailure> {
         let (reply, answer) = oneshot::channel();
-        let registration = (self.build_link)(client_id.to_owned(), clean_start, expiry);
+        let registration = (self.build_link)(client_id.to_owned(), clean_start, expiry, limits);
         tokio::task::spawn_local(async move {
             let result = registration.await;
             match reply.send(result) {
@@ -551,7 +578,7 @@ pub async fn watch_router(broker: Rc<Broker>, watch: RouterWatch, on_death: impl
             let link = tokio::select! {
                 biased;
                 () = death.wait() => break 'serve,
-                link = broker.link(INTERNAL_CLIENT_ID, true, SessionExpiry::AT_DISCONNECT) => link,
+                link = broker.link(INTERNAL_CLIENT_ID, true, SessionExpiry::AT_DISCONNECT, ClientLimits::default()) => link,
             };
             match link {
                 Ok(link) => {
@@ -614,10 +641,14 @@ const CLIENT_EVENTS_EVERY: Duration = Duration::from_secs(1);
 /// take-overs in `echo_mqtt_closed_total{reason="taken_over"}` (by the
 /// session that was taken over), skips in
 /// `echo_mqtt_slow_subscriber_skips_total` (copied from the router's count
-/// here, so at most [`CLIENT_EVENTS_EVERY`] late). Runs until shutdown.
+/// here, so at most [`CLIENT_EVENTS_EVERY`] late). The router's count of
+/// publishes too large for their subscriber is copied the same way into
+/// `echo_mqtt_dropped_total{reason="max_packet_size"}`, and not logged:
+/// each drop is what that client asked for. Runs until shutdown.
 pub async fn report_client_events(broker: Rc<Broker>, shutdown: Rc<Shutdown>) {
     let metrics = broker.metrics.clone();
     let taken_over = metrics.closed.get_or_create_owned(&ReasonLabel { reason: "taken_over" });
+    let oversize = metrics.dropped.get_or_create_owned(&ReasonLabel { reason: "max_packet_size" });
     let mut takeovers = Recurring {
         started: "MQTT sessions are being taken over (a new connection with a client id in use \
                   closes the old one; clients sharing an id take each other over in a loop): \
@@ -646,6 +677,8 @@ pub async fn report_client_events(broker: Rc<Broker>, shutdown: Rc<Shutdown>) {
         takeovers.update(now, taken_over.get());
         let new_skips = skips.update(now, broker.cursor_jumps.load(Ordering::Relaxed));
         metrics.slow_subscriber_skips.inc_by(new_skips);
+        let drops = broker.oversize_drops.load(Ordering::Relaxed);
+        oversize.inc_by(drops.saturating_sub(oversize.get()));
     }
 }
 
@@ -737,7 +770,10 @@ mod tests {
         local
             .run_until(async {
                 let (broker, died, watcher) = watched_broker(&config, &metrics).await;
-                let mut member = broker.link("member", false, SessionExpiry::NEVER).await.unwrap();
+                let mut member = broker
+                    .link("member", false, SessionExpiry::NEVER, ClientLimits::default())
+                    .await
+                    .unwrap();
                 let filter = Filter {
                     path: "$share/g/doomed".into(),
                     qos: QoS::AtLeastOnce,
@@ -747,8 +783,10 @@ mod tests {
                 };
                 let subscribe = Subscribe { pkid: 1, filters: vec![filter] };
                 member.tx.send(Packet::Subscribe(subscribe, None)).await.unwrap();
-                let mut publisher =
-                    broker.link("publisher", true, SessionExpiry::AT_DISCONNECT).await.unwrap();
+                let mut publisher = broker
+                    .link("publisher", true, SessionExpiry::AT_DISCONNECT, ClientLimits::default())
+                    .await
+                    .unwrap();
                 let will = LastWill {
                     topic: Bytes::from_static(b"doomed"),
                     message: Bytes::from_static(b"x"),
@@ -768,7 +806,8 @@ mod tests {
                 member.tx.send(Packet::Disconnect(bye, None)).await.unwrap();
                 tokio::time::timeout(Duration::from_secs(5), watcher).await.expect("noticed").unwrap();
                 assert!(died.get());
-                let late = broker.link("late", true, SessionExpiry::AT_DISCONNECT).await;
+                let late =
+                    broker.link("late", true, SessionExpiry::AT_DISCONNECT, ClientLimits::default()).await;
                 assert!(matches!(late, Err(LinkFailure::RouterGone)));
             })
             .await;
@@ -813,8 +852,10 @@ mod tests {
         local
             .run_until(async {
                 let (broker, died, _watcher) = watched_broker(&config, &metrics).await;
-                let mut subscriber =
-                    broker.link("watcher", true, SessionExpiry::AT_DISCONNECT).await.unwrap();
+                let mut subscriber = broker
+                    .link("watcher", true, SessionExpiry::AT_DISCONNECT, ClientLimits::default())
+                    .await
+                    .unwrap();
                 let filter = Filter {
                     path: "status/#".into(),
                     qos: QoS::ExactlyOnce,
@@ -870,7 +911,10 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 assert!(broker.wills.borrow().is_some());
                 assert_eq!(metrics.mqtt.wills_link_restarts.get(), 1, "the new link was not dropped");
-                broker.link("later", true, SessionExpiry::AT_DISCONNECT).await.expect("the router serves on");
+                broker
+                    .link("later", true, SessionExpiry::AT_DISCONNECT, ClientLimits::default())
+                    .await
+                    .expect("the router serves on");
             })
             .await;
     }

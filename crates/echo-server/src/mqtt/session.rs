@@ -39,7 +39,7 @@ use super::MqttServer;
 use super::ackorder::{AckOrder, Answer};
 use super::acl::SessionAcl;
 use super::auth;
-use super::broker::{LinkFailure, SessionExpiry};
+use super::broker::{ClientLimits, LinkFailure, SessionExpiry};
 use super::caps::{self, Held, InFlight, Quota};
 use super::codec::{Codec, DecodeError, Decoded, Peek, Version, peek_version};
 use super::inflow::{Flow, Inflow, RECHECK, Turn};
@@ -276,7 +276,7 @@ async fn open(
             }
         }
     };
-    let mut accepted = match accepted {
+    let (mut accepted, limits) = match accepted {
         Ok(accepted) => accepted,
         Err(refused) => {
             drop(turn);
@@ -297,7 +297,7 @@ async fn open(
     let link = tokio::select! {
         biased;
         _ = server.shutdown.wait() => Err(LinkFailure::RouterGone),
-        link = server.broker.link(&accepted.client_id, accepted.clean_session, accepted.session_expiry) => link,
+        link = server.broker.link(&accepted.client_id, accepted.clean_session, accepted.session_expiry, limits) => link,
     };
     let link = match link {
         Ok(link) => link,
@@ -391,12 +391,13 @@ fn publish_will(server: &MqttServer, accepted: &Accepted) {
     }
 }
 
-/// Reads and checks the CONNECT.
+/// Reads and checks the CONNECT. What the client announced it can take
+/// goes to the router with its link and is not kept in the session.
 async fn handshake(
     transport: &mut Transport,
     rbuf: &mut BytesMut,
     server: &MqttServer,
-) -> Result<Accepted, Refused> {
+) -> Result<(Accepted, ClientLimits), Refused> {
     let max = server.config.max_payload_size as usize;
     let version = loop {
         match peek_version(rbuf) {
@@ -461,7 +462,16 @@ async fn handshake(
         if p.authentication_data.is_some() {
             return Err(Refused::With(version, ConnectReturnCode::ProtocolError, "protocol_error"));
         }
+        // §3.1.2.11.3-4: a Receive Maximum or Maximum Packet Size of 0 is a
+        // protocol error.
+        if p.receive_maximum == Some(0) || p.max_packet_size == Some(0) {
+            return Err(Refused::With(version, ConnectReturnCode::ProtocolError, "protocol_error"));
+        }
     }
+    let limits = properties.as_ref().map_or_else(ClientLimits::default, |p| ClientLimits {
+        receive_maximum: p.receive_maximum,
+        max_packet_size: p.max_packet_size,
+    });
     // A password file's check runs on a blocking thread (see `auth`).
     let passwords = server.access.passwords.as_ref();
     if !auth::authenticate(server.credentials.as_ref(), passwords, login.as_ref()).await {
@@ -552,7 +562,7 @@ async fn handshake(
     {
         clean_session = true;
     }
-    Ok(Accepted {
+    let accepted = Accepted {
         codec,
         client_id,
         assigned_id,
@@ -564,7 +574,8 @@ async fn handshake(
         will_delay: Duration::from_secs(u64::from(delay.min(session_expiry.0))),
         held: Held::default(),
         acl,
-    })
+    };
+    Ok((accepted, limits))
 }
 
 /// A CONNECT that is not well formed. MQTT 5 may say so with CONNACK 0x81

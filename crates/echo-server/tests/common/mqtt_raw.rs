@@ -392,3 +392,85 @@ impl RawPacket {
         properties
     }
 }
+
+/// MQTT 5 CONNECT with a clean start and these raw CONNECT `properties`
+/// (without their length), e.g. Receive Maximum (`0x21`) or Maximum Packet
+/// Size (`0x27`).
+pub fn connect_with_properties(client_id: &str, properties: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    string(b"MQTT", &mut body);
+    body.push(5);
+    body.push(0x02);
+    body.extend_from_slice(&30u16.to_be_bytes());
+    remaining_length(properties.len(), &mut body);
+    body.extend_from_slice(properties);
+    string(client_id.as_bytes(), &mut body);
+    packet(0x10, &body)
+}
+
+/// SUBSCRIBE to one filter at `qos`.
+pub fn subscribe_qos(level: u8, pkid: u16, filter: &str, qos: u8) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    if level == 5 {
+        body.push(0);
+    }
+    string(filter.as_bytes(), &mut body);
+    body.push(qos);
+    packet(0x82, &body)
+}
+
+/// A PUBLISH as the server sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub qos: u8,
+    pub topic: String,
+    /// 0 at QoS 0.
+    pub pkid: u16,
+    pub payload: Vec<u8>,
+}
+
+impl RawPacket {
+    /// The fields of a PUBLISH (its MQTT 5 properties skipped).
+    pub fn delivery(&self, level: u8) -> Delivery {
+        assert_eq!(self.packet_type(), 3, "not a PUBLISH: {self:?}");
+        let qos = (self.first >> 1) & 3;
+        let topic_len = usize::from(u16::from_be_bytes([self.body[0], self.body[1]]));
+        let topic = String::from_utf8(self.body[2..2 + topic_len].to_vec()).unwrap();
+        let mut at = 2 + topic_len;
+        let mut pkid = 0;
+        if qos > 0 {
+            pkid = u16::from_be_bytes([self.body[at], self.body[at + 1]]);
+            at += 2;
+        }
+        if level == 5 {
+            let (mut len, mut shift) = (0usize, 0);
+            loop {
+                let b = self.body[at];
+                at += 1;
+                len |= usize::from(b & 0x7f) << shift;
+                shift += 7;
+                if b & 0x80 == 0 {
+                    break;
+                }
+            }
+            at += len;
+        }
+        Delivery { qos, topic, pkid, payload: self.body[at..].to_vec() }
+    }
+}
+
+impl RawMqtt {
+    /// Whether the server sends nothing for `quiet` (the connection stays
+    /// open; nothing is consumed).
+    pub fn silent_for(&mut self, quiet: Duration) -> bool {
+        self.stream.set_read_timeout(Some(quiet)).unwrap();
+        let mut one = [0u8; 1];
+        let silent = match self.stream.peek(&mut one) {
+            Ok(0) => panic!("the server closed the connection"),
+            Ok(_) => false,
+            Err(e) => matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+        };
+        self.stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        silent
+    }
+}

@@ -51,6 +51,10 @@ pub struct LinkBuilder<'a> {
     topic_alias_max: u16,
     // echo-server patch: unset, the session's expiry follows `clean_session`
     session_expiry: Option<Option<std::time::Duration>>,
+    // echo-server patch: the client's MQTT 5 Receive Maximum and Maximum
+    // Packet Size, unset when it announced none
+    receive_maximum: Option<u16>,
+    max_packet_size: Option<u32>,
 }
 
 impl<'a> LinkBuilder<'a> {
@@ -65,7 +69,44 @@ impl<'a> LinkBuilder<'a> {
             dynamic_filters: false,
             topic_alias_max: 0,
             session_expiry: None,
+            receive_maximum: None,
+            max_packet_size: None,
         }
+    }
+
+    /// echo-server patch: the client's Receive Maximum (MQTT 5
+    /// §3.1.2.11.3): the router sends it at most this many QoS 1 and 2
+    /// publishes unacknowledged (and never more than its own limit, 100).
+    /// Without this call, 100.
+    pub fn receive_maximum(mut self, max: Option<u16>) -> Self {
+        self.receive_maximum = max;
+        self
+    }
+
+    /// echo-server patch: the client's Maximum Packet Size (MQTT 5
+    /// §3.1.2.11.4): the router does not send it a publish whose MQTT 5
+    /// packet would be larger (it counts it in `Router::oversize_drops`).
+    /// Without this call, no limit.
+    pub fn max_packet_size(mut self, max: Option<u32>) -> Self {
+        self.max_packet_size = max;
+        self
+    }
+
+    /// echo-server patch: the router's outgoing state for this client, with
+    /// its limits (shared by `build` and `build_async`).
+    fn outgoing(
+        client_id: &str,
+        receive_maximum: Option<u16>,
+        max_packet_size: Option<u32>,
+    ) -> (Outgoing, Receiver<()>) {
+        let (mut outgoing, link_rx) = Outgoing::new(client_id.to_owned());
+        if let Some(max) = receive_maximum {
+            outgoing.limit_inflight(max);
+        }
+        if let Some(max) = max_packet_size {
+            outgoing.limit_packet_size(max);
+        }
+        (outgoing, link_rx)
     }
 
     /// echo-server patch: how long the router keeps the session after the
@@ -128,7 +169,11 @@ impl<'a> LinkBuilder<'a> {
             connection.session_expiry = expiry;
         }
         let incoming = Incoming::new(connection.client_id.to_owned());
-        let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        let (outgoing, link_rx) = Self::outgoing(
+            &connection.client_id,
+            self.receive_maximum,
+            self.max_packet_size,
+        );
         let outgoing_data_buffer = outgoing.buffer();
         let incoming_data_buffer = incoming.buffer();
 
@@ -162,7 +207,11 @@ impl<'a> LinkBuilder<'a> {
             connection.session_expiry = expiry;
         }
         let incoming = Incoming::new(connection.client_id.to_owned());
-        let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        let (outgoing, link_rx) = Self::outgoing(
+            &connection.client_id,
+            self.receive_maximum,
+            self.max_packet_size,
+        );
         let outgoing_data_buffer = outgoing.buffer();
         let incoming_data_buffer = incoming.buffer();
         let event = Event::Connect { connection, incoming, outgoing };

@@ -1,5 +1,6 @@
 use std::{
     collections::{HashMap, VecDeque},
+    num::NonZeroU32,
     sync::Arc,
 };
 
@@ -67,6 +68,16 @@ pub struct Outgoing {
     last_pkid: u16,
     /// Metrics of outgoing messages of this connection
     pub(crate) meter: OutgoingMeter,
+    /// echo-server patch: the most QoS 1 and 2 publishes this client may
+    /// have unacknowledged, the client's MQTT 5 Receive Maximum (at most
+    /// `MAX_INFLIGHT`; see `limit_inflight`). This and the next are small
+    /// types so that they fit in `Outgoing`'s padding: an `Outgoing` travels
+    /// in `Event::Connect`, so every `Event` is as large, and every future
+    /// that sends an event to the router holds one.
+    inflight_limit: u16,
+    /// echo-server patch: the largest packet the client accepts, its MQTT 5
+    /// Maximum Packet Size (see `limit_packet_size`).
+    max_packet_size: Option<NonZeroU32>,
 }
 
 impl Outgoing {
@@ -87,6 +98,8 @@ impl Outgoing {
             handle,
             last_pkid: 0,
             meter: Default::default(),
+            inflight_limit: MAX_PKID,
+            max_packet_size: None,
         };
 
         (outgoing, rx)
@@ -97,8 +110,34 @@ impl Outgoing {
         self.data_buffer.clone()
     }
 
+    /// echo-server patch: the client's Receive Maximum (MQTT 5
+    /// §3.1.2.11.3), the in-flight window the router keeps to for it: no
+    /// more than this many QoS 1 and 2 publishes are sent unacknowledged
+    /// (0.20.0 sent up to `MAX_INFLIGHT` whatever the client said). The
+    /// rest stay in their topics' logs until acknowledgements make room, as
+    /// for any client whose window is full. Never more than `MAX_INFLIGHT`
+    /// (packet ids wrap there), never less than 1 (0 is a protocol error,
+    /// refused before a link is built).
+    pub fn limit_inflight(&mut self, receive_maximum: u16) {
+        self.inflight_limit = receive_maximum.clamp(1, MAX_PKID);
+    }
+
+    /// echo-server patch: the client's Maximum Packet Size (MQTT 5
+    /// §3.1.2.11.4). A publish that would make a larger packet is not sent
+    /// to this client: `push_forwards` drops it before it takes a packet id
+    /// or an in-flight slot, so nothing waits for an acknowledgement that
+    /// cannot come (the spec: discard it and act as if it had been sent).
+    pub fn limit_packet_size(&mut self, max: u32) {
+        self.max_packet_size = NonZeroU32::new(max);
+    }
+
+    /// How many more QoS 1 and 2 publishes may be sent now. echo-server
+    /// patch: a QoS 2 delivery counts until its PUBCOMP (MQTT 5 §4.9), so
+    /// the PUBRELs awaiting one count too, against the client's own limit
+    /// (was: `MAX_INFLIGHT` less those awaiting a PUBACK or PUBREC only).
     pub fn free_slots(&self) -> usize {
-        MAX_INFLIGHT - self.inflight_buffer.len()
+        usize::from(self.inflight_limit)
+            .saturating_sub(self.inflight_buffer.len() + self.unacked_pubrels.len())
     }
 
     pub fn push_notification(&mut self, notification: Notification) -> usize {
@@ -107,15 +146,22 @@ impl Outgoing {
         buffer.len()
     }
 
-    /// Push packets to the outgoing buffer.
+    /// Push packets to the outgoing buffer. echo-server patch: returns
+    /// the counts of notifications buffered, of publishes in flight, and
+    /// of publishes dropped as too large for the client (`fits`).
     pub fn push_forwards(
         &mut self,
         publishes: impl Iterator<Item = Forward>,
         qos: u8,
         filter_idx: usize,
-    ) -> (usize, usize) {
+    ) -> (usize, usize, usize) {
+        let (max, mut dropped) = (self.max_packet_size, 0);
+        let publishes = publishes.filter(|p| {
+            let fits = fits(max, p);
+            dropped += usize::from(!fits);
+            fits
+        });
         let mut buffer = self.data_buffer.lock();
-        let publishes = publishes;
 
         if qos == 0 {
             for p in publishes {
@@ -127,7 +173,7 @@ impl Outgoing {
             // self.meter.update_data_rate(total_size);
             let buffer_count = buffer.len();
             let inflight_count = self.inflight_buffer.len();
-            return (buffer_count, inflight_count);
+            return (buffer_count, inflight_count, dropped);
         }
 
         for mut p in publishes {
@@ -169,7 +215,7 @@ impl Outgoing {
             );
         }
 
-        (buffer_count, inflight_count)
+        (buffer_count, inflight_count, dropped)
     }
 
     // Returns (unsolicited, outoforder) flags
@@ -232,6 +278,19 @@ impl Outgoing {
         }
 
         o
+    }
+}
+
+/// echo-server patch: whether a publish makes a packet of at most `max`
+/// bytes (no limit: `None`).
+fn fits(max: Option<NonZeroU32>, forward: &Forward) -> bool {
+    match max {
+        Some(max) => {
+            let size =
+                crate::protocol::v5::publish_packet_size(&forward.publish, &forward.properties);
+            u32::try_from(size).is_ok_and(|size| size <= max.get())
+        }
+        None => true,
     }
 }
 
@@ -325,4 +384,98 @@ mod test {
     //         assert_eq!(outoforder, false);
     //     }
     // }
+}
+
+#[cfg(test)]
+mod echo_server_patch {
+    use super::*;
+    use crate::protocol::{v5::V5, Protocol, Publish, PublishProperties, QoS};
+    use bytes::BytesMut;
+
+    fn forward(qos: QoS, payload: usize, properties: Option<PublishProperties>) -> Forward {
+        let publish = Publish {
+            qos,
+            topic: "a/b".into(),
+            payload: vec![b'x'; payload].into(),
+            ..Default::default()
+        };
+        Forward { cursor: Some((0, 0)), size: 0, publish, properties }
+    }
+
+    fn pkids(outgoing: &Outgoing) -> Vec<u16> {
+        let buffer = outgoing.data_buffer.lock();
+        buffer
+            .iter()
+            .map(|n| match n {
+                Notification::Forward(f) => f.publish.pkid,
+                other => panic!("not a forward: {other:?}"),
+            })
+            .collect()
+    }
+
+    /// `publish_packet_size` is what the MQTT 5 writer writes, packet id
+    /// included above QoS 0 (assigned or not), across the sizes where the
+    /// remaining length takes one more byte.
+    #[test]
+    fn publish_packet_size_is_the_written_size() {
+        let properties = PublishProperties {
+            user_properties: vec![("k".into(), "v".repeat(40))],
+            subscription_identifiers: vec![7],
+            ..Default::default()
+        };
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+            for props in [None, Some(properties.clone())] {
+                for payload in [0, 100, 112, 113, 114, 200, 16_370, 16_400] {
+                    let f = forward(qos, payload, props.clone());
+                    let size = crate::protocol::v5::publish_packet_size(&f.publish, &f.properties);
+                    let mut sent = f.publish.clone();
+                    if qos != QoS::AtMostOnce {
+                        sent.pkid = 9;
+                    }
+                    let mut buffer = BytesMut::new();
+                    V5.write(Packet::Publish(sent, f.properties), &mut buffer).unwrap();
+                    assert_eq!(size, buffer.len(), "{qos:?} {payload} bytes");
+                }
+            }
+        }
+    }
+
+    /// The window is the client's Receive Maximum (at most `MAX_INFLIGHT`),
+    /// and a QoS 2 delivery holds its slot until its PUBCOMP.
+    #[test]
+    fn the_inflight_window_is_the_clients() {
+        let (mut outgoing, _rx) = Outgoing::new("window".to_owned());
+        assert_eq!(outgoing.free_slots(), MAX_INFLIGHT);
+        outgoing.limit_inflight(500);
+        assert_eq!(outgoing.free_slots(), MAX_INFLIGHT);
+        outgoing.limit_inflight(3);
+        let two = (0..2).map(|_| forward(QoS::ExactlyOnce, 1, None));
+        outgoing.push_forwards(two, 2, 0);
+        assert_eq!(outgoing.free_slots(), 1);
+        outgoing.register_ack(1).unwrap();
+        outgoing.register_pubrec(1);
+        assert_eq!(outgoing.free_slots(), 1, "PUBREC'd, awaiting PUBCOMP");
+        outgoing.register_pubcomp(1).unwrap();
+        assert_eq!(outgoing.free_slots(), 2);
+        outgoing.limit_inflight(1);
+        assert_eq!(outgoing.free_slots(), 0);
+    }
+
+    /// Publishes too large for the client are dropped before they take a
+    /// packet id or a slot; the others go out as before, exactly at the
+    /// limit included.
+    #[test]
+    fn publishes_over_the_clients_maximum_packet_size_are_dropped() {
+        let (mut outgoing, _rx) = Outgoing::new("small".to_owned());
+        // QoS 1 "a/b" without properties: 10 bytes and the payload.
+        outgoing.limit_packet_size(100);
+        let forwards = [90, 91, 500, 1].map(|payload| forward(QoS::AtLeastOnce, payload, None));
+        let (buffered, inflight, dropped) = outgoing.push_forwards(forwards.into_iter(), 1, 0);
+        assert_eq!((buffered, inflight, dropped), (2, 2, 2));
+        assert_eq!(pkids(&outgoing), [1, 2]);
+        // QoS 0: 8 bytes and the payload.
+        let qos0 = [92, 93].map(|payload| forward(QoS::AtMostOnce, payload, None));
+        let (buffered, inflight, dropped) = outgoing.push_forwards(qos0.into_iter(), 0, 0);
+        assert_eq!((buffered, inflight, dropped), (3, 2, 1));
+    }
 }

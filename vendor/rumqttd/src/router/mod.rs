@@ -197,6 +197,15 @@ pub struct DataRequest {
     max_count: usize,
     pub(crate) forward_retained: bool,
     pub(crate) group: Option<String>,
+    /// echo-server patch: the retained messages matched at subscription
+    /// that have not been sent yet, because the client's in-flight window
+    /// (`Outgoing::free_slots`) had no room for them all. 0.20.0 sent as
+    /// many as there were free slots and dropped the rest: with a Receive
+    /// Maximum of 2, a new subscription got 2 of its retained messages.
+    /// They go out before anything from the filter's log, as they would
+    /// have. Boxed: most requests never hold any.
+    #[serde(skip)]
+    pub(crate) pending_retained: Option<Box<VecDeque<(Publish, Option<PublishProperties>)>>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

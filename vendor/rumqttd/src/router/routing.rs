@@ -139,6 +139,10 @@ pub struct Router {
     /// skipped to the oldest one kept. Logged at `debug` only, since a slow
     /// client causes one per read; see [`Router::cursor_jumps`].
     cursor_jumps: Arc<AtomicU64>,
+    /// echo-server patch: publishes not sent to a client because they would
+    /// have made a packet larger than its Maximum Packet Size; see
+    /// [`Router::oversize_drops`].
+    oversize_drops: Arc<AtomicU64>,
 }
 
 impl Router {
@@ -181,7 +185,15 @@ impl Router {
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
             cursor_jumps: Arc::default(),
+            oversize_drops: Arc::default(),
         }
+    }
+
+    /// echo-server patch: the count of publishes dropped for a client
+    /// because they exceeded its Maximum Packet Size (MQTT 5 §3.1.2.11.4;
+    /// `LinkBuilder::max_packet_size`), as `cursor_jumps` is kept.
+    pub fn oversize_drops(&self) -> Arc<AtomicU64> {
+        self.oversize_drops.clone()
     }
 
     /// echo-server patch: the count of slow subscribers' skips (cursor
@@ -965,14 +977,20 @@ impl Router {
                         break;
                     }
 
-                    let ackslog = self.ackslog.get_mut(id).unwrap();
-                    let pubrel = PubRel {
-                        pkid: pubrec.pkid,
-                        reason: PubRelReason::Success,
-                    };
+                    // echo-server patch: a PUBREC with an error reason (0x80
+                    // or more) ends the exchange: no PUBREL, no PUBCOMP to
+                    // await, and the in-flight slot is free (MQTT 5 §4.3.3,
+                    // §4.9). 0.20.0 sent a PUBREL and waited for a PUBCOMP.
+                    if !pubrec_failed(&pubrec.reason) {
+                        let ackslog = self.ackslog.get_mut(id).unwrap();
+                        let pubrel = PubRel {
+                            pkid: pubrec.pkid,
+                            reason: PubRelReason::Success,
+                        };
 
-                    outgoing.register_pubrec(pubrel.pkid);
-                    ackslog.pubrel(pubrel);
+                        outgoing.register_pubrec(pubrel.pkid);
+                        ackslog.pubrel(pubrel);
+                    }
                     self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
                 }
                 Packet::PubRel(pubrel, None) => {
@@ -1042,6 +1060,10 @@ impl Router {
                         disconnect_reason = Some(DisconnectReasonCode::ProtocolError);
                         break;
                     }
+                    // echo-server patch: a QoS 2 delivery holds its in-flight
+                    // slot until its PUBCOMP (`Outgoing::free_slots`), so a
+                    // client paused with a full window is scheduled again.
+                    self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
                 }
                 Packet::PingReq(_) => {
                     let ackslog = self.ackslog.get_mut(id).unwrap();
@@ -1166,6 +1188,7 @@ impl Router {
                 // set true for new subscriptions
                 forward_retained,
                 group,
+                pending_retained: None,
             };
 
             self.scheduler.track(id, request);
@@ -1300,6 +1323,7 @@ impl Router {
                 connection,
                 shared_group,
                 &self.cursor_jumps,
+                &self.oversize_drops,
             ) {
                 ConsumeStatus::BufferFull => {
                     requests.push_back(request);
@@ -1640,6 +1664,15 @@ fn ack_device_data(ackslog: &mut AckLog, outgoing: &mut Outgoing) -> bool {
     true
 }
 
+/// echo-server patch: whether a PUBREC refuses the publish (a reason code of
+/// 0x80 or more; 0x10, no matching subscribers, is a success).
+fn pubrec_failed(reason: &PubRecReason) -> bool {
+    !matches!(
+        reason,
+        PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+    )
+}
+
 enum ConsumeStatus {
     /// Limit for publishes on outgoing channel reached
     BufferFull,
@@ -1660,6 +1693,7 @@ enum ConsumeStatus {
 /// 1. `busy`: whether the data request was completed or not.
 /// 2. `done`: whether the connection was busy or not.
 /// 3. `inflight_full`: whether the inflight requests were completely filled
+#[allow(clippy::too_many_arguments)]
 fn forward_device_data(
     request: &mut DataRequest,
     datalog: &mut DataLog,
@@ -1668,6 +1702,7 @@ fn forward_device_data(
     connection: &mut Connection,
     shared_group: Option<&mut SharedGroup>,
     cursor_jumps: &AtomicU64,
+    oversize_drops: &AtomicU64,
 ) -> ConsumeStatus {
     let span = tracing::info_span!("outgoing_publish", client_id = outgoing.client_id);
     let _guard = span.enter();
@@ -1709,27 +1744,40 @@ fn forward_device_data(
     let mut publishes = Vec::new();
 
     if request.forward_retained {
-        // NOTE: ideally we want to limit the number of read messages
-        // and skip the messages previously read while reading next time.
-        // but for now, we just try to read all messages and drop the excess ones
-        let mut retained_publishes = datalog.read_retained_messages(&request.filter);
-        retained_publishes.truncate(inflight_slots as usize);
-
-        publishes.extend(retained_publishes.into_iter().map(|p| (p, None)));
-        inflight_slots -= publishes.len() as u64;
-
         // we only want to forward retained messages once
         request.forward_retained = false;
+        // echo-server patch: those that do not fit now wait in the request
+        // (was: dropped)
+        let retained = datalog.read_retained_messages(&request.filter);
+        if !retained.is_empty() {
+            request.pending_retained = Some(Box::new(retained.into()));
+        }
+    }
+    if let Some(pending) = request.pending_retained.as_mut() {
+        let count = pending.len().min(inflight_slots as usize);
+        publishes.extend(pending.drain(..count).map(|p| (p, None)));
+        inflight_slots -= count as u64;
     }
 
-    let (next, publishes_from_datalog) =
-        match datalog.native_readv(request.filter_idx, request.cursor, inflight_slots) {
-            Ok(v) => v,
-            Err(e) => {
-                error!(error = ?e, "Failed to read from commitlog {}", e);
-                return ConsumeStatus::FilterCaughtup;
-            }
-        };
+    // echo-server patch: while retained messages wait, nothing is read
+    // from the log (they go first), and the request is not caught up.
+    let read = match request.pending_retained.as_ref() {
+        Some(pending) if !pending.is_empty() => {
+            let at = request.cursor;
+            Ok((Position::Next { start: at, end: at }, Vec::new()))
+        }
+        _ => {
+            request.pending_retained = None;
+            datalog.native_readv(request.filter_idx, request.cursor, inflight_slots)
+        }
+    };
+    let (next, publishes_from_datalog) = match read {
+        Ok(v) => v,
+        Err(e) => {
+            error!(error = ?e, "Failed to read from commitlog {}", e);
+            return ConsumeStatus::FilterCaughtup;
+        }
+    };
 
     publishes.extend(
         publishes_from_datalog
@@ -1844,7 +1892,10 @@ fn forward_device_data(
             }
         });
 
-    let (len, inflight) = outgoing.push_forwards(forwards, qos, filter_idx);
+    let (len, inflight, dropped) = outgoing.push_forwards(forwards, qos, filter_idx);
+    if dropped > 0 {
+        oversize_drops.fetch_add(dropped as u64, Ordering::Relaxed);
+    }
 
     debug!(
         inflight_count = inflight,

@@ -312,6 +312,22 @@ fn write_remaining_length(stream: &mut BytesMut, len: usize) -> Result<usize, Er
     Ok(count)
 }
 
+/// echo-server patch: the size in bytes of the MQTT 5 PUBLISH packet this
+/// publish and its properties make, fixed header included, with a packet
+/// identifier when its QoS is above 0 (whether or not one is assigned yet),
+/// as `write` would write it. The router compares it with a client's
+/// Maximum Packet Size (§3.1.2.11.4) before it assigns the identifier.
+pub(crate) fn publish_packet_size(
+    publish: &Publish,
+    properties: &Option<PublishProperties>,
+) -> usize {
+    let mut remaining = publish::len(publish, properties);
+    if publish.qos != QoS::AtMostOnce && publish.pkid == 0 {
+        remaining += 2;
+    }
+    1 + len_len(remaining) + remaining
+}
+
 /// Return number of remaining length bytes required for encoding length
 fn len_len(len: usize) -> usize {
     if len >= 2_097_152 {
