@@ -9,6 +9,7 @@
 //! no atomics, nothing contended. Tasks are `!Send`, spawned with
 //! `spawn_local`.
 
+pub(crate) mod chunked;
 pub mod handshake;
 pub mod io;
 pub mod session;
