@@ -97,6 +97,29 @@ fn bodies_by_length_and_chunked_are_echoed() {
 }
 
 #[test]
+fn a_body_at_the_default_limit_comes_back_whole() {
+    let server = TestServer::start(&[]);
+    let mut conn = HttpConn::connect(server.ws_addr());
+    let body: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    let mut request =
+        format!("POST /big HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+    request.extend_from_slice(&body);
+    conn.send(&request);
+    assert!(conn.read_response(false).body.ends_with(&body), "1 MiB by Content-Length");
+    conn.send(b"POST /big HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n");
+    let mut chunked = Vec::new();
+    for piece in body.chunks(10_000) {
+        chunked.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        chunked.extend_from_slice(piece);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    conn.send(&chunked);
+    assert!(conn.read_response(false).body.ends_with(&body), "1 MiB chunked");
+    assert_eq!(server.metric("echo_http_request_body_bytes_total"), 2.0 * body.len() as f64);
+}
+
+#[test]
 fn expect_100_continue_is_answered_before_the_body() {
     let server = TestServer::start(&[]);
     let mut conn = HttpConn::connect(server.ws_addr());
