@@ -83,7 +83,10 @@ pub(crate) async fn serve(stream: &mut TcpStream, peer: SocketAddr, server: &WsS
             Decision::Respond(response) => return finish(stream, response, None, server).await,
             Decision::Plain(request) => {
                 buf.drain(..head_len);
-                if !exchange(stream, &mut buf, &request, peer, server).await {
+                // Boxed: a request's body, answer and their futures exist
+                // only while it is served, not while the connection waits
+                // for the next one.
+                if !Box::pin(exchange(stream, &mut buf, &request, peer, server)).await {
                     return None;
                 }
             }
@@ -384,12 +387,25 @@ async fn write(stream: &mut TcpStream, bytes: &[u8], deadline: Instant) -> bool 
 /// Sends a last response and closes politely: FIN first, then discard what
 /// the client still sends until it closes too, so the response is not lost
 /// to a reset caused by unread input. Always `None`: the connection is over.
+///
+/// Boxed: it runs once, at the end, and inlined it would enlarge the
+/// future every waiting keep-alive connection holds (the drain's buffer).
 async fn finish<T>(
     stream: &mut TcpStream,
     response: Response,
     failure: Option<&'static str>,
     server: &WsServer,
 ) -> Option<T> {
+    Box::pin(answer_and_close(stream, response, failure, server)).await;
+    None
+}
+
+async fn answer_and_close(
+    stream: &mut TcpStream,
+    response: Response,
+    failure: Option<&'static str>,
+    server: &WsServer,
+) {
     let response = Response { keep_alive: false, ..response };
     if let Some(reason) = failure {
         server.metrics.handshake_failed(reason);
@@ -398,7 +414,6 @@ async fn finish<T>(
         debug!(status = response.status, "answered and closing");
         linger_close(stream, server.config.close_timeout).await;
     }
-    None
 }
 
 #[cfg(test)]
@@ -410,6 +425,28 @@ mod tests {
             Decision::Plain(request) => request,
             other => panic!("not a plain request: {other:?}"),
         }
+    }
+
+    /// An idle keep-alive connection waits inside [`serve`]: its future is
+    /// what such a connection costs, besides its socket.
+    #[tokio::test]
+    async fn a_waiting_keep_alive_connection_costs_a_small_future() {
+        use crate::config::Config;
+        use crate::listener::ConnectionLimit;
+        use crate::metrics::WebSocketMetrics;
+        use std::rc::Rc;
+        use std::sync::Arc;
+        let config = Config::default();
+        let metrics = Arc::new(WebSocketMetrics::default());
+        let limit = ConnectionLimit::new(10, metrics.connections.clone());
+        let shutdown = Rc::new(crate::shutdown::Shutdown::new());
+        let server = WsServer::new(config.websocket.clone(), config.tungstenite(), metrics, shutdown, limit);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut accepted, peer) = listener.accept().await.unwrap();
+        let size = std::mem::size_of_val(&serve(&mut accepted, peer, &server));
+        println!("serve future: {size} bytes");
+        assert!(size <= 832, "the keep-alive connection's future grew to {size} bytes");
     }
 
     #[test]
