@@ -140,11 +140,11 @@ log "the image's own load generator, from a second container in the server's net
   || die "echo-loadgen in the image against the server"
 
 log "loading the browser page"
-page=$(curl -fsS "http://127.0.0.1:$WS_PORT/") || die "GET / over the published port"
+page=$(curl -fsS "http://127.0.0.1:$WS_PORT/.ws") || die "GET /.ws over the published port"
 grep -q 'new WebSocket(' <<<"$page" || die "the page is not the echo page"
 CHROMIUM=$(command -v chromium || command -v chromium-browser || true)
 if [ -n "$CHROMIUM" ] && python3 -c 'import websockets' 2>/dev/null; then
-  python3 "$ROOT/crates/echo-server/tests/clients/browser_echo.py" "$CHROMIUM" "http://127.0.0.1:$WS_PORT/" \
+  python3 "$ROOT/crates/echo-server/tests/clients/browser_echo.py" "$CHROMIUM" "http://127.0.0.1:$WS_PORT/.ws" \
     || die "echo through the page in Chromium"
 else
   log "Chromium or Python websockets missing: page fetched but not driven"

@@ -893,7 +893,22 @@ def warm_up(args, deadline):
         out[name] = c.report()["received"]
         c.close()
     out["websocket_echo"] = websocket_echo(args.ws, deadline)
+    out["http_echo"] = http_echo_once(args.ws, deadline)
     return out
+
+
+def http_echo_once(addr, deadline):
+    """One plain HTTP request echoed (websocket.http_echo); its status."""
+    s = socket.create_connection(hostport(addr), timeout=remaining(deadline, 5))
+    s.sendall(f"POST /warm?up=1 HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 4\r\nConnection: close\r\n\r\nwarm".encode())
+    got = b""
+    while now() < deadline:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    s.close()
+    return int(got.split(b" ", 2)[1]) if got.startswith(b"HTTP/") else None
 
 
 def websocket_echo(addr, deadline):
@@ -915,6 +930,102 @@ def websocket_echo(addr, deadline):
     return got.startswith(b"HTTP/1.1 101") and b"warm" in got.split(b"\r\n\r\n", 1)[-1]
 
 
+# ------------------------------------------------------------ HTTP echo
+# Clients of the WebSocket port's HTTP echo (websocket.http_echo), each
+# within the limits: what they cost the others is the event loop's time.
+
+
+async def http_response(reader):
+    """Reads one response (the server always sends Content-Length): its
+    status and how many bytes it took."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    return int(head.split(b" ", 2)[1]), len(head) + length
+
+
+def http_clients(args, deadline, n, client):
+    """Runs `n` connections to the HTTP echo, each `client(reader, writer,
+    deadline, tally)`, in one thread (asyncio); returns the tally."""
+    import asyncio
+    tally = collections.Counter()
+
+    async def one():
+        try:
+            reader, writer = await asyncio.open_connection(*hostport(args.ws))
+        except OSError as e:
+            tally["connect_error " + type(e).__name__] += 1
+            return
+        try:
+            await asyncio.wait_for(client(reader, writer, deadline, tally), max(0.1, deadline - now() + 5))
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
+            tally["ended " + type(e).__name__] += 1
+        writer.close()
+
+    async def all_of_them():
+        await asyncio.gather(*(one() for _ in range(n)))
+
+    asyncio.run(all_of_them())
+    return {"connections": n, **dict(tally)}
+
+
+def attack_http_stream(args, deadline):
+    """Connections posting 1 MiB chunked bodies (16 KiB chunks; the default
+    websocket.max_request_body_size) back to back, reading each echo."""
+    chunk = b"4000\r\n" + b"s" * 0x4000 + b"\r\n"
+
+    async def client(reader, writer, deadline, tally):
+        while now() < deadline:
+            writer.write(b"POST /stream HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for _ in range(64):
+                writer.write(chunk)
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            status, size = await http_response(reader)
+            tally[f"status {status}"] += 1
+            tally["bytes_received"] += size
+
+    return http_clients(args, deadline, args.count or (2 if args.quick else 4), client)
+
+
+def attack_http_drip(args, deadline):
+    """Connections each dripping a chunked body, one byte every 0.5 s, for
+    as long as they are present (under websocket.handshake_timeout, so
+    that each stays a legitimate, slow request)."""
+    async def client(reader, writer, deadline, tally):
+        import asyncio
+        writer.write(b"POST /drip HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        while now() < deadline:
+            writer.write(b"1\r\nd\r\n")
+            await writer.drain()
+            tally["bytes_dripped"] += 1
+            await asyncio.sleep(0.5)
+        writer.write(b"0\r\n\r\n")
+        status, _ = await http_response(reader)
+        tally[f"status {status}"] += 1
+
+    return http_clients(args, deadline, args.count or (50 if args.quick else 200), client)
+
+
+def attack_http_pipeline(args, deadline):
+    """Keep-alive connections each writing 50 GETs at once (pipelined) and
+    reading the 50 echoes, back to back."""
+    burst = b"GET /pipeline?x=1 HTTP/1.1\r\nHost: x\r\nAccept: application/json\r\n\r\n" * 50
+
+    async def client(reader, writer, deadline, tally):
+        while now() < deadline:
+            writer.write(burst)
+            for _ in range(50):
+                status, _ = await http_response(reader)
+                tally[f"status {status}"] += 1
+
+    return http_clients(args, deadline, args.count or (4 if args.quick else 8), client)
+
+
 ATTACKS = {
     "flood-tcp": attack_flood_tcp,
     "flood-ws": attack_flood_ws,
@@ -928,6 +1039,9 @@ ATTACKS = {
     "takeover": attack_takeover,
     "admin-idle": attack_admin_idle,
     "crowd": attack_crowd,
+    "http-stream": attack_http_stream,
+    "http-drip": attack_http_drip,
+    "http-pipeline": attack_http_pipeline,
 }
 
 

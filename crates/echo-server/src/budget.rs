@@ -16,6 +16,7 @@
 //! | a PUBLISH at QoS 0 | dropped (at most once allows it) |
 //! | a SUBSCRIBE's filters | SUBACK 0x97 (3.1.1: 0x80) |
 //! | more of an MQTT packet or WebSocket message larger than [`PAUSE_PARTIAL`] | not read until there is room, for at most [`PAUSE_LIMIT`] (then MQTT 5 DISCONNECT 0x97, WebSocket close 1013) |
+//! | more of an HTTP request body larger than [`PAUSE_PARTIAL`] (the HTTP echo) | HTTP 503 |
 //!
 //! Everything already held keeps working: acknowledgements, unsubscribes,
 //! disconnects and WebSocket echoes, which free memory rather than take it.

@@ -107,6 +107,15 @@ pub struct WebSocketConfig {
     pub ping_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Answer plain HTTP requests (not upgrades, not the page) with what
+    /// the server received (`ws::http_echo`); off: 404 / 405 as before.
+    pub http_echo: bool,
+    /// Largest HTTP request body accepted, in bytes: it is held whole while
+    /// it is echoed.
+    pub max_request_body_size: u32,
+    /// Name the host in an `X-Served-By` header on every HTTP answer and
+    /// in a first text message on echo sessions (`ws::replica`).
+    pub send_server_hostname: bool,
 }
 
 impl Default for WebSocketConfig {
@@ -126,6 +135,9 @@ impl Default for WebSocketConfig {
             ping_interval: Duration::from_secs(30),
             ping_timeout: Duration::from_secs(10),
             idle_timeout: Duration::ZERO,
+            http_echo: true,
+            max_request_body_size: 1 << 20,
+            send_server_hostname: false,
         }
     }
 }
@@ -401,6 +413,14 @@ impl Config {
         }
         if !ws.ping_interval.is_zero() {
             positive_duration("websocket.ping_timeout", ws.ping_timeout)?;
+        }
+        // A body is held whole while it is echoed: past this, a few clients
+        // could hold the memory budget on their own.
+        if ws.max_request_body_size > 1 << 30 {
+            return Err(invalid(
+                "websocket.max_request_body_size",
+                format!("{} is over 1073741824 bytes (1 GiB)", ws.max_request_body_size),
+            ));
         }
         tracing_subscriber::EnvFilter::builder()
             .parse(&self.log.level)
@@ -927,6 +947,27 @@ mod tests {
         let config =
             Config::load(None, Vec::new(), &Overrides { no_mqtt: true, ..Overrides::default() }).unwrap();
         assert!(config.mqtt.listen.is_empty());
+    }
+
+    #[test]
+    fn http_echo_settings_are_checked_naming_the_key() {
+        for (toml, key) in [
+            ("[websocket]\nmax_request_body_size = 2000000000\n", "websocket.max_request_body_size"),
+            ("[websocket]\nhttp_echo = \"yes\"\n", "websocket.http_echo"),
+        ] {
+            let err = load_str(toml).unwrap_err().to_string();
+            assert!(err.starts_with(key), "{toml:?}: {err}");
+        }
+        let env = vec![
+            ("ECHO_WEBSOCKET_HTTP_ECHO".to_owned(), "false".to_owned()),
+            ("ECHO_WEBSOCKET_SEND_SERVER_HOSTNAME".to_owned(), "true".to_owned()),
+        ];
+        let config = Config::load(None, env, &Overrides::default()).unwrap();
+        assert!(!config.websocket.http_echo && config.websocket.send_server_hostname);
+        let env = vec![("ECHO_WEBSOCKET_SEND_SERVER_HOSTNAME".to_owned(), "maybe".to_owned())];
+        let err = Config::load(None, env, &Overrides::default()).unwrap_err().to_string();
+        assert!(err.starts_with("websocket.send_server_hostname: "), "{err}");
+        assert!(err.contains("ECHO_WEBSOCKET_SEND_SERVER_HOSTNAME"), "{err}");
     }
 
     #[test]

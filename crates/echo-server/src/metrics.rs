@@ -49,6 +49,12 @@ pub struct VersionLabel {
     pub version: &'static str,
 }
 
+/// An HTTP method, from a closed list ("other" for the rest).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabel {
+    pub method: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CapLabel {
     pub cap: &'static str,
@@ -84,6 +90,12 @@ pub struct WebSocketMetrics {
     pub close_codes_received: Family<CodeLabel, Count>,
     pub close_codes_sent: Family<CodeLabel, Count>,
     pub closed: Family<ReasonLabel, Count>,
+    /// Plain HTTP requests with the echo on (page or echo), by method.
+    pub http_requests: Family<MethodLabel, Count>,
+    /// Bytes of request bodies read (decoded, for chunked ones).
+    pub http_body_bytes: Count,
+    /// Requests after the first on their connection (keep-alive at work).
+    pub http_keepalive_requests: Count,
     /// Cached handles of the hottest label sets.
     pub text_received: Count,
     pub binary_received: Count,
@@ -115,6 +127,20 @@ impl WebSocketMetrics {
 
     pub fn http_response(&self, status: u16) {
         self.http_responses.get_or_create(&StatusLabel { status }).inc();
+    }
+
+    pub fn http_request(&self, method: &str) {
+        let method = match method {
+            "GET" => "GET",
+            "HEAD" => "HEAD",
+            "POST" => "POST",
+            "PUT" => "PUT",
+            "DELETE" => "DELETE",
+            "PATCH" => "PATCH",
+            "OPTIONS" => "OPTIONS",
+            _ => "other",
+        };
+        self.http_requests.get_or_create(&MethodLabel { method }).inc();
     }
 
     pub fn close_received(&self, code: Option<u16>) {
@@ -384,6 +410,22 @@ impl Metrics {
         );
         ws.register("close_codes_sent", "Close frames sent, by code", websocket.close_codes_sent.clone());
         ws.register("closed", "Connections ended, by reason", websocket.closed.clone());
+        let http = registry.sub_registry_with_prefix("echo_http");
+        http.register(
+            "requests",
+            "Plain HTTP requests on the WebSocket port with websocket.http_echo on (echoed, or the page), by method",
+            websocket.http_requests.clone(),
+        );
+        http.register(
+            "request_body_bytes",
+            "Bytes of HTTP request bodies read for the echo (chunked bodies decoded)",
+            websocket.http_body_bytes.clone(),
+        );
+        http.register(
+            "keepalive_requests",
+            "HTTP requests that came on a connection already answered before (keep-alive)",
+            websocket.http_keepalive_requests.clone(),
+        );
         let mqtt = Arc::new(MqttMetrics::new());
         let m = registry.sub_registry_with_prefix("echo_mqtt");
         m.register(
@@ -476,7 +518,7 @@ impl Metrics {
         let memory_refusals = Family::<crate::budget::RefusalLabel, Count>::default();
         registry.register(
             "echo_memory_refusals",
-            "Requests refused because the memory budget (server.memory_limit) was spent, by what: websocket (HTTP 503), connect, publish, subscribe, read (a client paused half-way through a large packet)",
+            "Requests refused because the memory budget (server.memory_limit) was spent, by what: websocket (HTTP 503), connect, publish, subscribe, read (a client paused half-way through a large packet), http_body (an HTTP request body past 64 KiB, HTTP 503)",
             memory_refusals.clone(),
         );
         let memory_limit = Gauge::default();
@@ -592,6 +634,7 @@ mod tests {
         metrics.websocket.close_sent(Some(1001));
         metrics.websocket.close_received(Some(4321));
         metrics.websocket.reject("capacity");
+        metrics.websocket.http_request("BREW");
         metrics.loop_lag.record(std::time::Duration::from_millis(3));
         let text = metrics.encode();
         for needle in [
@@ -602,6 +645,9 @@ mod tests {
             "echo_websocket_close_codes_sent_total{code=\"1001\"} 1",
             "echo_websocket_close_codes_received_total{code=\"4xxx\"} 1",
             "echo_websocket_rejected_total{reason=\"capacity\"} 1",
+            "echo_http_requests_total{method=\"other\"} 1",
+            "echo_http_request_body_bytes_total 0",
+            "echo_http_keepalive_requests_total 0",
             "process_resident_memory_bytes ",
             "process_max_fds 20000",
             "echo_event_loop_lag_seconds_bucket{le=\"0.005\"} 1",

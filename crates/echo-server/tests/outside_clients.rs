@@ -1,5 +1,6 @@
-//! The server with clients we did not write: Python `websockets` and a
-//! browser (headless Chromium loading the page and echoing through it).
+//! The server with clients we did not write: Python `websockets`, a
+//! browser (headless Chromium loading the page and echoing through it), and
+//! curl against the HTTP echo.
 //! These skip loudly when the tool is missing, unless
 //! `REQUIRE_TEST_TOOLS=1` (set by `.ci/run`, which installs them).
 
@@ -55,22 +56,76 @@ fn chromium_loads_the_page_and_echoes_through_it() {
         return;
     }
     let server = TestServer::start(&[]);
-    let url = format!("http://{}/", server.ws_addr());
-    let output = Command::new("python3")
-        .arg(format!("{CLIENTS}/browser_echo.py"))
-        .arg(found.unwrap())
-        .arg(&url)
-        .output()
+    // The page's own path, and the root, where a browser's Accept header
+    // (it names text/html) gets the page rather than the echo.
+    for path in ["/.ws", "/"] {
+        let url = format!("http://{}{path}", server.ws_addr());
+        let output = Command::new("python3")
+            .arg(format!("{CLIENTS}/browser_echo.py"))
+            .arg(found.unwrap())
+            .arg(&url)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "browser test at {path} failed:\n{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert!(result["echoed"].as_str().unwrap().starts_with("browser says hi"));
+        assert!(result["rtt_ms"].as_f64().unwrap() >= 0.0);
+    }
+    assert!(server.metric("echo_websocket_upgrades_total") >= 2.0, "the page's socket reached the server");
+    assert!(server.metric("echo_websocket_messages_sent_total{kind=\"text\"}") >= 2.0);
+}
+
+/// Runs curl with `args`, `stdin` on its standard input: its standard output.
+fn curl(args: &[&str], stdin: &[u8]) -> String {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "browser test failed:\n{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert!(result["echoed"].as_str().unwrap().starts_with("browser says hi"));
-    assert!(result["rtt_ms"].as_f64().unwrap() >= 0.0);
-    assert!(server.metric("echo_websocket_upgrades_total") >= 1.0, "the page's socket reached the server");
-    assert!(server.metric("echo_websocket_messages_sent_total{kind=\"text\"}") >= 1.0);
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "curl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[test]
+fn curl_gets_the_http_echo_with_keep_alive_chunked_uploads_and_limits() {
+    if !tool_available("curl", Command::new("curl").arg("--version")) {
+        return;
+    }
+    let server = TestServer::start(&[]);
+    let base = format!("http://{}", server.ws_addr());
+    // An upload of unknown length (standard input) goes chunked.
+    let out = curl(&["-H", "Accept: application/json", "-T", "-", &format!("{base}/up?x=1")], b"from stdin");
+    let echo: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((echo["method"].as_str(), echo["path"].as_str()), (Some("PUT"), Some("/up")));
+    assert_eq!(echo["query"], "x=1");
+    assert_eq!(echo["body"], "from stdin");
+    let headers = echo["headers"].as_array().unwrap();
+    assert!(headers.contains(&serde_json::json!(["Transfer-Encoding", "chunked"])), "{headers:?}");
+    // Two URLs in one run: the second reuses the first one's connection.
+    let out =
+        curl(&["-w", "connects=%{num_connects}\n", &format!("{base}/one"), &format!("{base}/two")], b"");
+    assert!(out.contains("GET /one HTTP/1.1") && out.contains("GET /two HTTP/1.1"), "{out}");
+    assert_eq!(out.matches("connects=1").count(), 1, "{out}");
+    assert_eq!(out.matches("connects=0").count(), 1, "{out}");
+    assert_eq!(server.metric("echo_http_keepalive_requests_total"), 1.0);
+    // HEAD: headers only.
+    let out = curl(&["-I", &format!("{base}/head")], b"");
+    assert!(out.starts_with("HTTP/1.1 200 OK") && out.contains("Content-Length: "), "{out}");
+    // Over the 1 MiB body limit: 413 (curl asks 100-continue first, and
+    // the server refuses before the body is sent).
+    let big = vec![b'x'; 1_500_000];
+    let out = curl(&["-o", "/dev/null", "-w", "%{http_code}", "--data-binary", "@-", &base], &big);
+    assert_eq!(out, "413");
 }

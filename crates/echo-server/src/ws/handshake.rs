@@ -1,55 +1,52 @@
 //! The HTTP side of the WebSocket port: the opening handshake (RFC 6455 §4),
 //! the browser page, and a proper status for every other request.
 //!
-//! We read and answer the request head ourselves, with `httparse` doing the
+//! We read and answer request heads ourselves, with `httparse` doing the
 //! parsing, instead of handing the socket to tungstenite's handshake:
 //! tungstenite answers only upgrades, while this port must also serve the
-//! page and turn away everything else with the right status (400, 404, 405,
-//! 426, 431) and a one-line reason, never a reset or a hang. The request
-//! buffer lives only as long as the handshake, so it costs an idle
-//! connection nothing.
+//! page, echo plain requests (`http_echo`) and turn away everything else
+//! with the right status (400, 404, 405, 426, 431) and a one-line reason,
+//! never a reset or a hang. This module decides what a complete head asks
+//! for; [`super::http`] reads the heads and bodies of a connection's
+//! requests and writes the answers.
 
 use std::borrow::Cow;
-use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-/// The page served at `GET /`: a self-contained echo client for browsers.
+use super::chunked::Field;
+
+/// The page: a self-contained echo client for browsers.
 pub const PAGE: &str = include_str!("page.html");
 
-/// What the handshake ended with.
-#[derive(Debug)]
-pub enum Outcome {
-    /// The client is now a WebSocket peer.
-    Upgraded(Upgrade),
-    /// The client got an HTTP response (page or error) and the socket is
-    /// done. `failure` says why, when the client wanted an upgrade.
-    Answered { status: u16, failure: Option<&'static str> },
-    /// The client left, stalled or broke the connection before any answer.
-    Abandoned(&'static str),
+/// Where the page always is (as on jmalloc/echo-server). `GET /` serves it
+/// too, to browsers (see [`route`]).
+pub const PAGE_PATH: &str = "/.ws";
+
+/// What the server does with plain requests, from the configuration.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Policy<'a> {
+    /// Selected when the client offers it among its subprotocols (`mqtt`),
+    /// even if it is not the first one offered.
+    pub preferred: Option<&'a str>,
+    /// `websocket.http_echo`: plain requests are echoed, on keep-alive
+    /// connections; otherwise they get the page, 404 or 405, and a close.
+    pub http_echo: bool,
 }
 
-/// A completed upgrade.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Upgrade {
-    /// Bytes the client sent after the request head (its first frames).
-    pub leftover: Vec<u8>,
-    /// The subprotocol we selected: the first one the client offered.
-    pub subprotocol: Option<String>,
-    pub path: String,
-}
-
-/// An HTTP response that ends the connection.
+/// An HTTP response. Unless `keep_alive`, the connection ends after it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     pub status: u16,
     pub headers: Vec<(&'static str, String)>,
     pub content_type: &'static str,
-    pub body: Cow<'static, str>,
+    pub body: Cow<'static, [u8]>,
     /// HEAD: send the headers (with the body's length) but not the body.
     pub head_only: bool,
+    /// Say `Connection: keep-alive` and wait for the next request.
+    pub keep_alive: bool,
 }
 
 impl Response {
@@ -57,13 +54,11 @@ impl Response {
     pub fn error(status: u16, explanation: impl Into<Cow<'static, str>>) -> Response {
         let mut body = explanation.into().into_owned();
         body.push('\n');
-        Response {
-            status,
-            headers: Vec::new(),
-            content_type: "text/plain; charset=utf-8",
-            body: body.into(),
-            head_only: false,
-        }
+        Response::new(status, "text/plain; charset=utf-8", body.into_bytes().into())
+    }
+
+    pub fn new(status: u16, content_type: &'static str, body: Cow<'static, [u8]>) -> Response {
+        Response { status, headers: Vec::new(), content_type, body, head_only: false, keep_alive: false }
     }
 
     pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Response {
@@ -71,14 +66,16 @@ impl Response {
         self
     }
 
-    pub fn to_bytes(&self) -> Vec<u8> {
+    /// The status line and headers, through the blank line.
+    pub fn head(&self) -> Vec<u8> {
         let mut out = format!(
-            "HTTP/1.1 {} {}\r\nServer: echo-server/{}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n",
+            "HTTP/1.1 {} {}\r\nServer: echo-server/{}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: {}\r\nCache-Control: no-store\r\n",
             self.status,
             reason_phrase(self.status),
             env!("CARGO_PKG_VERSION"),
             self.content_type,
-            self.body.len()
+            self.body.len(),
+            if self.keep_alive { "keep-alive" } else { "close" },
         );
         for (name, value) in &self.headers {
             out.push_str(name);
@@ -87,24 +84,80 @@ impl Response {
             out.push_str("\r\n");
         }
         out.push_str("\r\n");
-        if !self.head_only {
-            out.push_str(&self.body);
-        }
         out.into_bytes()
+    }
+
+    /// What goes on the wire: the head, and the body unless `head_only`.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = self.head();
+        if !self.head_only {
+            out.extend_from_slice(&self.body);
+        }
+        out
     }
 }
 
 fn reason_phrase(status: u16) -> &'static str {
     match status {
+        100 => "Continue",
         101 => "Switching Protocols",
         200 => "OK",
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        417 => "Expectation Failed",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",
+        501 => "Not Implemented",
         503 => "Service Unavailable",
         _ => "Error",
+    }
+}
+
+/// How a request's body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body.
+    Empty,
+    /// `Content-Length`.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// A complete plain (not upgrade) request head, owned, for the echo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlainRequest {
+    pub method: String,
+    /// The request target as sent: path and query.
+    pub target: String,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version: u8,
+    /// Every field, in the order and case received.
+    pub headers: Vec<Field>,
+    pub framing: Framing,
+    /// The client wants the connection kept open after the answer.
+    pub keep_alive: bool,
+    /// `Expect: 100-continue`: the client waits for a go-ahead to send its body.
+    pub expects_continue: bool,
+}
+
+impl PlainRequest {
+    /// The values of every field named `name`, in order.
+    pub fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.headers.iter().filter(move |(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_slice())
+    }
+
+    /// The target's path, without the query.
+    pub fn path(&self) -> &str {
+        self.target.split_once('?').map_or(&self.target, |(path, _)| path)
+    }
+
+    /// The query, without the `?` ("" when there is none).
+    pub fn query(&self) -> &str {
+        self.target.split_once('?').map_or("", |(_, query)| query)
     }
 }
 
@@ -113,42 +166,53 @@ fn reason_phrase(status: u16) -> &'static str {
 pub enum Decision {
     /// Switch protocols with this `101` response.
     Upgrade { response: Vec<u8>, subprotocol: Option<String>, path: String },
-    /// Answer a plain request (page, 404, 405) and close.
+    /// Answer a plain request (page, 404, 405, or a bad request) and close.
     Respond(Response),
     /// Refuse a WebSocket upgrade with this error and close.
     Refuse(Response),
+    /// A plain request to read the body of and answer (`http_echo`).
+    Plain(PlainRequest),
 }
 
-/// Why reading the request head stopped short.
+/// Why reading a request head stopped short.
 #[derive(Debug, PartialEq, Eq)]
-enum HeadError {
+pub(crate) enum HeadError {
     TooLarge,
     Malformed,
     Closed,
 }
 
-/// Reads the request head: returns the buffer and where the head ends.
-async fn read_head(
+/// Reads until `buf` holds a complete request head; returns its length.
+/// `buf` may already hold bytes: the next request, sent before the answer
+/// to the previous one. A buffer without capacity is allocated only once
+/// the socket is readable, so a keep-alive connection waiting for its next
+/// request holds none.
+pub(crate) async fn read_head(
     stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
     max: usize,
     max_headers: usize,
-) -> Result<(Vec<u8>, usize), HeadError> {
-    let mut buf = Vec::with_capacity(1024.min(max));
+) -> Result<usize, HeadError> {
     loop {
+        if !buf.is_empty() {
+            match parse_head_len(buf, max_headers)? {
+                Some(len) if len > max => return Err(HeadError::TooLarge),
+                Some(len) => return Ok(len),
+                None => {}
+            }
+        }
         if buf.len() >= max {
             return Err(HeadError::TooLarge);
         }
-        if buf.capacity() == buf.len() {
-            buf.reserve((buf.len()).min(max - buf.len()).max(512));
+        if buf.capacity() == 0 {
+            stream.readable().await.map_err(|_| HeadError::Closed)?;
         }
-        let n = stream.read_buf(&mut buf).await.map_err(|_| HeadError::Closed)?;
+        if buf.capacity() == buf.len() {
+            buf.reserve((buf.len()).min(max - buf.len()).max(1024.min(max)));
+        }
+        let n = stream.read_buf(buf).await.map_err(|_| HeadError::Closed)?;
         if n == 0 {
             return Err(HeadError::Closed);
-        }
-        match parse_head_len(&buf, max_headers) {
-            Ok(Some(len)) => return Ok((buf, len)),
-            Ok(None) => continue,
-            Err(e) => return Err(e),
         }
     }
 }
@@ -169,71 +233,8 @@ fn parse_head_len(buf: &[u8], max_headers: usize) -> Result<Option<usize>, HeadE
     }
 }
 
-/// Reads one request and answers it. On `Upgraded`, the `101` has been sent.
-/// `preferred`, when the client offers it among its subprotocols, is
-/// selected even if it is not the first one offered (`mqtt`).
-pub async fn accept(
-    stream: &mut TcpStream,
-    preferred: Option<&str>,
-    max_head: usize,
-    max_headers: usize,
-    handshake_timeout: Duration,
-    write_timeout: Duration,
-    close_timeout: Duration,
-) -> Outcome {
-    let head = tokio::time::timeout(handshake_timeout, read_head(stream, max_head, max_headers)).await;
-    let (buf, head_len) = match head {
-        Err(_) => return Outcome::Abandoned("timeout"),
-        Ok(Err(HeadError::Closed)) => return Outcome::Abandoned("disconnected"),
-        Ok(Err(HeadError::TooLarge)) => {
-            let response = Response::error(
-                431,
-                format!("request head larger than {max_head} bytes or with more than {max_headers} headers"),
-            );
-            return answer(stream, &response, Some("too_large"), write_timeout, close_timeout).await;
-        }
-        Ok(Err(HeadError::Malformed)) => {
-            let response = Response::error(400, "malformed HTTP request");
-            return answer(stream, &response, Some("malformed"), write_timeout, close_timeout).await;
-        }
-        Ok(Ok(head)) => head,
-    };
-    match decide_with(&buf[..head_len], preferred) {
-        Decision::Respond(response) => answer(stream, &response, None, write_timeout, close_timeout).await,
-        Decision::Refuse(response) => {
-            answer(stream, &response, Some("refused"), write_timeout, close_timeout).await
-        }
-        Decision::Upgrade { response, subprotocol, path } => {
-            match tokio::time::timeout(write_timeout, stream.write_all(&response)).await {
-                Ok(Ok(())) => {
-                    Outcome::Upgraded(Upgrade { leftover: buf[head_len..].to_vec(), subprotocol, path })
-                }
-                _ => Outcome::Abandoned("disconnected"),
-            }
-        }
-    }
-}
-
-/// Sends a response and closes politely: FIN first, then discard what the
-/// client still sends until it closes too, so the response is not lost to a
-/// reset caused by unread input.
-async fn answer(
-    stream: &mut TcpStream,
-    response: &Response,
-    failure: Option<&'static str>,
-    write_timeout: Duration,
-    close_timeout: Duration,
-) -> Outcome {
-    let bytes = response.to_bytes();
-    if !matches!(tokio::time::timeout(write_timeout, stream.write_all(&bytes)).await, Ok(Ok(()))) {
-        return Outcome::Abandoned("disconnected");
-    }
-    linger_close(stream, close_timeout).await;
-    Outcome::Answered { status: response.status, failure }
-}
-
 /// Half-closes the socket and drains it until the peer closes or `limit` passes.
-pub async fn linger_close(stream: &mut TcpStream, limit: Duration) {
+pub async fn linger_close(stream: &mut TcpStream, limit: std::time::Duration) {
     let _ = stream.shutdown().await;
     let drain = async {
         let mut sink = [0u8; 1024];
@@ -247,15 +248,16 @@ pub async fn linger_close(stream: &mut TcpStream, limit: Duration) {
     let _ = tokio::time::timeout(limit, drain).await;
 }
 
-/// Decides the answer to a complete request head. Pure, so every branch is
-/// unit-tested without sockets.
+/// Decides the answer to a complete request head, with the HTTP echo off.
+/// Pure, so every branch is unit-tested without sockets.
 pub fn decide(head: &[u8]) -> Decision {
-    decide_with(head, None)
+    decide_with(head, Policy::default())
 }
 
-/// [`decide`], selecting `preferred` when the client offers it (MQTT.js
-/// offers `mqtt`; a client offering `mqttv3.1, mqtt` gets `mqtt`).
-pub fn decide_with(head: &[u8], preferred: Option<&str>) -> Decision {
+/// [`decide`], under `policy`: selecting `policy.preferred` when the client
+/// offers it (MQTT.js offers `mqtt`; a client offering `mqttv3.1, mqtt` gets
+/// `mqtt`), and handing plain requests on when the echo is on.
+pub fn decide_with(head: &[u8], policy: Policy<'_>) -> Decision {
     // Room for every line of the head: the header count was limited when
     // the head was read.
     let lines = head.iter().filter(|&&b| b == b'\n').count();
@@ -278,8 +280,12 @@ pub fn decide_with(head: &[u8], preferred: Option<&str>) -> Decision {
     };
 
     if !has_token("upgrade", "websocket") {
+        if policy.http_echo {
+            return plain(&request);
+        }
         return Decision::Respond(plain_request(method, &path));
     }
+    let preferred = policy.preferred;
     if method != "GET" {
         return Decision::Refuse(
             Response::error(405, format!("a WebSocket upgrade must use GET, not {method}"))
@@ -339,28 +345,104 @@ pub fn decide_with(head: &[u8], preferred: Option<&str>) -> Decision {
     Decision::Upgrade { response: response.into_bytes(), subprotocol, path }
 }
 
-/// A request that does not ask for an upgrade.
+/// A request that does not ask for an upgrade, with the HTTP echo off.
 fn plain_request(method: &str, target: &str) -> Response {
     let path = target.split(['?', '#']).next().unwrap_or("/");
-    let is_page = path == "/" || path == "/index.html";
+    let is_page = matches!(path, "/" | "/index.html" | PAGE_PATH);
     match method {
         "GET" | "HEAD" if is_page => Response {
-            status: 200,
-            headers: Vec::new(),
-            content_type: "text/html; charset=utf-8",
-            body: Cow::Borrowed(PAGE),
             head_only: method == "HEAD",
+            ..Response::new(200, "text/html; charset=utf-8", Cow::Borrowed(PAGE.as_bytes()))
         },
         "GET" | "HEAD" => {
             let mut response = Response::error(
                 404,
-                format!("{path} not found: the page is at /, and WebSocket clients may connect to any path"),
+                format!(
+                    "{path} not found: the page is at {PAGE_PATH}, and WebSocket clients may connect to any path"
+                ),
             );
             response.head_only = method == "HEAD";
             response
         }
         _ => Response::error(405, format!("{method} is not supported here: use GET"))
             .with_header("Allow", "GET, HEAD"),
+    }
+}
+
+/// A plain request, with the HTTP echo on: its head, owned, and how its
+/// body is delimited; or a 400 / 417 / 501 when that cannot be told safely.
+fn plain(request: &httparse::Request<'_, '_>) -> Decision {
+    let version = request.version.unwrap_or(1);
+    let head = PlainRequest {
+        method: request.method.unwrap_or("").to_owned(),
+        target: request.path.unwrap_or("/").to_owned(),
+        version,
+        headers: request.headers.iter().map(|h| (h.name.to_owned(), h.value.to_vec())).collect(),
+        framing: Framing::Empty,
+        keep_alive: false,
+        expects_continue: false,
+    };
+    let tokens = |name: &'static str| -> Vec<String> {
+        head.values(name)
+            .flat_map(|v| {
+                String::from_utf8_lossy(v)
+                    .split(',')
+                    .map(|t| t.trim().to_ascii_lowercase())
+                    .collect::<Vec<_>>()
+            })
+            .filter(|t| !t.is_empty())
+            .collect()
+    };
+    if version == 1 && head.values("host").next().is_none() {
+        return Decision::Respond(Response::error(400, "an HTTP/1.1 request needs a Host header"));
+    }
+    let framing = match framing(&tokens("transfer-encoding"), &tokens("content-length"), version) {
+        Ok(framing) => framing,
+        Err(response) => return Decision::Respond(response),
+    };
+    let expect = tokens("expect");
+    if expect.iter().any(|e| e != "100-continue") {
+        return Decision::Respond(Response::error(417, "the only expectation supported is 100-continue"));
+    }
+    let connection = tokens("connection");
+    let keep_alive = match version {
+        1 => !connection.iter().any(|t| t == "close"),
+        _ => connection.iter().any(|t| t == "keep-alive"),
+    };
+    let expects_continue = !expect.is_empty() && version == 1 && framing != Framing::Empty;
+    Decision::Plain(PlainRequest { framing, keep_alive, expects_continue, ..head })
+}
+
+/// How the body is delimited (RFC 9112 §6.3), from the lowercased tokens
+/// of `Transfer-Encoding` and `Content-Length`. Anything a proxy in front
+/// could read differently is refused: both headers, differing lengths.
+fn framing(transfer: &[String], lengths: &[String], version: u8) -> Result<Framing, Response> {
+    if !transfer.is_empty() {
+        if version == 0 {
+            return Err(Response::error(400, "Transfer-Encoding in an HTTP/1.0 request"));
+        }
+        if !lengths.is_empty() {
+            return Err(Response::error(400, "both Transfer-Encoding and Content-Length"));
+        }
+        if transfer.last().map(String::as_str) != Some("chunked") {
+            return Err(Response::error(400, "a request's last transfer coding must be chunked"));
+        }
+        if transfer.len() > 1 {
+            return Err(Response::error(501, "only the chunked transfer coding is supported"));
+        }
+        return Ok(Framing::Chunked);
+    }
+    let Some(first) = lengths.first() else {
+        return Ok(Framing::Empty);
+    };
+    let valid = !first.is_empty() && first.len() <= 19 && first.bytes().all(|b| b.is_ascii_digit());
+    if !valid || lengths.iter().any(|l| l != first) {
+        return Err(Response::error(400, "invalid Content-Length"));
+    }
+    match first.parse::<u64>() {
+        Ok(0) => Ok(Framing::Empty),
+        Ok(n) => Ok(Framing::Length(n)),
+        Err(_) => Err(Response::error(400, "invalid Content-Length")),
     }
 }
 
@@ -387,6 +469,7 @@ mod tests {
         match decision {
             Decision::Upgrade { .. } => 101,
             Decision::Respond(r) | Decision::Refuse(r) => r.status,
+            Decision::Plain(_) => 200,
         }
     }
 
@@ -418,12 +501,16 @@ mod tests {
     #[test]
     fn preferred_subprotocol_wins_when_offered() {
         let req = upgrade_request("Sec-WebSocket-Protocol: mqttv3.1, mqtt\r\n");
-        let Decision::Upgrade { subprotocol, .. } = decide_with(req.as_bytes(), Some("mqtt")) else {
+        let Decision::Upgrade { subprotocol, .. } =
+            decide_with(req.as_bytes(), Policy { preferred: Some("mqtt"), http_echo: false })
+        else {
             panic!("expected an upgrade");
         };
         assert_eq!(subprotocol.as_deref(), Some("mqtt"));
         let req = upgrade_request("Sec-WebSocket-Protocol: chat\r\n");
-        let Decision::Upgrade { subprotocol, .. } = decide_with(req.as_bytes(), Some("mqtt")) else {
+        let Decision::Upgrade { subprotocol, .. } =
+            decide_with(req.as_bytes(), Policy { preferred: Some("mqtt"), http_echo: false })
+        else {
             panic!("expected an upgrade");
         };
         assert_eq!(subprotocol.as_deref(), Some("chat"));
@@ -464,7 +551,8 @@ mod tests {
         let get = |req: &str| decide(req.as_bytes());
         let Decision::Respond(page) = get("GET / HTTP/1.1\r\nHost: x\r\n\r\n") else { panic!() };
         assert_eq!(page.status, 200);
-        assert!(page.body.contains("<html"));
+        assert!(String::from_utf8_lossy(&page.body).contains("<html"));
+        assert_eq!(status(get("GET /.ws HTTP/1.1\r\nHost: x\r\n\r\n")), 200);
         assert_eq!(status(get("GET /index.html?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")), 200);
         assert_eq!(status(get("GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")), 404);
         assert_eq!(status(get("DELETE / HTTP/1.1\r\nHost: x\r\n\r\n")), 405);
@@ -473,6 +561,60 @@ mod tests {
         let bytes = String::from_utf8(head.to_bytes()).unwrap();
         assert!(bytes.ends_with("\r\n\r\n"), "HEAD has no body");
         assert!(bytes.contains(&format!("Content-Length: {}\r\n", PAGE.len())));
+    }
+
+    fn echoed(head: &str) -> Decision {
+        decide_with(head.as_bytes(), Policy { preferred: None, http_echo: true })
+    }
+
+    #[test]
+    fn with_the_echo_on_any_plain_request_is_handed_on_with_its_framing() {
+        let Decision::Plain(request) =
+            echoed("POST /a?b=c HTTP/1.1\r\nHost: x\r\nX-Y: 1\r\nx-y: 2\r\nContent-Length: 5\r\n\r\n")
+        else {
+            panic!("a plain request");
+        };
+        assert_eq!((request.method.as_str(), request.path(), request.query()), ("POST", "/a", "b=c"));
+        assert_eq!(request.framing, Framing::Length(5));
+        assert!(request.keep_alive && !request.expects_continue);
+        assert_eq!(request.values("X-y").collect::<Vec<_>>(), vec![b"1", b"2"]);
+        let plain = |head: &str| match echoed(head) {
+            Decision::Plain(request) => request,
+            other => panic!("{head}: {other:?}"),
+        };
+        let chunked =
+            plain("PUT / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\nExpect: 100-continue\r\n\r\n");
+        assert_eq!(chunked.framing, Framing::Chunked);
+        assert!(chunked.expects_continue);
+        assert_eq!(plain("GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").framing, Framing::Empty);
+        assert_eq!(
+            plain("GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 7, 7\r\n\r\n").framing,
+            Framing::Length(7)
+        );
+        assert!(!plain("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").keep_alive);
+        assert!(!plain("GET / HTTP/1.0\r\n\r\n").keep_alive, "HTTP/1.0 closes by default");
+        assert!(plain("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
+        // Any method, any path: it is an echo.
+        assert_eq!(plain("BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n").method, "BREW");
+    }
+
+    #[test]
+    fn bodies_that_cannot_be_delimited_safely_are_refused() {
+        for (head, expected) in [
+            ("POST / HTTP/1.1\r\nContent-Length: 1\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+            ("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nHost: x\r\nExpect: 200-ok\r\n\r\n", 417),
+        ] {
+            let Decision::Respond(response) = echoed(head) else { panic!("{head}: not refused") };
+            assert_eq!(response.status, expected, "{head}");
+            assert!(!response.keep_alive, "{head}: the connection closes");
+        }
     }
 
     #[test]

@@ -1,16 +1,21 @@
 //! The WebSocket echo server: listener, handshake, sessions.
 //!
 //! Every connection is a task on the one event-loop thread. A connection's
-//! task does its own HTTP handshake ([`handshake`]), then runs the echo
-//! session ([`session`]). The accept loop only accepts, counts, and spawns.
+//! task serves its HTTP requests ([`http`]: the handshake, the page, the
+//! HTTP echo) until one upgrades, then runs the echo session ([`session`]).
+//! The accept loop only accepts, counts, and spawns.
 //!
 //! Because all tasks share one thread, the state they share — the
 //! connection count, the shutdown flag — lives in `Rc` and `Cell`: no locks,
 //! no atomics, nothing contended. Tasks are `!Send`, spawned with
 //! `spawn_local`.
 
+pub(crate) mod chunked;
 pub mod handshake;
+pub(crate) mod http;
+pub(crate) mod http_echo;
 pub mod io;
+pub(crate) mod replica;
 pub mod session;
 
 use std::cell::Cell;
@@ -28,7 +33,7 @@ use crate::listener::{ConnectionLimit, Permit};
 use crate::metrics::WebSocketMetrics;
 use crate::mqtt::MqttServer;
 use crate::shutdown::Shutdown;
-use handshake::{Outcome, Response};
+use handshake::Response;
 
 /// At most this many clients are being sent a 503 at once; beyond that, a
 /// client over the limit is disconnected without a response, so that a flood
@@ -49,6 +54,8 @@ pub struct WsServer {
     pub mqtt: Option<Rc<MqttServer>>,
     /// The server's memory budget: no new connection once it is spent.
     pub budget: Rc<MemoryBudget>,
+    /// This host's name, looked up once, when `send_server_hostname` is on.
+    pub hostname: Option<String>,
     refusing: Cell<u32>,
 }
 
@@ -73,7 +80,18 @@ impl WsServer {
         mqtt: Option<Rc<MqttServer>>,
         budget: Rc<MemoryBudget>,
     ) -> Rc<Self> {
-        Rc::new(WsServer { config, codec, metrics, shutdown, limit, mqtt, budget, refusing: Cell::new(0) })
+        let hostname = config.send_server_hostname.then(replica::hostname);
+        Rc::new(WsServer {
+            config,
+            codec,
+            metrics,
+            shutdown,
+            limit,
+            mqtt,
+            budget,
+            hostname,
+            refusing: Cell::new(0),
+        })
     }
 
     /// Called by the accept loop for every new TCP connection.
@@ -141,7 +159,7 @@ async fn serve_mqtt(tcp: TcpStream, leftover: Vec<u8>, peer: SocketAddr, server:
     debug!(%peer, "MQTT over WebSocket session ended");
 }
 
-/// Answers the client's HTTP request; on an upgrade, returns the socket
+/// Serves the client's HTTP requests; on an upgrade, returns the socket
 /// ready for the session.
 async fn handshake_phase(
     mut stream: TcpStream,
@@ -150,43 +168,17 @@ async fn handshake_phase(
 ) -> Option<(io::SessionIo, Option<Vec<u8>>)> {
     // Echo latency matters more than packet count.
     let _ = stream.set_nodelay(true);
-    let config = &server.config;
-    let preferred = server.mqtt.as_ref().map(|_| "mqtt");
-    let outcome = handshake::accept(
-        &mut stream,
-        preferred,
-        config.max_request_header_size as usize,
-        config.max_request_headers as usize,
-        config.handshake_timeout,
-        config.write_timeout,
-        config.close_timeout,
-    )
-    .await;
-    let metrics = &server.metrics;
-    match outcome {
-        Outcome::Upgraded(upgrade) => {
-            metrics.upgrades.inc();
-            debug!(%peer, path = %upgrade.path, subprotocol = ?upgrade.subprotocol, "upgraded");
-            if server.mqtt.is_some() && upgrade.subprotocol.as_deref() == Some("mqtt") {
-                Box::pin(serve_mqtt(stream, upgrade.leftover, peer, server)).await;
-                return None;
-            }
-            Some(session::session_io(stream, upgrade.leftover, server))
-        }
-        Outcome::Answered { status, failure } => {
-            metrics.http_response(status);
-            if let Some(reason) = failure {
-                metrics.handshake_failed(reason);
-            }
-            debug!(%peer, status, "answered a plain HTTP request");
-            None
-        }
-        Outcome::Abandoned(reason) => {
-            metrics.handshake_failed(reason);
-            debug!(%peer, reason, "handshake abandoned");
-            None
-        }
+    let Some(upgrade) = http::serve(&mut stream, peer, server).await else {
+        debug!(%peer, "HTTP connection ended");
+        return None;
+    };
+    server.metrics.upgrades.inc();
+    debug!(%peer, path = %upgrade.path, subprotocol = ?upgrade.subprotocol, "upgraded");
+    if server.mqtt.is_some() && upgrade.subprotocol.as_deref() == Some("mqtt") {
+        Box::pin(serve_mqtt(stream, upgrade.leftover, peer, server)).await;
+        return None;
     }
+    Some(session::session_io(stream, upgrade.leftover, server))
 }
 
 /// Tells a client the server cannot take it to come back later.
@@ -197,7 +189,10 @@ async fn refuse(mut stream: TcpStream, why: Full, server: Rc<WsServer>) {
         }
         Full::Memory => "the server is at its memory limit; try again later".to_owned(),
     };
-    let response = Response::error(503, body).with_header("Retry-After", "1");
+    let mut response = Response::error(503, body).with_header("Retry-After", "1");
+    if let Some(host) = &server.hostname {
+        response = response.with_header(replica::HEADER, host.clone());
+    }
     let limit = Duration::from_secs(1);
     use tokio::io::AsyncWriteExt;
     if let Ok(Ok(())) = tokio::time::timeout(limit, stream.write_all(&response.to_bytes())).await {

@@ -3,7 +3,7 @@ would: waits for "connected", types a message, clicks Send, and reads the
 echo and its round-trip time from the page. Drives Chromium through the
 DevTools protocol with the `websockets` library (no other dependency).
 
-Usage: python3 browser_echo.py CHROMIUM_BINARY http://HOST:PORT/
+Usage: python3 browser_echo.py CHROMIUM_BINARY http://HOST:PORT/.ws
 Prints a JSON line with the result; exits non-zero on failure.
 """
 import asyncio

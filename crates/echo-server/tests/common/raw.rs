@@ -58,6 +58,11 @@ impl RawClient {
         RawClient { stream, buffer: Vec::new() }
     }
 
+    /// A client on a socket whose upgrade has been answered already.
+    pub fn upgraded(stream: TcpStream) -> RawClient {
+        RawClient { stream, buffer: Vec::new() }
+    }
+
     /// Encodes a client frame (masked unless `masked` is false).
     pub fn frame(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
         let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
