@@ -256,7 +256,7 @@ fn streams_count_toward_the_connection_limit() {
     assert!(body.contains("connection limit"), "{body}");
     streams.pop();
     server.wait_for_metric("echo_sse_streams", Duration::from_secs(5), |n| n == 1.0);
-    let mut again = SseClient::get(server.ws_addr(), "");
+    let again = SseClient::get(server.ws_addr(), "");
     assert_eq!(again.status(), 200, "the slot came back");
 }
 
