@@ -116,6 +116,11 @@ pub struct WebSocketConfig {
     /// Name the host in an `X-Served-By` header on every HTTP answer and
     /// in a first text message on echo sessions (`ws::replica`).
     pub send_server_hostname: bool,
+    /// Serve Server-Sent Events at `/.sse` (`ws::sse`); off: 404 there.
+    pub sse: bool,
+    /// Time between two events of every Server-Sent Events stream.
+    #[serde(with = "humantime_serde")]
+    pub sse_interval: Duration,
 }
 
 impl Default for WebSocketConfig {
@@ -138,6 +143,8 @@ impl Default for WebSocketConfig {
             http_echo: true,
             max_request_body_size: 1 << 20,
             send_server_hostname: false,
+            sse: true,
+            sse_interval: Duration::from_secs(1),
         }
     }
 }
@@ -318,6 +325,9 @@ pub enum ConfigError {
     Invalid { key: &'static str, reason: String },
 }
 
+const MIN_SSE_INTERVAL: Duration = Duration::from_millis(10);
+const MAX_SSE_INTERVAL: Duration = Duration::from_secs(86_400);
+
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key, reason: reason.into() }
 }
@@ -420,6 +430,15 @@ impl Config {
             return Err(invalid(
                 "websocket.max_request_body_size",
                 format!("{} is over 1073741824 bytes (1 GiB)", ws.max_request_body_size),
+            ));
+        }
+        // Every stream wakes at each tick: below 10 ms, a crowd of streams
+        // would keep the event loop busy with nothing else; above a day,
+        // the timer's arithmetic gains nothing and a typo is likelier.
+        if !(MIN_SSE_INTERVAL..=MAX_SSE_INTERVAL).contains(&ws.sse_interval) {
+            return Err(invalid(
+                "websocket.sse_interval",
+                format!("{} is outside 10ms..=1day", humantime::format_duration(ws.sse_interval)),
             ));
         }
         tracing_subscriber::EnvFilter::builder()
@@ -968,6 +987,29 @@ mod tests {
         let err = Config::load(None, env, &Overrides::default()).unwrap_err().to_string();
         assert!(err.starts_with("websocket.send_server_hostname: "), "{err}");
         assert!(err.contains("ECHO_WEBSOCKET_SEND_SERVER_HOSTNAME"), "{err}");
+    }
+
+    #[test]
+    fn sse_settings_are_checked_naming_the_key() {
+        for toml in ["[websocket]\nsse_interval = \"5ms\"\n", "[websocket]\nsse_interval = \"2days\"\n"] {
+            let err = load_str(toml).unwrap_err().to_string();
+            assert!(
+                err.starts_with("websocket.sse_interval: ") && err.contains("outside 10ms..=1day"),
+                "{err}"
+            );
+        }
+        let err = load_str("[websocket]\nsse_interval = \"often\"\n").unwrap_err().to_string();
+        assert!(err.starts_with("websocket.sse_interval: "), "{err}");
+        let env = vec![
+            ("ECHO_WEBSOCKET_SSE_INTERVAL".to_owned(), "250ms".to_owned()),
+            ("ECHO_WEBSOCKET_SSE".to_owned(), "false".to_owned()),
+        ];
+        let config = Config::load(None, env, &Overrides::default()).unwrap();
+        assert_eq!(config.websocket.sse_interval, Duration::from_millis(250));
+        assert!(!config.websocket.sse);
+        let env = vec![("ECHO_WEBSOCKET_SSE_INTERVAL".to_owned(), "0s".to_owned())];
+        let err = Config::load(None, env, &Overrides::default()).unwrap_err().to_string();
+        assert!(err.starts_with("websocket.sse_interval: "), "{err}");
     }
 
     #[test]

@@ -96,6 +96,18 @@ pub struct WebSocketMetrics {
     pub http_body_bytes: Count,
     /// Requests after the first on their connection (keep-alive at work).
     pub http_keepalive_requests: Count,
+    /// Server-Sent Events streams open now (`ws::sse`).
+    pub sse_streams: Gauge,
+    /// Server-Sent Events streams started.
+    pub sse_opened: Count,
+    /// Timed events written to SSE streams.
+    pub sse_events: Count,
+    /// Timed events not sent because the client's socket buffer was full.
+    pub sse_skipped: Count,
+    /// Bytes written to SSE streams, head and framing included.
+    pub sse_bytes_sent: Count,
+    /// SSE streams ended, by reason.
+    pub sse_closed: Family<ReasonLabel, Count>,
     /// Cached handles of the hottest label sets.
     pub text_received: Count,
     pub binary_received: Count,
@@ -153,6 +165,10 @@ impl WebSocketMetrics {
 
     pub fn closed(&self, reason: &'static str) {
         self.closed.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn sse_closed(&self, reason: &'static str) {
+        self.sse_closed.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     /// Messages echoed so far (sent text + binary).
@@ -426,6 +442,33 @@ impl Metrics {
             "HTTP requests that came on a connection already answered before (keep-alive)",
             websocket.http_keepalive_requests.clone(),
         );
+        let sse = registry.sub_registry_with_prefix("echo_sse");
+        sse.register(
+            "streams",
+            "Server-Sent Events streams open now (GET /.sse)",
+            websocket.sse_streams.clone(),
+        );
+        sse.register("opened", "Server-Sent Events streams started", websocket.sse_opened.clone());
+        sse.register(
+            "events",
+            "Timed events written to Server-Sent Events streams",
+            websocket.sse_events.clone(),
+        );
+        sse.register(
+            "skipped_events",
+            "Timed events not sent to a stream because its client's socket buffer was full (a slow reader): skipped, never queued",
+            websocket.sse_skipped.clone(),
+        );
+        sse.register(
+            "sent_bytes",
+            "Bytes written to Server-Sent Events streams (response head and chunk framing included)",
+            websocket.sse_bytes_sent.clone(),
+        );
+        sse.register(
+            "closed",
+            "Server-Sent Events streams ended, by reason (client_left, shutdown, write_timeout, reset)",
+            websocket.sse_closed.clone(),
+        );
         let mqtt = Arc::new(MqttMetrics::new());
         let m = registry.sub_registry_with_prefix("echo_mqtt");
         m.register(
@@ -518,7 +561,7 @@ impl Metrics {
         let memory_refusals = Family::<crate::budget::RefusalLabel, Count>::default();
         registry.register(
             "echo_memory_refusals",
-            "Requests refused because the memory budget (server.memory_limit) was spent, by what: websocket (HTTP 503), connect, publish, subscribe, read (a client paused half-way through a large packet), http_body (an HTTP request body past 64 KiB, HTTP 503)",
+            "Requests refused because the memory budget (server.memory_limit) was spent, by what: websocket (HTTP 503), sse (a Server-Sent Events stream, HTTP 503), connect, publish, subscribe, read (a client paused half-way through a large packet), http_body (an HTTP request body past 64 KiB, HTTP 503)",
             memory_refusals.clone(),
         );
         let memory_limit = Gauge::default();
@@ -648,6 +691,11 @@ mod tests {
             "echo_http_requests_total{method=\"other\"} 1",
             "echo_http_request_body_bytes_total 0",
             "echo_http_keepalive_requests_total 0",
+            "echo_sse_streams 0",
+            "echo_sse_opened_total 0",
+            "echo_sse_events_total 0",
+            "echo_sse_skipped_events_total 0",
+            "echo_sse_sent_bytes_total 0",
             "process_resident_memory_bytes ",
             "process_max_fds 20000",
             "echo_event_loop_lag_seconds_bucket{le=\"0.005\"} 1",

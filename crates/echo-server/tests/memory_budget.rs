@@ -46,6 +46,8 @@ fn a_crowd_fills_the_budget_then_is_refused_and_the_server_stays_under_it() {
     bystander.send(&mqtt_raw::subscribe(5, 1, "news"));
     assert_eq!(bystander.read_packet().unwrap().suback_codes(5), vec![0]);
     let mut old = RawMqtt::session(server.mqtt_addr(), 4, "bystander-3.1.1", 0);
+    // Connected before the budget is spent: it asks for an event stream after.
+    let mut http = common::HttpConn::connect(server.ws_addr());
 
     let hoarders = spend(&server);
     assert!(hoarders.len() >= 2, "one hoarder alone fits the budget");
@@ -72,6 +74,10 @@ fn a_crowd_fills_the_budget_then_is_refused_and_the_server_stays_under_it() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("memory limit"), "{body}");
     assert!(refused(&server, "websocket") >= 1.0);
+    http.send(b"GET /.sse HTTP/1.1\r\nHost: test\r\n\r\n");
+    let events = http.read_response(false);
+    assert_eq!((events.status, events.header("retry-after")), (503, Some("1")), "{}", events.text());
+    assert_eq!(refused(&server, "sse"), 1.0);
     bystander.send(&mqtt_raw::subscribe(5, 2, "more"));
     assert_eq!(bystander.read_packet().unwrap().suback_codes(5), vec![0x97]);
     // What is held keeps working: a ping, and an unsubscribe.

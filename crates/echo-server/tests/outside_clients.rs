@@ -1,12 +1,14 @@
 //! The server with clients we did not write: Python `websockets`, a
-//! browser (headless Chromium loading the page and echoing through it), and
-//! curl against the HTTP echo.
+//! browser (headless Chromium loading the page and echoing through it, and
+//! reading Server-Sent Events with `EventSource`), and curl against the
+//! HTTP echo and the event stream.
 //! These skip loudly when the tool is missing, unless
 //! `REQUIRE_TEST_TOOLS=1` (set by `.ci/run`, which installs them).
 
 mod common;
 
 use std::process::Command;
+use std::time::Duration;
 
 use common::{TestServer, tool_available};
 
@@ -128,4 +130,73 @@ fn curl_gets_the_http_echo_with_keep_alive_chunked_uploads_and_limits() {
     let big = vec![b'x'; 1_500_000];
     let out = curl(&["-o", "/dev/null", "-w", "%{http_code}", "--data-binary", "@-", &base], &big);
     assert_eq!(out, "413");
+}
+
+#[test]
+fn chromium_event_source_reads_the_event_stream() {
+    let found = chromium();
+    if !tool_available(
+        "Chromium (Debian package `chromium`)",
+        Command::new(found.unwrap_or("chromium")).arg("--version"),
+    ) || !python_with_websockets()
+    {
+        return;
+    }
+    let server = TestServer::start_with_env(&[], &[("ECHO_WEBSOCKET_SSE_INTERVAL", "100ms")]);
+    let url = format!("http://{}/.ws", server.ws_addr());
+    let output = Command::new("python3")
+        .arg(format!("{CLIENTS}/browser_echo.py"))
+        .args([found.unwrap(), &url, "--sse"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "browser SSE test failed:\n{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let ids: Vec<&str> =
+        result["times"].as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["1", "2", "3"], "{result}");
+    for time in result["times"].as_array().unwrap() {
+        humantime::parse_rfc3339(time["data"].as_str().unwrap()).unwrap();
+    }
+    assert!(result["request"].as_str().unwrap().contains("GET /.sse HTTP/1.1"), "{result}");
+    assert_eq!(result["errors"], 0, "{result}");
+    server.wait_for_metric("echo_sse_closed_total{reason=\"client_left\"}", Duration::from_secs(5), |n| {
+        n == 1.0
+    });
+}
+
+#[test]
+fn curl_reads_the_event_stream_as_it_comes() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    if !tool_available("curl", Command::new("curl").arg("--version")) {
+        return;
+    }
+    let server = TestServer::start_with_env(&[], &[("ECHO_WEBSOCKET_SSE_INTERVAL", "50ms")]);
+    // -N: no output buffering, each event is printed as it arrives.
+    let mut curl = Command::new("curl")
+        .args(["-sS", "-N", "--max-time", "20", &format!("http://{}/.sse", server.ws_addr())])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(curl.stdout.take().unwrap()).lines();
+    let mut ids = Vec::new();
+    let mut request_seen = false;
+    while ids.len() < 3 {
+        let line = lines.next().expect("curl prints the stream").unwrap();
+        request_seen |= line == "data: GET /.sse HTTP/1.1";
+        if let Some(id) = line.strip_prefix("id: ") {
+            ids.push(id.to_owned());
+        }
+    }
+    curl.kill().unwrap();
+    curl.wait().unwrap();
+    assert!(request_seen, "the request event came first");
+    assert_eq!(ids, ["1", "2", "3"]);
+    server.wait_for_metric("echo_sse_streams", Duration::from_secs(5), |n| n == 0.0);
 }

@@ -34,6 +34,9 @@ pub struct Policy<'a> {
     /// `websocket.http_echo`: plain requests are echoed, on keep-alive
     /// connections; otherwise they get the page, 404 or 405, and a close.
     pub http_echo: bool,
+    /// `websocket.sse`: a GET or HEAD at [`super::sse::PATH`] is handed on
+    /// as a plain request even with the echo off.
+    pub sse: bool,
 }
 
 /// An HTTP response. Unless `keep_alive`, the connection ends after it.
@@ -280,7 +283,8 @@ pub fn decide_with(head: &[u8], policy: Policy<'_>) -> Decision {
     };
 
     if !has_token("upgrade", "websocket") {
-        if policy.http_echo {
+        let events = policy.sse && matches!(method, "GET" | "HEAD") && super::sse::is_path(&path);
+        if policy.http_echo || events {
             return plain(&request);
         }
         return Decision::Respond(plain_request(method, &path));
@@ -502,14 +506,14 @@ mod tests {
     fn preferred_subprotocol_wins_when_offered() {
         let req = upgrade_request("Sec-WebSocket-Protocol: mqttv3.1, mqtt\r\n");
         let Decision::Upgrade { subprotocol, .. } =
-            decide_with(req.as_bytes(), Policy { preferred: Some("mqtt"), http_echo: false })
+            decide_with(req.as_bytes(), Policy { preferred: Some("mqtt"), ..Policy::default() })
         else {
             panic!("expected an upgrade");
         };
         assert_eq!(subprotocol.as_deref(), Some("mqtt"));
         let req = upgrade_request("Sec-WebSocket-Protocol: chat\r\n");
         let Decision::Upgrade { subprotocol, .. } =
-            decide_with(req.as_bytes(), Policy { preferred: Some("mqtt"), http_echo: false })
+            decide_with(req.as_bytes(), Policy { preferred: Some("mqtt"), ..Policy::default() })
         else {
             panic!("expected an upgrade");
         };
@@ -564,7 +568,7 @@ mod tests {
     }
 
     fn echoed(head: &str) -> Decision {
-        decide_with(head.as_bytes(), Policy { preferred: None, http_echo: true })
+        decide_with(head.as_bytes(), Policy { http_echo: true, ..Policy::default() })
     }
 
     #[test]

@@ -27,6 +27,7 @@
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -39,12 +40,20 @@ use super::handshake::{
     Decision, Framing, HeadError, PAGE, PAGE_PATH, PlainRequest, Policy, Response, decide_with, linger_close,
     read_head,
 };
-use super::{http_echo, replica};
+use super::{http_echo, replica, sse};
 use crate::budget;
 
 /// Most bytes of a body one connection reads or writes per turn of the
 /// event loop (one read of a `Content-Length` body takes at most this).
 const TURN_BYTES: usize = 64 * 1024;
+
+/// Where a connection's requests led, when it was not to their end.
+#[derive(Debug)]
+pub(crate) enum Next {
+    Upgrade(Upgrade),
+    /// A Server-Sent Events stream, its head and first events sent.
+    Events(sse::Events),
+}
 
 /// A completed upgrade.
 #[derive(Debug, PartialEq, Eq)]
@@ -57,11 +66,16 @@ pub struct Upgrade {
 }
 
 /// Serves the connection's requests; returns the upgrade, with its `101`
-/// sent, when one of them is an upgrade. Every answer, failure and request
-/// is counted in the metrics here.
-pub(crate) async fn serve(stream: &mut TcpStream, peer: SocketAddr, server: &WsServer) -> Option<Upgrade> {
-    let policy =
-        Policy { preferred: server.mqtt.as_ref().map(|_| "mqtt"), http_echo: server.config.http_echo };
+/// sent, when one of them is an upgrade, and the stream, with its head
+/// sent, when one asks for Server-Sent Events. Every answer, failure and
+/// request is counted in the metrics here.
+pub(crate) async fn serve(stream: &mut TcpStream, peer: SocketAddr, server: &WsServer) -> Option<Next> {
+    let config = &server.config;
+    let policy = Policy {
+        preferred: server.mqtt.as_ref().map(|_| "mqtt"),
+        http_echo: config.http_echo,
+        sse: config.sse,
+    };
     let mut buf = Vec::new();
     let mut answered = 0u64;
     loop {
@@ -77,10 +91,17 @@ pub(crate) async fn serve(stream: &mut TcpStream, peer: SocketAddr, server: &WsS
                     return None;
                 }
                 buf.drain(..head_len);
-                return Some(Upgrade { leftover: buf, subprotocol, path });
+                return Some(Next::Upgrade(Upgrade { leftover: buf, subprotocol, path }));
             }
             Decision::Refuse(response) => return finish(stream, response, Some("refused"), server).await,
             Decision::Respond(response) => return finish(stream, response, None, server).await,
+            Decision::Plain(request) if asks_for_events(&request) => {
+                buf.drain(..head_len);
+                // Boxed, as an exchange is.
+                if let ControlFlow::Break(next) = Box::pin(events(stream, &request, peer, server)).await {
+                    return next;
+                }
+            }
             Decision::Plain(request) => {
                 buf.drain(..head_len);
                 // Boxed: a request's body, answer and their futures exist
@@ -144,6 +165,44 @@ async fn next_head(
             finish(stream, Response::error(400, "malformed HTTP request"), Some("malformed"), server).await
         }
     }
+}
+
+/// A GET or HEAD at the events' path (the only methods it serves: others
+/// are echoed there, as at the page's path).
+fn asks_for_events(request: &PlainRequest) -> bool {
+    matches!(request.method.as_str(), "GET" | "HEAD") && sse::is_path(&request.target)
+}
+
+/// Answers a GET or HEAD at the events' path: `Break` with the stream
+/// when it starts (or `None` when the connection is over), `Continue` for
+/// the next request after a HEAD.
+async fn events(
+    stream: &mut TcpStream,
+    request: &PlainRequest,
+    peer: SocketAddr,
+    server: &WsServer,
+) -> ControlFlow<Option<Next>> {
+    server.metrics.http_request(&request.method);
+    match sse::open(request, peer, server) {
+        sse::Opening::Refuse(response) => ControlFlow::Break(finish(stream, response, None, server).await),
+        sse::Opening::Stream(events, bytes) => {
+            ControlFlow::Break(start_events(stream, &bytes, server).await.then_some(Next::Events(events)))
+        }
+        sse::Opening::Head(bytes) if start_events(stream, &bytes, server).await && request.keep_alive => {
+            ControlFlow::Continue(())
+        }
+        sse::Opening::Head(_) => ControlFlow::Break(None),
+    }
+}
+
+/// Sends the head (and first events) of an SSE answer, and counts it.
+async fn start_events(stream: &mut TcpStream, bytes: &[u8], server: &WsServer) -> bool {
+    server.metrics.http_response(200);
+    let sent = write(stream, bytes, deadline(server)).await;
+    if sent {
+        server.metrics.sse_bytes_sent.inc_by(bytes.len() as u64);
+    }
+    sent
 }
 
 /// The `101`, naming the host when asked to, followed by the first message
@@ -421,7 +480,7 @@ mod tests {
     use super::*;
 
     fn request(head: &str) -> PlainRequest {
-        match decide_with(head.as_bytes(), Policy { preferred: None, http_echo: true }) {
+        match decide_with(head.as_bytes(), Policy { http_echo: true, ..Policy::default() }) {
             Decision::Plain(request) => request,
             other => panic!("not a plain request: {other:?}"),
         }

@@ -100,7 +100,7 @@ fn version(request: &PlainRequest) -> &'static str {
 ///
 /// hello
 /// ```
-fn text(received: &Received<'_>) -> Vec<u8> {
+pub(crate) fn text(received: &Received<'_>) -> Vec<u8> {
     let request = received.request;
     let mut out = Vec::with_capacity(256 + received.body.len());
     if let Some(host) = received.served_by {
@@ -177,7 +177,7 @@ mod tests {
     use crate::ws::handshake::{Decision, Policy, decide_with};
 
     fn request(head: &str) -> PlainRequest {
-        match decide_with(head.as_bytes(), Policy { preferred: None, http_echo: true }) {
+        match decide_with(head.as_bytes(), Policy { http_echo: true, ..Policy::default() }) {
             Decision::Plain(request) => request,
             other => panic!("not a plain request: {other:?}"),
         }

@@ -17,6 +17,7 @@ pub(crate) mod http_echo;
 pub mod io;
 pub(crate) mod replica;
 pub mod session;
+pub(crate) mod sse;
 
 use std::cell::Cell;
 use std::net::SocketAddr;
@@ -56,6 +57,8 @@ pub struct WsServer {
     pub budget: Rc<MemoryBudget>,
     /// This host's name, looked up once, when `send_server_hostname` is on.
     pub hostname: Option<String>,
+    /// The one timer of every Server-Sent Events stream.
+    pub(crate) ticker: Rc<sse::Ticker>,
     refusing: Cell<u32>,
 }
 
@@ -81,6 +84,7 @@ impl WsServer {
         budget: Rc<MemoryBudget>,
     ) -> Rc<Self> {
         let hostname = config.send_server_hostname.then(replica::hostname);
+        let ticker = sse::Ticker::new(config.sse_interval, shutdown.clone());
         Rc::new(WsServer {
             config,
             codec,
@@ -90,6 +94,7 @@ impl WsServer {
             mqtt,
             budget,
             hostname,
+            ticker,
             refusing: Cell::new(0),
         })
     }
@@ -138,11 +143,30 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, permit: Permit, s
     let _permit = permit;
     // Boxed: the handshake's buffers and state are freed when it ends, and
     // do not enlarge the session future, which lives as long as the client.
-    let Some((io, prefix)) = Box::pin(handshake_phase(stream, peer, &server)).await else {
+    let Some(then) = Box::pin(handshake_phase(stream, peer, &server)).await else {
         return;
     };
-    session::run(io, prefix, &server).await;
-    debug!(%peer, "session ended");
+    then.run(&server).await;
+    debug!(%peer, "connection ended");
+}
+
+/// What a connection's HTTP requests led to: a WebSocket echo session, or
+/// a Server-Sent Events stream. Either lives as long as the client.
+enum Then {
+    Session(io::SessionIo, Option<Vec<u8>>),
+    Events(TcpStream, sse::Events),
+}
+
+impl Then {
+    /// The future that serves the client from here on. Not `async`: the
+    /// connection's future then holds only this one, not `self` beside it.
+    fn run(self, server: &WsServer) -> impl Future<Output = ()> + '_ {
+        use futures_util::future::Either;
+        match self {
+            Then::Session(io, prefix) => Either::Left(session::run(io, prefix, server)),
+            Then::Events(tcp, events) => Either::Right(sse::run(tcp, events, server)),
+        }
+    }
 }
 
 /// An upgrade that selected the `mqtt` subprotocol: an MQTT session over
@@ -160,17 +184,17 @@ async fn serve_mqtt(tcp: TcpStream, leftover: Vec<u8>, peer: SocketAddr, server:
 }
 
 /// Serves the client's HTTP requests; on an upgrade, returns the socket
-/// ready for the session.
-async fn handshake_phase(
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    server: &WsServer,
-) -> Option<(io::SessionIo, Option<Vec<u8>>)> {
+/// ready for the session; for Server-Sent Events, ready for the stream.
+async fn handshake_phase(mut stream: TcpStream, peer: SocketAddr, server: &WsServer) -> Option<Then> {
     // Echo latency matters more than packet count.
     let _ = stream.set_nodelay(true);
-    let Some(upgrade) = http::serve(&mut stream, peer, server).await else {
-        debug!(%peer, "HTTP connection ended");
-        return None;
+    let upgrade = match http::serve(&mut stream, peer, server).await {
+        Some(http::Next::Upgrade(upgrade)) => upgrade,
+        Some(http::Next::Events(events)) => return Some(Then::Events(stream, events)),
+        None => {
+            debug!(%peer, "HTTP connection ended");
+            return None;
+        }
     };
     server.metrics.upgrades.inc();
     debug!(%peer, path = %upgrade.path, subprotocol = ?upgrade.subprotocol, "upgraded");
@@ -178,7 +202,8 @@ async fn handshake_phase(
         Box::pin(serve_mqtt(stream, upgrade.leftover, peer, server)).await;
         return None;
     }
-    Some(session::session_io(stream, upgrade.leftover, server))
+    let (io, prefix) = session::session_io(stream, upgrade.leftover, server);
+    Some(Then::Session(io, prefix))
 }
 
 /// Tells a client the server cannot take it to come back later.

@@ -3,7 +3,11 @@ would: waits for "connected", types a message, clicks Send, and reads the
 echo and its round-trip time from the page. Drives Chromium through the
 DevTools protocol with the `websockets` library (no other dependency).
 
-Usage: python3 browser_echo.py CHROMIUM_BINARY http://HOST:PORT/.ws
+With --sse, it instead opens an EventSource on /.sse from the loaded page
+and reports the first three "time" events (their ids and data) and the
+stream's opening "request" event.
+
+Usage: python3 browser_echo.py CHROMIUM_BINARY http://HOST:PORT/.ws [--sse]
 Prints a JSON line with the result; exits non-zero on failure.
 """
 import asyncio
@@ -69,12 +73,32 @@ class Page:
                          + str(await self.eval("document.body ? document.body.innerText : location.href")))
 
 
-async def drive(debug_port: int, page_url: str) -> dict:
+SSE_SCRIPT = """
+window.sse = {times: [], request: null, errors: 0};
+const source = new EventSource('/.sse');
+source.addEventListener('request', e => { window.sse.request = e.data; });
+source.addEventListener('time', e => {
+  window.sse.times.push({id: e.lastEventId, data: e.data});
+  if (window.sse.times.length === 3) source.close();
+});
+source.onerror = () => { window.sse.errors += 1; };
+"""
+
+
+async def drive_sse(p: "Page") -> dict:
+    await p.eval(SSE_SCRIPT)
+    await p.wait_for("window.sse.times.length >= 3")
+    return await p.eval("window.sse")
+
+
+async def drive(debug_port: int, page_url: str, sse: bool = False) -> dict:
     targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/json/list"))
     page = next(t for t in targets if t["type"] == "page" and t["url"].startswith(page_url))
     async with websockets.connect(page["webSocketDebuggerUrl"], max_size=None) as ws:
         p = Page(ws)
         await p.wait_for(f"location.href === {json.dumps(page_url)} && document.readyState === 'complete'")
+        if sse:
+            return await drive_sse(p)
         await p.wait_for("document.getElementById('status').textContent === 'connected'")
         text = f"browser says hi {os.getpid()}"
         await p.eval(f"document.getElementById('message').value = {json.dumps(text)}")
@@ -88,6 +112,7 @@ async def drive(debug_port: int, page_url: str) -> dict:
 
 def main() -> None:
     chromium, url = sys.argv[1], sys.argv[2]
+    sse = "--sse" in sys.argv[3:]
     profile = tempfile.mkdtemp(prefix="echo-chromium-")
     proc = subprocess.Popen(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -96,7 +121,7 @@ def main() -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         port = wait_for_port_file(profile, proc)
-        result = asyncio.run(asyncio.wait_for(drive(port, url), 60))
+        result = asyncio.run(asyncio.wait_for(drive(port, url, sse), 60))
         print(json.dumps(result))
     finally:
         proc.kill()
