@@ -3,7 +3,7 @@ use slab::Slab;
 use tracing::{debug, trace};
 
 use crate::protocol::{
-    ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubRec, PubRel, Publish,
+    ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubCompReason, PubRec, PubRel, Publish,
     PublishProperties, SubAck, UnsubAck,
 };
 use crate::router::tables::Shrink;
@@ -1139,10 +1139,24 @@ impl AckLog {
         self.committed.push_back(ack);
     }
 
-    pub fn pubcomp(&mut self, ack: PubComp) -> Option<(Publish, Option<PublishProperties>)> {
-        let ack = Ack::PubComp(ack);
-        self.committed.push_back(ack);
-        self.recorded.pop_front()
+    /// echo-server patch: releases the recorded QoS 2 publish with the
+    /// PUBREL's packet id, and answers PUBCOMP 0x92 (packet identifier not
+    /// found) when there is none (was: released the oldest recorded
+    /// publish, whatever its packet id, so a stray PUBREL delivered another
+    /// publish before its own release; and with none recorded the router
+    /// dropped the client, where MQTT answers every PUBREL with a PUBCOMP,
+    /// §4.3.3). O(recorded), which the client's in-flight window bounds.
+    pub fn pubcomp(&mut self, mut ack: PubComp) -> Option<(Publish, Option<PublishProperties>)> {
+        let at = self
+            .recorded
+            .iter()
+            .position(|(publish, _)| publish.pkid == ack.pkid);
+        let released = at.and_then(|at| self.recorded.remove(at));
+        if released.is_none() {
+            ack.reason = PubCompReason::PacketIdentifierNotFound;
+        }
+        self.committed.push_back(Ack::PubComp(ack));
+        released
     }
 
     pub fn pingresp(&mut self, ack: PingResp) {
@@ -1237,9 +1251,10 @@ mod test {
 
 #[cfg(test)]
 mod echo_server_patch {
-    use super::{DataLog, TopicMap};
+    use super::{AckLog, DataLog, TopicMap};
     use crate::protocol::matches;
-    use crate::protocol::{Publish, PublishProperties};
+    use crate::protocol::{PubComp, PubCompReason, Publish, PublishProperties, QoS};
+    use crate::router::Ack;
     use crate::RouterConfig;
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
@@ -1386,6 +1401,52 @@ mod echo_server_patch {
         assert_eq!(data.expire_retained(t0 + Duration::from_secs(5), 64), 1);
         assert!(!data.retained_publishes.contains_key("later"));
         assert_eq!(data.retained_expiries.len(), 1, "\"long\" only");
+    }
+
+    /// A PUBREL releases the recorded QoS 2 publish with its packet id,
+    /// whatever the order they came in; one for a packet id with nothing
+    /// recorded releases nothing and is answered PUBCOMP 0x92.
+    #[test]
+    fn a_pubrel_releases_the_publish_with_its_packet_id() {
+        let mut acks = AckLog::new();
+        for pkid in [1, 2, 3] {
+            let mut publish = Publish::new("t", "m", false);
+            (publish.qos, publish.pkid) = (QoS::ExactlyOnce, pkid);
+            let pubrec = crate::protocol::PubRec {
+                pkid,
+                reason: crate::protocol::PubRecReason::Success,
+            };
+            acks.pubrec(publish, None, pubrec);
+        }
+        let comp = |pkid| PubComp {
+            pkid,
+            reason: PubCompReason::Success,
+        };
+        let released = |p: Option<(Publish, _)>| p.map(|(publish, _)| publish.pkid);
+        assert_eq!(released(acks.pubcomp(comp(2))), Some(2));
+        assert_eq!(released(acks.pubcomp(comp(9))), None);
+        assert_eq!(released(acks.pubcomp(comp(2))), None, "released already");
+        assert_eq!(released(acks.pubcomp(comp(1))), Some(1));
+        assert_eq!(released(acks.pubcomp(comp(3))), Some(3));
+        let answers: Vec<(u16, PubCompReason)> = acks
+            .readv()
+            .drain(..)
+            .filter_map(|ack| match ack {
+                Ack::PubComp(c) => Some((c.pkid, c.reason)),
+                _ => None,
+            })
+            .collect();
+        let not_found = PubCompReason::PacketIdentifierNotFound;
+        assert_eq!(
+            answers,
+            [
+                (2, PubCompReason::Success),
+                (9, not_found),
+                (2, not_found),
+                (1, PubCompReason::Success),
+                (3, PubCompReason::Success)
+            ]
+        );
     }
 
     /// The patched lookup gives what a scan of every filter gives.
