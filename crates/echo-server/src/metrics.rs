@@ -220,6 +220,8 @@ pub struct MqttMetrics {
     /// larger than the client's MQTT 5 Maximum Packet Size (copied from
     /// the router's count).
     pub dropped: Family<ReasonLabel, Count>,
+    /// Retained messages the router holds (copied from the router's count).
+    pub retained_messages: Gauge,
     /// Times the router dropped the server's internal wills link while it
     /// kept running, and the link was registered again.
     pub wills_link_restarts: Count,
@@ -273,6 +275,7 @@ impl MqttMetrics {
             wills_published: Count::default(),
             slow_subscriber_skips: Count::default(),
             dropped: Family::default(),
+            retained_messages: Gauge::default(),
             wills_link_restarts: Count::default(),
             cap_refusals: Family::default(),
             acl_denied: Family::default(),
@@ -508,6 +511,11 @@ impl Metrics {
             "dropped",
             "Publishes not sent to a subscriber, by reason (max_packet_size: larger than the Maximum Packet Size the MQTT 5 client announced; dropped for that client alone, as if sent); counted by the router, read once a second",
             mqtt.dropped.clone(),
+        );
+        m.register(
+            "retained_messages",
+            "Retained messages the router holds (expired ones are freed within a second of their expiry, whether or not anyone subscribes); counted by the router, read once a second",
+            mqtt.retained_messages.clone(),
         );
         m.register(
             "wills_link_restarts",

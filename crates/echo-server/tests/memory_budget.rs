@@ -48,6 +48,10 @@ fn a_crowd_fills_the_budget_then_is_refused_and_the_server_stays_under_it() {
     let mut old = RawMqtt::session(server.mqtt_addr(), 4, "bystander-3.1.1", 0);
     // Connected before the budget is spent: it asks for an event stream after.
     let mut http = common::HttpConn::connect(server.ws_addr());
+    // A QoS 2 publish the router holds until its PUBREL.
+    bystander.send(&mqtt_raw::publish_qos(5, "news", 2, 20, b"held"));
+    let pubrec = bystander.read_packet().unwrap();
+    assert_eq!((pubrec.packet_type(), pubrec.pkid(), pubrec.body.get(2)), (5, 20, None));
 
     let hoarders = spend(&server);
     assert!(hoarders.len() >= 2, "one hoarder alone fits the budget");
@@ -80,6 +84,23 @@ fn a_crowd_fills_the_budget_then_is_refused_and_the_server_stays_under_it() {
     assert_eq!(refused(&server, "sse"), 1.0);
     bystander.send(&mqtt_raw::subscribe(5, 2, "more"));
     assert_eq!(bystander.read_packet().unwrap().suback_codes(5), vec![0x97]);
+    // A QoS 2 publish: PUBREC 0x97, which ends that exchange (§4.3.3). A
+    // PUBREL for it all the same names no exchange (PUBCOMP 0x92) and
+    // releases nothing: publish 20 is still held, until its own PUBREL.
+    bystander.send(&mqtt_raw::publish_qos(5, "news", 2, 21, b"refused"));
+    let pubrec = bystander.read_packet().unwrap();
+    assert_eq!((pubrec.packet_type(), pubrec.pkid(), pubrec.body.get(2)), (5, 21, Some(&0x97)));
+    bystander.send(&mqtt_raw::ack(0x62, 21));
+    let pubcomp = bystander.read_packet().unwrap();
+    assert_eq!((pubcomp.packet_type(), pubcomp.pkid(), pubcomp.body.get(2)), (7, 21, Some(&0x92)));
+    assert!(bystander.silent_for(Duration::from_millis(300)), "publish 20 is not released");
+    bystander.send(&mqtt_raw::ack(0x62, 20));
+    let mut released: Vec<(u8, u16)> = (0..2)
+        .map(|_| bystander.read_packet().unwrap())
+        .map(|p| (p.packet_type(), if p.packet_type() == 7 { p.pkid() } else { 0 }))
+        .collect();
+    released.sort_unstable();
+    assert_eq!(released, [(3, 0), (7, 20)], "its PUBCOMP, and its delivery to the subscriber");
     // What is held keeps working: a ping, and an unsubscribe.
     bystander.send(&[0xc0, 0]);
     assert_eq!(bystander.read_packet().unwrap().packet_type(), 13);

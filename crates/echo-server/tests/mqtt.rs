@@ -366,6 +366,53 @@ async fn retained_expiry_counts_from_publication_for_every_reader() {
     }
 }
 
+/// MQTT 5: expired retained messages are freed even if no subscription
+/// ever reads them (rumqttd 0.20 kept them until one did, or until their
+/// topic was retained again: a client could fill the server with retained
+/// messages of a second's expiry on distinct topics). Two thousand expire
+/// unread; the one without expiry stays, and is all a wildcard subscriber
+/// gets.
+fn expired_retained_messages_are_freed_unread(server: TestServer) {
+    const N: usize = 2000;
+    let mut publisher = RawMqtt::session(server.mqtt_addr(), 5, "ephemeral", 30);
+    // Message expiry interval (0x02): 1 s.
+    let expiry = [0x02, 0, 0, 0, 1];
+    for i in 0..N {
+        let mut packet = mqtt_raw::publish_raw(5, format!("exp/{i}").as_bytes(), 0, &expiry, b"x");
+        packet[0] |= 0x01;
+        publisher.send(&packet);
+    }
+    let mut kept = mqtt_raw::publish(5, "exp/kept", b"k");
+    kept[0] |= 0x01;
+    publisher.send(&kept);
+    let key = "echo_mqtt_retained_messages";
+    // Counted once a second: all of them, or already fewer as they expire.
+    server.wait_for_metric(key, WAIT, |n| n > 0.0);
+    let published = std::time::Instant::now();
+    // 1 s of expiry, then the sweep at once, then the next reading of the
+    // count, at most a second later.
+    server.wait_for_metric(key, Duration::from_secs(5), |n| n == 1.0);
+    let freed_after = published.elapsed();
+
+    let mut sub = RawMqtt::session(server.mqtt_addr(), 5, "late", 30);
+    sub.send(&mqtt_raw::subscribe(5, 1, "exp/#"));
+    assert_eq!(sub.read_packet().unwrap().suback_codes(5), vec![0]);
+    let got = sub.read_packet().expect("the kept message").delivery(5);
+    assert_eq!((got.topic.as_str(), got.payload.as_slice()), ("exp/kept", &b"k"[..]));
+    assert!(sub.silent_for(Duration::from_millis(500)), "nothing expired is delivered");
+    eprintln!("{N} expired retained messages freed within {freed_after:?}");
+}
+
+#[test]
+fn expired_retained_messages_are_freed_unread_router_on_its_thread() {
+    expired_retained_messages_are_freed_unread(TestServer::start(&[]));
+}
+
+#[test]
+fn expired_retained_messages_are_freed_unread_router_on_the_loop() {
+    expired_retained_messages_are_freed_unread(TestServer::start_with_env(&[], &common::ROUTER_ON_THE_LOOP));
+}
+
 #[tokio::test]
 async fn last_will_is_delivered_when_a_client_drops() {
     last_will_is_delivered(TestServer::start(&[])).await;

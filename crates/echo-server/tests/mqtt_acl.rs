@@ -561,3 +561,46 @@ fn acknowledgements_keep_the_order_of_the_packets_whatever_answers_them() {
         }
     }
 }
+
+/// MQTT 5: a PUBREC of 0x80 or more ends a QoS 2 exchange (§4.3.3), so a
+/// PUBREL for a publish the ACL refused (PUBREC 0x87) names no exchange:
+/// PUBCOMP 0x92, packet identifier not found. It must not release anything
+/// else: rumqttd's router released the client's oldest held QoS 2 publish
+/// for any PUBREL, whatever its packet id, so the refused publish's PUBREL
+/// delivered another, still unreleased publish, and that one's own PUBREL
+/// then found nothing and got the client dropped. With the router on its
+/// thread and on the event loop.
+#[test]
+fn a_pubrel_for_a_refused_publish_releases_nothing_else() {
+    let dir = Dir::new("pubrel");
+    let passwords = dir.path("passwd");
+    add_user(&passwords, "alice", "alice-pw");
+    let acl = dir.file("acl", ACL);
+    for on_the_loop in [false, true] {
+        let mut env =
+            vec![("ECHO_MQTT_PASSWORD_FILE", passwords.as_str()), ("ECHO_MQTT_ACL_FILE", acl.as_str())];
+        if on_the_loop {
+            env.extend(common::ROUTER_ON_THE_LOOP);
+        }
+        let server = TestServer::start_with_env(&[], &env);
+        let mut sub = login(&server, 5, "alice-reader", "alice", "alice-pw");
+        sub.send(&mqtt_raw::subscribe(5, 1, "alice/x"));
+        assert_eq!(sub.read_packet().unwrap().suback_codes(5), vec![0]);
+        let mut c = login(&server, 5, "alice-writer", "alice", "alice-pw");
+        c.send(&mqtt_raw::publish_qos(5, "alice/x", 2, 1, b"held"));
+        c.send(&mqtt_raw::publish_qos(5, "alice/secret/x", 2, 2, b"refused"));
+        assert_eq!(acks(&mut c, 2), [(5, 1, 0), (5, 2, 0x87)], "loop {on_the_loop}");
+        // The refused publish's PUBREL, which a conforming client would not
+        // send.
+        c.send(&mqtt_raw::ack(0x62, 2));
+        assert_eq!(acks(&mut c, 1), [(7, 2, 0x92)], "loop {on_the_loop}");
+        assert!(sub.silent_for(Duration::from_millis(300)), "publish 1 is not released yet");
+        // Publish 1's own PUBREL completes it, and delivers it, once.
+        c.send(&mqtt_raw::ack(0x62, 1));
+        assert_eq!(acks(&mut c, 1), [(7, 1, 0)], "loop {on_the_loop}");
+        assert_eq!(topic_payload(5, &sub.read_packet().unwrap()), ("alice/x".to_owned(), b"held".to_vec()));
+        assert!(sub.silent_for(Duration::from_millis(300)), "delivered once");
+        c.send(&mqtt_raw::PINGREQ);
+        assert_eq!(c.read_packet().unwrap().packet_type(), 13, "still connected");
+    }
+}

@@ -18,8 +18,16 @@
 //! one PUBCOMP per PUBREL, all in one queue per client (rumqttd's
 //! `AckLog`), or it drops the client, which ends the session.
 //!
+//! The session also remembers the QoS 2 publishes it refused itself
+//! ([`refused_qos2`]), so that their PUBREL is its to answer
+//! ([`releases_refused`]): the router never saw them, and a PUBREL it
+//! cannot match is answered PUBCOMP 0x92 (patched rumqttd) or, before,
+//! released another publish of the client's.
+//!
 //! [`owed`]: AckOrder::owed
 //! [`pass`]: AckOrder::pass
+//! [`refused_qos2`]: AckOrder::refused_qos2
+//! [`releases_refused`]: AckOrder::releases_refused
 
 use std::collections::VecDeque;
 
@@ -34,13 +42,22 @@ use rumqttd::protocol::{Packet, PubAck, PubAckReason, PubComp, PubCompReason, Pu
 /// acknowledgements, already owed, release them: 8 bytes each.
 pub(crate) const MAX_HELD: usize = 256;
 
+/// Refused QoS 2 publishes remembered, at most; past it the oldest is
+/// forgotten (2 bytes each). Forgetting is safe: that publish's PUBREL then
+/// goes to the router, which finds no publish with its packet id and
+/// answers PUBCOMP 0x92 itself (in 3.1.1, a plain PUBCOMP: what the client
+/// is owed). Bounded, since nothing else bounds them: refused publishes
+/// take no in-flight slot, and a 3.1.1 client may leave any number
+/// unreleased.
+pub(crate) const MAX_REFUSED_QOS2: usize = 256;
+
 /// An acknowledgement the session gives itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[allow(clippy::enum_variant_names, reason = "named after the packets")]
 pub(crate) enum Answer {
     PubAck(u16, PubAckReason),
     PubRec(u16, PubRecReason),
-    PubComp(u16),
+    PubComp(u16, PubCompReason),
 }
 
 impl Answer {
@@ -48,14 +65,15 @@ impl Answer {
         match self {
             Answer::PubAck(pkid, reason) => Packet::PubAck(PubAck { pkid, reason }, None),
             Answer::PubRec(pkid, reason) => Packet::PubRec(PubRec { pkid, reason }, None),
-            Answer::PubComp(pkid) => Packet::PubComp(PubComp { pkid, reason: PubCompReason::Success }, None),
+            Answer::PubComp(pkid, reason) => Packet::PubComp(PubComp { pkid, reason }, None),
         }
     }
 }
 
-/// One session's acknowledgements owed by the router, and the answers of
-/// its own waiting for them. 16 bytes in every session's future; what is
-/// held is allocated only while there is something to hold.
+/// One session's acknowledgements owed by the router, the answers of its
+/// own waiting for them, and the QoS 2 publishes it refused. 16 bytes in
+/// every session's future; what is held is allocated only while there is
+/// something to hold.
 #[derive(Debug, Default)]
 pub(crate) struct AckOrder {
     /// Acknowledgements the router owes for packets handed to it.
@@ -64,7 +82,7 @@ pub(crate) struct AckOrder {
 }
 
 /// Answers held back, and how far the router's acknowledgements have come
-/// since the first of them was.
+/// since the first of them was; refused QoS 2 publishes.
 #[derive(Debug, Default)]
 struct Held {
     /// Acknowledgements of the router passed to the client since.
@@ -72,6 +90,15 @@ struct Held {
     /// Each answer goes out after the router's acknowledgement with this
     /// number (of `passed`); in order.
     answers: VecDeque<(u32, Answer)>,
+    /// Packet ids of QoS 2 publishes the session refused, oldest first (at
+    /// most [`MAX_REFUSED_QOS2`]), whose PUBREL it answers itself.
+    refused_qos2: VecDeque<u16>,
+}
+
+impl Held {
+    fn is_empty(&self) -> bool {
+        self.answers.is_empty() && self.refused_qos2.is_empty()
+    }
 }
 
 impl AckOrder {
@@ -113,10 +140,55 @@ impl AckOrder {
             held.answers.pop_front();
         }
         if held.answers.is_empty() {
-            // Nothing stays allocated between bursts (and the count starts
-            // again with the next answer held).
+            // The count starts again with the next answer held.
+            held.passed = 0;
+        }
+        self.free_if_empty();
+    }
+
+    /// Nothing stays allocated between bursts.
+    fn free_if_empty(&mut self) {
+        if self.held.as_ref().is_some_and(|held| held.is_empty()) {
             self.held = None;
         }
+    }
+
+    /// Takes note of a QoS 2 publish the session refused (the ACL, the
+    /// memory budget), whose PUBREL it is to answer. MQTT 5's refusal, a
+    /// PUBREC of 0x80 or more, ends the exchange (§4.3.3) and a conforming
+    /// client sends no PUBREL; 3.1.1's, a PUBREC as if delivered, expects
+    /// one.
+    pub(crate) fn refused_qos2(&mut self, pkid: u16) {
+        let refused = &mut self.held.get_or_insert_default().refused_qos2;
+        refused.retain(|&p| p != pkid);
+        if refused.len() == MAX_REFUSED_QOS2 {
+            refused.pop_front();
+        }
+        refused.push_back(pkid);
+    }
+
+    /// Takes note of a QoS 2 publish handed to the router: its packet id
+    /// names the router's exchange now, not a refused one.
+    pub(crate) fn forwarded_qos2(&mut self, pkid: u16) {
+        if let Some(held) = &mut self.held {
+            held.refused_qos2.retain(|&p| p != pkid);
+            self.free_if_empty();
+        }
+    }
+
+    /// Whether a PUBREL from the client names a publish the session
+    /// refused, which it then forgets: the session answers it (see
+    /// [`refused_qos2`](AckOrder::refused_qos2)), not the router.
+    pub(crate) fn releases_refused(&mut self, pkid: u16) -> bool {
+        let Some(held) = &mut self.held else {
+            return false;
+        };
+        let Some(at) = held.refused_qos2.iter().position(|&p| p == pkid) else {
+            return false;
+        };
+        held.refused_qos2.remove(at);
+        self.free_if_empty();
+        true
     }
 
     /// Whether the session must stop reading its client (see [`MAX_HELD`]).
@@ -189,7 +261,7 @@ mod tests {
         );
         assert!(acks.held.is_none(), "nothing kept allocated");
         // All paid: the next answer goes out at once.
-        acks.answer(Answer::PubComp(6), &mut replies);
+        acks.answer(Answer::PubComp(6, PubCompReason::Success), &mut replies);
         assert_eq!(order(&replies), [("pubcomp", 6)]);
     }
 
@@ -200,11 +272,57 @@ mod tests {
         let mut acks = AckOrder::default();
         let mut replies = Vec::new();
         acks.owed();
-        acks.answer(Answer::PubComp(8), &mut replies);
+        acks.answer(Answer::PubComp(8, PubCompReason::Success), &mut replies);
         assert!(replies.is_empty());
         let mut out = Vec::new();
-        acks.pass(Answer::PubComp(7).packet(), &mut out);
+        acks.pass(Answer::PubComp(7, PubCompReason::Success).packet(), &mut out);
         assert_eq!(order(&out), [("pubcomp", 7), ("pubcomp", 8)]);
+    }
+
+    /// A refused QoS 2 publish's PUBREL is the session's to answer, once;
+    /// a QoS 2 publish handed to the router with the same packet id takes
+    /// it back; at most `MAX_REFUSED_QOS2` are remembered, the oldest
+    /// forgotten first; nothing stays allocated once all are released.
+    #[test]
+    fn refused_qos2_publishes_are_remembered_until_released_and_bounded() {
+        let mut acks = AckOrder::default();
+        assert!(!acks.releases_refused(1), "nothing refused");
+        acks.refused_qos2(1);
+        acks.refused_qos2(2);
+        acks.refused_qos2(1);
+        assert!(acks.releases_refused(1));
+        assert!(!acks.releases_refused(1), "released once");
+        acks.forwarded_qos2(2);
+        assert!(!acks.releases_refused(2), "the router's exchange now");
+        assert!(acks.held.is_none(), "nothing kept allocated");
+
+        for pkid in 0..=MAX_REFUSED_QOS2 as u16 {
+            acks.refused_qos2(pkid);
+        }
+        assert!(!acks.releases_refused(0), "the oldest was forgotten");
+        for pkid in 1..=MAX_REFUSED_QOS2 as u16 {
+            assert!(acks.releases_refused(pkid), "{pkid}");
+        }
+        assert!(acks.held.is_none());
+    }
+
+    /// Refused publishes remembered do not disturb the order of answers
+    /// held back meanwhile.
+    #[test]
+    fn remembered_refusals_keep_the_order_of_held_answers() {
+        let mut acks = AckOrder::default();
+        let mut replies = Vec::new();
+        acks.refused_qos2(9);
+        for round in 0..3u16 {
+            acks.owed();
+            acks.answer(Answer::PubAck(100 + round, PubAckReason::NotAuthorized), &mut replies);
+            let mut out = Vec::new();
+            acks.pass(puback(round), &mut out);
+            assert_eq!(order(&out), [("puback", round), ("puback", 100 + round)]);
+        }
+        assert!(replies.is_empty());
+        assert!(acks.releases_refused(9));
+        assert!(acks.held.is_none());
     }
 
     /// Held answers are bounded: the session stops reading at `MAX_HELD`,

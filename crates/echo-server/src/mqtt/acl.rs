@@ -219,20 +219,11 @@ pub(crate) struct SessionAcl {
     /// only learns an alias from an allowed one, and a publish by an alias
     /// the router does not know is refused here first.
     aliases: HashMap<u16, String>,
-    /// MQTT 3.1.1 QoS 2 publishes refused (3.1.1 has no refusal code, so
-    /// they were acknowledged with a PUBREC, as Mosquitto does): their
-    /// PUBREL is answered here, as the router never saw them.
-    refused_qos2: Vec<u16>,
 }
 
 impl SessionAcl {
     pub(crate) fn new(rules: ClientAcl, username: Option<&str>) -> SessionAcl {
-        SessionAcl {
-            rules,
-            username: username.map(Box::from),
-            aliases: HashMap::new(),
-            refused_qos2: Vec::new(),
-        }
+        SessionAcl { rules, username: username.map(Box::from), aliases: HashMap::new() }
     }
 
     pub(crate) fn username(&self) -> Option<&str> {
@@ -260,21 +251,6 @@ impl SessionAcl {
 
     pub(crate) fn may_subscribe(&self, filter: &str) -> bool {
         self.rules.may_subscribe(filter)
-    }
-
-    /// A refused MQTT 3.1.1 QoS 2 publish was acknowledged with a PUBREC.
-    pub(crate) fn refused_qos2(&mut self, pkid: u16) {
-        if !self.refused_qos2.contains(&pkid) {
-            self.refused_qos2.push(pkid);
-        }
-    }
-
-    /// Whether a PUBREL from the client releases a refused publish (and is
-    /// answered here, not by the router).
-    pub(crate) fn releases_refused(&mut self, pkid: u16) -> bool {
-        let before = self.refused_qos2.len();
-        self.refused_qos2.retain(|&p| p != pkid);
-        self.refused_qos2.len() != before
     }
 }
 
@@ -537,10 +513,10 @@ pattern read inbox/%u/#
     }
 
     /// A publish by alias is judged by the topic the alias was last set
-    /// to, allowed or not; refused 3.1.1 QoS 2 publishes are remembered
-    /// until their PUBREL.
+    /// to, allowed or not. (Refused QoS 2 publishes are remembered by
+    /// `ackorder::AckOrder`, whoever refused them.)
     #[test]
-    fn a_session_follows_aliases_and_refused_releases() {
+    fn a_session_follows_aliases() {
         let mut bob = SessionAcl::new(acl().for_client(Some("bob"), "b1"), Some("bob"));
         assert_eq!(bob.username(), Some("bob"));
         assert!(!bob.may_publish(b"alice/x", Some(1)));
@@ -550,11 +526,6 @@ pattern read inbox/%u/#
         assert!(bob.may_publish(b"", Some(2)), "an alias never set is the router's to refuse");
         assert!(bob.may_publish(b"bob/y", None) && !bob.may_publish(b"alice/y", None));
         assert!(!bob.may_subscribe("alice/#") && bob.may_subscribe("bob/+"));
-        bob.refused_qos2(7);
-        bob.refused_qos2(7);
-        assert!(!bob.releases_refused(8));
-        assert!(bob.releases_refused(7));
-        assert!(!bob.releases_refused(7), "released once");
     }
 
     #[test]

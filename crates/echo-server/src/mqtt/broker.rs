@@ -211,6 +211,9 @@ pub struct Broker {
     /// The router's count of publishes too large for their subscriber
     /// (our rumqttd patch), read by [`report_client_events`].
     oversize_drops: std::sync::Arc<AtomicU64>,
+    /// The router's count of retained messages (our rumqttd patch), read by
+    /// [`report_client_events`].
+    retained_messages: std::sync::Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -246,6 +249,7 @@ impl Broker {
         let router = Router::new(0, router_config(config, max_connections));
         let cursor_jumps = router.cursor_jumps();
         let oversize_drops = router.oversize_drops();
+        let retained_messages = router.retained_messages();
         // The sender's type names a private rumqttd type; it is only ever
         // captured by this closure.
         let (router_tx, task) = match config.router {
@@ -304,6 +308,7 @@ impl Broker {
             metrics,
             cursor_jumps,
             oversize_drops,
+            retained_messages,
         });
         let death = RouterDeath { sentinel, task };
         Ok((broker, RouterWatch { death, wills: wills_rx }))
@@ -644,7 +649,8 @@ const CLIENT_EVENTS_EVERY: Duration = Duration::from_secs(1);
 /// here, so at most [`CLIENT_EVENTS_EVERY`] late). The router's count of
 /// publishes too large for their subscriber is copied the same way into
 /// `echo_mqtt_dropped_total{reason="max_packet_size"}`, and not logged:
-/// each drop is what that client asked for. Runs until shutdown.
+/// each drop is what that client asked for; so is its count of retained
+/// messages, into `echo_mqtt_retained_messages`. Runs until shutdown.
 pub async fn report_client_events(broker: Rc<Broker>, shutdown: Rc<Shutdown>) {
     let metrics = broker.metrics.clone();
     let taken_over = metrics.closed.get_or_create_owned(&ReasonLabel { reason: "taken_over" });
@@ -679,6 +685,8 @@ pub async fn report_client_events(broker: Rc<Broker>, shutdown: Rc<Shutdown>) {
         metrics.slow_subscriber_skips.inc_by(new_skips);
         let drops = broker.oversize_drops.load(Ordering::Relaxed);
         oversize.inc_by(drops.saturating_sub(oversize.get()));
+        let retained = broker.retained_messages.load(Ordering::Relaxed);
+        metrics.retained_messages.set(i64::try_from(retained).unwrap_or(i64::MAX));
     }
 }
 

@@ -23,7 +23,7 @@ use std::hash::BuildHasher;
 use std::rc::Rc;
 use std::time::Instant;
 
-use rumqttd::protocol::Packet;
+use rumqttd::protocol::{Packet, PubCompReason};
 
 use super::broker::SessionExpiry;
 use crate::config::MqttConfig;
@@ -115,8 +115,10 @@ pub(crate) fn topic_alias(alias: u16, config: &MqttConfig) -> Result<(), Cap> {
 /// are what a client that never releases makes the server keep. They are
 /// counted here, from the packets going by: a publish when it is read, its
 /// PUBACK or PUBCOMP when the router's answer is written. The router sends
-/// exactly one of those per publish it takes (a PUBCOMP per PUBREL, which
-/// releases one kept publish), so the counts follow what it holds.
+/// exactly one of those per publish it takes (a successful PUBCOMP per
+/// PUBREL that releases a kept publish; one for a packet id it holds
+/// nothing for, 0x92, releases nothing), so the counts follow what it
+/// holds.
 #[derive(Debug, Default)]
 pub(crate) struct InFlight {
     qos1: u16,
@@ -143,7 +145,9 @@ impl InFlight {
     pub(crate) fn sent(&mut self, packet: &Packet) {
         match packet {
             Packet::PubAck(..) => self.qos1 = self.qos1.saturating_sub(1),
-            Packet::PubComp(..) => self.qos2 = self.qos2.saturating_sub(1),
+            Packet::PubComp(comp, _) if comp.reason == PubCompReason::Success => {
+                self.qos2 = self.qos2.saturating_sub(1);
+            }
             _ => {}
         }
     }
@@ -332,6 +336,11 @@ mod tests {
         v5.sent(&pubrec);
         assert_eq!(v5.received(1, true, &config), Ok(()));
         assert_eq!(v5.received(2, true, &config), Err(Cap::ReceiveMaximum));
+        // A PUBREL for nothing the router holds releases nothing.
+        let not_found = PubComp { pkid: 7, reason: PubCompReason::PacketIdentifierNotFound };
+        v5.sent(&Packet::PubComp(not_found, None));
+        assert_eq!(v5.received(2, true, &config), Err(Cap::ReceiveMaximum));
+        v5.sent(&pubcomp);
         v5.sent(&pubcomp);
         v5.sent(&pubcomp);
         assert_eq!(v5.received(2, true, &config), Ok(()));

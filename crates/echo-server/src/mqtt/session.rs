@@ -30,7 +30,7 @@ use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectProperties, DisconnectReasonCode,
-    LastWill, LastWillProperties, Packet, PingResp, PubAckReason, PubRecReason, SubAck,
+    LastWill, LastWillProperties, Packet, PingResp, PubAckReason, PubCompReason, PubRecReason, SubAck,
 };
 use tokio::time::{Instant, timeout_at};
 use tracing::debug;
@@ -1022,7 +1022,7 @@ fn incoming(
                 && !acl.may_publish(&publish.topic, alias)
             {
                 metrics.acl_denied("publish");
-                refused_by_acl(publish.pkid(), qos, v5, acl, &mut awaiting.acks, replies);
+                refused_by_acl(publish.pkid(), qos, v5, &mut awaiting.acks, replies);
                 return None;
             }
             if !server.budget.allows("publish") {
@@ -1036,6 +1036,9 @@ fn incoming(
             detach(&mut publish);
             if qos > 0 {
                 awaiting.acks.owed();
+            }
+            if qos == 2 {
+                awaiting.acks.forwarded_qos2(publish.pkid());
             }
             batch.push(Packet::Publish(publish, properties));
         }
@@ -1118,12 +1121,13 @@ fn incoming(
             server.kept.unsubscribe(&session.held.filters, &unsubscribe.filters);
             batch.push(Packet::Unsubscribe(unsubscribe, properties));
         }
-        // The release of a publish the ACL refused (3.1.1, QoS 2): the
-        // router never saw it.
-        Packet::PubRel(pubrel, _)
-            if session.acl.as_mut().is_some_and(|acl| acl.releases_refused(pubrel.pkid)) =>
-        {
-            awaiting.acks.answer(Answer::PubComp(pubrel.pkid), replies);
+        // The release of a QoS 2 publish the session refused: the router
+        // never saw it. In 3.1.1 the refusal was a PUBREC as if delivered,
+        // and this completes it; in MQTT 5 the PUBREC of 0x80 or more ended
+        // the exchange (§4.3.3), so this names none.
+        Packet::PubRel(pubrel, _) if awaiting.acks.releases_refused(pubrel.pkid) => {
+            let reason = if v5 { PubCompReason::PacketIdentifierNotFound } else { PubCompReason::Success };
+            awaiting.acks.answer(Answer::PubComp(pubrel.pkid, reason), replies);
         }
         // Without its properties (a reason string, user properties), which
         // mean nothing to the router: it ignores a PUBREL that has any, so
@@ -1169,8 +1173,10 @@ fn over_budget(
             acks.answer(Answer::PubAck(pkid, PubAckReason::QuotaExceeded), replies);
             None
         }
-        // §4.3.3: a PUBREC of 0x80 or more ends the exchange (no PUBREL).
+        // §4.3.3: a PUBREC of 0x80 or more ends the exchange (no PUBREL;
+        // one sent all the same is answered here).
         _ => {
+            acks.refused_qos2(pkid);
             acks.answer(Answer::PubRec(pkid, PubRecReason::QuotaExceeded), replies);
             None
         }
@@ -1182,15 +1188,9 @@ fn over_budget(
 /// exchange, §4.3.3). MQTT 3.1.1 has no way to: the publish is
 /// acknowledged as if delivered (as Mosquitto does), so that the client
 /// does not send it again or stall its in-flight window. At QoS 0 it is
-/// simply not delivered.
-fn refused_by_acl(
-    pkid: u16,
-    qos: u8,
-    v5: bool,
-    acl: &mut SessionAcl,
-    acks: &mut AckOrder,
-    replies: &mut Vec<Packet>,
-) {
+/// simply not delivered. A refused QoS 2 publish's PUBREL (3.1.1's, or a
+/// stray one in MQTT 5) is the session's to answer.
+fn refused_by_acl(pkid: u16, qos: u8, v5: bool, acks: &mut AckOrder, replies: &mut Vec<Packet>) {
     let (puback, pubrec) = if v5 {
         (PubAckReason::NotAuthorized, PubRecReason::NotAuthorized)
     } else {
@@ -1200,9 +1200,7 @@ fn refused_by_acl(
         0 => {}
         1 => acks.answer(Answer::PubAck(pkid, puback), replies),
         _ => {
-            if !v5 {
-                acl.refused_qos2(pkid);
-            }
+            acks.refused_qos2(pkid);
             acks.answer(Answer::PubRec(pkid, pubrec), replies);
         }
     }

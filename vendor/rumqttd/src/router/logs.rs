@@ -3,7 +3,7 @@ use slab::Slab;
 use tracing::{debug, trace};
 
 use crate::protocol::{
-    ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubRec, PubRel, Publish,
+    ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubCompReason, PubRec, PubRel, Publish,
     PublishProperties, SubAck, UnsubAck,
 };
 use crate::router::tables::Shrink;
@@ -13,10 +13,11 @@ use crate::{ConnectionId, Filter, Offset, RouterConfig, Topic};
 use crate::segments::{CommitLog, Position};
 use crate::Storage;
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 type PubWithProp = (Publish, Option<PublishProperties>);
 
@@ -64,6 +65,18 @@ pub struct DataLog {
     /// echo-server patch: also a tree of the retained topics, which a
     /// wildcard filter walks (was: a scan of every retained message).
     retained_publishes: TopicMap<PublishData>,
+    /// echo-server patch: the retained messages that expire (MQTT 5 message
+    /// expiry interval), soonest first, as (deadline, topic); the topic is
+    /// a share of `retained_publishes`' key. Kept in step with it: a
+    /// message's entry leaves when it is overwritten, cleared or dropped,
+    /// so each retained message has at most one entry and none is stale.
+    /// `expire_retained` frees the expired ones, a bounded number per
+    /// router turn, whether or not anyone subscribes to them (0.20.0 freed
+    /// an expired message only when a subscription read it).
+    retained_expiries: BTreeSet<(Instant, Arc<str>)>,
+    /// echo-server patch: how many retained messages are held, for the
+    /// embedding server's metrics (`Router::retained_messages`).
+    retained_count: Arc<AtomicU64>,
     /// List of filters associated with a topic
     /// echo-server patch: keyed by a shared topic name, which
     /// `wildcard_topics` points back to; also a tree of these topics, which
@@ -293,22 +306,32 @@ impl<V> TopicMap<V> {
 
     /// A topic already there keeps its name (`HashMap::insert` keeps the
     /// key), which the tree holds too.
-    fn insert(&mut self, topic: Arc<str>, value: V) {
+    /// Returns the topic's name as held, and the value it replaced.
+    fn insert(&mut self, topic: Arc<str>, value: V) -> (Arc<str>, Option<V>) {
         match self.map.entry(topic) {
             Entry::Vacant(entry) => {
                 self.tree.insert(entry.key());
+                let key = entry.key().clone();
                 entry.insert(value);
+                (key, None)
             }
-            Entry::Occupied(mut entry) => {
-                entry.insert(value);
-            }
+            Entry::Occupied(mut entry) => (entry.key().clone(), Some(entry.insert(value))),
         }
     }
 
     fn remove(&mut self, topic: &str) -> Option<V> {
-        let value = self.map.remove(topic)?;
+        self.remove_entry(topic).map(|(_, value)| value)
+    }
+
+    /// `remove`, with the topic's name as it was held.
+    fn remove_entry(&mut self, topic: &str) -> Option<(Arc<str>, V)> {
+        let entry = self.map.remove_entry(topic)?;
         self.tree.remove(topic);
-        Some(value)
+        Some(entry)
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
     }
 
     /// Calls `f` with each topic `filter` matches (as `topic_matches`
@@ -516,6 +539,15 @@ fn retained_expiry_left(data: &PublishData, now: Instant) -> Option<u32> {
     Some(u64::from(interval).saturating_sub(spent) as u32)
 }
 
+/// echo-server patch: when a retained message expires: its publication
+/// plus its expiry interval, the instant from which `retained_expiry_left`
+/// gives 0; `None`: never.
+fn retained_deadline(data: &PublishData) -> Option<Instant> {
+    let interval = data.properties.as_ref()?.message_expiry_interval?;
+    data.timestamp
+        .checked_add(Duration::from_secs(interval.into()))
+}
+
 /// echo-server patch: a retained message as delivered now, its expiry
 /// interval set to the time it has left (MQTT 5, 3.3.2.3.3); `None` once
 /// expired.
@@ -561,6 +593,8 @@ impl DataLog {
             publish_filters,
             filter_indexes,
             retained_publishes,
+            retained_expiries: BTreeSet::new(),
+            retained_count: Arc::default(),
             wildcard_filters,
             wildcard_topics: HashMap::new(),
         })
@@ -861,13 +895,96 @@ impl DataLog {
         publish_properties: Option<PublishProperties>,
         topic: Topic,
     ) {
-        let pub_with_props = (publish, publish_properties);
-        self.retained_publishes
-            .insert(topic.into(), pub_with_props.into());
+        self.insert_retained(publish, publish_properties, topic, Instant::now());
+    }
+
+    /// echo-server patch: `insert_to_retained_publishes` for a message
+    /// published at `now`. The message it replaces leaves the expiry queue
+    /// with it, and the new one joins it if it expires: O(log n).
+    fn insert_retained(
+        &mut self,
+        publish: Publish,
+        properties: Option<PublishProperties>,
+        topic: Topic,
+        now: Instant,
+    ) {
+        let data = PublishData {
+            publish,
+            properties,
+            timestamp: now,
+        };
+        let deadline = retained_deadline(&data);
+        let (topic, old) = self.retained_publishes.insert(topic.into(), data);
+        if let Some(old_deadline) = old.as_ref().and_then(retained_deadline) {
+            self.retained_expiries
+                .remove(&(old_deadline, topic.clone()));
+        }
+        if let Some(deadline) = deadline {
+            self.retained_expiries.insert((deadline, topic));
+        }
+        self.count_retained();
     }
 
     pub fn remove_from_retained_publishes(&mut self, topic: Topic) {
-        self.retained_publishes.remove(&topic);
+        self.remove_retained(&topic);
+    }
+
+    /// echo-server patch: drops a topic's retained message, and its entry
+    /// in the expiry queue.
+    fn remove_retained(&mut self, topic: &str) {
+        let Some((topic, data)) = self.retained_publishes.remove_entry(topic) else {
+            return;
+        };
+        if let Some(deadline) = retained_deadline(&data) {
+            self.retained_expiries.remove(&(deadline, topic));
+        }
+        self.count_retained();
+    }
+
+    fn count_retained(&self) {
+        let count = self.retained_publishes.len() as u64;
+        self.retained_count.store(count, Ordering::Relaxed);
+    }
+
+    /// echo-server patch: the count of retained messages held, kept up to
+    /// date as they come and go.
+    pub fn retained_count(&self) -> Arc<AtomicU64> {
+        self.retained_count.clone()
+    }
+
+    /// echo-server patch: when the next retained message expires, for the
+    /// router to wake then if nothing else wakes it.
+    pub fn next_retained_expiry(&self) -> Option<Instant> {
+        self.retained_expiries
+            .first()
+            .map(|(deadline, _)| *deadline)
+    }
+
+    /// echo-server patch: frees the retained messages expired by `now`, at
+    /// most `max` of them (the router's turns stay bounded; what is left
+    /// goes at the next turns, which come at once: the next deadline has
+    /// passed). Returns how many went. O(log n) each.
+    pub fn expire_retained(&mut self, now: Instant, max: usize) -> usize {
+        let mut freed = 0;
+        while freed < max {
+            match self.retained_expiries.first() {
+                Some((deadline, _)) if *deadline <= now => {}
+                _ => break,
+            }
+            let (deadline, topic) = self.retained_expiries.pop_first().expect("peeked");
+            // The queue is kept in step with the messages; should an entry
+            // ever outlive its message, it must not take a newer one.
+            let current = self.retained_publishes.get(&topic);
+            if current.and_then(retained_deadline) == Some(deadline) {
+                self.retained_publishes.remove(&topic);
+            }
+            freed += 1;
+        }
+        if freed > 0 {
+            self.count_retained();
+            self.retained_publishes.shrink_when_idle();
+        }
+        freed
     }
 
     // echo-server patch: was, for every subscription, a pass over every
@@ -875,21 +992,24 @@ impl DataLog {
     // against the filter: O(retained messages) per subscription. A filter
     // without wildcards now looks up its one topic, a wildcard filter walks
     // the tree of retained topics, and each drops the expired messages it
-    // finds (an expired message stays until a subscription matching it
-    // comes or its topic is retained anew; 0.20.0 dropped every expired one
-    // at every subscription, at the cost of that scan). The pass
+    // finds (the others go when the router's sweep comes to them:
+    // `expire_retained`; 0.20.0 dropped every expired one at every
+    // subscription, at the cost of that scan, and never otherwise). The pass
     // also took the time since publication off each message's stored expiry
     // interval at every read, so a retained message read twice expired
     // early; the stored interval is now left alone and the remaining time
     // computed per read.
     pub fn read_retained_messages(&mut self, filter: &str) -> Vec<PubWithProp> {
-        trace!(info = "reading retain msg", filter = &filter);
-        let now = Instant::now();
+        self.read_retained_at(filter, Instant::now())
+    }
 
+    /// echo-server patch: `read_retained_messages` at `now`.
+    fn read_retained_at(&mut self, filter: &str, now: Instant) -> Vec<PubWithProp> {
+        trace!(info = "reading retain msg", filter = &filter);
         if !has_wildcard(filter) {
             return match self.retained_publishes.get(filter) {
                 Some(data) if retained_expiry_left(data, now) == Some(0) => {
-                    self.retained_publishes.remove(filter);
+                    self.remove_retained(filter);
                     Vec::new()
                 }
                 Some(data) if topic_matches(filter, filter) => {
@@ -907,7 +1027,7 @@ impl DataLog {
                 None => expired.push(topic.clone()),
             });
         for topic in expired {
-            self.retained_publishes.remove(&topic);
+            self.remove_retained(&topic);
         }
         delivered
     }
@@ -1019,10 +1139,24 @@ impl AckLog {
         self.committed.push_back(ack);
     }
 
-    pub fn pubcomp(&mut self, ack: PubComp) -> Option<(Publish, Option<PublishProperties>)> {
-        let ack = Ack::PubComp(ack);
-        self.committed.push_back(ack);
-        self.recorded.pop_front()
+    /// echo-server patch: releases the recorded QoS 2 publish with the
+    /// PUBREL's packet id, and answers PUBCOMP 0x92 (packet identifier not
+    /// found) when there is none (was: released the oldest recorded
+    /// publish, whatever its packet id, so a stray PUBREL delivered another
+    /// publish before its own release; and with none recorded the router
+    /// dropped the client, where MQTT answers every PUBREL with a PUBCOMP,
+    /// §4.3.3). O(recorded), which the client's in-flight window bounds.
+    pub fn pubcomp(&mut self, mut ack: PubComp) -> Option<(Publish, Option<PublishProperties>)> {
+        let at = self
+            .recorded
+            .iter()
+            .position(|(publish, _)| publish.pkid == ack.pkid);
+        let released = at.and_then(|at| self.recorded.remove(at));
+        if released.is_none() {
+            ack.reason = PubCompReason::PacketIdentifierNotFound;
+        }
+        self.committed.push_back(Ack::PubComp(ack));
+        released
     }
 
     pub fn pingresp(&mut self, ack: PingResp) {
@@ -1117,10 +1251,12 @@ mod test {
 
 #[cfg(test)]
 mod echo_server_patch {
-    use super::{DataLog, TopicMap};
+    use super::{AckLog, DataLog, TopicMap};
     use crate::protocol::matches;
-    use crate::protocol::{Publish, PublishProperties};
+    use crate::protocol::{PubComp, PubCompReason, Publish, PublishProperties, QoS};
+    use crate::router::Ack;
     use crate::RouterConfig;
+    use std::sync::atomic::Ordering;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
@@ -1138,12 +1274,17 @@ mod echo_server_patch {
     }
 
     fn retain(data: &mut DataLog, topic: &str, expiry: Option<u32>) {
+        retain_at(data, topic, expiry, Instant::now());
+    }
+
+    /// Retains a message as if published at `published`.
+    fn retain_at(data: &mut DataLog, topic: &str, expiry: Option<u32>, published: Instant) {
         let properties = expiry.map(|e| PublishProperties {
             message_expiry_interval: Some(e),
             ..Default::default()
         });
         let publish = Publish::new(topic.to_owned(), format!("{topic}!"), true);
-        data.insert_to_retained_publishes(publish, properties, topic.to_owned());
+        data.insert_retained(publish, properties, topic.to_owned(), published);
     }
 
     fn topics(got: Vec<(Publish, Option<PublishProperties>)>) -> Vec<String> {
@@ -1184,12 +1325,9 @@ mod echo_server_patch {
     #[test]
     fn retained_expiry_counts_from_publication() {
         let mut data = datalog();
-        retain(&mut data, "live", Some(10));
-        retain(&mut data, "dead", Some(10));
-        retain(&mut data, "wild/dead", Some(10));
         let now = Instant::now();
         for (topic, age) in [("live", 3), ("dead", 11), ("wild/dead", 11)] {
-            data.retained_publishes.get_mut(topic).unwrap().timestamp = now - Duration::from_secs(age);
+            retain_at(&mut data, topic, Some(10), now - Duration::from_secs(age));
         }
         for _ in 0..3 {
             let got = data.read_retained_messages("live");
@@ -1201,6 +1339,114 @@ mod echo_server_patch {
         assert!(!data.retained_publishes.contains_key("dead"));
         assert_eq!(topics(data.read_retained_messages("#")), ["live"]);
         assert!(!data.retained_publishes.contains_key("wild/dead"));
+        assert_eq!(
+            data.retained_expiries.len(),
+            1,
+            "the dropped ones left the queue"
+        );
+    }
+
+    /// Expired retained messages go without any subscription reading them,
+    /// soonest first and at most `max` per call; the others stay, a message
+    /// overwritten with a later expiry (or none) keeps the newer one's, a
+    /// cleared one leaves the queue, and the count follows.
+    #[test]
+    fn expired_retained_messages_are_swept() {
+        let mut data = datalog();
+        let t0 = Instant::now();
+        let count = data.retained_count();
+        for i in 0..200 {
+            retain_at(&mut data, &format!("short/{i}"), Some(1), t0);
+        }
+        retain_at(&mut data, "forever", None, t0);
+        retain_at(&mut data, "long", Some(3600), t0);
+        retain_at(&mut data, "later", Some(1), t0);
+        retain_at(&mut data, "later", Some(5), t0);
+        retain_at(&mut data, "kept", Some(1), t0);
+        retain_at(&mut data, "kept", None, t0);
+        retain_at(&mut data, "cleared", Some(1), t0);
+        data.remove_from_retained_publishes("cleared".to_owned());
+        assert_eq!(count.load(Ordering::Relaxed), 204);
+        assert_eq!(
+            data.retained_expiries.len(),
+            202,
+            "one entry per expiring message"
+        );
+
+        let nearly = t0 + Duration::from_millis(999);
+        assert_eq!(data.expire_retained(nearly, 64), 0, "not yet");
+        assert_eq!(
+            data.next_retained_expiry(),
+            Some(t0 + Duration::from_secs(1))
+        );
+
+        let due = t0 + Duration::from_secs(2);
+        let mut calls = Vec::new();
+        loop {
+            match data.expire_retained(due, 64) {
+                0 => break,
+                n => calls.push(n),
+            }
+        }
+        assert_eq!(calls, [64, 64, 64, 8], "bounded per call");
+        assert_eq!(count.load(Ordering::Relaxed), 4);
+        let mut left: Vec<&str> = data.retained_publishes.map.keys().map(|t| &**t).collect();
+        left.sort();
+        assert_eq!(left, ["forever", "kept", "later", "long"]);
+        assert_eq!(
+            data.next_retained_expiry(),
+            Some(t0 + Duration::from_secs(5))
+        );
+
+        assert_eq!(data.expire_retained(t0 + Duration::from_secs(5), 64), 1);
+        assert!(!data.retained_publishes.contains_key("later"));
+        assert_eq!(data.retained_expiries.len(), 1, "\"long\" only");
+    }
+
+    /// A PUBREL releases the recorded QoS 2 publish with its packet id,
+    /// whatever the order they came in; one for a packet id with nothing
+    /// recorded releases nothing and is answered PUBCOMP 0x92.
+    #[test]
+    fn a_pubrel_releases_the_publish_with_its_packet_id() {
+        let mut acks = AckLog::new();
+        for pkid in [1, 2, 3] {
+            let mut publish = Publish::new("t", "m", false);
+            (publish.qos, publish.pkid) = (QoS::ExactlyOnce, pkid);
+            let pubrec = crate::protocol::PubRec {
+                pkid,
+                reason: crate::protocol::PubRecReason::Success,
+            };
+            acks.pubrec(publish, None, pubrec);
+        }
+        let comp = |pkid| PubComp {
+            pkid,
+            reason: PubCompReason::Success,
+        };
+        let released = |p: Option<(Publish, _)>| p.map(|(publish, _)| publish.pkid);
+        assert_eq!(released(acks.pubcomp(comp(2))), Some(2));
+        assert_eq!(released(acks.pubcomp(comp(9))), None);
+        assert_eq!(released(acks.pubcomp(comp(2))), None, "released already");
+        assert_eq!(released(acks.pubcomp(comp(1))), Some(1));
+        assert_eq!(released(acks.pubcomp(comp(3))), Some(3));
+        let answers: Vec<(u16, PubCompReason)> = acks
+            .readv()
+            .drain(..)
+            .filter_map(|ack| match ack {
+                Ack::PubComp(c) => Some((c.pkid, c.reason)),
+                _ => None,
+            })
+            .collect();
+        let not_found = PubCompReason::PacketIdentifierNotFound;
+        assert_eq!(
+            answers,
+            [
+                (2, PubCompReason::Success),
+                (9, not_found),
+                (2, not_found),
+                (1, PubCompReason::Success),
+                (3, PubCompReason::Success)
+            ]
+        );
     }
 
     /// The patched lookup gives what a scan of every filter gives.
@@ -1394,46 +1640,96 @@ mod echo_server_patch {
         assert_eq!(held, keys, "{context}");
     }
 
-    /// Retains a message on each topic, a third of them expired.
+    /// Retained topics of the model, with when their message expires.
+    type Retained = std::collections::HashMap<String, Option<Instant>>;
+
+    /// Retains a message on each topic at `now`: half of them expiring,
+    /// within 0 to 4 s (some at once, as an interval of 0 has it).
     fn retain_batch(
         data: &mut DataLog,
-        retained: &mut std::collections::HashMap<String, bool>,
+        retained: &mut Retained,
         topics: Vec<String>,
+        now: Instant,
         rng: &mut impl rand::Rng,
     ) {
         for topic in topics {
-            let expired = rng.gen_bool(0.3);
-            retain(data, &topic, expired.then_some(10));
-            if expired {
-                let old = Instant::now() - Duration::from_secs(11);
-                data.retained_publishes.get_mut(&topic).unwrap().timestamp = old;
-            }
-            retained.insert(topic, expired);
+            let expiry = rng.gen_bool(0.5).then(|| rng.gen_range(0..5));
+            retain_at(data, &topic, expiry, now);
+            let deadline = expiry.map(|e| now + Duration::from_secs(e.into()));
+            retained.insert(topic, deadline);
         }
     }
 
-    /// Reads the retained messages `filter` matches, as a subscription
-    /// does, and checks them against the model: the live ones matching it
-    /// are delivered, the expired ones matching it are dropped.
+    /// Reads at `now` the retained messages `filter` matches, as a
+    /// subscription does, and checks them against the model: the live ones
+    /// matching it are delivered, the expired ones matching it are dropped.
     fn read_retained_as_a_scan(
         data: &mut DataLog,
-        retained: &mut std::collections::HashMap<String, bool>,
+        retained: &mut Retained,
         filter: &str,
+        now: Instant,
         context: &str,
     ) {
-        let got = topics(data.read_retained_messages(filter));
+        let got = topics(data.read_retained_at(filter, now));
         let mut want: Vec<String> = Vec::new();
-        retained.retain(|topic, expired| {
+        retained.retain(|topic, deadline| {
             if !matches(topic, filter) {
                 return true;
             }
-            if !*expired {
+            let live = deadline.map_or(true, |d| d > now);
+            if live {
                 want.push(topic.clone());
             }
-            !*expired
+            live
         });
         want.sort();
         assert_eq!(got, want, "{context}, filter {filter:?}");
+    }
+
+    /// Sweeps at `now`, at most `max`, and checks against the model: the
+    /// expired messages go, soonest first (ties by topic), `max` at most.
+    fn sweep_as_the_model(
+        data: &mut DataLog,
+        retained: &mut Retained,
+        now: Instant,
+        max: usize,
+        context: &str,
+    ) {
+        let mut due: Vec<(Instant, String)> = retained
+            .iter()
+            .filter_map(|(t, d)| d.filter(|d| *d <= now).map(|d| (d, t.clone())))
+            .collect();
+        due.sort();
+        due.truncate(max);
+        for (_, topic) in &due {
+            retained.remove(topic);
+        }
+        assert_eq!(data.expire_retained(now, max), due.len(), "{context}");
+        assert_retained_is_the_model(data, retained, context);
+    }
+
+    /// The retained messages, their expiry queue and their count are the
+    /// model's, nothing more.
+    fn assert_retained_is_the_model(data: &DataLog, retained: &Retained, context: &str) {
+        let mut held: Vec<&str> = data.retained_publishes.map.keys().map(|t| &**t).collect();
+        held.sort();
+        let mut want: Vec<&str> = retained.keys().map(|t| t.as_str()).collect();
+        want.sort();
+        assert_eq!(held, want, "{context}: retained topics");
+        let mut queued: Vec<(Instant, &str)> = data
+            .retained_expiries
+            .iter()
+            .map(|(d, t)| (*d, &**t))
+            .collect();
+        queued.sort();
+        let mut deadlines: Vec<(Instant, &str)> = retained
+            .iter()
+            .filter_map(|(t, d)| d.map(|d| (d, t.as_str())))
+            .collect();
+        deadlines.sort();
+        assert_eq!(queued, deadlines, "{context}: expiry queue");
+        let count = data.retained_count.load(Ordering::Relaxed);
+        assert_eq!(count, retained.len() as u64, "{context}: count");
     }
 
     /// Property: whatever filters come and go, the tree (and the topic
@@ -1443,21 +1739,26 @@ mod echo_server_patch {
     /// cached and retained topics, as topics come and go (cached with their
     /// filters; retained, cleared, overwritten and expired), give every
     /// filter what a scan of their topics with `protocol::matches` gives,
-    /// and hold nothing else.
+    /// and hold nothing else. Expired retained messages go when read or
+    /// swept, and only then, as a model of their deadlines has it; their
+    /// expiry queue holds the model's deadlines, no stale one.
     #[test]
     fn filter_tree_matches_as_protocol_matches_would() {
         use rand::{rngs::StdRng, Rng, SeedableRng};
-        use std::collections::{HashMap, HashSet};
+        use std::collections::HashSet;
 
         for seed in 0..200 {
             let mut rng = StdRng::seed_from_u64(seed);
             let mut data = datalog();
             let mut live: HashSet<String> = HashSet::new();
             let mut seen_topics: Vec<String> = Vec::new();
-            // Retained topic: whether its message has expired.
-            let mut retained: HashMap<String, bool> = HashMap::new();
+            let mut retained = Retained::new();
+            // The time the retained messages are published, read and swept
+            // at, a few seconds later each round.
+            let mut now = Instant::now();
             for round in 0..6 {
                 let context = format!("seed {seed}, round {round}");
+                now += Duration::from_millis(rng.gen_range(0..3000));
                 for _ in 0..rng.gen_range(0..25) {
                     let filter = random_name(&mut rng, true);
                     data.next_native_offset(&filter);
@@ -1466,7 +1767,7 @@ mod echo_server_patch {
                 let batch = (0..rng.gen_range(0..25))
                     .map(|_| random_name(&mut rng, false))
                     .collect();
-                retain_batch(&mut data, &mut retained, batch, &mut rng);
+                retain_batch(&mut data, &mut retained, batch, now, &mut rng);
                 // Cleared by an empty payload.
                 let cleared: Vec<String> = (0..rng.gen_range(0..10))
                     .map(|_| random_name(&mut rng, false))
@@ -1477,10 +1778,12 @@ mod echo_server_patch {
                 }
                 for _ in 0..rng.gen_range(0..10) {
                     let filter = random_name(&mut rng, true);
-                    read_retained_as_a_scan(&mut data, &mut retained, &filter, &context);
+                    read_retained_as_a_scan(&mut data, &mut retained, &filter, now, &context);
                     assert_walk_is_a_scan(&data.retained_publishes, &filter, &context);
                     assert_walk_is_a_scan(&data.publish_filters, &filter, &context);
                 }
+                let max = rng.gen_range(1..8);
+                sweep_as_the_model(&mut data, &mut retained, now, max, &context);
                 assert_tree_is_the_maps(&data.retained_publishes, &context);
                 for _ in 0..rng.gen_range(0..25) {
                     seen_topics.push(random_name(&mut rng, false));
@@ -1541,6 +1844,7 @@ mod echo_server_patch {
             }
             assert!(data.retained_publishes.is_empty(), "seed {seed}");
             assert!(data.retained_publishes.tree.root.children.is_none());
+            assert!(data.retained_expiries.is_empty(), "seed {seed}");
         }
     }
 

@@ -9,14 +9,14 @@ use crate::router::scheduler::{PauseReason, Tracker};
 use crate::router::{ConnectionEvents, Forward};
 use crate::segments::Position;
 use crate::*;
-use flume::{bounded, Receiver, RecvError, Sender, TryRecvError};
+use flume::{bounded, Receiver, RecvError, RecvTimeoutError, Sender, TryRecvError};
 use slab::Slab;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::Utf8Error;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 use thiserror::Error;
 use tracing::{debug, error, trace};
 
@@ -57,6 +57,12 @@ pub enum RouterError {
 
 // TODO: set this to some appropriate value
 const TOPIC_ALIAS_MAX: u16 = 4096;
+
+/// echo-server patch: expired retained messages freed per turn of the
+/// router, at most (`DataLog::expire_retained`): a client that retained
+/// thousands of messages expiring together costs the others a few more
+/// turns, not one long one.
+const RETAINED_EXPIRIES_PER_TURN: usize = 64;
 
 /// echo-server patch: how much one turn of the router does when it runs as
 /// a task (`Router::into_task`) before it yields to the other tasks of its
@@ -277,6 +283,7 @@ impl Router {
     /// sessions waiting for room stop reading their clients (backpressure,
     /// as with the thread).
     async fn turn_async(&mut self, budget: TurnBudget) -> Result<(), RouterError> {
+        let expired = self.expire_retained();
         let mut consumed = 0;
         while consumed < budget.consumes && self.consume().is_some() {
             consumed += 1;
@@ -292,12 +299,41 @@ impl Router {
             taken += 1;
         }
 
-        if consumed == 0 && taken == 0 {
-            // Nothing ready and nothing sent: wait without holding the thread.
-            let (id, data) = self.router_rx.recv_async().await?;
+        if consumed == 0 && taken == 0 && expired == 0 {
+            // Nothing ready and nothing sent: wait without holding the
+            // thread, until an event comes or a retained message expires.
+            let event = self.router_rx.recv_async();
+            let (id, data) = match self.datalog.next_retained_expiry() {
+                None => event.await?,
+                Some(deadline) => {
+                    let deadline = tokio::time::Instant::from_std(deadline);
+                    match tokio::time::timeout_at(deadline, event).await {
+                        Ok(event) => event?,
+                        Err(_) => return Ok(()),
+                    }
+                }
+            };
             self.events(id, data);
         }
         Ok(())
+    }
+
+    /// echo-server patch: frees retained messages that have expired, a
+    /// bounded number (`RETAINED_EXPIRIES_PER_TURN`); returns how many.
+    /// Costs nothing when no retained message expires.
+    fn expire_retained(&mut self) -> usize {
+        if self.datalog.next_retained_expiry().is_none() {
+            return 0;
+        }
+        self.datalog
+            .expire_retained(Instant::now(), RETAINED_EXPIRIES_PER_TURN)
+    }
+
+    /// echo-server patch: the count of retained messages the router holds,
+    /// kept up to date by the router as they come and go (expired ones
+    /// included, which it frees on its own: `DataLog::expire_retained`).
+    pub fn retained_messages(&self) -> Arc<AtomicU64> {
+        self.datalog.retained_count()
     }
 
     /// Waits on incoming events when ready queue is empty.
@@ -320,10 +356,21 @@ impl Router {
     }
 
     fn run_inner(&mut self) -> Result<(), RouterError> {
+        self.expire_retained();
         // Block on incoming events if there are no ready connections for consumption
         if self.consume().is_none() {
             // trace!("{}:: {:20} {:20} {:?}", self.id, "", "done-await", self.readyqueue);
-            let (id, data) = self.router_rx.recv()?;
+            // echo-server patch: or until the next retained message expires.
+            let (id, data) = match self.datalog.next_retained_expiry() {
+                None => self.router_rx.recv()?,
+                Some(deadline) => match self.router_rx.recv_deadline(deadline) {
+                    Ok(event) => event,
+                    Err(RecvTimeoutError::Timeout) => return Ok(()),
+                    Err(RecvTimeoutError::Disconnected) => {
+                        return Err(RouterError::Recv(RecvError::Disconnected))
+                    }
+                },
+            };
             self.events(id, data);
         }
 
@@ -1007,13 +1054,17 @@ impl Router {
                     // on reconnection ( with clean session false )
                     // we try to retrive publish assuming broker saved the previous state
                     // successfully in graveyard.
+                    // echo-server patch: a PUBREL for a packet id with no
+                    // recorded publish is answered PUBCOMP 0x92 (MQTT 5; a
+                    // plain PUBCOMP in 3.1.1), as MQTT says (§4.3.3), not by
+                    // dropping the client: a client resending its PUBRELs on
+                    // a resumed session (the publish is not kept with the
+                    // session) was dropped at each reconnection.
                     let (publish, props) = match ackslog.pubcomp(pubcomp) {
                         Some(v) => v,
                         None => {
-                            disconnect = true;
-                            // echo-server patch: say why
-                            disconnect_reason = Some(DisconnectReasonCode::ProtocolError);
-                            break;
+                            self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
+                            continue;
                         }
                     };
 
