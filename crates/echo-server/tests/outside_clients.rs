@@ -47,6 +47,25 @@ fn chromium() -> Option<&'static str> {
         .find(|bin| Command::new(bin).arg("--version").output().is_ok_and(|o| o.status.success()))
 }
 
+/// Runs `clients/browser_echo.py` (headless Chromium driven over its
+/// DevTools protocol) at `url`; what it printed, as JSON.
+fn browser_echo(chromium: &str, url: &str, extra: &[&str]) -> serde_json::Value {
+    let output = Command::new("python3")
+        .arg(format!("{CLIENTS}/browser_echo.py"))
+        .arg(chromium)
+        .arg(url)
+        .args(extra)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "browser_echo.py {url} {extra:?} failed:\n{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
 #[test]
 fn chromium_loads_the_page_and_echoes_through_it() {
     let found = chromium();
@@ -62,19 +81,7 @@ fn chromium_loads_the_page_and_echoes_through_it() {
     // (it names text/html) gets the page rather than the echo.
     for path in ["/.ws", "/"] {
         let url = format!("http://{}{path}", server.ws_addr());
-        let output = Command::new("python3")
-            .arg(format!("{CLIENTS}/browser_echo.py"))
-            .arg(found.unwrap())
-            .arg(&url)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success(),
-            "browser test at {path} failed:\n{stdout}{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        let result = browser_echo(found.unwrap(), &url, &[]);
         assert!(result["echoed"].as_str().unwrap().starts_with("browser says hi"));
         assert!(result["rtt_ms"].as_f64().unwrap() >= 0.0);
     }
@@ -144,18 +151,7 @@ fn chromium_event_source_reads_the_event_stream() {
     }
     let server = TestServer::start_with_env(&[], &[("ECHO_WEBSOCKET_SSE_INTERVAL", "100ms")]);
     let url = format!("http://{}/.ws", server.ws_addr());
-    let output = Command::new("python3")
-        .arg(format!("{CLIENTS}/browser_echo.py"))
-        .args([found.unwrap(), &url, "--sse"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "browser SSE test failed:\n{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let result = browser_echo(found.unwrap(), &url, &["--sse"]);
     let ids: Vec<&str> =
         result["times"].as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["1", "2", "3"], "{result}");

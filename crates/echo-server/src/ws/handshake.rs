@@ -349,6 +349,16 @@ pub fn decide_with(head: &[u8], policy: Policy<'_>) -> Decision {
     Decision::Upgrade { response: response.into_bytes(), subprotocol, path }
 }
 
+/// A request head that must be a plain request (echoed, or an event
+/// stream), for the tests of the modules that answer one.
+#[cfg(test)]
+pub(crate) fn echoed_request(head: &str) -> PlainRequest {
+    match decide_with(head.as_bytes(), Policy { http_echo: true, sse: true, ..Policy::default() }) {
+        Decision::Plain(request) => request,
+        other => panic!("not a plain request: {other:?}"),
+    }
+}
+
 /// A request that does not ask for an upgrade, with the HTTP echo off.
 fn plain_request(method: &str, target: &str) -> Response {
     let path = target.split(['?', '#']).next().unwrap_or("/");

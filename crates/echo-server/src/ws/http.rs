@@ -478,13 +478,7 @@ async fn answer_and_close(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn request(head: &str) -> PlainRequest {
-        match decide_with(head.as_bytes(), Policy { http_echo: true, ..Policy::default() }) {
-            Decision::Plain(request) => request,
-            other => panic!("not a plain request: {other:?}"),
-        }
-    }
+    use crate::ws::handshake::echoed_request;
 
     /// An idle keep-alive connection waits inside [`serve`]: its future is
     /// what such a connection costs, besides its socket.
@@ -511,7 +505,7 @@ mod tests {
     #[test]
     fn the_page_is_at_its_path_and_at_the_root_for_browsers() {
         let get = |target: &str, accept: &str| {
-            route(&request(&format!("GET {target} HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\n\r\n")))
+            route(&echoed_request(&format!("GET {target} HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\n\r\n")))
         };
         assert_eq!(get("/.ws", "*/*"), Route::Page { vary: false });
         assert_eq!(get("/.ws?x=1", "application/json"), Route::Page { vary: false });
@@ -519,7 +513,7 @@ mod tests {
         assert_eq!(get("/index.html", "text/html"), Route::Page { vary: true });
         assert_eq!(get("/", "*/*"), Route::Echo);
         assert_eq!(get("/other", "text/html"), Route::Echo);
-        let post = request("POST /.ws HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n");
+        let post = echoed_request("POST /.ws HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n");
         assert_eq!(route(&post), Route::Echo);
     }
 }

@@ -174,17 +174,10 @@ fn json(received: &Received<'_>) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ws::handshake::{Decision, Policy, decide_with};
-
-    fn request(head: &str) -> PlainRequest {
-        match decide_with(head.as_bytes(), Policy { http_echo: true, ..Policy::default() }) {
-            Decision::Plain(request) => request,
-            other => panic!("not a plain request: {other:?}"),
-        }
-    }
+    use crate::ws::handshake::echoed_request;
 
     fn with_accept(accept: &str) -> PlainRequest {
-        request(&format!("GET / HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\n\r\n"))
+        echoed_request(&format!("GET / HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\n\r\n"))
     }
 
     #[test]
@@ -201,7 +194,7 @@ mod tests {
         ] {
             assert_eq!(prefers_json(&with_accept(accept)), json, "{accept}");
         }
-        assert!(!prefers_json(&request("GET / HTTP/1.1\r\nHost: x\r\n\r\n")), "no Accept: text");
+        assert!(!prefers_json(&echoed_request("GET / HTTP/1.1\r\nHost: x\r\n\r\n")), "no Accept: text");
     }
 
     #[test]
@@ -218,7 +211,7 @@ mod tests {
 
     #[test]
     fn text_layout_is_jmallocs_with_the_fields_in_order() {
-        let req = request(
+        let req = echoed_request(
             "POST /p?a=1&a=2 HTTP/1.1\r\nHost: x\r\nX-B: 1\r\nx-a: 2\r\nX-B: 3\r\nContent-Length: 5\r\n\r\n",
         );
         let text = String::from_utf8(super::text(&received(&req, b"hello", Some("web-1")))).unwrap();
@@ -234,7 +227,8 @@ mod tests {
 
     #[test]
     fn json_keeps_order_repeats_and_binary_bodies() {
-        let req = request("PUT /p?q=1 HTTP/1.0\r\nX-B: 1\r\nX-B: 2\r\nAccept: application/json\r\n\r\n");
+        let req =
+            echoed_request("PUT /p?q=1 HTTP/1.0\r\nX-B: 1\r\nX-B: 2\r\nAccept: application/json\r\n\r\n");
         let value: serde_json::Value =
             serde_json::from_slice(&json(&received(&req, &[0xff, 0x00, 0x41], None))).unwrap();
         assert_eq!(value["method"], "PUT");
@@ -262,7 +256,7 @@ mod tests {
 
     #[test]
     fn head_gets_the_length_of_what_get_would_get() {
-        let req = request("HEAD /x HTTP/1.1\r\nHost: x\r\n\r\n");
+        let req = echoed_request("HEAD /x HTTP/1.1\r\nHost: x\r\n\r\n");
         let response = response(&received(&req, b"", None));
         let wire = String::from_utf8(response.to_bytes()).unwrap();
         assert!(wire.ends_with("\r\n\r\n"), "no body: {wire}");

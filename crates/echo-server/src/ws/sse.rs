@@ -461,13 +461,7 @@ mod tests {
         WsServer::new(config, tungstenite, metrics, Rc::new(Shutdown::new()), limit)
     }
 
-    fn request(head: &str) -> PlainRequest {
-        use super::super::handshake::{Decision, Policy, decide_with};
-        match decide_with(head.as_bytes(), Policy { sse: true, ..Policy::default() }) {
-            Decision::Plain(request) => request,
-            other => panic!("not a plain request: {other:?}"),
-        }
-    }
+    use crate::ws::handshake::echoed_request as request;
 
     fn peer() -> SocketAddr {
         "127.0.0.1:5000".parse().unwrap()
