@@ -40,6 +40,9 @@ pub struct Connection {
     pub(crate) broker_topic_aliases: Option<BrokerAliases>,
     /// subscription IDs for a connection
     pub(crate) subscription_ids: HashMap<Filter, usize>,
+    /// echo-server patch: this session's mark on what it publishes, for No
+    /// Local (`logs::Origin`); the router sets it.
+    pub(crate) origin: super::logs::Origin,
 }
 
 impl Connection {
@@ -74,6 +77,7 @@ impl Connection {
             topic_aliases: HashMap::new(),
             broker_topic_aliases: None,
             subscription_ids: HashMap::new(),
+            origin: 0,
         }
     }
 

@@ -3,6 +3,7 @@ use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::{
+    logs::Origin,
     scheduler::{PauseReason, Tracker},
     ConnectionEvents,
 };
@@ -70,6 +71,7 @@ impl Graveyard {
         metrics: ConnectionEvents,
         unacked_pubrels: VecDeque<u16>,
         expiry: Option<Duration>,
+        origin: Origin,
     ) {
         tracker.pause(PauseReason::Busy);
         let id = tracker.id.clone();
@@ -85,6 +87,7 @@ impl Graveyard {
             tracker,
             subscriptions,
             unacked_pubrels,
+            origin,
         };
 
         self.connections.insert(
@@ -124,6 +127,9 @@ pub struct SessionState {
     pub subscriptions: HashSet<String>,
     // used for pubrel in qos2
     pub unacked_pubrels: VecDeque<u16>,
+    /// echo-server patch: the session's mark on what it publishes (No
+    /// Local), which it keeps when it resumes.
+    pub origin: Origin,
 }
 
 #[cfg(test)]
@@ -134,7 +140,7 @@ mod echo_server_patch {
     fn save(graveyard: &mut Graveyard, id: &str, expiry: Option<Duration>) {
         let tracker = Tracker::new(id.to_owned());
         let metrics = ConnectionEvents::default();
-        graveyard.save_state(tracker, HashSet::new(), metrics, VecDeque::new(), expiry);
+        graveyard.save_state(tracker, HashSet::new(), metrics, VecDeque::new(), expiry, 1);
     }
 
     /// A session is there until its expiry, then gone, and its memory is

@@ -26,7 +26,16 @@ pub struct PublishData {
     pub publish: Publish,
     pub properties: Option<PublishProperties>,
     pub timestamp: Instant,
+    /// echo-server patch: the session that published it (`Origin`), for
+    /// MQTT 5's No Local (3.8.3.1); 0: none (a will, a test).
+    pub origin: Origin,
 }
+
+/// echo-server patch: which session published a message: a number the
+/// router gives each session when it starts, kept when a session resumes
+/// (so that No Local holds across a reconnection, and a connection id that
+/// a slab reuses never stands for another client). 0 is no session's.
+pub type Origin = u64;
 
 impl From<PubWithProp> for PublishData {
     fn from((publish, properties): PubWithProp) -> Self {
@@ -34,6 +43,7 @@ impl From<PubWithProp> for PublishData {
             publish,
             properties,
             timestamp: Instant::now(),
+            origin: 0,
         }
     }
 }
@@ -675,6 +685,17 @@ impl DataLog {
             .map(|data| &data.waiters)
     }
 
+    /// echo-server patch: takes connection `id`'s request on `filter`
+    /// (which reads log `log`) out of that log's waiters, if parked there.
+    pub fn take_waiter(&mut self, id: ConnectionId, log: &str, filter: &str) -> Option<DataRequest> {
+        let data = self.native.get_mut(*self.filter_indexes.get(log)?)?;
+        let waiters = data.waiters.get_mut();
+        let at = waiters
+            .iter()
+            .position(|(conn, request)| *conn == id && request.filter == filter)?;
+        waiters.remove(at).map(|(_, request)| request)
+    }
+
     pub fn remove_waiters_for_id(
         &mut self,
         id: ConnectionId,
@@ -793,6 +814,7 @@ impl DataLog {
         filter_idx: FilterIdx,
         offset: Offset,
         len: u64,
+        skip_origin: Option<Origin>,
     ) -> io::Result<(Position, Vec<(PubWithProp, Offset)>)> {
         // unwrap to get index of `self.native` is fine here, because when a new subscribe packet
         // arrives in `Router::handle_device_payload`, it first calls the function
@@ -808,6 +830,12 @@ impl DataLog {
 
         let now = Instant::now();
         o.retain_mut(|(pubdata, _)| {
+            // echo-server patch: No Local (MQTT 5, 3.8.3.1): what the
+            // subscriber's own session published is read past, not sent.
+            if skip_origin == Some(pubdata.origin) {
+                return false;
+            }
+
             // Keep data if no properties exists, which implies no message expiry!
             let Some(properties) = pubdata.properties.as_mut() else {
                 return true;
@@ -912,6 +940,7 @@ impl DataLog {
             publish,
             properties,
             timestamp: now,
+            origin: 0,
         };
         let deadline = retained_deadline(&data);
         let (topic, old) = self.retained_publishes.insert(topic.into(), data);

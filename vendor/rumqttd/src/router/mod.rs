@@ -197,6 +197,13 @@ pub struct DataRequest {
     max_count: usize,
     pub(crate) forward_retained: bool,
     pub(crate) group: Option<String>,
+    /// echo-server patch: MQTT 5 subscription options (3.8.3.1), which
+    /// 0.20.0 parsed and ignored. No Local: what this session published
+    /// is not delivered on this subscription.
+    pub(crate) nolocal: bool,
+    /// echo-server patch: Retain As Published: live deliveries keep the
+    /// RETAIN flag they were published with (otherwise 0).
+    pub(crate) preserve_retain: bool,
     /// echo-server patch: the retained messages matched at subscription
     /// that have not been sent yet, because the client's in-flight window
     /// (`Outgoing::free_slots`) had no room for them all. 0.20.0 sent as

@@ -1,8 +1,8 @@
 use crate::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
     LastWillProperties, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS, SubAck,
-    SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS, RetainForwardRule,
+    SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use crate::router::alertlog::alert;
 use crate::router::scheduler::{PauseReason, Tracker};
@@ -23,7 +23,7 @@ use tracing::{debug, error, trace};
 use super::alertlog::{Alert, AlertLog};
 use super::graveyard::Graveyard;
 use super::iobufs::{Incoming, Outgoing};
-use super::logs::{AckLog, DataLog};
+use super::logs::{AckLog, DataLog, Origin, PublishData};
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::tables::Shrink;
 use super::shared_subs::SharedGroup;
@@ -98,6 +98,8 @@ pub struct Router {
     config: RouterConfig,
     /// Saved state of dead persistent connections
     graveyard: Graveyard,
+    /// echo-server patch: the last `Origin` given to a session (No Local).
+    last_origin: Origin,
     /// List of MetersLink's senders
     meters: Slab<Sender<Vec<Meter>>>,
     /// List of AlertsLink's senders with their respective subscription Filter
@@ -172,6 +174,7 @@ impl Router {
             id: router_id,
             config: config.clone(),
             graveyard: Graveyard::new(),
+            last_origin: 0,
             meters,
             alerts,
             connections,
@@ -501,6 +504,7 @@ impl Router {
                 || Tracker::new(client_id.clone()),
                 |session_state| {
                     connection.subscriptions = session_state.subscriptions;
+                    connection.origin = session_state.origin;
                     // for using in acklog
                     pending_acks.clone_from(&session_state.unacked_pubrels);
                     outgoing.unacked_pubrels = session_state.unacked_pubrels;
@@ -517,6 +521,13 @@ impl Router {
             connection.events = saved.map_or_else(ConnectionEvents::default, |s| s.metrics);
             Tracker::new(client_id.clone())
         };
+
+        // echo-server patch: a session that did not resume gets a mark of
+        // its own for what it publishes (No Local).
+        if connection.origin == 0 {
+            self.last_origin += 1;
+            connection.origin = self.last_origin;
+        }
 
         let ackslog = AckLog::new();
 
@@ -729,6 +740,7 @@ impl Router {
                 connection.events,
                 outgoing.unacked_pubrels,
                 connection.session_expiry,
+                connection.origin,
             );
             self.release_expired_sessions();
         } else {
@@ -1220,14 +1232,27 @@ impl Router {
                 .insert(filter_path.clone(), subscription_id);
         }
 
-        // check is group is None because retained messages aren't sent
-        // for shared subscriptions
-        // TODO: use retain forward rules
-        let forward_retained = group.is_none();
-
         // call to `insert(_)` returns `true` if it didn't contain the filter_path already
         // i.e. its a new subscription
         let new_subscription = connection.subscriptions.insert(filter_path.clone());
+
+        // check is group is None because retained messages aren't sent
+        // for shared subscriptions
+        // echo-server patch: and as Retain Handling says (MQTT 5, 3.8.3.1;
+        // 3.1.1 subscriptions parse as 0): 0 at every SUBSCRIBE, 1 only
+        // when the subscription is new, 2 never (was: new ones only).
+        let forward_retained = group.is_none()
+            && match filter.retain_forward_rule {
+                RetainForwardRule::OnEverySubscribe => true,
+                RetainForwardRule::OnNewSubscribe => new_subscription,
+                RetainForwardRule::Never => false,
+            };
+        // echo-server patch: No Local on a shared subscription is a
+        // protocol error (3.8.3.1); it is ignored there, as the group's
+        // shared cursor cannot skip for one member.
+        let nolocal = filter.nolocal && group.is_none();
+        let preserve_retain = filter.preserve_retain;
+
         if new_subscription {
             let request = DataRequest {
                 filter: filter_path.clone(),
@@ -1239,23 +1264,50 @@ impl Router {
                 // set true for new subscriptions
                 forward_retained,
                 group,
+                nolocal,
+                preserve_retain,
                 pending_retained: None,
             };
 
             self.scheduler.track(id, request);
             self.scheduler.reschedule(id, ScheduleReason::NewFilter);
             debug_assert!(self.scheduler.check_tracker_duplicates(id).is_none())
+        } else if let Some(mut request) = self.take_request(id, filter_path) {
+            // echo-server patch: a SUBSCRIBE to a filter the session holds
+            // replaces the subscription's options (MQTT 5 and 3.1.1,
+            // 3.8.4), its place in the log kept; 0.20.0 left the request
+            // as it was, so a re-subscription got no retained messages.
+            request.qos = filter.qos as u8;
+            request.nolocal = nolocal;
+            request.preserve_retain = preserve_retain;
+            request.forward_retained |= forward_retained;
+            self.scheduler.track(id, request);
+            self.scheduler.reschedule(id, ScheduleReason::NewFilter);
+            debug_assert!(self.scheduler.check_tracker_duplicates(id).is_none())
         }
-
-        // TODO: figure out how we can update existing DataRequest
-        // helpful in re-subscriptions and forwarding retained messages on
-        // every subscribe
 
         let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
         meter.register_subscription(filter_path.clone());
         if new_subscription {
             self.filter_ref(filter_path);
         }
+    }
+
+    /// echo-server patch: takes the data request of connection `id`'s
+    /// subscription to `filter` from wherever it waits: the tracker, the
+    /// log's waiters (parked, caught up) or the notifications of this turn.
+    fn take_request(&mut self, id: ConnectionId, filter: &str) -> Option<DataRequest> {
+        if let Some(request) = self.scheduler.take_request(id, filter) {
+            return Some(request);
+        }
+        if let Some(request) = self.datalog.take_waiter(id, &log_filter(filter), filter) {
+            return Some(request);
+        }
+        let at = self
+            .notifications
+            .iter()
+            .position(|(conn, request)| *conn == id && request.filter == filter)?;
+        self.notifications.remove(at).map(|(_, request)| request)
     }
 
     /// echo-server patch: one more session holds this subscription's log.
@@ -1551,9 +1603,9 @@ fn append_to_commitlog(
         datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
     }
 
-    // after recording retained message, we also send that message to existing subscribers
-    // as normal publish message. Therefore we are setting retain to false
-    publish.retain = false;
+    // echo-server patch: the log keeps the RETAIN flag as published (was:
+    // cleared here), for subscriptions with Retain As Published (MQTT 5,
+    // 3.8.3.1); `forward_device_data` clears it for the others.
     let pkid = publish.pkid;
 
     let filter_idxs = datalog.matches(topic);
@@ -1569,10 +1621,16 @@ fn append_to_commitlog(
     };
 
     let mut o = (0, 0);
+    let origin = connection.origin;
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
-        let publish_data = (publish.clone(), properties.clone());
-        let (offset, filter) = datalog.append(publish_data.into(), notifications);
+        let publish_data = PublishData {
+            publish: publish.clone(),
+            properties: properties.clone(),
+            timestamp: Instant::now(),
+            origin,
+        };
+        let (offset, filter) = datalog.append(publish_data, notifications);
         debug!(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
@@ -1586,7 +1644,7 @@ fn append_to_commitlog(
 }
 
 fn append_will_message(
-    mut publish: Publish,
+    publish: Publish,
     properties: Option<PublishProperties>,
     datalog: &mut DataLog,
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
@@ -1622,9 +1680,9 @@ fn append_will_message(
         datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
     }
 
-    // after recording retained message, we also send that message to existing subscribers
-    // as normal publish message. Therefore we are setting retain to false
-    publish.retain = false;
+    // echo-server patch: the log keeps the RETAIN flag as published (was:
+    // cleared here), for subscriptions with Retain As Published (MQTT 5,
+    // 3.8.3.1); `forward_device_data` clears it for the others.
     let pkid = publish.pkid;
 
     let filter_idxs = datalog.matches(topic);
@@ -1819,7 +1877,8 @@ fn forward_device_data(
         }
         _ => {
             request.pending_retained = None;
-            datalog.native_readv(request.filter_idx, request.cursor, inflight_slots)
+            let skip_origin = request.nolocal.then_some(connection.origin);
+            datalog.native_readv(request.filter_idx, request.cursor, inflight_slots, skip_origin)
         }
     };
     let (next, publishes_from_datalog) = match read {
@@ -1885,7 +1944,13 @@ fn forward_device_data(
     // println!("{:?} {:?} {}", start, next, request.read_count);
 
     if publishes.is_empty() {
-        return ConsumeStatus::FilterCaughtup;
+        // echo-server patch: a read that No Local emptied is not the end
+        // of the log.
+        return if caughtup {
+            ConsumeStatus::FilterCaughtup
+        } else {
+            ConsumeStatus::PartialRead
+        };
     }
 
     let broker_topic_aliases = &mut connection.broker_topic_aliases;
@@ -1903,6 +1968,7 @@ fn forward_device_data(
     }
 
     let subscription_id = connection.subscription_ids.get(&request.filter);
+    let preserve_retain = request.preserve_retain;
 
     // Fill and notify device data
     let forwards = publishes
@@ -1914,6 +1980,13 @@ fn forward_device_data(
             let subscription_qos = protocol::qos(qos).unwrap();
             if publish.qos > subscription_qos {
                 publish.qos = subscription_qos;
+            }
+
+            // echo-server patch: from the log (not a retained message sent
+            // at subscription, which keeps RETAIN 1), RETAIN is 0 unless
+            // the subscription has Retain As Published (3.3.1.3, 3.8.3.1).
+            if offset.is_some() && !preserve_retain {
+                publish.retain = false;
             }
 
             // if there is some topic alias to use, set it in publish properties

@@ -49,6 +49,14 @@ impl Scheduler {
         tracker.register_data_request(request);
     }
 
+    /// echo-server patch: takes connection `id`'s request on `filter` out
+    /// of its tracker, if there.
+    pub fn take_request(&mut self, id: ConnectionId, filter: &str) -> Option<DataRequest> {
+        let requests = &mut self.trackers.get_mut(id)?.data_requests;
+        let at = requests.iter().position(|r| r.filter == filter)?;
+        requests.remove(at)
+    }
+
     pub fn untrack(&mut self, id: ConnectionId, filter: &Filter) {
         let tracker = self.trackers.get_mut(id).unwrap();
         tracker.unregister_data_request(filter.clone());
