@@ -419,6 +419,13 @@ pub fn subscribe_qos(level: u8, pkid: u16, filter: &str, qos: u8) -> Vec<u8> {
     packet(0x82, &body)
 }
 
+/// MQTT 5 SUBSCRIBE to one filter with this subscription options byte
+/// (§3.8.3.1: bits 0-1 QoS, 2 No Local, 3 Retain As Published, 4-5
+/// Retain Handling).
+pub fn subscribe_options(pkid: u16, filter: &str, options: u8) -> Vec<u8> {
+    subscribe_qos(5, pkid, filter, options)
+}
+
 /// A PUBLISH as the server sent it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
