@@ -47,6 +47,17 @@ fn chromium() -> Option<&'static str> {
         .find(|bin| Command::new(bin).arg("--version").output().is_ok_and(|o| o.status.success()))
 }
 
+/// Chromium and the Python `websockets` that drives it, when both are
+/// there (otherwise a test skips, or fails under REQUIRE_TEST_TOOLS=1).
+fn browser() -> Option<&'static str> {
+    let found = chromium();
+    let usable = tool_available(
+        "Chromium (Debian package `chromium`)",
+        Command::new(found.unwrap_or("chromium")).arg("--version"),
+    ) && python_with_websockets();
+    if usable { found } else { None }
+}
+
 /// Runs `clients/browser_echo.py` (headless Chromium driven over its
 /// DevTools protocol) at `url`; what it printed, as JSON.
 fn browser_echo(chromium: &str, url: &str, extra: &[&str]) -> serde_json::Value {
@@ -68,20 +79,13 @@ fn browser_echo(chromium: &str, url: &str, extra: &[&str]) -> serde_json::Value 
 
 #[test]
 fn chromium_loads_the_page_and_echoes_through_it() {
-    let found = chromium();
-    if !tool_available(
-        "Chromium (Debian package `chromium`)",
-        Command::new(found.unwrap_or("chromium")).arg("--version"),
-    ) || !python_with_websockets()
-    {
-        return;
-    }
+    let Some(found) = browser() else { return };
     let server = TestServer::start(&[]);
     // The page's own path, and the root, where a browser's Accept header
     // (it names text/html) gets the page rather than the echo.
     for path in ["/.ws", "/"] {
         let url = format!("http://{}{path}", server.ws_addr());
-        let result = browser_echo(found.unwrap(), &url, &[]);
+        let result = browser_echo(found, &url, &[]);
         assert!(result["echoed"].as_str().unwrap().starts_with("browser says hi"));
         assert!(result["rtt_ms"].as_f64().unwrap() >= 0.0);
     }
@@ -141,17 +145,10 @@ fn curl_gets_the_http_echo_with_keep_alive_chunked_uploads_and_limits() {
 
 #[test]
 fn chromium_event_source_reads_the_event_stream() {
-    let found = chromium();
-    if !tool_available(
-        "Chromium (Debian package `chromium`)",
-        Command::new(found.unwrap_or("chromium")).arg("--version"),
-    ) || !python_with_websockets()
-    {
-        return;
-    }
+    let Some(found) = browser() else { return };
     let server = TestServer::start_with_env(&[], &[("ECHO_WEBSOCKET_SSE_INTERVAL", "100ms")]);
     let url = format!("http://{}/.ws", server.ws_addr());
-    let result = browser_echo(found.unwrap(), &url, &["--sse"]);
+    let result = browser_echo(found, &url, &["--sse"]);
     let ids: Vec<&str> =
         result["times"].as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["1", "2", "3"], "{result}");
