@@ -67,7 +67,9 @@ pub struct Client {
 
 impl Client {
     /// Connects and waits for a successful CONNACK.
-    pub async fn open(
+    /// A TCP connection with CONNECT written into its buffer, not yet sent:
+    /// what `open` and `open_subscribed` start from.
+    async fn dial(
         addr: SocketAddr,
         source: Option<IpAddr>,
         version: MqttVersion,
@@ -78,6 +80,17 @@ impl Client {
         let stream = net::connect(addr, source, timeout).await?;
         let mut c = Client { stream, rbuf: BytesMut::new(), wbuf: Vec::new(), version, read_size: 512 };
         codec::connect(&mut c.wbuf, version, client_id, KEEP_ALIVE.as_secs() as u16);
+        Ok(c)
+    }
+
+    pub async fn open(
+        addr: SocketAddr,
+        source: Option<IpAddr>,
+        version: MqttVersion,
+        client_id: &str,
+        deadline: Instant,
+    ) -> Result<Client, ErrorKind> {
+        let mut c = Client::dial(addr, source, version, client_id, deadline).await?;
         c.flush_by(deadline).await?;
         match timeout_at(deadline, c.next()).await {
             Err(_) => Err(ErrorKind::HandshakeTimeout),
@@ -100,10 +113,7 @@ impl Client {
         qos: u8,
         deadline: Instant,
     ) -> Result<Client, ErrorKind> {
-        let timeout = deadline.saturating_duration_since(Instant::now());
-        let stream = net::connect(addr, source, timeout).await?;
-        let mut c = Client { stream, rbuf: BytesMut::new(), wbuf: Vec::new(), version, read_size: 512 };
-        codec::connect(&mut c.wbuf, version, client_id, KEEP_ALIVE.as_secs() as u16);
+        let mut c = Client::dial(addr, source, version, client_id, deadline).await?;
         codec::subscribe(&mut c.wbuf, version, 1, topic, qos);
         c.flush_by(deadline).await?;
         match timeout_at(deadline, c.next()).await {
