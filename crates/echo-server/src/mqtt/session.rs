@@ -897,8 +897,10 @@ async fn exchange(
                 }
                 if batch.unscheduled {
                     // The router paused this client while its queue was full;
-                    // now that it has been written, ask for more.
-                    let _ = router.rx.wake().await;
+                    // now that it has been written, ask for more. Boxed: the
+                    // send holds a router event (864 bytes), which would
+                    // otherwise be room in every idle session's future.
+                    let _ = Box::pin(router.rx.wake()).await;
                 }
             }
         }

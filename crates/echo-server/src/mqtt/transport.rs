@@ -138,10 +138,16 @@ impl Transport {
 
     /// Appends what the client sent to `buf`; `Ok(0)` when it closed.
     /// Cancel-safe: nothing is lost if the future is dropped.
+    ///
+    /// This future is part of every idle MQTT session (it is what the
+    /// session waits on), so what it holds while waiting is kept small:
+    /// readiness is polled rather than awaited through
+    /// `TcpStream::readable` (152 bytes of future), and the rare WebSocket
+    /// close is boxed.
     pub async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
             Transport::Tcp(tcp) => loop {
-                tcp.readable().await?;
+                std::future::poll_fn(|cx| tcp.poll_read_ready(cx)).await?;
                 reserve(buf);
                 match tcp.try_read_buf(buf) {
                     Ok(n) => return Ok(n),
@@ -163,46 +169,52 @@ impl Transport {
                 reserve(buf);
                 tls.read_buf(buf).await
             }
-            Transport::Ws(ws) => loop {
-                match ws.next().await {
-                    Some(Ok(Message::Binary(bytes))) if bytes.is_empty() => continue,
-                    Some(Ok(Message::Binary(bytes))) => {
-                        buf.extend_from_slice(&bytes);
-                        return Ok(bytes.len());
-                    }
-                    // tungstenite queues the pong and sends it with the next
-                    // read or write.
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-                    Some(Ok(Message::Text(_))) => {
+            Transport::Ws(ws) => {
+                let (code, error) = loop {
+                    match ws.next().await {
+                        Some(Ok(Message::Binary(bytes))) if bytes.is_empty() => continue,
+                        Some(Ok(Message::Binary(bytes))) => {
+                            buf.extend_from_slice(&bytes);
+                            return Ok(bytes.len());
+                        }
+                        // tungstenite queues the pong and sends it with the
+                        // next read or write.
+                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
                         // RFC 6455 §7.4.1: 1003, a type of data this
                         // endpoint cannot accept.
-                        let why = "MQTT over WebSocket uses binary messages, not text";
-                        close_ws(ws, CloseCode::Unsupported, why).await;
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, why));
-                    }
-                    Some(Ok(Message::Close(_))) => {
-                        // tungstenite has queued the answer, the client's
-                        // own code (RFC 6455 §5.5.1); it only goes out with
-                        // a later read or write, and the session ends here.
-                        let _ = ws.flush().await;
-                        return Ok(0);
-                    }
-                    None => return Ok(0),
-                    Some(Err(e)) => {
-                        // Said with a close code, as to an echo client.
-                        let code = match &e {
-                            WsError::Capacity(_) => Some(CloseCode::Size),
-                            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
-                            WsError::Protocol(_) => Some(CloseCode::Protocol),
-                            _ => None,
-                        };
-                        if let Some(code) = code {
-                            close_ws(ws, code, "").await;
+                        Some(Ok(Message::Text(_))) => {
+                            let why = "MQTT over WebSocket uses binary messages, not text";
+                            break (
+                                Some((CloseCode::Unsupported, why)),
+                                io::Error::new(io::ErrorKind::InvalidData, why),
+                            );
                         }
-                        return Err(io::Error::other(e));
+                        Some(Ok(Message::Close(_))) => {
+                            // tungstenite has queued the answer, the
+                            // client's own code (RFC 6455 §5.5.1); it only
+                            // goes out with a later read or write, and the
+                            // session ends here.
+                            let _ = Box::pin(ws.flush()).await;
+                            return Ok(0);
+                        }
+                        None => return Ok(0),
+                        // Said with a close code, as to an echo client.
+                        Some(Err(e)) => {
+                            let code = match &e {
+                                WsError::Capacity(_) => Some((CloseCode::Size, "")),
+                                WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+                                WsError::Protocol(_) => Some((CloseCode::Protocol, "")),
+                                _ => None,
+                            };
+                            break (code, io::Error::other(e));
+                        }
                     }
+                };
+                if let Some((code, why)) = code {
+                    Box::pin(close_ws(ws, code, why)).await;
                 }
-            },
+                Err(error)
+            }
         }
     }
 

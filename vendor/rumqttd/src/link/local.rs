@@ -513,22 +513,24 @@ impl LinkRx {
         // Read from cache first
         // One router_rx trigger signifies a bunch of notifications. So we
         // should always check cache first
-        match self.cache.pop_front() {
-            Some(v) => Ok(Some(v)),
-            None => {
-                // echo-server patch: was a swap of the cache with the shared
-                // buffer, so both drained queues stayed allocated while the
-                // client waits (2 KB per idle client). The cache is freed
-                // before waiting and the buffer taken, not swapped.
-                self.cache = VecDeque::new();
-                // If cache is empty, check for router trigger and get fresh notifications
-                self.router_rx.recv_async().await?;
-                // Collect 'all' the data in the buffer after a notification.
-                // Notification means fresh data which isn't previously collected
-                self.cache = mem::take(&mut *self.send_buffer.lock());
-                Ok(self.cache.pop_front())
-            }
+        // echo-server patch: returned early rather than matched, so that
+        // the popped `Option<Notification>` (248 bytes) is not kept in the
+        // future across the wait below: this future is part of every idle
+        // client's session.
+        if let Some(v) = self.cache.pop_front() {
+            return Ok(Some(v));
         }
+        // echo-server patch: was a swap of the cache with the shared
+        // buffer, so both drained queues stayed allocated while the
+        // client waits (2 KB per idle client). The cache is freed
+        // before waiting and the buffer taken, not swapped.
+        self.cache = VecDeque::new();
+        // If cache is empty, check for router trigger and get fresh notifications
+        self.router_rx.recv_async().await?;
+        // Collect 'all' the data in the buffer after a notification.
+        // Notification means fresh data which isn't previously collected
+        self.cache = mem::take(&mut *self.send_buffer.lock());
+        Ok(self.cache.pop_front())
     }
 
     pub(crate) async fn exchange(

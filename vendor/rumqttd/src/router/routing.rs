@@ -16,7 +16,7 @@ use std::str::Utf8Error;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 use thiserror::Error;
 use tracing::{debug, error, trace};
 
@@ -531,17 +531,11 @@ impl Router {
 
         let ackslog = AckLog::new();
 
-        let time = match SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
-            Ok(v) => v.as_millis().to_string(),
-            Err(e) => format!("Time error = {e:?}"),
-        };
-
-        let event = "connection at ".to_owned() + &time + ", clean = " + &clean_session.to_string();
-        connection.events.events.push_back(event);
-
-        if connection.events.events.len() > 10 {
-            connection.events.events.pop_front();
-        }
+        // echo-server patch: no "connection at ..." line in
+        // `connection.events` (nor "disconnection at ..." below). Those
+        // lines were read only by rumqttd's console (`Print::Connection`),
+        // which the server does not run, and cost every connected client a
+        // string and a queue (155 bytes).
 
         if let Some(will) = connection.last_will.take() {
             self.last_wills.insert(
@@ -654,7 +648,7 @@ impl Router {
         }
 
         // Remove connection from router
-        let mut connection = self.connections.remove(id);
+        let connection = self.connections.remove(id);
         let _incoming = self.ibufs.remove(id);
         let outgoing = self.obufs.remove(id);
         let mut tracker = self.scheduler.remove(id);
@@ -692,19 +686,6 @@ impl Router {
                     self.subscription_map.remove(filter);
                 }
             }
-        }
-
-        // Add disconnection event to metrics
-        let time = match SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
-            Ok(v) => v.as_millis().to_string(),
-            Err(e) => format!("Time error = {e:?}"),
-        };
-
-        let event = "disconnection at ".to_owned() + &time;
-        connection.events.events.push_back(event);
-
-        if connection.events.events.len() > 10 {
-            connection.events.events.pop_front();
         }
 
         // Save state for persistent sessions
