@@ -107,8 +107,9 @@ pub struct WebSocketConfig {
     pub ping_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// Answer plain HTTP requests (not upgrades, not the page) with what
-    /// the server received (`ws::http_echo`); off: 404 / 405 as before.
+    /// Answer plain HTTP requests (not upgrades, not the page or what it
+    /// loads) with what the server received (`ws::http_echo`); off: 404 /
+    /// 405 as before.
     pub http_echo: bool,
     /// Largest HTTP request body accepted, in bytes: it is held whole while
     /// it is echoed.

@@ -1,5 +1,6 @@
 //! What the kernel says about this process: memory, CPU, file descriptors and
-//! threads, read from `/proc/self`. Used by `/metrics` and the summary line.
+//! threads, read from `/proc/self`. Used by `/metrics`, the summary line and
+//! the page's live view.
 //!
 //! Reading `/proc` is a few system calls; nothing here runs per message.
 
@@ -21,16 +22,43 @@ pub struct ProcessStats {
 impl ProcessStats {
     /// Reads the current figures; `None` where `/proc` is not available.
     pub fn read() -> Option<ProcessStats> {
-        let statm = fs::read_to_string("/proc/self/statm").ok()?;
-        let stat = fs::read_to_string("/proc/self/stat").ok()?;
-        let (cpu_ticks, threads) = parse_stat(&stat)?;
+        let (usage, threads) = read_stat()?;
         Some(ProcessStats {
-            rss_bytes: parse_statm_rss_pages(&statm)? * page_size(),
-            cpu_seconds: cpu_ticks as f64 / clock_ticks_per_second(),
+            rss_bytes: usage.rss_bytes,
+            cpu_seconds: usage.cpu_seconds,
             open_fds: count_open_fds(),
             threads,
         })
     }
+}
+
+/// Memory and CPU only: what the stats line and the page's live view take
+/// every few seconds. Without [`ProcessStats::open_fds`], whose listing of
+/// `/proc/self/fd` has an entry per socket: with 100,000 clients, a read
+/// long enough to delay every echo on the event loop.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct Usage {
+    pub rss_bytes: u64,
+    pub cpu_seconds: f64,
+}
+
+impl Usage {
+    /// Two small reads (`statm`, `stat`); `None` where `/proc` is not available.
+    pub(crate) fn read() -> Option<Usage> {
+        read_stat().map(|(usage, _)| usage)
+    }
+}
+
+/// RSS and CPU time, and the number of threads.
+fn read_stat() -> Option<(Usage, u64)> {
+    let statm = fs::read_to_string("/proc/self/statm").ok()?;
+    let stat = fs::read_to_string("/proc/self/stat").ok()?;
+    let (cpu_ticks, threads) = parse_stat(&stat)?;
+    let usage = Usage {
+        rss_bytes: parse_statm_rss_pages(&statm)? * page_size(),
+        cpu_seconds: cpu_ticks as f64 / clock_ticks_per_second(),
+    };
+    Some((usage, threads))
 }
 
 /// The resident pages: the second field of `/proc/<pid>/statm`.

@@ -157,14 +157,17 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit) -> Summary {
     } else {
         None
     };
+    let mqtt_over_websocket = mqtt.clone().filter(|_| config.mqtt.websocket);
+    let live = stats::Live::new(mqtt_over_websocket.is_some());
     let ws = WsServer::with_mqtt(
         config.websocket.clone(),
         config.tungstenite(),
         metrics.websocket.clone(),
         shutdown.clone(),
         ws_limit.clone(),
-        mqtt.clone().filter(|_| config.mqtt.websocket),
+        mqtt_over_websocket,
         budget.clone(),
+        live.clone(),
     );
 
     let ws_accept = ws.clone();
@@ -188,13 +191,14 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit) -> Summary {
     tokio::task::spawn_local(crate::lag::probe(metrics.loop_lag.clone(), shutdown.clone()));
     crate::trim::return_large_buffers_at_once();
     tokio::task::spawn_local(crate::trim::run(metrics.clone(), budget.clone(), shutdown.clone()));
+    let connections = stats::Connections { websocket: ws_limit.clone(), mqtt: mqtt_limit.clone() };
     tokio::task::spawn_local(stats::run(
         config.server.stats_interval,
         metrics.clone(),
-        ws_limit.clone(),
-        mqtt_limit.clone(),
+        connections.clone(),
         shutdown.clone(),
     ));
+    tokio::task::spawn_local(stats::sample(live, metrics.clone(), connections, shutdown.clone()));
     info!(
         max_websocket_connections = max_ws,
         max_mqtt_connections = max_mqtt,

@@ -1,6 +1,7 @@
 //! The HTTP echo on the WebSocket port (`websocket.http_echo`), the page's
-//! paths, and naming the replica (`websocket.send_server_hostname`),
-//! against the real server over real sockets.
+//! paths (the page, its live figures at `/.stats`, its MQTT.js), and naming
+//! the replica (`websocket.send_server_hostname`), against the real server
+//! over real sockets.
 
 mod common;
 
@@ -314,6 +315,174 @@ fn with_the_echo_off_plain_requests_get_404_and_405_as_before() {
         assert!(head.contains("Connection: close"));
     }
     assert_eq!(server.metric("echo_http_requests_total{method=\"GET\"}"), 0.0);
+}
+
+/// GET `/.stats` on a fresh connection: the response and its JSON.
+async fn live_figures(addr: std::net::SocketAddr) -> (common::HttpResponse, serde_json::Value) {
+    tokio::task::spawn_blocking(move || {
+        let mut conn = HttpConn::connect(addr);
+        conn.send(b"GET /.stats HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        let response = conn.read_response(false);
+        let json = response.json();
+        (response, json)
+    })
+    .await
+    .unwrap()
+}
+
+/// Polls `/.stats` until its latest sample meets `pred`.
+async fn wait_for_figures(
+    addr: std::net::SocketAddr,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, view) = live_figures(addr).await;
+        if !view["now"].is_null() && pred(&view["now"]) {
+            return view;
+        }
+        assert!(Instant::now() < deadline, "{what}: the figures never showed it: {view}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn keys(value: &serde_json::Value) -> Vec<&str> {
+    let mut keys: Vec<&str> = value.as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    keys
+}
+
+/// The page's live figures: on the WebSocket port with the admin port off,
+/// never cached, exactly the stats line's aggregate figures (no counter by
+/// label, no address, no configuration), moving with the load.
+#[tokio::test]
+async fn the_live_figures_move_with_the_load_and_show_nothing_more() {
+    let server = TestServer::start(&["--no-admin"]);
+    let addr = server.ws_addr();
+    let (response, view) = live_figures(addr).await;
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("content-type"), Some("application/json"));
+    assert_eq!(response.header("cache-control"), Some("no-store"));
+    assert_eq!(keys(&view), ["history", "interval_ms", "mqtt_over_websocket", "now"]);
+    assert_eq!(
+        (view["interval_ms"].as_u64(), view["mqtt_over_websocket"].as_bool()),
+        (Some(1000), Some(true))
+    );
+
+    let idle =
+        wait_for_figures(addr, "a first sample", |now| now["rss_bytes"].as_u64() > Some(1 << 20)).await;
+    assert_eq!(
+        keys(&idle["now"]),
+        [
+            "bytes_in_per_s",
+            "bytes_out_per_s",
+            "cpu_percent",
+            "messages_in_per_s",
+            "messages_out_per_s",
+            "mqtt_connections",
+            "mqtt_publishes_in_per_s",
+            "mqtt_publishes_out_per_s",
+            "rss_bytes",
+            "time_ms",
+            "websocket_connections",
+        ]
+    );
+    assert_eq!(
+        keys(&idle["history"]),
+        [
+            "cpu_percent",
+            "messages_in_per_s",
+            "mqtt_connections",
+            "mqtt_publishes_in_per_s",
+            "rss_bytes",
+            "websocket_connections"
+        ]
+    );
+    assert!(idle["now"]["websocket_connections"].as_u64() <= Some(1), "at most a /.stats request: {idle}");
+    assert_eq!(idle["now"]["messages_in_per_s"], 0.0);
+
+    // Five clients echoing as fast as they can, and one MQTT client.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url("/load")).await.unwrap();
+        let stop = stop.clone();
+        clients.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                ws.send(Message::Text("load".into())).await.unwrap();
+                ws.next().await.unwrap().unwrap();
+            }
+        }));
+    }
+    let mut mqtt = RawClient::connect_mqtt(addr);
+    mqtt.send_frame(true, 2, &common::mqtt_raw::connect(4, "live-figures", 30));
+    assert_eq!(mqtt.read_frame().unwrap().payload.first(), Some(&0x20), "CONNACK");
+    let loaded = wait_for_figures(addr, "five echoing clients and an MQTT one", |now| {
+        now["websocket_connections"].as_u64() >= Some(6)
+            && now["mqtt_connections"].as_u64() == Some(1)
+            && now["messages_in_per_s"].as_f64() > Some(50.0)
+            && now["messages_out_per_s"].as_f64() > Some(50.0)
+            && now["bytes_in_per_s"].as_f64() > Some(0.0)
+    })
+    .await;
+    assert!(loaded["history"]["websocket_connections"].as_array().unwrap().len() >= 2, "{loaded}");
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap();
+    }
+    drop(mqtt);
+    wait_for_figures(addr, "the clients gone", |now| {
+        now["websocket_connections"].as_u64() <= Some(1)
+            && now["mqtt_connections"].as_u64() == Some(0)
+            && now["messages_in_per_s"] == 0.0
+    })
+    .await;
+
+    // The admin port's metrics are not on this port: /metrics is echoed.
+    let (status, body) = common::http_get(addr, "/metrics");
+    assert_eq!(status, 200);
+    assert!(body.contains("GET /metrics HTTP/1.1") && !body.contains("# TYPE"), "{body}");
+}
+
+/// `/.stats` and the vendored MQTT.js are served as the page is: GET and
+/// HEAD with the echo on or off; other methods echoed with it on (as at
+/// `/.ws`), 405 with `Allow` with it off.
+#[test]
+fn the_pages_figures_and_script_are_served_as_the_page_is() {
+    const MQTT_JS: &[u8] = include_bytes!("../src/ws/vendor/mqtt.min.js");
+    let server = TestServer::start(&[]);
+    let mut conn = HttpConn::connect(server.ws_addr());
+    conn.send(b"GET /.ws/mqtt.min.js?v=5.16.0 HTTP/1.1\r\nHost: t\r\n\r\n");
+    let script = conn.read_response(false);
+    assert_eq!(script.status, 200);
+    assert_eq!(script.header("content-type"), Some("text/javascript; charset=utf-8"));
+    assert_eq!(script.header("cache-control"), Some("public, max-age=31536000, immutable"));
+    assert!(script.body == MQTT_JS, "the vendored file, whole ({} bytes)", script.body.len());
+    conn.send(b"HEAD /.stats HTTP/1.1\r\nHost: t\r\n\r\n");
+    let head = conn.read_response(true);
+    assert_eq!((head.status, head.header("connection")), (200, Some("keep-alive")));
+    assert!(head.header("content-length").unwrap().parse::<usize>().unwrap() > 50);
+    conn.send(b"POST /.stats HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi");
+    let echoed = conn.read_response(false).text();
+    assert!(echoed.starts_with("Request from ") && echoed.contains("POST /.stats HTTP/1.1"), "{echoed}");
+
+    let server = TestServer::start_with_env(&[], &[("ECHO_WEBSOCKET_HTTP_ECHO", "false")]);
+    let addr = server.ws_addr();
+    let (status, head, body) = common::http_exchange(addr, b"GET /.stats?x HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(status, 200, "{body}");
+    assert!(head.contains("Connection: close") && head.contains("Cache-Control: no-store"), "{head}");
+    serde_json::from_str::<serde_json::Value>(&body).unwrap();
+    let (status, head, _) = common::http_exchange(addr, b"GET /.ws/mqtt.min.js HTTP/1.0\r\n\r\n");
+    assert_eq!(status, 200);
+    assert!(head.contains(&format!("Content-Length: {}\r\n", MQTT_JS.len())), "{head}");
+    for method in ["POST", "DELETE"] {
+        let request = format!("{method} /.stats HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n");
+        let (status, head, body) = common::http_exchange(addr, request.as_bytes());
+        assert_eq!(status, 405, "{method}: {body}");
+        assert!(head.contains("\r\nAllow: GET, HEAD"), "{head}");
+    }
 }
 
 #[tokio::test]

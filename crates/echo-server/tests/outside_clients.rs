@@ -1,7 +1,8 @@
 //! The server with clients we did not write: Python `websockets`, a
-//! browser (headless Chromium loading the page and echoing through it, and
-//! reading Server-Sent Events with `EventSource`), and curl against the
-//! HTTP echo and the event stream.
+//! browser (headless Chromium loading the page and echoing through it,
+//! watching its live figures under load, using its MQTT tab, which runs
+//! MQTT.js, and reading Server-Sent Events with `EventSource`), and curl
+//! against the HTTP echo and the event stream.
 //! These skip loudly when the tool is missing, unless
 //! `REQUIRE_TEST_TOOLS=1` (set by `.ci/run`, which installs them).
 
@@ -91,6 +92,41 @@ fn chromium_loads_the_page_and_echoes_through_it() {
     }
     assert!(server.metric("echo_websocket_upgrades_total") >= 2.0, "the page's socket reached the server");
     assert!(server.metric("echo_websocket_messages_sent_total{kind=\"text\"}") >= 2.0);
+}
+
+/// The page's live panel (fed by `/.stats`) under load from 20 clients the
+/// driver opens, with the admin port off: the page must not need it.
+#[test]
+fn chromium_page_shows_the_server_live_under_load() {
+    let Some(found) = browser() else { return };
+    let server = TestServer::start(&["--no-admin"]);
+    let url = format!("http://{}/.ws", server.ws_addr());
+    let result = browser_echo(found, &url, &["--live", "20"]);
+    assert!(result["echoed"].as_str().unwrap().starts_with("browser says hi"), "{result}");
+    let live = &result["live"];
+    let figure = |when: &str, name: &str| live[when][name].as_f64().unwrap();
+    // The page's own echo socket is one of the connections.
+    assert!(figure("before", "ws") >= 1.0, "{live}");
+    assert!(figure("loaded", "ws") >= figure("before", "ws") + 20.0, "{live}");
+    assert!(figure("loaded", "rate") >= 100.0, "{live}");
+    assert!(figure("after", "ws") <= figure("before", "ws"), "{live}");
+    assert!(figure("loaded", "rss_mib") > 1.0, "{live}");
+    assert!(live["chart_pixels"].as_u64().unwrap() > 100, "the chart was drawn: {live}");
+}
+
+/// The page's MQTT tab: MQTT.js, served by the server, over WebSocket to
+/// the broker; subscribe, publish, and the message comes back.
+#[test]
+fn chromium_mqtt_tab_subscribes_publishes_and_receives() {
+    let Some(found) = browser() else { return };
+    let server = TestServer::start(&[]);
+    let url = format!("http://{}/.ws", server.ws_addr());
+    let result = browser_echo(found, &url, &["--mqtt"]);
+    assert_eq!(result["received"], result["sent"], "{result}");
+    let script = format!("http://{}/.ws/mqtt.min.js?v=5.16.0", server.ws_addr());
+    assert_eq!(result["scripts"], serde_json::json!([script]), "from this server, no CDN");
+    assert!(server.metric("echo_mqtt_publishes_received_total") >= 1.0);
+    assert!(server.metric("echo_mqtt_publishes_sent_total") >= 1.0);
 }
 
 /// Runs curl with `args`, `stdin` on its standard input: its standard output.

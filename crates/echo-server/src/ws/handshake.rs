@@ -50,6 +50,9 @@ pub struct Response {
     pub head_only: bool,
     /// Say `Connection: keep-alive` and wait for the next request.
     pub keep_alive: bool,
+    /// `Cache-Control`: `no-store` (every answer here is live or an echo)
+    /// but for the page's vendored script.
+    pub cache_control: &'static str,
 }
 
 impl Response {
@@ -61,7 +64,15 @@ impl Response {
     }
 
     pub fn new(status: u16, content_type: &'static str, body: Cow<'static, [u8]>) -> Response {
-        Response { status, headers: Vec::new(), content_type, body, head_only: false, keep_alive: false }
+        Response {
+            status,
+            headers: Vec::new(),
+            content_type,
+            body,
+            head_only: false,
+            keep_alive: false,
+            cache_control: "no-store",
+        }
     }
 
     pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Response {
@@ -72,13 +83,14 @@ impl Response {
     /// The status line and headers, through the blank line.
     pub fn head(&self) -> Vec<u8> {
         let mut out = format!(
-            "HTTP/1.1 {} {}\r\nServer: echo-server/{}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: {}\r\nCache-Control: no-store\r\n",
+            "HTTP/1.1 {} {}\r\nServer: echo-server/{}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: {}\r\nCache-Control: {}\r\n",
             self.status,
             reason_phrase(self.status),
             env!("CARGO_PKG_VERSION"),
             self.content_type,
             self.body.len(),
             if self.keep_alive { "keep-alive" } else { "close" },
+            self.cache_control,
         );
         for (name, value) in &self.headers {
             out.push_str(name);
@@ -284,7 +296,9 @@ pub fn decide_with(head: &[u8], policy: Policy<'_>) -> Decision {
 
     if !has_token("upgrade", "websocket") {
         let events = policy.sse && matches!(method, "GET" | "HEAD") && super::sse::is_path(&path);
-        if policy.http_echo || events {
+        // What the page reads is served as the page is, echo or not.
+        let for_page = matches!(method, "GET" | "HEAD") && super::live::resource(&path).is_some();
+        if policy.http_echo || events || for_page {
             return plain(&request);
         }
         return Decision::Respond(plain_request(method, &path));
@@ -378,6 +392,8 @@ fn plain_request(method: &str, target: &str) -> Response {
             response.head_only = method == "HEAD";
             response
         }
+        // Also at the page's JSON and script, which GET and HEAD reach
+        // through `plain` (they need the server's state).
         _ => Response::error(405, format!("{method} is not supported here: use GET"))
             .with_header("Allow", "GET, HEAD"),
     }

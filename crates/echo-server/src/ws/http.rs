@@ -40,7 +40,7 @@ use super::handshake::{
     Decision, Framing, HeadError, PAGE, PAGE_PATH, PlainRequest, Policy, Response, decide_with, linger_close,
     read_head,
 };
-use super::{http_echo, replica, sse};
+use super::{http_echo, live, replica, sse};
 use crate::budget;
 
 /// Most bytes of a body one connection reads or writes per turn of the
@@ -242,6 +242,7 @@ async fn exchange(
     metrics.http_body_bytes.inc_by(body.len() as u64);
     let mut response = match route(request) {
         Route::Page { vary } => page(request, vary),
+        Route::Resource(resource) => live::response(resource, request.method == "HEAD", &server.live),
         Route::Echo => {
             let received = http_echo::Received {
                 request,
@@ -254,7 +255,8 @@ async fn exchange(
         }
     };
     drop(body);
-    response.keep_alive = request.keep_alive && !server.shutdown.is_triggered();
+    // With the echo off, one request per connection, as for the page.
+    response.keep_alive = request.keep_alive && !server.shutdown.is_triggered() && server.config.http_echo;
     if !response.keep_alive {
         return finish::<()>(stream, response, None, server).await.is_some();
     }
@@ -268,14 +270,20 @@ enum Route {
     Page {
         vary: bool,
     },
+    /// What the page loads: its live figures, MQTT.js.
+    Resource(live::Resource),
     Echo,
 }
 
 /// The page at [`PAGE_PATH`], and at `/` for a browser (a client naming
-/// `text/html` in `Accept`); everything else is echoed.
+/// `text/html` in `Accept`), and what it loads (GET and HEAD, any
+/// `Accept`); everything else is echoed.
 fn route(request: &PlainRequest) -> Route {
     if !matches!(request.method.as_str(), "GET" | "HEAD") {
         return Route::Echo;
+    }
+    if let Some(resource) = live::resource(request.path()) {
+        return Route::Resource(resource);
     }
     match request.path() {
         PAGE_PATH => Route::Page { vary: false },
@@ -515,5 +523,9 @@ mod tests {
         assert_eq!(get("/other", "text/html"), Route::Echo);
         let post = echoed_request("POST /.ws HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n");
         assert_eq!(route(&post), Route::Echo);
+        assert_eq!(get("/.stats", "text/html"), Route::Resource(live::Resource::Stats));
+        assert_eq!(get("/.ws/mqtt.min.js?v=1", "*/*"), Route::Resource(live::Resource::MqttJs));
+        let post = echoed_request("POST /.stats HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(route(&post), Route::Echo, "as at the page's path");
     }
 }

@@ -15,6 +15,7 @@ pub mod handshake;
 pub(crate) mod http;
 pub(crate) mod http_echo;
 pub mod io;
+pub(crate) mod live;
 pub(crate) mod replica;
 pub mod session;
 pub(crate) mod sse;
@@ -34,6 +35,7 @@ use crate::listener::{ConnectionLimit, Permit};
 use crate::metrics::WebSocketMetrics;
 use crate::mqtt::MqttServer;
 use crate::shutdown::Shutdown;
+use crate::stats::Live;
 use handshake::Response;
 
 /// At most this many clients are being sent a 503 at once; beyond that, a
@@ -59,6 +61,8 @@ pub struct WsServer {
     pub hostname: Option<String>,
     /// The one timer of every Server-Sent Events stream.
     pub(crate) ticker: Rc<sse::Ticker>,
+    /// The server's figures, for the page (`/.stats`).
+    pub(crate) live: Rc<Live>,
     refusing: Cell<u32>,
 }
 
@@ -70,11 +74,14 @@ impl WsServer {
         shutdown: Rc<Shutdown>,
         limit: Rc<ConnectionLimit>,
     ) -> Rc<Self> {
-        Self::with_mqtt(config, codec, metrics, shutdown, limit, None, Rc::new(MemoryBudget::unlimited()))
+        let budget = Rc::new(MemoryBudget::unlimited());
+        Self::with_mqtt(config, codec, metrics, shutdown, limit, None, budget, Live::new(false))
     }
 
-    /// A WebSocket server that hands `mqtt` upgrades to the MQTT broker.
-    pub fn with_mqtt(
+    /// A WebSocket server that hands `mqtt` upgrades to the MQTT broker,
+    /// and shows `live` on its page.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn with_mqtt(
         config: WebSocketConfig,
         codec: tokio_tungstenite::tungstenite::protocol::WebSocketConfig,
         metrics: Arc<WebSocketMetrics>,
@@ -82,6 +89,7 @@ impl WsServer {
         limit: Rc<ConnectionLimit>,
         mqtt: Option<Rc<MqttServer>>,
         budget: Rc<MemoryBudget>,
+        live: Rc<Live>,
     ) -> Rc<Self> {
         let hostname = config.send_server_hostname.then(replica::hostname);
         let ticker = sse::Ticker::new(config.sse_interval, shutdown.clone());
@@ -95,6 +103,7 @@ impl WsServer {
             budget,
             hostname,
             ticker,
+            live,
             refusing: Cell::new(0),
         })
     }

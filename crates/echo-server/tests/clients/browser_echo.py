@@ -7,7 +7,14 @@ With --sse, it instead opens an EventSource on /.sse from the loaded page
 and reports the first three "time" events (their ids and data) and the
 stream's opening "request" event.
 
-Usage: python3 browser_echo.py CHROMIUM_BINARY http://HOST:PORT/.ws [--sse]
+With --live N, after the echo it opens N WebSocket clients of its own that
+echo as fast as they can, and reports what the page's live panel (fed by
+/.stats) shows before, under that load, and after the clients left.
+
+With --mqtt, it instead opens the page's MQTT tab (MQTT.js over WebSocket),
+subscribes, publishes, and reports the message the page received.
+
+Usage: python3 browser_echo.py CHROMIUM_BINARY http://HOST:PORT/.ws [--sse | --live N | --mqtt]
 Prints a JSON line with the result; exits non-zero on failure.
 """
 import asyncio
@@ -91,7 +98,61 @@ async def drive_sse(p: "Page") -> dict:
     return await p.eval("window.sse")
 
 
-async def drive(debug_port: int, page_url: str, sse: bool = False) -> dict:
+LIVE_FIGURES = """(() => {
+  const n = (id) => Number(document.getElementById(id).textContent.replace(/[^0-9.]/g, ''));
+  return {ws: n('ws-connections'), mqtt: n('mqtt-connections'), rate: n('messages-rate'),
+          rss_mib: n('rss'), cpu: n('cpu'), shown: document.getElementById('ws-connections').textContent !== '\u2013'};
+})()"""
+
+
+async def figures(p: "Page", condition: str) -> dict:
+    """Waits until the live panel's figures (as `f`) meet `condition`."""
+    await p.wait_for(f"(f => f.shown && ({condition}))({LIVE_FIGURES})", timeout=20)
+    return await p.eval(LIVE_FIGURES)
+
+
+async def drive_live(p: "Page", ws_url: str, clients: int) -> dict:
+    # The page's own echo socket is one of the connections.
+    before = await figures(p, "f.ws >= 1")
+    stop = asyncio.Event()
+
+    async def echo_client():
+        async with websockets.connect(ws_url) as ws:
+            while not stop.is_set():
+                await ws.send("load")
+                await ws.recv()
+
+    tasks = [asyncio.create_task(echo_client()) for _ in range(clients)]
+    try:
+        loaded = await figures(p, f"f.ws >= {before['ws'] + clients} && f.rate >= 100")
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    after = await figures(p, f"f.ws <= {before['ws']} && f.rate < {loaded['rate']}")
+    chart = await p.eval("(() => { const c = document.getElementById('chart'), d = c.getContext('2d')"
+                         ".getImageData(0, 0, c.width, c.height).data;"
+                         " let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return n; })()")
+    return {"before": before, "loaded": loaded, "after": after, "chart_pixels": chart}
+
+
+async def drive_mqtt(p: "Page") -> dict:
+    topic = f"page/{os.getpid()}"
+    await p.eval("document.getElementById('tab-mqtt').click()")
+    await p.wait_for("document.getElementById('mqtt-status').textContent === 'connected'")
+    await p.eval(f"document.getElementById('mqtt-sub-topic').value = {json.dumps(topic + '/#')}")
+    await p.eval("document.getElementById('mqtt-subscribe').click()")
+    await p.wait_for("!!document.querySelector('#mqtt-log li.subscribed')")
+    payload = f"from the page {os.getpid()}"
+    await p.eval(f"document.getElementById('mqtt-pub-topic').value = {json.dumps(topic + '/x')}")
+    await p.eval(f"document.getElementById('mqtt-pub-payload').value = {json.dumps(payload)}")
+    await p.eval("document.getElementById('mqtt-publish').click()")
+    got = await p.wait_for("(() => { const li = document.querySelector('#mqtt-log li.message');"
+                           " return li ? {topic: li.dataset.topic, payload: li.dataset.payload} : null; })()")
+    script = await p.eval("[...document.scripts].map(s => s.src).filter(Boolean)")
+    return {"sent": {"topic": topic + "/x", "payload": payload}, "received": got, "scripts": script}
+
+
+async def drive(debug_port: int, page_url: str, sse: bool = False, live: int = 0, mqtt: bool = False) -> dict:
     targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/json/list"))
     page = next(t for t in targets if t["type"] == "page" and t["url"].startswith(page_url))
     async with websockets.connect(page["webSocketDebuggerUrl"], max_size=None) as ws:
@@ -99,6 +160,8 @@ async def drive(debug_port: int, page_url: str, sse: bool = False) -> dict:
         await p.wait_for(f"location.href === {json.dumps(page_url)} && document.readyState === 'complete'")
         if sse:
             return await drive_sse(p)
+        if mqtt:
+            return await drive_mqtt(p)
         await p.wait_for("document.getElementById('status').textContent === 'connected'")
         text = f"browser says hi {os.getpid()}"
         await p.eval(f"document.getElementById('message').value = {json.dumps(text)}")
@@ -107,12 +170,18 @@ async def drive(debug_port: int, page_url: str, sse: bool = False) -> dict:
             "(() => { const li = [...document.querySelectorAll('li.echo')]"
             f".find(li => li.children[1].textContent === {json.dumps(text)});"
             " return li ? li.dataset.rttMs : null; })()")
-        return {"echoed": text, "rtt_ms": float(rtt)}
+        result = {"echoed": text, "rtt_ms": float(rtt)}
+        if live:
+            ws_url = page_url.replace("http://", "ws://", 1).split("/.ws")[0] + "/load"
+            result["live"] = await drive_live(p, ws_url, live)
+        return result
 
 
 def main() -> None:
     chromium, url = sys.argv[1], sys.argv[2]
-    sse = "--sse" in sys.argv[3:]
+    args = sys.argv[3:]
+    sse, mqtt = "--sse" in args, "--mqtt" in args
+    live = int(args[args.index("--live") + 1]) if "--live" in args else 0
     profile = tempfile.mkdtemp(prefix="echo-chromium-")
     proc = subprocess.Popen(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -121,7 +190,7 @@ def main() -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         port = wait_for_port_file(profile, proc)
-        result = asyncio.run(asyncio.wait_for(drive(port, url, sse), 60))
+        result = asyncio.run(asyncio.wait_for(drive(port, url, sse, live, mqtt), 90))
         print(json.dumps(result))
     finally:
         proc.kill()
