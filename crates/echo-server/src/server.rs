@@ -73,7 +73,8 @@ pub enum StartError {
 /// Binds every configured listener, or fails naming the one that could not be.
 /// `mqtt_access`: the MQTT password and ACL files, already read.
 pub fn bind_all(config: &Config, mqtt_access: mqtt::auth::Access) -> Result<Bound, StartError> {
-    let acceptor = |section, cert: &str, key: &str| tls::Files::of(section, cert, key).map(tls::acceptor).transpose();
+    let acceptor =
+        |section, cert: &str, key: &str| tls::Files::of(section, cert, key).map(tls::acceptor).transpose();
     let mqtt_tls = acceptor("mqtt", &config.mqtt.tls_cert, &config.mqtt.tls_key)?;
     let websocket_tls = acceptor("websocket", &config.websocket.tls_cert, &config.websocket.tls_key)?;
     let bind = |key: &'static str, addrs: &[SocketAddr], backlog: u32| {
@@ -174,9 +175,14 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit) -> Summary {
     .with_tls(bound.websocket_tls);
 
     let ws_accept = ws.clone();
-    start_accepting(bound.websocket, "websocket", ws.tls.is_some(), &shutdown, &metrics, move |stream, peer| {
-        ws_accept.on_accept(stream, peer)
-    });
+    start_accepting(
+        bound.websocket,
+        "websocket",
+        ws.tls.is_some(),
+        &shutdown,
+        &metrics,
+        move |stream, peer| ws_accept.on_accept(stream, peer),
+    );
     if let Some(mqtt) = &mqtt {
         let mqtt_accept = mqtt.clone();
         start_accepting(bound.mqtt, "mqtt", mqtt.tls.is_some(), &shutdown, &metrics, move |stream, peer| {

@@ -246,7 +246,11 @@ impl MqttServer {
     /// Takes over a WebSocket connection whose upgrade selected the `mqtt`
     /// subprotocol. Its WebSocket permit stays held by the caller; the MQTT
     /// limit applies as well.
-    pub async fn serve_websocket(self: Rc<Self>, ws: WebSocketStream<crate::ws::stream::Stream>, peer: SocketAddr) {
+    pub async fn serve_websocket(
+        self: Rc<Self>,
+        ws: WebSocketStream<crate::ws::stream::Stream>,
+        peer: SocketAddr,
+    ) {
         let transport = Transport::Ws(Box::new(ws));
         match self.limit.try_acquire() {
             Some(_permit) => session::run(transport, peer, self.clone()).await,

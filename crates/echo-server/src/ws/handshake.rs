@@ -12,8 +12,8 @@
 
 use std::borrow::Cow;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::stream::Stream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use super::chunked::Field;

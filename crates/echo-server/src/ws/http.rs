@@ -126,12 +126,7 @@ pub(crate) async fn serve(stream: &mut Stream, peer: SocketAddr, server: &WsServ
 /// is a handshake: its failures are counted as such. Between keep-alive
 /// requests, a client that leaves or stays silent is no failure, and
 /// shutdown closes the connection at once.
-async fn next_head(
-    stream: &mut Stream,
-    buf: &mut Vec<u8>,
-    first: bool,
-    server: &WsServer,
-) -> Option<usize> {
+async fn next_head(stream: &mut Stream, buf: &mut Vec<u8>, first: bool, server: &WsServer) -> Option<usize> {
     let config = &server.config;
     let (max, max_headers) = (config.max_request_header_size as usize, config.max_request_headers as usize);
     let read = tokio::time::timeout(config.handshake_timeout, read_head(stream, buf, max, max_headers));

@@ -60,8 +60,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tracing::debug;
 
 use super::WsServer;
-use super::stream::Stream;
 use super::handshake::{PlainRequest, Response, linger_close};
+use super::stream::Stream;
 use super::{http_echo, replica};
 use crate::shutdown::Shutdown;
 

@@ -7,7 +7,9 @@ With --sse, it instead opens an EventSource on /.sse from the loaded page
 and reports the first three "time" events (their ids and data) and the
 stream's opening "request" event.
 
-Usage: python3 browser_echo.py CHROMIUM_BINARY http://HOST:PORT/.ws [--sse]
+Usage: python3 browser_echo.py CHROMIUM_BINARY http://HOST:PORT/.ws [--sse] [CHROMIUM_FLAG...]
+(any other argument starting with -- goes to Chromium, e.g.
+--ignore-certificate-errors for an https:// page with a self-signed certificate)
 Prints a JSON line with the result; exits non-zero on failure.
 """
 import asyncio
@@ -113,11 +115,12 @@ async def drive(debug_port: int, page_url: str, sse: bool = False) -> dict:
 def main() -> None:
     chromium, url = sys.argv[1], sys.argv[2]
     sse = "--sse" in sys.argv[3:]
+    flags = [a for a in sys.argv[3:] if a.startswith("--") and a != "--sse"]
     profile = tempfile.mkdtemp(prefix="echo-chromium-")
     proc = subprocess.Popen(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--remote-debugging-port=0", url],
+         "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--remote-debugging-port=0", *flags, url],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         port = wait_for_port_file(profile, proc)
