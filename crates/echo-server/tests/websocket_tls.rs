@@ -177,6 +177,37 @@ async fn plain_clients_on_a_tls_port_fail_cleanly_without_affecting_others() {
     echoes(&mut ws, Message::text("after")).await;
 }
 
+/// Shutdown over TLS: an echo session gets its close 1001, an event
+/// stream its last chunk, each then a clean TLS close.
+#[tokio::test]
+async fn shutdown_closes_tls_sessions_and_streams_cleanly() {
+    let Some((mut server, cert)) = start("shutdown", &[]) else { return };
+    let mut ws = wss(&server, &cert, None).await;
+    echoes(&mut ws, Message::text("before shutdown")).await;
+    let mut events = tls::connect(server.ws_addr(), &cert).await;
+    events.write_all(b"GET /.sse HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    let mut head = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), events.read(&mut head)).await.unwrap().unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200 OK"));
+
+    server.signal(libc::SIGTERM);
+    let close = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    let Message::Close(Some(frame)) = close else { panic!("a close frame, got {close:?}") };
+    assert_eq!(u16::from(frame.code), 1001);
+    // Reading on sends the answer to the close; the stream then ends.
+    let end = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap();
+    assert!(end.is_none(), "{end:?}");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), events.read_to_end(&mut rest)).await.unwrap().unwrap();
+    assert!(
+        rest.ends_with(b"0\r\n\r\n"),
+        "the last chunk, then close_notify: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+    drop((ws, events));
+    assert!(server.wait(Duration::from_secs(10)).success());
+}
+
 #[test]
 fn unusable_tls_files_stop_the_start_naming_the_key() {
     let dir = std::env::temp_dir().join(format!("echo-ws-badtls-{}", std::process::id()));

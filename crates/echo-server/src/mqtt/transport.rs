@@ -251,9 +251,13 @@ impl Transport {
     }
 }
 
-/// Sends a close frame; the client's answer is read by whoever reads next.
+/// Sends a close frame, then ends our side of the stream (over TLS, a
+/// close_notify, without which a client cannot tell the end from a cut);
+/// the client's answer is read by whoever reads next.
 async fn close_ws(ws: &mut WebSocketStream<Stream>, code: CloseCode, reason: &'static str) {
-    let _ = ws.close(Some(CloseFrame { code, reason: reason.into() })).await;
+    if ws.close(Some(CloseFrame { code, reason: reason.into() })).await.is_ok() {
+        let _ = ws.get_mut().shutdown().await;
+    }
 }
 
 #[cfg(test)]

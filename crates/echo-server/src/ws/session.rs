@@ -205,7 +205,10 @@ async fn active(
                     return Step::Done;
                 }
             }
-            Event::Ended => return Step::Done,
+            Event::Ended => {
+                shut_down(ws, Instant::now() + server.config.close_timeout).await;
+                return Step::Done;
+            }
             Event::Failed(err) => return fail(ws, err, server).await,
             Event::Shutdown => {
                 let deadline = server
@@ -399,9 +402,19 @@ async fn close(mut ws: Ws, code: CloseCode, reason: &'static str, deadline: Inst
             }
             // Data that was already on its way is dropped: we said goodbye.
             Ok(Some(Ok(_))) => {}
-            Ok(Some(Err(_)) | None) | Err(_) => return,
+            Ok(None) => return shut_down(ws, deadline).await,
+            Ok(Some(Err(_))) | Err(_) => return,
         }
     }
+}
+
+/// Ends a connection whose closing handshake is complete: the server
+/// closes the TCP connection first (RFC 6455 §7.1.1), and over TLS sends a
+/// close_notify before, without which a client cannot tell the end from a
+/// cut (rustls reports an unexpected end of file).
+async fn shut_down(ws: Ws, deadline: Instant) {
+    let mut io = ws.into_inner();
+    let _ = tokio::time::timeout_at(deadline, io.shutdown()).await;
 }
 
 /// What the keepalive timer asks for.
