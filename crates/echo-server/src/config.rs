@@ -122,6 +122,10 @@ pub struct WebSocketConfig {
     /// Time between two events of every Server-Sent Events stream.
     #[serde(with = "humantime_serde")]
     pub sse_interval: Duration,
+    /// PEM files; both empty means plain TCP (`ws://`, `http://`), both
+    /// set means TLS on every listener of the port (`wss://`, `https://`).
+    pub tls_cert: String,
+    pub tls_key: String,
 }
 
 impl Default for WebSocketConfig {
@@ -146,6 +150,8 @@ impl Default for WebSocketConfig {
             send_server_hostname: false,
             sse: true,
             sse_interval: Duration::from_secs(1),
+            tls_cert: String::new(),
+            tls_key: String::new(),
         }
     }
 }
@@ -442,6 +448,7 @@ impl Config {
                 format!("{} is outside 10ms..=1day", humantime::format_duration(ws.sse_interval)),
             ));
         }
+        tls_files(("websocket.tls_cert", &ws.tls_cert), ("websocket.tls_key", &ws.tls_key))?;
         tracing_subscriber::EnvFilter::builder()
             .parse(&self.log.level)
             .map_err(|e| invalid("log.level", format!("{:?} is not a valid filter: {e}", self.log.level)))?;
@@ -526,16 +533,7 @@ impl Config {
             let key = if mqtt.username.is_empty() { "mqtt.username" } else { "mqtt.password" };
             return Err(invalid(key, "mqtt.username and mqtt.password are set together or not at all"));
         }
-        if mqtt.tls_cert.is_empty() != mqtt.tls_key.is_empty() {
-            let key = if mqtt.tls_cert.is_empty() { "mqtt.tls_cert" } else { "mqtt.tls_key" };
-            return Err(invalid(key, "mqtt.tls_cert and mqtt.tls_key are set together or not at all"));
-        }
-        for (key, path) in [("mqtt.tls_cert", &mqtt.tls_cert), ("mqtt.tls_key", &mqtt.tls_key)] {
-            if !path.is_empty() && !Path::new(path).is_file() {
-                return Err(invalid(key, format!("{path} is not a readable file")));
-            }
-        }
-        Ok(())
+        tls_files(("mqtt.tls_cert", &mqtt.tls_cert), ("mqtt.tls_key", &mqtt.tls_key))
     }
 
     /// The tungstenite settings that follow from this configuration.
@@ -553,6 +551,22 @@ impl Config {
             .max_message_size(Some(ws.max_message_size as usize))
             .max_frame_size(Some(ws.max_frame_size as usize))
     }
+}
+
+/// A TLS certificate and key: set together or not at all, and files that
+/// exist (whether they hold usable PEM is checked when they are read,
+/// before anything is bound: `crate::tls`).
+fn tls_files(cert: (&'static str, &str), key: (&'static str, &str)) -> Result<(), ConfigError> {
+    if cert.1.is_empty() != key.1.is_empty() {
+        let missing = if cert.1.is_empty() { cert.0 } else { key.0 };
+        return Err(invalid(missing, format!("{} and {} are set together or not at all", cert.0, key.0)));
+    }
+    for (name, path) in [cert, key] {
+        if !path.is_empty() && !Path::new(path).is_file() {
+            return Err(invalid(name, format!("{path} is not a readable file")));
+        }
+    }
+    Ok(())
 }
 
 fn positive(key: &'static str, value: u32) -> Result<(), ConfigError> {
@@ -988,6 +1002,28 @@ mod tests {
         let err = Config::load(None, env, &Overrides::default()).unwrap_err().to_string();
         assert!(err.starts_with("websocket.send_server_hostname: "), "{err}");
         assert!(err.contains("ECHO_WEBSOCKET_SEND_SERVER_HOSTNAME"), "{err}");
+    }
+
+    #[test]
+    fn websocket_tls_files_are_checked_naming_the_key() {
+        for (toml, key) in [
+            ("[websocket]\ntls_cert = \"/nonexistent/c.pem\"\n", "websocket.tls_key"),
+            ("[websocket]\ntls_key = \"/nonexistent/k.pem\"\n", "websocket.tls_cert"),
+            (
+                "[websocket]\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\"\n",
+                "websocket.tls_cert",
+            ),
+        ] {
+            let err = load_str(toml).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("{key}: ")), "{toml:?} gave {err}");
+        }
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml").to_owned();
+        let env = vec![
+            ("ECHO_WEBSOCKET_TLS_CERT".to_owned(), file.clone()),
+            ("ECHO_WEBSOCKET_TLS_KEY".to_owned(), file.clone()),
+        ];
+        let config = Config::load(None, env, &Overrides::default()).unwrap();
+        assert_eq!((config.websocket.tls_cert.as_str(), config.websocket.tls_key.as_str()), (&*file, &*file));
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! readings), [`stats`] (summary line),
 //! [`shutdown`], [`server`] (start and stop), [`logging`], [`healthcheck`],
 //! [`heap`] (bytes allocated, counted), [`budget`] (`server.memory_limit`),
-//! [`trim`] (freed memory back to the OS).
+//! [`trim`] (freed memory back to the OS), [`tls`] (certificates and keys
+//! for the listeners that offer TLS).
 
 pub mod admin;
 pub mod budget;
@@ -28,6 +29,7 @@ pub mod process;
 pub mod server;
 pub mod shutdown;
 pub mod stats;
+pub mod tls;
 pub mod trim;
 pub mod ws;
 

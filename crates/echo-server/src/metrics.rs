@@ -398,7 +398,7 @@ impl Metrics {
         );
         ws.register(
             "handshake_failures",
-            "Upgrade attempts that failed, by reason",
+            "Handshakes that failed, by reason: timeout, disconnected, too_large, malformed, refused; with TLS on, tls (a failed TLS handshake: not TLS, or refused by rustls) and tls_timeout (no TLS handshake within handshake_timeout)",
             websocket.handshake_failures.clone(),
         );
         ws.register(

@@ -22,11 +22,15 @@ use crate::metrics::{ListenerLabel, Metrics};
 use crate::mqtt::{self, MqttServer, broker::Broker};
 use crate::shutdown::Shutdown;
 use crate::stats;
+use crate::tls;
 use crate::ws::WsServer;
 
 /// Listening sockets, bound and ready for the runtime.
 pub struct Bound {
     pub websocket: Vec<std::net::TcpListener>,
+    /// TLS for the WebSocket/HTTP port, when configured (files read
+    /// before binding).
+    pub websocket_tls: Option<tokio_rustls::TlsAcceptor>,
     pub mqtt: Vec<std::net::TcpListener>,
     /// TLS for the MQTT port, when configured (files read before binding).
     pub mqtt_tls: Option<tokio_rustls::TlsAcceptor>,
@@ -40,6 +44,7 @@ impl std::fmt::Debug for Bound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Bound")
             .field("websocket", &self.websocket)
+            .field("websocket_tls", &self.websocket_tls.is_some())
             .field("mqtt", &self.mqtt)
             .field("mqtt_tls", &self.mqtt_tls.is_some())
             .field("admin", &self.admin)
@@ -62,16 +67,16 @@ pub enum StartError {
     #[error(transparent)]
     Bind(#[from] BindError),
     #[error(transparent)]
-    Tls(#[from] mqtt::tls::TlsError),
+    Tls(#[from] tls::TlsError),
 }
 
 /// Binds every configured listener, or fails naming the one that could not be.
 /// `mqtt_access`: the MQTT password and ACL files, already read.
 pub fn bind_all(config: &Config, mqtt_access: mqtt::auth::Access) -> Result<Bound, StartError> {
-    let mqtt_tls = match (config.mqtt.tls_cert.as_str(), config.mqtt.tls_key.as_str()) {
-        ("", _) | (_, "") => None,
-        (cert, key) => Some(mqtt::tls::acceptor(cert, key)?),
-    };
+    let acceptor =
+        |section, cert: &str, key: &str| tls::Files::of(section, cert, key).map(tls::acceptor).transpose();
+    let mqtt_tls = acceptor("mqtt", &config.mqtt.tls_cert, &config.mqtt.tls_key)?;
+    let websocket_tls = acceptor("websocket", &config.websocket.tls_cert, &config.websocket.tls_key)?;
     let bind = |key: &'static str, addrs: &[SocketAddr], backlog: u32| {
         addrs
             .iter()
@@ -82,6 +87,7 @@ pub fn bind_all(config: &Config, mqtt_access: mqtt::auth::Access) -> Result<Boun
         websocket: bind("websocket.listen", &config.websocket.listen, config.websocket.backlog)?,
         mqtt: bind("mqtt.listen", &config.mqtt.listen, config.mqtt.backlog)?,
         mqtt_tls,
+        websocket_tls,
         mqtt_access,
         admin: bind("admin.listen", &config.admin.listen, 128)?,
     })
@@ -168,12 +174,18 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit) -> Summary {
         mqtt_over_websocket,
         budget.clone(),
         live.clone(),
-    );
+    )
+    .with_tls(bound.websocket_tls);
 
     let ws_accept = ws.clone();
-    start_accepting(bound.websocket, "websocket", false, &shutdown, &metrics, move |stream, peer| {
-        ws_accept.on_accept(stream, peer)
-    });
+    start_accepting(
+        bound.websocket,
+        "websocket",
+        ws.tls.is_some(),
+        &shutdown,
+        &metrics,
+        move |stream, peer| ws_accept.on_accept(stream, peer),
+    );
     if let Some(mqtt) = &mqtt {
         let mqtt_accept = mqtt.clone();
         start_accepting(bound.mqtt, "mqtt", mqtt.tls.is_some(), &shutdown, &metrics, move |stream, peer| {

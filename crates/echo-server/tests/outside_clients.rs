@@ -2,7 +2,8 @@
 //! browser (headless Chromium loading the page and echoing through it,
 //! watching its live figures under load, using its MQTT tab, which runs
 //! MQTT.js, and reading Server-Sent Events with `EventSource`), and curl
-//! against the HTTP echo and the event stream.
+//! against the HTTP echo and the event stream; the same over TLS (`wss://`,
+//! `https://`) with a self-signed certificate made by `openssl`.
 //! These skip loudly when the tool is missing, unless
 //! `REQUIRE_TEST_TOOLS=1` (set by `.ci/run`, which installs them).
 
@@ -228,4 +229,80 @@ fn curl_reads_the_event_stream_as_it_comes() {
     assert!(request_seen, "the request event came first");
     assert_eq!(ids, ["1", "2", "3"]);
     server.wait_for_metric("echo_sse_streams", Duration::from_secs(5), |n| n == 0.0);
+}
+
+/// A server with TLS on its WebSocket/HTTP port, under a fresh self-signed
+/// certificate: the server and the certificate's path, or `None` (skipping)
+/// without `openssl`.
+fn tls_server(name: &str) -> Option<(TestServer, String)> {
+    let dir = std::env::temp_dir().join(format!("echo-outside-tls-{name}-{}", std::process::id()));
+    let (cert, key) = common::tls::self_signed(&dir)?;
+    let env = [("ECHO_WEBSOCKET_TLS_CERT", cert.as_str()), ("ECHO_WEBSOCKET_TLS_KEY", key.as_str())];
+    Some((TestServer::start_with_env(&[], &env), cert))
+}
+
+#[test]
+fn python_websockets_over_tls_trusting_the_certificate() {
+    if !python_with_websockets() {
+        return;
+    }
+    let Some((server, cert)) = tls_server("python") else { return };
+    let output = Command::new("python3")
+        .arg(format!("{CLIENTS}/ws_client.py"))
+        .arg(format!("wss://{}/", server.ws_addr()))
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "python client over TLS failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(server.metric("echo_websocket_close_codes_received_total{code=\"4xxx\"}"), 1.0);
+}
+
+#[test]
+fn curl_gets_the_http_echo_and_the_page_over_https() {
+    if !tool_available("curl", Command::new("curl").arg("--version")) {
+        return;
+    }
+    let Some((server, cert)) = tls_server("curl") else { return };
+    let base = format!("https://{}", server.ws_addr());
+    let out = curl(
+        &["--cacert", &cert, "-H", "Accept: application/json", "-d", "sealed", &format!("{base}/tls?x=1")],
+        b"",
+    );
+    let echo: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((echo["method"].as_str(), echo["path"].as_str()), (Some("POST"), Some("/tls")));
+    assert_eq!((echo["query"].as_str(), echo["body"].as_str()), (Some("x=1"), Some("sealed")));
+    let page = curl(&["--cacert", &cert, &format!("{base}/.ws")], b"");
+    assert!(page.contains("<html") || page.contains("<!doctype") || page.contains("<!DOCTYPE"), "{page}");
+    // Keep-alive over TLS: two URLs, one connection.
+    let out = curl(
+        &[
+            "--cacert",
+            &cert,
+            "-w",
+            "connects=%{num_connects}\n",
+            &format!("{base}/one"),
+            &format!("{base}/two"),
+        ],
+        b"",
+    );
+    assert_eq!(out.matches("connects=1").count(), 1, "{out}");
+    assert_eq!(server.metric("echo_http_keepalive_requests_total"), 1.0);
+}
+
+#[test]
+fn chromium_loads_the_https_page_and_echoes_over_wss() {
+    let Some(found) = browser() else { return };
+    let Some((server, _cert)) = tls_server("chromium") else { return };
+    let url = format!("https://{}/.ws", server.ws_addr());
+    let result = browser_echo(found, &url, &["--ignore-certificate-errors"]);
+    assert!(result["echoed"].as_str().unwrap().starts_with("browser says hi"));
+    assert!(
+        server.metric("echo_websocket_upgrades_total") >= 1.0,
+        "the page's wss:// socket reached the server"
+    );
 }

@@ -21,8 +21,9 @@
 //! - [`caps`]: what one client may make the server hold;
 //! - [`transport`]: TCP, TLS or WebSocket underneath;
 //! - [`auth`], [`passwd`], [`acl`]: who may connect (a username and
-//!   password, a password file), and who may publish and subscribe where;
-//! - [`tls`]: optional TLS.
+//!   password, a password file), and who may publish and subscribe where.
+//!
+//! Optional TLS on the MQTT port comes from [`crate::tls`].
 
 pub(crate) mod ackorder;
 pub(crate) mod acl;
@@ -34,7 +35,6 @@ pub mod downgrade;
 mod inflow;
 pub mod passwd;
 pub mod session;
-pub mod tls;
 pub mod topics;
 pub mod transport;
 
@@ -246,7 +246,11 @@ impl MqttServer {
     /// Takes over a WebSocket connection whose upgrade selected the `mqtt`
     /// subprotocol. Its WebSocket permit stays held by the caller; the MQTT
     /// limit applies as well.
-    pub async fn serve_websocket(self: Rc<Self>, ws: WebSocketStream<TcpStream>, peer: SocketAddr) {
+    pub async fn serve_websocket(
+        self: Rc<Self>,
+        ws: WebSocketStream<crate::ws::stream::Stream>,
+        peer: SocketAddr,
+    ) {
         let transport = Transport::Ws(Box::new(ws));
         match self.limit.try_acquire() {
             Some(_permit) => session::run(transport, peer, self.clone()).await,

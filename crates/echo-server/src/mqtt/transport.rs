@@ -1,5 +1,5 @@
 //! The byte streams an MQTT session runs over: plain TCP, TLS, or binary
-//! WebSocket messages on the WebSocket port.
+//! WebSocket messages on the WebSocket port (itself over TCP or TLS).
 //!
 //! One enum rather than a trait object: the session is generic over nothing,
 //! and each variant keeps what it needs to read without holding a buffer
@@ -20,6 +20,8 @@ use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+use crate::ws::stream::Stream;
 
 /// Room reserved before each read.
 const READ_CHUNK: usize = 4096;
@@ -91,7 +93,7 @@ impl Goodbye {
 pub enum Transport {
     Tcp(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
-    Ws(Box<WebSocketStream<TcpStream>>),
+    Ws(Box<WebSocketStream<Stream>>),
 }
 
 impl std::fmt::Debug for Transport {
@@ -116,7 +118,7 @@ impl Transport {
         match self {
             Transport::Tcp(tcp) => crate::budget::peer_gone(tcp),
             Transport::Tls(tls) => crate::budget::peer_gone(tls.get_ref().0),
-            Transport::Ws(ws) => crate::budget::peer_gone(ws.get_ref()),
+            Transport::Ws(ws) => ws.get_ref().peer_gone(),
         }
     }
 
@@ -261,9 +263,13 @@ impl Transport {
     }
 }
 
-/// Sends a close frame; the client's answer is read by whoever reads next.
-async fn close_ws(ws: &mut WebSocketStream<TcpStream>, code: CloseCode, reason: &'static str) {
-    let _ = ws.close(Some(CloseFrame { code, reason: reason.into() })).await;
+/// Sends a close frame, then ends our side of the stream (over TLS, a
+/// close_notify, without which a client cannot tell the end from a cut);
+/// the client's answer is read by whoever reads next.
+async fn close_ws(ws: &mut WebSocketStream<Stream>, code: CloseCode, reason: &'static str) {
+    if ws.close(Some(CloseFrame { code, reason: reason.into() })).await.is_ok() {
+        let _ = ws.get_mut().shutdown().await;
+    }
 }
 
 #[cfg(test)]

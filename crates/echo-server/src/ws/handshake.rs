@@ -12,8 +12,8 @@
 
 use std::borrow::Cow;
 
+use super::stream::Stream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use super::chunked::Field;
@@ -203,7 +203,7 @@ pub(crate) enum HeadError {
 /// the socket is readable, so a keep-alive connection waiting for its next
 /// request holds none.
 pub(crate) async fn read_head(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut Vec<u8>,
     max: usize,
     max_headers: usize,
@@ -248,8 +248,12 @@ fn parse_head_len(buf: &[u8], max_headers: usize) -> Result<Option<usize>, HeadE
     }
 }
 
-/// Half-closes the socket and drains it until the peer closes or `limit` passes.
-pub async fn linger_close(stream: &mut TcpStream, limit: std::time::Duration) {
+/// Half-closes the socket (over TLS, after a close_notify) and drains it
+/// until the peer closes or `limit` passes.
+pub async fn linger_close(
+    stream: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin),
+    limit: std::time::Duration,
+) {
     let _ = stream.shutdown().await;
     let drain = async {
         let mut sink = [0u8; 1024];

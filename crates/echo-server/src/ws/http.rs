@@ -30,7 +30,6 @@ use std::net::SocketAddr;
 use std::ops::ControlFlow;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -40,6 +39,7 @@ use super::handshake::{
     Decision, Framing, HeadError, PAGE, PAGE_PATH, PlainRequest, Policy, Response, decide_with, linger_close,
     read_head,
 };
+use super::stream::Stream;
 use super::{http_echo, live, replica, sse};
 use crate::budget;
 
@@ -69,7 +69,7 @@ pub struct Upgrade {
 /// sent, when one of them is an upgrade, and the stream, with its head
 /// sent, when one asks for Server-Sent Events. Every answer, failure and
 /// request is counted in the metrics here.
-pub(crate) async fn serve(stream: &mut TcpStream, peer: SocketAddr, server: &WsServer) -> Option<Next> {
+pub(crate) async fn serve(stream: &mut Stream, peer: SocketAddr, server: &WsServer) -> Option<Next> {
     let config = &server.config;
     let policy = Policy {
         preferred: server.mqtt.as_ref().map(|_| "mqtt"),
@@ -126,12 +126,7 @@ pub(crate) async fn serve(stream: &mut TcpStream, peer: SocketAddr, server: &WsS
 /// is a handshake: its failures are counted as such. Between keep-alive
 /// requests, a client that leaves or stays silent is no failure, and
 /// shutdown closes the connection at once.
-async fn next_head(
-    stream: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    first: bool,
-    server: &WsServer,
-) -> Option<usize> {
+async fn next_head(stream: &mut Stream, buf: &mut Vec<u8>, first: bool, server: &WsServer) -> Option<usize> {
     let config = &server.config;
     let (max, max_headers) = (config.max_request_header_size as usize, config.max_request_headers as usize);
     let read = tokio::time::timeout(config.handshake_timeout, read_head(stream, buf, max, max_headers));
@@ -177,7 +172,7 @@ fn asks_for_events(request: &PlainRequest) -> bool {
 /// when it starts (or `None` when the connection is over), `Continue` for
 /// the next request after a HEAD.
 async fn events(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     request: &PlainRequest,
     peer: SocketAddr,
     server: &WsServer,
@@ -196,7 +191,7 @@ async fn events(
 }
 
 /// Sends the head (and first events) of an SSE answer, and counts it.
-async fn start_events(stream: &mut TcpStream, bytes: &[u8], server: &WsServer) -> bool {
+async fn start_events(stream: &mut Stream, bytes: &[u8], server: &WsServer) -> bool {
     server.metrics.http_response(200);
     let sent = write(stream, bytes, deadline(server)).await;
     if sent {
@@ -226,7 +221,7 @@ fn upgrade_response(mut response: Vec<u8>, subprotocol: Option<&str>, server: &W
 /// Reads a plain request's body and answers it; true when the connection
 /// stays open for the next request.
 async fn exchange(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut Vec<u8>,
     request: &PlainRequest,
     peer: SocketAddr,
@@ -305,7 +300,7 @@ type BodyResult = Result<(Vec<u8>, Vec<Field>), Option<Response>>;
 /// Reads the body `request` announces, starting with what `buf` already
 /// holds; bytes after the body stay in `buf` for the next request.
 async fn read_body(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut Vec<u8>,
     request: &PlainRequest,
     server: &WsServer,
@@ -334,7 +329,7 @@ fn too_large(max: u64) -> Response {
 }
 
 /// A `Content-Length` body of `len` bytes (already checked against the limit).
-async fn read_length(stream: &mut TcpStream, buf: &mut Vec<u8>, len: usize, server: &WsServer) -> BodyResult {
+async fn read_length(stream: &mut Stream, buf: &mut Vec<u8>, len: usize, server: &WsServer) -> BodyResult {
     let from_buf = len.min(buf.len());
     let mut body: Vec<u8> = buf.drain(..from_buf).collect();
     while body.len() < len {
@@ -349,7 +344,7 @@ async fn read_length(stream: &mut TcpStream, buf: &mut Vec<u8>, len: usize, serv
 }
 
 /// A chunked body, decoded as it arrives.
-async fn read_chunked(stream: &mut TcpStream, buf: &mut Vec<u8>, max: u64, server: &WsServer) -> BodyResult {
+async fn read_chunked(stream: &mut Stream, buf: &mut Vec<u8>, max: u64, server: &WsServer) -> BodyResult {
     let config = &server.config;
     let mut decoder = ChunkedDecoder::new(
         max,
@@ -410,7 +405,7 @@ async fn read_more(
 
 /// Writes a response (naming the host when asked to) and counts it; false
 /// when the client did not take all of it within `write_timeout`.
-async fn write_response(stream: &mut TcpStream, response: &Response, server: &WsServer) -> bool {
+async fn write_response(stream: &mut Stream, response: &Response, server: &WsServer) -> bool {
     let named;
     let response = match server.hostname.as_deref() {
         Some(host) => {
@@ -447,8 +442,15 @@ fn deadline(server: &WsServer) -> Instant {
     Instant::now() + server.config.write_timeout
 }
 
-async fn write(stream: &mut TcpStream, bytes: &[u8], deadline: Instant) -> bool {
-    matches!(tokio::time::timeout_at(deadline, stream.write_all(bytes)).await, Ok(Ok(())))
+/// Writes `bytes` and flushes them: over TLS, what rustls could not hand
+/// to the socket yet must go out before the connection waits for the
+/// client (a no-op over plain TCP).
+async fn write(stream: &mut Stream, bytes: &[u8], deadline: Instant) -> bool {
+    let write = async {
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    };
+    matches!(tokio::time::timeout_at(deadline, write).await, Ok(Ok(())))
 }
 
 /// Sends a last response and closes politely: FIN first, then discard what
@@ -458,7 +460,7 @@ async fn write(stream: &mut TcpStream, bytes: &[u8], deadline: Instant) -> bool 
 /// Boxed: it runs once, at the end, and inlined it would enlarge the
 /// future every waiting keep-alive connection holds (the drain's buffer).
 async fn finish<T>(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     response: Response,
     failure: Option<&'static str>,
     server: &WsServer,
@@ -468,7 +470,7 @@ async fn finish<T>(
 }
 
 async fn answer_and_close(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     response: Response,
     failure: Option<&'static str>,
     server: &WsServer,
@@ -503,8 +505,9 @@ mod tests {
         let shutdown = Rc::new(crate::shutdown::Shutdown::new());
         let server = WsServer::new(config.websocket.clone(), config.tungstenite(), metrics, shutdown, limit);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let (mut accepted, peer) = listener.accept().await.unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, peer) = listener.accept().await.unwrap();
+        let mut accepted = Stream::Plain(accepted);
         let size = std::mem::size_of_val(&serve(&mut accepted, peer, &server));
         println!("serve future: {size} bytes");
         assert!(size <= 832, "the keep-alive connection's future grew to {size} bytes");

@@ -26,9 +26,9 @@ use std::future::Future;
 use std::rc::Rc;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::{Duration, Instant, Sleep};
 
+use super::stream::Stream;
 use crate::budget::{self, MemoryBudget, PAUSE_LIMIT, PAUSE_PARTIAL};
 use crate::metrics::Count;
 
@@ -112,10 +112,10 @@ fn header_size(second: u8) -> u8 {
     2 + extended + mask
 }
 
-/// The TCP stream of one session, as tungstenite sees it.
+/// The byte stream of one session (TCP or TLS), as tungstenite sees it.
 #[derive(Debug)]
 pub struct SessionIo {
-    tcp: TcpStream,
+    stream: Stream,
     boundary: FrameBoundary,
     bytes_in: u64,
     /// The last write to the socket would have blocked: tungstenite holds
@@ -141,9 +141,9 @@ struct Paused {
 const BUDGET_RECHECK: Duration = Duration::from_millis(10);
 
 impl SessionIo {
-    pub fn new(tcp: TcpStream, received: Count, sent: Count, budget: Rc<MemoryBudget>) -> Self {
+    pub fn new(stream: Stream, received: Count, sent: Count, budget: Rc<MemoryBudget>) -> Self {
         SessionIo {
-            tcp,
+            stream,
             boundary: FrameBoundary::default(),
             bytes_in: 0,
             write_blocked: false,
@@ -170,7 +170,7 @@ impl SessionIo {
             self.paused = Some(Box::new(Paused { since: Instant::now(), recheck }));
         }
         let paused = self.paused.as_mut()?;
-        if budget::peer_gone(&self.tcp) {
+        if self.stream.peer_gone() {
             return Some(Poll::Ready(Err(io::ErrorKind::ConnectionReset.into())));
         }
         if paused.since.elapsed() >= PAUSE_LIMIT {
@@ -190,12 +190,12 @@ impl SessionIo {
         self.received.inc_by(bytes.len() as u64);
     }
 
-    pub fn tcp(&self) -> &TcpStream {
-        &self.tcp
+    pub fn stream(&self) -> &Stream {
+        &self.stream
     }
 
-    pub fn tcp_mut(&mut self) -> &mut TcpStream {
-        &mut self.tcp
+    pub fn stream_mut(&mut self) -> &mut Stream {
+        &mut self.stream
     }
 
     pub fn at_message_boundary(&self) -> bool {
@@ -227,7 +227,7 @@ impl AsyncRead for SessionIo {
             return held;
         }
         let before = buf.filled().len();
-        let result = Pin::new(&mut this.tcp).poll_read(cx, buf);
+        let result = Pin::new(&mut this.stream).poll_read(cx, buf);
         let new = &buf.filled()[before..];
         if !new.is_empty() {
             this.boundary.observe(new);
@@ -241,7 +241,7 @@ impl AsyncRead for SessionIo {
 impl AsyncWrite for SessionIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let result = Pin::new(&mut this.tcp).poll_write(cx, buf);
+        let result = Pin::new(&mut this.stream).poll_write(cx, buf);
         this.write_blocked = result.is_pending();
         if let Poll::Ready(Ok(n)) = result {
             this.sent.inc_by(n as u64);
@@ -249,12 +249,18 @@ impl AsyncWrite for SessionIo {
         result
     }
 
+    /// Over TLS, a write may leave bytes inside rustls that the socket
+    /// did not take: until a flush gets them out, the session is as
+    /// blocked as if the write itself had waited.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.stream).poll_flush(cx);
+        this.write_blocked = result.is_pending();
+        result
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 

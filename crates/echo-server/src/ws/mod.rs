@@ -3,7 +3,10 @@
 //! Every connection is a task on the one event-loop thread. A connection's
 //! task serves its HTTP requests ([`http`]: the handshake, the page, the
 //! HTTP echo) until one upgrades, then runs the echo session ([`session`]).
-//! The accept loop only accepts, counts, and spawns.
+//! The accept loop only accepts, counts, and spawns. With TLS on
+//! (`websocket.tls_cert`), the connection's task first runs the TLS
+//! handshake, under `handshake_timeout`, and everything after it reads and
+//! writes through the same [`stream::Stream`] as a plain connection does.
 //!
 //! Because all tasks share one thread, the state they share — the
 //! connection count, the shutdown flag — lives in `Rc` and `Cell`: no locks,
@@ -19,6 +22,7 @@ pub(crate) mod live;
 pub(crate) mod replica;
 pub mod session;
 pub(crate) mod sse;
+pub mod stream;
 
 use std::cell::Cell;
 use std::net::SocketAddr;
@@ -27,6 +31,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 use tokio::time::Duration;
+use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
 use crate::budget::MemoryBudget;
@@ -37,6 +42,7 @@ use crate::mqtt::MqttServer;
 use crate::shutdown::Shutdown;
 use crate::stats::Live;
 use handshake::Response;
+use stream::Stream;
 
 /// At most this many clients are being sent a 503 at once; beyond that, a
 /// client over the limit is disconnected without a response, so that a flood
@@ -44,7 +50,6 @@ use handshake::Response;
 const MAX_CONCURRENT_REFUSALS: u32 = 32;
 
 /// Everything the WebSocket tasks share.
-#[derive(Debug)]
 pub struct WsServer {
     pub config: WebSocketConfig,
     /// tungstenite's settings, derived once from `config`.
@@ -63,6 +68,8 @@ pub struct WsServer {
     pub(crate) ticker: Rc<sse::Ticker>,
     /// The server's figures, for the page (`/.stats`).
     pub(crate) live: Rc<Live>,
+    /// TLS on this port (`websocket.tls_cert`, `websocket.tls_key`).
+    pub tls: Option<TlsAcceptor>,
     refusing: Cell<u32>,
 }
 
@@ -104,8 +111,16 @@ impl WsServer {
             hostname,
             ticker,
             live,
+            tls: None,
             refusing: Cell::new(0),
         })
+    }
+
+    /// This server, serving `wss://` and `https://` with `tls` when it is
+    /// `Some`. Called once, right after construction.
+    pub fn with_tls(mut self: Rc<Self>, tls: Option<TlsAcceptor>) -> Rc<Self> {
+        Rc::get_mut(&mut self).expect("with_tls is called before the server is shared").tls = tls;
+        self
     }
 
     /// Called by the accept loop for every new TCP connection.
@@ -130,6 +145,16 @@ impl WsServer {
     }
 }
 
+impl std::fmt::Debug for WsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WsServer")
+            .field("config", &self.config)
+            .field("mqtt", &self.mqtt.is_some())
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Why a new connection is turned away.
 #[derive(Debug, Clone, Copy)]
 enum Full {
@@ -148,11 +173,11 @@ impl Full {
     }
 }
 
-async fn serve_connection(stream: TcpStream, peer: SocketAddr, permit: Permit, server: Rc<WsServer>) {
+async fn serve_connection(tcp: TcpStream, peer: SocketAddr, permit: Permit, server: Rc<WsServer>) {
     let _permit = permit;
     // Boxed: the handshake's buffers and state are freed when it ends, and
     // do not enlarge the session future, which lives as long as the client.
-    let Some(then) = Box::pin(handshake_phase(stream, peer, &server)).await else {
+    let Some(then) = Box::pin(handshake_phase(tcp, peer, &server)).await else {
         return;
     };
     then.run(&server).await;
@@ -163,7 +188,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, permit: Permit, s
 /// a Server-Sent Events stream. Either lives as long as the client.
 enum Then {
     Session(io::SessionIo, Option<Vec<u8>>),
-    Events(TcpStream, sse::Events),
+    Events(Stream, sse::Events),
 }
 
 impl Then {
@@ -173,7 +198,7 @@ impl Then {
         use futures_util::future::Either;
         match self {
             Then::Session(io, prefix) => Either::Left(session::run(io, prefix, server)),
-            Then::Events(tcp, events) => Either::Right(sse::run(tcp, events, server)),
+            Then::Events(stream, events) => Either::Right(sse::run(stream, events, server)),
         }
     }
 }
@@ -181,22 +206,27 @@ impl Then {
 /// An upgrade that selected the `mqtt` subprotocol: an MQTT session over
 /// binary WebSocket messages, run from inside the (boxed) handshake phase
 /// so that it does not enlarge every echo session's future.
-async fn serve_mqtt(tcp: TcpStream, leftover: Vec<u8>, peer: SocketAddr, server: &WsServer) {
+async fn serve_mqtt(stream: Stream, leftover: Vec<u8>, peer: SocketAddr, server: &WsServer) {
     use tokio_tungstenite::WebSocketStream;
     use tokio_tungstenite::tungstenite::protocol::Role;
     let Some(mqtt) = server.mqtt.clone() else {
         return;
     };
-    let ws = WebSocketStream::from_partially_read(tcp, leftover, Role::Server, Some(server.codec)).await;
+    let ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(server.codec)).await;
     mqtt.serve_websocket(ws, peer).await;
     debug!(%peer, "MQTT over WebSocket session ended");
 }
 
-/// Serves the client's HTTP requests; on an upgrade, returns the socket
-/// ready for the session; for Server-Sent Events, ready for the stream.
-async fn handshake_phase(mut stream: TcpStream, peer: SocketAddr, server: &WsServer) -> Option<Then> {
+/// Serves the client's HTTP requests (after the TLS handshake, with TLS
+/// on); on an upgrade, returns the stream ready for the session; for
+/// Server-Sent Events, ready for the stream of events.
+async fn handshake_phase(tcp: TcpStream, peer: SocketAddr, server: &WsServer) -> Option<Then> {
     // Echo latency matters more than packet count.
-    let _ = stream.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
+    let mut stream = match &server.tls {
+        None => Stream::Plain(tcp),
+        Some(acceptor) => Stream::Tls(Box::new(tls_handshake(acceptor, tcp, peer, server).await?)),
+    };
     let upgrade = match http::serve(&mut stream, peer, server).await {
         Some(http::Next::Upgrade(upgrade)) => upgrade,
         Some(http::Next::Events(events)) => return Some(Then::Events(stream, events)),
@@ -215,8 +245,55 @@ async fn handshake_phase(mut stream: TcpStream, peer: SocketAddr, server: &WsSer
     Some(Then::Session(io, prefix))
 }
 
-/// Tells a client the server cannot take it to come back later.
-async fn refuse(mut stream: TcpStream, why: Full, server: Rc<WsServer>) {
+/// The TLS handshake of one client, within `handshake_timeout`. rustls's
+/// state is created only once the client has sent something: until then,
+/// a client that connects and stays silent holds its socket and nothing
+/// else. Failures are counted as handshake failures (`tls`, `tls_timeout`)
+/// and logged at debug: they concern that client alone.
+async fn tls_handshake(
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    server: &WsServer,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let handshake = async {
+        tcp.readable().await?;
+        acceptor.accept(tcp).await
+    };
+    match tokio::time::timeout(server.config.handshake_timeout, handshake).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(error)) => {
+            debug!(%peer, %error, "TLS handshake failed");
+            server.metrics.handshake_failed("tls");
+            None
+        }
+        Err(_) => {
+            debug!(%peer, "TLS handshake timed out");
+            server.metrics.handshake_failed("tls_timeout");
+            None
+        }
+    }
+}
+
+/// Tells a client the server cannot take it to come back later: over TLS,
+/// after a handshake of at most a second (a client that cannot finish one
+/// that fast is just closed).
+async fn refuse(tcp: TcpStream, why: Full, server: Rc<WsServer>) {
+    let limit = Duration::from_secs(1);
+    let stream = match &server.tls {
+        None => Some(Stream::Plain(tcp)),
+        Some(acceptor) => match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => Some(Stream::Tls(Box::new(tls))),
+            _ => None,
+        },
+    };
+    if let Some(stream) = stream {
+        refuse_with_503(stream, why, &server, limit).await;
+    }
+    server.refusing.set(server.refusing.get() - 1);
+}
+
+async fn refuse_with_503(mut stream: Stream, why: Full, server: &WsServer, limit: Duration) {
     let body = match why {
         Full::Connections => {
             format!("the server is at its connection limit ({}); try again later", server.limit.max())
@@ -227,13 +304,15 @@ async fn refuse(mut stream: TcpStream, why: Full, server: Rc<WsServer>) {
     if let Some(host) = &server.hostname {
         response = response.with_header(replica::HEADER, host.clone());
     }
-    let limit = Duration::from_secs(1);
     use tokio::io::AsyncWriteExt;
-    if let Ok(Ok(())) = tokio::time::timeout(limit, stream.write_all(&response.to_bytes())).await {
+    let write = async {
+        stream.write_all(&response.to_bytes()).await?;
+        stream.flush().await
+    };
+    if let Ok(Ok(())) = tokio::time::timeout(limit, write).await {
         server.metrics.http_response(503);
         handshake::linger_close(&mut stream, limit).await;
     }
-    server.refusing.set(server.refusing.get() - 1);
 }
 
 #[cfg(test)]

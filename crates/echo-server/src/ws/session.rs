@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
@@ -34,6 +33,7 @@ use tracing::debug;
 use super::WsServer;
 use super::handshake::linger_close;
 use super::io::SessionIo;
+use super::stream::Stream;
 
 type Ws = WebSocketStream<SessionIo>;
 
@@ -75,10 +75,10 @@ enum Step {
 /// Wraps a freshly upgraded socket for [`run`]. `leftover` holds bytes the
 /// client sent right after its handshake (its first frames, if it did not
 /// wait for the response).
-pub fn session_io(tcp: TcpStream, leftover: Vec<u8>, server: &WsServer) -> (SessionIo, Option<Vec<u8>>) {
+pub fn session_io(stream: Stream, leftover: Vec<u8>, server: &WsServer) -> (SessionIo, Option<Vec<u8>>) {
     let metrics = &server.metrics;
     let mut io = SessionIo::new(
-        tcp,
+        stream,
         metrics.bytes_received.clone(),
         metrics.bytes_sent.clone(),
         server.budget.clone(),
@@ -115,7 +115,7 @@ pub fn run(
                     _ = server.shutdown.wait() => Wake::Shutdown,
                     _ = &mut timer => Wake::Timer,
                     // An error is seen again, and handled, by the read that follows.
-                    _ = io.tcp().readable() => Wake::Readable,
+                    _ = io.stream().readable() => Wake::Readable,
                 }
             };
             // Boxed so the stream and its state exist only while active: the
@@ -205,7 +205,10 @@ async fn active(
                     return Step::Done;
                 }
             }
-            Event::Ended => return Step::Done,
+            Event::Ended => {
+                shut_down(ws, Instant::now() + server.config.close_timeout).await;
+                return Step::Done;
+            }
             Event::Failed(err) => return fail(ws, err, server).await,
             Event::Shutdown => {
                 let deadline = server
@@ -379,7 +382,7 @@ async fn fail(ws: Ws, err: WsError, server: &WsServer) -> Step {
     // tungstenite ends its stream after a read error, so the client's answer
     // is read and dropped at the TCP level.
     let mut io = ws.into_inner();
-    linger_close(io.tcp_mut(), limit).await;
+    linger_close(io.stream_mut(), limit).await;
     Step::Done
 }
 
@@ -399,9 +402,19 @@ async fn close(mut ws: Ws, code: CloseCode, reason: &'static str, deadline: Inst
             }
             // Data that was already on its way is dropped: we said goodbye.
             Ok(Some(Ok(_))) => {}
-            Ok(Some(Err(_)) | None) | Err(_) => return,
+            Ok(None) => return shut_down(ws, deadline).await,
+            Ok(Some(Err(_))) | Err(_) => return,
         }
     }
+}
+
+/// Ends a connection whose closing handshake is complete: the server
+/// closes the TCP connection first (RFC 6455 §7.1.1), and over TLS sends a
+/// close_notify before, without which a client cannot tell the end from a
+/// cut (rustls reports an unexpected end of file).
+async fn shut_down(ws: Ws, deadline: Instant) {
+    let mut io = ws.into_inner();
+    let _ = tokio::time::timeout_at(deadline, io.shutdown()).await;
 }
 
 /// What the keepalive timer asks for.

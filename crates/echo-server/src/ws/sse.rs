@@ -41,7 +41,10 @@
 //! socket's send buffer is full (a client that does not read), the event
 //! is skipped, not queued, and a client that has taken nothing for
 //! `write_timeout` is closed. Only an event the kernel took part of is kept
-//! (its rest, at most [`EVENT_MAX`] bytes) until it is out.
+//! (its rest, at most [`EVENT_MAX`] bytes) until it is out. Over TLS the
+//! event goes to rustls instead, which sends what the socket takes and
+//! keeps the rest (up to its 64 KiB limit on unsent data, past which events
+//! are skipped as above).
 
 use std::cell::Cell;
 use std::future::{Future, poll_fn};
@@ -52,13 +55,13 @@ use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::debug;
 
 use super::WsServer;
 use super::handshake::{PlainRequest, Response, linger_close};
+use super::stream::Stream;
 use super::{http_echo, replica};
 use crate::shutdown::Shutdown;
 
@@ -260,19 +263,19 @@ enum Wake {
 /// future lives as long as the client, and this keeps it to the state a
 /// waiting stream needs.
 #[allow(clippy::manual_async_fn)] // deliberate, see above
-pub(crate) fn run(tcp: TcpStream, events: Events, server: &WsServer) -> impl Future<Output = ()> + '_ {
+pub(crate) fn run(mut stream: Stream, events: Events, server: &WsServer) -> impl Future<Output = ()> + '_ {
     async move {
         let Events { chunked, mut next_id } = events;
         let _open = Open::new(server);
         let mut seen = server.ticker.ticks.get();
         let mut skipped = 0u32;
         loop {
-            match wait(&tcp, &server.ticker, &server.shutdown, seen).await {
+            match wait(&mut stream, &server.ticker, &server.shutdown, seen).await {
                 Wake::Left => return server.metrics.sse_closed("client_left"),
-                Wake::Shutdown => return Box::pin(end(tcp, chunked, server)).await,
+                Wake::Shutdown => return Box::pin(end(stream, chunked, server)).await,
                 Wake::Tick => seen = server.ticker.ticks.get(),
             }
-            match send_event(&tcp, chunked, next_id, server.ticker.at.get()) {
+            match send_event(&mut stream, chunked, next_id, server.ticker.at.get()) {
                 Sent::Whole(n) => {
                     server.metrics.sse_bytes_sent.inc_by(n as u64);
                 }
@@ -285,7 +288,7 @@ pub(crate) fn run(tcp: TcpStream, events: Events, server: &WsServer) -> impl Fut
                 }
                 Sent::Part { sent, rest } => {
                     server.metrics.sse_bytes_sent.inc_by(sent as u64);
-                    if !Box::pin(send_rest(&tcp, rest, server)).await {
+                    if !Box::pin(send_rest(&mut stream, rest, server)).await {
                         return server.metrics.sse_closed("write_timeout");
                     }
                 }
@@ -330,7 +333,7 @@ impl Drop for Open<'_> {
 
 /// Waits for a tick after `seen`, the shutdown, or the client to leave.
 /// Bytes the client sends meanwhile are read and dropped.
-async fn wait(tcp: &TcpStream, ticker: &Ticker, shutdown: &Shutdown, seen: u64) -> Wake {
+async fn wait(stream: &mut Stream, ticker: &Ticker, shutdown: &Shutdown, seen: u64) -> Wake {
     loop {
         if shutdown.is_triggered() {
             return Wake::Shutdown;
@@ -344,19 +347,19 @@ async fn wait(tcp: &TcpStream, ticker: &Ticker, shutdown: &Shutdown, seen: u64) 
             if notified.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(false);
             }
-            tcp.poll_read_ready(cx).map(|_| true)
+            stream.poll_read_ready(cx).map(|_| true)
         })
         .await;
-        if readable && client_left(tcp) {
+        if readable && client_left(stream) {
             return Wake::Left;
         }
     }
 }
 
 /// Reads what the client sent: true at its end of stream or an error.
-fn client_left(tcp: &TcpStream) -> bool {
+fn client_left(stream: &mut Stream) -> bool {
     let mut sink = [0u8; 512];
-    match tcp.try_read(&mut sink) {
+    match stream.try_read(&mut sink) {
         Ok(0) => true,
         Ok(_) => false,
         Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
@@ -379,10 +382,10 @@ enum Sent {
 
 /// Formats the `time` event `id` on the stack and offers it to the kernel
 /// in one non-blocking write.
-fn send_event(tcp: &TcpStream, chunked: bool, id: u64, at: SystemTime) -> Sent {
+fn send_event(stream: &mut Stream, chunked: bool, id: u64, at: SystemTime) -> Sent {
     let mut buf = [0u8; EVENT_MAX];
     let len = format_event(&mut buf, chunked, id, at);
-    match tcp.try_write(&buf[..len]) {
+    match stream.try_write(&buf[..len]) {
         Ok(n) if n == len => Sent::Whole(n),
         Ok(n) => Sent::Part { sent: n, rest: buf[n..len].to_vec() },
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Sent::Skipped,
@@ -410,18 +413,10 @@ fn format_event(buf: &mut [u8; EVENT_MAX], chunked: bool, id: u64, at: SystemTim
 
 /// The rest of an event the kernel took part of, within `write_timeout`;
 /// ticks meanwhile are missed (the next event carries the next tick).
-async fn send_rest(tcp: &TcpStream, rest: Vec<u8>, server: &WsServer) -> bool {
+async fn send_rest(stream: &mut Stream, rest: Vec<u8>, server: &WsServer) -> bool {
     let write = async {
-        let mut left = &rest[..];
-        while !left.is_empty() {
-            tcp.writable().await?;
-            match tcp.try_write(left) {
-                Ok(n) => left = &left[n..],
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok::<(), std::io::Error>(())
+        stream.write_all(&rest).await?;
+        stream.flush().await
     };
     let done = matches!(tokio::time::timeout(server.config.write_timeout, write).await, Ok(Ok(())));
     if done {
@@ -432,18 +427,22 @@ async fn send_rest(tcp: &TcpStream, rest: Vec<u8>, server: &WsServer) -> bool {
 
 /// Ends a stream at shutdown: the final chunk (HTTP/1.1), then the close,
 /// within the shutdown's grace.
-async fn end(mut tcp: TcpStream, chunked: bool, server: &WsServer) {
+async fn end(mut stream: Stream, chunked: bool, server: &WsServer) {
     server.metrics.sse_closed("shutdown");
     let deadline = server.shutdown.deadline().unwrap_or_else(|| Instant::now() + server.config.close_timeout);
     if chunked {
         const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
-        if !matches!(tokio::time::timeout_at(deadline, tcp.write_all(LAST_CHUNK)).await, Ok(Ok(()))) {
+        let write = async {
+            stream.write_all(LAST_CHUNK).await?;
+            stream.flush().await
+        };
+        if !matches!(tokio::time::timeout_at(deadline, write).await, Ok(Ok(()))) {
             return;
         }
         server.metrics.sse_bytes_sent.inc_by(LAST_CHUNK.len() as u64);
     }
     let limit = deadline.saturating_duration_since(Instant::now()).min(server.config.close_timeout);
-    linger_close(&mut tcp, limit).await;
+    linger_close(&mut stream, limit).await;
 }
 
 #[cfg(test)]
@@ -467,11 +466,11 @@ mod tests {
         "127.0.0.1:5000".parse().unwrap()
     }
 
-    async fn pair() -> (TcpStream, TcpStream) {
+    async fn pair() -> (Stream, tokio::net::TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
-        (accepted, client)
+        (Stream::Plain(accepted), client)
     }
 
     /// An idle stream is this future and its socket: it must stay about
@@ -563,10 +562,10 @@ mod tests {
     /// event is skipped whole, and nothing of it is kept.
     #[tokio::test]
     async fn a_full_socket_skips_the_event_instead_of_queueing_it() {
-        let (accepted, _client) = pair().await;
-        socket2::SockRef::from(&accepted).set_send_buffer_size(4096).unwrap();
+        let (mut accepted, _client) = pair().await;
+        socket2::SockRef::from(accepted.tcp()).set_send_buffer_size(4096).unwrap();
         let filler = vec![b'x'; 64 * 1024];
         while accepted.try_write(&filler).is_ok() {}
-        assert_eq!(send_event(&accepted, true, 1, SystemTime::now()), Sent::Skipped);
+        assert_eq!(send_event(&mut accepted, true, 1, SystemTime::now()), Sent::Skipped);
     }
 }

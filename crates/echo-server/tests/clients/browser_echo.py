@@ -14,7 +14,9 @@ echo as fast as they can, and reports what the page's live panel (fed by
 With --mqtt, it instead opens the page's MQTT tab (MQTT.js over WebSocket),
 subscribes, publishes, and reports the message the page received.
 
-Usage: python3 browser_echo.py CHROMIUM_BINARY http://HOST:PORT/.ws [--sse | --live N | --mqtt]
+Usage: python3 browser_echo.py CHROMIUM_BINARY http://HOST:PORT/.ws [--sse | --live N | --mqtt] [CHROMIUM_FLAG...]
+(any other argument starting with -- goes to Chromium, e.g.
+--ignore-certificate-errors for an https:// page with a self-signed certificate)
 Prints a JSON line with the result; exits non-zero on failure.
 """
 import asyncio
@@ -182,11 +184,13 @@ def main() -> None:
     args = sys.argv[3:]
     sse, mqtt = "--sse" in args, "--mqtt" in args
     live = int(args[args.index("--live") + 1]) if "--live" in args else 0
+    ours = {"--sse", "--mqtt", "--live"}
+    flags = [a for a in args if a.startswith("--") and a not in ours]
     profile = tempfile.mkdtemp(prefix="echo-chromium-")
     proc = subprocess.Popen(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--remote-debugging-port=0", url],
+         "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--remote-debugging-port=0", *flags, url],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         port = wait_for_port_file(profile, proc)

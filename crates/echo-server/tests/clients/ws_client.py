@@ -1,17 +1,20 @@
 """Round trip against echo-server with the Python `websockets` library.
 
 Usage: python3 ws_client.py ws://HOST:PORT/
+       python3 ws_client.py wss://HOST:PORT/ CERT.pem   (trusting only CERT.pem)
 Exits 0 when every check passes; prints what failed otherwise.
 """
 import asyncio
 import os
+import ssl
 import sys
 
 import websockets
 
 
-async def main(url: str) -> None:
-    async with websockets.connect(url, subprotocols=["echo.v1", "other"], max_size=None) as ws:
+async def main(url: str, cafile: str | None) -> None:
+    tls = ssl.create_default_context(cafile=cafile) if cafile else None
+    async with websockets.connect(url, subprotocols=["echo.v1", "other"], max_size=None, ssl=tls) as ws:
         assert ws.subprotocol == "echo.v1", f"subprotocol {ws.subprotocol!r}"
         for message in ["hello from python", "ünïcödé ✓", "", os.urandom(1000), b"", os.urandom(300_000)]:
             await ws.send(message)
@@ -32,4 +35,4 @@ async def main(url: str) -> None:
     print(f"python websockets {websockets.__version__}: ok")
 
 
-asyncio.run(main(sys.argv[1]))
+asyncio.run(main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None))
