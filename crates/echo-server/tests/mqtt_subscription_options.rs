@@ -198,6 +198,11 @@ fn no_local_holds_across_a_resumed_session() {
         assert_eq!(away.read_packet().unwrap().connack_code(), 0);
         assert!(subscribe(&mut away, 1, "nlk/t", NO_LOCAL).is_empty());
         away.send(&mqtt_raw::DISCONNECT);
+        // The server has read the DISCONNECT and closed before the other
+        // client connects (a round trip through the router): else a
+        // publish could reach the leaving connection, and be lost with it
+        // at QoS 0.
+        assert!(away.closed_within(Duration::from_secs(5)));
         drop(away);
 
         // While the session waits: another client's publish, kept for it.
@@ -213,5 +218,104 @@ fn no_local_holds_across_a_resumed_session() {
         assert!(back.silent_for(QUIET), "its own, after resuming");
         publish(&mut other, "nlk/t", b"other's", false);
         assert_eq!(payloads(&mut back), vec![b"other's".to_vec()]);
+    });
+}
+
+/// The SUBACK and the deliveries that follow a SUBSCRIBE, as (payload,
+/// Subscription Identifiers).
+fn subscribed_with_id(c: &mut RawMqtt, packet: &[u8]) -> Vec<(Vec<u8>, Vec<usize>)> {
+    c.send(packet);
+    let packets = until_quiet(c);
+    assert_eq!(packets.iter().filter(|p| p.packet_type() == 9).count(), 1, "one SUBACK: {packets:?}");
+    packets.iter().filter(|p| p.packet_type() == 3).map(identified).collect()
+}
+
+fn identified(p: &RawPacket) -> (Vec<u8>, Vec<usize>) {
+    let delivery = p.delivery(5);
+    (delivery.payload, delivery.subscription_ids)
+}
+
+fn identified_until_quiet(c: &mut RawMqtt) -> Vec<(Vec<u8>, Vec<usize>)> {
+    let mut got: Vec<_> = until_quiet(c).iter().map(identified).collect();
+    got.sort();
+    got
+}
+
+/// Subscription Identifiers (§3.8.2.1.2, §3.3.4): a delivery carries the
+/// identifier of the subscription it matched, retained messages sent at
+/// subscription too; a publish matching two of a client's subscriptions
+/// comes once for each, with that subscription's identifier; a
+/// re-SUBSCRIBE replaces the identifier, and one without an identifier
+/// takes it away.
+#[test]
+fn deliveries_carry_the_identifier_of_the_subscription_they_matched() {
+    each_router_placement(|server| {
+        let mut publisher = client(server, "subid-publisher");
+        publish(&mut publisher, "subid/kept", b"kept", true);
+        let mut c = client(server, "subid-subscriber");
+        let retained = subscribed_with_id(&mut c, &mqtt_raw::subscribe_with_id(1, "subid/+", 0, 7));
+        assert_eq!(retained, vec![(b"kept".to_vec(), vec![7])]);
+        // 300 takes two bytes as a variable byte integer.
+        assert_eq!(subscribed_with_id(&mut c, &mqtt_raw::subscribe_with_id(2, "subid/x", 0, 300)), vec![]);
+
+        publish(&mut publisher, "subid/x", b"both", false);
+        assert_eq!(
+            identified_until_quiet(&mut c),
+            vec![(b"both".to_vec(), vec![7]), (b"both".to_vec(), vec![300])]
+        );
+
+        let again = mqtt_raw::subscribe_with_id(3, "subid/+", RETAIN_HANDLING_NEVER, 9);
+        assert_eq!(subscribed_with_id(&mut c, &again), vec![]);
+        publish(&mut publisher, "subid/y", b"replaced", false);
+        assert_eq!(identified_until_quiet(&mut c), vec![(b"replaced".to_vec(), vec![9])]);
+
+        let without = mqtt_raw::subscribe_options(4, "subid/+", RETAIN_HANDLING_NEVER);
+        assert_eq!(subscribed_with_id(&mut c, &without), vec![]);
+        publish(&mut publisher, "subid/y", b"none", false);
+        assert_eq!(identified_until_quiet(&mut c), vec![(b"none".to_vec(), vec![])]);
+    });
+}
+
+/// A Subscription Identifier of 0 is a Protocol Error (§3.8.2.1.2):
+/// DISCONNECT 0x82, and the connection closes.
+#[test]
+fn a_subscription_identifier_of_zero_is_a_protocol_error() {
+    each_router_placement(|server| {
+        let mut c = client(server, "subid-zero");
+        c.send(&mqtt_raw::subscribe_with_id(1, "subid/zero", 0, 0));
+        let p = c.read_packet().expect("a DISCONNECT");
+        assert_eq!(p.packet_type(), 14, "{p:?}");
+        assert_eq!(p.disconnect_reason(), 0x82);
+        assert!(c.closed_within(Duration::from_secs(5)));
+    });
+}
+
+/// A resumed session's subscriptions keep their identifiers: what waited
+/// for it, and what comes after, carries them.
+#[test]
+fn subscription_identifiers_hold_across_a_resumed_session() {
+    each_router_placement(|server| {
+        let mut away = RawMqtt::connect(server.mqtt_addr());
+        away.send(&mqtt_raw::connect_session(5, "subid-kept", true, Some(300)));
+        assert_eq!(away.read_packet().unwrap().connack_code(), 0);
+        assert_eq!(subscribed_with_id(&mut away, &mqtt_raw::subscribe_with_id(1, "subidk/t", 0, 42)), vec![]);
+        away.send(&mqtt_raw::DISCONNECT);
+        // The server has read the DISCONNECT and closed before the other
+        // client connects (a round trip through the router): else a
+        // publish could reach the leaving connection, and be lost with it
+        // at QoS 0.
+        assert!(away.closed_within(Duration::from_secs(5)));
+        drop(away);
+
+        let mut other = client(server, "subidk-other");
+        publish(&mut other, "subidk/t", b"kept", false);
+
+        let mut back = RawMqtt::connect(server.mqtt_addr());
+        back.send(&mqtt_raw::connect_session(5, "subid-kept", false, Some(300)));
+        let ack = back.read_packet().unwrap();
+        assert_eq!((ack.connack_code(), ack.session_present()), (0, true));
+        assert_eq!(identified_until_quiet(&mut back), vec![(b"kept".to_vec(), vec![42])]);
+        publish(&mut other, "subidk/t", b"live", false);
+        assert_eq!(identified_until_quiet(&mut back), vec![(b"live".to_vec(), vec![42])]);
     });
 }

@@ -443,7 +443,10 @@ mod tests {
                     200 * packet,
                     200 * notification
                 );
-                assert!(size <= 2048, "the per-connection MQTT future grew to {size} bytes");
+                // 2,040 bytes before Transport::read, LinkRx::next and the wake
+                // kept less across their waits (1,480 after); tokio rounds a
+                // task up to a multiple of 128 bytes.
+                assert!(size <= 1536, "the per-connection MQTT future grew to {size} bytes");
             })
             .await;
     }

@@ -426,6 +426,19 @@ pub fn subscribe_options(pkid: u16, filter: &str, options: u8) -> Vec<u8> {
     subscribe_qos(5, pkid, filter, options)
 }
 
+/// MQTT 5 SUBSCRIBE to one filter with these options and a Subscription
+/// Identifier (§3.8.2.1.2, property 0x0B, a variable byte integer).
+pub fn subscribe_with_id(pkid: u16, filter: &str, options: u8, id: usize) -> Vec<u8> {
+    let mut property = vec![0x0B];
+    remaining_length(id, &mut property);
+    let mut body = pkid.to_be_bytes().to_vec();
+    body.push(property.len() as u8);
+    body.extend_from_slice(&property);
+    string(filter.as_bytes(), &mut body);
+    body.push(options);
+    packet(0x82, &body)
+}
+
 /// A PUBLISH as the server sent it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
@@ -434,10 +447,52 @@ pub struct Delivery {
     /// 0 at QoS 0.
     pub pkid: u16,
     pub payload: Vec<u8>,
+    /// MQTT 5: its Subscription Identifiers (property 0x0B), in order.
+    pub subscription_ids: Vec<usize>,
+}
+
+/// A variable byte integer at `at`; moves `at` past it.
+fn read_varint(bytes: &[u8], at: &mut usize) -> usize {
+    let (mut value, mut shift) = (0usize, 0);
+    loop {
+        let b = bytes[*at];
+        *at += 1;
+        value |= usize::from(b & 0x7f) << shift;
+        shift += 7;
+        if b & 0x80 == 0 {
+            return value;
+        }
+    }
+}
+
+/// The Subscription Identifiers among a PUBLISH's properties; the other
+/// properties a server may send with one are skipped (§3.3.2.3).
+fn subscription_ids(properties: &[u8]) -> Vec<usize> {
+    let mut ids = Vec::new();
+    let mut at = 0;
+    let u16_at = |at: usize| usize::from(u16::from_be_bytes([properties[at], properties[at + 1]]));
+    while at < properties.len() {
+        let id = properties[at];
+        at += 1;
+        match id {
+            0x0B => ids.push(read_varint(properties, &mut at)),
+            0x01 => at += 1,
+            0x23 => at += 2,
+            0x02 => at += 4,
+            0x03 | 0x08 | 0x09 => at += 2 + u16_at(at),
+            0x26 => {
+                at += 2 + u16_at(at);
+                at += 2 + u16_at(at);
+            }
+            other => panic!("unexpected PUBLISH property {other:#x}"),
+        }
+    }
+    ids
 }
 
 impl RawPacket {
-    /// The fields of a PUBLISH (its MQTT 5 properties skipped).
+    /// The fields of a PUBLISH (of its MQTT 5 properties, the Subscription
+    /// Identifiers).
     pub fn delivery(&self, level: u8) -> Delivery {
         assert_eq!(self.packet_type(), 3, "not a PUBLISH: {self:?}");
         let qos = (self.first >> 1) & 3;
@@ -449,20 +504,13 @@ impl RawPacket {
             pkid = u16::from_be_bytes([self.body[at], self.body[at + 1]]);
             at += 2;
         }
+        let mut ids = Vec::new();
         if level == 5 {
-            let (mut len, mut shift) = (0usize, 0);
-            loop {
-                let b = self.body[at];
-                at += 1;
-                len |= usize::from(b & 0x7f) << shift;
-                shift += 7;
-                if b & 0x80 == 0 {
-                    break;
-                }
-            }
+            let len = read_varint(&self.body, &mut at);
+            ids = subscription_ids(&self.body[at..at + len]);
             at += len;
         }
-        Delivery { qos, topic, pkid, payload: self.body[at..].to_vec() }
+        Delivery { qos, topic, pkid, payload: self.body[at..].to_vec(), subscription_ids: ids }
     }
 }
 

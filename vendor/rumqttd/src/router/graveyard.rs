@@ -64,10 +64,12 @@ impl Graveyard {
     }
 
     /// Save connection tracker
+    #[allow(clippy::too_many_arguments)]
     pub fn save_state(
         &mut self,
         mut tracker: Tracker,
         subscriptions: HashSet<String>,
+        subscription_ids: HashMap<String, usize>,
         metrics: ConnectionEvents,
         unacked_pubrels: VecDeque<u16>,
         expiry: Option<Duration>,
@@ -86,6 +88,7 @@ impl Graveyard {
         let session_state = SessionState {
             tracker,
             subscriptions,
+            subscription_ids,
             unacked_pubrels,
             origin,
         };
@@ -125,6 +128,10 @@ pub struct SavedState {
 pub struct SessionState {
     pub tracker: Tracker,
     pub subscriptions: HashSet<String>,
+    /// echo-server patch: the subscriptions' MQTT 5 Subscription
+    /// Identifiers, which a resumed session's deliveries keep carrying
+    /// (0.20.0 lost them with the connection).
+    pub subscription_ids: HashMap<String, usize>,
     // used for pubrel in qos2
     pub unacked_pubrels: VecDeque<u16>,
     /// echo-server patch: the session's mark on what it publishes (No
@@ -140,7 +147,7 @@ mod echo_server_patch {
     fn save(graveyard: &mut Graveyard, id: &str, expiry: Option<Duration>) {
         let tracker = Tracker::new(id.to_owned());
         let metrics = ConnectionEvents::default();
-        graveyard.save_state(tracker, HashSet::new(), metrics, VecDeque::new(), expiry, 1);
+        graveyard.save_state(tracker, HashSet::new(), HashMap::new(), metrics, VecDeque::new(), expiry, 1);
     }
 
     /// A session is there until its expiry, then gone, and its memory is

@@ -504,6 +504,7 @@ impl Router {
                 || Tracker::new(client_id.clone()),
                 |session_state| {
                     connection.subscriptions = session_state.subscriptions;
+                    connection.subscription_ids = session_state.subscription_ids;
                     connection.origin = session_state.origin;
                     // for using in acklog
                     pending_acks.clone_from(&session_state.unacked_pubrels);
@@ -718,6 +719,7 @@ impl Router {
             self.graveyard.save_state(
                 tracker,
                 connection.subscriptions,
+                connection.subscription_ids,
                 connection.events,
                 outgoing.unacked_pubrels,
                 connection.session_expiry,
@@ -1207,10 +1209,18 @@ impl Router {
             shared_group.add_client(client_id);
         };
 
-        if let Some(subscription_id) = subscription_id {
-            connection
-                .subscription_ids
-                .insert(filter_path.clone(), subscription_id);
+        // echo-server patch: a SUBSCRIBE without an identifier to a filter
+        // held takes the old identifier away (it replaces the
+        // subscription, 3.8.4); 0.20.0 kept it.
+        match subscription_id {
+            Some(subscription_id) => {
+                connection
+                    .subscription_ids
+                    .insert(filter_path.clone(), subscription_id);
+            }
+            None => {
+                connection.subscription_ids.remove(filter_path);
+            }
         }
 
         // call to `insert(_)` returns `true` if it didn't contain the filter_path already
