@@ -203,6 +203,10 @@ pub struct MqttConfig {
     /// QoS 1 and 2 publishes a client may have in flight towards the
     /// server (CONNACK's Receive Maximum).
     pub receive_maximum: u16,
+    /// QoS 1 and 2 publishes the server sends a client before it waits
+    /// for acknowledgements (Mosquitto's `max_inflight_messages`); an MQTT
+    /// 5 client's lower Receive Maximum wins.
+    pub max_inflight_messages: u16,
     /// Empty means "no authentication".
     pub username: String,
     pub password: String,
@@ -238,6 +242,7 @@ impl Default for MqttConfig {
             max_topic_levels: 32,
             topic_alias_maximum: 10,
             receive_maximum: 32,
+            max_inflight_messages: 100,
             username: String::new(),
             password: String::new(),
             password_file: String::new(),
@@ -529,6 +534,7 @@ impl Config {
         }
         // MQTT 5 §3.2.2.3.3: 0 is a protocol error.
         positive("mqtt.receive_maximum", u32::from(mqtt.receive_maximum))?;
+        positive("mqtt.max_inflight_messages", u32::from(mqtt.max_inflight_messages))?;
         if mqtt.username.is_empty() != mqtt.password.is_empty() {
             let key = if mqtt.username.is_empty() { "mqtt.username" } else { "mqtt.password" };
             return Err(invalid(key, "mqtt.username and mqtt.password are set together or not at all"));
@@ -950,6 +956,7 @@ mod tests {
             ("[mqtt]\ntopic_alias_maximum = 4097\n", "mqtt.topic_alias_maximum"),
             ("[mqtt]\ntopic_alias_maximum = 70000\n", "mqtt.topic_alias_maximum"),
             ("[mqtt]\nreceive_maximum = 0\n", "mqtt.receive_maximum"),
+            ("[mqtt]\nmax_inflight_messages = 0\n", "mqtt.max_inflight_messages"),
             ("[mqtt]\nrouter = \"loop\"\n", "mqtt.router"),
         ] {
             let err = load_str(toml).unwrap_err().to_string();

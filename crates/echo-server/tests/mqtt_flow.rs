@@ -260,3 +260,64 @@ fn a_zero_receive_maximum_or_maximum_packet_size_is_refused() {
         assert!(c.closed_within(Duration::from_secs(5)));
     }
 }
+
+/// A server started with this in-flight window (`mqtt.max_inflight_messages`).
+fn server_with_window(on_the_loop: bool, window: &str) -> TestServer {
+    let mut env = vec![("ECHO_MQTT_MAX_INFLIGHT_MESSAGES", window)];
+    if on_the_loop {
+        env.extend(common::ROUTER_ON_THE_LOOP);
+    }
+    TestServer::start_with_env(&[], &env)
+}
+
+/// `mqtt.max_inflight_messages` is the window for every client: an MQTT
+/// 3.1.1 client gets 2 of 5 waiting QoS 1 messages, then one per PUBACK;
+/// an MQTT 5 client asking for 10 gets 2 as well (the lower wins).
+fn the_servers_window_holds_every_client(on_the_loop: bool) {
+    let server = server_with_window(on_the_loop, "2");
+    let mut old = RawMqtt::session(server.mqtt_addr(), 4, "window-311", 30);
+    old.send(&mqtt_raw::subscribe_qos(4, 1, "flow/window", 1));
+    assert_eq!(old.read_packet().unwrap().suback_codes(4), vec![1]);
+    let mut new = subscriber(&server, "window-5", &[0x21, 0, 10], "flow/window", 1);
+    let messages: Vec<(u8, Vec<u8>)> = (0..5u8).map(|i| (1, vec![i])).collect();
+    publish_all(&server, "flow/window", &messages);
+    for (c, level) in [(&mut old, 4), (&mut new, 5)] {
+        let got: Vec<Delivery> =
+            (0..2).map(|_| c.read_packet().expect("a PUBLISH").delivery(level)).collect();
+        assert_eq!(got.iter().map(|d| d.payload[0]).collect::<Vec<_>>(), vec![0, 1]);
+        assert!(c.silent_for(QUIET), "a third before any PUBACK (MQTT level {level})");
+        c.send(&mqtt_raw::ack(0x40, got[0].pkid));
+        assert_eq!(c.read_packet().expect("the third").delivery(level).payload, vec![2]);
+        assert!(c.silent_for(QUIET), "a fourth with two unacknowledged (MQTT level {level})");
+    }
+}
+
+#[test]
+fn the_servers_window_holds_every_client_router_on_its_thread() {
+    the_servers_window_holds_every_client(false);
+}
+
+#[test]
+fn the_servers_window_holds_every_client_router_on_the_loop() {
+    the_servers_window_holds_every_client(true);
+}
+
+/// A window over 100 (rumqttd's fixed one before it was configurable):
+/// 150 QoS 1 messages arrive unacknowledged, each with a packet id of its
+/// own.
+#[test]
+fn a_window_over_a_hundred_is_kept() {
+    let server = server_with_window(false, "150");
+    let mut c = RawMqtt::session(server.mqtt_addr(), 4, "window-wide", 30);
+    c.send(&mqtt_raw::subscribe_qos(4, 1, "flow/wide", 1));
+    assert_eq!(c.read_packet().unwrap().suback_codes(4), vec![1]);
+    let messages: Vec<(u8, Vec<u8>)> = (0..160u8).map(|i| (1, vec![i])).collect();
+    publish_all(&server, "flow/wide", &messages);
+    let got: Vec<Delivery> = (0..150).map(|_| c.read_packet().expect("a PUBLISH").delivery(4)).collect();
+    assert!(c.silent_for(QUIET), "more than 150 unacknowledged");
+    assert_eq!(got.iter().map(|d| d.payload[0]).collect::<Vec<_>>(), (0..150).collect::<Vec<u8>>());
+    let mut ids: Vec<u16> = got.iter().map(|d| d.pkid).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 150, "packet ids in flight twice");
+}

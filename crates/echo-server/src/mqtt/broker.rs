@@ -279,16 +279,19 @@ impl Broker {
         let (_, sentinel, _connack) = internal(SENTINEL_CLIENT_ID).await?;
         let (wills_tx, wills_rx, _connack) = internal(INTERNAL_CLIENT_ID).await?;
         let histogram = metrics.link_build_seconds.clone();
+        let max_inflight = config.max_inflight_messages;
         let build_link = Box::new(
             move |client_id: String, clean_start: bool, expiry: SessionExpiry, limits: ClientLimits| {
                 let router_tx = router_tx.clone();
                 let histogram = histogram.clone();
+                // The server's window, or the client's if it asked for less.
+                let window = limits.receive_maximum.map_or(max_inflight, |asked| asked.min(max_inflight));
                 Box::pin(async move {
                     let started = Instant::now();
                     let result = LinkBuilder::new(&client_id, router_tx)
                         .clean_session(clean_start)
                         .session_expiry(expiry.duration())
-                        .receive_maximum(limits.receive_maximum)
+                        .receive_maximum(Some(window))
                         .max_packet_size(limits.max_packet_size)
                         .dynamic_filters(false)
                         .build_async()

@@ -16,8 +16,14 @@ use crate::{
 
 use super::{Forward, IncomingMeter, OutgoingMeter};
 
+/// The in-flight window of a client that asked for none (see
+/// `limit_inflight`).
 const MAX_INFLIGHT: usize = 100;
-const MAX_PKID: u16 = MAX_INFLIGHT as u16;
+/// echo-server patch: packet ids go round at the largest one MQTT has
+/// (was: at `MAX_INFLIGHT`, which tied the window to 100 at most). With
+/// acknowledgements in order and at most the window in flight, an id comes
+/// back only once its last use was acknowledged, whatever the window.
+const MAX_PKID: u16 = u16::MAX;
 
 #[derive(Debug)]
 pub struct Incoming {
@@ -69,8 +75,8 @@ pub struct Outgoing {
     /// Metrics of outgoing messages of this connection
     pub(crate) meter: OutgoingMeter,
     /// echo-server patch: the most QoS 1 and 2 publishes this client may
-    /// have unacknowledged, the client's MQTT 5 Receive Maximum (at most
-    /// `MAX_INFLIGHT`; see `limit_inflight`). This and the next are small
+    /// have unacknowledged: the lower of its MQTT 5 Receive Maximum and
+    /// the server's limit (see `limit_inflight`). This and the next are small
     /// types so that they fit in `Outgoing`'s padding: an `Outgoing` travels
     /// in `Event::Connect`, so every `Event` is as large, and every future
     /// that sends an event to the router holds one.
@@ -98,7 +104,7 @@ impl Outgoing {
             handle,
             last_pkid: 0,
             meter: Default::default(),
-            inflight_limit: MAX_PKID,
+            inflight_limit: MAX_INFLIGHT as u16,
             max_packet_size: None,
         };
 
@@ -110,16 +116,17 @@ impl Outgoing {
         self.data_buffer.clone()
     }
 
-    /// echo-server patch: the client's Receive Maximum (MQTT 5
-    /// §3.1.2.11.3), the in-flight window the router keeps to for it: no
-    /// more than this many QoS 1 and 2 publishes are sent unacknowledged
-    /// (0.20.0 sent up to `MAX_INFLIGHT` whatever the client said). The
-    /// rest stay in their topics' logs until acknowledgements make room, as
-    /// for any client whose window is full. Never more than `MAX_INFLIGHT`
-    /// (packet ids wrap there), never less than 1 (0 is a protocol error,
-    /// refused before a link is built).
+    /// echo-server patch: the in-flight window the router keeps to for
+    /// this client: no more than this many QoS 1 and 2 publishes are sent
+    /// unacknowledged (0.20.0 sent up to `MAX_INFLIGHT` whatever the client
+    /// said). The caller passes the lower of the client's MQTT 5 Receive
+    /// Maximum (§3.1.2.11.3) and the server's own limit. The rest stay in
+    /// their topics' logs until acknowledgements make room, as for any
+    /// client whose window is full. Never less than 1 (0 is a protocol
+    /// error, refused before a link is built). Without this call,
+    /// `MAX_INFLIGHT`.
     pub fn limit_inflight(&mut self, receive_maximum: u16) {
-        self.inflight_limit = receive_maximum.clamp(1, MAX_PKID);
+        self.inflight_limit = receive_maximum.max(1);
     }
 
     /// echo-server patch: the client's Maximum Packet Size (MQTT 5
@@ -206,12 +213,12 @@ impl Outgoing {
         let buffer_count = buffer.len();
         let inflight_count = self.inflight_buffer.len();
 
-        if inflight_count > MAX_INFLIGHT {
+        if inflight_count > usize::from(self.inflight_limit) {
             // echo-server patch: debug, as everything a client causes per
             // packet (see PATCHED.md)
             debug!(
                 "More inflight publishes than max allowed, inflight count = {}, max allowed = {}",
-                inflight_count, MAX_INFLIGHT
+                inflight_count, self.inflight_limit
             );
         }
 
@@ -440,14 +447,14 @@ mod echo_server_patch {
         }
     }
 
-    /// The window is the client's Receive Maximum (at most `MAX_INFLIGHT`),
-    /// and a QoS 2 delivery holds its slot until its PUBCOMP.
+    /// The window is what the caller says (`MAX_INFLIGHT` by default), and
+    /// a QoS 2 delivery holds its slot until its PUBCOMP.
     #[test]
     fn the_inflight_window_is_the_clients() {
         let (mut outgoing, _rx) = Outgoing::new("window".to_owned());
         assert_eq!(outgoing.free_slots(), MAX_INFLIGHT);
         outgoing.limit_inflight(500);
-        assert_eq!(outgoing.free_slots(), MAX_INFLIGHT);
+        assert_eq!(outgoing.free_slots(), 500);
         outgoing.limit_inflight(3);
         let two = (0..2).map(|_| forward(QoS::ExactlyOnce, 1, None));
         outgoing.push_forwards(two, 2, 0);
@@ -459,6 +466,19 @@ mod echo_server_patch {
         assert_eq!(outgoing.free_slots(), 2);
         outgoing.limit_inflight(1);
         assert_eq!(outgoing.free_slots(), 0);
+    }
+
+    /// A window wider than 100 (the old packet-id cycle): packet ids keep
+    /// counting past 100, none in flight twice.
+    #[test]
+    fn packet_ids_go_past_a_hundred() {
+        let (mut outgoing, _rx) = Outgoing::new("wide".to_owned());
+        outgoing.limit_inflight(300);
+        let many = (0..250).map(|_| forward(QoS::AtLeastOnce, 1, None));
+        outgoing.push_forwards(many, 1, 0);
+        assert_eq!(outgoing.free_slots(), 50);
+        let ids: Vec<u16> = outgoing.inflight_buffer.iter().map(|(pkid, ..)| *pkid).collect();
+        assert_eq!(ids, (1..=250).collect::<Vec<u16>>());
     }
 
     /// Publishes too large for the client are dropped before they take a
