@@ -2,8 +2,9 @@
 //! sessions that outlive their connection (MQTT 3.1.1's clean session flag,
 //! MQTT 5's clean start and session expiry interval, 3.1.2.11.2 and
 //! 3.14.2.2.2) through the CONNACK's session present flag and what a resumed
-//! session still receives; UNSUBSCRIBE's answer; and filters freed when
-//! their last subscriber goes, whose log slots new filters then reuse.
+//! session still receives; UNSUBSCRIBE's answer; filters freed when
+//! their last subscriber goes, whose log slots new filters then reuse; MQTT
+//! 5's assigned client identifiers and will delay.
 
 mod common;
 
@@ -281,4 +282,66 @@ fn freed_filters_pass_nothing_to_the_filters_that_reuse_their_slots() {
     expect_publish(&mut a, b"again");
     leave(a, &mqtt_raw::DISCONNECT);
     leave(b, &mqtt_raw::DISCONNECT);
+}
+
+/// An MQTT 5 client that connects with an empty client id gets one
+/// assigned in its CONNACK (§3.2.2.3.7), its own, and it names the session:
+/// a connection with it takes that session over.
+#[test]
+fn an_empty_client_id_gets_one_assigned() {
+    let server = server();
+    let assigned = |c: &mut RawMqtt| {
+        c.send(&mqtt_raw::connect(5, "", 30));
+        let ack = c.read_packet().expect("a CONNACK");
+        assert_eq!(ack.connack_code(), 0);
+        ack.assigned_client_id().expect("an Assigned Client Identifier")
+    };
+    let mut first = RawMqtt::connect(server.mqtt_addr());
+    let id = assigned(&mut first);
+    let mut second = RawMqtt::connect(server.mqtt_addr());
+    assert_ne!(assigned(&mut second), id, "each client gets its own");
+    assert!(!id.is_empty());
+    let _taker = RawMqtt::session(server.mqtt_addr(), 5, &id, 30);
+    let p = first.read_packet().expect("a DISCONNECT");
+    assert_eq!((p.packet_type(), p.disconnect_reason()), (14, 0x8E), "session taken over");
+}
+
+/// The Will Delay Interval (§3.1.3.2.2): a will waits that long after its
+/// connection is lost (here 2 s, within a session expiry of 60 s); a
+/// client that resumes its session within it cancels it; one that comes
+/// back with a clean start ends the old session, and the will goes at once.
+#[test]
+fn a_will_waits_for_its_delay_and_a_return_cancels_it() {
+    let server = server();
+    let mut watcher = RawMqtt::session(server.mqtt_addr(), 5, "will-watcher", 30);
+    watcher.send(&mqtt_raw::subscribe_qos(5, 1, "wills/#", 0));
+    assert_eq!(watcher.read_packet().unwrap().packet_type(), 9, "SUBACK");
+    let expiry = [0x11, 0, 0, 0, 60];
+    let delay = [0x18, 0, 0, 0, 2];
+    let lose = |id: &str, topic: &[u8]| {
+        let mut c = RawMqtt::connect(server.mqtt_addr());
+        c.send(&mqtt_raw::connect_with_will_properties(5, id, topic, b"bye", 0, &expiry, &delay));
+        assert_eq!(c.read_packet().unwrap().connack_code(), 0);
+        drop(c);
+        std::time::Instant::now()
+    };
+
+    let lost = lose("will-gone", b"wills/gone");
+    assert!(watcher.silent_for(Duration::from_millis(1500)), "the will before its delay");
+    let will = watcher.read_packet().expect("the will").delivery(5);
+    assert_eq!((will.topic.as_str(), will.payload.as_slice()), ("wills/gone", &b"bye"[..]));
+    assert!(lost.elapsed() >= Duration::from_millis(1900), "after {:?}", lost.elapsed());
+
+    lose("will-back", b"wills/back");
+    std::thread::sleep(Duration::from_millis(500));
+    let (_back, present) = open(&server, 5, "will-back", false, Some(60));
+    assert!(present, "the session was kept");
+    assert!(watcher.silent_for(Duration::from_secs(3)), "a cancelled will was published");
+
+    let lost = lose("will-fresh", b"wills/fresh");
+    std::thread::sleep(Duration::from_millis(300));
+    let _fresh = RawMqtt::session(server.mqtt_addr(), 5, "will-fresh", 30);
+    let will = watcher.read_packet().expect("the will").delivery(5);
+    assert_eq!(will.topic, "wills/fresh");
+    assert!(lost.elapsed() < Duration::from_millis(1900), "after {:?}: not at once", lost.elapsed());
 }

@@ -127,17 +127,34 @@ pub fn connect_with(level: u8, client_id: &str, keep_alive: u16, login: Option<(
 /// CONNECT with a clean session and a will: `topic` as raw bytes (it may
 /// be anything a client can send), at `qos`, not retained.
 pub fn connect_with_will(level: u8, client_id: &str, topic: &[u8], message: &[u8], qos: u8) -> Vec<u8> {
+    connect_with_will_properties(level, client_id, topic, message, qos, &[], &[])
+}
+
+/// [`connect_with_will`] with these raw MQTT 5 CONNECT properties and will
+/// properties (each without its length), e.g. the Session Expiry Interval
+/// (`0x11`) and the Will Delay Interval (`0x18`), four bytes each.
+pub fn connect_with_will_properties(
+    level: u8,
+    client_id: &str,
+    topic: &[u8],
+    message: &[u8],
+    qos: u8,
+    properties: &[u8],
+    will_properties: &[u8],
+) -> Vec<u8> {
     let mut body = Vec::new();
     string(b"MQTT", &mut body);
     body.push(level);
     body.push(0x02 | 0x04 | (qos << 3));
     body.extend_from_slice(&30u16.to_be_bytes());
     if level == 5 {
-        body.push(0); // no properties
+        body.push(properties.len() as u8);
+        body.extend_from_slice(properties);
     }
     string(client_id.as_bytes(), &mut body);
     if level == 5 {
-        body.push(0); // no will properties
+        body.push(will_properties.len() as u8);
+        body.extend_from_slice(will_properties);
     }
     string(topic, &mut body);
     string(message, &mut body);
@@ -358,6 +375,31 @@ impl RawPacket {
     /// The packet id of a PUBACK, PUBREC, PUBREL, PUBCOMP, SUBACK or UNSUBACK.
     pub fn pkid(&self) -> u16 {
         u16::from_be_bytes([self.body[0], self.body[1]])
+    }
+
+    /// An MQTT 5 CONNACK's Assigned Client Identifier (property 0x12).
+    pub fn assigned_client_id(&self) -> Option<String> {
+        assert_eq!(self.packet_type(), 2, "not a CONNACK: {self:?}");
+        let (len, mut at) = (usize::from(self.body[2]), 3);
+        let end = at + len;
+        while at < end {
+            let id = self.body[at];
+            at += 1;
+            let size = match id {
+                0x24 | 0x25 | 0x28 | 0x29 | 0x2a => 1,
+                0x21 | 0x22 | 0x13 => 2,
+                0x11 | 0x27 => 4,
+                _ => {
+                    let n = usize::from(u16::from_be_bytes([self.body[at], self.body[at + 1]]));
+                    if id == 0x12 {
+                        return Some(String::from_utf8(self.body[at + 2..at + 2 + n].to_vec()).unwrap());
+                    }
+                    2 + n
+                }
+            };
+            at += size;
+        }
+        None
     }
 
     /// An MQTT 5 CONNACK's integer properties, by identifier (strings and
