@@ -22,6 +22,7 @@
 //! - [`transport`]: TCP, TLS or WebSocket underneath;
 //! - [`auth`], [`passwd`], [`acl`]: who may connect (a username and
 //!   password, a password file), and who may publish and subscribe where;
+//! - [`sys`]: the broker's statistics under `$SYS/broker/...`;
 //! - [`tls`]: optional TLS.
 
 pub(crate) mod ackorder;
@@ -34,6 +35,7 @@ pub mod downgrade;
 mod inflow;
 pub mod passwd;
 pub mod session;
+pub(crate) mod sys;
 pub mod tls;
 pub mod topics;
 pub mod transport;
