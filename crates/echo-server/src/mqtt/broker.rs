@@ -43,7 +43,9 @@
 //! - **Last wills.** A will must go out when a connection dies, but the
 //!   events that fire it in rumqttd are private to its own server. Sessions
 //!   keep their will and publish it through an internal link of this module
-//!   ([`Broker::publish_will`]), after the will delay of MQTT 5.
+//!   ([`Broker::publish_will`]), after the will delay of MQTT 5. The
+//!   server's own `$SYS` statistics go through the same link
+//!   ([`Broker::publish_own`], from `sys`).
 //! - **What it refuses.** The router drops a link, without a word, when it
 //!   refuses something the link sent: a publish it cannot append (a topic
 //!   that is not UTF-8, a bad topic alias), an acknowledgement it did not
@@ -87,7 +89,8 @@ use crate::episode::Episodes;
 use crate::metrics::{MqttMetrics, ReasonLabel};
 use crate::shutdown::Shutdown;
 
-/// The client id of the server's own link, used to publish wills. It starts
+/// The client id of the server's own link, used to publish wills and the
+/// `$SYS` statistics (`sys`). It starts
 /// with a NUL character, which MQTT forbids in client ids (sessions refuse
 /// such ids), so no client can take it over.
 pub const INTERNAL_CLIENT_ID: &str = "\u{0}echo-server-wills";

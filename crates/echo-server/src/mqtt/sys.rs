@@ -25,8 +25,11 @@ use super::broker::Broker;
 use crate::metrics::{MqttMetrics, ReasonLabel};
 use crate::shutdown::Shutdown;
 
+/// How many figures there are.
+const FIGURES: usize = 15;
+
 /// Every topic published, in the order of [`figures`].
-pub(crate) const TOPICS: [&str; 15] = [
+pub(crate) const TOPICS: [&str; FIGURES] = [
     "$SYS/broker/version",
     "$SYS/broker/uptime",
     "$SYS/broker/clients/connected",
@@ -46,7 +49,7 @@ pub(crate) const TOPICS: [&str; 15] = [
 
 /// The figures at one moment, as the payloads of [`TOPICS`], in order.
 /// `maximum`: the most clients connected at any sample so far.
-fn figures(broker: &Broker, metrics: &MqttMetrics, uptime: Duration, maximum: u64) -> [String; 15] {
+fn figures(broker: &Broker, metrics: &MqttMetrics, uptime: Duration, maximum: u64) -> [String; FIGURES] {
     let router = broker.router_counts();
     let connected = metrics.open();
     let dropped = metrics.dropped.get_or_create(&ReasonLabel { reason: "max_packet_size" }).get();
@@ -72,7 +75,7 @@ fn figures(broker: &Broker, metrics: &MqttMetrics, uptime: Duration, maximum: u6
 /// What went out last, per topic, so that only changes are published.
 #[derive(Debug, Default)]
 struct Published {
-    last: [Option<String>; 15],
+    last: [Option<String>; FIGURES],
     maximum: u64,
 }
 
@@ -80,7 +83,7 @@ impl Published {
     /// The figures that changed since they last went out; taken as
     /// published (if they could not be handed over, they all go out again
     /// at the next interval).
-    fn changes(&mut self, figures: [String; 15]) -> Vec<(&'static str, String)> {
+    fn changes(&mut self, figures: [String; FIGURES]) -> Vec<(&'static str, String)> {
         let mut changed = Vec::new();
         for ((topic, last), now) in TOPICS.into_iter().zip(&mut self.last).zip(figures) {
             if last.as_ref() != Some(&now) {
@@ -124,8 +127,8 @@ pub(crate) async fn run(
 mod tests {
     use super::*;
 
-    fn figures_with(uptime: &str, connected: &str) -> [String; 15] {
-        let mut all: [String; 15] = Default::default();
+    fn figures_with(uptime: &str, connected: &str) -> [String; FIGURES] {
+        let mut all: [String; FIGURES] = Default::default();
         for (i, figure) in all.iter_mut().enumerate() {
             *figure = format!("f{i}");
         }
