@@ -218,6 +218,10 @@ pub struct MqttConfig {
     /// PEM files; both empty means plain TCP.
     pub tls_cert: String,
     pub tls_key: String,
+    /// How often the broker's statistics go out under `$SYS/broker/...`
+    /// (`mqtt::sys`); `0s` turns them off.
+    #[serde(with = "humantime_serde")]
+    pub sys_interval: Duration,
 }
 
 impl Default for MqttConfig {
@@ -249,6 +253,7 @@ impl Default for MqttConfig {
             acl_file: String::new(),
             tls_cert: String::new(),
             tls_key: String::new(),
+            sys_interval: Duration::from_secs(10),
         }
     }
 }
@@ -338,6 +343,10 @@ pub enum ConfigError {
 }
 
 const MIN_SSE_INTERVAL: Duration = Duration::from_millis(10);
+/// `mqtt.sys_interval`, when not 0: each interval costs a few counter
+/// reads and up to a dozen small publishes on the event loop.
+const MIN_SYS_INTERVAL: Duration = Duration::from_millis(100);
+const MAX_SYS_INTERVAL: Duration = Duration::from_secs(86_400);
 const MAX_SSE_INTERVAL: Duration = Duration::from_secs(86_400);
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -482,6 +491,16 @@ impl Config {
         positive_duration("mqtt.connect_timeout", mqtt.connect_timeout)?;
         positive("mqtt.connect_concurrency", mqtt.connect_concurrency)?;
         positive_duration("mqtt.write_timeout", mqtt.write_timeout)?;
+        if !mqtt.sys_interval.is_zero() && !(MIN_SYS_INTERVAL..=MAX_SYS_INTERVAL).contains(&mqtt.sys_interval)
+        {
+            return Err(invalid(
+                "mqtt.sys_interval",
+                format!(
+                    "{} is outside 100ms..=1day (0s turns $SYS off)",
+                    humantime::format_duration(mqtt.sys_interval)
+                ),
+            ));
+        }
         // MQTT's remaining length is at most 268,435,455 bytes.
         if !(64..=268_435_455).contains(&mqtt.max_payload_size) {
             return Err(invalid(
@@ -1054,6 +1073,21 @@ mod tests {
         let env = vec![("ECHO_WEBSOCKET_SSE_INTERVAL".to_owned(), "0s".to_owned())];
         let err = Config::load(None, env, &Overrides::default()).unwrap_err().to_string();
         assert!(err.starts_with("websocket.sse_interval: "), "{err}");
+    }
+
+    #[test]
+    fn sys_interval_is_checked_naming_the_key() {
+        assert_eq!(Config::default().mqtt.sys_interval, Duration::from_secs(10));
+        for toml in ["[mqtt]\nsys_interval = \"10ms\"\n", "[mqtt]\nsys_interval = \"2days\"\n"] {
+            let err = load_str(toml).unwrap_err().to_string();
+            assert!(err.starts_with("mqtt.sys_interval: ") && err.contains("outside 100ms..=1day"), "{err}");
+        }
+        let err = load_str("[mqtt]\nsys_interval = \"often\"\n").unwrap_err().to_string();
+        assert!(err.starts_with("mqtt.sys_interval: "), "{err}");
+        assert_eq!(load_str("[mqtt]\nsys_interval = \"0s\"\n").unwrap().mqtt.sys_interval, Duration::ZERO);
+        let env = vec![("ECHO_MQTT_SYS_INTERVAL".to_owned(), "250ms".to_owned())];
+        let config = Config::load(None, env, &Overrides::default()).unwrap();
+        assert_eq!(config.mqtt.sys_interval, Duration::from_millis(250));
     }
 
     #[test]

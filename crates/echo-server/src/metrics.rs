@@ -228,7 +228,8 @@ pub struct MqttMetrics {
     /// Times a per-client cap (`mqtt::caps`) refused something, by cap.
     pub cap_refusals: Family<CapLabel, Count>,
     /// Publishes (wills included) and subscription filters the ACL
-    /// (`mqtt.acl_file`) refused, by action.
+    /// (`mqtt.acl_file`) refused, by action; publishes to `$` topics, which
+    /// are the server's own (`mqtt::sys`), are refused and counted alike.
     pub acl_denied: Family<ActionLabel, Count>,
     /// How long `LinkBuilder::build_async()` waited for the router, per
     /// connect (awaited: the event loop serves others meanwhile).
@@ -321,6 +322,16 @@ impl MqttMetrics {
     /// Successful CONNECTs so far, both versions.
     pub fn sessions_served(&self) -> u64 {
         self.connects_v311.get() + self.connects_v5.get()
+    }
+
+    /// MQTT packets read from clients so far, every type.
+    pub fn packets_received_total(&self) -> u64 {
+        self.received_by_type.iter().map(Count::get).sum()
+    }
+
+    /// MQTT packets written to clients so far, every type.
+    pub fn packets_sent_total(&self) -> u64 {
+        self.sent_by_type.iter().map(Count::get).sum()
     }
 
     /// Sessions open now, both versions.
@@ -529,7 +540,8 @@ impl Metrics {
         );
         m.register(
             "acl_denied",
-            "Publishes (wills at CONNECT included) and subscription filters refused by mqtt.acl_file, by action",
+            "Publishes (wills at CONNECT included) and subscription filters refused by mqtt.acl_file, by action; \
+             publishes to $ topics (the server's own, such as $SYS) included",
             mqtt.acl_denied.clone(),
         );
         m.register(

@@ -137,6 +137,14 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit) -> Summary {
                     broker.clone(),
                     shutdown.clone(),
                 ));
+                if !config.mqtt.sys_interval.is_zero() {
+                    tokio::task::spawn_local(mqtt::sys::run(
+                        broker.clone(),
+                        metrics.mqtt.clone(),
+                        config.mqtt.sys_interval,
+                        shutdown.clone(),
+                    ));
+                }
                 let (failed, stop, grace) =
                     (router_failed.clone(), shutdown.clone(), config.server.shutdown_grace);
                 tokio::task::spawn_local(mqtt::broker::watch_router(broker.clone(), watch, move || {

@@ -74,6 +74,26 @@ fn mosquitto_clients_round_trip_on_3_1_1_and_5() {
     }
 }
 
+/// Mosquitto's own way of reading a broker's statistics: the version is
+/// retained under `$SYS`, there from the start.
+#[test]
+fn mosquitto_sub_reads_the_sys_version() {
+    if !mosquitto_clients() {
+        return;
+    }
+    let server = TestServer::start(&[]);
+    let port = server.mqtt_addr().port().to_string();
+    let output = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-t", "$SYS/broker/version", "-C", "1", "-W", "10", "-v"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "mosquitto_sub: {}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        format!("$SYS/broker/version echo-server version {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
 /// The reproduction, word for word with Mosquitto's clients: a 3.1.1
 /// subscriber, an MQTT 5 publish with a user property, then the subscriber
 /// again, then any other 3.1.1 client.

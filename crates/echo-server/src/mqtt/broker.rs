@@ -43,7 +43,9 @@
 //! - **Last wills.** A will must go out when a connection dies, but the
 //!   events that fire it in rumqttd are private to its own server. Sessions
 //!   keep their will and publish it through an internal link of this module
-//!   ([`Broker::publish_will`]), after the will delay of MQTT 5.
+//!   ([`Broker::publish_will`]), after the will delay of MQTT 5. The
+//!   server's own `$SYS` statistics go through the same link
+//!   ([`Broker::publish_own`], from `sys`).
 //! - **What it refuses.** The router drops a link, without a word, when it
 //!   refuses something the link sent: a publish it cannot append (a topic
 //!   that is not UTF-8, a bad topic alias), an acknowledgement it did not
@@ -87,7 +89,8 @@ use crate::episode::Episodes;
 use crate::metrics::{MqttMetrics, ReasonLabel};
 use crate::shutdown::Shutdown;
 
-/// The client id of the server's own link, used to publish wills. It starts
+/// The client id of the server's own link, used to publish wills and the
+/// `$SYS` statistics (`sys`). It starts
 /// with a NUL character, which MQTT forbids in client ids (sessions refuse
 /// such ids), so no client can take it over.
 pub const INTERNAL_CLIENT_ID: &str = "\u{0}echo-server-wills";
@@ -212,8 +215,20 @@ pub struct Broker {
     /// (our rumqttd patch), read by [`report_client_events`].
     oversize_drops: std::sync::Arc<AtomicU64>,
     /// The router's count of retained messages (our rumqttd patch), read by
-    /// [`report_client_events`].
+    /// [`report_client_events`] and `sys`.
     retained_messages: std::sync::Arc<AtomicU64>,
+    /// The router's count of subscriptions and of sessions kept for
+    /// clients not connected (our rumqttd patch), read by `sys`.
+    subscriptions: std::sync::Arc<AtomicU64>,
+    kept_sessions: std::sync::Arc<AtomicU64>,
+}
+
+/// What the router counts, for the `$SYS` topics (`sys`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RouterCounts {
+    pub(crate) retained_messages: u64,
+    pub(crate) subscriptions: u64,
+    pub(crate) kept_sessions: u64,
 }
 
 impl std::fmt::Debug for Broker {
@@ -250,6 +265,8 @@ impl Broker {
         let cursor_jumps = router.cursor_jumps();
         let oversize_drops = router.oversize_drops();
         let retained_messages = router.retained_messages();
+        let subscriptions = router.subscriptions();
+        let kept_sessions = router.kept_sessions();
         // The sender's type names a private rumqttd type; it is only ever
         // captured by this closure.
         let (router_tx, task) = match config.router {
@@ -312,6 +329,8 @@ impl Broker {
             cursor_jumps,
             oversize_drops,
             retained_messages,
+            subscriptions,
+            kept_sessions,
         });
         let death = RouterDeath { sentinel, task };
         Ok((broker, RouterWatch { death, wills: wills_rx }))
@@ -444,6 +463,38 @@ impl Broker {
         }
     }
 
+    /// The router's counts now.
+    pub(crate) fn router_counts(&self) -> RouterCounts {
+        RouterCounts {
+            retained_messages: self.retained_messages.load(Ordering::Relaxed),
+            subscriptions: self.subscriptions.load(Ordering::Relaxed),
+            kept_sessions: self.kept_sessions.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Publishes the server's own messages (`$SYS` topics, see `sys`), each
+    /// retained at QoS 0, through the wills link, with one router event for
+    /// them all. `false` when they could not be handed over (the link is
+    /// being registered again, or the router is gone): the caller tries
+    /// again later. Only for topics that pass `topics::check_topic`.
+    pub(crate) fn publish_own(&self, messages: impl IntoIterator<Item = (&'static str, String)>) -> bool {
+        let mut link = self.wills.borrow_mut();
+        let Some(tx) = link.as_mut() else {
+            return false;
+        };
+        let mut packets: Vec<Packet> = messages
+            .into_iter()
+            .map(|(topic, payload)| {
+                Packet::Publish(publish(topic.as_bytes(), payload.as_bytes(), 0, true, 0), None)
+            })
+            .collect();
+        let Some(last) = packets.pop() else {
+            return true;
+        };
+        tx.buffer().extend(packets);
+        hand_over(tx, last).is_ok()
+    }
+
     /// The router asked the wills link to release a QoS 2 will. Only ever
     /// for the link now registered: a PUBREL the router did not ask for
     /// would make it drop the link.
@@ -499,13 +550,17 @@ pub(crate) fn hand_over(tx: &mut LinkTx, packet: Packet) -> Result<(), LinkFailu
 /// publish's QoS and packet id private to the crate; its documented
 /// serialization is the public way to build one with both set.
 fn will_publish(will: &LastWill, pkid: u16) -> Publish {
-    let qos = will.qos as u8;
-    let mut raw = BytesMut::with_capacity(5 + will.topic.len() + will.message.len());
-    raw.put_u8(0b0011_0000 | u8::from(will.retain) | (qos << 1));
+    publish(&will.topic, &will.message, will.qos as u8, will.retain, pkid)
+}
+
+/// A PUBLISH with its QoS, RETAIN flag and packet id (see [`will_publish`]).
+fn publish(topic: &[u8], payload: &[u8], qos: u8, retain: bool, pkid: u16) -> Publish {
+    let mut raw = BytesMut::with_capacity(5 + topic.len() + payload.len());
+    raw.put_u8(0b0011_0000 | u8::from(retain) | (qos << 1));
     raw.put_u16(pkid);
-    raw.put_u16(will.topic.len() as u16);
-    raw.extend_from_slice(&will.topic);
-    raw.extend_from_slice(&will.message);
+    raw.put_u16(topic.len() as u16);
+    raw.extend_from_slice(topic);
+    raw.extend_from_slice(payload);
     Publish::deserialize(raw.freeze())
 }
 

@@ -21,7 +21,8 @@
 //! - [`caps`]: what one client may make the server hold;
 //! - [`transport`]: TCP, TLS or WebSocket underneath;
 //! - [`auth`], [`passwd`], [`acl`]: who may connect (a username and
-//!   password, a password file), and who may publish and subscribe where.
+//!   password, a password file), and who may publish and subscribe where;
+//! - [`sys`]: the broker's statistics under `$SYS/broker/...`.
 //!
 //! Optional TLS on the MQTT port comes from [`crate::tls`].
 
@@ -35,6 +36,7 @@ pub mod downgrade;
 mod inflow;
 pub mod passwd;
 pub mod session;
+pub(crate) mod sys;
 pub mod topics;
 pub mod transport;
 

@@ -544,10 +544,8 @@ async fn handshake(
             }
         }
         // A will is a publish, checked now (Mosquitto does the same): it
-        // could not be refused when it is due.
-        if let Some(acl) = &mut acl
-            && !acl.may_publish(&w.topic, None)
-        {
+        // could not be refused when it is due. `$` topics are the server's.
+        if topics::server_only(&w.topic) || acl.as_mut().is_some_and(|acl| !acl.may_publish(&w.topic, None)) {
             server.metrics.acl_denied("publish");
             return Err(Refused::With(version, ConnectReturnCode::NotAuthorized, "not_authorized"));
         }
@@ -1020,8 +1018,11 @@ fn incoming(
                 return Some(End::violation("invalid_topic", DisconnectReasonCode::TopicNameInvalid));
             }
             let qos = (decoded.flags >> 1) & 3;
-            if let Some(acl) = &mut session.acl
-                && !acl.may_publish(&publish.topic, alias)
+            // `$` topics (`$SYS`) are the server's: refused as the ACL
+            // refuses. (A topic alias set to one is not passed on either;
+            // using it later finds the alias unknown to the router.)
+            if topics::server_only(&publish.topic)
+                || session.acl.as_mut().is_some_and(|acl| !acl.may_publish(&publish.topic, alias))
             {
                 metrics.acl_denied("publish");
                 refused_by_acl(publish.pkid(), qos, v5, &mut awaiting.acks, replies);

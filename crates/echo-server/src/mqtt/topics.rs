@@ -1,6 +1,6 @@
 //! Checking topic names and filters before the router sees them.
 //!
-//! The router answers a SUBSCRIBE it dislikes (a `$SYS/#` filter, say) by
+//! The router answers a SUBSCRIBE it dislikes (bad UTF-8, say) by
 //! dropping the whole connection without a SUBACK, and it does not check
 //! wildcard syntax at all. MQTT wants a per-filter failure code in the
 //! SUBACK instead. So a session takes the filters the router must not see
@@ -14,7 +14,7 @@ use rumqttd::protocol::{SubAck, SubscribeReasonCode};
 pub enum FilterRefusal {
     /// Bad wildcard syntax, empty, or a NUL character.
     Invalid,
-    /// `$`-topics (such as `$SYS/...`) are not served by this broker.
+    /// The ACL (`mqtt.acl_file`) does not allow it.
     NotAuthorized,
     /// Shared subscriptions are only for sessions that end with their
     /// connection (rumqttd 0.20's router panics when a session it keeps is
@@ -55,7 +55,10 @@ pub fn check_filter(filter: &str, persistent: bool) -> Result<(), FilterRefusal>
             }
             path
         }
-        None if filter.starts_with('$') => return Err(FilterRefusal::NotAuthorized),
+        // A share group without a filter.
+        None if filter == "$share" => return Err(FilterRefusal::Invalid),
+        // `$SYS/#` and other `$` filters are served: the server publishes
+        // its statistics there (`sys`).
         None => filter,
     };
     if path.is_empty() || path.contains('\0') {
@@ -73,6 +76,14 @@ pub fn check_filter(filter: &str, persistent: bool) -> Result<(), FilterRefusal>
         }
     }
     Ok(())
+}
+
+/// Whether a topic is the server's own: MQTT §4.7.2 reserves topics
+/// starting with `$` for the server (`$SYS/...`, see `sys`). Clients may
+/// subscribe to them but not publish there (as with Mosquitto): their
+/// publishes and wills to such topics are refused as the ACL refuses.
+pub fn server_only(topic: &[u8]) -> bool {
+    topic.first() == Some(&b'$')
 }
 
 /// Why a topic name (of a PUBLISH or a will) is refused.
@@ -168,7 +179,11 @@ mod tests {
         {
             assert_eq!(check_filter(bad, false), Err(FilterRefusal::Invalid), "{bad:?}");
         }
-        assert_eq!(check_filter("$SYS/#", false), Err(FilterRefusal::NotAuthorized));
+        for sys in ["$SYS/#", "$SYS/broker/+", "$SYS/broker/version", "$other"] {
+            assert_eq!(check_filter(sys, false), Ok(()), "{sys}");
+        }
+        assert_eq!(check_filter("$SYS/#/x", false), Err(FilterRefusal::Invalid));
+        assert_eq!(check_filter("$share", false), Err(FilterRefusal::Invalid));
         assert_eq!(check_filter("$share/g/a", true), Err(FilterRefusal::SharedNotSupported));
         assert_eq!(check_filter("a/+", true), Ok(()));
     }
@@ -182,6 +197,8 @@ mod tests {
         assert_eq!(check_topic(b"", false), Err(TopicRefusal::Empty));
         assert_eq!(check_topic(b"", true), Ok(()));
         assert_eq!(check_topic(b"a\0", false), Err(TopicRefusal::Malformed));
+        assert!(server_only(b"$SYS/x") && server_only(b"$"));
+        assert!(!server_only(b"a/$SYS") && !server_only(b""));
         // Invalid UTF-8: a lead byte without its continuation (the audit's
         // will topic), a lone continuation, a truncated sequence, an
         // overlong '/', an encoded surrogate (U+D800), past U+10FFFF.

@@ -660,8 +660,14 @@ pub fn valid_filter(filter: &str) -> bool {
 /// **NOTE**: 'topic' is a misnomer in the arg. this can also be used to match 2 wild subscriptions
 /// **NOTE**: make sure a topic is validated during a publish and filter is validated
 /// during a subscribe
+///
+/// echo-server patch: a topic starting with `$` is matched only by filters
+/// whose first level is not a wildcard (MQTT 3.1.1 §4.7.2, 5 §4.7.2: `#`
+/// and `+/...` do not match `$SYS/...`, `$SYS/#` does); 0.20.0 matched such
+/// a topic by no filter at all. `starts_with`: 0.20.0 sliced the first
+/// byte, which panicked on a multibyte first character.
 pub fn matches(topic: &str, filter: &str) -> bool {
-    if !topic.is_empty() && topic[..1].contains('$') {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
         return false;
     }
 

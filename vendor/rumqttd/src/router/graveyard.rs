@@ -1,5 +1,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{
@@ -17,6 +19,9 @@ pub struct Graveyard {
     /// echo-server patch: sessions forgotten since the router last asked
     /// (`take_expired`), so that it can release what they held.
     expired: Vec<SessionState>,
+    /// echo-server patch: `connections.len()`, for the embedding server
+    /// (`Router::kept_sessions`).
+    kept: Arc<AtomicU64>,
 }
 
 impl Graveyard {
@@ -25,14 +30,27 @@ impl Graveyard {
             connections: HashMap::new(),
             expiries: BinaryHeap::new(),
             expired: Vec::new(),
+            kept: Arc::default(),
         }
+    }
+
+    /// echo-server patch: the count of saved sessions, kept up to date.
+    pub fn kept(&self) -> Arc<AtomicU64> {
+        self.kept.clone()
+    }
+
+    /// echo-server patch: `kept` follows `connections`.
+    fn counted(&self) {
+        self.kept.store(self.connections.len() as u64, Ordering::Relaxed);
     }
 
     /// Add a new connection.
     /// Return tracker of previous connection if connection id already exists
     pub fn retrieve(&mut self, id: &str) -> Option<SavedState> {
         self.purge(Instant::now());
-        self.connections.remove(id)
+        let saved = self.connections.remove(id);
+        self.counted();
+        saved
     }
 
     /// echo-server patch: forgets the sessions whose expiry has passed.
@@ -101,6 +119,7 @@ impl Graveyard {
                 expires_at,
             },
         );
+        self.counted();
     }
 
     /// Save only metrics for connection
@@ -113,6 +132,7 @@ impl Graveyard {
                 expires_at: None,
             },
         );
+        self.counted();
     }
 }
 

@@ -244,10 +244,19 @@ impl FilterTree {
         node.remove_child(path[keep]);
     }
 
-    /// Appends the filters matching `topic`, which must not start with `$`.
+    /// Appends the filters matching `topic`. A topic starting with `$` is
+    /// matched by no filter whose first level is a wildcard (§4.7.2).
     fn matches(&self, topic: &str, out: &mut Vec<FilterIdx>) {
         let levels: Vec<&str> = topic.split('/').collect();
-        let mut pending = vec![(&self.root, 0)];
+        let mut pending = Vec::new();
+        let root = &self.root;
+        if topic.starts_with('$') {
+            if let Some(child) = root.literal.get(levels[0]) {
+                pending.push((child, 1));
+            }
+        } else {
+            pending.push((root, 0));
+        }
         while let Some((node, depth)) = pending.pop() {
             out.extend_from_slice(&node.hash);
             let Some(&level) = levels.get(depth) else {
@@ -487,7 +496,8 @@ impl TopicTree {
                 node.topic.iter().for_each(&mut f);
                 continue;
             };
-            // No topic starting with `$` is matched.
+            // No topic starting with `$` is matched by a wildcard level
+            // (§4.7.2); a literal `$SYS` level matches it.
             let visible = |name: &str| depth > 0 || !name.starts_with('$');
             match level {
                 "#" => {
@@ -501,7 +511,7 @@ impl TopicTree {
                         .map(|(_, child)| (child, depth + 1)),
                 ),
                 name => {
-                    if let Some(child) = node.child(name).filter(|_| visible(name)) {
+                    if let Some(child) = node.child(name) {
                         pending.push((child, depth + 1));
                     }
                 }
@@ -519,7 +529,7 @@ impl TopicTree {
 /// takes more than one byte is matched instead of panicking
 /// (`protocol::matches` slices the topic's first byte to look for `$`).
 fn topic_matches(topic: &str, filter: &str) -> bool {
-    if topic.starts_with('$') {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
         return false;
     }
     let mut topics = topic.split('/');
@@ -729,29 +739,28 @@ impl DataLog {
                 // every wildcard filter (4 ms per topic with 100,000). Same
                 // result: the exact filter equal to the topic, plus the
                 // wildcard filters that match it, from the filter tree.
-                // Topics starting with '$' match nothing, as `matches` says.
+                // Topics starting with '$' match no filter whose first
+                // level is a wildcard, as `matches` says (the tree's walk).
                 // A topic with '+' or '#' in it is no exact filter's: the
                 // filter equal to it is in the tree (0.20.0's scan would
                 // list it once; the list of wildcards, twice).
                 let mut v: Vec<usize> = Vec::new();
-                if !topic.starts_with('$') {
-                    if !has_wildcard(topic) {
-                        if let Some(&idx) = self.filter_indexes.get(topic) {
-                            v.push(idx);
-                        }
+                if !has_wildcard(topic) {
+                    if let Some(&idx) = self.filter_indexes.get(topic) {
+                        v.push(idx);
                     }
-                    let exact = v.len();
-                    self.wildcard_filters.matches(topic, &mut v);
-                    if !v.is_empty() {
-                        let topic: Arc<str> = topic.into();
-                        for idx in &v[exact..] {
-                            self.wildcard_topics
-                                .entry(*idx)
-                                .or_default()
-                                .push(topic.clone());
-                        }
-                        self.publish_filters.insert(topic, v.clone());
+                }
+                let exact = v.len();
+                self.wildcard_filters.matches(topic, &mut v);
+                if !v.is_empty() {
+                    let topic: Arc<str> = topic.into();
+                    for idx in &v[exact..] {
+                        self.wildcard_topics
+                            .entry(*idx)
+                            .or_default()
+                            .push(topic.clone());
                     }
+                    self.publish_filters.insert(topic, v.clone());
                 }
 
                 Some(v)
@@ -797,9 +806,7 @@ impl DataLog {
                         self.wildcard_topics.insert(idx, joined);
                     }
                 } else if let Some(filters) = publish_filters.get_mut(filter) {
-                    if !filter.starts_with('$') {
-                        filters.push(idx);
-                    }
+                    filters.push(idx);
                 }
 
                 (idx, self.native.get(idx).unwrap())
@@ -1878,8 +1885,8 @@ mod echo_server_patch {
     }
 
     /// The trees of topics match as `topic_matches` does: `#` matches its
-    /// parent level, no filter matches a topic starting with `$` (not even
-    /// one naming it), empty levels are levels, a topic level `+` is
+    /// parent level, a topic starting with `$` is matched only by a filter
+    /// that names its first level (§4.7.2), empty levels are levels, a topic level `+` is
     /// matched as any other and a topic level `#` only by a `#` before it;
     /// a topic leaves the tree with the nodes only it needed.
     #[test]
@@ -1898,7 +1905,7 @@ mod echo_server_patch {
             got.sort();
             got
         };
-        let cases: [(&str, &[&str]); 12] = [
+        let cases: [(&str, &[&str]); 15] = [
             (
                 "a/#",
                 &["a", "a/", "a/#", "a/$x", "a/+", "a//b", "a/b", "a/b/c"],
@@ -1916,7 +1923,10 @@ mod echo_server_patch {
             ("/+", &["/a"]),
             ("+/+/+", &["a//b", "a/b/c"]),
             ("a//#", &["a/", "a//b"]),
-            ("$SYS/#", &[]),
+            ("$SYS/#", &["$SYS", "$SYS/x"]),
+            ("$SYS/+", &["$SYS/x"]),
+            ("$SYS/x", &["$SYS/x"]),
+            ("+/+", &["/a", "a/", "a/$x", "a/+", "a/b"]),
             ("+/x", &[]),
             ("a/b/c/#", &["a/b/c"]),
         ];
@@ -1940,7 +1950,8 @@ mod echo_server_patch {
     }
 
     /// `#` matches its parent level and below, `+` exactly one level (an
-    /// empty one too), a leading wildcard no `$` topic, and a shared
+    /// empty one too), a leading wildcard no `$` topic (a leading `$SYS`
+    /// level does), and a shared
     /// subscription's log is its filter's (the router strips
     /// `$share/group/` before it asks for the log).
     #[test]
@@ -1965,10 +1976,13 @@ mod echo_server_patch {
         want.sort();
         assert_eq!(sorted(data.matches("a/b/c").unwrap()), want);
         assert_eq!(data.matches("b").unwrap(), vec![root]);
-        // As `protocol::matches`: no `$` topic is matched, not even by a
-        // filter that names it.
-        assert!(data.matches("$SYS/x").unwrap().is_empty());
-        assert!(data.matches("$SYS").unwrap().is_empty());
+        // As `protocol::matches` (§4.7.2): a `$` topic is matched by a
+        // filter naming its first level, not by a leading wildcard.
+        assert_eq!(data.matches("$SYS/x").unwrap(), vec![sys]);
+        assert_eq!(data.matches("$SYS").unwrap(), vec![sys]);
+        assert!(data.matches("$other/x").unwrap().is_empty());
+        let (exact, _) = data.next_native_offset("$SYS/y");
+        assert_eq!(sorted(data.matches("$SYS/y").unwrap()), sorted(vec![sys, exact]));
         assert!(data.index("$SYS/#") == Some(sys));
         // `$share/group/s/+`: the router asks for the log of `s/+`.
         let (shared, _) = data.next_native_offset("s/+");

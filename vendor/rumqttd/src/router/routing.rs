@@ -151,6 +151,9 @@ pub struct Router {
     /// have made a packet larger than its Maximum Packet Size; see
     /// [`Router::oversize_drops`].
     oversize_drops: Arc<AtomicU64>,
+    /// echo-server patch: subscriptions held by sessions, connected or
+    /// kept (the sum of `filter_refs`); see [`Router::subscriptions`].
+    subscriptions: Arc<AtomicU64>,
 }
 
 impl Router {
@@ -195,7 +198,22 @@ impl Router {
             last_wills: HashMap::new(),
             cursor_jumps: Arc::default(),
             oversize_drops: Arc::default(),
+            subscriptions: Arc::default(),
         }
+    }
+
+    /// echo-server patch: the count of subscriptions sessions hold, those
+    /// of kept sessions (clean session 0, session expiry) included, kept up
+    /// to date by the router, for the embedding server's `$SYS` topics.
+    pub fn subscriptions(&self) -> Arc<AtomicU64> {
+        self.subscriptions.clone()
+    }
+
+    /// echo-server patch: the count of sessions the router keeps for
+    /// clients that are not connected (expired ones included until the
+    /// next connection or disconnection frees them).
+    pub fn kept_sessions(&self) -> Arc<AtomicU64> {
+        self.graveyard.kept()
     }
 
     /// echo-server patch: the count of publishes dropped for a client
@@ -1304,6 +1322,7 @@ impl Router {
     /// echo-server patch: one more session holds this subscription's log.
     fn filter_ref(&mut self, filter: &str) {
         *self.filter_refs.entry(log_filter(filter)).or_insert(0) += 1;
+        self.subscriptions.fetch_add(1, Ordering::Relaxed);
     }
 
     /// echo-server patch: one session fewer holds this subscription's log;
@@ -1321,6 +1340,7 @@ impl Router {
             let path = log_filter(filter);
             if let Some(count) = self.filter_refs.get_mut(&path) {
                 *count -= 1;
+                self.subscriptions.fetch_sub(1, Ordering::Relaxed);
                 if *count == 0 {
                     self.filter_refs.remove(&path);
                     freed.push(path);
@@ -2153,9 +2173,10 @@ fn validate_subscription(
         }
     }
 
-    if filter.path.starts_with('$') && !filter.path.starts_with("$share") {
-        return Err(RouterError::InvalidFilterPrefix(filter.path.to_owned()));
-    }
+    // echo-server patch: `$` filters (`$SYS/#`) are allowed: the server
+    // publishes its statistics under `$SYS` (was: the link was dropped).
+    // `#` and `+` do not match `$` topics (`protocol::matches`), and the
+    // server refuses clients' publishes to `$` topics.
 
     Ok(())
 }
