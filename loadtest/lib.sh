@@ -1,5 +1,6 @@
-# Shared by run.sh and smoke.sh: starting and stopping the servers under
-# test on loopback, each on a port of its own.
+# Shared by the loadtest scripts (run.sh, smoke.sh, hostile.sh, mqtt-*.sh):
+# starting and stopping the servers under test on loopback, each on a port
+# of its own.
 # shellcheck shell=bash
 
 LOADTEST=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -10,7 +10,8 @@
 #
 # Needs a release build (cargo build --release -p echo-server -p
 # echo-loadgen) and Debian's `mosquitto`. Bounded: about
-# 4 × ROUNDS × CLIENTS / 4,000 seconds.
+# 4 × ROUNDS × CLIENTS / 4,000 seconds. The caller's ECHO_* variables do
+# not reach echo-server (lib.sh's start_echo_server).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"

@@ -8,7 +8,8 @@
 #
 # ROUTERS="event-loop thread" runs echo-server once per placement of its
 # MQTT router (mqtt.router), back to back, before Mosquitto; unset, the
-# configured one (ECHO_MQTT_ROUTER, else the default) runs once.
+# configured one (ECHO_MQTT_ROUTER, else the default) runs once. Other
+# ECHO_* variables do not reach the server (lib.sh's start_echo_server).
 #
 # By default each server runs on CPU 0 and the generator on CPU 1 (taskset),
 # as in mqtt-storm.sh; --no-pin lets everything share the CPUs.

@@ -23,6 +23,7 @@
 # ROUTERS="event-loop thread" runs each run once per placement of the MQTT
 # router (mqtt.router), alternating, so that both see the same machine;
 # unset, the configured one (ECHO_MQTT_ROUTER, else the default) runs.
+# Other ECHO_* variables do not reach the server (lib.sh's start_echo_server).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
