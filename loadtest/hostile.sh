@@ -113,22 +113,6 @@ rss_kib() { # VmRSS of a process, in KiB; empty if it is gone
   while read -r k v _; do [ "$k" = VmRSS: ] && { echo "$v"; return; }; done 2>/dev/null <"/proc/$1/status" || true
 }
 
-start_echo() { # dir [VAR=value...]: a fresh server, its log in dir/server.log
-  local logf=$1/server.log unset=()
-  shift
-  # The server reads ECHO_<SECTION>_<KEY> as configuration: keep the
-  # caller's away, and set one: a stats line (with loop_lag_max_ms) per second.
-  while IFS= read -r var; do unset+=(-u "$var"); done < <(compgen -e | grep '^ECHO_' || true)
-  : >"$logf"  # before the server's redirection does, so that the wait below can read it
-  ${PIN_SERVER[@]+"${PIN_SERVER[@]}"} env ${unset[@]+"${unset[@]}"} ECHO_SERVER_STATS_INTERVAL=1s "$@" "$ECHO_SERVER" \
-    --ws-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --log-format json --shutdown-grace 1s 2>"$logf" &
-  SERVER_PID=$!
-  for _ in $(seq 200); do grep -q '"ready"' "$logf" && break; sleep 0.05; done
-  grep -q '"ready"' "$logf" || { cat "$logf" >&2; echo "echo-server did not start" >&2; return 1; }
-  addr() { grep '"listening"' "$logf" | grep "\"protocol\":\"$1\"" | grep -o '"addr":"[^"]*"' | head -1 | cut -d'"' -f4; }
-  WS_ADDR=$(addr websocket); MQTT_ADDR=$(addr mqtt); ADMIN_ADDR=$(addr admin)
-}
-
 run_attack() { # name
   local name=$1 dir=$OUT/$1
   mkdir -p "$dir"
@@ -137,7 +121,11 @@ run_attack() { # name
   # the server-wide memory budget, which this attack is run with.
   local limit_mib="" env=()
   if [ "$name" = crowd ]; then limit_mib=$CROWD_LIMIT_MIB; env=(ECHO_SERVER_MEMORY_LIMIT=$((limit_mib << 20))); fi
-  start_echo "$dir" ${env[@]+"${env[@]}"}
+  # A fresh server, its log in dir/server.log. start_echo_server keeps the
+  # caller's ECHO_* configuration variables away from it; this sets one: a
+  # stats line (with loop_lag_max_ms) per second.
+  start_echo_server "$dir/server.log" ECHO_SERVER_STATS_INTERVAL=1s ${env[@]+"${env[@]}"} \
+    -- --mqtt-listen 127.0.0.1:0 --shutdown-grace 1s
   # "Before" is a server that has served one client of each kind: what the
   # first clients cost (the router's heap arena, code paths paged in) is
   # not what an attacker kept.

@@ -1,5 +1,6 @@
-# Shared by run.sh and smoke.sh: starting and stopping the servers under
-# test on loopback, each on a port of its own.
+# Shared by the loadtest scripts (run.sh, smoke.sh, hostile.sh, mqtt-*.sh):
+# starting and stopping the servers under test on loopback, each on a port
+# of its own.
 # shellcheck shell=bash
 
 LOADTEST=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -31,22 +32,11 @@ start_server() {
   SERVER_LOG=$logf
   case $name in
     echo-server)
-      local args=(--ws-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --log-format json)
+      local args=()
       if [ "$proto" = mqtt ]; then args+=(--mqtt-listen 127.0.0.1:0); elif echo_server_has_mqtt; then args+=(--no-mqtt); fi
-      # The server reads ECHO_<SECTION>_<KEY> variables as configuration:
-      # keep CI's REQUIRE_TEST_TOOLS and the like away from it.
-      local unset=()
-      while IFS= read -r var; do unset+=(-u "$var"); done < <(compgen -e | grep '^ECHO_' || true)
-      $PIN_SERVER env "${unset[@]}" "$ECHO_SERVER" "${args[@]}" 2>"$logf" &
-      SERVER_PID=$!
-      for _ in $(seq 200); do grep -q '"ready"' "$logf" && break; sleep 0.05; done
-      grep -q '"ready"' "$logf" || { cat "$logf" >&2; return 1; }
-      local want=websocket; [ "$proto" = mqtt ] && want=mqtt
-      local addr admin
-      addr=$(grep '"listening"' "$logf" | grep "\"protocol\":\"$want\"" | grep -o '"addr":"[^"]*"' | head -1 | cut -d'"' -f4)
-      admin=$(grep '"listening"' "$logf" | grep '"protocol":"admin"' | grep -o '"addr":"[^"]*"' | head -1 | cut -d'"' -f4)
-      if [ "$proto" = ws ]; then SERVER_URL="ws://$addr/"; else SERVER_URL="mqtt://$addr"; fi
-      SERVER_METRICS="http://$admin/metrics"
+      start_echo_server "$logf" -- ${args[@]+"${args[@]}"} || return 1
+      if [ "$proto" = ws ]; then SERVER_URL="ws://$WS_ADDR/"; else SERVER_URL="mqtt://$MQTT_ADDR"; fi
+      SERVER_METRICS="http://$ADMIN_ADDR/metrics"
       ;;
     node-ws)
       port=$(free_port)
@@ -91,6 +81,47 @@ start_server() {
       ;;
     *) echo "unknown server $name" >&2; return 1 ;;
   esac
+}
+
+# Starts $ECHO_SERVER on loopback ports the OS picks and reads its addresses
+# from its JSON log:
+#
+#   start_echo_server LOGFILE [VAR=value ...] [-- EXTRA_ARGS ...]
+#
+# The server runs with --ws-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0
+# (left out when EXTRA_ARGS have --no-admin) --log-format json and
+# EXTRA_ARGS (e.g. --mqtt-listen 127.0.0.1:0, --no-mqtt, --shutdown-grace 1s),
+# its stderr in LOGFILE. It reads ECHO_<SECTION>_<KEY> variables as
+# configuration: the caller's are kept away from it (CI's REQUIRE_TEST_TOOLS
+# and the like), only the VAR=value given here reach it. $PIN_SERVER, if
+# set, is the command that pins it ("taskset -c 1", a string or an array).
+# Sets SERVER_PID and WS_ADDR, MQTT_ADDR, ADMIN_ADDR (host:port, empty when
+# that listener is off); fails, with the log printed, if the server is not
+# ready within 10 s.
+start_echo_server() {
+  local logf=$1 env=() args=(--ws-listen 127.0.0.1:0) pin=() unset=() var admin=1 a
+  shift
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do env+=("$1"); shift; done
+  [ $# -gt 0 ] && shift
+  for a in "$@"; do [ "$a" = --no-admin ] && admin=0; done
+  [ $admin = 1 ] && args+=(--admin-listen 127.0.0.1:0)
+  args+=(--log-format json "$@")
+  read -ra pin <<<"${PIN_SERVER[*]-}"
+  while IFS= read -r var; do unset+=(-u "$var"); done < <(compgen -e | grep '^ECHO_' || true)
+  : >"$logf"  # before the server's redirection does, so that the wait below can read it
+  ${pin[@]+"${pin[@]}"} env ${unset[@]+"${unset[@]}"} ${env[@]+"${env[@]}"} "$ECHO_SERVER" "${args[@]}" 2>"$logf" &
+  SERVER_PID=$!
+  for _ in $(seq 200); do grep -q '"ready"' "$logf" && break; sleep 0.05; done
+  grep -q '"ready"' "$logf" || { cat "$logf" >&2; echo "echo-server did not start" >&2; return 1; }
+  WS_ADDR=$(listening_addr "$logf" websocket)
+  MQTT_ADDR=$(listening_addr "$logf" mqtt)
+  ADMIN_ADDR=$(listening_addr "$logf" admin)
+}
+
+# The first address echo-server's JSON log (LOGFILE) says it listens on for
+# PROTOCOL (websocket, mqtt, admin, ...); empty if none.
+listening_addr() { # LOGFILE PROTOCOL
+  grep '"listening"' "$1" | grep "\"protocol\":\"$2\"" | grep -o '"addr":"[^"]*"' | head -1 | cut -d'"' -f4 || true
 }
 
 # Sets SERVER_EXIT: "stopped" when the server was still running, else how

@@ -10,23 +10,24 @@
 #
 # Needs a release build (cargo build --release -p echo-server -p
 # echo-loadgen) and Debian's `mosquitto`. Bounded: about
-# 4 × ROUNDS × CLIENTS / 4,000 seconds.
+# 4 × ROUNDS × CLIENTS / 4,000 seconds. The caller's ECHO_* variables do
+# not reach echo-server (lib.sh's start_echo_server).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
+cd "$ROOT"
 CLIENTS=${1:-20000}
 ROUNDS=${2:-3}
 LOADGEN=./target/release/echo-loadgen
+ECHO_SERVER=./target/release/echo-server
+PIN_SERVER=()
 TMP=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$TMP"' EXIT
+trap 'stop_server; kill $(jobs -p) 2>/dev/null || true; rm -rf "$TMP"' EXIT
 
 for topics in "" "--own-topic --pipeline-subscribe"; do
-  env -u ECHO_CONFIG ./target/release/echo-server --ws-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --no-admin \
-    --log-format json --log-level warn,echo_server=info 2>"$TMP/echo.log" &
-  ECHO=$!
-  for _ in $(seq 100); do grep -q '"ready"' "$TMP/echo.log" && break; sleep 0.1; done
-  PORT=$(grep '"protocol":"mqtt"' "$TMP/echo.log" | grep -o '"addr":"[^"]*"' | head -1 | cut -d'"' -f4)
-  $LOADGEN churn "mqtt://$PORT" --clients "$CLIENTS" --rounds "$ROUNDS" $topics --server-pid $ECHO --label echo-server --quiet
-  kill -TERM $ECHO; wait $ECHO || true
+  start_echo_server "$TMP/echo.log" -- --mqtt-listen 127.0.0.1:0 --no-admin --log-level warn,echo_server=info
+  $LOADGEN churn "mqtt://$MQTT_ADDR" --clients "$CLIENTS" --rounds "$ROUNDS" $topics --server-pid "$SERVER_PID" --label echo-server --quiet
+  stop_server
+  [ "$SERVER_EXIT" = stopped ] || { echo "echo-server had ended by itself ($SERVER_EXIT)" >&2; exit 1; }
 
   if command -v mosquitto >/dev/null; then
     MPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')

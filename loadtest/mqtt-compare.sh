@@ -8,7 +8,8 @@
 #
 # ROUTERS="event-loop thread" runs echo-server once per placement of its
 # MQTT router (mqtt.router), back to back, before Mosquitto; unset, the
-# configured one (ECHO_MQTT_ROUTER, else the default) runs once.
+# configured one (ECHO_MQTT_ROUTER, else the default) runs once. Other
+# ECHO_* variables do not reach the server (lib.sh's start_echo_server).
 #
 # By default each server runs on CPU 0 and the generator on CPU 1 (taskset),
 # as in mqtt-storm.sh; --no-pin lets everything share the CPUs.
@@ -25,14 +26,16 @@
 # Needs a release build (cargo build --release -p echo-server -p
 # echo-loadgen) and Debian's `mosquitto`.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
+cd "$ROOT"
 CLIENTS=${1:-10000}
 SECONDS_=${2:-30}
 CONC=${3:-256}
 PIN=1; [ "${4:-}" = --no-pin ] && PIN=0
 LOADGEN=./target/release/echo-loadgen
+ECHO_SERVER=./target/release/echo-server
 TMP=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$TMP"' EXIT
+trap 'stop_server; kill $(jobs -p) 2>/dev/null || true; rm -rf "$TMP"' EXIT
 PIN_SERVER=(); PIN_GEN=()
 if [ $PIN = 1 ] && [ "$(nproc)" -ge 2 ]; then PIN_SERVER=(taskset -c 0); PIN_GEN=(taskset -c 1); fi
 
@@ -54,16 +57,11 @@ PY
 for router in ${ROUTERS:-${ECHO_MQTT_ROUTER:-default}}; do
   label=echo-server; router_env=()
   if [ "$router" != default ]; then label="echo-server-$router"; router_env=(ECHO_MQTT_ROUTER="$router"); fi
-  ${PIN_SERVER[@]+"${PIN_SERVER[@]}"} env -u ECHO_CONFIG ${router_env[@]+"${router_env[@]}"} ./target/release/echo-server \
-    --ws-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
-    --log-format json 2>"$TMP/echo.log" &
-  ECHO=$!
-  for _ in $(seq 100); do grep -q '"ready"' "$TMP/echo.log" && break; sleep 0.1; done
-  PORT=$(grep '"protocol":"mqtt"' "$TMP/echo.log" | grep -o '"addr":"[^"]*"' | head -1 | cut -d'"' -f4)
-  ADMIN=$(grep '"protocol":"admin"' "$TMP/echo.log" | grep -o '"addr":"[^"]*"' | head -1 | cut -d'"' -f4)
-  measure "$label" "mqtt://$PORT" $ECHO
-  curl -s "http://$ADMIN/metrics" | grep -E '^echo_mqtt_link_build_seconds_(sum|count)' || true
-  kill -TERM $ECHO; wait $ECHO || true
+  start_echo_server "$TMP/echo.log" ${router_env[@]+"${router_env[@]}"} -- --mqtt-listen 127.0.0.1:0
+  measure "$label" "mqtt://$MQTT_ADDR" "$SERVER_PID"
+  curl -s "http://$ADMIN_ADDR/metrics" | grep -E '^echo_mqtt_link_build_seconds_(sum|count)' || true
+  stop_server
+  [ "$SERVER_EXIT" = stopped ] || { echo "echo-server had ended by itself ($SERVER_EXIT)" >&2; exit 1; }
 done
 
 # Mosquitto with an equivalent setup: anonymous, loopback, no persistence.

@@ -23,31 +23,30 @@
 # ROUTERS="event-loop thread" runs each run once per placement of the MQTT
 # router (mqtt.router), alternating, so that both see the same machine;
 # unset, the configured one (ECHO_MQTT_ROUTER, else the default) runs.
+# Other ECHO_* variables do not reach the server (lib.sh's start_echo_server).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
+cd "$ROOT"
 RUNS=${1:-3}
 PIN=1; [ "${2:-}" = --no-pin ] && PIN=0
 LOADGEN=./target/release/echo-loadgen
+ECHO_SERVER=./target/release/echo-server
 TMP=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$TMP"' EXIT
+trap 'stop_server; kill $(jobs -p) 2>/dev/null || true; rm -rf "$TMP"' EXIT
 PIN_SERVER=(); PIN_GEN=(); NICE=0
 if [ $PIN = 1 ] && [ "$(nproc)" -ge 2 ]; then PIN_SERVER=(taskset -c 0); PIN_GEN=(taskset -c 1); NICE=19; fi
 
-addr() { grep "\"protocol\":\"$1\"" "$TMP/echo.log" | grep -o '"addr":"[^"]*"' | head -1 | cut -d'"' -f4; }
 for run in $(seq "$RUNS"); do
 for router in ${ROUTERS:-${ECHO_MQTT_ROUTER:-default}}; do
   router_env=(); [ "$router" != default ] && router_env=(ECHO_MQTT_ROUTER="$router")
-  env -u ECHO_CONFIG ${router_env[@]+"${router_env[@]}"} ${PIN_SERVER[@]+"${PIN_SERVER[@]}"} \
-    ./target/release/echo-server --ws-listen 127.0.0.1:0 \
-    --mqtt-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --log-format json --log-level "${STORM_LOG_LEVEL:-warn,echo_server=info}" \
-    2>"$TMP/echo.log" &
-  ECHO=$!
-  for _ in $(seq 100); do grep -q '"ready"' "$TMP/echo.log" && break; sleep 0.1; done
+  start_echo_server "$TMP/echo.log" ${router_env[@]+"${router_env[@]}"} \
+    -- --mqtt-listen 127.0.0.1:0 --log-level "${STORM_LOG_LEVEL:-warn,echo_server=info}"
   echo "run $run/$RUNS (router: $router)"
-  "${PIN_GEN[@]}" $LOADGEN mixed "ws://$(addr websocket)/" "mqtt://$(addr mqtt)" \
+  "${PIN_GEN[@]}" $LOADGEN mixed "ws://$WS_ADDR/" "mqtt://$MQTT_ADDR" \
     --ws-clients "${STORM_WS_CLIENTS:-5000}" --mqtt-clients "${STORM_MQTT_CLIENTS:-5000}" --before "${STORM_BEFORE:-10s}" \
-    --pipeline-subscribe --server-pid $ECHO --server-metrics "http://$(addr admin)/metrics" --mqtt-nice $NICE --quiet
+    --pipeline-subscribe --server-pid "$SERVER_PID" --server-metrics "http://$ADMIN_ADDR/metrics" --mqtt-nice $NICE --quiet
   [ -n "${STORM_LOG_LEVEL:-}" ] && cp "$TMP/echo.log" "/tmp/storm-run$run-$router.log"
-  kill -TERM $ECHO 2>/dev/null || { echo "the server had exited:"; tail -5 "$TMP/echo.log"; }; wait $ECHO || true
+  stop_server
+  [ "$SERVER_EXIT" = stopped ] || { echo "the server had exited:"; tail -5 "$TMP/echo.log"; }
 done
 done
