@@ -108,6 +108,8 @@ start_echo_server() {
   args+=(--log-format json "$@")
   read -ra pin <<<"${PIN_SERVER[*]-}"
   while IFS= read -r var; do unset+=(-u "$var"); done < <(compgen -e | grep '^ECHO_' || true)
+  # RUST_LOG would be its log level (as in the Rust test harnesses, kept away).
+  unset+=(-u RUST_LOG)
   : >"$logf"  # before the server's redirection does, so that the wait below can read it
   ${pin[@]+"${pin[@]}"} env ${unset[@]+"${unset[@]}"} ${env[@]+"${env[@]}"} "$ECHO_SERVER" "${args[@]}" 2>"$logf" &
   SERVER_PID=$!
