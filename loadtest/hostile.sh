@@ -4,8 +4,10 @@
 # (echo-loadgen: 50 WebSocket connections x 20 echoes/s) measures its
 # latency, and prints one row per attack: the bystander's p50/p99/max and
 # errors, the server's RSS before (after one ordinary client of each kind
-# has come and gone) / peak / after, its largest event-loop lag
-# and how many log lines it wrote, and the attack's own summary.
+# has come and gone) / peak / after, its largest event-loop lag (and, in
+# brackets, how late a canary process on the server's CPU ever woke: a
+# machine stall shows in both), how many log lines it wrote, and the
+# attack's own summary.
 #
 #   bash loadtest/hostile.sh                      # full size (~7 minutes)
 #   bash loadtest/hostile.sh --quick              # miniature, what CI runs (~1.5 minutes)
@@ -97,16 +99,37 @@ if [ $PIN = 1 ] && command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
   PIN_SERVER=(taskset -c 0); PIN_GEN=(taskset -c 1)
 fi
 
-SERVER_PID=""; BYSTANDER_PID=""; ATTACKER_PID=""; SAMPLER_PID=""
+SERVER_PID=""; BYSTANDER_PID=""; ATTACKER_PID=""; SAMPLER_PID=""; CANARY_PID=""
 cleanup() {
   # The attacker and bystander run under timeout(1), which passes a signal
   # on to its child: TERM to the attacker, INT (its Ctrl-C) to echo-loadgen.
   [ -n "$ATTACKER_PID" ] && kill -TERM "$ATTACKER_PID" 2>/dev/null || true
   [ -n "$BYSTANDER_PID" ] && kill -INT "$BYSTANDER_PID" 2>/dev/null || true
   [ -n "$SAMPLER_PID" ] && kill "$SAMPLER_PID" 2>/dev/null || true
+  [ -n "$CANARY_PID" ] && kill "$CANARY_PID" 2>/dev/null || true
   stop_server
 }
 trap cleanup EXIT
+
+# A canary beside the server, pinned to its CPU: how late a process that
+# sleeps 10 ms at a time wakes up, the largest in DIR/canary.txt (ms). When
+# the machine itself stalls that CPU (this VM's host has taken it away for
+# seconds; two load tests on one CPU have starved a waiting process for
+# 30 s), the canary is late as well as the server's event loop; a loop lag
+# the canary did not see is the server's own.
+start_canary() { # dir
+  ${PIN_SERVER[@]+"${PIN_SERVER[@]}"} python3 -c '
+import sys, time
+worst = 0.0
+while True:
+    t = time.monotonic(); time.sleep(0.01); late = time.monotonic() - t - 0.01
+    if late > worst:
+        worst = late
+        with open(sys.argv[1], "w") as f:
+            f.write(f"{worst * 1000:.1f}\n")
+' "$1/canary.txt" &
+  CANARY_PID=$!
+}
 
 rss_kib() { # VmRSS of a process, in KiB; empty if it is gone
   local k v _
@@ -145,6 +168,7 @@ run_attack() { # name
      sleep 0.1
    done) >"$dir/rss.txt" &
   SAMPLER_PID=$!
+  start_canary "$dir"
   local brc=0 arc=0
   ${PIN_GEN[@]+"${PIN_GEN[@]}"} timeout -s INT -k 5 $((HOLD + 30)) "$LOADGEN" run "ws://$WS_ADDR/" --steps 50 --rate 20 \
     --hold "${HOLD}s" --threads 1 --quiet --label bystander --server-pid "$SERVER_PID" \
@@ -168,6 +192,7 @@ run_attack() { # name
   after=$(rss_kib "$SERVER_PID")
   kill -0 "$SERVER_PID" 2>/dev/null && [ -n "$after" ] || alive=0
   kill "$SAMPLER_PID" 2>/dev/null || true; wait "$SAMPLER_PID" 2>/dev/null || true; SAMPLER_PID=""
+  kill "$CANARY_PID" 2>/dev/null || true; wait "$CANARY_PID" 2>/dev/null || true; CANARY_PID=""
   local window; window=$(tail -n +"$((lines_before + 1))" "$dir/server.log" | wc -l)
   stop_server
   python3 - "$name" "$dir" "$lines_before" "$before" "${after:-}" "$alive" "$arc" "$brc" \
@@ -226,6 +251,10 @@ for line in lines:
     msg = e.get("message", "")[:80]
     top[msg] = top.get(msg, 0) + 1
 row["loop_lag_max_ms"] = lag
+try:
+    row["canary_max_ms"] = float(open(f"{d}/canary.txt").read())
+except (OSError, ValueError):
+    row["canary_max_ms"] = None
 row["log_lines"] = count
 row["log_levels"] = levels
 row["log_top"] = sorted(top.items(), key=lambda kv: -kv[1])[:3]
@@ -272,7 +301,7 @@ PY
   fi
 }
 
-TABLE_HEAD='| attack | bystander p50 / p99 / max | bystander errors | server RSS before / peak / after | loop lag max | log lines | verdict | attack summary |
+TABLE_HEAD='| attack | bystander p50 / p99 / max | bystander errors | server RSS before / peak / after | loop lag max (canary) | log lines | verdict | attack summary |
 |---|---|---:|---|---:|---:|---|---|'
 
 print_row() { # one row of rows.jsonl as a markdown table row
@@ -292,7 +321,8 @@ verdict = "; ".join(["FAIL: " + x for x in r["fail"]] + ["exceeds: " + x for x i
 s = dict(r["attack_summary"]); s.pop("attack", None); s.pop("quick", None)
 levels = ", ".join(f"{k} {v}" for k, v in sorted(r["log_levels"].items()))
 logs = str(r["log_lines"]) + (f" ({levels})" if levels else "")
-print(f'| {r["attack"]} | {lat} | {errs} | {m["before"]} / {m["peak"]} / {after} MiB | {r["loop_lag_max_ms"]:.1f} ms | '
+canary = "" if r.get("canary_max_ms") is None else f' ({r["canary_max_ms"]:.1f})'
+print(f'| {r["attack"]} | {lat} | {errs} | {m["before"]} / {m["peak"]} / {after} MiB | {r["loop_lag_max_ms"]:.1f} ms{canary} | '
       f'{logs} | {verdict} | `{json.dumps(s, separators=(",", ":"))}` |')
 PY
 }
