@@ -190,6 +190,14 @@ run_attack() { # name
   if [ $rest -gt 0 ]; then sleep $rest; fi
   local after alive=1
   after=$(rss_kib "$SERVER_PID")
+  # Once (crowd, in a full run) the reading came back empty from a
+  # server that was alive and stopped cleanly right after: read again
+  # before calling it dead.
+  for _ in 1 2 3; do
+    [ -n "$after" ] && break
+    kill -0 "$SERVER_PID" 2>/dev/null || break
+    sleep 0.1; after=$(rss_kib "$SERVER_PID")
+  done
   kill -0 "$SERVER_PID" 2>/dev/null && [ -n "$after" ] || alive=0
   kill "$SAMPLER_PID" 2>/dev/null || true; wait "$SAMPLER_PID" 2>/dev/null || true; SAMPLER_PID=""
   kill "$CANARY_PID" 2>/dev/null || true; wait "$CANARY_PID" 2>/dev/null || true; CANARY_PID=""

@@ -116,6 +116,22 @@ pub(crate) struct Connections {
     pub mqtt: Rc<ConnectionLimit>,
 }
 
+/// Ticks every `period`, the first a period from now; a tick missed
+/// while the loop was busy is not made up for.
+fn ticker(period: Duration) -> tokio::time::Interval {
+    let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ticker
+}
+
+/// Waits for the next tick; `false` once the shutdown has started.
+async fn tick(ticker: &mut tokio::time::Interval, shutdown: &Shutdown) -> bool {
+    tokio::select! {
+        _ = shutdown.wait() => false,
+        _ = ticker.tick() => true,
+    }
+}
+
 /// Logs the summary line every `interval` (never when it is zero).
 pub(crate) async fn run(
     interval: Duration,
@@ -126,14 +142,9 @@ pub(crate) async fn run(
     if interval.is_zero() {
         return;
     }
-    let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut ticker = ticker(interval);
     let mut last = Snapshot::take(&metrics);
-    loop {
-        tokio::select! {
-            _ = shutdown.wait() => return,
-            _ = ticker.tick() => {}
-        }
+    while tick(&mut ticker, &shutdown).await {
         let now = Snapshot::take(&metrics);
         let rates = Rates::between(&last, &now);
         info!(
@@ -254,14 +265,9 @@ pub(crate) async fn sample(
     connections: Connections,
     shutdown: Rc<Shutdown>,
 ) {
-    let mut ticker = tokio::time::interval_at(Instant::now() + SAMPLE_INTERVAL, SAMPLE_INTERVAL);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut ticker = ticker(SAMPLE_INTERVAL);
     let mut last = Snapshot::take(&metrics);
-    loop {
-        tokio::select! {
-            _ = shutdown.wait() => return,
-            _ = ticker.tick() => {}
-        }
+    while tick(&mut ticker, &shutdown).await {
         let now = Snapshot::take(&metrics);
         live.push(Sample {
             time_ms: unix_ms(),

@@ -7,9 +7,9 @@ mod common;
 
 use std::time::Duration;
 
+use common::TestServer;
 use common::mqtt_raw::{self, RawMqtt};
 use common::tls::{self, self_signed};
-use common::{TestServer, run_to_exit};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn read_packet(stream: &mut (impl AsyncReadExt + Unpin)) -> (u8, Vec<u8>) {
@@ -52,19 +52,5 @@ async fn mqtt_over_tls_round_trips_and_plain_mqtt_is_refused() {
 
 #[test]
 fn unusable_tls_files_stop_the_start_naming_the_key() {
-    let dir = std::env::temp_dir().join(format!("echo-mqtt-badtls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let junk = dir.join("junk.pem");
-    std::fs::write(&junk, "not a certificate\n").unwrap();
-    let junk = junk.display().to_string();
-    let (status, _, stderr) = run_to_exit(
-        &["--ws-listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--no-admin"],
-        &[("ECHO_MQTT_TLS_CERT", &junk), ("ECHO_MQTT_TLS_KEY", &junk)],
-    );
-    assert_eq!(status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("mqtt.tls_cert"), "{stderr}");
-    // Only one of the two: a configuration error (status 2).
-    let (status, _, stderr) = run_to_exit(&["--no-admin"], &[("ECHO_MQTT_TLS_CERT", &junk)]);
-    assert_eq!(status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("mqtt.tls_key"), "{stderr}");
+    tls::unusable_files_stop_the_start("mqtt");
 }

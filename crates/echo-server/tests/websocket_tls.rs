@@ -11,8 +11,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::TestServer;
 use common::tls::{self, self_signed};
-use common::{TestServer, run_to_exit};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -210,20 +210,5 @@ async fn shutdown_closes_tls_sessions_and_streams_cleanly() {
 
 #[test]
 fn unusable_tls_files_stop_the_start_naming_the_key() {
-    let dir = std::env::temp_dir().join(format!("echo-ws-badtls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let junk = dir.join("junk.pem");
-    std::fs::write(&junk, "not a certificate\n").unwrap();
-    let junk = junk.display().to_string();
-    let (status, _, stderr) = run_to_exit(
-        &["--ws-listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--no-admin"],
-        &[("ECHO_WEBSOCKET_TLS_CERT", &junk), ("ECHO_WEBSOCKET_TLS_KEY", &junk)],
-    );
-    assert_eq!(status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("websocket.tls_cert"), "{stderr}");
-    assert!(!stderr.contains("listening"), "nothing was bound: {stderr}");
-    // Only one of the two: a configuration error (status 2).
-    let (status, _, stderr) = run_to_exit(&["--no-admin"], &[("ECHO_WEBSOCKET_TLS_KEY", &junk)]);
-    assert_eq!(status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("websocket.tls_cert"), "{stderr}");
+    tls::unusable_files_stop_the_start("websocket");
 }

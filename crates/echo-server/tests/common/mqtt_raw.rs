@@ -379,34 +379,20 @@ impl RawPacket {
 
     /// An MQTT 5 CONNACK's Assigned Client Identifier (property 0x12).
     pub fn assigned_client_id(&self) -> Option<String> {
-        assert_eq!(self.packet_type(), 2, "not a CONNACK: {self:?}");
-        let (len, mut at) = (usize::from(self.body[2]), 3);
-        let end = at + len;
-        while at < end {
-            let id = self.body[at];
-            at += 1;
-            let size = match id {
-                0x24 | 0x25 | 0x28 | 0x29 | 0x2a => 1,
-                0x21 | 0x22 | 0x13 => 2,
-                0x11 | 0x27 => 4,
-                _ => {
-                    let n = usize::from(u16::from_be_bytes([self.body[at], self.body[at + 1]]));
-                    if id == 0x12 {
-                        return Some(String::from_utf8(self.body[at + 2..at + 2 + n].to_vec()).unwrap());
-                    }
-                    2 + n
-                }
-            };
-            at += size;
-        }
-        None
+        self.connack_property_list().into_iter().find(|(id, _)| *id == 0x12).and_then(|(_, v)| v.err())
     }
 
     /// An MQTT 5 CONNACK's integer properties, by identifier (strings and
     /// binary data are skipped).
     pub fn connack_properties(&self) -> std::collections::HashMap<u8, u32> {
+        self.connack_property_list().into_iter().filter_map(|(id, v)| Some((id, v.ok()?))).collect()
+    }
+
+    /// An MQTT 5 CONNACK's properties in order: integers as `Ok`, strings
+    /// as `Err`.
+    fn connack_property_list(&self) -> Vec<(u8, Result<u32, String>)> {
         assert_eq!(self.packet_type(), 2, "not a CONNACK: {self:?}");
-        let mut properties = std::collections::HashMap::new();
+        let mut properties = Vec::new();
         let (len, mut at) = (usize::from(self.body[2]), 3);
         assert!(len < 128, "a short property section");
         let end = at + len;
@@ -422,13 +408,16 @@ impl RawPacket {
                 0x11 | 0x27 => 4,
                 // Strings: assigned client id, reason, response info, reference.
                 0x12 | 0x1f | 0x1a | 0x1c => {
-                    at += 2 + usize::from(u16::from_be_bytes([self.body[at], self.body[at + 1]]));
+                    let n = usize::from(u16::from_be_bytes([self.body[at], self.body[at + 1]]));
+                    let text = String::from_utf8_lossy(&self.body[at + 2..at + 2 + n]).into_owned();
+                    properties.push((id, Err(text)));
+                    at += 2 + n;
                     continue;
                 }
                 other => panic!("CONNACK property {other:#x} not expected: {self:?}"),
             };
             let value = self.body[at..at + size].iter().fold(0u32, |v, &b| (v << 8) | u32::from(b));
-            properties.insert(id, value);
+            properties.push((id, Ok(value)));
             at += size;
         }
         properties

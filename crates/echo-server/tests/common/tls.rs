@@ -55,3 +55,29 @@ pub async fn connect(addr: std::net::SocketAddr, cert: &str) -> TlsStream<TcpStr
     let name = ServerName::try_from("127.0.0.1").unwrap();
     connector.connect(name, tcp).await.expect("TLS handshake with the configured certificate")
 }
+
+/// `SECTION.tls_cert` and `SECTION.tls_key` (`mqtt` or `websocket`) given a
+/// file that is no certificate: the server stops before it binds anything,
+/// naming the key, exit status 1; only one of the two set: a configuration
+/// error naming the other, exit status 2.
+pub fn unusable_files_stop_the_start(section: &str) {
+    let dir = std::env::temp_dir().join(format!("echo-{section}-badtls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let junk = dir.join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    let junk = junk.display().to_string();
+    let (cert_var, key_var) = (
+        format!("ECHO_{}_TLS_CERT", section.to_uppercase()),
+        format!("ECHO_{}_TLS_KEY", section.to_uppercase()),
+    );
+    let (status, _, stderr) = super::run_to_exit(
+        &["--ws-listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--no-admin"],
+        &[(&cert_var, &junk), (&key_var, &junk)],
+    );
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("{section}.tls_cert")), "{stderr}");
+    assert!(!stderr.contains("listening"), "nothing was bound: {stderr}");
+    let (status, _, stderr) = super::run_to_exit(&["--no-admin"], &[(&cert_var, &junk)]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("{section}.tls_key")), "{stderr}");
+}
