@@ -65,16 +65,7 @@ fn sys_topics_report_the_broker_and_follow_its_clients() {
     each_router_placement(INTERVAL, |server| {
         let mut sys = subscriber(server, "sys-reader", "$SYS/broker/#");
         let mut seen = HashMap::new();
-        // Its own connection and subscription (a figure retained from
-        // between the two may come first).
-        until(&mut sys, &mut seen, |s| {
-            has(s, "$SYS/broker/clients/connected", "1") && has(s, "$SYS/broker/subscriptions/count", "1")
-        });
-        let version = &seen["$SYS/broker/version"];
-        assert_eq!(*version, format!("echo-server version {}", env!("CARGO_PKG_VERSION")));
-        let uptime = seen["$SYS/broker/uptime"].strip_suffix(" seconds").expect("N seconds");
-        uptime.parse::<u64>().expect("a number of seconds");
-        for topic in [
+        let counts = [
             "$SYS/broker/clients/total",
             "$SYS/broker/clients/maximum",
             "$SYS/broker/messages/received",
@@ -84,7 +75,23 @@ fn sys_topics_report_the_broker_and_follow_its_clients() {
             "$SYS/broker/bytes/received",
             "$SYS/broker/bytes/sent",
             "$SYS/broker/retained messages/count",
-        ] {
+        ];
+        // Its own connection and subscription (a figure retained from
+        // between the two may come first), and every figure once: the
+        // first ones may come live, one at a time, after the subscription.
+        until(&mut sys, &mut seen, |s| {
+            has(s, "$SYS/broker/clients/connected", "1")
+                && has(s, "$SYS/broker/subscriptions/count", "1")
+                && ["$SYS/broker/version", "$SYS/broker/uptime"]
+                    .iter()
+                    .chain(&counts)
+                    .all(|topic| s.contains_key(*topic))
+        });
+        let version = &seen["$SYS/broker/version"];
+        assert_eq!(*version, format!("echo-server version {}", env!("CARGO_PKG_VERSION")));
+        let uptime = seen["$SYS/broker/uptime"].strip_suffix(" seconds").expect("N seconds");
+        uptime.parse::<u64>().expect("a number of seconds");
+        for topic in counts {
             let value = seen.get(topic).unwrap_or_else(|| panic!("{topic} in {seen:?}"));
             value.parse::<u64>().unwrap_or_else(|_| panic!("{topic}: {value:?} is a count"));
         }
