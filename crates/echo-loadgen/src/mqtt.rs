@@ -66,7 +66,6 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects and waits for a successful CONNACK.
     /// A TCP connection with CONNECT written into its buffer, not yet sent:
     /// what `open` and `open_subscribed` start from.
     async fn dial(
@@ -83,6 +82,7 @@ impl Client {
         Ok(c)
     }
 
+    /// Connects and waits for a successful CONNACK.
     pub async fn open(
         addr: SocketAddr,
         source: Option<IpAddr>,
