@@ -21,6 +21,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -39,7 +40,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Count, Metrics};
 use crate::shutdown::Shutdown;
 
 /// Admin connections open at once: enough for a few scrapers and probes,
@@ -58,12 +59,42 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// not reading it; its connection may then be evicted like an idle one.
 const STUCK_RESPONSE: Duration = Duration::from_secs(2);
 
-/// What the admin handlers read.
+/// An answer to an admin request, once it is ready.
+pub type Answer = Pin<Box<dyn Future<Output = Response<Full<Bytes>>>>>;
+
+/// What answers the admin port's requests: this process's own figures
+/// ([`Local`]), or a supervisor's, gathered from its workers
+/// (`crate::supervisor`).
+pub trait Answers {
+    /// The response to a GET (or HEAD) of `path`.
+    fn answer(&self, path: &str) -> Answer;
+}
+
+/// The admin answers of a server process: its own metrics and shutdown.
 #[derive(Debug)]
-pub struct AdminState {
+pub struct Local {
     pub metrics: Arc<Metrics>,
     pub shutdown: Rc<Shutdown>,
+}
+
+impl Answers for Local {
+    fn answer(&self, path: &str) -> Answer {
+        Box::pin(std::future::ready(route(self, path)))
+    }
+}
+
+/// What the admin handlers read.
+pub struct AdminState {
+    answers: Rc<dyn Answers>,
+    refused: Count,
+    evictions: Count,
     open: RefCell<Vec<Rc<AdminConn>>>,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState").field("open", &self.open.borrow().len()).finish_non_exhaustive()
+    }
 }
 
 /// One open admin connection, as eviction sees it.
@@ -87,7 +118,14 @@ impl AdminConn {
 
 impl AdminState {
     pub fn new(metrics: Arc<Metrics>, shutdown: Rc<Shutdown>) -> Rc<Self> {
-        Rc::new(AdminState { metrics, shutdown, open: RefCell::new(Vec::new()) })
+        let (refused, evictions) = (metrics.admin_refused.clone(), metrics.admin_evictions.clone());
+        Self::with_answers(Rc::new(Local { metrics, shutdown }), refused, evictions)
+    }
+
+    /// An admin port answered by `answers`; `refused` and `evictions`
+    /// count the connections turned away and evicted.
+    pub fn with_answers(answers: Rc<dyn Answers>, refused: Count, evictions: Count) -> Rc<Self> {
+        Rc::new(AdminState { answers, refused, evictions, open: RefCell::new(Vec::new()) })
     }
 
     /// Registers a new connection, evicting one if the cap is reached;
@@ -96,13 +134,13 @@ impl AdminState {
         let mut open = self.open.borrow_mut();
         if open.len() >= MAX_ADMIN_CONNECTIONS {
             let Some(index) = eviction_victim(&open, Instant::now()) else {
-                self.metrics.admin_refused.inc();
+                self.refused.inc();
                 return None;
             };
             let victim = open.swap_remove(index);
             // notify_one keeps the wake-up if the task is not waiting yet.
             victim.evicted.notify_one();
-            self.metrics.admin_evictions.inc();
+            self.evictions.inc();
         }
         let conn = Rc::new(AdminConn {
             responding: Cell::new(false),
@@ -158,11 +196,15 @@ async fn serve_connection(
     state: Rc<AdminState>,
 ) {
     let (handler_state, handler_conn) = (state.clone(), conn.clone());
-    let service = service_fn(move |request| {
+    let service = service_fn(move |request: Request<Incoming>| {
         handler_conn.set_responding(true);
-        let response = route(&handler_state, &request);
-        let response = response.map(|body| Tracked { body, conn: handler_conn.clone() });
-        async move { Ok::<_, Infallible>(response) }
+        let answer: Answer = if request.method() != Method::GET && request.method() != Method::HEAD {
+            Box::pin(std::future::ready(text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n")))
+        } else {
+            handler_state.answers.answer(request.uri().path())
+        };
+        let conn = handler_conn.clone();
+        async move { Ok::<_, Infallible>(answer.await.map(|body| Tracked { body, conn })) }
     });
     let serving = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -213,29 +255,35 @@ impl Body for Tracked {
     }
 }
 
-fn route(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-    if request.method() != Method::GET && request.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
-    }
-    match request.uri().path() {
+fn route(state: &Local, path: &str) -> Response<Full<Bytes>> {
+    match path {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if state.shutdown.is_triggered() => {
             text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
         }
         "/readyz" => text(StatusCode::OK, "ready\n"),
-        "/metrics" => Response::builder()
-            .header(hyper::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")
-            .body(Full::new(Bytes::from(state.metrics.encode())))
-            .expect("static headers are valid"),
-        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n"),
+        "/metrics" => metrics(state.metrics.encode()),
+        _ => text(StatusCode::NOT_FOUND, NOT_FOUND),
     }
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+/// The answer to a path the admin port does not serve.
+pub(crate) const NOT_FOUND: &str = "not found: try /healthz, /readyz or /metrics\n";
+
+/// A `/metrics` answer: `exposition` in the OpenMetrics text format.
+pub(crate) fn metrics(exposition: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .header(hyper::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")
+        .body(Full::new(Bytes::from(exposition)))
+        .expect("static headers are valid")
+}
+
+/// A plain-text answer.
+pub(crate) fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header(hyper::header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .body(Full::new(body.into()))
         .expect("static headers are valid")
 }
 

@@ -56,6 +56,16 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
 
+    /// Worker processes sharing the ports: a number, or "auto" for one per
+    /// CPU (sets server.workers).
+    #[arg(long, value_name = "N|auto")]
+    pub workers: Option<String>,
+
+    /// Internal: run as worker INDEX of a supervisor, reading the
+    /// configuration as TOML from standard input.
+    #[arg(long = "worker-of-supervisor", value_name = "INDEX", hide = true)]
+    pub worker: Option<u16>,
+
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -107,6 +117,7 @@ impl Cli {
             log_level: self.log_level.clone(),
             log_format: self.log_format,
             shutdown_grace: self.shutdown_grace.clone(),
+            workers: self.workers.clone(),
         }
     }
 }

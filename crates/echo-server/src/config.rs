@@ -45,6 +45,85 @@ pub struct ServerConfig {
     /// connections, publishes and subscriptions (see `budget`); 0 means
     /// three quarters of what the process may use.
     pub memory_limit: u64,
+    /// How many worker processes, each one event loop, share the ports
+    /// (`crate::supervisor`); 1 is a single process, no supervisor.
+    pub workers: Workers,
+}
+
+/// `server.workers`: a count, or `"auto"` for one per CPU the process may
+/// use (its affinity mask and cgroup CPU quota count, see
+/// [`Workers::resolve`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workers {
+    Count(u16),
+    Auto,
+}
+
+/// The most workers accepted: far past any CPU count this server is run on,
+/// low enough that a typo does not fork the machine to death.
+pub const MAX_WORKERS: u16 = 1024;
+
+impl Workers {
+    /// The number of worker processes to run.
+    pub fn resolve(self) -> u16 {
+        match self {
+            Workers::Count(n) => n,
+            // Rust's std reads sched_getaffinity and the cgroup (v1 and v2)
+            // CPU quota on Linux, rounding a fractional quota up.
+            Workers::Auto => std::thread::available_parallelism()
+                .map_or(1, |n| u16::try_from(n.get()).unwrap_or(MAX_WORKERS).min(MAX_WORKERS)),
+        }
+    }
+}
+
+impl Serialize for Workers {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Workers::Count(n) => serializer.serialize_u16(*n),
+            Workers::Auto => serializer.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Workers {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Workers;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "a number of worker processes (1 to {MAX_WORKERS}) or \"auto\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Workers, E> {
+                match u16::try_from(n) {
+                    Ok(n) if (1..=MAX_WORKERS).contains(&n) => Ok(Workers::Count(n)),
+                    _ => {
+                        Err(E::custom(format!("{n} is outside 1..={MAX_WORKERS} (or \"auto\": one per CPU)")))
+                    }
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Workers, E> {
+                match u64::try_from(n) {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => {
+                        Err(E::custom(format!("{n} is outside 1..={MAX_WORKERS} (or \"auto\": one per CPU)")))
+                    }
+                }
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Workers, E> {
+                // The command line gives every value as text.
+                match text.trim() {
+                    "auto" => Ok(Workers::Auto),
+                    other => match other.parse::<u64>() {
+                        Ok(n) => self.visit_u64(n),
+                        Err(_) => Err(E::custom(format!(
+                            "{text:?} is neither a number of worker processes nor \"auto\""
+                        ))),
+                    },
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 impl Default for ServerConfig {
@@ -53,6 +132,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(5),
             stats_interval: Duration::from_secs(10),
             memory_limit: 0,
+            workers: Workers::Count(1),
         }
     }
 }
@@ -327,6 +407,8 @@ pub struct Overrides {
     pub log_format: Option<LogFormat>,
     /// A duration as written in the file, such as "2s".
     pub shutdown_grace: Option<String>,
+    /// `server.workers` as given: a count or "auto".
+    pub workers: Option<String>,
 }
 
 /// Why a configuration was refused. The message always names the key.
@@ -713,6 +795,9 @@ fn apply_overrides(figment: Figment, o: &Overrides) -> Figment {
     if let Some(grace) = &o.shutdown_grace {
         set("server.shutdown_grace", grace.clone().into());
     }
+    if let Some(workers) = &o.workers {
+        set("server.workers", workers.clone().into());
+    }
     figment.merge(FlagLayer(root))
 }
 
@@ -1088,6 +1173,31 @@ mod tests {
         let env = vec![("ECHO_MQTT_SYS_INTERVAL".to_owned(), "250ms".to_owned())];
         let config = Config::load(None, env, &Overrides::default()).unwrap();
         assert_eq!(config.mqtt.sys_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn workers_is_a_count_or_auto() {
+        assert_eq!(Config::default().server.workers, Workers::Count(1));
+        assert_eq!(load_str("[server]\nworkers = 4\n").unwrap().server.workers, Workers::Count(4));
+        assert_eq!(load_str("[server]\nworkers = \"auto\"\n").unwrap().server.workers, Workers::Auto);
+        let env = vec![("ECHO_SERVER_WORKERS".to_owned(), "auto".to_owned())];
+        assert_eq!(Config::load(None, env, &Overrides::default()).unwrap().server.workers, Workers::Auto);
+        let flag = Overrides { workers: Some("3".to_owned()), ..Overrides::default() };
+        assert_eq!(Config::load(None, Vec::new(), &flag).unwrap().server.workers, Workers::Count(3));
+        for toml in
+            ["[server]\nworkers = 0\n", "[server]\nworkers = \"many\"\n", "[server]\nworkers = 5000\n"]
+        {
+            let err = load_str(toml).unwrap_err().to_string();
+            assert!(err.starts_with("server.workers: "), "{toml:?}: {err}");
+        }
+        let env = vec![("ECHO_SERVER_WORKERS".to_owned(), "-1".to_owned())];
+        let err = Config::load(None, env, &Overrides::default()).unwrap_err().to_string();
+        assert!(err.starts_with("server.workers: ") && err.contains("ECHO_SERVER_WORKERS"), "{err}");
+        let auto = Workers::Auto.resolve();
+        assert_eq!(usize::from(auto), std::thread::available_parallelism().unwrap().get());
+        // The configuration a supervisor hands its workers reads back the same.
+        let config = load_str("[server]\nworkers = \"auto\"\n").unwrap();
+        assert_eq!(toml::from_str::<Config>(&config.to_toml()).unwrap(), config);
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! [`shutdown`], [`server`] (start and stop), [`logging`], [`healthcheck`],
 //! [`heap`] (bytes allocated, counted), [`budget`] (`server.memory_limit`),
 //! [`trim`] (freed memory back to the OS), [`tls`] (certificates and keys
-//! for the listeners that offer TLS).
+//! for the listeners that offer TLS), [`supervisor`] (several worker
+//! processes on the same ports).
 
 pub mod admin;
 pub mod budget;
@@ -29,6 +30,7 @@ pub mod process;
 pub mod server;
 pub mod shutdown;
 pub mod stats;
+pub mod supervisor;
 pub mod tls;
 pub mod trim;
 pub mod ws;

@@ -29,16 +29,41 @@ use crate::shutdown::Shutdown;
 /// Binds a listening socket. IPv6 sockets are IPv6-only, so `0.0.0.0:8080`
 /// and `[::]:8080` can be listed side by side.
 pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+    let socket = socket(addr, false)?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket.into())
+}
+
+/// Binds a listening socket that shares its port with the other workers'
+/// (`SO_REUSEPORT`): the kernel spreads new connections over every worker
+/// listening on it, by a hash of the client's address and port.
+pub fn bind_shared(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+    let socket = socket(addr, true)?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket.into())
+}
+
+/// Binds `addr` with `SO_REUSEPORT` without listening: it holds the port
+/// (port 0 becomes a concrete one, a taken port fails here) so that workers
+/// can bind the same address. A socket that does not listen is never given
+/// a connection, so the supervisor that holds it serves no client.
+pub fn reserve(addr: SocketAddr) -> io::Result<Socket> {
+    socket(addr, true)
+}
+
+fn socket(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
     // Restarting the server must not wait for old connections in TIME_WAIT.
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
-    Ok(socket.into())
+    Ok(socket)
 }
 
 /// Counts open connections of one protocol against its limit. Single-threaded
@@ -191,6 +216,18 @@ mod tests {
         let _c = limit.try_acquire().expect("a freed slot is reusable");
         drop(b);
         assert_eq!(limit.gauge.get(), 1);
+    }
+
+    #[test]
+    fn workers_share_a_reserved_port() {
+        let reserved = reserve("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = reserved.local_addr().unwrap().as_socket().unwrap();
+        assert_ne!(addr.port(), 0);
+        let a = bind_shared(addr, 16).unwrap();
+        let b = bind_shared(addr, 16).expect("a second worker binds the same port");
+        assert_eq!(a.local_addr().unwrap(), b.local_addr().unwrap());
+        let err = bind(addr, 16).expect_err("a socket without SO_REUSEPORT cannot join");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use echo_server::config::Config;
 use echo_server::limits::FileLimit;
 use echo_server::mqtt::auth::Access;
 use echo_server::mqtt::passwd;
-use echo_server::{healthcheck, logging, server};
+use echo_server::{healthcheck, logging, server, supervisor};
 
 /// Exit status for a configuration that was refused (before anything ran).
 const EXIT_BAD_CONFIG: u8 = 2;
@@ -19,6 +19,9 @@ fn main() -> ExitCode {
     // Needs no configuration (it writes a file the configuration names).
     if let Some(Command::Passwd { file, user, password, iterations }) = &cli.command {
         return passwd(file, user, password.as_deref(), *iterations);
+    }
+    if let Some(index) = cli.worker {
+        return worker(index);
     }
     let config = match Config::load(cli.config.as_deref(), std::env::vars(), &cli.overrides()) {
         Ok(config) => config,
@@ -63,6 +66,56 @@ fn main() -> ExitCode {
         }
     };
 
+    let workers = config.server.workers.resolve();
+    if workers > 1 {
+        return supervisor::main(config, workers);
+    }
+    serve(config, mqtt_access, false, |_| {})
+}
+
+/// Runs worker `index` of a supervisor (`echo_server::supervisor`): the
+/// configuration comes as TOML on standard input, already checked by the
+/// supervisor; the `Ready` report goes out as one JSON line on standard
+/// output.
+fn worker(index: u16) -> ExitCode {
+    let mut text = String::new();
+    if let Err(err) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut text) {
+        eprintln!("echo-server worker {index}: cannot read the configuration: {err}");
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
+    let config = match toml::from_str::<Config>(&text).map_err(|e| e.to_string()).and_then(|config| {
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
+    }) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("echo-server worker {index}: invalid configuration: {err}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let mqtt_access = match Access::load(&config.mqtt) {
+        Ok(access) => access,
+        Err(err) => {
+            eprintln!("echo-server worker {index}: invalid configuration: {err}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    serve(config, mqtt_access, true, |ready| {
+        use std::io::Write;
+        let line = serde_json::to_string(ready).expect("the report serializes");
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
+    })
+}
+
+/// Runs one server process: the single server, or one worker (`shared`:
+/// its listeners share their ports with the other workers').
+fn serve(
+    config: Config,
+    mqtt_access: Access,
+    shared: bool,
+    on_ready: impl FnOnce(&server::Ready),
+) -> ExitCode {
     logging::init(&config.log);
     logging::log_panics();
     let files = FileLimit::raise();
@@ -73,7 +126,7 @@ fn main() -> ExitCode {
             "could not presize the descriptor table: the event loop may stall for a moment each time it grows"
         ),
     }
-    let bound = match server::bind_all(&config, mqtt_access) {
+    let bound = match server::bind_all(&config, mqtt_access, shared) {
         Ok(bound) => bound,
         Err(err) => {
             error!("{err}");
@@ -89,7 +142,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let summary = runtime.block_on(server::run(config, bound, files));
+    let summary = runtime.block_on(server::run(config, bound, files, on_ready));
     if summary.router_failed {
         return ExitCode::from(server::EXIT_ROUTER_FAILED);
     }

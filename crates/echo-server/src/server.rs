@@ -70,27 +70,52 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
 }
 
-/// Binds every configured listener, or fails naming the one that could not be.
-/// `mqtt_access`: the MQTT password and ACL files, already read.
-pub fn bind_all(config: &Config, mqtt_access: mqtt::auth::Access) -> Result<Bound, StartError> {
+/// The TLS acceptors of the MQTT and WebSocket ports, from the files the
+/// configuration names (`None`: plain TCP).
+#[allow(clippy::type_complexity)]
+pub fn tls_acceptors(
+    config: &Config,
+) -> Result<(Option<tokio_rustls::TlsAcceptor>, Option<tokio_rustls::TlsAcceptor>), tls::TlsError> {
     let acceptor =
         |section, cert: &str, key: &str| tls::Files::of(section, cert, key).map(tls::acceptor).transpose();
     let mqtt_tls = acceptor("mqtt", &config.mqtt.tls_cert, &config.mqtt.tls_key)?;
     let websocket_tls = acceptor("websocket", &config.websocket.tls_cert, &config.websocket.tls_key)?;
-    let bind = |key: &'static str, addrs: &[SocketAddr], backlog: u32| {
+    Ok((mqtt_tls, websocket_tls))
+}
+
+/// Binds every configured listener, or fails naming the one that could not be.
+/// `mqtt_access`: the MQTT password and ACL files, already read. `shared`:
+/// this process is one of several workers, whose WebSocket and MQTT
+/// listeners share their ports (`SO_REUSEPORT`, see `crate::supervisor`).
+pub fn bind_all(config: &Config, mqtt_access: mqtt::auth::Access, shared: bool) -> Result<Bound, StartError> {
+    let (mqtt_tls, websocket_tls) = tls_acceptors(config)?;
+    let bind = |key: &'static str, addrs: &[SocketAddr], backlog: u32, shared: bool| {
+        let bind = if shared { listener::bind_shared } else { listener::bind };
         addrs
             .iter()
-            .map(|&addr| listener::bind(addr, backlog).map_err(|source| BindError { key, addr, source }))
+            .map(|&addr| bind(addr, backlog).map_err(|source| BindError { key, addr, source }))
             .collect::<Result<Vec<_>, _>>()
     };
     Ok(Bound {
-        websocket: bind("websocket.listen", &config.websocket.listen, config.websocket.backlog)?,
-        mqtt: bind("mqtt.listen", &config.mqtt.listen, config.mqtt.backlog)?,
+        websocket: bind("websocket.listen", &config.websocket.listen, config.websocket.backlog, shared)?,
+        mqtt: bind("mqtt.listen", &config.mqtt.listen, config.mqtt.backlog, shared)?,
         mqtt_tls,
         websocket_tls,
         mqtt_access,
-        admin: bind("admin.listen", &config.admin.listen, 128)?,
+        admin: bind("admin.listen", &config.admin.listen, 128, false)?,
     })
+}
+
+/// What a started server reports once it is ready (a worker tells its
+/// supervisor, `crate::supervisor`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Ready {
+    /// Where the admin listener listens (empty when it is off).
+    pub admin: Vec<SocketAddr>,
+    pub open_file_limit: u64,
+    pub connection_capacity: u64,
+    pub max_websocket_connections: u64,
+    pub max_mqtt_connections: u64,
 }
 
 /// What the server did, for the last log line.
@@ -112,7 +137,8 @@ pub const EXIT_ROUTER_FAILED: u8 = 70;
 
 /// Runs until SIGTERM or SIGINT, then shuts down gracefully. Must be called
 /// inside a `LocalRuntime` (tasks are spawned with `spawn_local`).
-pub async fn run(config: Config, bound: Bound, files: FileLimit) -> Summary {
+/// `on_ready` is called once every listener is served.
+pub async fn run(config: Config, bound: Bound, files: FileLimit, on_ready: impl FnOnce(&Ready)) -> Summary {
     let shutdown = Rc::new(Shutdown::new());
     let metrics = Arc::new(Metrics::new(files.soft, Some(tokio::runtime::Handle::current())));
 
@@ -201,10 +227,12 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit) -> Summary {
         });
     }
     let admin_state = AdminState::new(metrics.clone(), shutdown.clone());
+    let mut admin_addrs = Vec::new();
     for std_listener in bound.admin {
         let listener =
             TcpListener::from_std(std_listener).expect("a bound socket registers with the runtime");
         let addr = listener.local_addr().expect("a bound socket has an address");
+        admin_addrs.push(addr);
         info!(protocol = "admin", %addr, "listening");
         tokio::task::spawn_local(admin::serve(listener, admin_state.clone()));
     }
@@ -226,6 +254,13 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit) -> Summary {
         memory_limit_bytes = budget.limit(),
         "ready"
     );
+    on_ready(&Ready {
+        admin: admin_addrs,
+        open_file_limit: files.soft,
+        connection_capacity: files.connection_capacity(),
+        max_websocket_connections: max_ws,
+        max_mqtt_connections: max_mqtt,
+    });
 
     tokio::select! {
         _ = wait_for_signal(&shutdown, config.server.shutdown_grace) => {}
