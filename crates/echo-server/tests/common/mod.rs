@@ -98,7 +98,9 @@ impl TestServer {
                     let Ok(line) = line else { break };
                     let value = serde_json::from_str::<serde_json::Value>(&line)
                         .unwrap_or_else(|_| serde_json::json!({ "message": line, "raw": true }));
-                    let is_ready = value["message"] == "ready";
+                    // With several workers, the supervisor's line (not a
+                    // worker's, which carries a `worker` field) says ready.
+                    let is_ready = value["message"] == "ready" && value["worker"].is_null();
                     logs.lock().unwrap().push(value);
                     if is_ready {
                         let _ = ready_tx.send(());
@@ -111,7 +113,8 @@ impl TestServer {
             panic!("server did not become ready; logs:\n{}", server.log_text());
         }
         for entry in server.logs.lock().unwrap().iter() {
-            if entry["message"] == "listening" {
+            // The supervisor's addresses, not its workers' own admin ports.
+            if entry["message"] == "listening" && entry["worker"].is_null() {
                 let protocol = entry["protocol"].as_str().unwrap().to_owned();
                 let addr: SocketAddr = entry["addr"].as_str().unwrap().parse().unwrap();
                 server.addrs.entry(protocol).or_default().push(addr);
