@@ -14,8 +14,15 @@ pub fn init(config: &LogConfig) {
     let directives = config.level.as_str();
     let filter = EnvFilter::builder().parse_lossy(quiet_router(directives));
     let spans = router_spans(directives.contains("rumqttd"));
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false);
+    // A log line that cannot be written is dropped: tracing-subscriber
+    // would otherwise report it with `eprintln!`, which panics when
+    // standard error is a broken pipe (a worker whose supervisor is gone,
+    // `crate::supervisor`), and the panic would end the process mid-drain.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .log_internal_errors(false);
     match config.format {
         LogFormat::Text => builder.finish().with(spans).init(),
         LogFormat::Json => {

@@ -252,3 +252,38 @@ fn a_taken_port_fails_the_start_naming_its_key() {
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains(&format!("cannot listen on {port} (mqtt.listen)")), "{stderr}");
 }
+
+/// Whether a process with this pid exists (and is not a zombie).
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+}
+
+#[test]
+fn a_second_signal_ends_the_supervisor_and_its_workers_at_once() {
+    let mut server = TestServer::start(&["--workers", "2", "--shutdown-grace", "30s"]);
+    let _raw = RawClient::connect(server.ws_addr());
+    let pids: Vec<u64> = worker_pids(&server).into_values().collect();
+    server.signal(libc::SIGINT);
+    server.wait_for_log(Duration::from_secs(5), |v| {
+        v["message"].as_str().unwrap_or("").starts_with("shutting down") && !v["worker"].is_null()
+    });
+    let started = Instant::now();
+    server.signal(libc::SIGINT);
+    let status = server.wait(Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(status.code(), Some(128 + libc::SIGINT));
+    wait_until(Duration::from_secs(3), "the workers exit too", || pids.iter().all(|&pid| !alive(pid)));
+}
+
+#[test]
+fn workers_drain_and_exit_when_the_supervisor_is_killed() {
+    let server = TestServer::start(&["--workers", "2", "--shutdown-grace", "2s"]);
+    let pids: Vec<u64> = worker_pids(&server).into_values().collect();
+    assert_eq!(pids.len(), 2);
+    let mut raw = RawClient::connect(server.ws_addr());
+    server.signal(libc::SIGKILL);
+    // PR_SET_PDEATHSIG: the kernel sends each worker SIGTERM.
+    assert_eq!(raw.read_close_code(), Some(1001));
+    wait_until(Duration::from_secs(5), "the orphaned workers exit", || pids.iter().all(|&pid| !alive(pid)));
+}
