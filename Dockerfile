@@ -37,6 +37,8 @@ COPY --from=build /src/target/release/echo-server /src/target/release/echo-loadg
 COPY config/server.toml /etc/echo-server/server.toml
 # The server reads this file at start; mount your own over it to configure
 # the container, or override single keys with ECHO_<SECTION>_<KEY> variables.
+# One process is one event loop on one core: `docker run -e
+# ECHO_SERVER_WORKERS=auto` runs one worker per CPU the container is given.
 ENV ECHO_CONFIG=/etc/echo-server/server.toml
 # By number, so that orchestrators can verify it is not root (runAsNonRoot).
 USER 10001:10001
