@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use common::*;
-use echo_loadgen::mqtt_codec as codec;
-use echo_loadgen::scenario::MqttVersion;
+use echo_mqtt_wire as codec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
 
@@ -283,7 +282,7 @@ impl Broker {
     async fn route(&self, fault: &Fault, topic: &str, payload: &[u8]) {
         let subs = self.subs.lock().unwrap().get(topic).cloned().unwrap_or_default();
         let mut packet = Vec::new();
-        codec::publish(&mut packet, MqttVersion::V311, topic, 0, 0, payload);
+        codec::publish(&mut packet, 4, topic.as_bytes(), 0, 0, payload);
         for sub in subs {
             if fault.withholds(sub.index, sub.delivered.fetch_add(1, Ordering::SeqCst)) {
                 continue;
@@ -298,9 +297,9 @@ async fn client(broker: &Broker, fault: &Fault, conn: u64, mut read: OwnedReadHa
     let mut buf = BytesMut::new();
     let mut n = 0u64;
     loop {
-        while let Some(len) = remaining(&buf) {
-            let packet = buf.split_to(len);
-            let body = &packet[len - body_len(&packet)..];
+        while let Some((head, len)) = whole_packet(&buf) {
+            let packet = buf.split_to(head + len);
+            let body = &packet[head..];
             let reply: &[u8] = match packet[0] >> 4 {
                 1 => &[0x20, 2, 0, 0],
                 8 => {
@@ -354,29 +353,11 @@ async fn client(broker: &Broker, fault: &Fault, conn: u64, mut read: OwnedReadHa
     }
 }
 
-/// Length of the whole packet at the front of `buf`, if it is all there.
-fn remaining(buf: &BytesMut) -> Option<usize> {
-    let mut len = 0usize;
-    for i in 1..5 {
-        let b = *buf.get(i)?;
-        len |= ((b & 0x7f) as usize) << (7 * (i - 1));
-        if b & 0x80 == 0 {
-            return (buf.len() >= i + 1 + len).then_some(i + 1 + len);
-        }
-    }
-    None
-}
-
-/// Length of the variable header and payload of a whole packet.
-fn body_len(packet: &[u8]) -> usize {
-    let mut len = 0usize;
-    for (i, b) in packet[1..packet.len().min(5)].iter().enumerate() {
-        len |= ((b & 0x7f) as usize) << (7 * i);
-        if b & 0x80 == 0 {
-            break;
-        }
-    }
-    len
+/// The header and body lengths of the whole packet at the front of `buf`,
+/// once it is all there.
+fn whole_packet(buf: &BytesMut) -> Option<(usize, usize)> {
+    let (len, n) = codec::read_varint(buf.get(1..)?).ok()??;
+    (buf.len() >= 1 + n + len).then_some((1 + n, len))
 }
 
 #[test]
