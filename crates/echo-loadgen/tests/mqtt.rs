@@ -136,13 +136,9 @@ fn fanout_delivers_each_message_to_every_subscriber() {
 
 #[test]
 fn echo_pattern_against_echo_server_mqtt() {
-    if !echo_server_has_mqtt() {
-        eprintln!("*** SKIPPED: this echo-server has no MQTT listener yet (no --mqtt-listen) ***");
-        return;
-    }
-    let server = EchoServer::start_with(&["--mqtt-listen", "127.0.0.1:0"]);
-    let url = format!("mqtt://{}", server.mqtt.expect("mqtt address logged"));
-    let metrics = server.metrics_url();
+    let server = echo_server(&[]);
+    let url = format!("mqtt://{}", server.mqtt_addr());
+    let metrics = server.admin_url("/metrics");
     for (qos, version) in [("0", "3.1.1"), ("1", "5"), ("2", "3.1.1")] {
         let run = loadgen(
             "echo-server-mqtt",
@@ -441,12 +437,8 @@ fn fanout_run(name: &str, url: &str, extra: &[&str]) -> Run {
 
 #[test]
 fn fanout_against_echo_server_mqtt_delivers_every_message_to_every_subscriber() {
-    if !echo_server_has_mqtt() {
-        eprintln!("*** SKIPPED: this echo-server has no MQTT listener yet (no --mqtt-listen) ***");
-        return;
-    }
-    let server = EchoServer::start_with(&["--mqtt-listen", "127.0.0.1:0"]);
-    let url = format!("mqtt://{}", server.mqtt.expect("mqtt address logged"));
+    let server = echo_server(&[]);
+    let url = format!("mqtt://{}", server.mqtt_addr());
     // Two steps, two workers: groups are dealt to workers whole, and the
     // second step's groups start while the first step's keep publishing.
     for (qos, version) in [("0", "3.1.1"), ("1", "5")] {
