@@ -190,6 +190,7 @@ pub fn publish(buf: &mut Vec<u8>, level: u8, topic: &[u8], qos: u8, pkid: u16, p
 }
 
 /// [`publish`] with these MQTT 5 properties.
+#[inline]
 pub fn publish_with_properties(
     buf: &mut Vec<u8>,
     level: u8,
@@ -201,7 +202,6 @@ pub fn publish_with_properties(
 ) {
     let props_len = if level == V5 { varint_len(props.len()) + props.len() } else { 0 };
     let len = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + props_len + payload.len();
-    buf.reserve(1 + varint_len(len) + len);
     buf.push(0x30 | (qos << 1));
     varint(buf, len);
     string(buf, topic);
