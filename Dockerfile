@@ -11,6 +11,10 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock rustfmt.toml ./
 COPY crates/echo-server/Cargo.toml crates/echo-server/Cargo.toml
 COPY crates/echo-loadgen/Cargo.toml crates/echo-loadgen/Cargo.toml
+# Workspace members too: the load generator's MQTT codec, and the test
+# harness (not built into the image).
+COPY crates/echo-mqtt-wire/Cargo.toml crates/echo-mqtt-wire/Cargo.toml
+COPY crates/echo-testkit/Cargo.toml crates/echo-testkit/Cargo.toml
 # The threads-vs-loop peers are a workspace member: cargo needs their
 # manifest, and files for their targets, to load the workspace. They are not
 # built into the image.
@@ -25,6 +29,7 @@ RUN set -eux; for crate in crates/*/ loadtest/peers/rust/; do \
     for bin in threaded tokio_mt; do echo 'fn main() {}' > "loadtest/peers/rust/src/bin/$bin.rs"; done; \
     cargo build --release --locked -p echo-server -p echo-loadgen; \
     rm -rf crates/*/src target/release/deps/*echo_server* target/release/deps/*echo_loadgen* \
+      target/release/deps/*echo_mqtt_wire* \
       target/release/.fingerprint/echo-* target/release/echo-*
 COPY crates crates
 RUN cargo build --release --locked -p echo-server -p echo-loadgen --bins \

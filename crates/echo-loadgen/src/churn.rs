@@ -23,12 +23,12 @@ use tokio::sync::Semaphore;
 use tokio::time::{Instant, timeout_at};
 
 use crate::mqtt::Client;
-use crate::mqtt_codec as codec;
 use crate::report::{bytes, count, micros};
 use crate::scenario::{MqttVersion, Sources};
 use crate::stats::{ErrorKind, Tally};
 use crate::target::{Protocol, Target};
 use crate::usage::{ServerProbe, ServerSample};
+use echo_mqtt_wire as codec;
 
 pub const SCHEMA: &str = "echo-loadgen-churn/1";
 
@@ -306,7 +306,7 @@ async fn come_and_go(
         return (Err(kind), false);
     }
     let ready = started.elapsed().as_micros() as u64;
-    if client.send(|buf, _| codec::disconnect(buf)).await.is_err() {
+    if client.send(|buf, _| buf.extend_from_slice(&codec::DISCONNECT)).await.is_err() {
         // The broker closed first: it is gone either way.
         return (Ok(ready), true);
     }

@@ -4,7 +4,8 @@
 //! The modules, from the wire up:
 //! - [`payload`]: the bytes each message carries and the check of each echo;
 //! - [`flow`]: one connection's schedule, outstanding messages and verdicts;
-//! - [`ws`], [`mqtt`] (+ [`mqtt_codec`]), [`net`]: the two transports;
+//! - [`ws`], [`mqtt`] (+ the `echo-mqtt-wire` codec), [`net`]: the two
+//!   transports;
 //! - [`stats`], [`histogram`]: what is counted, mergeable exactly;
 //! - [`worker`], [`ipc`], [`coordinator`]: processes and phases;
 //! - [`usage`]: the server's and the generator's own resources;
@@ -24,7 +25,6 @@ pub mod ipc;
 pub mod live;
 pub mod mixed;
 pub mod mqtt;
-pub mod mqtt_codec;
 pub mod net;
 pub mod payload;
 pub mod preflight;

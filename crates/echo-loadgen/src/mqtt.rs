@@ -16,11 +16,11 @@ use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout_at};
 
 use crate::flow::{Feed, Flow, Settle};
-use crate::mqtt_codec::{self as codec, Packet};
 use crate::net;
 use crate::scenario::{MqttVersion, Pattern};
 use crate::stats::ErrorKind;
 use crate::worker::Ctx;
+use echo_mqtt_wire::{self as codec, Packet};
 
 const KEEP_ALIVE: Duration = Duration::from_secs(60);
 
@@ -78,7 +78,7 @@ impl Client {
         let timeout = deadline.saturating_duration_since(Instant::now());
         let stream = net::connect(addr, source, timeout).await?;
         let mut c = Client { stream, rbuf: BytesMut::new(), wbuf: Vec::new(), version, read_size: 512 };
-        codec::connect(&mut c.wbuf, version, client_id, KEEP_ALIVE.as_secs() as u16);
+        codec::Connect::new(version.level(), client_id, KEEP_ALIVE.as_secs() as u16).encode(&mut c.wbuf);
         Ok(c)
     }
 
@@ -114,7 +114,7 @@ impl Client {
         deadline: Instant,
     ) -> Result<Client, ErrorKind> {
         let mut c = Client::dial(addr, source, version, client_id, deadline).await?;
-        codec::subscribe(&mut c.wbuf, version, 1, topic, qos);
+        codec::subscribe(&mut c.wbuf, version.level(), 1, &[], &[(topic, qos)]);
         c.flush_by(deadline).await?;
         match timeout_at(deadline, c.next()).await {
             Err(_) => return Err(ErrorKind::HandshakeTimeout),
@@ -132,7 +132,7 @@ impl Client {
 
     /// Subscribes and waits for a granted SUBACK.
     pub async fn subscribe(&mut self, topic: &str, qos: u8, deadline: Instant) -> Result<(), ErrorKind> {
-        codec::subscribe(&mut self.wbuf, self.version, 1, topic, qos);
+        codec::subscribe(&mut self.wbuf, self.version.level(), 1, &[], &[(topic, qos)]);
         self.flush_by(deadline).await?;
         match timeout_at(deadline, self.next()).await {
             Err(_) => Err(ErrorKind::HandshakeTimeout),
@@ -180,7 +180,7 @@ impl Client {
     }
 
     fn decoded(&mut self) -> Result<Option<Packet>, ErrorKind> {
-        codec::decode(&mut self.rbuf, self.version).map_err(|_| ErrorKind::ProtocolError)
+        codec::decode(&mut self.rbuf, self.version.level()).map_err(|_| ErrorKind::ProtocolError)
     }
 
     /// Sizes reads for messages of `payload` bytes.
@@ -276,7 +276,7 @@ async fn session(
     loop {
         if *stop.borrow() {
             // A broker that stopped reading must not hold up the end of the run.
-            codec::disconnect(&mut c.wbuf);
+            c.wbuf.extend_from_slice(&codec::DISCONNECT);
             let _ = tokio::time::timeout(Duration::from_secs(2), c.flush()).await;
             return None;
         }
@@ -289,11 +289,11 @@ async fn session(
         while let Some((seq, ns)) = flow.next_due(now) {
             first_ns.get_or_insert(ns);
             pkid = if pkid == u16::MAX { 1 } else { pkid + 1 };
-            codec::publish(&mut c.wbuf, version, topic, qos, pkid, &flow.payload(seq, ns));
+            codec::publish(&mut c.wbuf, version.level(), topic.as_bytes(), qos, pkid, &flow.payload(seq, ns));
             sent += 1;
         }
         if now >= last_write + KEEP_ALIVE / 2 {
-            codec::pingreq(&mut c.wbuf);
+            c.wbuf.extend_from_slice(&codec::PINGREQ);
         }
         if !c.wbuf.is_empty() {
             // A broker that stops reading blocks the write once the socket

@@ -11,11 +11,11 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::mqtt::Client;
-use crate::mqtt_codec::{self as codec, Packet};
 use crate::payload;
 use crate::scenario::Settings;
 use crate::stats::ErrorKind;
 use crate::target::{Protocol, Target};
+use echo_mqtt_wire::{self as codec, Packet};
 
 /// File descriptors a worker keeps for itself (runtime, pipes, /proc reads).
 pub const FD_RESERVE: u64 = 64;
@@ -205,7 +205,11 @@ async fn probe_mqtt(
     let topic = format!("{}/probe/{}", settings.topic_prefix, std::process::id());
     c.subscribe(&topic, 0, deadline).await.map_err(|k| explain(k, target, timeout))?;
     let msg = payload::message(0, 0, 0, settings.size);
-    match tokio::time::timeout_at(deadline, c.send(|buf, v| codec::publish(buf, v, &topic, 0, 0, &msg))).await
+    match tokio::time::timeout_at(
+        deadline,
+        c.send(|buf, v| codec::publish(buf, v.level(), topic.as_bytes(), 0, 0, &msg)),
+    )
+    .await
     {
         Err(_) => return Err(not_taken(target, settings.size, timeout)),
         Ok(Err(k)) => return Err(explain(k, target, timeout)),
@@ -227,7 +231,11 @@ async fn probe_mqtt(
             Ok(Err(k)) => return Err(explain(k, target, timeout)),
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), c.send(|buf, _| codec::disconnect(buf))).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        c.send(|buf, _| buf.extend_from_slice(&codec::DISCONNECT)),
+    )
+    .await;
     Ok(())
 }
 

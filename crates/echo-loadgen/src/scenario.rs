@@ -103,6 +103,16 @@ pub enum MqttVersion {
     V5,
 }
 
+impl MqttVersion {
+    /// The protocol level CONNECT carries, as the codec takes it.
+    pub fn level(self) -> u8 {
+        match self {
+            MqttVersion::V311 => 4,
+            MqttVersion::V5 => echo_mqtt_wire::V5,
+        }
+    }
+}
+
 impl std::fmt::Display for MqttVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

@@ -11,11 +11,21 @@ use common::*;
 
 #[test]
 fn counts_add_up_over_steps_and_the_server_agrees() {
-    let server = EchoServer::start();
-    let metrics = server.metrics_url();
+    let server = echo_server(&[]);
+    let metrics = server.admin_url("/metrics");
     let run = loadgen(
         "counts",
-        &[&server.url(), "--steps", "20,60", "--hold", "2s", "--rate", "20", "--server-metrics", &metrics],
+        &[
+            &server.ws_url("/"),
+            "--steps",
+            "20,60",
+            "--hold",
+            "2s",
+            "--rate",
+            "20",
+            "--server-metrics",
+            &metrics,
+        ],
     );
     assert_eq!(run.code(), 0, "{}", run.stderr());
     for (i, want) in [(0, 20), (1, 60)] {
@@ -50,12 +60,12 @@ fn counts_add_up_over_steps_and_the_server_agrees() {
 
 #[test]
 fn workers_and_source_addresses_merge_exactly() {
-    let server = EchoServer::start();
+    let server = echo_server(&[]);
     let pid = server.pid().to_string();
     let run = loadgen(
         "workers",
         &[
-            &server.url(),
+            &server.ws_url("/"),
             "--steps",
             "30",
             "--hold",
@@ -85,14 +95,14 @@ fn workers_and_source_addresses_merge_exactly() {
 
 #[test]
 fn closed_loop_throughput_and_merge_of_two_runs() {
-    let server = EchoServer::start();
+    let server = echo_server(&[]);
     let a = loadgen(
         "merge-a",
-        &[&server.url(), "--steps", "10", "--hold", "1s", "--rate", "max", "--in-flight", "2"],
+        &[&server.ws_url("/"), "--steps", "10", "--hold", "1s", "--rate", "max", "--in-flight", "2"],
     );
     let b = loadgen(
         "merge-b",
-        &[&server.url(), "--steps", "10", "--hold", "1s", "--rate", "max", "--in-flight", "2"],
+        &[&server.ws_url("/"), "--steps", "10", "--hold", "1s", "--rate", "max", "--in-flight", "2"],
     );
     assert_eq!((a.code(), b.code()), (0, 0), "{}{}", a.stderr(), b.stderr());
     let (ra, rb) = (u(&a.step(0)["hold"]["received"]), u(&b.step(0)["hold"]["received"]));
@@ -136,10 +146,10 @@ fn closed_loop_throughput_and_merge_of_two_runs() {
 
 #[test]
 fn thresholds_fail_the_run_with_the_reason() {
-    let server = EchoServer::start();
+    let server = echo_server(&[]);
     let run = loadgen(
         "thresholds",
-        &[&server.url(), "--steps", "5", "--hold", "1s", "--rate", "20", "--max-p99", "1us"],
+        &[&server.ws_url("/"), "--steps", "5", "--hold", "1s", "--rate", "20", "--max-p99", "1us"],
     );
     assert_eq!(run.code(), 3, "{}", run.stderr());
     assert!(run.stderr().contains("exceeds --max-p99 1µs"), "{}", run.stderr());
@@ -147,19 +157,21 @@ fn thresholds_fail_the_run_with_the_reason() {
     assert_eq!(run.json()["failures"].as_array().unwrap().len(), 1);
     let ok = loadgen(
         "thresholds-ok",
-        &[&server.url(), "--steps", "5", "--hold", "1s", "--max-p99", "5s", "--max-error-rate", "0"],
+        &[&server.ws_url("/"), "--steps", "5", "--hold", "1s", "--max-p99", "5s", "--max-error-rate", "0"],
     );
     assert_eq!(ok.code(), 0, "{}", ok.stderr());
 }
 
 #[test]
 fn run_is_the_default_subcommand() {
-    let server = EchoServer::start();
+    let server = echo_server(&[]);
     let dir = scratch("default-run");
     let json = dir.join("r.json");
     // As the issue writes it: the URL first, no subcommand.
     let mut cmd = Command::new(LOADGEN);
-    cmd.args([&server.url(), "--steps", "3", "--hold", "1s", "--rate", "5", "-q"]).arg("--json").arg(&json);
+    cmd.args([&server.ws_url("/"), "--steps", "3", "--hold", "1s", "--rate", "5", "-q"])
+        .arg("--json")
+        .arg(&json);
     let out = run_bounded(cmd, Duration::from_secs(60));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -178,23 +190,26 @@ fn run_is_the_default_subcommand() {
 
 #[test]
 fn bad_input_is_refused_before_the_run_with_what_to_change() {
-    let server = EchoServer::start();
+    let server = echo_server(&[]);
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let admin = server.admin.unwrap();
+    let admin = server.admin_addr();
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec![format!("ws://{closed}/")], "connection refused"),
         (vec![format!("ws://{admin}/metrics")], "instead of 101"),
-        (vec![format!("mqtt://{}", server.ws)], "is it an MQTT broker"),
-        (vec![format!("http://{}/", server.ws)], "ws://"),
-        (vec![server.url(), "--steps".into(), "30000".into(), "--workers".into(), "1".into()], "--workers 2"),
-        (vec![server.url(), "--steps".into(), "200000".into()], "--source"),
-        (vec![server.url(), "--size".into(), "10".into()], "header"),
-        (vec![server.url(), "--server-pid".into(), "4000000000".into()], "--server-pid"),
-        (vec![server.url(), "--qos".into(), "1".into()], "--qos applies to MQTT only"),
-        (vec![server.url(), "--rate".into(), "-1".into()], "cannot be negative"),
+        (vec![format!("mqtt://{}", server.ws_addr())], "is it an MQTT broker"),
+        (vec![format!("http://{}/", server.ws_addr())], "ws://"),
+        (
+            vec![server.ws_url("/"), "--steps".into(), "30000".into(), "--workers".into(), "1".into()],
+            "--workers 2",
+        ),
+        (vec![server.ws_url("/"), "--steps".into(), "200000".into()], "--source"),
+        (vec![server.ws_url("/"), "--size".into(), "10".into()], "header"),
+        (vec![server.ws_url("/"), "--server-pid".into(), "4000000000".into()], "--server-pid"),
+        (vec![server.ws_url("/"), "--qos".into(), "1".into()], "--qos applies to MQTT only"),
+        (vec![server.ws_url("/"), "--rate".into(), "-1".into()], "cannot be negative"),
         (vec!["ws://no-such-host.invalid:8080/".into()], "cannot resolve the host \"no-such-host.invalid\""),
         // A remote server: no loopback addresses are suggested (nothing is
         // sent to it: the ports are counted before the server is probed).
@@ -215,13 +230,13 @@ fn bad_input_is_refused_before_the_run_with_what_to_change() {
 #[test]
 fn ctrl_c_reports_the_completed_steps_and_stops_the_workers() {
     use std::os::unix::process::CommandExt;
-    let server = EchoServer::start();
+    let server = echo_server(&[]);
     let dir = scratch("interrupt");
     let json = dir.join("r.json");
     let mut cmd = Command::new(LOADGEN);
     cmd.args([
         "run",
-        &server.url(),
+        &server.ws_url("/"),
         "--steps",
         "10,20,30",
         "--hold",

@@ -11,20 +11,10 @@ use common::*;
 use serde_json::Value;
 
 /// The sum of a metric's samples over all its label sets.
-fn metric(server: &EchoServer, name: &str) -> f64 {
-    let text = echo_loadgen::usage::http_get(&server.metrics_url()).expect("metrics");
-    text.lines()
-        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(['{', ' '])))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn mqtt_server() -> Option<EchoServer> {
-    if !echo_server_has_mqtt() {
-        eprintln!("SKIPPED: this echo-server has no MQTT listener");
-        return None;
-    }
-    Some(EchoServer::start_with(&["--mqtt-listen", "127.0.0.1:0"]))
+fn metric(server: &Server, name: &str) -> f64 {
+    let of_name =
+        |key: &str| key.strip_prefix(name).is_some_and(|rest| rest.is_empty() || rest.starts_with('{'));
+    server.metrics().into_iter().filter(|(key, _)| of_name(key)).map(|(_, value)| value).sum()
 }
 
 /// Runs `echo-loadgen SUBCOMMAND ARGS --json <tmp>`, bounded in time.
@@ -48,10 +38,10 @@ fn phase<'a>(run: &'a Run, name: &str) -> &'a Value {
 
 #[test]
 fn a_connect_storm_is_measured_phase_by_phase_and_the_server_agrees() {
-    let Some(server) = mqtt_server() else { return };
-    let (ws, mqtt) = (server.url(), format!("mqtt://{}", server.mqtt.unwrap()));
+    let server = echo_server(&[]);
+    let (ws, mqtt) = (server.ws_url("/"), format!("mqtt://{}", server.mqtt_addr()));
     let pid = server.pid().to_string();
-    let metrics = server.metrics_url();
+    let metrics = server.admin_url("/metrics");
     let connects_before = metric(&server, "echo_mqtt_connects_total");
     let args = [
         ws.as_str(),
@@ -131,8 +121,8 @@ fn a_connect_storm_is_measured_phase_by_phase_and_the_server_agrees() {
 
 #[test]
 fn mixed_load_measures_both_kinds_of_client_in_one_run() {
-    let Some(server) = mqtt_server() else { return };
-    let (ws, mqtt) = (server.url(), format!("mqtt://{}", server.mqtt.unwrap()));
+    let server = echo_server(&[]);
+    let (ws, mqtt) = (server.ws_url("/"), format!("mqtt://{}", server.mqtt_addr()));
     let args = [
         ws.as_str(),
         mqtt.as_str(),
@@ -181,8 +171,8 @@ fn mixed_refuses_urls_in_the_wrong_order_before_the_run() {
 
 #[test]
 fn churn_rounds_leave_nothing_connected_and_report_memory_per_round() {
-    let Some(server) = mqtt_server() else { return };
-    let mqtt = format!("mqtt://{}", server.mqtt.unwrap());
+    let server = echo_server(&[]);
+    let mqtt = format!("mqtt://{}", server.mqtt_addr());
     let pid = server.pid().to_string();
     let connects_before = metric(&server, "echo_mqtt_connects_total");
     let args = [

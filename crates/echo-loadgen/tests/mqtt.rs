@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use common::*;
-use echo_loadgen::mqtt_codec as codec;
-use echo_loadgen::scenario::MqttVersion;
+use echo_mqtt_wire as codec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
 
@@ -137,13 +136,9 @@ fn fanout_delivers_each_message_to_every_subscriber() {
 
 #[test]
 fn echo_pattern_against_echo_server_mqtt() {
-    if !echo_server_has_mqtt() {
-        eprintln!("*** SKIPPED: this echo-server has no MQTT listener yet (no --mqtt-listen) ***");
-        return;
-    }
-    let server = EchoServer::start_with(&["--mqtt-listen", "127.0.0.1:0"]);
-    let url = format!("mqtt://{}", server.mqtt.expect("mqtt address logged"));
-    let metrics = server.metrics_url();
+    let server = echo_server(&[]);
+    let url = format!("mqtt://{}", server.mqtt_addr());
+    let metrics = server.admin_url("/metrics");
     for (qos, version) in [("0", "3.1.1"), ("1", "5"), ("2", "3.1.1")] {
         let run = loadgen(
             "echo-server-mqtt",
@@ -283,7 +278,7 @@ impl Broker {
     async fn route(&self, fault: &Fault, topic: &str, payload: &[u8]) {
         let subs = self.subs.lock().unwrap().get(topic).cloned().unwrap_or_default();
         let mut packet = Vec::new();
-        codec::publish(&mut packet, MqttVersion::V311, topic, 0, 0, payload);
+        codec::publish(&mut packet, 4, topic.as_bytes(), 0, 0, payload);
         for sub in subs {
             if fault.withholds(sub.index, sub.delivered.fetch_add(1, Ordering::SeqCst)) {
                 continue;
@@ -298,9 +293,9 @@ async fn client(broker: &Broker, fault: &Fault, conn: u64, mut read: OwnedReadHa
     let mut buf = BytesMut::new();
     let mut n = 0u64;
     loop {
-        while let Some(len) = remaining(&buf) {
-            let packet = buf.split_to(len);
-            let body = &packet[len - body_len(&packet)..];
+        while let Some((head, len)) = whole_packet(&buf) {
+            let packet = buf.split_to(head + len);
+            let body = &packet[head..];
             let reply: &[u8] = match packet[0] >> 4 {
                 1 => &[0x20, 2, 0, 0],
                 8 => {
@@ -354,29 +349,11 @@ async fn client(broker: &Broker, fault: &Fault, conn: u64, mut read: OwnedReadHa
     }
 }
 
-/// Length of the whole packet at the front of `buf`, if it is all there.
-fn remaining(buf: &BytesMut) -> Option<usize> {
-    let mut len = 0usize;
-    for i in 1..5 {
-        let b = *buf.get(i)?;
-        len |= ((b & 0x7f) as usize) << (7 * (i - 1));
-        if b & 0x80 == 0 {
-            return (buf.len() >= i + 1 + len).then_some(i + 1 + len);
-        }
-    }
-    None
-}
-
-/// Length of the variable header and payload of a whole packet.
-fn body_len(packet: &[u8]) -> usize {
-    let mut len = 0usize;
-    for (i, b) in packet[1..packet.len().min(5)].iter().enumerate() {
-        len |= ((b & 0x7f) as usize) << (7 * i);
-        if b & 0x80 == 0 {
-            break;
-        }
-    }
-    len
+/// The header and body lengths of the whole packet at the front of `buf`,
+/// once it is all there.
+fn whole_packet(buf: &BytesMut) -> Option<(usize, usize)> {
+    let (len, n) = codec::read_varint(buf.get(1..)?).ok()??;
+    (buf.len() >= 1 + n + len).then_some((1 + n, len))
 }
 
 #[test]
@@ -460,12 +437,8 @@ fn fanout_run(name: &str, url: &str, extra: &[&str]) -> Run {
 
 #[test]
 fn fanout_against_echo_server_mqtt_delivers_every_message_to_every_subscriber() {
-    if !echo_server_has_mqtt() {
-        eprintln!("*** SKIPPED: this echo-server has no MQTT listener yet (no --mqtt-listen) ***");
-        return;
-    }
-    let server = EchoServer::start_with(&["--mqtt-listen", "127.0.0.1:0"]);
-    let url = format!("mqtt://{}", server.mqtt.expect("mqtt address logged"));
+    let server = echo_server(&[]);
+    let url = format!("mqtt://{}", server.mqtt_addr());
     // Two steps, two workers: groups are dealt to workers whole, and the
     // second step's groups start while the first step's keep publishing.
     for (qos, version) in [("0", "3.1.1"), ("1", "5")] {

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::mqtt_raw::{self, RawMqtt, RawPacket};
 use common::{BIN, TestServer, run_to_exit, tool_available};
+use echo_mqtt_wire::Connect;
 
 const ACL: &str = "\
 # Clients without a username.
@@ -213,12 +214,10 @@ fn a_publish_by_topic_alias_is_judged_by_its_topic() {
 /// A 3.1.1 CONNECT without clean session (the session outlives the
 /// connection), with a login.
 fn connect_persistent(client_id: &str, user: &str, password: &str) -> Vec<u8> {
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xc0, 0, 30];
-    for s in [client_id, user, password] {
-        body.extend_from_slice(&(s.len() as u16).to_be_bytes());
-        body.extend_from_slice(s.as_bytes());
-    }
-    mqtt_raw::packet(0x10, &body)
+    let mut connect = Vec::new();
+    Connect { clean: false, login: Some((user, password)), ..Connect::new(4, client_id, 30) }
+        .encode(&mut connect);
+    connect
 }
 
 /// A kept session's subscriptions were checked against its user's rules:

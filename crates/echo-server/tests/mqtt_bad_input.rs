@@ -426,20 +426,13 @@ fn acknowledgements_for_nothing_are_a_protocol_error_not_a_take_over() {
 fn a_connect_asking_for_enhanced_authentication_is_refused() {
     let server = TestServer::start(&[]);
     let mut bystanders = Bystanders::new(&server);
-    let connect_with_properties = |properties: &[u8]| {
-        let mut body = b"\x00\x04MQTT\x05\x02\x00\x1e".to_vec();
-        body.push(properties.len() as u8);
-        body.extend_from_slice(properties);
-        body.extend_from_slice(b"\x00\x04auth");
-        packet(0x10, &body)
-    };
     for (case, properties, code) in [
         ("an authentication method", &b"\x15\x00\x0bSCRAM-SHA-1"[..], 0x8c),
         ("a method and data", b"\x15\x00\x0bSCRAM-SHA-1\x16\x00\x02\x01\x02", 0x8c),
         ("data without a method", b"\x16\x00\x02\x01\x02", 0x82),
     ] {
         let mut c = RawMqtt::connect(server.mqtt_addr());
-        c.send(&connect_with_properties(properties));
+        c.send(&mqtt_raw::connect_with_properties("auth", properties));
         assert_eq!(c.read_packet().expect("a CONNACK").connack_code(), code, "{case}");
         assert!(c.closed_within(Duration::from_secs(5)), "{case}: closed");
         bystanders.still_fine(case);
@@ -621,16 +614,7 @@ fn refused_subscription_filters_get_failure_codes_not_a_dropped_connection() {
         let mut c = RawMqtt::session(server.mqtt_addr(), level, &format!("filters-{level}"), 30);
         // ok, a share group without a filter, a/#/b, +a ($SYS/# is served:
         // tests/mqtt_sys.rs)
-        let mut body = 9u16.to_be_bytes().to_vec();
-        if level == 5 {
-            body.push(0);
-        }
-        for filter in ["ok/#", "$share", "a/#/b", "+a"] {
-            body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
-            body.extend_from_slice(filter.as_bytes());
-            body.push(0);
-        }
-        c.send(&packet(0x82, &body));
+        c.send(&mqtt_raw::subscribe_all(level, 9, &["ok/#", "$share", "a/#/b", "+a"]));
         let ack = c.read_packet().unwrap();
         assert_eq!(ack.packet_type(), 9);
         let codes_at = if level == 5 { 3 } else { 2 };

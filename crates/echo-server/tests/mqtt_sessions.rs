@@ -11,7 +11,7 @@ mod common;
 use std::time::Duration;
 
 use common::TestServer;
-use common::mqtt_raw::{self, RawMqtt, RawPacket, packet};
+use common::mqtt_raw::{self, RawMqtt, RawPacket};
 
 fn server() -> TestServer {
     TestServer::start(&["--no-admin"])
@@ -37,14 +37,7 @@ fn leave(mut raw: RawMqtt, disconnect: &[u8]) {
 
 /// SUBSCRIBE to one filter at QoS 1; returns the SUBACK's reason code.
 fn subscribe_qos1(raw: &mut RawMqtt, level: u8, filter: &str) -> u8 {
-    let mut body = 7u16.to_be_bytes().to_vec();
-    if level == 5 {
-        body.push(0);
-    }
-    body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
-    body.extend_from_slice(filter.as_bytes());
-    body.push(1);
-    raw.send(&packet(0x82, &body));
+    raw.send(&mqtt_raw::subscribe_qos(level, 7, filter, 1));
     let ack = raw.read_packet().expect("a SUBACK");
     assert_eq!(ack.packet_type(), 9, "{ack:?}");
     *ack.body.last().unwrap()
@@ -52,14 +45,7 @@ fn subscribe_qos1(raw: &mut RawMqtt, level: u8, filter: &str) -> u8 {
 
 /// PUBLISH at QoS 1 and wait for its PUBACK.
 fn publish_qos1(raw: &mut RawMqtt, level: u8, topic: &str, payload: &[u8]) {
-    let mut body = (topic.len() as u16).to_be_bytes().to_vec();
-    body.extend_from_slice(topic.as_bytes());
-    body.extend_from_slice(&9u16.to_be_bytes());
-    if level == 5 {
-        body.push(0);
-    }
-    body.extend_from_slice(payload);
-    raw.send(&packet(0x32, &body));
+    raw.send(&mqtt_raw::publish_qos(level, topic, 1, 9, payload));
     let ack = raw.read_packet().expect("a PUBACK");
     assert_eq!(ack.packet_type(), 4, "{ack:?}");
 }
@@ -186,15 +172,7 @@ fn shared_subscriptions_need_a_session_that_ends_with_its_connection() {
 /// UNSUBSCRIBE for `filters`; returns the UNSUBACK's reason codes (MQTT 5)
 /// or nothing (3.1.1), after checking it is the one answer.
 fn unsubscribe(raw: &mut RawMqtt, level: u8, filters: &[&str]) -> Vec<u8> {
-    let mut body = 5u16.to_be_bytes().to_vec();
-    if level == 5 {
-        body.push(0);
-    }
-    for filter in filters {
-        body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
-        body.extend_from_slice(filter.as_bytes());
-    }
-    raw.send(&packet(0xa2, &body));
+    raw.send(&mqtt_raw::unsubscribe_all(level, 5, filters));
     let ack = raw.read_packet().expect("an UNSUBACK");
     assert_eq!(ack.packet_type(), 11, "{ack:?}");
     assert_eq!(ack.body[..2], 5u16.to_be_bytes(), "the UNSUBSCRIBE's packet id");

@@ -1,14 +1,15 @@
 //! Test harness: the real `echo-loadgen` binary, the real `echo-server` of
-//! this workspace, and a way to read the generator's JSON result.
+//! this workspace (run by the workspace's shared harness, `echo-testkit`),
+//! and a way to read the generator's JSON result.
 #![allow(dead_code)] // each test file uses a different part
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+#[allow(unused_imports)] // as dead_code: each test file uses a different part
+pub use echo_testkit::{Server, tools_required};
 use serde_json::Value;
 
 pub const LOADGEN: &str = env!("CARGO_BIN_EXE_echo-loadgen");
@@ -54,111 +55,10 @@ pub fn echo_server_bin() -> &'static Path {
     })
 }
 
-/// A running echo-server on loopback port 0; SIGTERM, then kill, on drop.
-pub struct EchoServer {
-    child: Child,
-    pub ws: SocketAddr,
-    pub admin: Option<SocketAddr>,
-    pub mqtt: Option<SocketAddr>,
-}
-
-/// Whether this workspace's echo-server has an MQTT listener yet.
-pub fn echo_server_has_mqtt() -> bool {
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        Command::new(echo_server_bin())
-            .arg("--help")
-            .output()
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--mqtt-listen"))
-    })
-}
-
-impl EchoServer {
-    pub fn start() -> EchoServer {
-        Self::start_with(&[])
-    }
-
-    pub fn start_with(extra: &[&str]) -> EchoServer {
-        let mut command = Command::new(echo_server_bin());
-        command
-            .args(["--ws-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json"])
-            .args(extra);
-        // An MQTT-capable server listens on 0.0.0.0:1883 by default: never in tests.
-        if echo_server_has_mqtt() && !extra.contains(&"--mqtt-listen") {
-            command.arg("--no-mqtt");
-        }
-        // The server reads ECHO_<SECTION>_<KEY> variables as configuration;
-        // CI's REQUIRE_TEST_TOOLS must not reach it.
-        for (key, _) in std::env::vars() {
-            if key.starts_with("ECHO_") || key == "RUST_LOG" {
-                command.env_remove(key);
-            }
-        }
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("echo-server starts");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let (mut ws, mut admin, mut mqtt) = (None, None, None);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut seen = Vec::new();
-        loop {
-            let line =
-                rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap_or_else(|e| {
-                    panic!(
-                        "echo-server did not become ready ({e}): {command:?}; its log:\n{}",
-                        seen.join("\n")
-                    )
-                });
-            seen.push(line.clone());
-            let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
-            let field =
-                |k: &str| v.get(k).or_else(|| v.get("fields").and_then(|f| f.get(k))).and_then(Value::as_str);
-            match (field("message"), field("protocol"), field("addr")) {
-                (Some("listening"), Some("websocket"), Some(a)) => ws = a.parse().ok(),
-                (Some("listening"), Some("admin"), Some(a)) => admin = a.parse().ok(),
-                (Some("listening"), Some("mqtt"), Some(a)) => mqtt = mqtt.or(a.parse().ok()),
-                (Some("ready"), _, _) => break,
-                _ => {}
-            }
-        }
-        // Keep draining the log so the server never blocks on a full pipe.
-        std::thread::spawn(move || while rx.recv().is_ok() {});
-        EchoServer { child, ws: ws.expect("websocket address logged"), admin, mqtt }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn url(&self) -> String {
-        format!("ws://{}/", self.ws)
-    }
-
-    pub fn metrics_url(&self) -> String {
-        format!("http://{}/metrics", self.admin.expect("admin listener"))
-    }
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        // SAFETY: sending a signal to our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// This workspace's echo-server, every listener on loopback port 0, plus
+/// `args`; killed when dropped.
+pub fn echo_server(args: &[&str]) -> Server {
+    Server::start(echo_server_bin(), args, &[], None)
 }
 
 /// Result of one `echo-loadgen` invocation.
@@ -233,11 +133,6 @@ pub fn u(v: &Value) -> u64 {
 /// Sum of the errors of one kind over ramp and hold of a step.
 pub fn errors(step: &Value, kind: &str) -> u64 {
     ["ramp", "hold"].iter().map(|p| step[p]["errors"][kind].as_u64().unwrap_or(0)).sum()
-}
-
-/// Whether outside tools are mandatory (CI) rather than optional.
-pub fn tools_required() -> bool {
-    std::env::var("REQUIRE_TEST_TOOLS").is_ok_and(|v| v == "1")
 }
 
 /// A run against a server that stops reading after its first message: at

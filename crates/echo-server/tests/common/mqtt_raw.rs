@@ -1,10 +1,18 @@
 //! A deliberately low-level MQTT client over a blocking `TcpStream`, for
 //! what client libraries will not send: keep-alive tricks, garbage, packets
 //! out of order, malformed and oversized packets, exact byte checks.
+//!
+//! Well-formed packets are `echo-mqtt-wire`'s, the load generator's
+//! encoder; what is here is the shorthand the tests write them with, and
+//! the bytes no encoder should write (raw topics, raw properties).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
+
+use echo_mqtt_wire::{self as wire, Connect, Will};
+#[allow(unused_imports)] // as dead_code: each test file uses a different part
+pub use echo_mqtt_wire::{DISCONNECT, PINGREQ};
 
 pub struct RawMqtt {
     pub stream: TcpStream,
@@ -21,16 +29,8 @@ impl RawPacket {
     /// The one whole packet in `bytes` (as an MQTT-over-WebSocket message
     /// carries it).
     pub fn parse(bytes: &[u8]) -> RawPacket {
-        let mut len = 0usize;
-        let mut pos = 1;
-        loop {
-            let b = bytes[pos];
-            len |= usize::from(b & 0x7f) << (7 * (pos - 1));
-            pos += 1;
-            if b & 0x80 == 0 {
-                break;
-            }
-        }
+        let (len, n) = wire::read_varint(&bytes[1..]).unwrap().expect("a whole remaining length");
+        let pos = 1 + n;
         assert_eq!(bytes.len(), pos + len, "one whole packet: {bytes:?}");
         RawPacket { first: bytes[0], body: bytes[pos..].to_vec() }
     }
@@ -41,9 +41,7 @@ impl RawPacket {
 
     /// Its size on the wire: fixed header and body.
     pub fn wire_len(&self) -> usize {
-        let mut header = Vec::new();
-        remaining_length(self.body.len(), &mut header);
-        1 + header.len() + self.body.len()
+        1 + wire::varint_len(self.body.len()) + self.body.len()
     }
 
     /// The CONNACK return code (3.1.1) or reason code (5).
@@ -70,31 +68,16 @@ impl RawPacket {
     }
 }
 
-fn remaining_length(mut len: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-}
-
-fn string(s: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s);
+/// The bytes an `echo-mqtt-wire` encoder writes.
+fn encoded(encode: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut buf = Vec::new();
+    encode(&mut buf);
+    buf
 }
 
 /// A whole packet from its first byte and body.
 pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    remaining_length(body.len(), &mut out);
-    out.extend_from_slice(body);
-    out
+    encoded(|buf| wire::packet(buf, first, body))
 }
 
 /// CONNECT with a clean session; `level` 4 (3.1.1) or 5.
@@ -104,24 +87,7 @@ pub fn connect(level: u8, client_id: &str, keep_alive: u16) -> Vec<u8> {
 
 /// CONNECT, optionally with a username and password.
 pub fn connect_with(level: u8, client_id: &str, keep_alive: u16, login: Option<(&str, &str)>) -> Vec<u8> {
-    let mut body = Vec::new();
-    string(b"MQTT", &mut body);
-    body.push(level);
-    let mut flags = 0x02;
-    if login.is_some() {
-        flags |= 0xc0;
-    }
-    body.push(flags);
-    body.extend_from_slice(&keep_alive.to_be_bytes());
-    if level == 5 {
-        body.push(0); // no properties
-    }
-    string(client_id.as_bytes(), &mut body);
-    if let Some((user, pass)) = login {
-        string(user.as_bytes(), &mut body);
-        string(pass.as_bytes(), &mut body);
-    }
-    packet(0x10, &body)
+    encoded(|buf| Connect { login, ..Connect::new(level, client_id, keep_alive) }.encode(buf))
 }
 
 /// CONNECT with a clean session and a will: `topic` as raw bytes (it may
@@ -142,62 +108,24 @@ pub fn connect_with_will_properties(
     properties: &[u8],
     will_properties: &[u8],
 ) -> Vec<u8> {
-    let mut body = Vec::new();
-    string(b"MQTT", &mut body);
-    body.push(level);
-    body.push(0x02 | 0x04 | (qos << 3));
-    body.extend_from_slice(&30u16.to_be_bytes());
-    if level == 5 {
-        body.push(properties.len() as u8);
-        body.extend_from_slice(properties);
-    }
-    string(client_id.as_bytes(), &mut body);
-    if level == 5 {
-        body.push(will_properties.len() as u8);
-        body.extend_from_slice(will_properties);
-    }
-    string(topic, &mut body);
-    string(message, &mut body);
-    packet(0x10, &body)
+    let will = Some(Will { topic, message, qos, properties: will_properties });
+    encoded(|buf| Connect { properties, will, ..Connect::new(level, client_id, 30) }.encode(buf))
 }
 
 /// PUBLISH with a topic of raw bytes at `qos` (packet id 1 when above 0),
 /// and for MQTT 5 these raw `properties` (without their length).
 pub fn publish_raw(level: u8, topic: &[u8], qos: u8, properties: &[u8], payload: &[u8]) -> Vec<u8> {
-    let mut body = Vec::new();
-    string(topic, &mut body);
-    if qos > 0 {
-        body.extend_from_slice(&1u16.to_be_bytes());
-    }
-    if level == 5 {
-        remaining_length(properties.len(), &mut body);
-        body.extend_from_slice(properties);
-    }
-    body.extend_from_slice(payload);
-    packet(0x30 | (qos << 1), &body)
+    encoded(|buf| wire::publish_with_properties(buf, level, topic, qos, 1, properties, payload))
 }
 
 /// CONNECT that may resume a session: `clean` is 3.1.1's clean session
 /// or 5's clean start; `expiry` is MQTT 5's session expiry interval
 /// property (absent when `None`).
 pub fn connect_session(level: u8, client_id: &str, clean: bool, expiry: Option<u32>) -> Vec<u8> {
-    let mut body = Vec::new();
-    string(b"MQTT", &mut body);
-    body.push(level);
-    body.push(if clean { 0x02 } else { 0x00 });
-    body.extend_from_slice(&30u16.to_be_bytes());
-    if level == 5 {
-        match expiry {
-            Some(seconds) => {
-                body.push(5);
-                body.push(0x11);
-                body.extend_from_slice(&seconds.to_be_bytes());
-            }
-            None => body.push(0),
-        }
-    }
-    string(client_id.as_bytes(), &mut body);
-    packet(0x10, &body)
+    let properties = expiry.map(|seconds| [&[0x11][..], &seconds.to_be_bytes()].concat()).unwrap_or_default();
+    encoded(|buf| {
+        Connect { clean, properties: &properties, ..Connect::new(level, client_id, 30) }.encode(buf)
+    })
 }
 
 /// MQTT 5 DISCONNECT (normal) that sets the session expiry interval.
@@ -209,28 +137,13 @@ pub fn disconnect_with_expiry(expiry: u32) -> Vec<u8> {
 
 /// PUBLISH at QoS 0.
 pub fn publish(level: u8, topic: &str, payload: &[u8]) -> Vec<u8> {
-    let mut body = Vec::new();
-    string(topic.as_bytes(), &mut body);
-    if level == 5 {
-        body.push(0);
-    }
-    body.extend_from_slice(payload);
-    packet(0x30, &body)
+    publish_qos(level, topic, 0, 0, payload)
 }
 
 /// SUBSCRIBE to one filter at QoS 0.
 pub fn subscribe(level: u8, pkid: u16, filter: &str) -> Vec<u8> {
-    let mut body = pkid.to_be_bytes().to_vec();
-    if level == 5 {
-        body.push(0);
-    }
-    string(filter.as_bytes(), &mut body);
-    body.push(0);
-    packet(0x82, &body)
+    subscribe_qos(level, pkid, filter, 0)
 }
-
-pub const PINGREQ: [u8; 2] = [0xc0, 0x00];
-pub const DISCONNECT: [u8; 2] = [0xe0, 0x00];
 
 impl RawMqtt {
     pub fn connect(addr: SocketAddr) -> RawMqtt {
@@ -265,17 +178,15 @@ impl RawMqtt {
             Ok(0) | Err(_) => return None,
             Ok(_) => {}
         }
-        let mut len = 0usize;
-        let mut shift = 0;
-        loop {
+        let mut header = Vec::with_capacity(4);
+        let len = loop {
             let mut b = [0u8; 1];
             self.stream.read_exact(&mut b).ok()?;
-            len |= ((b[0] & 0x7f) as usize) << shift;
-            if b[0] & 0x80 == 0 {
-                break;
+            header.push(b[0]);
+            if let Some((len, _)) = wire::read_varint(&header).expect("a valid remaining length") {
+                break len;
             }
-            shift += 7;
-        }
+        };
         let mut body = vec![0u8; len];
         self.stream.read_exact(&mut body).ok()?;
         Some(RawPacket { first: first[0], body })
@@ -322,46 +233,23 @@ impl RawMqtt {
 
 /// PUBLISH at `qos` with packet id `pkid` (for QoS 1 and 2), no properties.
 pub fn publish_qos(level: u8, topic: &str, qos: u8, pkid: u16, payload: &[u8]) -> Vec<u8> {
-    let mut body = Vec::with_capacity(topic.len() + payload.len() + 5);
-    string(topic.as_bytes(), &mut body);
-    if qos > 0 {
-        body.extend_from_slice(&pkid.to_be_bytes());
-    }
-    if level == 5 {
-        body.push(0);
-    }
-    body.extend_from_slice(payload);
-    packet(0x30 | (qos << 1), &body)
+    encoded(|buf| wire::publish(buf, level, topic.as_bytes(), qos, pkid, payload))
 }
 
 /// SUBSCRIBE to several filters at QoS 0, in one packet.
 pub fn subscribe_all(level: u8, pkid: u16, filters: &[&str]) -> Vec<u8> {
-    let mut body = pkid.to_be_bytes().to_vec();
-    if level == 5 {
-        body.push(0);
-    }
-    for filter in filters {
-        string(filter.as_bytes(), &mut body);
-        body.push(0);
-    }
-    packet(0x82, &body)
+    let filters: Vec<(&str, u8)> = filters.iter().map(|filter| (*filter, 0)).collect();
+    encoded(|buf| wire::subscribe(buf, level, pkid, &[], &filters))
 }
 
 /// UNSUBSCRIBE from several filters.
 pub fn unsubscribe_all(level: u8, pkid: u16, filters: &[&str]) -> Vec<u8> {
-    let mut body = pkid.to_be_bytes().to_vec();
-    if level == 5 {
-        body.push(0);
-    }
-    for filter in filters {
-        string(filter.as_bytes(), &mut body);
-    }
-    packet(0xa2, &body)
+    encoded(|buf| wire::unsubscribe(buf, level, pkid, filters))
 }
 
 /// An acknowledgement (PUBREL: `0x62`, PUBACK: `0x40`, ...) for `pkid`.
 pub fn ack(first: u8, pkid: u16) -> Vec<u8> {
-    packet(first, &pkid.to_be_bytes())
+    encoded(|buf| wire::ack(buf, first, pkid))
 }
 
 impl RawPacket {
@@ -428,26 +316,12 @@ impl RawPacket {
 /// (without their length), e.g. Receive Maximum (`0x21`) or Maximum Packet
 /// Size (`0x27`).
 pub fn connect_with_properties(client_id: &str, properties: &[u8]) -> Vec<u8> {
-    let mut body = Vec::new();
-    string(b"MQTT", &mut body);
-    body.push(5);
-    body.push(0x02);
-    body.extend_from_slice(&30u16.to_be_bytes());
-    remaining_length(properties.len(), &mut body);
-    body.extend_from_slice(properties);
-    string(client_id.as_bytes(), &mut body);
-    packet(0x10, &body)
+    encoded(|buf| Connect { properties, ..Connect::new(5, client_id, 30) }.encode(buf))
 }
 
 /// SUBSCRIBE to one filter at `qos`.
 pub fn subscribe_qos(level: u8, pkid: u16, filter: &str, qos: u8) -> Vec<u8> {
-    let mut body = pkid.to_be_bytes().to_vec();
-    if level == 5 {
-        body.push(0);
-    }
-    string(filter.as_bytes(), &mut body);
-    body.push(qos);
-    packet(0x82, &body)
+    encoded(|buf| wire::subscribe(buf, level, pkid, &[], &[(filter, qos)]))
 }
 
 /// MQTT 5 SUBSCRIBE to one filter with this subscription options byte
@@ -461,13 +335,8 @@ pub fn subscribe_options(pkid: u16, filter: &str, options: u8) -> Vec<u8> {
 /// Identifier (§3.8.2.1.2, property 0x0B, a variable byte integer).
 pub fn subscribe_with_id(pkid: u16, filter: &str, options: u8, id: usize) -> Vec<u8> {
     let mut property = vec![0x0B];
-    remaining_length(id, &mut property);
-    let mut body = pkid.to_be_bytes().to_vec();
-    body.push(property.len() as u8);
-    body.extend_from_slice(&property);
-    string(filter.as_bytes(), &mut body);
-    body.push(options);
-    packet(0x82, &body)
+    wire::varint(&mut property, id);
+    encoded(|buf| wire::subscribe(buf, 5, pkid, &property, &[(filter, options)]))
 }
 
 /// A PUBLISH as the server sent it.
@@ -484,16 +353,9 @@ pub struct Delivery {
 
 /// A variable byte integer at `at`; moves `at` past it.
 fn read_varint(bytes: &[u8], at: &mut usize) -> usize {
-    let (mut value, mut shift) = (0usize, 0);
-    loop {
-        let b = bytes[*at];
-        *at += 1;
-        value |= usize::from(b & 0x7f) << shift;
-        shift += 7;
-        if b & 0x80 == 0 {
-            return value;
-        }
-    }
+    let (value, n) = wire::read_varint(&bytes[*at..]).unwrap().expect("a whole variable byte integer");
+    *at += n;
+    value
 }
 
 /// The Subscription Identifiers among a PUBLISH's properties; the other
