@@ -8,7 +8,7 @@ use echo_server::cli::{Cli, Command};
 use echo_server::config::Config;
 use echo_server::limits::FileLimit;
 use echo_server::mqtt::auth::Access;
-use echo_server::mqtt::passwd;
+use echo_server::mqtt::{passwd, persist};
 use echo_server::{healthcheck, logging, server};
 
 /// Exit status for a configuration that was refused (before anything ran).
@@ -73,6 +73,20 @@ fn main() -> ExitCode {
             "could not presize the descriptor table: the event loop may stall for a moment each time it grows"
         ),
     }
+    // The MQTT persistence snapshot, before anything is bound: a corrupt
+    // file with mqtt.persistence_corrupt = "refuse" stops the server here.
+    let restored = if config.mqtt.persistence {
+        match persist::load(&config.mqtt) {
+            Ok(snapshot) => snapshot,
+            Err(err) => {
+                error!("{err}");
+                eprintln!("echo-server: {err}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
     let bound = match server::bind_all(&config, mqtt_access) {
         Ok(bound) => bound,
         Err(err) => {
@@ -89,7 +103,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let summary = runtime.block_on(server::run(config, bound, files));
+    let summary = runtime.block_on(server::run(config, bound, files, restored));
     if summary.router_failed {
         return ExitCode::from(server::EXIT_ROUTER_FAILED);
     }

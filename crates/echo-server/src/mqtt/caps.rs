@@ -297,6 +297,28 @@ impl Kept {
         }
     }
 
+    /// The owners of the sessions that have one, for the persistence
+    /// snapshot (`mqtt::persist`).
+    pub(crate) fn owners(&self) -> Vec<(String, Option<String>)> {
+        let sessions = self.sessions.borrow();
+        sessions
+            .iter()
+            .filter_map(|(id, (_, _, owner))| Some((id.clone(), Some(owner.as_deref()?.to_owned()))))
+            .collect()
+    }
+
+    /// A session restored from the persistence snapshot, as if its client
+    /// had just disconnected: its filters count again, and it keeps its
+    /// owner.
+    pub(crate) fn restore(&self, session: &crate::mqtt::persist::KeptSession) {
+        let filters: HashSet<u64> = session.filters.iter().map(|f| self.hash(f)).collect();
+        let until = session.expires_in.map(|d| Instant::now() + d);
+        let owner = session.owner.as_deref().map(Rc::from);
+        self.sessions
+            .borrow_mut()
+            .insert(session.client_id.clone(), (Rc::new(RefCell::new(filters)), until, owner));
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
         self.sessions.borrow().len()
