@@ -253,12 +253,15 @@ impl Persister {
     pub(crate) async fn save(&self, owners: Vec<(String, Option<String>)>) -> Option<Written> {
         let _one_at_a_time = self.writing.lock().await;
         let started = Instant::now();
-        let Some(router) = self.handle.take().await else {
+        let Some(mut router) = self.handle.take().await else {
             self.metrics.persistence_write_failures.inc();
             error!(file = %self.path.display(), "MQTT persistence: no snapshot written, the router is not running");
             return None;
         };
         let router_time = started.elapsed();
+        // `$` topics are the server's own (`$SYS`, published afresh at
+        // start), never a client's.
+        router.retained.retain(|m| !m.topic.starts_with(b"$"));
         let counts = Written {
             bytes: 0,
             sessions: router.sessions.len(),
