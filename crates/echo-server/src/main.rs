@@ -76,6 +76,10 @@ fn main() -> ExitCode {
     // The MQTT persistence snapshot, before anything is bound: a corrupt
     // file with mqtt.persistence_corrupt = "refuse" stops the server here.
     let restored = if config.mqtt.persistence {
+        if let Err(err) = persist::check_directory(&config.mqtt) {
+            eprintln!("echo-server: invalid configuration: {err}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
         match persist::load(&config.mqtt) {
             Ok(snapshot) => snapshot,
             Err(err) => {

@@ -255,9 +255,11 @@ fn kill_9_leaves_a_whole_snapshot(router: &str) {
         publisher.send(&mqtt_raw::PINGREQ);
         assert_eq!(publisher.read_packet().expect("a PINGRESP").packet_type(), 13);
         let written = server.metric("echo_mqtt_persistence_snapshots_written_total");
-        server.wait_for_metric("echo_mqtt_persistence_snapshots_written_total", Duration::from_secs(20), |n| {
-            n >= written + 2.0
-        });
+        server.wait_for_metric(
+            "echo_mqtt_persistence_snapshots_written_total",
+            Duration::from_secs(20),
+            |n| n >= written + 2.0,
+        );
         // Then at a different moment of the write cycle each round.
         std::thread::sleep(Duration::from_millis(round * 17));
         server.signal(libc::SIGKILL);
@@ -265,8 +267,9 @@ fn kill_9_leaves_a_whole_snapshot(router: &str) {
         drop(server);
 
         let bytes = std::fs::read(dir.file()).expect("a snapshot file");
-        let snapshot = persist::decode(&bytes)
-            .unwrap_or_else(|e| panic!("round {round}: a half-written snapshot ({} bytes): {e}", bytes.len()));
+        let snapshot = persist::decode(&bytes).unwrap_or_else(|e| {
+            panic!("round {round}: a half-written snapshot ({} bytes): {e}", bytes.len())
+        });
         assert_eq!(snapshot.router.retained.len(), retained, "round {round}");
         assert!(bytes.len() > 200_000 * (round as usize + 1), "sizable: {} bytes", bytes.len());
     }
@@ -299,7 +302,8 @@ fn valid_snapshot(dir: &TempDir, router: &str) -> Vec<u8> {
 /// Runs the server with `env` until it exits by itself: (status, stderr).
 fn run_refused(env: &[(String, String)]) -> (std::process::ExitStatus, String) {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let args = ["--ws-listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
+    let args =
+        ["--ws-listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
     let (status, _, stderr) = common::run_to_exit(&args, &env);
     (status, stderr)
 }
@@ -378,4 +382,69 @@ fn corrupt_file_starts_empty_router_thread() {
 #[test]
 fn corrupt_file_starts_empty_router_on_the_event_loop() {
     corrupt_file_starts_empty("event-loop");
+}
+
+/// A snapshot file in a directory that does not exist is a configuration
+/// error at start (status 2, naming the key), not a failure hours later.
+#[test]
+fn a_missing_directory_is_a_configuration_error() {
+    let dir = TempDir::new("missing");
+    let file = dir.0.join("no/such/dir/state.db");
+    let (status, stderr) = run_refused(&settings(&file, "thread", "0s", "refuse"));
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("mqtt.persistence_file") && stderr.contains("no/such/dir"), "{stderr}");
+    assert!(!stderr.contains("listening"), "{stderr}");
+}
+
+/// A periodic snapshot records a connected session as if it had just
+/// disconnected: deliveries it has not acknowledged yet, and messages not
+/// yet sent to it, are queued again. After a kill -9 and a restart, the
+/// client resumes and gets them all.
+fn connected_session_in_a_periodic_snapshot(level: u8, router: &str) {
+    let dir = TempDir::new(&format!("connected-{level}-{router}"));
+    let env = settings(&dir.file(), router, "100ms", "refuse");
+    let mut server = start(&env);
+    let (mut keeper, _) = open(&server, level, "keeper", false);
+    keeper.send(&mqtt_raw::subscribe_qos(level, 1, "work/#", 1));
+    assert_eq!(keeper.read_packet().expect("a SUBACK").packet_type(), 9);
+    let mut publisher = RawMqtt::session(server.mqtt_addr(), level, "publisher", 30);
+    for i in 1..=3 {
+        publish_qos1(&mut publisher, level, &format!("work/{i}"), format!("job {i}").as_bytes(), false);
+    }
+    // Delivered, never acknowledged.
+    for i in 1..=3 {
+        let delivery = keeper.read_packet().expect("a PUBLISH").delivery(level);
+        assert_eq!(delivery.payload, format!("job {i}").into_bytes());
+    }
+    let written = server.metric("echo_mqtt_persistence_snapshots_written_total");
+    server.wait_for_metric("echo_mqtt_persistence_snapshots_written_total", Duration::from_secs(20), |n| {
+        n >= written + 2.0
+    });
+    server.signal(libc::SIGKILL);
+    server.wait(Duration::from_secs(10));
+    drop(server);
+
+    let server = start(&env);
+    let restored = log_line(&server, "MQTT persistence: state restored");
+    assert_eq!(field(&restored, "queued_messages"), 3, "{restored}");
+    let (mut keeper, present) = open(&server, level, "keeper", false);
+    assert!(present);
+    for i in 1..=3 {
+        let delivery = keeper.read_packet().expect("a PUBLISH again").delivery(level);
+        assert_eq!(
+            (delivery.topic, delivery.payload),
+            (format!("work/{i}"), format!("job {i}").into_bytes())
+        );
+        keeper.send(&mqtt_raw::ack(0x40, delivery.pkid));
+    }
+}
+
+#[test]
+fn connected_session_in_a_periodic_snapshot_v311_router_thread() {
+    connected_session_in_a_periodic_snapshot(4, "thread");
+}
+
+#[test]
+fn connected_session_in_a_periodic_snapshot_v5_router_on_the_event_loop() {
+    connected_session_in_a_periodic_snapshot(5, "event-loop");
 }

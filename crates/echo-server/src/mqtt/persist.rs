@@ -140,10 +140,7 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, Corrupt> {
 /// synced, renamed over `path`, and the directory synced (the rename
 /// itself durable).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = directory(path);
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
     let result = (|| {
@@ -158,6 +155,27 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// The directory the snapshot file goes in (where its temporary file is
+/// made too).
+fn directory(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Checks, at start, that the snapshot file's directory is there: a typo
+/// in `mqtt.persistence_file` is a configuration error, not a server that
+/// runs for hours and then fails to save.
+pub fn check_directory(config: &MqttConfig) -> Result<(), String> {
+    let dir = directory(Path::new(&config.persistence_file));
+    match std::fs::metadata(&dir) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(format!("mqtt.persistence_file: {} is not a directory", dir.display())),
+        Err(e) => Err(format!("mqtt.persistence_file: directory {}: {e}", dir.display())),
+    }
 }
 
 /// Reads the snapshot file at start, before anything is bound: `None`

@@ -1100,26 +1100,16 @@ impl DataLog {
         out
     }
 
-    /// The requests connection `id` has parked on these logs, copied.
-    pub(crate) fn parked_requests<'a>(
-        &self,
-        id: ConnectionId,
-        logs: impl IntoIterator<Item = &'a str>,
-    ) -> Vec<DataRequest> {
-        let mut requests = Vec::new();
-        for log in logs {
-            let Some(data) = self.index(log).and_then(|idx| self.native.get(idx)) else {
-                continue;
-            };
-            requests.extend(
-                data.waiters
-                    .waiters()
-                    .iter()
-                    .filter(|(conn, _)| *conn == id)
-                    .map(|(_, request)| request.clone()),
-            );
+    /// Every parked request, copied, by connection: one walk of the logs'
+    /// waiters, whatever the number of connections asking.
+    pub(crate) fn parked_requests(&self) -> HashMap<ConnectionId, Vec<DataRequest>> {
+        let mut parked: HashMap<ConnectionId, Vec<DataRequest>> = HashMap::new();
+        for (_, data) in self.native.iter() {
+            for (id, request) in data.waiters.waiters() {
+                parked.entry(*id).or_default().push(request.clone());
+            }
         }
-        requests
+        parked
     }
 
     /// Appends restored messages to the log of `filter` (created if

@@ -1644,6 +1644,7 @@ impl Router {
                 origin: state.origin,
             });
         }
+        let mut parked = self.datalog.parked_requests();
         for (id, connection) in self.connections.iter() {
             if connection.session_expiry == Some(std::time::Duration::ZERO) {
                 continue;
@@ -1657,8 +1658,7 @@ impl Router {
                 .get(id)
                 .map(|t| t.data_requests.iter().cloned().collect())
                 .unwrap_or_default();
-            let logs: HashSet<String> = connection.subscriptions.iter().map(|f| log_filter(f)).collect();
-            requests.extend(self.datalog.parked_requests(id, logs.iter().map(String::as_str)));
+            requests.extend(parked.remove(&id).unwrap_or_default());
             let retransmissions = outgoing.retransmission_map();
             for request in &mut requests {
                 if let Some(cursor) = retransmissions.get(&request.filter_idx) {
@@ -1715,8 +1715,14 @@ impl Router {
                         request: None,
                     })
                     .collect();
+                let at: HashMap<&str, usize> = subscriptions
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (s.filter.as_str(), i))
+                    .collect();
+                let mut reads = Vec::new();
                 for request in view.requests.iter().filter(|r| persisted(r)) {
-                    let Some(subscription) = subscriptions.iter_mut().find(|s| s.filter == request.filter) else {
+                    let Some(&i) = at.get(request.filter.as_str()) else {
                         continue;
                     };
                     // Messages at or after the session's position; a
@@ -1725,13 +1731,17 @@ impl Router {
                     let queued = read.get(&request.filter_idx).map_or(0, |(_, offsets)| {
                         offsets.len() - offsets.partition_point(|o| *o < request.cursor.1)
                     });
-                    subscription.request = Some(SavedRequest {
+                    reads.push((i, SavedRequest {
                         qos: request.qos,
                         forward_retained: request.forward_retained,
                         nolocal: request.nolocal,
                         preserve_retain: request.preserve_retain,
                         queued,
-                    });
+                    }));
+                }
+                drop(at);
+                for (i, read) in reads {
+                    subscriptions[i].request = Some(read);
                 }
                 SavedSession {
                     client_id: view.client_id.to_owned(),
