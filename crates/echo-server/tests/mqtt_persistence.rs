@@ -224,15 +224,17 @@ fn a_session_that_expired_while_down_is_not_restored() {
     assert!(!short.read_packet().expect("a CONNACK").session_present());
 }
 
-/// kill -9 at many moments while snapshots of about a megabyte are
-/// written every 100 ms: the file is always a whole snapshot (it decodes,
-/// checksum and all), and the next start, which refuses a damaged file,
-/// loads it.
+/// kill -9 at many moments while snapshots of up to about a megabyte are
+/// written every 100 ms, some of them inside a write (between the
+/// temporary file's creation and its rename): the file is always a whole
+/// snapshot (it decodes, checksum and all), and the next start, which
+/// refuses a damaged file, loads it.
 fn kill_9_leaves_a_whole_snapshot(router: &str) {
     let dir = TempDir::new(&format!("kill-{router}"));
     let env = settings(&dir.file(), router, "100ms", "refuse");
     let payload = vec![b'x'; 400];
     let mut retained = 0;
+    let mut interrupted = 0;
     for round in 0..6u64 {
         let mut server = start(&env);
         if round > 0 {
@@ -260,12 +262,25 @@ fn kill_9_leaves_a_whole_snapshot(router: &str) {
             Duration::from_secs(20),
             |n| n >= written + 2.0,
         );
-        // Then at a different moment of the write cycle each round.
-        std::thread::sleep(Duration::from_millis(round * 17));
+        // Then, every other round, as soon as a write has begun (its
+        // temporary file is there), else at a different moment of the
+        // write cycle each round.
+        if round % 2 == 0 {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !dir.0.join(".state.db.tmp").exists() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(round * 17));
+        }
         server.signal(libc::SIGKILL);
         server.wait(Duration::from_secs(10));
         drop(server);
 
+        // A temporary file left behind: this kill interrupted a write.
+        if dir.0.join(".state.db.tmp").exists() {
+            interrupted += 1;
+        }
         let bytes = std::fs::read(dir.file()).expect("a snapshot file");
         let snapshot = persist::decode(&bytes).unwrap_or_else(|e| {
             panic!("round {round}: a half-written snapshot ({} bytes): {e}", bytes.len())
@@ -273,6 +288,8 @@ fn kill_9_leaves_a_whole_snapshot(router: &str) {
         assert_eq!(snapshot.router.retained.len(), retained, "round {round}");
         assert!(bytes.len() > 200_000 * (round as usize + 1), "sizable: {} bytes", bytes.len());
     }
+    eprintln!("{router}: {interrupted} of 6 kills interrupted a write (a temporary file was left)");
+    assert!(interrupted >= 1, "no kill landed inside a write: the test proved nothing");
     let server = start(&env);
     let restored = log_line(&server, "MQTT persistence: state restored");
     assert_eq!(field(&restored, "retained_messages"), retained as u64, "{restored}");
