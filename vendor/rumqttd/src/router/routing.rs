@@ -1681,7 +1681,11 @@ impl Router {
         let persisted = |r: &DataRequest| r.group.is_none();
         // Each log, read once from the oldest position a session is at.
         let mut oldest: HashMap<FilterIdx, Offset> = HashMap::new();
-        for request in views.iter().flat_map(|v| &v.requests).filter(|r| persisted(r)) {
+        for request in views
+            .iter()
+            .flat_map(|v| &v.requests)
+            .filter(|r| persisted(r))
+        {
             let at = oldest.entry(request.filter_idx).or_insert(request.cursor);
             *at = (*at).min(request.cursor);
         }
@@ -1731,13 +1735,16 @@ impl Router {
                     let queued = read.get(&request.filter_idx).map_or(0, |(_, offsets)| {
                         offsets.len() - offsets.partition_point(|o| *o < request.cursor.1)
                     });
-                    reads.push((i, SavedRequest {
-                        qos: request.qos,
-                        forward_retained: request.forward_retained,
-                        nolocal: request.nolocal,
-                        preserve_retain: request.preserve_retain,
-                        queued,
-                    }));
+                    reads.push((
+                        i,
+                        SavedRequest {
+                            qos: request.qos,
+                            forward_retained: request.forward_retained,
+                            nolocal: request.nolocal,
+                            preserve_retain: request.preserve_retain,
+                            queued,
+                        },
+                    ));
                 }
                 drop(at);
                 for (i, read) in reads {
@@ -1747,7 +1754,9 @@ impl Router {
                     client_id: view.client_id.to_owned(),
                     subscriptions,
                     unacked_pubrels: view.unacked_pubrels,
-                    expires_in_ms: view.expires_in.map(|d| d.as_millis().min(u64::MAX.into()) as u64),
+                    expires_in_ms: view
+                        .expires_in
+                        .map(|d| d.as_millis().min(u64::MAX.into()) as u64),
                     origin: view.origin,
                 }
             })
@@ -1766,13 +1775,21 @@ impl Router {
     /// every expiry. Call before the router runs (`spawn`, `into_task`):
     /// the sessions are kept as if their clients had just disconnected, and
     /// resume when these reconnect without a clean start.
-    pub fn restore(&mut self, snapshot: snapshot::RouterSnapshot, now_ms: u64) -> snapshot::RestoreCounts {
+    pub fn restore(
+        &mut self,
+        snapshot: snapshot::RouterSnapshot,
+        now_ms: u64,
+    ) -> snapshot::RestoreCounts {
         let now = Instant::now();
         let down = std::time::Duration::from_millis(now_ms.saturating_sub(snapshot.taken_at_ms));
         let mut counts = snapshot::RestoreCounts::default();
         // New sessions get marks (No Local) that no restored message or
         // session carries.
-        let marks = snapshot.logs.iter().flat_map(|l| &l.messages).map(|m| m.origin);
+        let marks = snapshot
+            .logs
+            .iter()
+            .flat_map(|l| &l.messages)
+            .map(|m| m.origin);
         let marks = marks.chain(snapshot.sessions.iter().map(|s| s.origin));
         self.last_origin = marks.fold(self.last_origin, Origin::max);
         for saved in snapshot.retained {

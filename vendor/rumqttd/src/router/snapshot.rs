@@ -133,9 +133,7 @@ pub struct RestoreCounts {
 
 /// Milliseconds since the Unix epoch now.
 pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 pub(crate) fn save_message(data: &PublishData, now: Instant) -> SavedMessage {
@@ -184,10 +182,7 @@ pub(crate) fn revive_message(saved: SavedMessage, down: Duration, now: Instant) 
     let timestamp = match now.checked_sub(age) {
         Some(published) => published,
         None => {
-            if let Some(interval) = properties
-                .as_mut()
-                .and_then(|p| p.message_expiry_interval.as_mut())
-            {
+            if let Some(interval) = properties.as_mut().and_then(|p| p.message_expiry_interval.as_mut()) {
                 *interval = interval.saturating_sub(age.as_secs() as u32).max(1);
             }
             now
@@ -201,12 +196,7 @@ pub(crate) fn revive_message(saved: SavedMessage, down: Duration, now: Instant) 
         topic: saved.topic,
         payload: saved.payload,
     };
-    Some(PublishData {
-        publish,
-        properties,
-        timestamp,
-        origin: saved.origin,
-    })
+    Some(PublishData { publish, properties, timestamp, origin: saved.origin })
 }
 
 #[cfg(test)]
@@ -214,8 +204,7 @@ mod tests {
     use super::*;
     use crate::local::{LinkBuilder, LinkRx, LinkTx};
     use crate::protocol::{
-        Disconnect, DisconnectReasonCode, Filter, Packet, RetainForwardRule, Subscribe,
-        SubscribeProperties,
+        Disconnect, DisconnectReasonCode, Filter, Packet, RetainForwardRule, Subscribe, SubscribeProperties,
     };
     use crate::{Notification, Router, RouterConfig};
 
@@ -232,17 +221,15 @@ mod tests {
     }
 
     fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
     }
 
-    fn link(router_tx: &flume::Sender<(crate::ConnectionId, crate::router::Event)>, id: &str, clean: bool) -> (LinkTx, LinkRx, bool) {
-        let (tx, rx, ack) = LinkBuilder::new(id, router_tx.clone())
-            .clean_session(clean)
-            .build()
-            .unwrap();
+    fn link(
+        router_tx: &flume::Sender<(crate::ConnectionId, crate::router::Event)>,
+        id: &str,
+        clean: bool,
+    ) -> (LinkTx, LinkRx, bool) {
+        let (tx, rx, ack) = LinkBuilder::new(id, router_tx.clone()).clean_session(clean).build().unwrap();
         let present = match ack {
             Notification::DeviceAck(crate::router::Ack::ConnAck(_, ack, _)) => ack.session_present,
             other => panic!("not a CONNACK: {other:?}"),
@@ -254,10 +241,8 @@ mod tests {
         let mut publish = Publish::new(topic.to_owned(), payload.to_owned(), true);
         publish.qos = QoS::AtLeastOnce;
         publish.pkid = 1;
-        let properties = expiry.map(|e| PublishProperties {
-            message_expiry_interval: Some(e),
-            ..Default::default()
-        });
+        let properties =
+            expiry.map(|e| PublishProperties { message_expiry_interval: Some(e), ..Default::default() });
         Packet::Publish(publish, properties)
     }
 
@@ -329,17 +314,12 @@ mod tests {
         // Restored one second later: everything is there.
         let mut router = Router::new(0, config());
         let counts = router.restore(decoded, snapshot.taken_at_ms + 1000);
-        assert_eq!(
-            counts,
-            RestoreCounts { sessions: 1, expired_sessions: 0, retained: 2, queued: 3 }
-        );
+        assert_eq!(counts, RestoreCounts { sessions: 1, expired_sessions: 0, retained: 2, queued: 3 });
         let router_tx = router.spawn();
         let (mut sub, mut sub_rx, present) = link(&router_tx, "sub", false);
         assert!(present, "the restored session is resumed");
         let got = received(&mut sub_rx, 3);
-        let expected: Vec<_> = (1..=3)
-            .map(|i| (format!("t/{i}"), format!("away {i}"), vec![42]))
-            .collect();
+        let expected: Vec<_> = (1..=3).map(|i| (format!("t/{i}"), format!("away {i}"), vec![42])).collect();
         assert_eq!(got, expected);
 
         // Live messages flow on the restored subscription.
@@ -374,10 +354,8 @@ mod tests {
             payload: Bytes::from_static(b"x"),
             qos: 0,
             retain: true,
-            properties: expiry.map(|e| SavedProperties {
-                message_expiry_interval: Some(e),
-                ..Default::default()
-            }),
+            properties: expiry
+                .map(|e| SavedProperties { message_expiry_interval: Some(e), ..Default::default() }),
             age_ms,
             origin: 0,
         };
@@ -400,15 +378,16 @@ mod tests {
                 message("left", Some(10), 1_000),
             ],
             logs: Vec::new(),
-            sessions: vec![session("never", None), session("gone", Some(5_000)), session("left", Some(60_000))],
+            sessions: vec![
+                session("never", None),
+                session("gone", Some(5_000)),
+                session("left", Some(60_000)),
+            ],
         };
         // Down for 6 seconds.
         let mut router = Router::new(0, config());
         let counts = router.restore(snapshot, 1_006_000);
-        assert_eq!(
-            counts,
-            RestoreCounts { sessions: 2, expired_sessions: 1, retained: 2, queued: 0 }
-        );
+        assert_eq!(counts, RestoreCounts { sessions: 2, expired_sessions: 1, retained: 2, queued: 0 });
 
         // A message older than the clock's reach keeps its deadline as a
         // shortened interval.
