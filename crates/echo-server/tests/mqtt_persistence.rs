@@ -465,3 +465,35 @@ fn connected_session_in_a_periodic_snapshot_v311_router_thread() {
 fn connected_session_in_a_periodic_snapshot_v5_router_on_the_event_loop() {
     connected_session_in_a_periodic_snapshot(5, "event-loop");
 }
+
+/// A write that fails (here: the directory was removed under the running
+/// server) is logged and counted, the server goes on, and the next write
+/// after the directory is back succeeds; the figures of the last write
+/// are exported.
+#[test]
+fn a_failed_write_is_counted_and_the_next_one_succeeds() {
+    let dir = TempDir::new("failure");
+    let sub = dir.0.join("sub");
+    std::fs::create_dir_all(&sub).unwrap();
+    let file = sub.join("state.db");
+    let server = start(&settings(&file, "thread", "100ms", "refuse"));
+    server.wait_for_metric("echo_mqtt_persistence_snapshots_written_total", Duration::from_secs(10), |n| {
+        n >= 1.0
+    });
+    assert!(server.metric("echo_mqtt_persistence_last_snapshot_bytes") > 0.0);
+    assert!(server.metric("echo_mqtt_persistence_last_snapshot_seconds") > 0.0);
+    std::fs::remove_dir_all(&sub).unwrap();
+    server
+        .wait_for_metric("echo_mqtt_persistence_write_failures_total", Duration::from_secs(10), |n| n >= 1.0);
+    let report = server.wait_for_log(Duration::from_secs(5), |v| {
+        v["message"].as_str().is_some_and(|m| m.starts_with("MQTT persistence: cannot write the snapshot"))
+    });
+    assert_eq!(report["level"], "ERROR", "{report}");
+    std::fs::create_dir_all(&sub).unwrap();
+    let written = server.metric("echo_mqtt_persistence_snapshots_written_total");
+    server.wait_for_metric("echo_mqtt_persistence_snapshots_written_total", Duration::from_secs(10), |n| {
+        n > written
+    });
+    persist::decode(&std::fs::read(&file).unwrap()).expect("a whole snapshot");
+    stop(server);
+}
