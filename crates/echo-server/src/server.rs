@@ -279,9 +279,16 @@ pub async fn run(
         "shutting down: no new connections; closing every WebSocket client with 1001, \
          MQTT 5 clients with DISCONNECT 0x8B"
     );
+    // With persistence on, the last snapshot gets the end of the grace
+    // period: a fifth of it, at most a second (a snapshot file of tens of
+    // megabytes is written in well under that).
+    let clients_until = match persister {
+        Some(_) => deadline - (config.server.shutdown_grace / 5).min(std::time::Duration::from_secs(1)),
+        None => deadline,
+    };
     tokio::select! {
         _ = async { ws_limit.all_closed().await; mqtt_limit.all_closed().await } => {}
-        _ = tokio::time::sleep_until(deadline) => {}
+        _ = tokio::time::sleep_until(clients_until) => {}
     }
     // The sessions have ended (kept by the router as disconnected) or the
     // grace period is over (those left are recorded as if they had just
