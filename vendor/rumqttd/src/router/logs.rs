@@ -1100,13 +1100,13 @@ impl DataLog {
         out
     }
 
-    /// Every parked request, copied, by connection: one walk of the logs'
+    /// Every parked request, by connection: one walk of the logs'
     /// waiters, whatever the number of connections asking.
-    pub(crate) fn parked_requests(&self) -> HashMap<ConnectionId, Vec<DataRequest>> {
-        let mut parked: HashMap<ConnectionId, Vec<DataRequest>> = HashMap::new();
+    pub(crate) fn parked_requests(&self) -> HashMap<ConnectionId, Vec<&DataRequest>> {
+        let mut parked: HashMap<ConnectionId, Vec<&DataRequest>> = HashMap::new();
         for (_, data) in self.native.iter() {
             for (id, request) in data.waiters.waiters() {
-                parked.entry(*id).or_default().push(request.clone());
+                parked.entry(*id).or_default().push(request);
             }
         }
         parked

@@ -1597,7 +1597,8 @@ struct SessionView<'a> {
     client_id: &'a str,
     subscriptions: &'a HashSet<Filter>,
     subscription_ids: &'a HashMap<Filter, usize>,
-    requests: Vec<DataRequest>,
+    /// Its reads, each with the position it would resume from.
+    requests: Vec<(&'a DataRequest, Offset)>,
     unacked_pubrels: Vec<u16>,
     expires_in: Option<std::time::Duration>,
     origin: Origin,
@@ -1625,6 +1626,7 @@ impl Router {
         use snapshot::{SavedLog, SavedRequest, SavedSession, SavedSubscription};
         let now = Instant::now();
         let taken_at_ms = snapshot::unix_ms();
+        let parked = self.datalog.parked_requests();
         let mut views = Vec::new();
         for saved in self.graveyard.saved() {
             let Some(state) = &saved.session_state else {
@@ -1638,13 +1640,17 @@ impl Router {
                 client_id: &state.tracker.id,
                 subscriptions: &state.subscriptions,
                 subscription_ids: &state.subscription_ids,
-                requests: state.tracker.data_requests.iter().cloned().collect(),
+                requests: state
+                    .tracker
+                    .data_requests
+                    .iter()
+                    .map(|r| (r, r.cursor))
+                    .collect(),
                 unacked_pubrels: state.unacked_pubrels.iter().copied().collect(),
                 expires_in,
                 origin: state.origin,
             });
         }
-        let mut parked = self.datalog.parked_requests();
         for (id, connection) in self.connections.iter() {
             if connection.session_expiry == Some(std::time::Duration::ZERO) {
                 continue;
@@ -1652,19 +1658,26 @@ impl Router {
             let Some(outgoing) = self.obufs.get(id) else {
                 continue;
             };
-            let mut requests: Vec<DataRequest> = self
+            let tracked = self
                 .scheduler
                 .trackers
                 .get(id)
-                .map(|t| t.data_requests.iter().cloned().collect())
-                .unwrap_or_default();
-            requests.extend(parked.remove(&id).unwrap_or_default());
+                .into_iter()
+                .flat_map(|t| &t.data_requests);
+            let waiting = parked.get(&id).into_iter().flatten().copied();
             let retransmissions = outgoing.retransmission_map();
-            for request in &mut requests {
-                if let Some(cursor) = retransmissions.get(&request.filter_idx) {
-                    request.cursor = *cursor;
-                }
-            }
+            let requests = tracked
+                .chain(waiting)
+                .map(|r| {
+                    (
+                        r,
+                        retransmissions
+                            .get(&r.filter_idx)
+                            .copied()
+                            .unwrap_or(r.cursor),
+                    )
+                })
+                .collect();
             views.push(SessionView {
                 client_id: &connection.client_id,
                 subscriptions: &connection.subscriptions,
@@ -1678,16 +1691,12 @@ impl Router {
 
         // Shared subscriptions are not persisted: their read position is
         // the group's, not the session's (see PATCHED.md).
-        let persisted = |r: &DataRequest| r.group.is_none();
+        let persisted = |(r, _): &&(&DataRequest, Offset)| r.group.is_none();
         // Each log, read once from the oldest position a session is at.
         let mut oldest: HashMap<FilterIdx, Offset> = HashMap::new();
-        for request in views
-            .iter()
-            .flat_map(|v| &v.requests)
-            .filter(|r| persisted(r))
-        {
-            let at = oldest.entry(request.filter_idx).or_insert(request.cursor);
-            *at = (*at).min(request.cursor);
+        for (request, cursor) in views.iter().flat_map(|v| &v.requests).filter(persisted) {
+            let at = oldest.entry(request.filter_idx).or_insert(*cursor);
+            *at = (*at).min(*cursor);
         }
         let mut logs = Vec::new();
         // Per log: its index in `logs` and the offsets of its messages.
@@ -1719,21 +1728,29 @@ impl Router {
                         request: None,
                     })
                     .collect();
-                let at: HashMap<&str, usize> = subscriptions
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| (s.filter.as_str(), i))
-                    .collect();
+                // Most sessions hold a few subscriptions: a scan finds a
+                // read's; a map only for many.
+                let at: Option<HashMap<&str, usize>> = (subscriptions.len() > 8).then(|| {
+                    subscriptions
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| (s.filter.as_str(), i))
+                        .collect()
+                });
+                let find = |filter: &str| match &at {
+                    Some(at) => at.get(filter).copied(),
+                    None => subscriptions.iter().position(|s| s.filter == filter),
+                };
                 let mut reads = Vec::new();
-                for request in view.requests.iter().filter(|r| persisted(r)) {
-                    let Some(&i) = at.get(request.filter.as_str()) else {
+                for (request, cursor) in view.requests.iter().filter(persisted) {
+                    let Some(i) = find(request.filter.as_str()) else {
                         continue;
                     };
                     // Messages at or after the session's position; a
                     // position before the log's oldest message reads
                     // from that message, as `CommitLog::readv` does.
                     let queued = read.get(&request.filter_idx).map_or(0, |(_, offsets)| {
-                        offsets.len() - offsets.partition_point(|o| *o < request.cursor.1)
+                        offsets.len() - offsets.partition_point(|o| *o < cursor.1)
                     });
                     reads.push((
                         i,
@@ -1746,7 +1763,6 @@ impl Router {
                         },
                     ));
                 }
-                drop(at);
                 for (i, read) in reads {
                     subscriptions[i].request = Some(read);
                 }
