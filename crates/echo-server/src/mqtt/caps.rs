@@ -452,4 +452,32 @@ mod tests {
         kept.set_owner("c", Some("bob"));
         assert_eq!(kept.owner("c"), None, "no owner without a session");
     }
+
+    /// What persistence keeps of the server's own bookkeeping: a kept
+    /// session's owner (so that, with the ACL on, only that user resumes it
+    /// after a restart) and its filters, which count again.
+    #[test]
+    fn owners_and_filters_survive_a_restore() {
+        let config = MqttConfig { max_subscriptions: 2, ..MqttConfig::default() };
+        let kept = Kept::default();
+        let filters = kept.connected("c", false, SessionExpiry::NEVER);
+        kept.set_owner("c", Some("alice"));
+        kept.connected("anonymous", false, SessionExpiry::NEVER);
+        assert_eq!(kept.subscribe(&filters, "a/b", &config), Quota::Counted);
+        kept.disconnected("c", &filters, SessionExpiry::NEVER);
+        assert_eq!(kept.owners(), vec![("c".to_owned(), Some("alice".to_owned()))]);
+
+        let restored = Kept::default();
+        restored.restore(&crate::mqtt::persist::KeptSession {
+            client_id: "c".into(),
+            filters: vec!["a/b".into(), "c/d".into()],
+            expires_in: None,
+            owner: Some("alice".into()),
+        });
+        assert_eq!(restored.owner("c"), Some(Some(Rc::from("alice"))));
+        assert_eq!(restored.owner("d"), None);
+        let filters = restored.connected("c", true, SessionExpiry::NEVER);
+        assert_eq!(restored.subscribe(&filters, "a/b", &config), Quota::Held);
+        assert_eq!(restored.subscribe(&filters, "e/f", &config), Quota::Exceeded);
+    }
 }
