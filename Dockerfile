@@ -37,7 +37,12 @@ RUN cargo build --release --locked -p echo-server -p echo-loadgen --bins \
 
 # Runtime stage: the binaries, the documented default configuration, no shell tools needed.
 FROM debian:bookworm-slim
-RUN useradd --uid 10001 --user-group --no-create-home --no-log-init --shell /usr/sbin/nologin echo
+RUN useradd --uid 10001 --user-group --no-create-home --no-log-init --shell /usr/sbin/nologin echo \
+    && install -d -o echo -g echo /var/lib/echo-server
+# Where MQTT persistence can write (ECHO_MQTT_PERSISTENCE=true,
+# ECHO_MQTT_PERSISTENCE_FILE=/var/lib/echo-server/mqtt.db); a named volume
+# mounted there starts owned by the server's user.
+VOLUME /var/lib/echo-server
 COPY --from=build /src/target/release/echo-server /src/target/release/echo-loadgen /usr/local/bin/
 COPY config/server.toml /etc/echo-server/server.toml
 # The server reads this file at start; mount your own over it to configure

@@ -302,6 +302,18 @@ pub struct MqttConfig {
     /// (`mqtt::sys`); `0s` turns them off.
     #[serde(with = "humantime_serde")]
     pub sys_interval: Duration,
+    /// Keep retained messages and persistent sessions across restarts
+    /// (`mqtt::persist`), as Mosquitto's `persistence true`.
+    pub persistence: bool,
+    /// The snapshot file (Mosquitto's `persistence_location` +
+    /// `persistence_file`).
+    pub persistence_file: String,
+    /// How often the snapshot is written besides at shutdown (Mosquitto's
+    /// `autosave_interval`); `0s`: only at shutdown.
+    #[serde(with = "humantime_serde")]
+    pub persistence_interval: Duration,
+    /// What a corrupt or truncated snapshot file at start leads to.
+    pub persistence_corrupt: CorruptSnapshot,
 }
 
 impl Default for MqttConfig {
@@ -334,8 +346,24 @@ impl Default for MqttConfig {
             tls_cert: String::new(),
             tls_key: String::new(),
             sys_interval: Duration::from_secs(10),
+            persistence: false,
+            persistence_file: "mqtt-persistence.db".to_owned(),
+            persistence_interval: Duration::from_secs(300),
+            persistence_corrupt: CorruptSnapshot::Refuse,
         }
     }
+}
+
+/// What a corrupt or truncated snapshot file at start leads to
+/// (`mqtt.persistence_corrupt`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CorruptSnapshot {
+    /// Start without the persisted state; the file is kept aside as
+    /// `FILE.corrupt` for inspection.
+    StartEmpty,
+    /// Exit with an error before binding any port.
+    Refuse,
 }
 
 /// Where rumqttd's router runs (`mqtt.router`).
@@ -429,6 +457,9 @@ const MIN_SSE_INTERVAL: Duration = Duration::from_millis(10);
 /// reads and up to a dozen small publishes on the event loop.
 const MIN_SYS_INTERVAL: Duration = Duration::from_millis(100);
 const MAX_SYS_INTERVAL: Duration = Duration::from_secs(86_400);
+/// `mqtt.persistence_interval`, when not 0: each write copies the whole
+/// persisted state.
+const MIN_PERSISTENCE_INTERVAL: Duration = Duration::from_millis(100);
 const MAX_SSE_INTERVAL: Duration = Duration::from_secs(86_400);
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -580,6 +611,18 @@ impl Config {
                 format!(
                     "{} is outside 100ms..=1day (0s turns $SYS off)",
                     humantime::format_duration(mqtt.sys_interval)
+                ),
+            ));
+        }
+        if mqtt.persistence && mqtt.persistence_file.is_empty() {
+            return Err(invalid("mqtt.persistence_file", "is empty while mqtt.persistence is on"));
+        }
+        if !mqtt.persistence_interval.is_zero() && mqtt.persistence_interval < MIN_PERSISTENCE_INTERVAL {
+            return Err(invalid(
+                "mqtt.persistence_interval",
+                format!(
+                    "{} is below 100ms (0s: write only at shutdown)",
+                    humantime::format_duration(mqtt.persistence_interval)
                 ),
             ));
         }

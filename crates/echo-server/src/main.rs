@@ -8,7 +8,7 @@ use echo_server::cli::{Cli, Command};
 use echo_server::config::Config;
 use echo_server::limits::FileLimit;
 use echo_server::mqtt::auth::Access;
-use echo_server::mqtt::passwd;
+use echo_server::mqtt::{passwd, persist};
 use echo_server::{healthcheck, logging, server, supervisor};
 
 /// Exit status for a configuration that was refused (before anything ran).
@@ -67,6 +67,16 @@ fn main() -> ExitCode {
     };
 
     let workers = config.server.workers.resolve();
+    if workers > 1 && config.mqtt.persistence {
+        // Each worker has its own broker, and a client's next connection may
+        // land on any worker: one file per worker would bring sessions back
+        // where their clients are not.
+        eprintln!(
+            "echo-server: invalid configuration: mqtt.persistence: not available with {workers} workers \
+             (server.workers): each worker has its own broker; run one worker to persist MQTT state"
+        );
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
     if workers > 1 {
         return supervisor::main(config, workers);
     }
@@ -126,6 +136,24 @@ fn serve(
             "could not presize the descriptor table: the event loop may stall for a moment each time it grows"
         ),
     }
+    // The MQTT persistence snapshot, before anything is bound: a corrupt
+    // file with mqtt.persistence_corrupt = "refuse" stops the server here.
+    let restored = if config.mqtt.persistence {
+        if let Err(err) = persist::check_directory(&config.mqtt) {
+            eprintln!("echo-server: invalid configuration: {err}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+        match persist::load(&config.mqtt) {
+            Ok(snapshot) => snapshot,
+            Err(err) => {
+                error!("{err}");
+                eprintln!("echo-server: {err}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
     let bound = match server::bind_all(&config, mqtt_access, shared) {
         Ok(bound) => bound,
         Err(err) => {
@@ -142,7 +170,7 @@ fn serve(
             return ExitCode::FAILURE;
         }
     };
-    let summary = runtime.block_on(server::run(config, bound, files, on_ready));
+    let summary = runtime.block_on(server::run(config, bound, files, restored, on_ready));
     if summary.router_failed {
         return ExitCode::from(server::EXIT_ROUTER_FAILED);
     }

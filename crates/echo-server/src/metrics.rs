@@ -234,6 +234,12 @@ pub struct MqttMetrics {
     /// How long `LinkBuilder::build_async()` waited for the router, per
     /// connect (awaited: the event loop serves others meanwhile).
     pub link_build_seconds: Histogram,
+    /// Persistence (`mqtt::persist`): snapshot files written, writes that
+    /// failed, and the last file's size and time (router to renamed file).
+    pub persistence_snapshots_written: Count,
+    pub persistence_write_failures: Count,
+    pub persistence_last_bytes: Gauge,
+    pub persistence_last_seconds: Gauge<f64, AtomicU64>,
     /// Cached handles, indexed by packet type.
     received_by_type: Vec<Count>,
     sent_by_type: Vec<Count>,
@@ -282,6 +288,10 @@ impl MqttMetrics {
             acl_denied: Family::default(),
             // 10 µs .. ~5 s
             link_build_seconds: Histogram::new(exponential_buckets(1e-5, 2.5, 15)),
+            persistence_snapshots_written: Count::default(),
+            persistence_write_failures: Count::default(),
+            persistence_last_bytes: Gauge::default(),
+            persistence_last_seconds: Gauge::default(),
         }
     }
 
@@ -548,6 +558,26 @@ impl Metrics {
             "link_build_seconds",
             "Time a connecting client waited for the router to register it (LinkBuilder::build_async, awaited on the event loop, not blocking it)",
             mqtt.link_build_seconds.clone(),
+        );
+        m.register(
+            "persistence_snapshots_written",
+            "Snapshot files written (mqtt.persistence: retained messages and persistent sessions), periodic and at shutdown",
+            mqtt.persistence_snapshots_written.clone(),
+        );
+        m.register(
+            "persistence_write_failures",
+            "Snapshots that could not be written (the previous file is kept); the reason is logged",
+            mqtt.persistence_write_failures.clone(),
+        );
+        m.register(
+            "persistence_last_snapshot_bytes",
+            "Size of the last snapshot file written, in bytes",
+            mqtt.persistence_last_bytes.clone(),
+        );
+        m.register(
+            "persistence_last_snapshot_seconds",
+            "Time the last snapshot took, from asking the router to the renamed, synced file (the router itself only copies; encoding and I/O run on a blocking thread)",
+            mqtt.persistence_last_seconds.clone(),
         );
         registry.register(
             "echo_accept_fd_exhausted",

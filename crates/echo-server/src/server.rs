@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::limits::{FileLimit, shared_max_connections};
 use crate::listener::{self, ConnectionLimit};
 use crate::metrics::{ListenerLabel, Metrics};
-use crate::mqtt::{self, MqttServer, broker::Broker};
+use crate::mqtt::{self, MqttServer, broker::Broker, persist};
 use crate::shutdown::Shutdown;
 use crate::stats;
 use crate::tls;
@@ -137,8 +137,17 @@ pub const EXIT_ROUTER_FAILED: u8 = 70;
 
 /// Runs until SIGTERM or SIGINT, then shuts down gracefully. Must be called
 /// inside a `LocalRuntime` (tasks are spawned with `spawn_local`).
-/// `on_ready` is called once every listener is served.
-pub async fn run(config: Config, bound: Bound, files: FileLimit, on_ready: impl FnOnce(&Ready)) -> Summary {
+///
+/// `restored`: the MQTT persistence snapshot loaded at start
+/// (`mqtt::persist::load`), if any. `on_ready` is called once every
+/// listener is served.
+pub async fn run(
+    config: Config,
+    bound: Bound,
+    files: FileLimit,
+    restored: Option<persist::Snapshot>,
+    on_ready: impl FnOnce(&Ready),
+) -> Summary {
     let shutdown = Rc::new(Shutdown::new());
     let metrics = Arc::new(Metrics::new(files.soft, Some(tokio::runtime::Handle::current())));
 
@@ -155,9 +164,26 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit, on_ready: impl 
     metrics.memory_limit.set(i64::try_from(budget.limit()).unwrap_or(i64::MAX));
     let router_failed = Rc::new(std::cell::Cell::new(false));
     let mqtt_wanted = !bound.mqtt.is_empty() || config.mqtt.websocket;
+    // The router restores its part of the snapshot; the server, its own
+    // bookkeeping of the same sessions.
+    let (router_restored, kept_restored) = match restored {
+        Some(snapshot) => {
+            let kept = persist::kept_sessions(&snapshot);
+            (Some(snapshot.router), kept)
+        }
+        None => (None, Vec::new()),
+    };
+    let mut persister = None;
     let mqtt = if mqtt_wanted {
-        match Broker::start(&config.mqtt, max_mqtt, metrics.mqtt.clone()).await {
+        match Broker::start(&config.mqtt, max_mqtt, metrics.mqtt.clone(), router_restored).await {
             Ok((broker, watch)) => {
+                if config.mqtt.persistence {
+                    persister = Some(persist::Persister::new(
+                        broker.snapshot_handle(),
+                        &config.mqtt,
+                        metrics.mqtt.clone(),
+                    ));
+                }
                 mqtt::broker::report(&config.mqtt, max_mqtt);
                 tokio::task::spawn_local(mqtt::broker::report_client_events(
                     broker.clone(),
@@ -177,7 +203,7 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit, on_ready: impl 
                     failed.set(true);
                     stop.trigger(grace);
                 }));
-                Some(MqttServer::new(
+                let server = MqttServer::new(
                     config.mqtt.clone(),
                     metrics.mqtt.clone(),
                     shutdown.clone(),
@@ -186,7 +212,21 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit, on_ready: impl 
                     bound.mqtt_tls.clone(),
                     bound.mqtt_access,
                     budget.clone(),
-                ))
+                );
+                for session in &kept_restored {
+                    server.kept.restore(session);
+                }
+                if let Some(persister) = &persister
+                    && !config.mqtt.persistence_interval.is_zero()
+                {
+                    tokio::task::spawn_local(persist::run(
+                        persister.clone(),
+                        server.clone(),
+                        config.mqtt.persistence_interval,
+                        shutdown.clone(),
+                    ));
+                }
+                Some(server)
             }
             Err(e) => {
                 error!(error = %e, "cannot start the MQTT router; serving WebSocket only");
@@ -275,9 +315,22 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit, on_ready: impl 
         "shutting down: no new connections; closing every WebSocket client with 1001, \
          MQTT 5 clients with DISCONNECT 0x8B"
     );
+    // With persistence on, the last snapshot gets the end of the grace
+    // period: a fifth of it, at most a second (a snapshot file of tens of
+    // megabytes is written in well under that).
+    let clients_until = match persister {
+        Some(_) => deadline - (config.server.shutdown_grace / 5).min(std::time::Duration::from_secs(1)),
+        None => deadline,
+    };
     tokio::select! {
         _ = async { ws_limit.all_closed().await; mqtt_limit.all_closed().await } => {}
-        _ = tokio::time::sleep_until(deadline) => {}
+        _ = tokio::time::sleep_until(clients_until) => {}
+    }
+    // The sessions have ended (kept by the router as disconnected) or the
+    // grace period is over (those left are recorded as if they had just
+    // disconnected): the last snapshot.
+    if let (Some(persister), Some(mqtt)) = (&persister, &mqtt) {
+        persister.save_at_shutdown(mqtt.kept.owners()).await;
     }
     let m = &metrics.mqtt;
     let summary = Summary {

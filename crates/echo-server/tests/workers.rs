@@ -242,6 +242,21 @@ fn a_bad_workers_value_names_the_key_and_exits_2_before_binding() {
 }
 
 #[test]
+fn mqtt_persistence_with_several_workers_is_refused_before_binding() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let dir = std::env::temp_dir();
+    let file = dir.join(format!("echo-workers-persist-{}.db", std::process::id()));
+    let (status, _, stderr) = run_to_exit(
+        &["--workers", "2", "--ws-listen", &port, "--no-admin"],
+        &[("ECHO_MQTT_PERSISTENCE", "true"), ("ECHO_MQTT_PERSISTENCE_FILE", file.to_str().unwrap())],
+    );
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.starts_with("echo-server: invalid configuration: mqtt.persistence: "), "{stderr}");
+    assert!(!file.exists(), "nothing written");
+}
+
+#[test]
 fn a_taken_port_fails_the_start_naming_its_key() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().to_string();

@@ -23,8 +23,10 @@ pub use link::local;
 pub use link::meters;
 pub use router::{
     Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router, RouterError,
-    TurnBudget,
+    SnapshotHandle, TurnBudget,
 };
+/// echo-server patch: persistence across restarts (`Router::snapshot`).
+pub use router::snapshot;
 use segments::Storage;
 pub use server::{Broker, LinkType, Server};
 

@@ -221,6 +221,8 @@ pub struct Broker {
     /// clients not connected (our rumqttd patch), read by `sys`.
     subscriptions: std::sync::Arc<AtomicU64>,
     kept_sessions: std::sync::Arc<AtomicU64>,
+    /// Asks the router for persistence snapshots (`persist`).
+    snapshots: rumqttd::SnapshotHandle,
 }
 
 /// What the router counts, for the `$SYS` topics (`sys`).
@@ -256,12 +258,31 @@ impl Broker {
     /// internal links, the sentinel and the wills link. Must run on the
     /// event loop (a `LocalSet` or `LocalRuntime`). Returns the broker and
     /// the internal links' receivers, to be watched with [`watch_router`].
+    ///
+    /// `restored`, the router's part of a persistence snapshot
+    /// (`persist::load`), is brought back before the router runs, so
+    /// before any client can connect.
     pub async fn start(
         config: &MqttConfig,
         max_connections: u64,
         metrics: std::sync::Arc<MqttMetrics>,
+        restored: Option<rumqttd::snapshot::RouterSnapshot>,
     ) -> std::io::Result<(Rc<Broker>, RouterWatch)> {
-        let router = Router::new(0, router_config(config, max_connections));
+        let mut router = Router::new(0, router_config(config, max_connections));
+        if let Some(snapshot) = restored {
+            let age_s = rumqttd::snapshot::unix_ms().saturating_sub(snapshot.taken_at_ms) / 1000;
+            let counts = router.restore(snapshot, rumqttd::snapshot::unix_ms());
+            info!(
+                file = %config.persistence_file,
+                sessions = counts.sessions,
+                retained_messages = counts.retained,
+                queued_messages = counts.queued,
+                sessions_expired_while_down = counts.expired_sessions,
+                snapshot_age_s = age_s,
+                "MQTT persistence: state restored"
+            );
+        }
+        let snapshots = router.snapshot_handle();
         let cursor_jumps = router.cursor_jumps();
         let oversize_drops = router.oversize_drops();
         let retained_messages = router.retained_messages();
@@ -331,6 +352,7 @@ impl Broker {
             retained_messages,
             subscriptions,
             kept_sessions,
+            snapshots,
         });
         let death = RouterDeath { sentinel, task };
         Ok((broker, RouterWatch { death, wills: wills_rx }))
@@ -461,6 +483,11 @@ impl Broker {
         if let Err(e) = hand_over(tx, packet) {
             warn!(error = %e, "could not hand a will message to the router");
         }
+    }
+
+    /// A handle to ask the router for persistence snapshots.
+    pub(crate) fn snapshot_handle(&self) -> rumqttd::SnapshotHandle {
+        self.snapshots.clone()
     }
 
     /// The router's counts now.
@@ -804,7 +831,7 @@ mod tests {
         config: &crate::config::MqttConfig,
         metrics: &crate::metrics::Metrics,
     ) -> (Rc<Broker>, Rc<Cell<bool>>, tokio::task::JoinHandle<()>) {
-        let (broker, watch) = Broker::start(config, 10, metrics.mqtt.clone()).await.unwrap();
+        let (broker, watch) = Broker::start(config, 10, metrics.mqtt.clone(), None).await.unwrap();
         let died = Rc::new(Cell::new(false));
         let flag = died.clone();
         let watcher = tokio::task::spawn_local(watch_router(broker.clone(), watch, move || flag.set(true)));

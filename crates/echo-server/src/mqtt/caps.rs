@@ -297,6 +297,28 @@ impl Kept {
         }
     }
 
+    /// The owners of the sessions that have one, for the persistence
+    /// snapshot (`mqtt::persist`).
+    pub(crate) fn owners(&self) -> Vec<(String, Option<String>)> {
+        let sessions = self.sessions.borrow();
+        sessions
+            .iter()
+            .filter_map(|(id, (_, _, owner))| Some((id.clone(), Some(owner.as_deref()?.to_owned()))))
+            .collect()
+    }
+
+    /// A session restored from the persistence snapshot, as if its client
+    /// had just disconnected: its filters count again, and it keeps its
+    /// owner.
+    pub(crate) fn restore(&self, session: &crate::mqtt::persist::KeptSession) {
+        let filters: HashSet<u64> = session.filters.iter().map(|f| self.hash(f)).collect();
+        let until = session.expires_in.map(|d| Instant::now() + d);
+        let owner = session.owner.as_deref().map(Rc::from);
+        self.sessions
+            .borrow_mut()
+            .insert(session.client_id.clone(), (Rc::new(RefCell::new(filters)), until, owner));
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
         self.sessions.borrow().len()
@@ -429,5 +451,33 @@ mod tests {
         assert_eq!(kept.owner("c"), None, "a session that ends is not kept");
         kept.set_owner("c", Some("bob"));
         assert_eq!(kept.owner("c"), None, "no owner without a session");
+    }
+
+    /// What persistence keeps of the server's own bookkeeping: a kept
+    /// session's owner (so that, with the ACL on, only that user resumes it
+    /// after a restart) and its filters, which count again.
+    #[test]
+    fn owners_and_filters_survive_a_restore() {
+        let config = MqttConfig { max_subscriptions: 2, ..MqttConfig::default() };
+        let kept = Kept::default();
+        let filters = kept.connected("c", false, SessionExpiry::NEVER);
+        kept.set_owner("c", Some("alice"));
+        kept.connected("anonymous", false, SessionExpiry::NEVER);
+        assert_eq!(kept.subscribe(&filters, "a/b", &config), Quota::Counted);
+        kept.disconnected("c", &filters, SessionExpiry::NEVER);
+        assert_eq!(kept.owners(), vec![("c".to_owned(), Some("alice".to_owned()))]);
+
+        let restored = Kept::default();
+        restored.restore(&crate::mqtt::persist::KeptSession {
+            client_id: "c".into(),
+            filters: vec!["a/b".into(), "c/d".into()],
+            expires_in: None,
+            owner: Some("alice".into()),
+        });
+        assert_eq!(restored.owner("c"), Some(Some(Rc::from("alice"))));
+        assert_eq!(restored.owner("d"), None);
+        let filters = restored.connected("c", true, SessionExpiry::NEVER);
+        assert_eq!(restored.subscribe(&filters, "a/b", &config), Quota::Held);
+        assert_eq!(restored.subscribe(&filters, "e/f", &config), Quota::Exceeded);
     }
 }

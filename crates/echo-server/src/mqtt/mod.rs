@@ -35,6 +35,7 @@ pub mod codec;
 pub mod downgrade;
 mod inflow;
 pub mod passwd;
+pub mod persist;
 pub mod session;
 pub(crate) mod sys;
 pub mod topics;
@@ -351,7 +352,7 @@ mod tests {
 
     /// An MQTT server with its router, for 10 connections, without TLS.
     async fn test_server(config: &Config, metrics: &Metrics) -> (Rc<MqttServer>, Rc<ConnectionLimit>) {
-        let (broker, _watch) = Broker::start(&config.mqtt, 10, metrics.mqtt.clone()).await.unwrap();
+        let (broker, _watch) = Broker::start(&config.mqtt, 10, metrics.mqtt.clone(), None).await.unwrap();
         let limit = ConnectionLimit::new(10, Default::default());
         let server = MqttServer::new(
             config.mqtt.clone(),

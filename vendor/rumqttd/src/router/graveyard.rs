@@ -76,6 +76,11 @@ impl Graveyard {
         std::mem::take(&mut self.expired)
     }
 
+    /// echo-server patch: the saved sessions, for a snapshot.
+    pub fn saved(&self) -> impl Iterator<Item = &SavedState> {
+        self.connections.values()
+    }
+
     /// echo-server patch: how many sessions are saved.
     pub fn len(&self) -> usize {
         self.connections.len()

@@ -1069,6 +1069,80 @@ impl DataLog {
     }
 }
 
+/// echo-server patch: what persistence needs of the logs
+/// (`snapshot`): the retained messages and a log's messages from a cursor
+/// on, read without changing anything, and the way back.
+impl DataLog {
+    /// The retained messages not expired by `now`.
+    pub(crate) fn saved_retained(&self, now: Instant) -> Vec<super::snapshot::SavedMessage> {
+        self.retained_publishes
+            .map
+            .values()
+            .filter(|data| retained_expiry_left(data, now) != Some(0))
+            .map(|data| super::snapshot::save_message(data, now))
+            .collect()
+    }
+
+    /// The filter whose log has index `idx`.
+    pub(crate) fn log_filter(&self, idx: FilterIdx) -> Option<&Filter> {
+        self.native.get(idx).map(|data| &data.filter)
+    }
+
+    /// Every message of log `idx` from `cursor` on, with its offset, as
+    /// stored (No Local and expiry are the reader's business).
+    pub(crate) fn read_from(&self, idx: FilterIdx, cursor: Offset) -> Vec<(PublishData, Offset)> {
+        let mut out = Vec::new();
+        if let Some(data) = self.native.get(idx) {
+            // Bounded so that `Segment::readv`'s index arithmetic cannot
+            // overflow; far more than a log can hold.
+            let _ = data.log.readv(cursor, 1 << 40, &mut out);
+        }
+        out
+    }
+
+    /// Every parked request, by connection: one walk of the logs'
+    /// waiters, whatever the number of connections asking.
+    pub(crate) fn parked_requests(&self) -> HashMap<ConnectionId, Vec<&DataRequest>> {
+        let mut parked: HashMap<ConnectionId, Vec<&DataRequest>> = HashMap::new();
+        for (_, data) in self.native.iter() {
+            for (id, request) in data.waiters.waiters() {
+                parked.entry(*id).or_default().push(request);
+            }
+        }
+        parked
+    }
+
+    /// Appends restored messages to the log of `filter` (created if
+    /// needed). Returns its index and the cursor of each message slot:
+    /// `cursors[k]` reads from the k-th message on, `cursors[len]` reads
+    /// what comes next. A message left out (`None`: it expired) reads as
+    /// the one after it.
+    pub(crate) fn restore_log(
+        &mut self,
+        filter: &str,
+        messages: impl IntoIterator<Item = Option<PublishData>>,
+    ) -> (FilterIdx, Vec<Offset>) {
+        let (idx, _) = self.next_native_offset(filter);
+        let data = self.native.get_mut(idx).expect("just made");
+        let mut cursors = Vec::new();
+        for message in messages {
+            cursors.push(data.log.next_offset());
+            if let Some(message) = message {
+                data.log.append(message);
+            }
+        }
+        cursors.push(data.log.next_offset());
+        (idx, cursors)
+    }
+
+    /// A retained message back, as published at its `timestamp`.
+    pub(crate) fn restore_retained(&mut self, data: PublishData) {
+        let topic = String::from_utf8_lossy(&data.publish.topic).into_owned();
+        let (publish, properties, published) = (data.publish, data.properties, data.timestamp);
+        self.insert_retained(publish, properties, topic, published);
+    }
+}
+
 pub struct Data<T> {
     filter: Filter,
     pub log: CommitLog<T>,

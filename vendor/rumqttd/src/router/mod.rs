@@ -22,13 +22,14 @@ pub mod iobufs;
 mod logs;
 mod routing;
 mod scheduler;
+pub mod snapshot;
 pub(crate) mod shared_subs;
 mod tables;
 mod waiters;
 
 pub use alertlog::Alert;
 pub use connection::Connection;
-pub use routing::{Router, RouterError, TurnBudget};
+pub use routing::{Router, RouterError, SnapshotHandle, TurnBudget};
 pub use waiters::Waiters;
 
 pub const MAX_SCHEDULE_ITERATIONS: usize = 100;
@@ -66,6 +67,9 @@ pub enum Event {
     PrintStatus(Print),
     /// Publish Will message
     PublishWill((String, Option<String>)),
+    /// echo-server patch: a snapshot of what persistence keeps
+    /// (`Router::snapshot`), sent back on this channel.
+    Snapshot(flume::Sender<snapshot::RouterSnapshot>),
 }
 
 /// Notification from router to connection

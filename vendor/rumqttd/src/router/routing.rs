@@ -24,6 +24,7 @@ use super::alertlog::{Alert, AlertLog};
 use super::graveyard::Graveyard;
 use super::iobufs::{Incoming, Outgoing};
 use super::logs::{AckLog, DataLog, Origin, PublishData};
+use super::snapshot;
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::tables::Shrink;
 use super::shared_subs::SharedGroup;
@@ -453,6 +454,10 @@ impl Router {
                 self.send_meters();
             }
             Event::PrintStatus(metrics) => print_status(self, metrics),
+            Event::Snapshot(reply) => {
+                // The asker may have given up; nothing to do then.
+                let _ = reply.send(self.snapshot());
+            }
             Event::PublishWill((client_id, _tenant_id)) => self.handle_last_will(
                 client_id,
                 #[cfg(feature = "validate-tenant-prefix")]
@@ -1562,6 +1567,335 @@ impl Router {
                 }
             }
         }
+    }
+}
+
+/// echo-server patch: asks a running router for a snapshot
+/// (`Router::snapshot`), from any thread or task, in either placement.
+#[derive(Clone)]
+pub struct SnapshotHandle {
+    router_tx: Sender<(ConnectionId, Event)>,
+}
+
+impl SnapshotHandle {
+    /// The router's snapshot, taken between two of its events; `None` if
+    /// the router is gone. Awaits room in the router's event channel and
+    /// the answer without blocking the thread.
+    pub async fn take(&self) -> Option<snapshot::RouterSnapshot> {
+        let (tx, rx) = flume::bounded(1);
+        // The connection id is not read for this event.
+        self.router_tx
+            .send_async((0, Event::Snapshot(tx)))
+            .await
+            .ok()?;
+        rx.recv_async().await.ok()
+    }
+}
+
+/// A session's state as persistence records it (`Router::snapshot`).
+struct SessionView<'a> {
+    client_id: &'a str,
+    subscriptions: &'a HashSet<Filter>,
+    subscription_ids: &'a HashMap<Filter, usize>,
+    /// Its reads, each with the position it would resume from.
+    requests: Vec<(&'a DataRequest, Offset)>,
+    unacked_pubrels: Vec<u16>,
+    expires_in: Option<std::time::Duration>,
+    origin: Origin,
+}
+
+/// echo-server patch: persistence across restarts.
+impl Router {
+    /// A handle to ask this router for snapshots once it runs; take it
+    /// before `spawn` or `into_task`.
+    pub fn snapshot_handle(&self) -> SnapshotHandle {
+        SnapshotHandle {
+            router_tx: self.link(),
+        }
+    }
+
+    /// What persistence keeps, now: the retained messages, and every
+    /// persistent session (kept or connected) with its subscriptions and
+    /// the messages it has yet to read. A connected session is recorded as
+    /// `handle_disconnection` would keep it if it disconnected now (its
+    /// reads rewound to its first unacknowledged publish, its expiry
+    /// counted from now), without disturbing it. Copies only: message
+    /// bodies are shared `Bytes`, so the cost is a walk of the sessions,
+    /// their logs' tails and the retained messages.
+    pub fn snapshot(&mut self) -> snapshot::RouterSnapshot {
+        use snapshot::{SavedLog, SavedRequest, SavedSession, SavedSubscription};
+        let now = Instant::now();
+        let taken_at_ms = snapshot::unix_ms();
+        let parked = self.datalog.parked_requests();
+        let mut views = Vec::new();
+        for saved in self.graveyard.saved() {
+            let Some(state) = &saved.session_state else {
+                continue;
+            };
+            let expires_in = saved.expires_at.map(|at| at.saturating_duration_since(now));
+            if expires_in.is_some_and(|left| left.is_zero()) {
+                continue;
+            }
+            views.push(SessionView {
+                client_id: &state.tracker.id,
+                subscriptions: &state.subscriptions,
+                subscription_ids: &state.subscription_ids,
+                requests: state
+                    .tracker
+                    .data_requests
+                    .iter()
+                    .map(|r| (r, r.cursor))
+                    .collect(),
+                unacked_pubrels: state.unacked_pubrels.iter().copied().collect(),
+                expires_in,
+                origin: state.origin,
+            });
+        }
+        for (id, connection) in self.connections.iter() {
+            if connection.session_expiry == Some(std::time::Duration::ZERO) {
+                continue;
+            }
+            let Some(outgoing) = self.obufs.get(id) else {
+                continue;
+            };
+            let tracked = self
+                .scheduler
+                .trackers
+                .get(id)
+                .into_iter()
+                .flat_map(|t| &t.data_requests);
+            let waiting = parked.get(&id).into_iter().flatten().copied();
+            let retransmissions = outgoing.retransmission_map();
+            let requests = tracked
+                .chain(waiting)
+                .map(|r| {
+                    (
+                        r,
+                        retransmissions
+                            .get(&r.filter_idx)
+                            .copied()
+                            .unwrap_or(r.cursor),
+                    )
+                })
+                .collect();
+            views.push(SessionView {
+                client_id: &connection.client_id,
+                subscriptions: &connection.subscriptions,
+                subscription_ids: &connection.subscription_ids,
+                requests,
+                unacked_pubrels: outgoing.unacked_pubrels.iter().copied().collect(),
+                expires_in: connection.session_expiry,
+                origin: connection.origin,
+            });
+        }
+
+        // Shared subscriptions are not persisted: their read position is
+        // the group's, not the session's (see PATCHED.md).
+        let persisted = |(r, _): &&(&DataRequest, Offset)| r.group.is_none();
+        // Each log, read once from the oldest position a session is at.
+        let mut oldest: HashMap<FilterIdx, Offset> = HashMap::new();
+        for (request, cursor) in views.iter().flat_map(|v| &v.requests).filter(persisted) {
+            let at = oldest.entry(request.filter_idx).or_insert(*cursor);
+            *at = (*at).min(*cursor);
+        }
+        let mut logs = Vec::new();
+        // Per log: its index in `logs` and the offsets of its messages.
+        let mut read: HashMap<FilterIdx, (usize, Vec<u64>)> = HashMap::new();
+        for (idx, cursor) in oldest {
+            let Some(filter) = self.datalog.log_filter(idx).cloned() else {
+                continue;
+            };
+            let (messages, offsets): (Vec<_>, Vec<_>) = self
+                .datalog
+                .read_from(idx, cursor)
+                .into_iter()
+                .map(|(data, offset)| (snapshot::save_message(&data, now), offset.1))
+                .unzip();
+            read.insert(idx, (logs.len(), offsets));
+            logs.push(SavedLog { filter, messages });
+        }
+
+        let sessions = views
+            .into_iter()
+            .map(|view| {
+                let mut subscriptions: Vec<SavedSubscription> = view
+                    .subscriptions
+                    .iter()
+                    .filter(|f| extract_group(f).is_none())
+                    .map(|filter| SavedSubscription {
+                        filter: filter.clone(),
+                        subscription_id: view.subscription_ids.get(filter).copied(),
+                        request: None,
+                    })
+                    .collect();
+                // Most sessions hold a few subscriptions: a scan finds a
+                // read's; a map only for many.
+                let at: Option<HashMap<&str, usize>> = (subscriptions.len() > 8).then(|| {
+                    subscriptions
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| (s.filter.as_str(), i))
+                        .collect()
+                });
+                let find = |filter: &str| match &at {
+                    Some(at) => at.get(filter).copied(),
+                    None => subscriptions.iter().position(|s| s.filter == filter),
+                };
+                let mut reads = Vec::new();
+                for (request, cursor) in view.requests.iter().filter(persisted) {
+                    let Some(i) = find(request.filter.as_str()) else {
+                        continue;
+                    };
+                    // Messages at or after the session's position; a
+                    // position before the log's oldest message reads
+                    // from that message, as `CommitLog::readv` does.
+                    let queued = read.get(&request.filter_idx).map_or(0, |(_, offsets)| {
+                        offsets.len() - offsets.partition_point(|o| *o < cursor.1)
+                    });
+                    reads.push((
+                        i,
+                        SavedRequest {
+                            qos: request.qos,
+                            forward_retained: request.forward_retained,
+                            nolocal: request.nolocal,
+                            preserve_retain: request.preserve_retain,
+                            queued,
+                        },
+                    ));
+                }
+                for (i, read) in reads {
+                    subscriptions[i].request = Some(read);
+                }
+                SavedSession {
+                    client_id: view.client_id.to_owned(),
+                    subscriptions,
+                    unacked_pubrels: view.unacked_pubrels,
+                    expires_in_ms: view
+                        .expires_in
+                        .map(|d| d.as_millis().min(u64::MAX.into()) as u64),
+                    origin: view.origin,
+                }
+            })
+            .collect();
+
+        snapshot::RouterSnapshot {
+            taken_at_ms,
+            retained: self.datalog.saved_retained(now),
+            logs,
+            sessions,
+        }
+    }
+
+    /// Brings a snapshot back, `now_ms` (milliseconds since the Unix
+    /// epoch) being the time now: the time since the snapshot is taken off
+    /// every expiry. Call before the router runs (`spawn`, `into_task`):
+    /// the sessions are kept as if their clients had just disconnected, and
+    /// resume when these reconnect without a clean start.
+    pub fn restore(
+        &mut self,
+        snapshot: snapshot::RouterSnapshot,
+        now_ms: u64,
+    ) -> snapshot::RestoreCounts {
+        let now = Instant::now();
+        let down = std::time::Duration::from_millis(now_ms.saturating_sub(snapshot.taken_at_ms));
+        let mut counts = snapshot::RestoreCounts::default();
+        // New sessions get marks (No Local) that no restored message or
+        // session carries.
+        let marks = snapshot
+            .logs
+            .iter()
+            .flat_map(|l| &l.messages)
+            .map(|m| m.origin);
+        let marks = marks.chain(snapshot.sessions.iter().map(|s| s.origin));
+        self.last_origin = marks.fold(self.last_origin, Origin::max);
+        for saved in snapshot.retained {
+            if let Some(data) = snapshot::revive_message(saved, down, now) {
+                self.datalog.restore_retained(data);
+                counts.retained += 1;
+            }
+        }
+
+        let mut sessions = Vec::new();
+        let mut held: HashSet<&str> = HashSet::new();
+        for session in &snapshot.sessions {
+            let expires_in = match session.expires_in_ms {
+                Some(ms) => match std::time::Duration::from_millis(ms).checked_sub(down) {
+                    Some(left) if !left.is_zero() => Some(left),
+                    _ => {
+                        counts.expired_sessions += 1;
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            held.extend(session.subscriptions.iter().map(|s| s.filter.as_str()));
+            sessions.push((session, expires_in));
+        }
+
+        // The logs the restored sessions read; the others are not needed.
+        let mut restored: HashMap<String, (FilterIdx, Vec<Offset>)> = HashMap::new();
+        for log in snapshot.logs {
+            if !held.contains(log.filter.as_str()) {
+                continue;
+            }
+            let messages = log
+                .messages
+                .into_iter()
+                .map(|m| snapshot::revive_message(m, down, now));
+            let (idx, cursors) = self.datalog.restore_log(&log.filter, messages);
+            restored.insert(log.filter, (idx, cursors));
+        }
+
+        for (session, expires_in) in sessions {
+            let mut tracker = Tracker::new(session.client_id.clone());
+            let mut subscriptions = HashSet::new();
+            let mut subscription_ids = HashMap::new();
+            for subscription in &session.subscriptions {
+                let filter = subscription.filter.clone();
+                if !subscriptions.insert(filter.clone()) {
+                    continue;
+                }
+                self.filter_ref(&filter);
+                if let Some(id) = subscription.subscription_id {
+                    subscription_ids.insert(filter.clone(), id);
+                }
+                let Some(saved) = &subscription.request else {
+                    continue;
+                };
+                let (filter_idx, cursor) = match restored.get(&filter) {
+                    Some((idx, cursors)) => {
+                        let slots = cursors.len() - 1;
+                        (*idx, cursors[slots - saved.queued.min(slots)])
+                    }
+                    None => self.datalog.next_native_offset(&filter),
+                };
+                counts.queued += saved.queued;
+                tracker.register_data_request(DataRequest {
+                    filter,
+                    filter_idx,
+                    qos: saved.qos,
+                    cursor,
+                    read_count: 0,
+                    max_count: 100,
+                    forward_retained: saved.forward_retained,
+                    group: None,
+                    nolocal: saved.nolocal,
+                    preserve_retain: saved.preserve_retain,
+                    pending_retained: None,
+                });
+            }
+            self.graveyard.save_state(
+                tracker,
+                subscriptions,
+                subscription_ids,
+                ConnectionEvents::default(),
+                session.unacked_pubrels.iter().copied().collect(),
+                expires_in,
+                session.origin,
+            );
+            counts.sessions += 1;
+        }
+        counts
     }
 }
 
