@@ -156,9 +156,25 @@ pub async fn run(config: Config, bound: Bound, files: FileLimit, on_ready: impl 
     let router_failed = Rc::new(std::cell::Cell::new(false));
     let mqtt_wanted = !bound.mqtt.is_empty() || config.mqtt.websocket;
     let mqtt = if mqtt_wanted {
-        match Broker::start(&config.mqtt, max_mqtt, metrics.mqtt.clone()).await {
-            Ok((broker, watch)) => {
+        let cluster = &config.cluster;
+        let bridge_buffer = (!cluster.nats_url.is_empty()).then_some(cluster.buffer as usize);
+        match Broker::start_with(&config.mqtt, max_mqtt, metrics.mqtt.clone(), bridge_buffer).await {
+            Ok((broker, watch, feeds)) => {
                 mqtt::broker::report(&config.mqtt, max_mqtt);
+                if let Some(feeds) = feeds {
+                    let started = crate::cluster::bridge::start(
+                        cluster,
+                        config.mqtt.max_payload_size as usize + 64,
+                        broker.clone(),
+                        feeds,
+                        metrics.cluster.clone(),
+                        shutdown.clone(),
+                    )
+                    .await;
+                    if let Err(e) = started {
+                        error!(error = %e, "cannot start the cluster bridge; this broker serves its own clients only");
+                    }
+                }
                 tokio::task::spawn_local(mqtt::broker::report_client_events(
                     broker.clone(),
                     shutdown.clone(),

@@ -22,8 +22,8 @@ pub use link::alerts;
 pub use link::local;
 pub use link::meters;
 pub use router::{
-    Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router, RouterError,
-    TurnBudget,
+    Alert, FilterEvent, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router,
+    RouterError, TapMessage, TurnBudget,
 };
 use segments::Storage;
 pub use server::{Broker, LinkType, Server};

@@ -154,6 +154,39 @@ pub struct Router {
     /// echo-server patch: subscriptions held by sessions, connected or
     /// kept (the sum of `filter_refs`); see [`Router::subscriptions`].
     subscriptions: Arc<AtomicU64>,
+    /// echo-server patch: a copy of every publish appended to the logs,
+    /// for a bridge to other brokers; see [`Router::tap`].
+    tap: Option<Tap>,
+    /// echo-server patch: filters that sessions start or stop holding;
+    /// see [`Router::filter_events`].
+    filter_events: Option<Sender<FilterEvent>>,
+}
+
+/// echo-server patch: a publish as the router appended it to its logs
+/// (topic alias resolved, QoS 2 once released), for [`Router::tap`].
+#[derive(Debug, Clone)]
+pub struct TapMessage {
+    pub publish: Publish,
+    pub properties: Option<PublishProperties>,
+}
+
+/// echo-server patch: a filter that sessions (connected or kept) started to
+/// hold (the first one) or stopped holding (the last one), as the log
+/// filter (`$share/group/` stripped); see [`Router::filter_events`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterEvent {
+    Held(String),
+    Freed(String),
+}
+
+/// echo-server patch: where [`Router::tap`] sends, and what it skips.
+struct Tap {
+    tx: Sender<TapMessage>,
+    /// Publishes from this client are not copied (the bridge's own link,
+    /// which injects what came from the other brokers).
+    exclude: String,
+    /// Copies not sent because the channel was full.
+    drops: Arc<AtomicU64>,
 }
 
 impl Router {
@@ -199,7 +232,38 @@ impl Router {
             cursor_jumps: Arc::default(),
             oversize_drops: Arc::default(),
             subscriptions: Arc::default(),
+            tap: None,
+            filter_events: None,
         }
+    }
+
+    /// echo-server patch: from now on, every publish the router appends to
+    /// its logs (from any link but the one with client id `exclude`; topic
+    /// alias resolved; a QoS 2 publish when it is released) is also sent,
+    /// without waiting, on a channel of `capacity` messages; one that finds
+    /// the channel full is dropped and counted in the returned counter. So
+    /// a slow reader never holds the router up. Call before the router
+    /// runs.
+    pub fn tap(&mut self, capacity: usize, exclude: &str) -> (Receiver<TapMessage>, Arc<AtomicU64>) {
+        let (tx, rx) = bounded(capacity);
+        let drops = Arc::<AtomicU64>::default();
+        self.tap = Some(Tap {
+            tx,
+            exclude: exclude.to_owned(),
+            drops: drops.clone(),
+        });
+        (rx, drops)
+    }
+
+    /// echo-server patch: from now on, the router says on this channel
+    /// when sessions start holding a filter (its count of subscribers goes
+    /// from 0 to 1) and stop (back to 0). Unbounded: one event per such
+    /// change, which the reader must keep up with. Call before the router
+    /// runs.
+    pub fn filter_events(&mut self) -> Receiver<FilterEvent> {
+        let (tx, rx) = flume::unbounded();
+        self.filter_events = Some(tx);
+        rx
     }
 
     /// echo-server patch: the count of subscriptions sessions hold, those
@@ -852,6 +916,7 @@ impl Router {
                         &mut self.datalog,
                         &mut self.notifications,
                         &mut self.connections,
+                        self.tap.as_ref(),
                     ) {
                         Ok(_offset) => {
                             // Even if one of the data in the batch is appended to commitlog,
@@ -1089,6 +1154,7 @@ impl Router {
                         &mut self.datalog,
                         &mut self.notifications,
                         &mut self.connections,
+                        self.tap.as_ref(),
                     ) {
                         Ok(_offset) => {
                             // Even if one of the data in the batch is appended to commitlog,
@@ -1321,7 +1387,14 @@ impl Router {
 
     /// echo-server patch: one more session holds this subscription's log.
     fn filter_ref(&mut self, filter: &str) {
-        *self.filter_refs.entry(log_filter(filter)).or_insert(0) += 1;
+        let path = log_filter(filter);
+        let count = self.filter_refs.entry(path.clone()).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            if let Some(events) = &self.filter_events {
+                let _ = events.send(FilterEvent::Held(path));
+            }
+        }
         self.subscriptions.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -1343,6 +1416,9 @@ impl Router {
                 self.subscriptions.fetch_sub(1, Ordering::Relaxed);
                 if *count == 0 {
                     self.filter_refs.remove(&path);
+                    if let Some(events) = &self.filter_events {
+                        let _ = events.send(FilterEvent::Freed(path.clone()));
+                    }
                     freed.push(path);
                 }
             }
@@ -1572,6 +1648,7 @@ fn append_to_commitlog(
     datalog: &mut DataLog,
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     connections: &mut Slab<Connection>,
+    tap: Option<&Tap>,
 ) -> Result<Offset, RouterError> {
     let connection = connections.get_mut(id).unwrap();
 
@@ -1605,6 +1682,19 @@ fn append_to_commitlog(
                 tenant_prefix.to_owned(),
                 topic.to_owned(),
             ));
+        }
+    }
+
+    // echo-server patch: the copy for a bridge (`Router::tap`).
+    if let Some(tap) = tap {
+        if connection.client_id != tap.exclude {
+            let copy = TapMessage {
+                publish: publish.clone(),
+                properties: properties.clone(),
+            };
+            if tap.tx.try_send(copy).is_err() {
+                tap.drops.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
