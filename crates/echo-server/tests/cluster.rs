@@ -348,7 +348,7 @@ fn two_workers_share_their_subscribers() {
     if !nats::available() {
         return;
     }
-    let nats = Nats::start();
+    let mut nats = Nats::start();
     let server = TestServer::start_with_env(&["--workers", "2"], &[("ECHO_CLUSTER_NATS_URL", &nats.url())]);
     let connected = |server: &TestServer| {
         let metrics = server.metrics();
@@ -396,6 +396,22 @@ fn two_workers_share_their_subscribers() {
         .map(|(_, v)| v)
         .sum();
     assert!(crossed >= 1.0, "no message crossed between the workers");
+
+    // NATS gone: the supervisor's /readyz says which workers are not
+    // ready, and why.
+    nats.kill();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = server.admin_get("/readyz");
+        // (One worker may notice before the other: "1 of 2" for a moment.)
+        if (status, body.as_str())
+            == (503, "0 of 2 workers ready\ncluster: NATS unreachable (cluster.nats_url)\n")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "/readyz still {status} {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Two clusters with their own subject prefix on one NATS server do not

@@ -2930,3 +2930,85 @@ fn extract_group(filter: &str) -> Option<(String, String)> {
 // //         dbg!(trackers);
 // //     }
 // // }
+
+#[cfg(test)]
+mod echo_server_patch {
+    use super::{FilterEvent, Router};
+    use crate::local::LinkBuilder;
+    use crate::RouterConfig;
+    use std::time::Duration;
+
+    fn router() -> Router {
+        Router::new(
+            0,
+            RouterConfig {
+                max_segment_size: 1024,
+                max_connections: 10,
+                max_segment_count: 10,
+                max_outgoing_packet_count: 1024,
+                custom_segment: None,
+                initialized_filters: None,
+                shared_subscriptions_strategy: Default::default(),
+            },
+        )
+    }
+
+    /// The tap copies every publish the router appends, but the excluded
+    /// link's, and drops (counting) what does not fit; filter events say
+    /// when a filter gets its first subscriber and loses its last.
+    #[test]
+    fn the_tap_and_filter_events() {
+        let mut router = router();
+        let (tap, drops) = router.tap(2, "bridge");
+        let filters = router.filter_events();
+        let router_tx = router.spawn();
+        let link = |id: &str| {
+            LinkBuilder::new(id, router_tx.clone())
+                .clean_session(true)
+                .dynamic_filters(false)
+                .build()
+                .unwrap()
+        };
+        #[track_caller]
+        fn recv(rx: &flume::Receiver<FilterEvent>) -> FilterEvent {
+            rx.recv_timeout(Duration::from_secs(5))
+                .expect("a filter event")
+        }
+        let (mut one, _one_rx, _) = link("one");
+        let (mut two, _two_rx, _) = link("two");
+        let (mut bridge, _bridge_rx, _) = link("bridge");
+        one.subscribe("a/+").unwrap();
+        assert_eq!(recv(&filters), FilterEvent::Held("a/+".into()), "first");
+        two.subscribe("a/+").unwrap();
+        two.subscribe("$share/g/b").unwrap();
+        assert_eq!(recv(&filters), FilterEvent::Held("b".into()), "one event per filter, the share stripped");
+        one.publish("a/x", "from one").unwrap();
+        bridge.publish("a/x", "from the bridge").unwrap();
+        two.publish("nobody/here", "from two").unwrap();
+        let first = tap.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(&first.publish.payload[..], b"from one");
+        let second = tap.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(&second.publish.payload[..], b"from two", "the bridge's own is not copied");
+        // Two places: the third copy waits, the fourth is dropped.
+        for n in 0..4 {
+            one.publish("a/x", format!("{n}")).unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while drops.load(std::sync::atomic::Ordering::Relaxed) < 2 {
+            assert!(std::time::Instant::now() < deadline, "drops not counted");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(tap.len(), 2);
+        two.unsubscribe("a/+").unwrap();
+        let bye = crate::protocol::Disconnect {
+            reason_code: crate::protocol::DisconnectReasonCode::NormalDisconnection,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime
+            .block_on(one.send(crate::protocol::Packet::Disconnect(bye, None)))
+            .unwrap();
+        // `one` leaving frees `a/+` (two had let go of it first).
+        assert_eq!(recv(&filters), FilterEvent::Freed("a/+".into()));
+        assert!(filters.try_recv().is_err());
+    }
+}
