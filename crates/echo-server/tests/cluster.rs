@@ -295,6 +295,9 @@ fn nats_killed_and_restarted() {
         assert_eq!((status, body.as_str()), (503, "cluster: NATS unreachable (cluster.nats_url)\n"));
         assert_eq!(server.admin_get("/healthz").0, 200);
     }
+    // A subscription made during the outage reaches NATS once it is back.
+    let mut meanwhile = client(&b, 4, "meanwhile");
+    subscribe(&mut meanwhile, 4, "u/+", 0);
     publish(&mut publisher, 4, "t/during", 1, b"local only");
     assert_eq!(expect(&mut local, 4, "t/during", b"local only").qos, 1);
     let dropped =
@@ -315,6 +318,38 @@ fn nats_killed_and_restarted() {
     assert_eq!(expect(&mut remote, 4, "t/after", b"again").qos, 1);
     expect(&mut local, 4, "t/after", b"again");
     nothing_more(&mut remote, 4, "what was published during the outage is not sent later");
+    bridged(&mut publisher, 4, &mut [&mut meanwhile], "u/probe");
+}
+
+/// A server starts whether NATS is up or not: it serves its own clients,
+/// says 503 on /readyz, and joins the cluster when NATS comes.
+#[test]
+fn a_server_starts_without_nats_and_joins_when_it_comes() {
+    if !nats::available() {
+        return;
+    }
+    let mut gone = Nats::start();
+    let (port, url) = (gone.port, gone.url());
+    gone.kill();
+    let a = TestServer::start_with_env(&[], &[("ECHO_CLUSTER_NATS_URL", &url)]);
+    assert_eq!(a.metric("echo_cluster_nats_connected"), 0.0);
+    assert_eq!(a.admin_get("/readyz").0, 503);
+    let mut publisher = client(&a, 4, "publisher");
+    let mut local = client(&a, 4, "local");
+    subscribe(&mut local, 4, "s/#", 0);
+    publish(&mut publisher, 4, "s/x", 0, b"served");
+    expect(&mut local, 4, "s/x", b"served");
+
+    let nats = Nats::start_on(Some(port));
+    a.wait_for_metric("echo_cluster_nats_connected", Duration::from_secs(15), |v| v == 1.0);
+    assert_eq!(a.admin_get("/readyz").0, 200);
+    let b = node(&nats, &[]);
+    let mut remote = client(&b, 4, "remote");
+    subscribe(&mut remote, 4, "s/#", 0);
+    bridged(&mut publisher, 4, &mut [&mut remote], "s/probe");
+    // A's subscription, made before NATS was there, reaches it too.
+    let mut back = client(&b, 4, "back");
+    bridged(&mut back, 4, &mut [&mut local], "s/back");
 }
 
 /// The same client id connecting to the other server takes the session
