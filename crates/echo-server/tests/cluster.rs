@@ -183,6 +183,47 @@ fn publishes_reach_the_other_server_at_qos_0_and_1_with_wildcards() {
     assert!(out >= 8.0 && came >= 8.0, "out {out}, in {came}");
 }
 
+/// QoS 2 end to end across the servers, MQTT 5 properties kept: the
+/// publisher's exchange completes on A, the bridge releases what it hands
+/// B's router, and B's subscriber gets each message at QoS 2, once.
+#[test]
+fn qos_2_crosses_with_its_properties() {
+    if !nats::available() {
+        return;
+    }
+    let nats = Nats::start();
+    let (a, b) = (node(&nats, &[]), node(&nats, &[]));
+    let mut publisher = client(&a, 5, "publisher");
+    let mut subscriber = client(&b, 5, "subscriber");
+    subscribe(&mut subscriber, 5, "e/#", 2);
+    bridged(&mut publisher, 5, &mut [&mut subscriber], "e/probe");
+    // A user property ("k" = "v") and a content type.
+    let properties = [0x26, 0, 1, b'k', 0, 1, b'v', 0x03, 0, 4, b't', b'e', b'x', b't'];
+    for n in 0..3u8 {
+        publisher.send(&mqtt_raw::publish_raw(5, b"e/x", 2, &properties, &[b'0' + n]));
+        let pubrec = publisher.read_packet().expect("a PUBREC");
+        assert_eq!(pubrec.packet_type(), 5, "{pubrec:?}");
+        publisher.send(&mqtt_raw::ack(0x62, 1));
+        let pubcomp = publisher.read_packet().expect("a PUBCOMP");
+        assert_eq!(pubcomp.packet_type(), 7, "{pubcomp:?}");
+
+        let delivery = subscriber.read_packet().expect("the publish on B");
+        assert_eq!(delivery.packet_type(), 3, "{delivery:?}");
+        assert_eq!((delivery.first >> 1) & 3, 2, "QoS 2: {delivery:?}");
+        let body = &delivery.body;
+        let pkid = u16::from_be_bytes([body[5], body[6]]);
+        assert_eq!(&body[..5], b"\x00\x03e/x");
+        assert_eq!(&body[7..8], &[properties.len() as u8][..], "{delivery:?}");
+        assert_eq!(&body[8..8 + properties.len()], &properties[..], "the properties as published");
+        assert_eq!(&body[8 + properties.len()..], &[b'0' + n][..]);
+        subscriber.send(&mqtt_raw::ack(0x50, pkid));
+        let pubrel = subscriber.read_packet().expect("a PUBREL");
+        assert_eq!(pubrel.packet_type(), 6, "{pubrel:?}");
+        subscriber.send(&mqtt_raw::ack(0x70, pkid));
+    }
+    nothing_more(&mut subscriber, 5, "each once");
+}
+
 /// `a/+` and `+/b` are two NATS subscriptions that both match `a/b`: the
 /// message reaches the other server twice, and is handed on once.
 #[test]
