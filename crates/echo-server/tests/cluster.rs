@@ -362,6 +362,59 @@ fn nats_killed_and_restarted() {
     bridged(&mut publisher, 4, &mut [&mut meanwhile], "u/probe");
 }
 
+/// A NATS server that stops reading (frozen with SIGSTOP: the connection
+/// stays up, nothing it is sent is taken) holds nothing up: the bridge's
+/// buffer fills, what does not fit is dropped and counted, and the server
+/// serves its clients meanwhile. Once NATS runs again, messages cross
+/// again.
+#[test]
+fn a_frozen_nats_server_holds_nothing_up() {
+    if !nats::available() {
+        return;
+    }
+    let nats = Nats::start();
+    let a = node_with(&nats, &[], &[("ECHO_CLUSTER_BUFFER", "16")]);
+    let b = node(&nats, &[]);
+    let mut publisher = client(&a, 4, "publisher");
+    let mut local = client(&a, 4, "local");
+    subscribe(&mut local, 4, "f/#", 1);
+    let mut remote = client(&b, 4, "remote");
+    subscribe(&mut remote, 4, "f/#", 0);
+    bridged(&mut publisher, 4, &mut [&mut remote, &mut local], "f/probe");
+
+    nats.pause();
+    // 20 MB of publishes: more than the socket buffers and the NATS
+    // client's own queue hold.
+    let payload = vec![b'x'; 1024];
+    for _ in 0..20_000 {
+        publisher.send(&mqtt_raw::publish_qos(4, "f/flood", 0, 0, &payload));
+    }
+    let dropped = a.wait_for_metric(
+        "echo_cluster_dropped_total{reason=\"buffer_full\"}",
+        Duration::from_secs(20),
+        |v| v > 0.0,
+    );
+    assert!(dropped > 0.0);
+    // Served all along: a QoS 1 publish is acknowledged and delivered
+    // locally, the admin port answers.
+    local.drain(Duration::from_millis(300));
+    publish(&mut publisher, 4, "f/marker", 1, b"still here");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let received = next_publish(&mut local, 4, Duration::from_secs(5)).expect("the local delivery");
+        if received.topic == "f/marker" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the marker did not come");
+    }
+    assert_eq!(a.admin_get("/healthz").0, 200);
+
+    nats.resume();
+    remote.drain(Duration::from_millis(500));
+    local.drain(Duration::from_millis(100));
+    bridged(&mut publisher, 4, &mut [&mut remote], "f/probe");
+}
+
 /// A server starts whether NATS is up or not: it serves its own clients,
 /// says 503 on /readyz, and joins the cluster when NATS comes.
 #[test]

@@ -68,6 +68,23 @@ impl Nats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// Freezes the server (SIGSTOP): its clients' connections stay open,
+    /// and what they send waits in the kernel's buffers, then in theirs.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let pid = self.child.as_ref().expect("running").id();
+        // SAFETY: a signal to our own child process.
+        unsafe { libc::kill(pid as libc::pid_t, signal) };
+    }
+
     /// Kills the server (SIGKILL: no goodbye to its clients) and waits
     /// for it.
     pub fn kill(&mut self) {
@@ -80,6 +97,9 @@ impl Nats {
 
 impl Drop for Nats {
     fn drop(&mut self) {
+        if self.child.is_some() {
+            self.resume();
+        }
         self.kill();
     }
 }
