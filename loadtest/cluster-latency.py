@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import paho.mqtt.client as mqtt
 
@@ -48,7 +49,7 @@ def start_echo(binary, nats_port):
         [binary, "--log-format", "json", "--ws-listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0",
          "--admin-listen", "127.0.0.1:0"],
         stderr=subprocess.PIPE, text=True, env=env)
-    mqtt_port = None
+    mqtt_port = admin_port = None
     for line in proc.stderr:
         try:
             entry = json.loads(line)
@@ -56,9 +57,11 @@ def start_echo(binary, nats_port):
             continue
         if entry.get("message") == "listening" and entry.get("protocol") == "mqtt":
             mqtt_port = int(entry["addr"].rsplit(":", 1)[1])
-        if entry.get("message") == "cluster: connected to NATS" and mqtt_port:
+        if entry.get("message") == "listening" and entry.get("protocol") == "admin":
+            admin_port = int(entry["addr"].rsplit(":", 1)[1])
+        if entry.get("message") == "cluster: connected to NATS" and mqtt_port and admin_port:
             threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-            return proc, mqtt_port
+            return proc, mqtt_port, admin_port
     raise SystemExit("echo-server did not start")
 
 
@@ -98,9 +101,9 @@ def main():
     try:
         nats, nats_port = start_nats()
         procs.append(nats)
-        a, a_port = start_echo(args.binary, nats_port)
+        a, a_port, a_admin = start_echo(args.binary, nats_port)
         procs.append(a)
-        b, b_port = start_echo(args.binary, nats_port)
+        b, b_port, b_admin = start_echo(args.binary, nats_port)
         procs.append(b)
         local, remote = Sub(a_port, "local"), Sub(b_port, "remote")
         pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="pub")
@@ -137,6 +140,14 @@ def main():
               f" ({args.burst / sent:,.0f}/s)")
         for name, sub in (("local (A)", local), ("remote (B, through NATS)", remote)):
             print(f"  {name:26} received {sub.burst:6}  last {sub.last - start:.2f} s after the first send")
+        # Where what was not received went: the bridge's drops, or the
+        # broker's skips of a slow subscriber (its topic's log rotated).
+        for name, port in (("A", a_admin), ("B", b_admin)):
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+            wanted = [line for line in body.splitlines()
+                      if line.startswith(("echo_cluster_dropped_total", "echo_cluster_messages_total",
+                                          "echo_mqtt_slow_subscriber_skips_total"))]
+            print(f"  {name}: " + ", ".join(wanted))
     finally:
         for p in procs:
             p.terminate()
