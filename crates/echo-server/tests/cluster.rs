@@ -224,6 +224,46 @@ fn qos_2_crosses_with_its_properties() {
     nothing_more(&mut subscriber, 5, "each once");
 }
 
+/// The NATS subscriptions follow the filters the local sessions hold: one
+/// per subject, shared by the filters that map to it, let go of when the
+/// last one goes (UNSUBSCRIBE, disconnection).
+#[test]
+fn nats_subscriptions_follow_the_local_filters() {
+    if !nats::available() {
+        return;
+    }
+    let nats = Nats::start();
+    let (a, b) = (node(&nats, &[]), node(&nats, &[]));
+    let held = |n: f64| {
+        b.wait_for_metric("echo_cluster_subscriptions", Duration::from_secs(5), |v| v == n);
+    };
+    // Retained messages and take-overs.
+    held(2.0);
+    let mut wide = client(&b, 4, "wide");
+    subscribe(&mut wide, 4, "a/#", 0);
+    held(4.0); // a.> and a
+    let mut narrow = client(&b, 4, "narrow");
+    subscribe(&mut narrow, 4, "a", 0);
+    subscribe(&mut narrow, 4, "$SYS/#", 0);
+    let mut same = client(&b, 4, "same");
+    subscribe(&mut same, 4, "a/#", 0);
+    held(4.0); // the same subjects; `$SYS` stays local
+    wide.send(&mqtt_raw::unsubscribe_all(4, 2, &["a/#"]));
+    assert_eq!(wide.read_packet().expect("an UNSUBACK").packet_type(), 11);
+    held(4.0); // `same` still holds a/#
+    same.send(&mqtt_raw::DISCONNECT);
+    assert!(same.closed_within(Duration::from_secs(5)));
+    held(3.0); // a, for `narrow`
+    let mut publisher = client(&a, 4, "publisher");
+    bridged(&mut publisher, 4, &mut [&mut narrow], "a");
+    publish(&mut publisher, 4, "a/b", 0, b"no one");
+    publish(&mut publisher, 4, "a", 0, b"narrow");
+    expect(&mut narrow, 4, "a", b"narrow");
+    nothing_more(&mut narrow, 4, "a/b matches no filter left");
+    drop(narrow);
+    held(2.0);
+}
+
 /// `a/+` and `+/b` are two NATS subscriptions that both match `a/b`: the
 /// message reaches the other server twice, and is handed on once.
 #[test]
