@@ -656,7 +656,7 @@ impl Metrics {
         );
         c.register(
             "subscriptions",
-            "NATS subscriptions the bridge holds: one per subject the local sessions' filters map to, plus two always (retained messages, take-overs)",
+            "NATS subscriptions the bridge holds: one per subject the local sessions' filters map to, plus five always (retained messages, take-overs, and three to ask for, answer and offer retained messages)",
             cluster.subscriptions.clone(),
         );
         c.register(

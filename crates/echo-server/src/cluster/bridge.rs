@@ -21,10 +21,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::StreamExt;
-use rumqttd::protocol::{Packet, PubRel, PubRelReason};
+use rumqttd::protocol::{Packet, PubRel, PubRelReason, Publish, PublishProperties};
 use rumqttd::{FilterEvent, Notification, TapMessage};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
@@ -105,6 +106,62 @@ impl Presence {
     }
 }
 
+/// The retained messages this node holds, as the bridge saw them go by
+/// (published here, or arrived from NATS), for another node that asks for
+/// them when it starts or reconnects to NATS. The payloads and topics are
+/// shared with the router's copies.
+#[derive(Debug, Default)]
+pub(crate) struct RetainedCopy {
+    messages: RefCell<HashMap<Bytes, Kept>>,
+}
+
+/// A retained message, its properties, and when it went by.
+type Kept = (Publish, Option<PublishProperties>, tokio::time::Instant);
+
+impl RetainedCopy {
+    /// A retained publish (or its deletion, an empty one) went by.
+    fn note(&self, publish: &Publish, properties: &Option<PublishProperties>) {
+        if !publish.retain {
+            return;
+        }
+        let mut messages = self.messages.borrow_mut();
+        if publish.payload.is_empty() {
+            messages.remove(&publish.topic);
+        } else {
+            let entry = (publish.clone(), properties.clone(), tokio::time::Instant::now());
+            messages.insert(publish.topic.clone(), entry);
+        }
+    }
+
+    fn has(&self, topic: &[u8]) -> bool {
+        self.messages.borrow().contains_key(topic)
+    }
+
+    /// The messages not expired, each with the expiry interval it has
+    /// left; the expired ones are forgotten.
+    fn snapshot(&self) -> Vec<(Publish, Option<PublishProperties>)> {
+        let now = tokio::time::Instant::now();
+        let mut messages = self.messages.borrow_mut();
+        messages.retain(|_, (_, properties, at)| {
+            let expiry = properties.as_ref().and_then(|p| p.message_expiry_interval);
+            expiry.is_none_or(|secs| now.duration_since(*at) < Duration::from_secs(u64::from(secs)))
+        });
+        messages
+            .values()
+            .map(|(publish, properties, at)| {
+                let mut properties = properties.clone();
+                if let Some(p) = properties.as_mut()
+                    && let Some(secs) = p.message_expiry_interval
+                {
+                    let left = u64::from(secs).saturating_sub(now.duration_since(*at).as_secs());
+                    p.message_expiry_interval = Some(u32::try_from(left).unwrap_or(u32::MAX).max(1));
+                }
+                (publish.clone(), properties)
+            })
+            .collect()
+    }
+}
+
 /// Starts the bridge: connects to NATS in the background (the server
 /// starts whether or not NATS is up) and spawns its tasks. Must run on the
 /// event loop.
@@ -125,6 +182,8 @@ pub(crate) async fn start(
     metrics.enabled.store(true, Ordering::Relaxed);
     let events = metrics.clone();
     let was_connected = Arc::new(AtomicBool::new(false));
+    let (state_tx, state_rx) = watch::channel(false);
+    let state_tx = Arc::new(state_tx);
     let client = async_nats::ConnectOptions::new()
         .name(format!("echo-server node {node:016x} pid {}", std::process::id()))
         .no_echo()
@@ -135,10 +194,12 @@ pub(crate) async fn start(
         .event_callback(move |event| {
             let metrics = events.clone();
             let was_connected = was_connected.clone();
+            let state = state_tx.clone();
             async move {
                 match event {
                     async_nats::Event::Connected => {
                         metrics.connected.set(1);
+                        state.send_replace(true);
                         if was_connected.swap(true, Ordering::Relaxed) {
                             metrics.reconnects.inc();
                             info!("cluster: connected to NATS again");
@@ -148,6 +209,7 @@ pub(crate) async fn start(
                     }
                     async_nats::Event::Disconnected => {
                         metrics.connected.set(0);
+                        state.send_replace(false);
                         warn!(
                             "cluster: NATS connection lost; local clients are still served, \
                              publishes do not reach other workers and nodes until it is back \
@@ -180,9 +242,16 @@ pub(crate) async fn start(
     let Feeds { tap, tap_drops, filters } = feeds;
     let drops = metrics.dropped.get_or_create_owned(&crate::metrics::ReasonLabel { reason: "buffer_full" });
     tokio::task::spawn_local(copy_drops(tap_drops, drops, shutdown.clone()));
-    let out =
-        Outbound { client: client.clone(), prefix: prefix.clone(), node, seq: 0, metrics: metrics.clone() };
-    tokio::task::spawn_local(outbound(out, tap, announce_rx, shutdown.clone()));
+    let retained = Rc::new(RetainedCopy::default());
+    let out = Outbound {
+        client: client.clone(),
+        prefix: prefix.clone(),
+        node,
+        seq: 0,
+        metrics: metrics.clone(),
+        retained: retained.clone(),
+    };
+    tokio::task::spawn_local(outbound(out, tap, announce_rx, state_rx, shutdown.clone()));
     let mut interest = Interest {
         client: client.clone(),
         prefix: prefix.clone(),
@@ -193,8 +262,23 @@ pub(crate) async fn start(
     // Every node stores every retained message, and hears every take-over.
     interest.hold(format!("{prefix}.r.>")).await;
     interest.hold(format!("{prefix}.c.connect")).await;
+    // Retained messages asked for by a node that starts or reconnects, and
+    // the answers to this node's own asking.
+    interest.hold(format!("{prefix}.s.req")).await;
+    interest.hold(format!("{prefix}.s.all")).await;
+    interest.hold(sync_subject(&prefix, node)).await;
     tokio::task::spawn_local(interest.run(filters, shutdown.clone()));
-    let inbound = Inbound { broker, prefix, max_packet, seen: Seen::default(), metrics, next_pkid: 0 };
+    let inbound = Inbound {
+        broker,
+        client,
+        node,
+        retained,
+        prefix,
+        max_packet,
+        seen: Seen::default(),
+        metrics,
+        next_pkid: 0,
+    };
     tokio::task::spawn_local(inbound.run(inbound_rx, shutdown));
     Ok(())
 }
@@ -217,12 +301,37 @@ async fn copy_drops(
     }
 }
 
+/// Sends the retained messages `retained` holds to `subject`, by a task of
+/// their own (there may be many).
+fn send_retained(client: &async_nats::Client, subject: String, own: u64, retained: &RetainedCopy) {
+    let messages = retained.snapshot();
+    if messages.is_empty() {
+        return;
+    }
+    debug!(count = messages.len(), %subject, "cluster: sending the retained messages");
+    let client = client.clone();
+    tokio::task::spawn_local(async move {
+        for (publish, properties) in messages {
+            let payload = envelope::seal(own, 0, publish, properties);
+            if client.publish(subject.clone(), payload).await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// Where node `node` receives the retained messages it asked for.
+fn sync_subject(prefix: &str, node: u64) -> String {
+    format!("{prefix}.s.{node:016x}")
+}
+
 struct Outbound {
     client: async_nats::Client,
     prefix: Rc<str>,
     node: u64,
     seq: u64,
     metrics: Arc<ClusterMetrics>,
+    retained: Rc<RetainedCopy>,
 }
 
 impl Outbound {
@@ -236,6 +345,7 @@ impl Outbound {
         if publish.topic.first() == Some(&b'$') {
             return;
         }
+        self.retained.note(&publish, &properties);
         if !self.connected() {
             self.metrics.drop_one("nats_down");
             return;
@@ -265,6 +375,18 @@ impl Outbound {
         }
     }
 
+    /// Connected (again): asks the other nodes for their retained
+    /// messages, to fill what this node missed, and offers its own, to
+    /// fill what they missed of this node's (retained publishes made here
+    /// while NATS was unreachable).
+    async fn exchange_retained(&mut self) {
+        let subject = format!("{}.s.req", self.prefix);
+        if let Err(e) = self.client.publish(subject, envelope::announce(self.node, "")).await {
+            debug!(error = %e, "cluster: asking for retained messages failed");
+        }
+        send_retained(&self.client, format!("{}.s.all", self.prefix), self.node, &self.retained);
+    }
+
     async fn announce(&mut self, client_id: String) {
         if !self.connected() {
             return;
@@ -281,12 +403,21 @@ async fn outbound(
     mut out: Outbound,
     tap: flume::Receiver<TapMessage>,
     mut announcements: mpsc::Receiver<String>,
+    mut state: watch::Receiver<bool>,
     shutdown: Rc<Shutdown>,
 ) {
     loop {
         tokio::select! {
             biased;
             () = shutdown.wait() => break,
+            changed = state.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                if *state.borrow_and_update() {
+                    out.exchange_retained().await;
+                }
+            }
             Some(client_id) = announcements.recv() => out.announce(client_id).await,
             message = tap.recv_async() => match message {
                 Ok(message) => out.forward(message).await,
@@ -375,6 +506,9 @@ impl Interest {
 /// Hands what comes from NATS to the local router.
 struct Inbound {
     broker: Rc<Broker>,
+    client: async_nats::Client,
+    node: u64,
+    retained: Rc<RetainedCopy>,
     prefix: Rc<str>,
     max_packet: usize,
     seen: Seen,
@@ -386,6 +520,9 @@ impl Inbound {
     async fn run(mut self, mut messages: mpsc::Receiver<async_nats::Message>, shutdown: Rc<Shutdown>) {
         let takeovers = format!("{}.c.connect", self.prefix);
         let retained = format!("{}.r.", self.prefix);
+        let sync_request = format!("{}.s.req", self.prefix);
+        let sync_answer = sync_subject(&self.prefix, self.node);
+        let sync_offer = format!("{}.s.all", self.prefix);
         'link: loop {
             let link = tokio::select! {
                 biased;
@@ -431,11 +568,16 @@ impl Inbound {
                         let mut batch = 0;
                         let mut next = Some(message);
                         while let Some(message) = next.take() {
-                            if message.subject.as_str() == takeovers {
+                            let subject = message.subject.as_str();
+                            if subject == takeovers {
                                 self.take_over(&message.payload).await;
+                            } else if subject == sync_request {
+                                self.answer_retained(&message.payload);
+                            } else if subject == sync_answer || subject == sync_offer {
+                                batch += usize::from(self.inject(&message, Source::Sync, &mut link.tx));
                             } else {
-                                let retained = message.subject.as_str().starts_with(&retained);
-                                batch += usize::from(self.inject(&message, retained, &mut link.tx));
+                                let source = if subject.starts_with(&retained) { Source::Retained } else { Source::Live };
+                                batch += usize::from(self.inject(&message, source, &mut link.tx));
                             }
                             if batch < 64 {
                                 next = messages.try_recv().ok();
@@ -450,11 +592,22 @@ impl Inbound {
         }
     }
 
+    /// Another node asked for the retained messages: this node's go to it.
+    fn answer_retained(&self, payload: &[u8]) {
+        let Ok((node, _)) = envelope::announced(payload) else {
+            self.metrics.drop_one("malformed");
+            return;
+        };
+        if node != self.node {
+            send_retained(&self.client, sync_subject(&self.prefix, node), self.node, &self.retained);
+        }
+    }
+
     /// Queues one message from NATS on the link; whether it was.
     fn inject(
         &mut self,
         message: &async_nats::Message,
-        retained: bool,
+        source: Source,
         tx: &mut rumqttd::local::LinkTx,
     ) -> bool {
         let arrived = match envelope::open(&message.payload, self.max_packet) {
@@ -467,21 +620,32 @@ impl Inbound {
         };
         // Retained messages come on one subscription; live ones may come
         // on several that overlap.
-        if !retained && !self.seen.first(arrived.node, arrived.seq) {
+        if source == Source::Live && !self.seen.first(arrived.node, arrived.seq) {
             self.metrics.drop_one("duplicate");
             return false;
         }
         let publish = arrived.publish;
         // The subject is the topic's, and the topic one the router takes
         // (it would drop the link for one that is not UTF-8).
-        let kind = if retained { Kind::Retained } else { Kind::Message };
-        let subject_topic = subject::topic_of(&self.prefix, kind, message.subject.as_str());
-        if subject_topic.as_deref() != Ok(&publish.topic[..])
+        let topic_ok = match source {
+            Source::Live => subject::topic_of(&self.prefix, Kind::Message, message.subject.as_str()),
+            Source::Retained => subject::topic_of(&self.prefix, Kind::Retained, message.subject.as_str()),
+            Source::Sync => Ok(publish.topic.to_vec()),
+        }
+        .is_ok_and(|topic| topic == publish.topic[..]);
+        if !topic_ok
+            || (source == Source::Sync && !publish.retain)
             || crate::mqtt::topics::check_topic(&publish.topic, false).is_err()
         {
             self.metrics.drop_one("malformed");
             return false;
         }
+        // Asked-for retained messages fill what this node missed; what it
+        // holds is as new or newer.
+        if source == Source::Sync && self.retained.has(&publish.topic) {
+            return false;
+        }
+        self.retained.note(&publish, &arrived.properties);
         self.metrics.messages.get_or_create(&DirectionLabel { direction: "in" }).inc();
         self.metrics
             .bytes
@@ -525,6 +689,18 @@ impl Inbound {
     }
 }
 
+/// Where a message from NATS came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// A live publish, through a subscription of the local filters.
+    Live,
+    /// A retained publish (or deletion), which every node gets.
+    Retained,
+    /// A retained message this node asked for after (re)connecting, or one
+    /// another node offered after its own.
+    Sync,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,6 +711,34 @@ mod tests {
         assert_eq!(delays, [50, 100, 200, 400, 800, 1600, 2000, 2000]);
         assert_eq!(reconnect_delay(0), Duration::from_millis(50));
         assert_eq!(reconnect_delay(usize::MAX), Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn the_retained_copy_follows_retained_publishes_and_deletions() {
+        let copy = RetainedCopy::default();
+        let publish = |topic: &'static [u8], payload: &'static [u8], retain: bool| {
+            broker::publish(topic, payload, 1, retain, 1)
+        };
+        let expiring = Some(PublishProperties { message_expiry_interval: Some(3600), ..Default::default() });
+        copy.note(&publish(b"a", b"1", true), &None);
+        copy.note(&publish(b"b", b"2", true), &expiring);
+        copy.note(&publish(b"c", b"live", false), &None);
+        assert!(copy.has(b"a") && copy.has(b"b") && !copy.has(b"c"), "only retained publishes");
+        copy.note(&publish(b"a", b"1 again", true), &None);
+        copy.note(&publish(b"b", b"", true), &None);
+        assert!(!copy.has(b"b"), "an empty retained publish deletes");
+        copy.note(&publish(b"b", b"2 again", true), &expiring);
+        let mut snapshot = copy.snapshot();
+        snapshot.sort_by(|x, y| x.0.topic.cmp(&y.0.topic));
+        let seen: Vec<(&[u8], &[u8], Option<u32>)> = snapshot
+            .iter()
+            .map(|(p, props)| {
+                (&p.topic[..], &p.payload[..], props.as_ref().and_then(|p| p.message_expiry_interval))
+            })
+            .collect();
+        // The interval left: an hour, less the moment this test took.
+        assert!(matches!(seen[1].2, Some(3599..=3600)), "{seen:?}");
+        assert_eq!(seen, [(&b"a"[..], &b"1 again"[..], None), (&b"b"[..], &b"2 again"[..], seen[1].2)]);
     }
 
     #[test]

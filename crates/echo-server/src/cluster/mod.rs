@@ -26,8 +26,9 @@
 //!   `+/b`) is handed over once.
 //! - **Retained messages** go to every node (each subscribes to
 //!   `PREFIX.r.>`), so each stores every retained message, and their
-//!   deletions (an empty retained publish). A node that starts later does
-//!   not get the ones published before it.
+//!   deletions (an empty retained publish). A node that connects to NATS
+//!   (at start, after an outage) asks the others for theirs and offers its
+//!   own (`PREFIX.s.`); a receiver takes only topics it holds nothing for.
 //! - **Take-over.** A session that connects is announced on
 //!   `PREFIX.c.connect`; a bridge that has a connected session with that
 //!   client id takes it over through its router, as a second local
