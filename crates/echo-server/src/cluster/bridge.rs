@@ -1,13 +1,16 @@
 //! One worker's bridge between its broker and NATS (see [`super`]).
 //!
 //! Three tasks on the event loop, sharing the NATS client:
-//! - [`outbound`]: the router's copies of publishes, and take-over
-//!   announcements, to NATS; drops what cannot go (NATS down, a subject
-//!   NATS would refuse) and counts it;
-//! - [`interest`]: NATS subscriptions following the filters local
+//! - [`outbound`]: the router's copies of publishes, take-over
+//!   announcements, and this node's retained messages offered when it
+//!   connects, to NATS; drops what cannot go (NATS down, a subject NATS
+//!   would refuse) and counts it;
+//! - `Interest::run`: NATS subscriptions following the filters local
 //!   sessions hold; each subscription's messages go to one channel;
-//! - [`inbound`]: that channel into the local router, through the
-//!   bridge's own link (acknowledging to the router what it asks for).
+//! - `Inbound::run`: that channel into the local router, through the
+//!   bridge's own link (acknowledging to the router what it asks for),
+//!   and the answers to other nodes asking for the retained messages
+//!   ([`RetainedCopy`]).
 //!
 //! None of them can hold the event loop or the router up: the router never
 //! waits for the bridge (its copies go on a bounded channel, see
