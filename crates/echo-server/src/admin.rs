@@ -261,6 +261,11 @@ fn route(state: &Local, path: &str) -> Response<Full<Bytes>> {
         "/readyz" if state.shutdown.is_triggered() => {
             text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
         }
+        "/readyz" if state.metrics.cluster.outage() => {
+            // Clients are still served, locally; a publish no longer
+            // reaches the other workers and nodes.
+            text(StatusCode::SERVICE_UNAVAILABLE, "cluster: NATS unreachable (cluster.nats_url)\n")
+        }
         "/readyz" => text(StatusCode::OK, "ready\n"),
         "/metrics" => metrics(state.metrics.encode()),
         _ => text(StatusCode::NOT_FOUND, NOT_FOUND),

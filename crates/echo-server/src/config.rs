@@ -28,6 +28,7 @@ pub struct Config {
     pub log: LogConfig,
     pub websocket: WebSocketConfig,
     pub mqtt: MqttConfig,
+    pub cluster: ClusterConfig,
     pub admin: AdminConfig,
 }
 
@@ -377,6 +378,28 @@ pub enum RouterPlacement {
     Thread,
 }
 
+/// The MQTT cluster: brokers of several workers and nodes bridged over
+/// NATS (`crate::cluster`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// The NATS server(s), `nats://host:port` (a comma-separated list for
+    /// several); "" is off: each broker serves only its own clients.
+    pub nats_url: String,
+    /// The first tokens of every subject the bridge uses, so that several
+    /// clusters can share one NATS server.
+    pub subject_prefix: String,
+    /// Publishes waiting to go to NATS; past it they are dropped, and
+    /// counted.
+    pub buffer: u32,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self { nats_url: String::new(), subject_prefix: "echo.mqtt".to_owned(), buffer: 8192 }
+    }
+}
+
 /// The admin listener: health, readiness and Prometheus metrics.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -584,7 +607,30 @@ impl Config {
                 return Err(invalid("admin.listen", format!("{addr} is also in websocket.listen")));
             }
         }
-        self.validate_mqtt()
+        self.validate_mqtt()?;
+        self.validate_cluster()
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let cluster = &self.cluster;
+        if !crate::cluster::subject::valid_prefix(&cluster.subject_prefix) {
+            return Err(invalid(
+                "cluster.subject_prefix",
+                format!(
+                    "{:?} is not a NATS subject prefix: tokens of letters, digits, '-' and '_', \
+                     separated by '.'",
+                    cluster.subject_prefix
+                ),
+            ));
+        }
+        if !(16..=1 << 20).contains(&cluster.buffer) {
+            return Err(invalid("cluster.buffer", format!("{} is outside 16..=1048576", cluster.buffer)));
+        }
+        if !cluster.nats_url.is_empty() {
+            crate::cluster::parse_urls(&cluster.nats_url)
+                .map_err(|reason| invalid("cluster.nats_url", reason))?;
+        }
+        Ok(())
     }
 
     fn validate_mqtt(&self) -> Result<(), ConfigError> {
@@ -1216,6 +1262,27 @@ mod tests {
         let env = vec![("ECHO_MQTT_SYS_INTERVAL".to_owned(), "250ms".to_owned())];
         let config = Config::load(None, env, &Overrides::default()).unwrap();
         assert_eq!(config.mqtt.sys_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn cluster_settings_are_checked_naming_the_key() {
+        let defaults = Config::default().cluster;
+        assert_eq!((defaults.nats_url.as_str(), defaults.subject_prefix.as_str()), ("", "echo.mqtt"));
+        let env = vec![("ECHO_CLUSTER_NATS_URL".to_owned(), "nats://127.0.0.1:4222".to_owned())];
+        let config = Config::load(None, env, &Overrides::default()).unwrap();
+        assert_eq!(config.cluster.nats_url, "nats://127.0.0.1:4222");
+        let two = load_str("[cluster]\nnats_url = \"nats://a:4222,tls://b:4222\"\n").unwrap();
+        assert_eq!(two.cluster.nats_url, "nats://a:4222,tls://b:4222");
+        for (toml, key) in [
+            ("[cluster]\nnats_url = \"http://a:4222\"\n", "cluster.nats_url: "),
+            ("[cluster]\nnats_url = \"nats://a:port\"\n", "cluster.nats_url: "),
+            ("[cluster]\nsubject_prefix = \"a..b\"\n", "cluster.subject_prefix: "),
+            ("[cluster]\nsubject_prefix = \"a.*\"\n", "cluster.subject_prefix: "),
+            ("[cluster]\nbuffer = 1\n", "cluster.buffer: "),
+        ] {
+            let err = load_str(toml).unwrap_err().to_string();
+            assert!(err.starts_with(key), "{toml:?}: {err}");
+        }
     }
 
     #[test]

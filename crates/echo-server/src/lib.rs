@@ -4,7 +4,8 @@
 //! Module map: [`config`] (schema, layers, validation), [`cli`], [`limits`]
 //! (open-file limit), [`listener`] (binding, accept loop, connection limit),
 //! [`ws`] (handshake and echo sessions), [`mqtt`] (the broker: rumqttd's
-//! router, our sockets and sessions), [`admin`] (health and metrics),
+//! router, our sockets and sessions), [`cluster`] (the brokers bridged over
+//! NATS), [`admin`] (health and metrics),
 //! [`metrics`], `episode` (log a recurring condition once per episode), [`lag`] (event-loop lag probe), [`process`] (`/proc`
 //! readings), [`stats`] (summary line),
 //! [`shutdown`], [`server`] (start and stop), [`logging`], [`healthcheck`],
@@ -16,6 +17,7 @@
 pub mod admin;
 pub mod budget;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub(crate) mod episode;
 pub mod healthcheck;

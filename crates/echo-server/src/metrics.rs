@@ -393,6 +393,47 @@ pub struct Metrics {
     pub memory_refusals: Family<crate::budget::RefusalLabel, Count>,
     /// `server.memory_limit` in effect, in bytes.
     pub memory_limit: Gauge,
+    /// The MQTT cluster bridge over NATS ([`crate::cluster`]).
+    pub cluster: Arc<ClusterMetrics>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    pub direction: &'static str,
+}
+
+/// The MQTT cluster bridge ([`crate::cluster`]). `Send + Sync` throughout:
+/// the NATS client's connection events are seen on its own task.
+#[derive(Debug, Default)]
+pub struct ClusterMetrics {
+    /// `cluster.nats_url` is set: `/readyz` follows `connected`.
+    pub enabled: std::sync::atomic::AtomicBool,
+    /// 1 while the bridge's NATS connection is up.
+    pub connected: Gauge,
+    /// Connections to NATS made again after one was lost.
+    pub reconnects: Count,
+    /// Messages and bytes (NATS payloads), by direction: `out` to NATS,
+    /// `in` from NATS and handed to the local router.
+    pub messages: Family<DirectionLabel, Count>,
+    pub bytes: Family<DirectionLabel, Count>,
+    /// Messages not forwarded, by reason.
+    pub dropped: Family<ReasonLabel, Count>,
+    /// NATS subscriptions held for the local sessions' filters.
+    pub subscriptions: Gauge,
+    /// Local sessions closed because their client id connected elsewhere.
+    pub remote_takeovers: Count,
+}
+
+impl ClusterMetrics {
+    pub fn drop_one(&self, reason: &'static str) {
+        self.dropped.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// Whether the cluster is configured and its NATS connection is down:
+    /// then `/readyz` says 503.
+    pub fn outage(&self) -> bool {
+        self.enabled.load(std::sync::atomic::Ordering::Relaxed) && self.connected.get() == 0
+    }
 }
 
 impl Metrics {
@@ -620,6 +661,39 @@ impl Metrics {
             "The memory budget in effect (server.memory_limit, or three quarters of what the process may use)",
             memory_limit.clone(),
         );
+        let cluster = Arc::new(ClusterMetrics::default());
+        let c = registry.sub_registry_with_prefix("echo_cluster");
+        c.register(
+            "nats_connected",
+            "1 while the MQTT cluster bridge is connected to NATS (cluster.nats_url); 0 when it is not, or the cluster is off",
+            cluster.connected.clone(),
+        );
+        c.register(
+            "nats_reconnects",
+            "Connections to NATS made again after one was lost",
+            cluster.reconnects.clone(),
+        );
+        c.register(
+            "messages",
+            "MQTT publishes sent to NATS (direction=out) and received from NATS and handed to the local broker (direction=in)",
+            cluster.messages.clone(),
+        );
+        c.register("bytes", "Bytes of NATS payloads, by direction", cluster.bytes.clone());
+        c.register(
+            "dropped",
+            "Publishes not forwarded between brokers, by reason: buffer_full (NATS slow or down, cluster.buffer full), nats_down (not connected), too_long (subject or payload over what NATS takes), duplicate (the same message through two overlapping subscriptions), malformed (a NATS message that is not one of ours)",
+            cluster.dropped.clone(),
+        );
+        c.register(
+            "subscriptions",
+            "NATS subscriptions the bridge holds: one per subject the local sessions' filters map to, plus five always (retained messages, take-overs, and three to ask for, answer and offer retained messages)",
+            cluster.subscriptions.clone(),
+        );
+        c.register(
+            "remote_takeovers",
+            "Local MQTT sessions closed because a client with the same id connected to another worker or node",
+            cluster.remote_takeovers.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector { max_fds }));
         if let Some(runtime) = runtime {
             registry.register_collector(Box::new(RuntimeCollector { runtime }));
@@ -635,6 +709,7 @@ impl Metrics {
             admin_refused,
             memory_refusals,
             memory_limit,
+            cluster,
         }
     }
 

@@ -175,8 +175,12 @@ pub async fn run(
     };
     let mut persister = None;
     let mqtt = if mqtt_wanted {
-        match Broker::start(&config.mqtt, max_mqtt, metrics.mqtt.clone(), router_restored).await {
-            Ok((broker, watch)) => {
+        let cluster = &config.cluster;
+        let bridge_buffer = (!cluster.nats_url.is_empty()).then_some(cluster.buffer as usize);
+        match Broker::start_with(&config.mqtt, max_mqtt, metrics.mqtt.clone(), router_restored, bridge_buffer)
+            .await
+        {
+            Ok((broker, watch, feeds)) => {
                 if config.mqtt.persistence {
                     persister = Some(persist::Persister::new(
                         broker.snapshot_handle(),
@@ -185,6 +189,20 @@ pub async fn run(
                     ));
                 }
                 mqtt::broker::report(&config.mqtt, max_mqtt);
+                if let Some(feeds) = feeds {
+                    let started = crate::cluster::bridge::start(
+                        cluster,
+                        config.mqtt.max_payload_size as usize + 64,
+                        broker.clone(),
+                        feeds,
+                        metrics.cluster.clone(),
+                        shutdown.clone(),
+                    )
+                    .await;
+                    if let Err(e) = started {
+                        error!(error = %e, "cannot start the cluster bridge; this broker serves its own clients only");
+                    }
+                }
                 tokio::task::spawn_local(mqtt::broker::report_client_events(
                     broker.clone(),
                     shutdown.clone(),

@@ -22,8 +22,8 @@ pub use link::alerts;
 pub use link::local;
 pub use link::meters;
 pub use router::{
-    Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router, RouterError,
-    SnapshotHandle, TurnBudget,
+    Alert, FilterEvent, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router,
+    RouterError, SnapshotHandle, TapMessage, TurnBudget,
 };
 /// echo-server patch: persistence across restarts (`Router::snapshot`).
 pub use router::snapshot;

@@ -223,6 +223,25 @@ pub struct Broker {
     kept_sessions: std::sync::Arc<AtomicU64>,
     /// Asks the router for persistence snapshots (`persist`).
     snapshots: rumqttd::SnapshotHandle,
+    /// The local sessions connected, by client id, for the cluster's
+    /// take-overs (`cluster::bridge`); counted only with the cluster on.
+    presence: Option<crate::cluster::bridge::Presence>,
+}
+
+/// What the router feeds the cluster bridge with (`crate::cluster`): a
+/// copy of every publish it appends, the count of copies dropped because
+/// the bridge's buffer was full, and the filters local sessions start and
+/// stop holding.
+pub(crate) struct Feeds {
+    pub(crate) tap: flume::Receiver<rumqttd::TapMessage>,
+    pub(crate) tap_drops: std::sync::Arc<AtomicU64>,
+    pub(crate) filters: flume::Receiver<rumqttd::FilterEvent>,
+}
+
+impl std::fmt::Debug for Feeds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Feeds").finish_non_exhaustive()
+    }
 }
 
 /// What the router counts, for the `$SYS` topics (`sys`).
@@ -268,6 +287,21 @@ impl Broker {
         metrics: std::sync::Arc<MqttMetrics>,
         restored: Option<rumqttd::snapshot::RouterSnapshot>,
     ) -> std::io::Result<(Rc<Broker>, RouterWatch)> {
+        Self::start_with(config, max_connections, metrics, restored, None)
+            .await
+            .map(|(broker, watch, _)| (broker, watch))
+    }
+
+    /// [`Broker::start`], with the feeds of a cluster bridge when
+    /// `bridge_buffer` is given (the room for publishes on their way to
+    /// it, `cluster.buffer`).
+    pub(crate) async fn start_with(
+        config: &MqttConfig,
+        max_connections: u64,
+        metrics: std::sync::Arc<MqttMetrics>,
+        restored: Option<rumqttd::snapshot::RouterSnapshot>,
+        bridge_buffer: Option<usize>,
+    ) -> std::io::Result<(Rc<Broker>, RouterWatch, Option<Feeds>)> {
         let mut router = Router::new(0, router_config(config, max_connections));
         if let Some(snapshot) = restored {
             let age_s = rumqttd::snapshot::unix_ms().saturating_sub(snapshot.taken_at_ms) / 1000;
@@ -283,6 +317,10 @@ impl Broker {
             );
         }
         let snapshots = router.snapshot_handle();
+        let feeds = bridge_buffer.map(|capacity| {
+            let (tap, tap_drops) = router.tap(capacity, crate::cluster::bridge::BRIDGE_CLIENT_ID);
+            Feeds { tap, tap_drops, filters: router.filter_events() }
+        });
         let cursor_jumps = router.cursor_jumps();
         let oversize_drops = router.oversize_drops();
         let retained_messages = router.retained_messages();
@@ -353,9 +391,10 @@ impl Broker {
             subscriptions,
             kept_sessions,
             snapshots,
+            presence: feeds.as_ref().map(|_| crate::cluster::bridge::Presence::default()),
         });
         let death = RouterDeath { sentinel, task };
-        Ok((broker, RouterWatch { death, wills: wills_rx }))
+        Ok((broker, RouterWatch { death, wills: wills_rx }, feeds))
     }
 
     /// Registers a client with the router, without blocking the event loop.
@@ -392,6 +431,28 @@ impl Broker {
             // before this call is seen at once.
             _ = gone.wait_for(|gone| *gone) => Err(LinkFailure::RouterGone),
         }
+    }
+
+    /// A session with this client id is connected (its CONNACK sent):
+    /// with the cluster on, a session with the same id on another worker
+    /// or node is taken over.
+    pub fn client_connected(&self, client_id: &str) {
+        if let Some(presence) = &self.presence {
+            presence.connected(client_id);
+        }
+    }
+
+    /// That session ended.
+    pub fn client_left(&self, client_id: &str) {
+        if let Some(presence) = &self.presence {
+            presence.left(client_id);
+        }
+    }
+
+    /// The sessions connected, for the cluster bridge (which exists only
+    /// when the broker was started with its feeds).
+    pub(crate) fn presence(&self) -> &crate::cluster::bridge::Presence {
+        self.presence.as_ref().expect("the broker was started for a cluster bridge")
     }
 
     /// A client with this id connected: a will still waiting for its delay
@@ -581,7 +642,7 @@ fn will_publish(will: &LastWill, pkid: u16) -> Publish {
 }
 
 /// A PUBLISH with its QoS, RETAIN flag and packet id (see [`will_publish`]).
-fn publish(topic: &[u8], payload: &[u8], qos: u8, retain: bool, pkid: u16) -> Publish {
+pub(crate) fn publish(topic: &[u8], payload: &[u8], qos: u8, retain: bool, pkid: u16) -> Publish {
     let mut raw = BytesMut::with_capacity(5 + topic.len() + payload.len());
     raw.put_u8(0b0011_0000 | u8::from(retain) | (qos << 1));
     raw.put_u16(pkid);

@@ -135,6 +135,7 @@ pub async fn run(mut transport: Transport, peer: SocketAddr, server: Rc<MqttServ
     let counted = Counted::open(&server.metrics, session.codec.version);
     let end = exchange(&mut transport, &mut rbuf, &mut router, &mut session, &server).await;
     server.kept.disconnected(&session.client_id, &session.held.filters, session.session_expiry);
+    server.broker.client_left(&session.client_id);
     counted.close(end.reason);
     debug!(%peer, client_id = %session.client_id, reason = end.reason, "session ended");
     // The closing phase runs on a turn too (the same ones as CONNECTs): when
@@ -344,6 +345,7 @@ async fn open(
         return None;
     }
     metrics.connected(version.label());
+    server.broker.client_connected(&accepted.client_id);
     accepted.held.filters =
         server.kept.connected(&accepted.client_id, session_present, accepted.session_expiry);
     if let Some(acl) = &accepted.acl {

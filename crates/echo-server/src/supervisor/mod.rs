@@ -30,8 +30,9 @@
 //! supervisor only, which passes it on once) and are sent SIGTERM by the
 //! kernel if the supervisor dies (`PR_SET_PDEATHSIG`).
 //!
-//! Each worker has its own MQTT broker: until the brokers are bridged, a
-//! publish reaches only the subscribers connected to the same worker.
+//! Each worker has its own MQTT broker: unless they are bridged over NATS
+//! (`cluster.nats_url`, `crate::cluster`), a publish reaches only the
+//! subscribers connected to the same worker.
 
 mod scrape;
 
@@ -207,10 +208,25 @@ impl Answers for Fleet {
                     if ready == workers {
                         admin::text(StatusCode::OK, "ready\n")
                     } else {
-                        admin::text(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            format!("{ready} of {workers} workers ready\n"),
-                        )
+                        // What the workers that answered said (the NATS
+                        // outage of a cluster, say), once each.
+                        let mut reasons: Vec<String> = asked
+                            .iter()
+                            .filter_map(|answer| match answer {
+                                Ok((status, body)) if *status != 200 => {
+                                    Some(String::from_utf8_lossy(body).trim().to_owned())
+                                }
+                                _ => None,
+                            })
+                            .collect();
+                        reasons.sort();
+                        reasons.dedup();
+                        let mut text = format!("{ready} of {workers} workers ready\n");
+                        for reason in reasons {
+                            text.push_str(&reason);
+                            text.push('\n');
+                        }
+                        admin::text(StatusCode::SERVICE_UNAVAILABLE, text)
                     }
                 })
             }
@@ -365,12 +381,20 @@ async fn supervise(config: Config, workers: u16, resolved: Resolved, plan: Rc<Pl
     for addr in &resolved.mqtt {
         info!(protocol = "mqtt", %addr, tls = mqtt_tls, "listening");
     }
-    if !resolved.mqtt.is_empty() || config.mqtt.websocket {
+    if (!resolved.mqtt.is_empty() || config.mqtt.websocket) && !config.cluster.nats_url.is_empty() {
+        info!(
+            workers,
+            nats_url = %config.cluster.nats_url,
+            "each worker runs its own MQTT broker, bridged to the others over NATS (cluster.nats_url): \
+             a publish reaches the subscribers of every worker; a client's session lives on one worker"
+        );
+    } else if !resolved.mqtt.is_empty() || config.mqtt.websocket {
         warn!(
             workers,
             "each worker runs its own MQTT broker: a publish reaches only the subscribers connected to \
              the same worker, and a client's session (subscriptions, retained messages, queued QoS 1/2 \
-             publishes) lives on one worker; run one worker (server.workers = 1) for one broker"
+             publishes) lives on one worker; run one worker (server.workers = 1) for one broker, \
+             or bridge them over NATS (cluster.nats_url)"
         );
     }
     let admin_state =

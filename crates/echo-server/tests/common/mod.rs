@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test file uses a different part of the harness
 
 pub mod mqtt_raw;
+pub mod nats;
 pub mod raw;
 pub mod tls;
 

@@ -201,6 +201,11 @@ impl Publish {
         self.pkid
     }
 
+    /// echo-server patch: the publish's QoS (a bridge passes it on).
+    pub fn qos(&self) -> QoS {
+        self.qos
+    }
+
     /// Approximate length for meter
     pub fn len(&self) -> usize {
         let len = 2 + self.topic.len() + self.payload.len();

@@ -29,7 +29,7 @@ mod waiters;
 
 pub use alertlog::Alert;
 pub use connection::Connection;
-pub use routing::{Router, RouterError, SnapshotHandle, TurnBudget};
+pub use routing::{FilterEvent, Router, RouterError, SnapshotHandle, TapMessage, TurnBudget};
 pub use waiters::Waiters;
 
 pub const MAX_SCHEDULE_ITERATIONS: usize = 100;

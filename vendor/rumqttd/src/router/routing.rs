@@ -155,6 +155,39 @@ pub struct Router {
     /// echo-server patch: subscriptions held by sessions, connected or
     /// kept (the sum of `filter_refs`); see [`Router::subscriptions`].
     subscriptions: Arc<AtomicU64>,
+    /// echo-server patch: a copy of every publish appended to the logs,
+    /// for a bridge to other brokers; see [`Router::tap`].
+    tap: Option<Tap>,
+    /// echo-server patch: filters that sessions start or stop holding;
+    /// see [`Router::filter_events`].
+    filter_events: Option<Sender<FilterEvent>>,
+}
+
+/// echo-server patch: a publish as the router appended it to its logs
+/// (topic alias resolved, QoS 2 once released), for [`Router::tap`].
+#[derive(Debug, Clone)]
+pub struct TapMessage {
+    pub publish: Publish,
+    pub properties: Option<PublishProperties>,
+}
+
+/// echo-server patch: a filter that sessions (connected or kept) started to
+/// hold (the first one) or stopped holding (the last one), as the log
+/// filter (`$share/group/` stripped); see [`Router::filter_events`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterEvent {
+    Held(String),
+    Freed(String),
+}
+
+/// echo-server patch: where [`Router::tap`] sends, and what it skips.
+struct Tap {
+    tx: Sender<TapMessage>,
+    /// Publishes from this client are not copied (the bridge's own link,
+    /// which injects what came from the other brokers).
+    exclude: String,
+    /// Copies not sent because the channel was full.
+    drops: Arc<AtomicU64>,
 }
 
 impl Router {
@@ -200,7 +233,38 @@ impl Router {
             cursor_jumps: Arc::default(),
             oversize_drops: Arc::default(),
             subscriptions: Arc::default(),
+            tap: None,
+            filter_events: None,
         }
+    }
+
+    /// echo-server patch: from now on, every publish the router appends to
+    /// its logs (from any link but the one with client id `exclude`; topic
+    /// alias resolved; a QoS 2 publish when it is released) is also sent,
+    /// without waiting, on a channel of `capacity` messages; one that finds
+    /// the channel full is dropped and counted in the returned counter. So
+    /// a slow reader never holds the router up. Call before the router
+    /// runs.
+    pub fn tap(&mut self, capacity: usize, exclude: &str) -> (Receiver<TapMessage>, Arc<AtomicU64>) {
+        let (tx, rx) = bounded(capacity);
+        let drops = Arc::<AtomicU64>::default();
+        self.tap = Some(Tap {
+            tx,
+            exclude: exclude.to_owned(),
+            drops: drops.clone(),
+        });
+        (rx, drops)
+    }
+
+    /// echo-server patch: from now on, the router says on this channel
+    /// when sessions start holding a filter (its count of subscribers goes
+    /// from 0 to 1) and stop (back to 0). Unbounded: one event per such
+    /// change, which the reader must keep up with. Call before the router
+    /// runs.
+    pub fn filter_events(&mut self) -> Receiver<FilterEvent> {
+        let (tx, rx) = flume::unbounded();
+        self.filter_events = Some(tx);
+        rx
     }
 
     /// echo-server patch: the count of subscriptions sessions hold, those
@@ -857,6 +921,7 @@ impl Router {
                         &mut self.datalog,
                         &mut self.notifications,
                         &mut self.connections,
+                        self.tap.as_ref(),
                     ) {
                         Ok(_offset) => {
                             // Even if one of the data in the batch is appended to commitlog,
@@ -1094,6 +1159,7 @@ impl Router {
                         &mut self.datalog,
                         &mut self.notifications,
                         &mut self.connections,
+                        self.tap.as_ref(),
                     ) {
                         Ok(_offset) => {
                             // Even if one of the data in the batch is appended to commitlog,
@@ -1326,7 +1392,14 @@ impl Router {
 
     /// echo-server patch: one more session holds this subscription's log.
     fn filter_ref(&mut self, filter: &str) {
-        *self.filter_refs.entry(log_filter(filter)).or_insert(0) += 1;
+        let path = log_filter(filter);
+        let count = self.filter_refs.entry(path.clone()).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            if let Some(events) = &self.filter_events {
+                let _ = events.send(FilterEvent::Held(path));
+            }
+        }
         self.subscriptions.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -1348,6 +1421,9 @@ impl Router {
                 self.subscriptions.fetch_sub(1, Ordering::Relaxed);
                 if *count == 0 {
                     self.filter_refs.remove(&path);
+                    if let Some(events) = &self.filter_events {
+                        let _ = events.send(FilterEvent::Freed(path.clone()));
+                    }
                     freed.push(path);
                 }
             }
@@ -1906,6 +1982,7 @@ fn append_to_commitlog(
     datalog: &mut DataLog,
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     connections: &mut Slab<Connection>,
+    tap: Option<&Tap>,
 ) -> Result<Offset, RouterError> {
     let connection = connections.get_mut(id).unwrap();
 
@@ -1939,6 +2016,19 @@ fn append_to_commitlog(
                 tenant_prefix.to_owned(),
                 topic.to_owned(),
             ));
+        }
+    }
+
+    // echo-server patch: the copy for a bridge (`Router::tap`).
+    if let Some(tap) = tap {
+        if connection.client_id != tap.exclude {
+            let copy = TapMessage {
+                publish: publish.clone(),
+                properties: properties.clone(),
+            };
+            if tap.tx.try_send(copy).is_err() {
+                tap.drops.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -3174,3 +3264,85 @@ fn extract_group(filter: &str) -> Option<(String, String)> {
 // //         dbg!(trackers);
 // //     }
 // // }
+
+#[cfg(test)]
+mod echo_server_patch {
+    use super::{FilterEvent, Router};
+    use crate::local::LinkBuilder;
+    use crate::RouterConfig;
+    use std::time::Duration;
+
+    fn router() -> Router {
+        Router::new(
+            0,
+            RouterConfig {
+                max_segment_size: 1024,
+                max_connections: 10,
+                max_segment_count: 10,
+                max_outgoing_packet_count: 1024,
+                custom_segment: None,
+                initialized_filters: None,
+                shared_subscriptions_strategy: Default::default(),
+            },
+        )
+    }
+
+    /// The tap copies every publish the router appends, but the excluded
+    /// link's, and drops (counting) what does not fit; filter events say
+    /// when a filter gets its first subscriber and loses its last.
+    #[test]
+    fn the_tap_and_filter_events() {
+        let mut router = router();
+        let (tap, drops) = router.tap(2, "bridge");
+        let filters = router.filter_events();
+        let router_tx = router.spawn();
+        let link = |id: &str| {
+            LinkBuilder::new(id, router_tx.clone())
+                .clean_session(true)
+                .dynamic_filters(false)
+                .build()
+                .unwrap()
+        };
+        #[track_caller]
+        fn recv(rx: &flume::Receiver<FilterEvent>) -> FilterEvent {
+            rx.recv_timeout(Duration::from_secs(5))
+                .expect("a filter event")
+        }
+        let (mut one, _one_rx, _) = link("one");
+        let (mut two, _two_rx, _) = link("two");
+        let (mut bridge, _bridge_rx, _) = link("bridge");
+        one.subscribe("a/+").unwrap();
+        assert_eq!(recv(&filters), FilterEvent::Held("a/+".into()), "first");
+        two.subscribe("a/+").unwrap();
+        two.subscribe("$share/g/b").unwrap();
+        assert_eq!(recv(&filters), FilterEvent::Held("b".into()), "one event per filter, the share stripped");
+        one.publish("a/x", "from one").unwrap();
+        bridge.publish("a/x", "from the bridge").unwrap();
+        two.publish("nobody/here", "from two").unwrap();
+        let first = tap.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(&first.publish.payload[..], b"from one");
+        let second = tap.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(&second.publish.payload[..], b"from two", "the bridge's own is not copied");
+        // Two places: the third copy waits, the fourth is dropped.
+        for n in 0..4 {
+            one.publish("a/x", format!("{n}")).unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while drops.load(std::sync::atomic::Ordering::Relaxed) < 2 {
+            assert!(std::time::Instant::now() < deadline, "drops not counted");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(tap.len(), 2);
+        two.unsubscribe("a/+").unwrap();
+        let bye = crate::protocol::Disconnect {
+            reason_code: crate::protocol::DisconnectReasonCode::NormalDisconnection,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime
+            .block_on(one.send(crate::protocol::Packet::Disconnect(bye, None)))
+            .unwrap();
+        // `one` leaving frees `a/+` (two had let go of it first).
+        assert_eq!(recv(&filters), FilterEvent::Freed("a/+".into()));
+        assert!(filters.try_recv().is_err());
+    }
+}
