@@ -209,6 +209,7 @@ def gauge(name):
 class Ws:
     def __init__(self, i):
         self.i, self.disconnects, self.missed, self.echoes_after, self.connected = i, 0, 0, 0, False
+        self.gone_at, self.gap = None, None  # disconnected at; until the first echo after
     async def run(self, stop):
         seq = 0
         while not stop.is_set():
@@ -227,6 +228,8 @@ class Ws:
                             self.missed += 1
                         elif self.disconnects:
                             self.echoes_after += 1
+                            if self.gap is None:
+                                self.gap = time.monotonic() - self.gone_at
                         await asyncio.sleep(PERIOD)
             except (websockets.exceptions.WebSocketException, OSError, asyncio.TimeoutError):
                 pass
@@ -236,12 +239,14 @@ class Ws:
             # failed attempt is not another disconnection.
             if self.connected:
                 self.disconnects += 1
+                self.gone_at = time.monotonic()
             self.connected = False
             await asyncio.sleep(0.2)
 
 class Mq:
     def __init__(self, i, port=lb_mqtt, topic=None, publish_to=None):
         self.i, self.disconnects, self.sent, self.received, self.after = i, 0, 0, 0, 0
+        self.gone_at, self.gap = None, None
         self.topic = topic or f"smoke/held/{os.getpid()}/{i}"
         self.connected = threading.Event()
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"held-{os.getpid()}-{i}")
@@ -259,11 +264,14 @@ class Mq:
     def on_disconnect(self, c, u, flags, rc, props):
         if self.connected.is_set():
             self.disconnects += 1
+            self.gone_at = time.monotonic()
         self.connected.clear()
     def on_message(self, c, u, m):
         self.received += 1
         if self.disconnects:
             self.after += 1
+            if self.gap is None:
+                self.gap = time.monotonic() - self.gone_at
     def tick(self):
         if self.connected.is_set():
             self.c.publish(self.topic, b"x", qos=1)
@@ -297,9 +305,9 @@ async def main():
     out = {
         "victim": {"websocket": victim[0], "mqtt": victim[1]},
         "ws": [{"disconnects": w.disconnects, "missed": w.missed, "after": w.echoes_after,
-                "connected": w.connected} for w in ws],
+                "connected": w.connected, "gap": w.gap} for w in ws],
         "mqtt": [{"disconnects": m.disconnects, "sent": m.sent, "received": m.received, "after": m.after,
-                  "connected": m.connected.is_set()} for m in mq],
+                  "connected": m.connected.is_set(), "gap": m.gap} for m in mq],
         "across": {"sent": across_pub.sent, "received": across_sub.received,
                    "disconnects": across_sub.disconnects + across_pub.disconnects},
     }
@@ -356,9 +364,15 @@ for kind in ("ws", "mqtt"):
             bad.append(f"ws: a client of another replica missed {c['missed']} echoes")
         if kind == "mqtt" and c["received"] != c["sent"]:
             bad.append(f"mqtt: a client of another replica got {c['received']} of its {c['sent']} messages")
+    # Back within seconds: the WebSocket clients retry after 0.2 s, paho
+    # after 1 s; HAProxy must not hold them on the replica that is gone.
+    gaps = [c["gap"] for c in hit if c["gap"] is not None]
+    worst = max(gaps, default=0.0)
+    if worst > 3.0:
+        bad.append(f"{kind}: a client of echo-2 took {worst:.1f} s to echo again (HAProxy kept it on echo-2?)")
     print(f"[cluster-smoke] {kind}: {len(clients)} clients, {len(hit)} on echo-2 disconnected and all back "
-          f"(echoing again, {min((c['after'] for c in hit), default=0)}+ echoes each), "
-          f"{len(spared)} others: nothing missed")
+          f"(echoing again after {min(gaps, default=0):.2f}-{worst:.2f} s, "
+          f"{min((c['after'] for c in hit), default=0)}+ echoes each), {len(spared)} others: nothing missed")
 a = r["across"]
 if a["disconnects"] or a["received"] != a["sent"] or a["sent"] < 50:
     bad.append(f"across echo-3 -> echo-1 during the stop: {a}")
