@@ -23,10 +23,17 @@
 # With no container engine or no compose it skips with a loud message and
 # exits 0, unless REQUIRE_CONTAINER=1 (CI), which makes that an error.
 # Needs on the host: curl, python3 with websockets and paho-mqtt.
-# Environment: ENGINE=docker|podman, IMAGE=name:tag of the server image
-# (built when absent), KEEP=1 to leave the cluster running afterwards.
+# Environment: ENGINE=docker|podman, IMAGE=name:tag of a server image to
+# use as it is (else it is built from the Dockerfile), KEEP=1 to leave the
+# cluster running afterwards.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# An image named by the caller is used as it is (CI: the one just built
+# and checked); otherwise the server's image is built, as NATS's and
+# HAProxy's always are (the layer cache makes that seconds when nothing
+# changed, and an edited haproxy.cfg is never left out).
+REUSE=0
+[ -n "${IMAGE:-}" ] && REUSE=1
 IMAGE=${IMAGE:-localhost/echo-server:latest}
 PROJECT=echo-cluster-smoke-$$
 CLIENTS=${CLIENTS:-30}
@@ -83,21 +90,21 @@ trap cleanup EXIT
 # HAProxy's ports on any free port: nothing on this machine is disturbed.
 export ECHO_IMAGE=$IMAGE ECHO_LB_WS_PORT='' ECHO_LB_MQTT_PORT='' ECHO_LB_STATS_PORT=''
 
-build() { # image, context
-  if "$ENGINE" image exists "$1" 2>/dev/null || "$ENGINE" image inspect "$1" >/dev/null 2>&1; then
-    log "image $1: already built"
+build() { # image, context, reuse (1: use the image if it exists)
+  if [ "$3" = 1 ] && "$ENGINE" image inspect "$1" >/dev/null 2>&1; then
+    log "image $1: given, used as it is"
     return
   fi
-  log "building $1 from ${2#"$ROOT"/}"
+  local from=${2#"$ROOT"}; log "building $1 from ./${from#/}"
   local flags=()
   [ $PODMAN = 1 ] && flags=(--format docker)
   "$ENGINE" build ${flags[@]+"${flags[@]}"} -t "$1" "$2" >"$WORK/build.log" 2>&1 \
     || { tail -30 "$WORK/build.log" >&2; die "building $1"; }
 }
 start=$(date +%s)
-build "$IMAGE" "$ROOT"
-build localhost/echo-nats:latest "$ROOT/deploy/nats"
-build localhost/echo-haproxy:latest "$ROOT/deploy/haproxy"
+build "$IMAGE" "$ROOT" $REUSE
+build localhost/echo-nats:latest "$ROOT/deploy/nats" 0
+build localhost/echo-haproxy:latest "$ROOT/deploy/haproxy" 0
 
 log "starting the cluster with ${COMPOSE[*]} (project $PROJECT)"
 UP=1
