@@ -16,6 +16,7 @@ use crate::live::{Live, Snapshot};
 use crate::result::{Derived, Machine, RunResult, SCHEMA, StepResult};
 use crate::scenario::{Pattern, Settings};
 use crate::schedule::split;
+use crate::start::{self, StartAt};
 use crate::stats::Tally;
 use crate::target::Target;
 use crate::usage::{self, ServerProbe, ServerSample};
@@ -367,9 +368,14 @@ pub(crate) fn sample(probe: &Option<ServerProbe>, warned: &mut bool, live: &Live
 
 /// Runs every step and returns the merged result.
 pub fn run(plan: Plan) -> anyhow::Result<RunResult> {
-    let started_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let run_id = format!("{:x}{:x}", std::process::id(), started_unix & 0xffff);
+    let launched = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let run_id = format!("{:x}{:x}", std::process::id(), launched & 0xffff);
     let mut fleet = Fleet::start(&plan, &run_id)?;
+    if let Some(at) = &plan.settings.start_at {
+        wait_for_start(&mut fleet, at)?;
+    }
+    let started = SystemTime::now();
+    let started_unix = started.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let mut warned = false;
     let server_baseline = sample(&plan.server, &mut warned, &fleet.live);
     let mut spawn_failures =
@@ -426,6 +432,7 @@ pub fn run(plan: Plan) -> anyhow::Result<RunResult> {
         url: s.url.clone(),
         protocol: plan.target.protocol,
         started_unix,
+        started_unix_ms: start::unix_ms(started),
         machine: Machine {
             hostname: hostname(),
             cpus: cpus(),
@@ -440,6 +447,26 @@ pub fn run(plan: Plan) -> anyhow::Result<RunResult> {
     };
     result.derive();
     Ok(result)
+}
+
+/// Waits, workers started and idle, for the `--start-at` moment (checked
+/// again: starting the workers may have used up the margin). Said on
+/// stderr even with --quiet: a run that waits silently looks hung.
+fn wait_for_start(fleet: &mut Fleet, at: &str) -> anyhow::Result<()> {
+    let at: StartAt = at.parse().map_err(anyhow::Error::msg)?;
+    let wait = at.wait_from(SystemTime::now()).map_err(anyhow::Error::msg)?;
+    eprintln!("echo-loadgen: waiting until {} (in {:.1}s) to start", at.rfc3339(), wait.as_secs_f64());
+    fleet.live.phase(format!("waiting until {} to start", at.rfc3339()));
+    // The wall clock, not a monotonic deadline set now: the moment is the
+    // same wall-clock time on every machine, so the wait ends on it even if
+    // NTP steps this clock meanwhile.
+    loop {
+        let left = at.wait_from(SystemTime::now()).map_err(anyhow::Error::msg)?;
+        if left.is_zero() {
+            return Ok(());
+        }
+        fleet.wait_until(Instant::now() + left.min(Duration::from_secs(1)))?;
+    }
 }
 
 /// Ramps to `target` connections, holds, and measures step `i`.

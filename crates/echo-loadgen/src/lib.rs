@@ -11,6 +11,7 @@
 //! - [`usage`]: the server's and the generator's own resources;
 //! - [`result`], [`report`], [`chart`], [`live`]: what people read;
 //! - [`scenario`], [`target`], [`preflight`], [`cli`]: what people write;
+//! - [`start`]: agents on several machines starting at one moment;
 //! - [`mixed`], [`churn`]: the two measurements that are not steps of
 //!   one kind of client (WebSocket and MQTT clients in phases; rounds of
 //!   MQTT clients that come and go).
@@ -32,6 +33,7 @@ pub mod report;
 pub mod result;
 pub mod scenario;
 pub mod schedule;
+pub mod start;
 pub mod stats;
 pub mod target;
 pub mod usage;

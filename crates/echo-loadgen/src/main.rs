@@ -100,6 +100,8 @@ fn run(file: Option<PathBuf>, quiet: bool, cli: Scenario) -> ExitCode {
     coordinator::catch_interrupts();
     let mut result = match coordinator::run(plan) {
         Ok(r) => r,
+        // Before the first step (waiting for --start-at): nothing to report.
+        Err(e) if coordinator::interrupted() => return fail(EXIT_INTERRUPTED, &format!("{e:#}")),
         Err(e) => return fail(1, &format!("{e:#}")),
     };
     let crossed = report::check(&result, &thresholds);

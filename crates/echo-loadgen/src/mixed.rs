@@ -268,6 +268,7 @@ fn fleet_settings(args: &MixedArgs, url: &str, clients: u64, protocol: Protocol)
         pipeline_subscribe: protocol == Protocol::Mqtt && args.pipeline_subscribe,
         topic_prefix: "echo-loadgen".into(),
         sources: args.source.clone().map(|s| s.0).unwrap_or_default(),
+        start_at: None,
         label: args.label.clone(),
     }
 }

@@ -22,8 +22,13 @@ pub struct RunResult {
     pub label: Option<String>,
     pub url: String,
     pub protocol: Protocol,
-    /// Unix time the run started.
+    /// Unix time the run started (its first step, after any `--start-at` wait).
     pub started_unix: u64,
+    /// The same to the millisecond: agents given one `--start-at` show how
+    /// close together they began (0 in results of older versions; merged:
+    /// the earliest).
+    #[serde(default)]
+    pub started_unix_ms: u64,
     pub machine: Machine,
     pub settings: Settings,
     /// Server readings before the first connection was opened.
@@ -225,6 +230,7 @@ impl RunResult {
             }
             out.failures.extend(other.failures);
             out.started_unix = out.started_unix.min(other.started_unix);
+            out.started_unix_ms = out.started_unix_ms.min(other.started_unix_ms);
             if out.server_baseline.is_none() {
                 out.server_baseline = other.server_baseline;
             }
@@ -319,6 +325,7 @@ pub mod tests {
             url: "ws://127.0.0.1:1/".into(),
             protocol: Protocol::WebSocket,
             started_unix: 0,
+            started_unix_ms: 0,
             machine: Machine { hostname: "h".into(), cpus: 2, workers: 1, runs: 1, threads: 1 },
             settings: Settings {
                 url: "ws://127.0.0.1:1/".into(),
@@ -338,6 +345,7 @@ pub mod tests {
                 pipeline_subscribe: false,
                 topic_prefix: "t".into(),
                 sources: vec![],
+                start_at: None,
                 label: None,
             },
             server_baseline: Some(ServerSample { rss_bytes: Some(500_000), ..Default::default() }),

@@ -15,6 +15,7 @@ use clap::{Args, ValueEnum};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::schedule::{Rate, parse_steps};
+use crate::start::StartAt;
 
 /// Connection counts to hold, ascending (`--steps`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -270,6 +271,10 @@ pub struct Scenario {
     #[serde(default, deserialize_with = "duration")]
     pub max_p99: Option<Duration>,
 
+    /// Begin the first step at this wall-clock moment, e.g. 2026-12-07T18:00:00Z or unix seconds: agents on several machines given the same moment load the server together (their results `merge`). The server is checked and the workers started first; a moment more than 5s past or 1h ahead is refused.
+    #[arg(long, value_name = "TIME")]
+    pub start_at: Option<StartAt>,
+
     /// A name for this run (the server's name, say), shown in reports and charts.
     #[arg(long, value_name = "TEXT")]
     pub label: Option<String>,
@@ -326,6 +331,7 @@ impl Scenario {
             server_log,
             max_error_rate,
             max_p99,
+            start_at,
             label,
             json,
             csv,
@@ -358,6 +364,9 @@ pub struct Settings {
     pub pipeline_subscribe: bool,
     pub topic_prefix: String,
     pub sources: Vec<IpAddr>,
+    /// `--start-at`, in UTC to the millisecond.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_at: Option<String>,
     pub label: Option<String>,
 }
 
@@ -396,6 +405,11 @@ impl Settings {
                 "--max-error-rate {m} is not a fraction between 0 and 1 (0.01 allows 1% errors; 0 none)"
             ));
         }
+        // Refused before anything is checked or started: a moment already
+        // gone (or hours away) is a mistake in the command, not in the server.
+        if let Some(at) = s.start_at {
+            at.wait_from(std::time::SystemTime::now())?;
+        }
         let settings = Settings {
             url,
             steps: s.steps.clone().map(|s| s.0).unwrap_or_else(|| vec![100]),
@@ -414,6 +428,7 @@ impl Settings {
             pipeline_subscribe: s.pipeline_subscribe.unwrap_or(false),
             topic_prefix: s.topic_prefix.clone().unwrap_or_else(|| "echo-loadgen".into()),
             sources: s.source.clone().map(|s| s.0).unwrap_or_default(),
+            start_at: s.start_at.map(|at| at.rfc3339()),
             label: s.label.clone(),
         };
         settings.check()?;
