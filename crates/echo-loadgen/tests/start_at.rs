@@ -16,8 +16,8 @@ fn unix_ms(t: SystemTime) -> u64 {
 
 #[test]
 fn two_agents_launched_apart_begin_together_and_merge() {
-    let server = EchoServer::start();
-    let url = server.url();
+    let server = echo_server(&[]);
+    let url = server.ws_url("/");
     // Whole seconds, as a script would compute it with `date +%s`.
     let at = unix_ms(SystemTime::now()) / 1000 + 5;
     let at_arg = at.to_string();
@@ -73,7 +73,7 @@ fn two_agents_launched_apart_begin_together_and_merge() {
 
 #[test]
 fn a_moment_past_or_far_ahead_is_refused_before_any_connection() {
-    let server = EchoServer::start();
+    let server = echo_server(&[]);
     let now = unix_ms(SystemTime::now()) / 1000;
     for (at, says) in [
         ((now - 60).to_string(), "ago"),
@@ -81,20 +81,17 @@ fn a_moment_past_or_far_ahead_is_refused_before_any_connection() {
         ((now + 2 * 3600).to_string(), "ahead"),
         ("18:00".to_string(), "RFC 3339"),
     ] {
-        let run =
-            loadgen("start-refused", &[&server.url(), "--steps", "5", "--hold", "1s", "--start-at", &at]);
+        let run = loadgen(
+            "start-refused",
+            &[&server.ws_url("/"), "--steps", "5", "--hold", "1s", "--start-at", &at],
+        );
         assert_eq!(run.code(), 2, "--start-at {at}: {}", run.stderr());
         assert!(run.stderr().contains(says), "--start-at {at}: {}", run.stderr());
         assert!(run.json.is_none(), "--start-at {at}: nothing was measured");
     }
     // The server never saw a client.
-    let metrics = http_get(&server.metrics_url());
-    let accepted = metrics
-        .lines()
-        .find(|l| l.starts_with("echo_websocket_accepted_total"))
-        .and_then(|l| l.rsplit(' ').next())
-        .map(|v| v.trim().parse::<f64>().unwrap());
-    assert_eq!(accepted, Some(0.0), "{metrics}");
+    let accepted = server.metrics().get("echo_websocket_accepted_total").copied();
+    assert_eq!(accepted, Some(0.0), "the server accepted a connection");
 }
 
 /// `at` (unix seconds) as the run prints and records it.
@@ -104,10 +101,4 @@ fn rfc3339(at: u64) -> String {
         .output()
         .unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-fn http_get(url: &str) -> String {
-    let out = Command::new("curl").args(["-fsS", url]).output().expect("curl");
-    assert!(out.status.success(), "GET {url}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
 }
