@@ -148,17 +148,22 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Erro
 }
 
 fn rate<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Rate>, D::Error> {
+    number_or_text(d)?.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+/// A scenario value written either as a TOML number or as a string (`rate
+/// = 10` or `rate = "max"`), as the text its command-line flag would take.
+pub(crate) fn number_or_text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Repr {
         Num(f64),
         Text(String),
     }
-    let text = match Repr::deserialize(d)? {
+    Ok(match Repr::deserialize(d)? {
         Repr::Num(n) => n.to_string(),
         Repr::Text(s) => s,
-    };
-    text.parse().map(Some).map_err(serde::de::Error::custom)
+    })
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -48,17 +48,7 @@ impl FromStr for StartAt {
 
 impl<'de> Deserialize<'de> for StartAt {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Repr {
-            Num(f64),
-            Text(String),
-        }
-        let text = match Repr::deserialize(d)? {
-            Repr::Num(n) => n.to_string(),
-            Repr::Text(s) => s,
-        };
-        text.parse().map_err(serde::de::Error::custom)
+        crate::scenario::number_or_text(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
