@@ -222,6 +222,8 @@ pub struct MqttMetrics {
     pub dropped: Family<ReasonLabel, Count>,
     /// Retained messages the router holds (copied from the router's count).
     pub retained_messages: Gauge,
+    /// Messages the router's topic logs hold (copied from the router's count).
+    pub log_messages: Gauge,
     /// Times the router dropped the server's internal wills link while it
     /// kept running, and the link was registered again.
     pub wills_link_restarts: Count,
@@ -283,6 +285,7 @@ impl MqttMetrics {
             slow_subscriber_skips: Count::default(),
             dropped: Family::default(),
             retained_messages: Gauge::default(),
+            log_messages: Gauge::default(),
             wills_link_restarts: Count::default(),
             cap_refusals: Family::default(),
             acl_denied: Family::default(),
@@ -578,6 +581,11 @@ impl Metrics {
             "retained_messages",
             "Retained messages the router holds (expired ones are freed within a second of their expiry, whether or not anyone subscribes); counted by the router, read once a second",
             mqtt.retained_messages.clone(),
+        );
+        m.register(
+            "log_messages",
+            "Messages the router's topic logs hold: those some subscriber has not read, those a session may read again (QoS 1/2 awaiting acknowledgement, kept sessions), and, on a topic where a subscriber is behind, what has not yet rotated out (mqtt.segment_size x mqtt.segment_count); a message every subscriber has read leaves at once otherwise; counted by the router, read once a second",
+            mqtt.log_messages.clone(),
         );
         m.register(
             "wills_link_restarts",

@@ -217,6 +217,7 @@ pub struct Broker {
     /// The router's count of retained messages (our rumqttd patch), read by
     /// [`report_client_events`] and `sys`.
     retained_messages: std::sync::Arc<AtomicU64>,
+    log_messages: std::sync::Arc<AtomicU64>,
     /// The router's count of subscriptions and of sessions kept for
     /// clients not connected (our rumqttd patch), read by `sys`.
     subscriptions: std::sync::Arc<AtomicU64>,
@@ -324,6 +325,7 @@ impl Broker {
         let cursor_jumps = router.cursor_jumps();
         let oversize_drops = router.oversize_drops();
         let retained_messages = router.retained_messages();
+        let log_messages = router.log_messages();
         let subscriptions = router.subscriptions();
         let kept_sessions = router.kept_sessions();
         // The sender's type names a private rumqttd type; it is only ever
@@ -388,6 +390,7 @@ impl Broker {
             cursor_jumps,
             oversize_drops,
             retained_messages,
+            log_messages,
             subscriptions,
             kept_sessions,
             snapshots,
@@ -796,7 +799,8 @@ const CLIENT_EVENTS_EVERY: Duration = Duration::from_secs(1);
 /// publishes too large for their subscriber is copied the same way into
 /// `echo_mqtt_dropped_total{reason="max_packet_size"}`, and not logged:
 /// each drop is what that client asked for; so is its count of retained
-/// messages, into `echo_mqtt_retained_messages`. Runs until shutdown.
+/// messages, into `echo_mqtt_retained_messages`, and of messages in its
+/// topic logs, into `echo_mqtt_log_messages`. Runs until shutdown.
 pub async fn report_client_events(broker: Rc<Broker>, shutdown: Rc<Shutdown>) {
     let metrics = broker.metrics.clone();
     let taken_over = metrics.closed.get_or_create_owned(&ReasonLabel { reason: "taken_over" });
@@ -833,6 +837,8 @@ pub async fn report_client_events(broker: Rc<Broker>, shutdown: Rc<Shutdown>) {
         oversize.inc_by(drops.saturating_sub(oversize.get()));
         let retained = broker.retained_messages.load(Ordering::Relaxed);
         metrics.retained_messages.set(i64::try_from(retained).unwrap_or(i64::MAX));
+        let logged = broker.log_messages.load(Ordering::Relaxed);
+        metrics.log_messages.set(i64::try_from(logged).unwrap_or(i64::MAX));
     }
 }
 

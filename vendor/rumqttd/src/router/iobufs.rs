@@ -273,6 +273,18 @@ impl Outgoing {
         }
     }
 
+    /// echo-server patch: the offset of the oldest publish from log
+    /// `filter_idx` that awaits its acknowledgement: a resumed session
+    /// reads the log again from there (`retransmission_map`), so the log
+    /// keeps it (`Router::trim_read_logs`). The buffer is in sending order,
+    /// so the first match is the oldest.
+    pub fn oldest_inflight(&self, filter_idx: FilterIdx) -> Option<Cursor> {
+        self.inflight_buffer
+            .iter()
+            .find(|(_, idx, cursor)| *idx == filter_idx && cursor.is_some())
+            .and_then(|(_, _, cursor)| *cursor)
+    }
+
     // Here we are assuming that the first unique filter_idx we find while iterating will have the
     // least corresponding cursor because of the way we insert into the inflight_buffer
     pub fn retransmission_map(&self) -> HashMap<FilterIdx, Cursor> {

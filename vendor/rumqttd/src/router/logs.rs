@@ -102,6 +102,9 @@ pub struct DataLog {
     /// (`publish_filters`) it is listed under, so that freeing it visits
     /// those topics only (was: every cached topic, for every filter freed).
     wildcard_topics: HashMap<FilterIdx, Vec<Arc<str>>>,
+    /// echo-server patch: how many messages all the logs hold, for the
+    /// embedding server's metrics (`Router::log_messages`).
+    pub(crate) held_messages: Arc<AtomicU64>,
 }
 
 /// echo-server patch: subscription filters as a tree keyed by topic level,
@@ -617,6 +620,7 @@ impl DataLog {
             retained_count: Arc::default(),
             wildcard_filters,
             wildcard_topics: HashMap::new(),
+            held_messages: Arc::default(),
         })
     }
 
@@ -657,7 +661,8 @@ impl DataLog {
                     self.publish_filters.remove(filter);
                 }
             }
-            self.native.remove(idx);
+            let data = self.native.remove(idx);
+            self.held_messages.fetch_sub(data.log.held(), Ordering::Relaxed);
         }
         for topic in topics {
             if let Some(filters) = self.publish_filters.get_mut(&topic) {
@@ -1125,12 +1130,14 @@ impl DataLog {
         let (idx, _) = self.next_native_offset(filter);
         let data = self.native.get_mut(idx).expect("just made");
         let mut cursors = Vec::new();
+        let before = data.log.held();
         for message in messages {
             cursors.push(data.log.next_offset());
             if let Some(message) = message {
                 data.log.append(message);
             }
         }
+        count_held(&self.held_messages, before, data.log.held());
         cursors.push(data.log.next_offset());
         (idx, cursors)
     }
@@ -1190,9 +1197,12 @@ where
         &mut self,
         item: T,
         notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
+        held_messages: &AtomicU64,
     ) -> (Offset, &Filter) {
         let size = item.size();
+        let before = self.log.held();
         let offset = self.log.append(item);
+        count_held(held_messages, before, self.log.held());
         if let Some(mut parked) = self.waiters.take() {
             notifications.append(&mut parked);
         }
@@ -1201,6 +1211,16 @@ where
         self.meter.total_size += size;
 
         (offset, &self.filter)
+    }
+}
+
+/// echo-server patch: a log's count of messages went from `before` to
+/// `after` (up by an append, down by a rotation or a trim).
+pub(crate) fn count_held(held: &AtomicU64, before: u64, after: u64) {
+    if after >= before {
+        held.fetch_add(after - before, Ordering::Relaxed);
+    } else {
+        held.fetch_sub(before - after, Ordering::Relaxed);
     }
 }
 

@@ -161,6 +161,10 @@ pub struct Router {
     /// echo-server patch: filters that sessions start or stop holding;
     /// see [`Router::filter_events`].
     filter_events: Option<Sender<FilterEvent>>,
+    /// echo-server patch: the logs a request caught up with during this
+    /// `consume`, whose read messages `trim_read_logs` may then forget.
+    /// Kept between calls for its capacity.
+    caught_up: Vec<FilterIdx>,
 }
 
 /// echo-server patch: a publish as the router appended it to its logs
@@ -235,6 +239,7 @@ impl Router {
             subscriptions: Arc::default(),
             tap: None,
             filter_events: None,
+            caught_up: Vec::new(),
         }
     }
 
@@ -420,6 +425,14 @@ impl Router {
     /// included, which it frees on its own: `DataLog::expire_retained`).
     pub fn retained_messages(&self) -> Arc<AtomicU64> {
         self.datalog.retained_count()
+    }
+
+    /// echo-server patch: the count of messages the topic logs hold (what
+    /// subscribers have not all read, and, on logs where some reader is
+    /// not caught up, what the log has not yet rotated out; see
+    /// `trim_read_logs`).
+    pub fn log_messages(&self) -> Arc<AtomicU64> {
+        self.datalog.held_messages.clone()
     }
 
     /// Waits on incoming events when ready queue is empty.
@@ -1501,6 +1514,7 @@ impl Router {
                     }
                     // add back the skipped requests!
                     self.scheduler.trackv(id, skipped_requests);
+                    self.trim_read_logs();
                     return Some(());
                 }
             };
@@ -1533,6 +1547,7 @@ impl Router {
                 ConsumeStatus::FilterCaughtup => {
                     let filter = &request.filter;
                     trace!(filter, "Filter caughtup {filter}, parking connection");
+                    self.caught_up.push(request.filter_idx);
 
                     // When all the data in the log is caught up, current request is
                     // registered in waiters and not added back to the tracker. This
@@ -1551,7 +1566,49 @@ impl Router {
         // Add requests back to the tracker if there are any
         requests.extend(skipped_requests);
         self.scheduler.trackv(id, requests);
+        self.trim_read_logs();
         Some(())
+    }
+
+    /// echo-server patch: the logs that requests caught up with forget what
+    /// all their readers have read. A log is read by the sessions holding
+    /// its filter (`filter_refs`, kept sessions included); when each has
+    /// its request parked at the log's end, no one will read what is before
+    /// the oldest of their cursors, except a session's publishes still
+    /// awaiting acknowledgement, which it reads again if it resumes
+    /// (`Outgoing::oldest_inflight`). A session whose request is anywhere
+    /// else (not caught up, paused on a full window or buffer, or kept
+    /// while disconnected), or a shared subscription, leaves the log as
+    /// it is, to rotate as before. So a QoS 0 message that every
+    /// subscriber has been handed leaves the log at once (issue: 22 KiB per
+    /// client at 10,000 clients publishing 1 message/s, nearly all of it
+    /// read messages), and a slow reader still finds what it has not read.
+    fn trim_read_logs(&mut self) {
+        while let Some(idx) = self.caught_up.pop() {
+            let Some(data) = self.datalog.native.get_mut(idx) else {
+                continue;
+            };
+            let waiters = data.waiters.waiters();
+            let Some((_, first)) = waiters.front() else {
+                continue;
+            };
+            let held = self.filter_refs.get(first.filter.as_str()).copied();
+            if held != Some(waiters.len()) || waiters.iter().any(|(_, r)| r.group.is_some()) {
+                continue;
+            }
+            let mut oldest_needed = data.log.next_offset();
+            for (conn, request) in waiters {
+                oldest_needed = oldest_needed.min(request.cursor);
+                if request.qos > 0 {
+                    let inflight = self.obufs.get(*conn).and_then(|o| o.oldest_inflight(idx));
+                    oldest_needed = inflight.map_or(oldest_needed, |c| oldest_needed.min(c));
+                }
+            }
+            if data.log.first_offset() < oldest_needed {
+                let trimmed = data.log.trim_before(oldest_needed);
+                self.datalog.held_messages.fetch_sub(trimmed, Ordering::Relaxed);
+            }
+        }
     }
 
     pub fn handle_last_will(
@@ -2058,6 +2115,7 @@ fn append_to_commitlog(
     let mut o = (0, 0);
     let origin = connection.origin;
     for filter_idx in filter_idxs {
+        let held = &datalog.held_messages;
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
         let publish_data = PublishData {
             publish: publish.clone(),
@@ -2065,7 +2123,7 @@ fn append_to_commitlog(
             timestamp: Instant::now(),
             origin,
         };
-        let (offset, filter) = datalog.append(publish_data, notifications);
+        let (offset, filter) = datalog.append(publish_data, notifications, held);
         debug!(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
@@ -2129,9 +2187,10 @@ fn append_will_message(
 
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
+        let held = &datalog.held_messages;
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
         let publish_data = (publish.clone(), properties.clone());
-        let (offset, filter) = datalog.append(publish_data.into(), notifications);
+        let (offset, filter) = datalog.append(publish_data.into(), notifications, held);
         debug!(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,

@@ -54,6 +54,8 @@ pub struct CommitLog<T> {
     max_mem_segments: usize,
     /// Total size of active segment, used for enforcing the contraints.
     segments: VecDeque<Segment<T>>,
+    /// echo-server patch: how many messages the segments hold.
+    held: u64,
 }
 
 impl<T> CommitLog<T>
@@ -80,6 +82,7 @@ where
             max_segment_size,
             max_mem_segments,
             segments,
+            held: 0,
         })
     }
 
@@ -92,6 +95,12 @@ where
     #[inline]
     pub fn _head_and_tail(&self) -> (u64, u64) {
         (self.head, self.tail)
+    }
+
+    /// echo-server patch: how many messages the log holds.
+    #[inline]
+    pub fn held(&self) -> u64 {
+        self.held
     }
 
     #[inline]
@@ -139,6 +148,7 @@ where
         self.apply_retention();
         let active_segment = self.active_segment_mut();
         active_segment.push(message);
+        self.held += 1;
         let absolute_offset = self.active_segment().next_offset();
         (self.tail, absolute_offset)
     }
@@ -150,7 +160,8 @@ where
             let absolute_offset = self.active_segment().next_offset();
             // If active segment is full and segments are full, apply retention policy.
             if self.memory_segments_count() >= self.max_mem_segments {
-                self.segments.pop_front();
+                let dropped = self.segments.pop_front().map_or(0, |s| s.len());
+                self.held -= dropped;
                 self.head += 1;
             }
 
@@ -160,6 +171,46 @@ where
                 .push_back(Segment::with_offset(absolute_offset));
             self.tail += 1;
         }
+    }
+
+    /// echo-server patch: the offset of the oldest message still held
+    /// (the next offset when none is).
+    pub fn first_offset(&self) -> (u64, u64) {
+        // The front segment always exists (the active one is never removed)
+        // and holds messages unless it is the active one.
+        (self.head, self.segments.front().unwrap().absolute_offset)
+    }
+
+    /// echo-server patch: forgets every message before `cursor`, which
+    /// every reader of the log has read (the router knows: see
+    /// `Router::trim_read_logs`). 0.20.0 kept each message until its
+    /// segment rotated out, read or not: with the default 2 × 4 KiB
+    /// segments, ~30 small messages per topic, 22 KiB per client of a
+    /// 10,000-client run. Offsets do not change: a cursor before the first
+    /// message kept jumps to it, as a slow reader's cursor does when a
+    /// segment rotates out. Whole segments before the cursor go; the active
+    /// segment stays, emptied if the cursor is at its end. Returns how many
+    /// messages went.
+    pub fn trim_before(&mut self, cursor: (u64, u64)) -> u64 {
+        if cursor.0 > self.tail {
+            return 0;
+        }
+        let mut trimmed = 0;
+        while self.head < cursor.0 {
+            trimmed += self.segments.pop_front().map_or(0, |s| s.len());
+            self.head += 1;
+        }
+        if cursor.0 == self.head {
+            let front = self.segments.front_mut().unwrap();
+            trimmed += front.trim_before(cursor.1);
+            if front.len() == 0 && self.head < self.tail {
+                // An emptied older segment: its successor starts where it ended.
+                self.segments.pop_front();
+                self.head += 1;
+            }
+        }
+        self.held -= trimmed;
+        trimmed
     }
 
     #[inline]
@@ -677,5 +728,69 @@ mod tests {
                 end: (10, 105)
             }
         );
+    }
+
+    #[test]
+    fn trimming_the_read_messages_keeps_offsets_and_the_unread() {
+        // 1 KiB messages, 10 per segment, 3 segments kept.
+        let mut log: CommitLog<Bytes> = CommitLog::new(10 * 1024, 3).unwrap();
+        for i in 0..25 {
+            log.append(random_payload(i, 1024));
+        }
+        assert_eq!((log.head, log.tail, log.next_offset(), log.held()), (0, 2, (2, 25), 25));
+
+        // Everything before message 13 (segment 1) has been read.
+        assert_eq!(log.trim_before((1, 13)), 13);
+        assert_eq!(log.first_offset(), (1, 13));
+        assert_eq!((log.next_offset(), log.held()), ((2, 25), 12));
+        let mut out = Vec::new();
+        let next = log.readv((1, 13), 100, &mut out).unwrap();
+        assert_eq!(out.len(), 12);
+        assert_eq!((out[0].1, out[11].1), ((1, 13), (2, 24)));
+        verify(13, 1024, out.remove(0));
+        assert_eq!(next, Done { start: (1, 13), end: (2, 25) });
+
+        // A cursor before what is kept jumps to the oldest kept, as a slow
+        // reader's does when a segment rotates out.
+        let mut out = Vec::new();
+        let next = log.readv((0, 3), 1, &mut out).unwrap();
+        assert_eq!(next, Next { start: (1, 13), end: (1, 14) });
+
+        // All read: the active segment is emptied, not removed, and the
+        // log goes on at the same offsets.
+        assert_eq!(log.trim_before((2, 25)), 12);
+        assert_eq!(log.first_offset(), (2, 25));
+        assert_eq!((log.head, log.tail, log.size(), log.held()), (2, 2, 0, 0));
+        assert_eq!(log.append(random_payload(25, 1024)), (2, 26));
+        let mut out = Vec::new();
+        log.readv((2, 25), 10, &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        verify(25, 1024, out.remove(0));
+
+        // Nothing to trim, or a cursor past the log: nothing happens.
+        assert_eq!(log.trim_before((2, 25)), 0);
+        assert_eq!(log.trim_before((7, 0)), 0);
+        assert_eq!(log.size(), 1024);
+    }
+
+    #[test]
+    fn a_segment_trimmed_to_its_end_leaves_the_log() {
+        let mut log: CommitLog<Bytes> = CommitLog::new(10 * 1024, 3).unwrap();
+        for i in 0..15 {
+            log.append(random_payload(i, 1024));
+        }
+        // Segment 0 holds 0..10; a cursor at its very end.
+        assert_eq!(log.trim_before((0, 10)), 10);
+        assert_eq!((log.head, log.first_offset()), (1, (1, 10)));
+        // Rotation goes on counting the segments kept.
+        for i in 15..40 {
+            log.append(random_payload(i, 1024));
+        }
+        assert!(log.len() <= 3);
+        let in_segments: u64 = log.segments.iter().map(|s| s.len()).sum();
+        assert_eq!(log.held(), in_segments);
+        let mut out = Vec::new();
+        log.readv(log.first_offset(), 100, &mut out).unwrap();
+        assert_eq!(out.last().unwrap().1, (3, 39));
     }
 }

@@ -100,6 +100,26 @@ where
         }
     }
 
+    /// echo-server patch: forgets the messages before absolute offset
+    /// `offset`, which every reader has read; the offsets of those kept do
+    /// not change (`absolute_offset` moves up). Returns how many went. An
+    /// emptied segment gives back its buffer.
+    pub(crate) fn trim_before(&mut self, offset: u64) -> u64 {
+        let n = offset.saturating_sub(self.absolute_offset).min(self.len());
+        if n == 0 {
+            return 0;
+        }
+        let freed: u64 = self.data.drain(..n as usize).map(|d| d.size() as u64).sum();
+        self.total_size -= freed;
+        self.absolute_offset += n;
+        if self.data.is_empty() {
+            self.data = Vec::new();
+        } else if self.data.capacity() > 4 * self.data.len() {
+            self.data.shrink_to(2 * self.data.len());
+        }
+        n
+    }
+
     /// Get the number of `T` in the segment.
     #[inline]
     pub(crate) fn len(&self) -> u64 {

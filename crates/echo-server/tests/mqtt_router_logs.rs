@@ -1,0 +1,148 @@
+//! What the router's topic logs keep, seen through
+//! `echo_mqtt_log_messages`: a message every subscriber has read leaves its
+//! topic's log at once, and what some session may still read stays, a
+//! resumed session's unacknowledged QoS 1 deliveries and what a kept
+//! session has not read among it. Each with the router on its thread and
+//! on the event loop.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestServer;
+use common::mqtt_raw::{self, RawMqtt};
+
+const LOGGED: &str = "echo_mqtt_log_messages";
+
+/// The metric is copied from the router once a second.
+const COPIED: Duration = Duration::from_secs(5);
+
+fn server(on_the_loop: bool) -> TestServer {
+    if on_the_loop {
+        TestServer::start_with_env(&[], &common::ROUTER_ON_THE_LOOP)
+    } else {
+        TestServer::start(&[])
+    }
+}
+
+/// An MQTT 3.1.1 client (`clean` session or not) subscribed to `filter`
+/// at `qos`; returns it and the CONNACK's session present flag.
+fn subscriber(server: &TestServer, id: &str, clean: bool, filter: &str, qos: u8) -> RawMqtt {
+    let mut c = RawMqtt::connect(server.mqtt_addr());
+    c.send(&mqtt_raw::connect_session(4, id, clean, None));
+    assert_eq!(c.read_packet().unwrap().connack_code(), 0, "CONNACK for {id}");
+    c.send(&mqtt_raw::subscribe_qos(4, 1, filter, qos));
+    assert_eq!(c.read_packet().unwrap().suback_codes(4), vec![qos]);
+    c
+}
+
+/// Publishes `payloads` at `qos` (0 or 1, PUBACK awaited) and waits until
+/// the router has them all (the PINGRESP after them).
+fn publish_all(server: &TestServer, topic: &str, qos: u8, payloads: impl IntoIterator<Item = u8>) {
+    let id = format!("{}-publisher", topic.replace('/', "-"));
+    let mut publisher = RawMqtt::session(server.mqtt_addr(), 4, &id, 30);
+    for (pkid, p) in (1u16..).zip(payloads) {
+        publisher.send(&mqtt_raw::publish_qos(4, topic, qos, pkid, &[p]));
+        if qos == 1 {
+            assert_eq!(publisher.read_packet().unwrap().packet_type(), 4, "PUBACK");
+        }
+    }
+    publisher.send(&mqtt_raw::PINGREQ);
+    assert_eq!(publisher.read_packet().unwrap().packet_type(), 13);
+}
+
+/// The payloads of the next `n` publishes; QoS 1 ones are acknowledged if
+/// `ack`.
+fn receive(c: &mut RawMqtt, n: usize, ack: bool) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            let d = c.read_packet().expect("a PUBLISH").delivery(4);
+            if ack && d.qos == 1 {
+                c.send(&mqtt_raw::ack(0x40, d.pkid));
+            }
+            d.payload[0]
+        })
+        .collect()
+}
+
+/// The metric holds `expected` now, and still after two more copies.
+fn logged_stays(server: &TestServer, expected: f64) {
+    server.wait_for_metric(LOGGED, COPIED, |v| v == expected);
+    std::thread::sleep(Duration::from_millis(2_200));
+    assert_eq!(server.metric(LOGGED), expected);
+}
+
+/// 200 QoS 0 messages read by both subscribers of their topic leave the
+/// log (it would hold them all: under one 4 KiB segment); messages on a
+/// topic nobody subscribes to are never logged.
+fn read_messages_leave_the_log(on_the_loop: bool) {
+    let server = server(on_the_loop);
+    let mut one = subscriber(&server, "logs-one", true, "logs/read", 0);
+    let mut two = subscriber(&server, "logs-two", true, "logs/+", 0);
+    publish_all(&server, "logs/read", 0, 0..200);
+    publish_all(&server, "nobody/reads", 0, 0..10);
+    assert_eq!(receive(&mut one, 200, false), (0..200).collect::<Vec<u8>>());
+    assert_eq!(receive(&mut two, 200, false), (0..200).collect::<Vec<u8>>());
+    logged_stays(&server, 0.0);
+    // And the topics go on: offsets are kept across the trim.
+    publish_all(&server, "logs/read", 0, [7]);
+    assert_eq!(receive(&mut one, 1, false), vec![7]);
+    assert_eq!(receive(&mut two, 1, false), vec![7]);
+    logged_stays(&server, 0.0);
+}
+
+#[test]
+fn read_messages_leave_the_log_router_on_its_thread() {
+    read_messages_leave_the_log(false);
+}
+
+#[test]
+fn read_messages_leave_the_log_router_on_the_loop() {
+    read_messages_leave_the_log(true);
+}
+
+/// A persistent QoS 1 subscriber takes 5 QoS 1 messages without
+/// acknowledging them and drops its connection, beside a QoS 0 subscriber
+/// that read them: the log keeps them, the resumed session gets them
+/// again, and what is published while it is away waits for it too.
+fn what_a_session_may_read_again_stays(on_the_loop: bool) {
+    let server = server(on_the_loop);
+    let mut kept = subscriber(&server, "logs-kept", false, "logs/kept", 1);
+    let mut other = subscriber(&server, "logs-other", true, "logs/kept", 0);
+    publish_all(&server, "logs/kept", 1, 0..5);
+    assert_eq!(receive(&mut kept, 5, false), vec![0, 1, 2, 3, 4]);
+    assert_eq!(receive(&mut other, 5, false), vec![0, 1, 2, 3, 4]);
+    logged_stays(&server, 5.0);
+
+    // Gone without a DISCONNECT; more comes while it is away.
+    drop(kept);
+    server.wait_for_metric("echo_mqtt_connections{version=\"3.1.1\"}", COPIED, |v| v == 1.0);
+    publish_all(&server, "logs/kept", 1, 5..8);
+    assert_eq!(receive(&mut other, 3, false), vec![5, 6, 7]);
+    logged_stays(&server, 8.0);
+
+    let mut kept = RawMqtt::connect(server.mqtt_addr());
+    kept.send(&mqtt_raw::connect_session(4, "logs-kept", false, None));
+    let ack = kept.read_packet().unwrap();
+    assert!(ack.session_present());
+    assert_eq!(receive(&mut kept, 8, true), (0..8).collect::<Vec<u8>>());
+
+    // All acknowledged: the next message read by both leaves the rest
+    // behind; it stays until acknowledged.
+    publish_all(&server, "logs/kept", 1, [8]);
+    let d = kept.read_packet().unwrap().delivery(4);
+    assert_eq!((d.qos, d.payload[0]), (1, 8));
+    assert_eq!(receive(&mut other, 1, false), vec![8]);
+    logged_stays(&server, 1.0);
+    kept.send(&mqtt_raw::ack(0x40, d.pkid));
+}
+
+#[test]
+fn what_a_session_may_read_again_stays_router_on_its_thread() {
+    what_a_session_may_read_again_stays(false);
+}
+
+#[test]
+fn what_a_session_may_read_again_stays_router_on_the_loop() {
+    what_a_session_may_read_again_stays(true);
+}
