@@ -639,10 +639,7 @@ impl Router {
         // string and a queue (155 bytes).
 
         if let Some(will) = connection.last_will.take() {
-            self.last_wills.insert(
-                client_id.clone(),
-                (will, connection.last_will_properties.take()),
-            );
+            self.last_wills.insert(client_id.clone(), *will);
         }
 
         // echo-server patch: a resumed session's subscriptions are its own
@@ -2216,7 +2213,7 @@ fn validate_and_set_topic_alias(
 
     if publish.topic.is_empty() {
         // if publish topic is empty, publisher must have set a valid alias
-        let Some(alias_topic) = connection.topic_aliases.get(&alias) else {
+        let Some(alias_topic) = connection.topic_aliases.as_ref().and_then(|a| a.get(&alias)) else {
             debug!("Empty topic name with invalid alias");
             return Err(RouterError::Disconnect(DisconnectReasonCode::ProtocolError));
         };
@@ -2226,7 +2223,7 @@ fn validate_and_set_topic_alias(
         // if publish topic isn't empty, that means
         // publisher wants to establish new mapping for topic & alias
         let topic = std::str::from_utf8(&publish.topic)?;
-        connection.topic_aliases.insert(alias, topic.to_owned());
+        connection.topic_aliases.get_or_insert_default().insert(alias, topic.to_owned());
         trace!("set alias {alias} for topic {topic}");
     };
 
