@@ -24,7 +24,9 @@
 # are echo_lost/echo_timeout errors).
 #
 # Needs a release build (cargo build --release -p echo-server -p
-# echo-loadgen) and Debian's `mosquitto`.
+# echo-loadgen) and Debian's `mosquitto`. ECHO_SERVER=PATH runs another
+# build of echo-server (a before/after comparison); SKIP_MOSQUITTO=1 leaves
+# Mosquitto out.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -33,7 +35,7 @@ SECONDS_=${2:-30}
 CONC=${3:-256}
 PIN=1; [ "${4:-}" = --no-pin ] && PIN=0
 LOADGEN=./target/release/echo-loadgen
-ECHO_SERVER=./target/release/echo-server
+ECHO_SERVER=${ECHO_SERVER:-./target/release/echo-server}
 TMP=$(mktemp -d)
 trap 'stop_server; kill $(jobs -p) 2>/dev/null || true; rm -rf "$TMP"' EXIT
 PIN_SERVER=(); PIN_GEN=()
@@ -59,10 +61,12 @@ for router in ${ROUTERS:-${ECHO_MQTT_ROUTER:-default}}; do
   if [ "$router" != default ]; then label="echo-server-$router"; router_env=(ECHO_MQTT_ROUTER="$router"); fi
   start_echo_server "$TMP/echo.log" ${router_env[@]+"${router_env[@]}"} -- --mqtt-listen 127.0.0.1:0
   measure "$label" "mqtt://$MQTT_ADDR" "$SERVER_PID"
-  curl -s "http://$ADMIN_ADDR/metrics" | grep -E '^echo_mqtt_link_build_seconds_(sum|count)' || true
+  curl -s "http://$ADMIN_ADDR/metrics" | grep -E '^echo_mqtt_(link_build_seconds_(sum|count)|log_messages) ' || true
   stop_server
   [ "$SERVER_EXIT" = stopped ] || { echo "echo-server had ended by itself ($SERVER_EXIT)" >&2; exit 1; }
 done
+
+[ "${SKIP_MOSQUITTO:-0}" = 1 ] && exit 0
 
 # Mosquitto with an equivalent setup: anonymous, loopback, no persistence.
 MPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
