@@ -24,17 +24,20 @@ wait_port() { # host port [seconds]
 # and SERVER_METRICS (echo-server only).
 # $1: echo-server | node-ws | python-websockets | mosquitto, or one of the
 #     threads-vs-loop peers: rust-threads | rust-threads-64k | tokio-mt |
-#     python-threads; $2: ws | mqtt
+#     python-threads; echo-server-thread and echo-server-event-loop are
+#     echo-server with its MQTT router in that place (mqtt.router);
+#     $2: ws | mqtt
 start_server() {
   local name=$1 proto=$2 port logf
   SERVER_METRICS=""
   logf=$(mktemp)
   SERVER_LOG=$logf
   case $name in
-    echo-server)
-      local args=()
+    echo-server|echo-server-thread|echo-server-event-loop)
+      local args=() env=()
+      [ "$name" != echo-server ] && env=(ECHO_MQTT_ROUTER="${name#echo-server-}")
       if [ "$proto" = mqtt ]; then args+=(--mqtt-listen 127.0.0.1:0); elif echo_server_has_mqtt; then args+=(--no-mqtt); fi
-      start_echo_server "$logf" -- ${args[@]+"${args[@]}"} || return 1
+      start_echo_server "$logf" ${env[@]+"${env[@]}"} -- ${args[@]+"${args[@]}"} || return 1
       if [ "$proto" = ws ]; then SERVER_URL="ws://$WS_ADDR/"; else SERVER_URL="mqtt://$MQTT_ADDR"; fi
       SERVER_METRICS="http://$ADMIN_ADDR/metrics"
       ;;

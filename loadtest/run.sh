@@ -4,19 +4,28 @@
 # generator settings, writing results, charts and comparison tables under
 # loadtest/results/<date>/.
 #
-#   loadtest/run.sh                 # everything (~25 minutes)
+#   loadtest/run.sh                 # everything (~30 minutes)
 #   loadtest/run.sh --only ws       # only WebSocket scenarios
 #   loadtest/run.sh --only threads  # threads or one event loop? (~10 minutes)
+#   loadtest/run.sh --only mqtt-fanout  # 1 publisher to 50 subscribers per topic, QoS 0 and 1 (~5 minutes)
+#   ROUTERS="event-loop thread" loadtest/run.sh --only mqtt-fanout  # echo-server once per MQTT router placement
 #   LOADTEST_HOLD=5s loadtest/run.sh  # shorter holds, for a quick look
 #   LOADTEST_STEPS=200 LOADTEST_HOLD=2s loadtest/run.sh --out /tmp/r   # the whole suite in miniature (CI)
 #
 # Options:
-#   --only ws|mqtt|threads  run only one protocol's scenarios, or only
-#                         threads-vs-loop (the thread-per-connection peers)
+#   --only ws|mqtt|mqtt-fanout|threads  run only one protocol's scenarios
+#                         (mqtt includes the fan-out ones), only the MQTT
+#                         fan-out scenarios, or only threads-vs-loop (the
+#                         thread-per-connection peers)
 #   --servers "a b"       only these servers (echo-server node-ws python-websockets mosquitto
-#                         rust-threads rust-threads-64k tokio-mt python-threads)
+#                         rust-threads rust-threads-64k tokio-mt python-threads;
+#                         echo-server-thread echo-server-event-loop with ROUTERS)
 #   --out DIR             where results go (default loadtest/results/<date>)
 #   --no-pin              do not pin server and generator to separate CPUs
+#
+# ROUTERS="event-loop thread" runs the MQTT scenarios against echo-server
+# once per placement of its MQTT router (mqtt.router), labelled
+# echo-server-<placement>; unset, once as configured by default.
 #
 # The generator and the server share this machine. With 2 or more CPUs the
 # server runs on CPU 1 and the generator on CPU 0 (taskset), so neither
@@ -32,7 +41,7 @@ while [ $# -gt 0 ]; do
     --servers) SERVERS=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --no-pin) PIN=0; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -67,15 +76,29 @@ run_scenario() { # scenario proto servers...
   if [ "$scenario" = threads-vs-loop ]; then
     printf '| server | process at the end | thread_spawn_failed lines | accept_failed lines |\n|---|---|---:|---:|\n' >"$dir/peers.md"
   fi
+  local steps=(${STEPS[@]+"${STEPS[@]}"}) fanout
+  fanout=$(sed -n 's/^fanout *= *\([0-9]*\).*/\1/p' "$LOADTEST/scenarios/$scenario.toml")
+  if [ -n "$fanout" ] && [ ${#steps[@]} -gt 0 ]; then
+    # Fan-out clients come in whole groups (1 publisher, $fanout
+    # subscribers): LOADTEST_STEPS rounded down to whole groups, at least one.
+    steps=(--steps "$(fanout_steps "$LOADTEST_STEPS" $((fanout + 1)))")
+  fi
   for server in "$@"; do
     want_server "$server" || continue
     log "$scenario against $server"
     start_server "$server" "$proto"
     local rc=0
     $PIN_GEN "$LOADGEN" run --scenario "$LOADTEST/scenarios/$scenario.toml" "$SERVER_URL" \
-      --label "$server" --server-pid "$SERVER_PID" --server-log "$SERVER_LOG" --source "$SOURCES" ${THREADS[@]+"${THREADS[@]}"} ${HOLD[@]+"${HOLD[@]}"} ${STEPS[@]+"${STEPS[@]}"} \
+      --label "$server" --server-pid "$SERVER_PID" --server-log "$SERVER_LOG" --source "$SOURCES" ${THREADS[@]+"${THREADS[@]}"} ${HOLD[@]+"${HOLD[@]}"} ${steps[@]+"${steps[@]}"} \
       --json "$dir/$server.json" --csv "$dir/$server.csv" --chart "$dir/$server.svg" \
       >"$dir/$server.txt" || rc=$?
+    if [ -n "$fanout" ] && [ -n "$SERVER_METRICS" ]; then
+      # What the broker says it skipped or dropped: a subscriber that fell
+      # behind its topic's log skips messages (QoS 1 too). The router's
+      # counters are read once a second.
+      sleep 1.2
+      curl -s "$SERVER_METRICS" | grep -E '^echo_mqtt_(slow_subscriber_skips|dropped)' >"$dir/$server.prom" || true
+    fi
     local log=$SERVER_LOG
     stop_server
     cat "$dir/$server.txt"
@@ -101,7 +124,18 @@ run_scenario() { # scenario proto servers...
   fi
   if [ "$scenario" = threads-vs-loop ]; then
     python3 "$LOADTEST/threads-summary.py" "$dir" >"$dir/summary.md"
+  elif [ -n "$fanout" ] && [ ${#files[@]} -gt 0 ]; then
+    python3 "$LOADTEST/fanout-summary.py" "$dir" >"$dir/summary.md"
   fi
+}
+
+# Each of a comma-separated list of connection counts rounded down to a
+# multiple of $2, at least $2 (LOADTEST_STEPS for the fan-out scenarios).
+fanout_steps() { # steps group
+  local out=() n
+  IFS=, read -ra list <<<"$1"
+  for n in "${list[@]}"; do n=$((n / $2 * $2)); out+=($((n < $2 ? $2 : n))); done
+  (IFS=,; echo "${out[*]}")
 }
 
 if [ -z "$ONLY" ] || [ "$ONLY" = ws ]; then
@@ -114,10 +148,24 @@ if [ -z "$ONLY" ] || [ "$ONLY" = threads ]; then
   # pinned core, like the rest (tokio-mt then has one worker).
   run_scenario threads-vs-loop ws echo-server rust-threads rust-threads-64k tokio-mt python-threads python-websockets
 fi
-if [ -z "$ONLY" ] || [ "$ONLY" = mqtt ]; then
+if [ -z "$ONLY" ] || [ "$ONLY" = mqtt ] || [ "$ONLY" = mqtt-fanout ]; then
   MQTT_SERVERS=(mosquitto)
-  if echo_server_has_mqtt; then MQTT_SERVERS=(echo-server mosquitto); else log "this echo-server has no MQTT listener yet: MQTT scenarios run against mosquitto only"; fi
-  for s in mqtt-idle-scaling mqtt-latency-10k mqtt-throughput; do
+  if echo_server_has_mqtt; then
+    MQTT_SERVERS=()
+    if [ -n "${ROUTERS:-}" ]; then
+      for router in $ROUTERS; do MQTT_SERVERS+=("echo-server-$router"); done
+    else
+      MQTT_SERVERS=(echo-server)
+    fi
+    MQTT_SERVERS+=(mosquitto)
+  else
+    log "this echo-server has no MQTT listener yet: MQTT scenarios run against mosquitto only"
+  fi
+  MQTT_SCENARIOS=(mqtt-idle-scaling mqtt-latency-10k mqtt-throughput)
+  [ "$ONLY" = mqtt-fanout ] && MQTT_SCENARIOS=()
+  # Fan-out: 1 publisher to 50 subscribers per topic, QoS 0 and QoS 1,
+  # stepping up the groups until the brokers saturate.
+  for s in "${MQTT_SCENARIOS[@]}" mqtt-fanout-qos0 mqtt-fanout-qos1; do
     run_scenario "$s" mqtt "${MQTT_SERVERS[@]}"
   done
 fi
@@ -142,7 +190,10 @@ fi
       echo; cat "$(dirname "$md")/peers.md"
     fi
     if [ -f "$(dirname "$md")/summary.md" ]; then
-      echo; echo "Each peer's largest step served cleanly, and its first failure (loadtest/threads-summary.py):"
+      case $(basename "$(dirname "$md")") in
+        threads-vs-loop) echo; echo "Each peer's largest step served cleanly, and its first failure (loadtest/threads-summary.py):" ;;
+        *) echo; echo "Every step, each server beside Mosquitto (loadtest/fanout-summary.py):" ;;
+      esac
       echo; cat "$(dirname "$md")/summary.md"
     fi
   done

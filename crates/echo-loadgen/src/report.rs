@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::result::{RunResult, StepResult};
+use crate::scenario::Pattern;
 
 /// Microseconds as the shortest readable duration.
 pub fn micros(us: u64) -> String {
@@ -383,9 +384,13 @@ pub fn comparison(runs: &[RunResult]) -> String {
     } else {
         ("", "")
     };
+    // Fan-out subscribers receive other clients' messages, 1 publish to
+    // `fanout` deliveries: "echoed" would misname them.
+    let fanout = !runs.is_empty() && runs.iter().all(|r| r.settings.pattern == Pattern::Fanout);
+    let what = if fanout { "delivered/s" } else { "echoed/s" };
     let _ = writeln!(
         out,
-        "| server | open | echoed/s | p50 | p99 | p99.9 | max | errors | RSS/conn | srv CPU | gen CPU |{extra_head} echoed/s ratio | p99 ratio | RSS/conn ratio |"
+        "| server | open | {what} | p50 | p99 | p99.9 | max | errors | RSS/conn | srv CPU | gen CPU |{extra_head} {what} ratio | p99 ratio | RSS/conn ratio |"
     );
     let _ =
         writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|{extra_rule}---:|---:|---:|");
@@ -616,6 +621,19 @@ mod tests {
         // b echoed 500 of 1000: no error was counted, so it is not a failure
         // in this sense; a connection short, or a dead server, is.
         assert!(rows[3].contains("| 4000 | 2.00 | 1 | - |"), "{}", rows[3]);
+    }
+
+    #[test]
+    fn fan_out_comparisons_count_deliveries() {
+        let mut a = run(vec![step(100, 1000, &[100; 1000])]);
+        a.settings.pattern = Pattern::Fanout;
+        let md = comparison(&[a.clone(), a.clone()]);
+        assert!(md.starts_with("| server | open | delivered/s |"), "{md}");
+        assert!(md.lines().next().unwrap().contains("| delivered/s ratio |"), "{md}");
+        // Fan-out beside echo: not the same count, the usual header.
+        let mut b = a.clone();
+        b.settings.pattern = Pattern::Echo;
+        assert!(comparison(&[a, b]).starts_with("| server | open | echoed/s |"));
     }
 
     #[test]
