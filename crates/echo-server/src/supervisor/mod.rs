@@ -34,39 +34,29 @@
 //! (`cluster.nats_url`, `crate::cluster`), a publish reaches only the
 //! subscribers connected to the same worker.
 
+mod fleet;
 mod scrape;
+mod worker;
 
-use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
-use std::process::{ExitCode, ExitStatus, Stdio};
+use std::process::ExitCode;
 use std::rc::Rc;
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::admin::{self, AdminState, Answer, Answers};
-use crate::config::{Config, LogFormat};
+use crate::admin::{self, AdminState};
+use crate::config::Config;
 use crate::limits::FileLimit;
 use crate::listener;
-use crate::metrics::Count;
 use crate::server::{BindError, Ready};
+use fleet::Fleet;
+pub use worker::{FIRST_BACKOFF, MAX_BACKOFF, STABLE_AFTER};
+use worker::{Plan, stopped_cleanly, worker_loop};
 
-/// The first wait before a dead worker is started again.
-pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-/// The longest wait before a dead worker is started again.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
-/// A worker that lived this long before dying is restarted after
-/// [`FIRST_BACKOFF`] again.
-pub const STABLE_AFTER: Duration = Duration::from_secs(30);
 /// How much longer than `server.shutdown_grace` the supervisor waits for
 /// its workers to exit (their last log lines, their broker's threads).
 pub const STOP_MARGIN: Duration = Duration::from_secs(2);
@@ -75,196 +65,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The hidden flag that makes a process a worker (see `crate::cli`).
 pub const WORKER_FLAG: &str = "--worker-of-supervisor";
-
-/// The label every worker's figures carry on the supervisor's `/metrics`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct WorkerLabel {
-    worker: String,
-}
-
-/// One worker as the supervisor sees it.
-#[derive(Debug, Default)]
-struct Slot {
-    pid: Option<u32>,
-    /// What it reported once ready, until it exits.
-    ready: Option<Ready>,
-}
-
-/// The workers, their state and the supervisor's own figures.
-struct Fleet {
-    slots: RefCell<Vec<Slot>>,
-    /// SIGTERM or SIGINT came: no more restarts, `/readyz` says 503.
-    stopping: Cell<bool>,
-    /// Every worker was ready once: from then on a dead worker is
-    /// restarted; before, it fails the start.
-    started: Cell<bool>,
-    /// Why the start failed, if it did.
-    failed: RefCell<Option<String>>,
-    /// A worker became ready or exited.
-    changed: Notify,
-    registry: Registry,
-    up: Family<WorkerLabel, Gauge>,
-    restarts: Family<WorkerLabel, Count>,
-    admin_refused: Count,
-    admin_evictions: Count,
-}
-
-impl Fleet {
-    fn new(workers: u16) -> Rc<Fleet> {
-        let mut registry = Registry::default();
-        let count = Gauge::<i64>::default();
-        count.set(i64::from(workers));
-        registry.register("echo_workers", "Worker processes configured (server.workers)", count);
-        let up = Family::<WorkerLabel, Gauge>::default();
-        registry.register(
-            "echo_worker_up",
-            "Whether the worker is running and ready (1) or not (0)",
-            up.clone(),
-        );
-        let restarts = Family::<WorkerLabel, Count>::default();
-        registry.register(
-            "echo_worker_restarts",
-            "Times the worker died and was started again",
-            restarts.clone(),
-        );
-        let (admin_refused, admin_evictions) = (Count::default(), Count::default());
-        registry.register(
-            "echo_admin_refused",
-            "Supervisor admin connections refused: every slot was writing a response",
-            admin_refused.clone(),
-        );
-        registry.register(
-            "echo_admin_evictions",
-            "Supervisor admin connections closed to make room for a new one",
-            admin_evictions.clone(),
-        );
-        for worker in 0..workers {
-            let label = WorkerLabel { worker: worker.to_string() };
-            up.get_or_create(&label).set(0);
-            restarts.get_or_create(&label).inc_by(0);
-        }
-        Rc::new(Fleet {
-            slots: RefCell::new((0..workers).map(|_| Slot::default()).collect()),
-            stopping: Cell::new(false),
-            started: Cell::new(false),
-            failed: RefCell::new(None),
-            changed: Notify::new(),
-            registry,
-            up,
-            restarts,
-            admin_refused,
-            admin_evictions,
-        })
-    }
-
-    fn label(worker: u16) -> WorkerLabel {
-        WorkerLabel { worker: worker.to_string() }
-    }
-
-    fn all_ready(&self) -> bool {
-        self.slots.borrow().iter().all(|slot| slot.ready.is_some())
-    }
-
-    /// Each worker's first admin address, for those that are ready.
-    fn admin_addrs(&self) -> Vec<(u16, SocketAddr)> {
-        let slots = self.slots.borrow();
-        (0u16..)
-            .zip(slots.iter())
-            .filter_map(|(worker, slot)| Some((worker, *slot.ready.as_ref()?.admin.first()?)))
-            .collect()
-    }
-
-    fn pids(&self) -> Vec<u32> {
-        self.slots.borrow().iter().filter_map(|slot| slot.pid).collect()
-    }
-
-    /// Sends `signal` to every running worker.
-    fn signal_all(&self, signal: libc::c_int) {
-        for pid in self.pids() {
-            // SAFETY: kill(2) on our own child's pid; a worker that has just
-            // exited (not yet reaped) ignores it.
-            unsafe { libc::kill(pid as libc::pid_t, signal) };
-        }
-    }
-}
-
-impl Answers for Fleet {
-    fn answer(&self, path: &str) -> Answer {
-        use hyper::StatusCode;
-        match path {
-            "/healthz" => Box::pin(std::future::ready(admin::text(StatusCode::OK, "ok\n"))),
-            "/readyz" if self.stopping.get() => {
-                Box::pin(std::future::ready(admin::text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")))
-            }
-            "/readyz" => {
-                let workers = self.slots.borrow().len();
-                let addrs = self.admin_addrs();
-                Box::pin(async move {
-                    let asked = futures_util::future::join_all(
-                        addrs.iter().map(|&(_, addr)| scrape::get(addr, "/readyz")),
-                    )
-                    .await;
-                    let ready = asked.iter().filter(|answer| matches!(answer, Ok((200, _)))).count();
-                    if ready == workers {
-                        admin::text(StatusCode::OK, "ready\n")
-                    } else {
-                        // What the workers that answered said (the NATS
-                        // outage of a cluster, say), once each.
-                        let mut reasons: Vec<String> = asked
-                            .iter()
-                            .filter_map(|answer| match answer {
-                                Ok((status, body)) if *status != 200 => {
-                                    Some(String::from_utf8_lossy(body).trim().to_owned())
-                                }
-                                _ => None,
-                            })
-                            .collect();
-                        reasons.sort();
-                        reasons.dedup();
-                        let mut text = format!("{ready} of {workers} workers ready\n");
-                        for reason in reasons {
-                            text.push_str(&reason);
-                            text.push('\n');
-                        }
-                        admin::text(StatusCode::SERVICE_UNAVAILABLE, text)
-                    }
-                })
-            }
-            "/metrics" => {
-                let addrs = self.admin_addrs();
-                let mut own = String::new();
-                prometheus_client::encoding::text::encode(&mut own, &self.registry)
-                    .expect("writing to a String cannot fail");
-                Box::pin(async move {
-                    let asked = futures_util::future::join_all(
-                        addrs.iter().map(|&(_, addr)| scrape::get(addr, "/metrics")),
-                    )
-                    .await;
-                    let expositions: Vec<(u16, String)> = addrs
-                        .iter()
-                        .zip(asked)
-                        .filter_map(|(&(worker, _), answer)| match answer {
-                            Ok((200, body)) => Some((worker, String::from_utf8_lossy(&body).into_owned())),
-                            _ => None,
-                        })
-                        .collect();
-                    let own = own.trim_end().strip_suffix("# EOF").unwrap_or(&own).to_owned();
-                    admin::metrics(format!("{own}{}# EOF\n", scrape::merge(&expositions)))
-                })
-            }
-            _ => Box::pin(std::future::ready(admin::text(StatusCode::NOT_FOUND, admin::NOT_FOUND))),
-        }
-    }
-}
-
-/// Everything a worker is started with.
-struct Plan {
-    exe: std::path::PathBuf,
-    /// The workers' configuration, as TOML.
-    config: String,
-    format: LogFormat,
-    grace: Duration,
-}
 
 /// Runs the supervisor until it is told to stop; its exit status.
 pub fn main(config: Config, workers: u16) -> ExitCode {
@@ -513,13 +313,6 @@ async fn supervise(config: Config, workers: u16, resolved: Resolved, plan: Rc<Pl
     }
 }
 
-/// A worker's exit during the shutdown is clean when it exited 0, or when
-/// the SIGTERM came before it had set up its handlers.
-fn stopped_cleanly(status: ExitStatus) -> bool {
-    use std::os::unix::process::ExitStatusExt;
-    status.success() || status.signal() == Some(libc::SIGTERM)
-}
-
 /// The supervisor's `ready` line: capacity per worker and in total.
 fn report_ready(fleet: &Fleet, workers: u16) {
     let slots = fleet.slots.borrow();
@@ -537,172 +330,6 @@ fn report_ready(fleet: &Fleet, workers: u16) {
         max_mqtt_connections = ready.iter().map(|r| r.max_mqtt_connections).sum::<u64>(),
         "ready"
     );
-}
-
-/// Runs worker `index` until the shutdown, restarting it when it dies.
-/// Returns how its last run ended (`None`: it was not running).
-async fn worker_loop(index: u16, fleet: Rc<Fleet>, plan: Rc<Plan>) -> Option<ExitStatus> {
-    let label = Fleet::label(index);
-    let mut backoff = FIRST_BACKOFF;
-    loop {
-        if fleet.stopping.get() {
-            return None;
-        }
-        let started = Instant::now();
-        let mut child = match spawn(index, &fleet, &plan) {
-            Ok(child) => child,
-            Err(err) => {
-                error!(worker = index, error = %err, "cannot start a worker process");
-                if !fleet.started.get() {
-                    *fleet.failed.borrow_mut() = Some(format!("worker {index}: {err}"));
-                    fleet.changed.notify_waiters();
-                    return None;
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                continue;
-            }
-        };
-        let status = child.wait().await;
-        {
-            let mut slots = fleet.slots.borrow_mut();
-            slots[usize::from(index)] = Slot::default();
-        }
-        fleet.up.get_or_create(&label).set(0);
-        fleet.changed.notify_waiters();
-        let status = match status {
-            Ok(status) => status,
-            Err(err) => {
-                error!(worker = index, error = %err, "cannot wait for a worker process");
-                return None;
-            }
-        };
-        if fleet.stopping.get() {
-            info!(worker = index, %status, "worker stopped");
-            return Some(status);
-        }
-        if !fleet.started.get() {
-            *fleet.failed.borrow_mut() = Some(format!("worker {index} exited during the start ({status})"));
-            fleet.changed.notify_waiters();
-            return Some(status);
-        }
-        let lived = started.elapsed();
-        if lived >= STABLE_AFTER {
-            backoff = FIRST_BACKOFF;
-        }
-        fleet.restarts.get_or_create(&label).inc();
-        warn!(
-            worker = index,
-            %status,
-            lived_ms = lived.as_millis() as u64,
-            restart_in_ms = backoff.as_millis() as u64,
-            "worker died: its clients were dropped; restarting it"
-        );
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = async { while !fleet.stopping.get() { fleet.changed.notified().await } } => return None,
-        }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
-    }
-}
-
-/// Starts worker `index`: its configuration on standard input, its log
-/// lines forwarded, its `Ready` line read from standard output.
-fn spawn(index: u16, fleet: &Rc<Fleet>, plan: &Rc<Plan>) -> std::io::Result<tokio::process::Child> {
-    let mut command = tokio::process::Command::new(&plan.exe);
-    command
-        .arg(WORKER_FLAG)
-        .arg(index.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    // SAFETY: setpgid and prctl are async-signal-safe; nothing else runs
-    // between fork and exec here.
-    unsafe {
-        command.pre_exec(|| {
-            // Its own process group: a terminal's Ctrl-C goes to the
-            // supervisor only, which passes it on once.
-            if libc::setpgid(0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // Drain and exit if the supervisor dies (even by SIGKILL).
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = command.spawn()?;
-    let pid = child.id();
-    fleet.slots.borrow_mut()[usize::from(index)].pid = pid;
-    if let Some(mut stdin) = child.stdin.take() {
-        let config = plan.config.clone();
-        tokio::task::spawn_local(async move {
-            // A worker that died at once is reported by its exit.
-            let _ = stdin.write_all(config.as_bytes()).await;
-        });
-    }
-    if let Some(stderr) = child.stderr.take() {
-        tokio::task::spawn_local(forward_logs(index, stderr, plan.format));
-    }
-    if let Some(stdout) = child.stdout.take() {
-        let fleet = fleet.clone();
-        tokio::task::spawn_local(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let Ok(ready) = serde_json::from_str::<Ready>(&line) else { continue };
-                info!(
-                    worker = index,
-                    pid,
-                    admin = ?ready.admin,
-                    connection_capacity = ready.connection_capacity,
-                    "worker ready"
-                );
-                let mut slots = fleet.slots.borrow_mut();
-                let slot = &mut slots[usize::from(index)];
-                if slot.pid == pid {
-                    slot.ready = Some(ready);
-                    fleet.up.get_or_create(&Fleet::label(index)).set(1);
-                }
-                drop(slots);
-                fleet.changed.notify_waiters();
-            }
-        });
-    }
-    info!(worker = index, pid, "worker started");
-    Ok(child)
-}
-
-/// Copies a worker's log lines to the supervisor's standard error, each
-/// marked with the worker's index.
-async fn forward_logs(index: u16, stderr: tokio::process::ChildStderr, format: LogFormat) {
-    use std::io::Write;
-    let mut reader = BufReader::new(stderr);
-    let mut line = Vec::new();
-    let prefix = match format {
-        LogFormat::Json => format!("{{\"worker\":{index},"),
-        LogFormat::Text => format!("[worker {index}] "),
-    };
-    loop {
-        line.clear();
-        match reader.read_until(b'\n', &mut line).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        if !line.ends_with(b"\n") {
-            line.push(b'\n');
-        }
-        let marked = match (format, line.strip_prefix(b"{")) {
-            (LogFormat::Json, Some(rest)) if rest.first() != Some(&b'}') => {
-                [prefix.as_bytes(), rest].concat()
-            }
-            (LogFormat::Json, _) => line.clone(),
-            (LogFormat::Text, _) => [prefix.as_bytes(), &line].concat(),
-        };
-        // One write per line, so that lines from several workers do not mix.
-        let _ = std::io::stderr().lock().write_all(&marked);
-    }
 }
 
 #[cfg(test)]
