@@ -76,9 +76,9 @@ def conns():
         return
     print("## Connections across workers\n")
     print("Idle clients with a low echo rate, in steps. RSS is the supervisor's and every worker's,")
-    print("summed (`--server-pid`); per connection: growth since before the first connection,")
-    print("per connection open. Per worker: the supervisor's `/metrics` (`worker=\"N\"`) at the")
-    print("end of the hold.\n")
+    print("summed (`--server-pid`); RSS/conn is its growth since before the first connection over")
+    print("the connections open (the generator's table beside it has the same per step as")
+    print("ΔRSS/conn). Per worker: the supervisor's `/metrics` (`worker=\"N\"`) at the end of the hold.\n")
     print("| run | step | open | errors (ramp + hold) | connects/s | echoed/s | p99 | server RSS MiB | RSS/conn | per worker: connections (open fds) | accept_fd_exhausted | refused by the server |")
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|")
     for name in runs:
@@ -91,7 +91,10 @@ def conns():
             per_txt = " / ".join(f"{int(w[proto]):,} ({int(w['fds']):,})" for w in per) or "-"
             exhausted = sum(int(w["fd_exhausted"]) for w in per) if per else "-"
             refused = sum(int(w.get(f"{proto}_rejected", w.get(f"{proto}_refused", 0)) or 0) for w in per) if per else "-"
-            added = d.get("server_rss_per_added_connection")
+            base = (r.get("server_baseline") or {}).get("rss_bytes")
+            added = None
+            if base is not None and srv.get("rss_bytes") is not None and step["open_connections"]:
+                added = (srv["rss_bytes"] - base) / step["open_connections"]
             rate = step["ramp"]["connected"] / step["ramp_secs"] if step["ramp_secs"] else 0
             p99 = step["hold"]["latency"].get("p99_us")
             print(f"| {name} | {step['target_connections']:,} | {step['open_connections']:,} | "
@@ -101,7 +104,8 @@ def conns():
     for name in runs:
         path = os.path.join(OUT, name + ".kernel.txt")
         if os.path.exists(path):
-            print(f"- {name}: {open(path).read().strip()}")
+            for line in open(path).read().splitlines():
+                print(f"- {name}: {line}")
     print()
 
 
