@@ -147,8 +147,9 @@ pub struct MixedArgs {
     #[serde(skip)]
     pub source: Option<Sources>,
 
-    /// PID of the server on this machine: RSS and CPU per phase, and each
-    /// thread's CPU and CPU-wait time while the MQTT clients are there.
+    /// PID of the server on this machine: RSS and CPU per phase (with its
+    /// child processes', e.g. a supervisor's workers), and each thread's
+    /// CPU and CPU-wait time while the MQTT clients are there.
     #[arg(long, value_name = "PID")]
     pub server_pid: Option<u32>,
 

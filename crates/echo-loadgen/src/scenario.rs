@@ -254,11 +254,13 @@ pub struct Scenario {
     #[arg(long, value_name = "ADDRS")]
     pub source: Option<Sources>,
 
-    /// PID of the server on this machine: sample its RSS, CPU and open files from /proc at every step.
+    /// PID of the server on this machine: sample its RSS, CPU and open files from /proc at every step,
+    /// summed with those of its child processes (a supervisor's workers).
     #[arg(long, value_name = "PID")]
     pub server_pid: Option<u32>,
 
-    /// Prometheus text endpoint of the server (http://HOST:PORT/metrics), sampled at every step.
+    /// Prometheus text endpoint of the server (http://HOST:PORT/metrics), sampled at every step;
+    /// series of one name with different labels (a supervisor's worker="N") add up.
     #[arg(long, value_name = "URL")]
     pub server_metrics: Option<String>,
 

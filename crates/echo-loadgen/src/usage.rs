@@ -149,6 +149,11 @@ impl ServerProbe {
     }
 }
 
+/// The server as `--server-pid` sees it: the process and every process
+/// under it, summed. A server that runs workers as child processes
+/// (echo-server's `--workers N` supervisor) serves every client from them,
+/// so the supervisor's own `/proc` entry alone would show a few MiB and no
+/// CPU however many connections its workers hold.
 fn sample_pid(pid: u32) -> Result<ServerSample, String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| {
         format!(
@@ -157,19 +162,78 @@ fn sample_pid(pid: u32) -> Result<ServerSample, String> {
     })?;
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let cpu = stat_cpu_seconds(&stat, ticks);
+    let mut sum = sample_one(pid, &stat, ticks);
+    for child in descendants(pid) {
+        // A child that exited between the listing and the read is skipped.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        let one = sample_one(child, &stat, ticks);
+        let add = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        sum.rss_bytes = add(sum.rss_bytes, one.rss_bytes);
+        sum.open_fds = add(sum.open_fds, one.open_fds);
+        sum.threads = add(sum.threads, one.threads);
+        sum.cpu_seconds = match (sum.cpu_seconds, one.cpu_seconds) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        sum.ctxt_switches = match (sum.ctxt_switches, one.ctxt_switches) {
+            (Some(a), Some(b)) => Some(ContextSwitches {
+                voluntary: a.voluntary + b.voluntary,
+                involuntary: a.involuntary + b.involuntary,
+            }),
+            (a, b) => a.or(b),
+        };
+    }
+    Ok(sum)
+}
+
+/// One process's readings, its `/proc/PID/stat` already read.
+fn sample_one(pid: u32, stat: &str, ticks: f64) -> ServerSample {
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok().map(|d| d.count() as u64);
     let threads = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Threads:")?.trim().parse::<u64>().ok()));
-    Ok(ServerSample {
+    ServerSample {
         rss_bytes: proc_rss(&pid.to_string()),
-        cpu_seconds: cpu,
+        cpu_seconds: stat_cpu_seconds(stat, ticks),
         open_fds: fds,
         connections: None,
         threads,
         ctxt_switches: process_ctxt_switches(pid),
-    })
+    }
+}
+
+/// Every process below `pid` (children, their children, ...), from the
+/// parent pid in each `/proc/*/stat`: `/proc/PID/task/*/children` needs a
+/// kernel option and misses children of threads that ended.
+fn descendants(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let parents: Vec<(u32, u32)> = dir
+        .flatten()
+        .filter_map(|entry| {
+            let child: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            Some((child, stat_ppid(&stat)?))
+        })
+        .collect();
+    let mut out = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(parent) = frontier.pop() {
+        for &(child, _) in parents.iter().filter(|&&(child, ppid)| ppid == parent && child != pid) {
+            if !out.contains(&child) {
+                out.push(child);
+                frontier.push(child);
+            }
+        }
+    }
+    out
+}
+
+/// The parent pid of a `/proc/.../stat` line (the 4th field).
+fn stat_ppid(stat: &str) -> Option<u32> {
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// What the threads of one name (`/proc/PID/task/*/comm`) have used so far.
@@ -239,18 +303,29 @@ fn stat_cpu_seconds(stat: &str, ticks: f64) -> Option<f64> {
 }
 
 /// The cumulative buckets of Prometheus histogram `name` in `text`, as
-/// (upper bound `le`, count) in the order given; empty when absent.
+/// (upper bound `le`, count) in the order given; empty when absent. Series
+/// of one bound with other labels add up (echo-server's supervisor serves
+/// each worker's histogram with a `worker="N"` label): the histogram of
+/// all of them.
 pub fn histogram_buckets(text: &str, name: &str) -> Vec<(String, u64)> {
     let prefix = format!("{name}_bucket{{");
-    text.lines()
-        .filter_map(|line| {
-            let rest = line.trim().strip_prefix(&prefix)?;
-            let (labels, value) = rest.rsplit_once('}')?;
-            let le = labels.split(',').find_map(|l| l.trim().strip_prefix("le=\""))?.strip_suffix('"')?;
-            let count = value.split_whitespace().next()?.parse::<f64>().ok()?;
-            Some((le.to_string(), count as u64))
-        })
-        .collect()
+    let mut out: Vec<(String, u64)> = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.trim().strip_prefix(&prefix) else { continue };
+        let Some((labels, value)) = rest.rsplit_once('}') else { continue };
+        let Some(le) = labels.split(',').find_map(|l| l.trim().strip_prefix("le=\"")?.strip_suffix('"'))
+        else {
+            continue;
+        };
+        let Some(count) = value.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()) else {
+            continue;
+        };
+        match out.iter_mut().find(|(bound, _)| bound == le) {
+            Some((_, n)) => *n += count as u64,
+            None => out.push((le.to_string(), count as u64)),
+        }
+    }
+    out
 }
 
 /// A minimal HTTP/1.0 GET over plain TCP: enough for a `/metrics` page
@@ -350,14 +425,83 @@ mod tests {
     }
 
     #[test]
+    fn a_supervisors_workers_add_up_on_its_metrics_page() {
+        // echo-server --workers 2: the supervisor serves each worker's
+        // samples with a worker label (and none of its own process).
+        let text = "process_resident_memory_bytes{worker=\"0\"} 3000000\n\
+            process_resident_memory_bytes{worker=\"1\"} 5000000\n\
+            process_cpu_seconds_total{worker=\"0\"} 1.5\n\
+            process_cpu_seconds_total{worker=\"1\"} 2.0\n\
+            echo_mqtt_connections{listener=\"tcp\",worker=\"0\"} 7\n\
+            echo_mqtt_connections{listener=\"tcp\",worker=\"1\"} 5\n\
+            echo_event_loop_lag_seconds_bucket{le=\"0.001\",worker=\"0\"} 90\n\
+            echo_event_loop_lag_seconds_bucket{le=\"+Inf\",worker=\"0\"} 100\n\
+            echo_event_loop_lag_seconds_bucket{le=\"0.001\",worker=\"1\"} 40\n\
+            echo_event_loop_lag_seconds_bucket{le=\"+Inf\",worker=\"1\"} 50\n";
+        let s = parse_prometheus(text, Protocol::Mqtt);
+        assert_eq!(s.rss_bytes, Some(8_000_000));
+        assert_eq!(s.cpu_seconds, Some(3.5));
+        assert_eq!(s.connections, Some(12));
+        let b = histogram_buckets(text, "echo_event_loop_lag_seconds");
+        assert_eq!(b, vec![("0.001".into(), 130), ("+Inf".into(), 150)]);
+    }
+
+    #[test]
+    fn a_process_is_sampled_with_the_processes_under_it() {
+        // A shell (the supervisor) with a child of its own (a worker).
+        let mut shell = std::process::Command::new("sh")
+            .args(["-c", "sleep 60 & wait"])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let root = shell.id();
+        let mut below = descendants(root);
+        for _ in 0..500 {
+            if !below.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            below = descendants(root);
+        }
+        assert_eq!(below.len(), 1, "the shell's sleep: {below:?}");
+        assert!(descendants(std::process::id()).contains(&root), "a child of this test process");
+        assert!(!descendants(std::process::id()).contains(&std::process::id()));
+        let sample = ServerProbe::Pid(root).sample().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let parts: Vec<ServerSample> = [root, below[0]]
+            .iter()
+            .map(|&pid| {
+                sample_one(pid, &std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap(), ticks)
+            })
+            .collect();
+        // SAFETY: kill(2) on the sleep this test's shell started; the
+        // shell's `wait` then returns and it exits.
+        unsafe { libc::kill(below[0] as libc::pid_t, libc::SIGKILL) };
+        shell.wait().unwrap();
+        // Two sleeping single-threaded processes: nothing moves between reads.
+        assert_eq!(sample.threads, Some(2), "{sample:?}");
+        assert_eq!(sample.open_fds, Some(parts[0].open_fds.unwrap() + parts[1].open_fds.unwrap()));
+        assert_eq!(sample.rss_bytes, Some(parts[0].rss_bytes.unwrap() + parts[1].rss_bytes.unwrap()));
+        assert_eq!(stat_ppid("1 (a (b) c) S 42 1 1 0"), Some(42), "a command name with a paren and spaces");
+    }
+
+    #[test]
     fn threads_of_this_process_are_read_by_name() {
-        // Burn some CPU on a named thread so it has something to show.
+        // Burn some CPU on a named thread so it has something to show: until
+        // the thread's own CPU clock says 0.3 s (wall time would not do: on a
+        // loaded machine 300 ms of it gave the thread 0.09 s of CPU).
         let busy = std::thread::Builder::new()
             .name("elg-busy".into())
             .spawn(|| {
-                let start = std::time::Instant::now();
+                let thread_cpu = || {
+                    // SAFETY: clock_gettime fills the timespec we hand it.
+                    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+                    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+                    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+                };
                 let mut x = 0u64;
-                while start.elapsed() < Duration::from_millis(300) {
+                while thread_cpu() < 0.3 {
                     x = x.wrapping_mul(31).wrapping_add(7);
                 }
                 std::hint::black_box(x);
