@@ -18,26 +18,15 @@ import json
 import sys
 from pathlib import Path
 
+from results_lib import errors_most_first, micros
+
 BASELINE = "mosquitto"
 
-
-def micros(us):
-    if us < 1000:
-        return f"{us:.0f} µs"
-    if us < 1_000_000:
-        return f"{us / 1000:.3g} ms"
-    return f"{us / 1e6:.3g} s"
 
 
 def count(n):
     return f"{n / 1000:.1f}k" if n >= 10_000 else f"{n:.0f}"
 
-
-def errors(step):
-    kinds = dict(step["ramp"]["errors"])
-    for k, n in step["hold"]["errors"].items():
-        kinds[k] = kinds.get(k, 0) + n
-    return sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
 def latencies(path):
@@ -94,7 +83,7 @@ def main(d):
         for name, (step, lat) in rows.items():
             dv = step["derived"]
             offered = dv["sent_per_sec"] * fanout
-            errs = ", ".join(f"{n} {k}" for k, n in errors(step)) or "0"
+            errs = ", ".join(f"{n} {k}" for k, n in errors_most_first(step)) or "0"
             p99 = lat[1] if lat else None
             base_rate = base[0]["derived"]["received_per_sec"] if base else None
             base_p99 = base[1][1] if base and base[1] else None

@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from results_lib import errors_most_first, micros
+
 
 def size(b):
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -22,13 +24,6 @@ def size(b):
             return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
         b /= 1024
 
-
-def micros(us):
-    if us < 1000:
-        return f"{us:.0f} µs"
-    if us < 1_000_000:
-        return f"{us / 1000:.3g} ms"
-    return f"{us / 1e6:.3g} s"
 
 
 def latencies(d, name, target):
@@ -46,12 +41,6 @@ def latencies(d, name, target):
 def failed(step):
     return step.get("server_exited") or step["open_connections"] < step["target_connections"] or step["derived"]["errors"] > 0
 
-
-def errors(step):
-    kinds = dict(step["ramp"]["errors"])
-    for k, n in step["hold"]["errors"].items():
-        kinds[k] = kinds.get(k, 0) + n
-    return sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
 def main(d):
@@ -106,7 +95,7 @@ def main(d):
                 parts.append(f"{spawn} `thread_spawn_failed` in its log")
             parts.append(
                 f"{first_bad['open_connections']:,} of {first_bad['target_connections']:,} open; "
-                + ", ".join(f"{k} {n:,}" for k, n in errors(first_bad)[:3])
+                + ", ".join(f"{k} {n:,}" for k, n in errors_most_first(first_bad)[:3])
             )
             how = f"at {first_bad['target_connections']:,}: " + "; ".join(parts)
         cells.append(how)

@@ -14,6 +14,8 @@ import os
 import statistics
 import sys
 
+from results_lib import step_errors
+
 OUT = sys.argv[1]
 
 
@@ -27,13 +29,6 @@ def names(prefix):
     paths = sorted(glob.glob(os.path.join(OUT, prefix + "*.json")), key=os.path.getmtime)
     return [os.path.basename(p)[:-5] for p in paths]
 
-
-def errors(step):
-    kinds = {}
-    for phase in ("ramp", "hold"):
-        for kind, n in step[phase].get("errors", {}).items():
-            kinds[kind] = kinds.get(kind, 0) + n
-    return kinds
 
 
 def fmt_errors(kinds):
@@ -98,7 +93,7 @@ def conns():
             rate = step["ramp"]["connected"] / step["ramp_secs"] if step["ramp_secs"] else 0
             p99 = step["hold"]["latency"].get("p99_us")
             print(f"| {name} | {step['target_connections']:,} | {step['open_connections']:,} | "
-                  f"{fmt_errors(errors(step))} | {rate:,.0f} | {d.get('received_per_sec') or 0:,.0f} | {us(p99)} | "
+                  f"{fmt_errors(step_errors(step))} | {rate:,.0f} | {d.get('received_per_sec') or 0:,.0f} | {us(p99)} | "
                   f"{mib(srv.get('rss_bytes'))} | {'-' if added is None else f'{added / 1024:.1f} KiB'} | "
                   f"{per_txt} | {exhausted} | {refused} |")
     for name in runs:
@@ -135,7 +130,7 @@ def throughput():
                 ratios.setdefault((proto, layout), []).append(r)
                 ratio = f"{r:.2f}"
         print(f"| {proto} | {layout} | {rnd} | {n} | {step['open_connections']:,} | {d.get('received_per_sec') or 0:,.0f} | "
-              f"{us(lat.get('p50_us'))} | {us(lat.get('p99_us'))} | {fmt_errors(errors(step))} | "
+              f"{us(lat.get('p50_us'))} | {us(lat.get('p99_us'))} | {fmt_errors(step_errors(step))} | "
               f"{d.get('server_cpu_percent') or 0:.0f} | {d.get('generator_cpu_percent') or 0:.0f} | {ratio} |")
     print()
     print("| protocol | layout | ratios 2 / 1 | median |")
@@ -183,7 +178,7 @@ def fanout():
         d = step["derived"]
         hold = step["hold"]
         expected = hold["sent"] * fan
-        lost = sum(n for k, n in errors(step).items() if k in ("echo_lost", "echo_timeout"))
+        lost = sum(n for k, n in step_errors(step).items() if k in ("echo_lost", "echo_timeout"))
         loss = lost / expected if expected else 0
         ratio = hold["received"] / expected if expected else 0
         c = cluster_counters(name)
@@ -194,7 +189,7 @@ def fanout():
                        f"dropped {c.get('echo_cluster_dropped_total', 0):,.0f}")
         print(f"| {layout} | {n} | {nats} | {step['open_connections']:,} | {d.get('sent_per_sec') or 0:,.0f} | "
               f"{d.get('received_per_sec') or 0:,.0f} | {us(hold['latency'].get('p50_us'))} | "
-              f"{us(hold['latency'].get('p99_us'))} | {loss:.2%} | {ratio:.4f} | {fmt_errors(errors(step))} | "
+              f"{us(hold['latency'].get('p99_us'))} | {loss:.2%} | {ratio:.4f} | {fmt_errors(step_errors(step))} | "
               f"{d.get('server_cpu_percent') or 0:.0f} | {crossed} |")
     print()
 
