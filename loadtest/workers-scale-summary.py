@@ -25,8 +25,10 @@ def load(name):
 
 
 def names(prefix):
-    """Runs in the order the script makes them (file times)."""
-    paths = sorted(glob.glob(os.path.join(OUT, prefix + "*.json")), key=os.path.getmtime)
+    """Runs in the order the script makes them (file times; by name where
+    the times are equal, as in a fresh clone, so the order is the same
+    every time)."""
+    paths = sorted(glob.glob(os.path.join(OUT, prefix + "*.json")), key=lambda p: (os.path.getmtime(p), p))
     return [os.path.basename(p)[:-5] for p in paths]
 
 
