@@ -8,6 +8,8 @@
 //! connection owns no read buffer at all.
 
 use std::io;
+use std::pin::Pin;
+use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
@@ -148,25 +150,35 @@ impl Transport {
     /// close is boxed.
     pub async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
-            Transport::Tcp(tcp) => loop {
-                std::future::poll_fn(|cx| tcp.poll_read_ready(cx)).await?;
-                reserve(buf);
-                match tcp.try_read_buf(buf) {
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        // The readiness was stale (it stays set after a
-                        // read until a read would block): give the room back
-                        // before waiting, or every quiet connection would
-                        // hold READ_CHUNK bytes (4 KiB of 14 per idle client,
-                        // measured with heaptrack).
+            Transport::Tcp(tcp) => {
+                std::future::poll_fn(|cx| {
+                    // Waiting, a quiet connection holds no room to read
+                    // into, or every one would hold READ_CHUNK bytes (4 KiB
+                    // of 14 per idle client, measured with heaptrack).
+                    let release = |buf: &mut BytesMut| {
                         if buf.is_empty() {
                             *buf = BytesMut::new();
                         }
-                        continue;
+                    };
+                    if tcp.poll_read_ready(cx)?.is_pending() {
+                        release(buf);
+                        return Poll::Pending;
                     }
-                    Err(e) => return Err(e),
-                }
-            },
+                    reserve(buf);
+                    // Through `poll_read`, not `try_read`: a read that
+                    // fills less than the room it was given shows the
+                    // socket drained, and tokio then clears the readiness,
+                    // so the next read waits for new bytes instead of
+                    // making a `recv` that finds nothing (one per message
+                    // in a closed loop, counted with perf).
+                    let read = tokio_util::io::poll_read_buf(Pin::new(&mut *tcp), cx, buf);
+                    if read.is_pending() {
+                        release(buf);
+                    }
+                    read
+                })
+                .await
+            }
             Transport::Tls(tls) => {
                 reserve(buf);
                 tls.read_buf(buf).await
@@ -287,7 +299,8 @@ mod tests {
         client.write_all(b"x").await.unwrap();
         let mut buf = BytesMut::new();
         assert_eq!(transport.read(&mut buf).await.unwrap(), 1);
-        buf = BytesMut::new();
+        // Consumed, as a session does: empty, its room still there.
+        buf.clear();
         let waiting = tokio::time::timeout(Duration::from_millis(50), transport.read(&mut buf)).await;
         assert!(waiting.is_err(), "nothing was sent");
         assert_eq!(buf.capacity(), 0, "a waiting read holds no buffer");
