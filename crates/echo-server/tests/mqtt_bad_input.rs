@@ -531,7 +531,7 @@ fn clients_taking_each_other_over_in_a_loop_do_not_flood_the_log() {
 }
 
 /// A subscriber that stops reading while its topic gets far more than the
-/// router keeps in memory per topic (mqtt.segment_size x segment_count, 8
+/// router keeps in memory per topic (mqtt.segment_size x segment_count, 128
 /// KiB by default) skips the messages that left the log when it reads
 /// again. rumqttd warned twice for every such read (~40,000 lines/s with
 /// one slow subscriber); now an episode is one warning, and

@@ -146,3 +146,45 @@ fn what_a_session_may_read_again_stays_router_on_its_thread() {
 fn what_a_session_may_read_again_stays_router_on_the_loop() {
     what_a_session_may_read_again_stays(true);
 }
+
+/// A QoS 1 subscriber that acknowledges nothing while 1,000 messages of
+/// 64 bytes are published (about 80 KiB of topic and payload, ten times
+/// its in-flight window) falls that far behind and, once it acknowledges,
+/// still gets every one in order: the default log (`segment_size` x
+/// `segment_count`) holds them; with the former 2 x 4 KiB it skipped all
+/// but the last ~100.
+fn a_subscriber_far_behind_loses_nothing(on_the_loop: bool) {
+    const MESSAGES: u16 = 1_000;
+    let server = server(on_the_loop);
+    let mut slow = subscriber(&server, "logs-slow", true, "logs/slow", 1);
+    let mut publisher = RawMqtt::session(server.mqtt_addr(), 4, "logs-slow-publisher", 30);
+    for n in 0..MESSAGES {
+        let mut payload = [0u8; 64];
+        payload[..2].copy_from_slice(&n.to_be_bytes());
+        publisher.send(&mqtt_raw::publish_qos(4, "logs/slow", 1, n + 1, &payload));
+        assert_eq!(publisher.read_packet().unwrap().packet_type(), 4, "PUBACK");
+    }
+    for n in 0..MESSAGES {
+        let d = slow.read_packet().expect("a PUBLISH").delivery(4);
+        assert_eq!((d.qos, d.payload.len()), (1, 64));
+        assert_eq!(u16::from_be_bytes([d.payload[0], d.payload[1]]), n, "delivered in order, none skipped");
+        slow.send(&mqtt_raw::ack(0x40, d.pkid));
+    }
+    assert_eq!(server.metric("echo_mqtt_slow_subscriber_skips_total"), 0.0);
+    // Read and acknowledged, they leave the log with the next message read
+    // (the router trims a log when a reader catches up with it, not on an
+    // acknowledgement).
+    publish_all(&server, "logs/slow", 0, [1]);
+    assert_eq!(receive(&mut slow, 1, false), vec![1]);
+    logged_stays(&server, 0.0);
+}
+
+#[test]
+fn a_subscriber_far_behind_loses_nothing_router_on_its_thread() {
+    a_subscriber_far_behind_loses_nothing(false);
+}
+
+#[test]
+fn a_subscriber_far_behind_loses_nothing_router_on_the_loop() {
+    a_subscriber_far_behind_loses_nothing(true);
+}
