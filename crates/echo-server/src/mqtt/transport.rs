@@ -3,18 +3,19 @@
 //!
 //! One enum rather than a trait object: the session is generic over nothing,
 //! and each variant keeps what it needs to read without holding a buffer
-//! while the client is quiet. Plain TCP (the common case) waits for
-//! readiness first and only then reserves room to read into, so an idle
-//! connection owns no read buffer at all.
+//! while the client is quiet. Plain TCP (the common case) reads into one
+//! buffer the whole event loop shares and keeps only the bytes that came,
+//! so an idle connection owns no read buffer at all.
 
+use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use rumqttd::protocol::DisconnectReasonCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_tungstenite::WebSocketStream;
@@ -25,8 +26,50 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::ws::stream::Stream;
 
-/// Room reserved before each read.
+/// Room reserved before each TLS read.
 const READ_CHUNK: usize = 4096;
+
+/// Bytes one plain-TCP read takes at most.
+const SCRATCH_LEN: usize = 16 * 1024;
+
+thread_local! {
+    /// What every plain-TCP MQTT read on this thread (the event loop) reads
+    /// into, before the bytes are copied into the session's own buffer,
+    /// which is then exactly as large as what came. A buffer of its own per
+    /// connection would be reserved and given back around every read (an
+    /// idle connection holds none): at one read per message, that large
+    /// malloc and free (and glibc's consolidation of freed chunks it sets
+    /// off) cost more than the copy, and each small message held a whole
+    /// chunk alive for as long as any of its bytes were referenced.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_LEN].into_boxed_slice());
+}
+
+/// One read of a plain-TCP client into `buf`; `Ok(0)` when it closed.
+///
+/// Through `poll_read`, not readiness and `try_read`: a read that fills
+/// less than the room it was given shows the socket drained, and tokio
+/// then clears the readiness, so the next read waits for new bytes instead
+/// of making a `recv` that finds nothing (one per message in a closed
+/// loop, counted with perf).
+fn poll_read_tcp(tcp: &mut TcpStream, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
+    SCRATCH.with_borrow_mut(|scratch| {
+        let mut read = ReadBuf::new(scratch);
+        match Pin::new(tcp).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) => {
+                buf.extend_from_slice(read.filled());
+                Poll::Ready(Ok(read.filled().len()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                // Waiting, a quiet connection holds no buffer.
+                if buf.is_empty() {
+                    *buf = BytesMut::new();
+                }
+                Poll::Pending
+            }
+        }
+    })
+}
 
 /// Why the server ends a connection, as far as the byte stream can tell
 /// the client: a WebSocket close code (RFC 6455 §7.4.1). TCP and TLS just
@@ -145,40 +188,11 @@ impl Transport {
     ///
     /// This future is part of every idle MQTT session (it is what the
     /// session waits on), so what it holds while waiting is kept small:
-    /// readiness is polled rather than awaited through
-    /// `TcpStream::readable` (152 bytes of future), and the rare WebSocket
-    /// close is boxed.
+    /// plain TCP is polled rather than awaited through `TcpStream::readable`
+    /// (152 bytes of future), and the rare WebSocket close is boxed.
     pub async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
-            Transport::Tcp(tcp) => {
-                std::future::poll_fn(|cx| {
-                    // Waiting, a quiet connection holds no room to read
-                    // into, or every one would hold READ_CHUNK bytes (4 KiB
-                    // of 14 per idle client, measured with heaptrack).
-                    let release = |buf: &mut BytesMut| {
-                        if buf.is_empty() {
-                            *buf = BytesMut::new();
-                        }
-                    };
-                    if tcp.poll_read_ready(cx)?.is_pending() {
-                        release(buf);
-                        return Poll::Pending;
-                    }
-                    reserve(buf);
-                    // Through `poll_read`, not `try_read`: a read that
-                    // fills less than the room it was given shows the
-                    // socket drained, and tokio then clears the readiness,
-                    // so the next read waits for new bytes instead of
-                    // making a `recv` that finds nothing (one per message
-                    // in a closed loop, counted with perf).
-                    let read = tokio_util::io::poll_read_buf(Pin::new(&mut *tcp), cx, buf);
-                    if read.is_pending() {
-                        release(buf);
-                    }
-                    read
-                })
-                .await
-            }
+            Transport::Tcp(tcp) => std::future::poll_fn(|cx| poll_read_tcp(tcp, cx, buf)).await,
             Transport::Tls(tls) => {
                 reserve(buf);
                 tls.read_buf(buf).await
