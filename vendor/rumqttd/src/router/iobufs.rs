@@ -227,8 +227,10 @@ impl Outgoing {
 
     // Returns (unsolicited, outoforder) flags
     // Return: Out of order or unsolicited acks
-    pub fn register_ack(&mut self, pkid: u16) -> Option<()> {
-        let (head, _filter_idx, _cursor) = self.inflight_buffer.pop_front()?;
+    /// echo-server patch: returns the log the acknowledged delivery came
+    /// from (was `()`), which may now forget it (`Router::trim_read_logs`).
+    pub fn register_ack(&mut self, pkid: u16) -> Option<FilterIdx> {
+        let (head, filter_idx, _cursor) = self.inflight_buffer.pop_front()?;
 
         // We don't support out of order acks
         if pkid != head {
@@ -236,7 +238,7 @@ impl Outgoing {
             return None;
         }
 
-        Some(())
+        Some(filter_idx)
     }
 
     pub fn register_pubrec(&mut self, pkid: u16) {

@@ -1092,14 +1092,15 @@ impl Router {
 
                     let outgoing = self.obufs.get_mut(id).unwrap();
                     let pkid = puback.pkid;
-                    if outgoing.register_ack(pkid).is_none() {
+                    let Some(filter_idx) = outgoing.register_ack(pkid) else {
                         debug!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
                         disconnect = true;
                         // echo-server patch: say why (was no reason, which a
                         // client cannot tell from a session take-over)
                         disconnect_reason = Some(DisconnectReasonCode::ProtocolError);
                         break;
-                    }
+                    };
+                    self.acknowledged(filter_idx);
 
                     self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
                 }
@@ -1109,13 +1110,13 @@ impl Router {
 
                     let outgoing = self.obufs.get_mut(id).unwrap();
                     let pkid = pubrec.pkid;
-                    if outgoing.register_ack(pkid).is_none() {
+                    let Some(filter_idx) = outgoing.register_ack(pkid) else {
                         debug!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
                         disconnect = true;
                         // echo-server patch: say why
                         disconnect_reason = Some(DisconnectReasonCode::ProtocolError);
                         break;
-                    }
+                    };
 
                     // echo-server patch: a PUBREC with an error reason (0x80
                     // or more) ends the exchange: no PUBREL, no PUBCOMP to
@@ -1131,6 +1132,7 @@ impl Router {
                         outgoing.register_pubrec(pubrel.pkid);
                         ackslog.pubrel(pubrel);
                     }
+                    self.acknowledged(filter_idx);
                     self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
                 }
                 Packet::PubRel(pubrel, None) => {
@@ -1261,6 +1263,17 @@ impl Router {
         // 1 - 4. Hence we use a flag instead of diconnecting immediately
         if disconnect {
             self.handle_disconnection(id, disconnect_reason);
+        }
+        self.trim_read_logs();
+    }
+
+    /// echo-server patch: a QoS 1 or 2 delivery from the log `filter_idx`
+    /// was acknowledged (PUBACK, PUBREC), so the log may forget it if every
+    /// reader has caught up: otherwise the last window of a burst stayed
+    /// until the next message on the topic. Once per log and batch.
+    fn acknowledged(&mut self, filter_idx: FilterIdx) {
+        if self.caught_up.last() != Some(&filter_idx) {
+            self.caught_up.push(filter_idx);
         }
     }
 
