@@ -10,7 +10,8 @@
 //!
 //! - [`mod@self`]: the accept side — connection limit, CONNACK refusals when
 //!   full, TLS, and the entry for MQTT over WebSocket;
-//! - [`session`]: one connection's CONNECT checks and exchange loop;
+//! - [`session`]: one connection: its CONNECT phase, exchange loop and
+//!   closing, and the turns that pace connects and closes;
 //! - [`codec`]: framing with rumqttd's public v4/v5 codecs;
 //! - [`inflow`]: how much of one client's input is taken at a time
 //!   (turns, backpressure towards the router);
@@ -94,8 +95,9 @@ pub struct MqttServer {
     pub access: auth::Access,
     /// The server's memory budget, checked before a client is given more.
     pub budget: Rc<MemoryBudget>,
-    /// Turns for processing a CONNECT (see `mqtt.connect_concurrency`).
-    pub connecting: tokio::sync::Semaphore,
+    /// Turns for processing a CONNECT, and for closing a session (see
+    /// `mqtt.connect_concurrency`).
+    pub(crate) connecting: session::ConnectTurns,
     /// The filters of sessions that outlive their connections, counted
     /// against `mqtt.max_subscriptions` across connections.
     pub(crate) kept: caps::Kept,
@@ -126,7 +128,7 @@ impl MqttServer {
         budget: Rc<MemoryBudget>,
     ) -> Rc<Self> {
         let credentials = auth::Credentials::new(&config.username, &config.password);
-        let connecting = tokio::sync::Semaphore::new(config.connect_concurrency as usize);
+        let connecting = session::ConnectTurns::new(config.connect_concurrency as usize);
         let boot = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
