@@ -153,6 +153,8 @@ impl ConnectTurns {
 
 #[cfg(test)]
 mod tests {
+    use std::pin::Pin;
+
     use futures_util::FutureExt;
     use tokio::io::AsyncWriteExt;
     use tokio::net::{TcpListener, TcpStream};
@@ -174,15 +176,40 @@ mod tests {
         (transport, client)
     }
 
+    /// One turn, no shutdown, and a CONNECT deadline far beyond the
+    /// patience.
+    fn one_turn() -> (ConnectTurns, Shutdown, Instant) {
+        (ConnectTurns::new(1), Shutdown::new(), Instant::now() + Duration::from_secs(10))
+    }
+
+    /// Lets `first` take the only turn, then waits until `next` is checked
+    /// on it while `first` still waits: `first` must give its turn back
+    /// within a second of the paused clock.
+    async fn handed_on<'t, T>(
+        turns: &'t ConnectTurns,
+        mut first: Pin<&mut impl Future>,
+        next: Pin<&mut impl Future<Output = Paced<'t, T>>>,
+    ) -> (T, SemaphorePermit<'t>) {
+        assert!(first.as_mut().now_or_never().is_none());
+        assert_eq!(turns.free.available_permits(), 0, "the first holds the only turn");
+        tokio::select! {
+            biased;
+            _ = first => panic!("the first ended before the next got its turn"),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => panic!("the first kept its turn"),
+            paced = next => match paced {
+                Paced::Checked(checked, turn) => (checked, turn),
+                _ => panic!("the next was not checked"),
+            },
+        }
+    }
+
     /// With one turn: a CONNECT that does not arrive gives its turn back
     /// after the patience (the paused clock moves on while everything
     /// waits), so the next CONNECT is checked first; once the slow one
     /// arrives, it waits for a turn again before it goes on.
     #[tokio::test(start_paused = true)]
     async fn a_connect_that_does_not_arrive_gives_its_turn_to_the_next() {
-        let turns = ConnectTurns::new(1);
-        let shutdown = Shutdown::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let (turns, shutdown, deadline) = one_turn();
         let (mut slow_io, _slow_client) = first_byte_in().await;
         let (mut quick_io, _quick_client) = first_byte_in().await;
         let (arrive, arrived) = oneshot::channel::<()>();
@@ -192,15 +219,8 @@ mod tests {
         });
         let quick = turns.connect(&mut quick_io, deadline, &shutdown, async |_: &mut Transport| Ok("quick"));
         tokio::pin!(slow, quick);
-        assert!(slow.as_mut().now_or_never().is_none());
-        assert_eq!(turns.free.available_permits(), 0, "the slow CONNECT holds the only turn");
-        let quick_turn = tokio::select! {
-            biased;
-            _ = &mut slow => panic!("the slow CONNECT ended first: it kept its turn"),
-            paced = &mut quick => match paced {
-                Paced::Checked("quick", turn) => turn,
-                _ => panic!("the quick CONNECT was not checked"),
-            },
+        let ("quick", quick_turn) = handed_on(&turns, slow.as_mut(), quick).await else {
+            panic!("not the quick CONNECT")
         };
         arrive.send(()).unwrap();
         assert!(slow.as_mut().now_or_never().is_none(), "checked, it waits for a turn");
@@ -213,25 +233,13 @@ mod tests {
     /// the patience, and finishes without it.
     #[tokio::test(start_paused = true)]
     async fn a_slow_closing_gives_its_turn_to_the_next() {
-        let turns = ConnectTurns::new(1);
-        let shutdown = Shutdown::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let (turns, shutdown, deadline) = one_turn();
         let (mut io, _client) = first_byte_in().await;
         let (close, closed) = oneshot::channel::<()>();
         let closing = turns.close(async { closed.await.unwrap() });
         let next = turns.connect(&mut io, deadline, &shutdown, async |_: &mut Transport| Ok(()));
         tokio::pin!(closing, next);
-        assert!(closing.as_mut().now_or_never().is_none());
-        assert_eq!(turns.free.available_permits(), 0, "the closing holds the only turn");
-        let turn = tokio::select! {
-            biased;
-            _ = &mut closing => panic!("the closing ended first"),
-            _ = tokio::time::sleep(Duration::from_secs(1)) => panic!("the closing kept its turn"),
-            paced = &mut next => match paced {
-                Paced::Checked((), turn) => turn,
-                _ => panic!("the next CONNECT was not checked"),
-            },
-        };
+        let ((), turn) = handed_on(&turns, closing.as_mut(), next).await;
         close.send(()).unwrap();
         closing.await;
         drop(turn);
