@@ -95,11 +95,11 @@ impl<'a> LinkBuilder<'a> {
     /// echo-server patch: the router's outgoing state for this client, with
     /// its limits (shared by `build` and `build_async`).
     fn outgoing(
-        client_id: &str,
+        client_id: Arc<str>,
         receive_maximum: Option<u16>,
         max_packet_size: Option<u32>,
     ) -> (Outgoing, Receiver<()>) {
-        let (mut outgoing, link_rx) = Outgoing::new(client_id.to_owned());
+        let (mut outgoing, link_rx) = Outgoing::new(client_id);
         if let Some(max) = receive_maximum {
             outgoing.limit_inflight(max);
         }
@@ -168,9 +168,12 @@ impl<'a> LinkBuilder<'a> {
         if let Some(expiry) = self.session_expiry {
             connection.session_expiry = expiry;
         }
-        let incoming = Incoming::new(connection.client_id.to_owned());
+        // echo-server patch: one copy of the client id for both (see
+        // `Incoming::client_id`)
+        let client_id: Arc<str> = Arc::from(connection.client_id.as_str());
+        let incoming = Incoming::new(client_id.clone());
         let (outgoing, link_rx) = Self::outgoing(
-            &connection.client_id,
+            client_id,
             self.receive_maximum,
             self.max_packet_size,
         );
@@ -206,9 +209,12 @@ impl<'a> LinkBuilder<'a> {
         if let Some(expiry) = self.session_expiry {
             connection.session_expiry = expiry;
         }
-        let incoming = Incoming::new(connection.client_id.to_owned());
+        // echo-server patch: one copy of the client id for both (see
+        // `Incoming::client_id`)
+        let client_id: Arc<str> = Arc::from(connection.client_id.as_str());
+        let incoming = Incoming::new(client_id.clone());
         let (outgoing, link_rx) = Self::outgoing(
-            &connection.client_id,
+            client_id,
             self.receive_maximum,
             self.max_packet_size,
         );

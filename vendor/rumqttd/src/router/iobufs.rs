@@ -27,8 +27,10 @@ const MAX_PKID: u16 = u16::MAX;
 
 #[derive(Debug)]
 pub struct Incoming {
-    /// Identifier associated with connected client
-    pub(crate) client_id: String,
+    /// Identifier associated with connected client. echo-server patch: one
+    /// copy shared with `Outgoing` and the router's connection map (were
+    /// three `String`s per connected client).
+    pub(crate) client_id: Arc<str>,
     /// Recv buffer
     pub(crate) buffer: Arc<Mutex<VecDeque<Packet>>>,
     /// incoming metrics
@@ -37,7 +39,8 @@ pub struct Incoming {
 
 impl Incoming {
     #[inline]
-    pub(crate) fn new(client_id: String) -> Self {
+    pub(crate) fn new(client_id: impl Into<Arc<str>>) -> Self {
+        let client_id = client_id.into();
         Self {
             // echo-server patch: grows on demand (was 200 packets up front)
             buffer: Arc::new(Mutex::new(VecDeque::new())),
@@ -60,8 +63,9 @@ impl Incoming {
 
 #[derive(Debug)]
 pub struct Outgoing {
-    /// Identifier associated with connected client
-    pub(crate) client_id: String,
+    /// Identifier associated with connected client (echo-server patch:
+    /// shared, see `Incoming::client_id`)
+    pub(crate) client_id: Arc<str>,
     /// Send buffer
     pub(crate) data_buffer: Arc<Mutex<VecDeque<Notification>>>,
     /// Handle which is given to router to allow router to communicate with this connection
@@ -88,7 +92,8 @@ pub struct Outgoing {
 
 impl Outgoing {
     #[inline]
-    pub(crate) fn new(client_id: String) -> (Self, Receiver<()>) {
+    pub(crate) fn new(client_id: impl Into<Arc<str>>) -> (Self, Receiver<()>) {
+        let client_id = client_id.into();
         let (handle, rx) = flume::bounded(MAX_CHANNEL_CAPACITY);
         // echo-server patch: these grow on demand (they were allocated at
         // their maximum up front, ~50 KB per connection, idle or not).

@@ -108,7 +108,9 @@ pub struct Router {
     /// List of connections
     connections: Slab<Connection>,
     /// Connection map from device id to connection id
-    connection_map: HashMap<String, ConnectionId>,
+    /// echo-server patch: keyed by the client id `Incoming` and `Outgoing`
+    /// share (was a copy of its own).
+    connection_map: HashMap<Arc<str>, ConnectionId>,
     /// Subscription map to interested connection ids
     subscription_map: HashMap<Filter, HashSet<ConnectionId>>,
     /// echo-server patch: sessions, connected or kept, subscribed to each
@@ -558,7 +560,7 @@ impl Router {
             return;
         };
 
-        let span = tracing::info_span!("incoming_connect", client_id);
+        let span = tracing::info_span!("incoming_connect", client_id = &*client_id);
         let _guard = span.enter();
 
         if cfg!(not(feature = "allow-duplicate-clientid")) {
@@ -601,7 +603,7 @@ impl Router {
             // if session's state is present, restore that session
             // otherwise, just start new one
             saved_state.map_or_else(
-                || Tracker::new(client_id.clone()),
+                || Tracker::new(client_id.to_string()),
                 |session_state| {
                     connection.subscriptions = session_state.subscriptions;
                     connection.subscription_ids = session_state.subscription_ids;
@@ -620,7 +622,7 @@ impl Router {
             }
             // Only retrieve metrics in clean session
             connection.events = saved.map_or_else(ConnectionEvents::default, |s| s.metrics);
-            Tracker::new(client_id.clone())
+            Tracker::new(client_id.to_string())
         };
 
         // echo-server patch: a session that did not resume gets a mark of
@@ -639,7 +641,7 @@ impl Router {
         // string and a queue (155 bytes).
 
         if let Some(will) = connection.last_will.take() {
-            self.last_wills.insert(client_id.clone(), *will);
+            self.last_wills.insert(client_id.to_string(), *will);
         }
 
         // echo-server patch: a resumed session's subscriptions are its own
@@ -713,7 +715,7 @@ impl Router {
             }
         };
 
-        let span = tracing::info_span!("incoming_disconnect", client_id);
+        let span = tracing::info_span!("incoming_disconnect", client_id = &*client_id);
         let _guard = span.enter();
 
         // must handle last will before sending disconnect packet
@@ -843,7 +845,7 @@ impl Router {
         };
 
         let client_id = incoming.client_id.clone();
-        let span = tracing::error_span!("incoming_payload", client_id);
+        let span = tracing::error_span!("incoming_payload", client_id = &*client_id);
         let _guard = span.enter();
 
         // echo-server patch: was an exchange with the router's cache, the
@@ -1054,9 +1056,6 @@ impl Router {
                         // remove the subscription id
                         connection.subscription_ids.remove(filter);
 
-                        let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
-                        meter.unregister_subscription(filter);
-
                         // Leave the share group this filter names (was: every
                         // group, whatever the filter), discarding it if empty.
                         if let Some((group, _)) = extract_group(filter) {
@@ -1231,7 +1230,7 @@ impl Router {
                         }
                     }
                     // delete the last will message
-                    self.last_wills.remove(&client_id);
+                    self.last_wills.remove(&*client_id);
                     break;
                 }
                 incoming => {
@@ -1389,8 +1388,8 @@ impl Router {
             debug_assert!(self.scheduler.check_tracker_duplicates(id).is_none())
         }
 
-        let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
-        meter.register_subscription(filter_path.clone());
+        // echo-server patch: no copy of the filter in the connection's
+        // `IncomingMeter` any more (see there).
         if new_subscription {
             self.filter_ref(filter_path);
         }
@@ -2247,7 +2246,7 @@ fn validate_and_set_topic_alias(
 /// We write everything to outgoing buf with out worrying about buffer size
 /// because acks most certainly won't cause memory bloat
 fn ack_device_data(ackslog: &mut AckLog, outgoing: &mut Outgoing) -> bool {
-    let span = tracing::info_span!("outgoing_ack", client_id = outgoing.client_id);
+    let span = tracing::info_span!("outgoing_ack", client_id = &*outgoing.client_id);
     let _guard = span.enter();
 
     let acks = ackslog.readv();
@@ -2317,7 +2316,7 @@ fn forward_device_data(
     cursor_jumps: &AtomicU64,
     oversize_drops: &AtomicU64,
 ) -> ConsumeStatus {
-    let span = tracing::info_span!("outgoing_publish", client_id = outgoing.client_id);
+    let span = tracing::info_span!("outgoing_publish", client_id = &*outgoing.client_id);
     let _guard = span.enter();
 
     if let Some(ref shared_group) = shared_group {
@@ -2405,7 +2404,7 @@ fn forward_device_data(
     };
 
     if let Some(ref shared_group) = shared_group {
-        let skip_current_client = Some(&outgoing.client_id) != shared_group.current_client();
+        let skip_current_client = Some(&*outgoing.client_id) != shared_group.current_client().map(String::as_str);
 
         if skip_current_client {
             return if caughtup {
@@ -2587,7 +2586,7 @@ fn print_status(router: &mut Router, metrics: Print) {
             println!("{metrics:#?}");
         }
         Print::Connection(id) => {
-            let metrics = router.connection_map.get(&id).map(|v| {
+            let metrics = router.connection_map.get(id.as_str()).map(|v| {
                 let c = router
                     .connections
                     .get(*v)
@@ -2618,7 +2617,7 @@ fn print_status(router: &mut Router, metrics: Print) {
                 .map(|(filter, connections)| {
                     let connections = connections
                         .iter()
-                        .map(|id| router.obufs[*id].client_id.clone())
+                        .map(|id| router.obufs[*id].client_id.to_string())
                         .collect();
 
                     (filter.to_owned(), connections)
@@ -2636,7 +2635,7 @@ fn print_status(router: &mut Router, metrics: Print) {
                 let v: Vec<(String, DataRequest)> = waiters
                     .waiters()
                     .iter()
-                    .map(|(id, request)| (router.obufs[*id].client_id.clone(), request.clone()))
+                    .map(|(id, request)| (router.obufs[*id].client_id.to_string(), request.clone()))
                     .collect();
 
                 println!("{v:#?}");

@@ -35,8 +35,13 @@ impl Scheduler {
         let id = self.readyqueue.pop_front()?;
         let tracker = self.trackers.get_mut(id)?;
 
-        // drain will clear all DataRequest but will keep the allocated memory of our VecDeque.
-        let data_requests = tracker.data_requests.drain(..).collect();
+        // echo-server patch: the tracker's queue itself is taken, leaving an
+        // empty one that holds no memory (was `drain(..).collect()`: a new
+        // queue per poll, while the tracker kept the capacity it had grown
+        // to). Requests caught up are parked in their logs' waiters, so an
+        // idle client's tracker is empty; it held room for two requests
+        // (~190 bytes) for as long as the client stayed connected.
+        let data_requests = std::mem::take(&mut tracker.data_requests);
 
         // Implicitly reschedule the connection. Router will take care of explicitly pausing if
         // required (it has the state necessary to determine if pausing is required)
@@ -62,9 +67,19 @@ impl Scheduler {
         tracker.unregister_data_request(filter.clone());
     }
 
+    /// echo-server patch: an empty `requests` is dropped, so a queue that
+    /// `poll` took comes back only with requests in it (and its memory then
+    /// serves the tracker again instead of a copy).
     pub fn trackv(&mut self, id: ConnectionId, requests: VecDeque<DataRequest>) {
+        if requests.is_empty() {
+            return;
+        }
         let tracker = self.trackers.get_mut(id).unwrap();
-        tracker.data_requests.extend(requests);
+        if tracker.data_requests.is_empty() {
+            tracker.data_requests = requests;
+        } else {
+            tracker.data_requests.extend(requests);
+        }
     }
 
     pub fn reschedule(&mut self, id: ConnectionId, reason: ScheduleReason) {
@@ -126,7 +141,9 @@ pub enum PauseReason {
 
 impl Tracker {
     pub fn new(client_id: String) -> Tracker {
-        let requests = VecDeque::with_capacity(2);
+        // echo-server patch: grows on demand (was room for two requests, kept
+        // by every idle client, whose requests wait in their logs' waiters)
+        let requests = VecDeque::new();
         Tracker {
             id: client_id,
             data_requests: requests,
@@ -236,5 +253,58 @@ impl Scheduler {
         } else {
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod echo_server_patch {
+    use super::*;
+
+    fn request(filter: &str) -> DataRequest {
+        DataRequest {
+            filter: filter.to_owned(),
+            filter_idx: 0,
+            qos: 0,
+            cursor: (0, 0),
+            read_count: 0,
+            max_count: 100,
+            forward_retained: false,
+            group: None,
+            nolocal: false,
+            preserve_retain: false,
+            pending_retained: None,
+        }
+    }
+
+    /// An idle client's requests wait in their logs' waiters, not in its
+    /// tracker: once the router has polled them, the tracker holds no queue
+    /// (it kept room for two, then for as many as it had ever held).
+    #[test]
+    fn a_polled_tracker_holds_no_queue() {
+        let mut scheduler = Scheduler::with_capacity(4);
+        let id = scheduler.add(Tracker::new("idle".to_owned()));
+        assert_eq!(scheduler.trackers[id].data_requests.capacity(), 0);
+        scheduler.track(id, request("a"));
+        scheduler.track(id, request("b"));
+        scheduler.reschedule(id, ScheduleReason::Init);
+
+        // The router read both and parked them: nothing comes back.
+        let (polled, requests) = scheduler.poll().unwrap();
+        assert_eq!((polled, requests.len()), (id, 2));
+        assert_eq!(scheduler.trackers[id].data_requests.capacity(), 0);
+        scheduler.trackv(id, VecDeque::new());
+        assert_eq!(scheduler.trackers[id].data_requests.capacity(), 0);
+
+        // A request left over comes back, in the same queue.
+        scheduler.track(id, request("c"));
+        let (_, mut requests) = scheduler.poll().unwrap();
+        requests.push_back(request("d"));
+        scheduler.trackv(id, requests);
+        let filters: Vec<&str> = scheduler.trackers[id]
+            .data_requests
+            .iter()
+            .map(|r| r.filter.as_str())
+            .collect();
+        assert_eq!(filters, ["c", "d"]);
     }
 }

@@ -73,7 +73,12 @@ where
             panic!("at least 1 segment needs to exist in memory else what's the point of log");
         }
 
-        let mut segments = VecDeque::with_capacity(max_mem_segments);
+        // echo-server patch: room for the active segment only (was room for
+        // `max_mem_segments`, 80 bytes a topic with the default 2, most of
+        // them subscribed topics that never rotate); a log that rotates
+        // grows it then. The active segment's own buffer is made at its
+        // first message (`Segment::new`).
+        let mut segments = VecDeque::with_capacity(1);
         segments.push_back(Segment::new());
 
         Ok(Self {
@@ -208,6 +213,12 @@ where
                 self.segments.pop_front();
                 self.head += 1;
             }
+        }
+        // A log that rotated and is now down to its active segment gives back
+        // the room the others took (at most once per rotation), so that a
+        // topic gone quiet holds what a topic never published to holds.
+        if self.segments.len() == 1 && self.segments.capacity() > 1 {
+            self.segments.shrink_to_fit();
         }
         self.held -= trimmed;
         trimmed
@@ -771,6 +782,40 @@ mod tests {
         assert_eq!(log.trim_before((2, 25)), 0);
         assert_eq!(log.trim_before((7, 0)), 0);
         assert_eq!(log.size(), 1024);
+    }
+
+    /// echo-server patch: a subscribed topic nobody has published to holds
+    /// no message buffer, and room for one segment; a log trimmed empty,
+    /// even after rotating, is back to that.
+    #[test]
+    fn an_empty_log_holds_no_buffer_and_a_trimmed_one_gives_it_back() {
+        let held = |log: &CommitLog<Bytes>| {
+            let buffers: Vec<usize> = log.segments.iter().map(|s| s.data.capacity()).collect();
+            (log.segments.capacity(), buffers)
+        };
+        let mut log: CommitLog<Bytes> = CommitLog::new(10 * 1024, 3).unwrap();
+        assert_eq!(held(&log), (1, vec![0]));
+
+        log.append(random_payload(0, 1024));
+        assert!(held(&log).1[0] >= 1);
+        assert_eq!(log.trim_before(log.next_offset()), 1);
+        assert_eq!(held(&log), (1, vec![0]));
+
+        // 25 messages: three segments, then all of them read.
+        for i in 1..26 {
+            log.append(random_payload(i, 1024));
+        }
+        assert_eq!(log.len(), 3);
+        assert_eq!(log.trim_before(log.next_offset()), 25);
+        assert_eq!(held(&log), (1, vec![0]));
+        assert_eq!((log.next_offset(), log.held()), ((2, 26), 0));
+
+        // And it goes on as before.
+        assert_eq!(log.append(random_payload(26, 1024)), (2, 27));
+        let mut out = Vec::new();
+        log.readv((2, 26), 10, &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        verify(26, 1024, out.remove(0));
     }
 
     #[test]
