@@ -259,10 +259,14 @@ fn a_publish_topic_the_router_cannot_take_closes_the_sender_with_a_reason() {
         assert!(bad.closed_within(Duration::from_secs(5)), "{case}: closed");
         bystanders.still_fine(case);
     }
+    // The router's refusal of the unknown alias is seen (so the check above
+    // that none came earlier means something); its log line may come in
+    // after the client saw its DISCONNECT.
+    server.wait_for_log(Duration::from_secs(5), |v| {
+        v["message"].as_str().is_some_and(|m| m.contains("Failed to append"))
+    });
     let complaints = router_complaints(&server);
     assert!(complaints.iter().all(|line| !line.contains("MQTT router has stopped")));
-    // The router's refusal of the unknown alias is seen (so the check above
-    // that none came earlier means something).
     assert_eq!(
         complaints.iter().filter(|line| line.contains("Failed to append")).count(),
         1,
