@@ -27,6 +27,7 @@
 //! session's keep-alive timer, which is not otherwise due while the client
 //! is not being read).
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -132,7 +133,13 @@ impl Inflow {
                 self.queued_bytes = 0;
             }
             self.queued_bytes += bytes;
-            queue.extend(batch);
+            if was_empty {
+                // The batch becomes the queue, its block and all: no copy
+                // into a block of the queue's own.
+                *queue = VecDeque::from(batch);
+            } else {
+                queue.extend(batch);
+            }
             if !was_empty {
                 return;
             }

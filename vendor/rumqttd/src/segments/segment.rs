@@ -84,6 +84,11 @@ where
                 ret = None;
                 limit = self.len();
             }
+            // echo-server patch: room for exactly what is read (`extend`
+            // would make room for at least four: a block too large for
+            // malloc's per-thread cache when one message is read, as most
+            // reads of a caught-up subscriber are).
+            out.reserve_exact((limit - idx) as usize);
             let offsets = std::iter::repeat(cursor.0).zip(cursor.1..cursor.1 + limit);
             let o = self.data[idx as usize..limit as usize]
                 .iter()

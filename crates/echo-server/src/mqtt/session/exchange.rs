@@ -341,8 +341,10 @@ fn collect(
     in_flight: &mut InFlight,
     v5: bool,
 ) -> RouterBatch {
-    let mut batch =
-        RouterBatch { packets: Vec::new(), unscheduled: false, router_disconnect: None, gone: false };
+    // Room for one packet, as most batches are: `Vec`'s first growth,
+    // room for four, is a block too large for malloc's per-thread cache.
+    let packets = Vec::with_capacity(1);
+    let mut batch = RouterBatch { packets, unscheduled: false, router_disconnect: None, gone: false };
     let mut next = Some(Ok(first));
     while let Some(Ok(notification)) = next.take() {
         if let Some(notification) = notification {

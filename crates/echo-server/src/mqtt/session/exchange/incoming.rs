@@ -100,6 +100,19 @@ pub(super) struct Handling<'t, 'a> {
 }
 
 impl<'t, 'a> Handling<'t, 'a> {
+    /// Adds a packet to the router's batch. The first one gets room for
+    /// itself alone: most batches are one packet (a publish, an ack), and
+    /// `Vec`'s first growth, room for four packets, is a block too large
+    /// for malloc's per-thread cache (with its consolidation of freed
+    /// chunks, 2% of a closed loop's CPU); the batch goes to the router,
+    /// which frees it once it has taken the packets.
+    fn for_router(&mut self, packet: Packet) {
+        if self.batch.capacity() == 0 {
+            self.batch.reserve_exact(1);
+        }
+        self.batch.push(packet);
+    }
+
     pub(super) fn new(
         session: &'t mut Accepted,
         awaiting: &'t mut Awaiting<'a>,
@@ -134,7 +147,7 @@ impl<'t, 'a> Handling<'t, 'a> {
             }
             Packet::Unsubscribe(unsubscribe, properties) => {
                 server.kept.unsubscribe(&self.session.held.filters, &unsubscribe.filters);
-                self.batch.push(Packet::Unsubscribe(unsubscribe, properties));
+                self.for_router(Packet::Unsubscribe(unsubscribe, properties));
             }
             // The release of a QoS 2 publish the session refused: the router
             // never saw it. In 3.1.1 the refusal was a PUBREC as if delivered,
@@ -150,10 +163,10 @@ impl<'t, 'a> Handling<'t, 'a> {
             // the publish would stay held and never be completed.
             Packet::PubRel(pubrel, _) => {
                 self.awaiting.acks.owed();
-                self.batch.push(Packet::PubRel(pubrel, None));
+                self.for_router(Packet::PubRel(pubrel, None));
             }
             packet @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
-                self.batch.push(packet)
+                self.for_router(packet)
             }
             // A second CONNECT, or a packet only servers send (which the codec
             // refuses before it is decoded).
@@ -213,7 +226,7 @@ impl<'t, 'a> Handling<'t, 'a> {
         if qos == 2 {
             self.awaiting.acks.forwarded_qos2(publish.pkid());
         }
-        self.batch.push(Packet::Publish(publish, properties));
+        self.for_router(Packet::Publish(publish, properties));
         None
     }
 
@@ -240,7 +253,7 @@ impl<'t, 'a> Handling<'t, 'a> {
             self.awaiting.refusals.remember(subscribe.pkid, refused);
             let cost = subscribe.filters.iter().map(|f| subscription_cost(f.path.len())).sum();
             self.awaiting.charges.charge(subscribe.pkid, cost);
-            self.batch.push(Packet::Subscribe(subscribe, properties));
+            self.for_router(Packet::Subscribe(subscribe, properties));
         }
     }
 
