@@ -233,7 +233,12 @@ impl<'a> LinkBuilder<'a> {
         link_rx: Arc<Outbox>,
         incoming_data_buffer: Arc<Mutex<VecDeque<Packet>>>,
     ) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
-        let notification = link_rx.lock().pop_front().unwrap();
+        // echo-server patch: the whole queue is taken, not just the
+        // CONNACK: wake-ups coalesce (`link::outbox`), so what the router
+        // queued with it (a resumed session's publishes) would get no
+        // wake-up of its own. The rest is the link's first batch.
+        let mut queue = link_rx.take();
+        let notification = queue.pop_front().unwrap();
 
         // Right now link identifies failure with dropped rx in router,
         // which is probably ok. We need this here to get id assigned by router
@@ -243,7 +248,10 @@ impl<'a> LinkBuilder<'a> {
         };
 
         let tx = LinkTx::new(id, router_tx.clone(), incoming_data_buffer);
-        let rx = LinkRx::new(id, router_tx, link_rx);
+        let mut rx = LinkRx::new(id, router_tx, link_rx);
+        if !queue.is_empty() {
+            rx.cache = queue;
+        }
         Ok((tx, rx, notification))
     }
 }
