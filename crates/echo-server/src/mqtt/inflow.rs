@@ -20,7 +20,7 @@
 //!   grew by whatever the client sent faster than the router could take.
 //!
 //! The router tells a link that emptied a long queue through the link's
-//! notification channel (an empty notification; vendor/rumqttd's
+//! wake-up (an empty notification; vendor/rumqttd's
 //! `QUEUE_DRAINED_WAKE`), so a waiting session reads again as soon as there
 //! is room. A queue that is full by bytes with fewer packets than that gets
 //! no such wake-up, and is looked at again after [`RECHECK`] (on the

@@ -2,6 +2,7 @@ use crate::protocol::{
     Filter, LastWill, LastWillProperties, Packet, Publish, QoS, RetainForwardRule, Subscribe,
     Unsubscribe,
 };
+use crate::link::outbox::{Outbox, WaitError};
 use crate::router::Ack;
 use crate::router::{
     iobufs::{Incoming, Outgoing},
@@ -9,7 +10,7 @@ use crate::router::{
 };
 use crate::ConnectionId;
 use bytes::Bytes;
-use flume::{Receiver, RecvError, RecvTimeoutError, SendError, Sender, TrySendError};
+use flume::{RecvError, RecvTimeoutError, SendError, Sender, TrySendError};
 use parking_lot::lock_api::MutexGuard;
 use parking_lot::{Mutex, RawMutex};
 
@@ -98,7 +99,7 @@ impl<'a> LinkBuilder<'a> {
         client_id: Arc<str>,
         receive_maximum: Option<u16>,
         max_packet_size: Option<u32>,
-    ) -> (Outgoing, Receiver<()>) {
+    ) -> (Outgoing, Arc<Outbox>) {
         let (mut outgoing, link_rx) = Outgoing::new(client_id);
         if let Some(max) = receive_maximum {
             outgoing.limit_inflight(max);
@@ -177,7 +178,6 @@ impl<'a> LinkBuilder<'a> {
             self.receive_maximum,
             self.max_packet_size,
         );
-        let outgoing_data_buffer = outgoing.buffer();
         let incoming_data_buffer = incoming.buffer();
 
         let event = Event::Connect {
@@ -188,14 +188,15 @@ impl<'a> LinkBuilder<'a> {
 
         self.router_tx.send((0, event))?;
 
-        link_rx.recv()?;
-        Self::finish(self.router_tx, link_rx, outgoing_data_buffer, incoming_data_buffer)
+        link_rx.wait(None).map_err(|_| RecvError::Disconnected)?;
+        Self::finish(self.router_tx, link_rx, incoming_data_buffer)
     }
 
     /// echo-server patch: `build` without blocking the calling thread. The
     /// router's answer is awaited as a future (flume's async receive), so a
     /// single-threaded event loop can register clients while it keeps
-    /// serving the others.
+    /// serving the others. (The answer was awaited through flume; now
+    /// through the link's outbox, see `link::outbox`.)
     pub async fn build_async(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
         let mut connection = Connection::new(
             self.tenant_id,
@@ -218,23 +219,26 @@ impl<'a> LinkBuilder<'a> {
             self.receive_maximum,
             self.max_packet_size,
         );
-        let outgoing_data_buffer = outgoing.buffer();
         let incoming_data_buffer = incoming.buffer();
         let event = Event::Connect { connection, incoming, outgoing };
         self.router_tx.send_async((0, event)).await?;
-        link_rx.recv_async().await?;
-        Self::finish(self.router_tx, link_rx, outgoing_data_buffer, incoming_data_buffer)
+        link_rx.wait_async().await.map_err(|_| RecvError::Disconnected)?;
+        Self::finish(self.router_tx, link_rx, incoming_data_buffer)
     }
 
     /// The part of `build` after the router answered (echo-server patch:
     /// shared by `build` and `build_async`).
     fn finish(
         router_tx: Sender<(ConnectionId, Event)>,
-        link_rx: Receiver<()>,
-        outgoing_data_buffer: Arc<Mutex<VecDeque<Notification>>>,
+        link_rx: Arc<Outbox>,
         incoming_data_buffer: Arc<Mutex<VecDeque<Packet>>>,
     ) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
-        let notification = outgoing_data_buffer.lock().pop_front().unwrap();
+        // echo-server patch: the whole queue is taken, not just the
+        // CONNACK: wake-ups coalesce (`link::outbox`), so what the router
+        // queued with it (a resumed session's publishes) would get no
+        // wake-up of its own. The rest is the link's first batch.
+        let mut queue = link_rx.take();
+        let notification = queue.pop_front().unwrap();
 
         // Right now link identifies failure with dropped rx in router,
         // which is probably ok. We need this here to get id assigned by router
@@ -244,7 +248,10 @@ impl<'a> LinkBuilder<'a> {
         };
 
         let tx = LinkTx::new(id, router_tx.clone(), incoming_data_buffer);
-        let rx = LinkRx::new(id, router_tx, link_rx, outgoing_data_buffer);
+        let mut rx = LinkRx::new(id, router_tx, link_rx);
+        if !queue.is_empty() {
+            rx.cache = queue;
+        }
         Ok((tx, rx, notification))
     }
 }
@@ -457,23 +464,29 @@ impl LinkTx {
 pub struct LinkRx {
     connection_id: ConnectionId,
     router_tx: Sender<(ConnectionId, Event)>,
-    router_rx: Receiver<()>,
-    send_buffer: Arc<Mutex<VecDeque<Notification>>>,
+    /// echo-server patch: the router's notifications for this link and its
+    /// wake-up in one record (were a flume channel of `()` and a shared
+    /// buffer, see `link::outbox`).
+    outbox: Arc<Outbox>,
     cache: VecDeque<Notification>,
 }
 
+impl Drop for LinkRx {
+    fn drop(&mut self) {
+        self.outbox.forget_waiter();
+    }
+}
+
 impl LinkRx {
-    pub fn new(
+    pub(crate) fn new(
         connection_id: ConnectionId,
         router_tx: Sender<(ConnectionId, Event)>,
-        router_rx: Receiver<()>,
-        outgoing_data_buffer: Arc<Mutex<VecDeque<Notification>>>,
+        outbox: Arc<Outbox>,
     ) -> LinkRx {
         LinkRx {
             connection_id,
             router_tx,
-            router_rx,
-            send_buffer: outgoing_data_buffer,
+            outbox,
             // echo-server patch: grows on demand (was 100 notifications up front)
             cache: VecDeque::new(),
         }
@@ -491,10 +504,10 @@ impl LinkRx {
             Some(v) => Ok(Some(v)),
             None => {
                 // If cache is empty, check for router trigger and get fresh notifications
-                self.router_rx.recv()?;
+                self.outbox.wait(None).map_err(|_| RecvError::Disconnected)?;
                 // Collect 'all' the data in the buffer after a notification.
                 // Notification means fresh data which isn't previously collected
-                mem::swap(&mut *self.send_buffer.lock(), &mut self.cache);
+                mem::swap(&mut *self.outbox.lock(), &mut self.cache);
                 Ok(self.cache.pop_front())
             }
         }
@@ -508,8 +521,11 @@ impl LinkRx {
             Some(v) => Ok(Some(v)),
             None => {
                 // If cache is empty, check for router trigger and get fresh notifications
-                self.router_rx.recv_deadline(deadline)?;
-                mem::swap(&mut *self.send_buffer.lock(), &mut self.cache);
+                self.outbox.wait(Some(deadline)).map_err(|e| match e {
+                    WaitError::Closed => RecvTimeoutError::Disconnected,
+                    WaitError::Timeout => RecvTimeoutError::Timeout,
+                })?;
+                mem::swap(&mut *self.outbox.lock(), &mut self.cache);
                 Ok(self.cache.pop_front())
             }
         }
@@ -532,10 +548,10 @@ impl LinkRx {
         // before waiting and the buffer taken, not swapped.
         self.cache = VecDeque::new();
         // If cache is empty, check for router trigger and get fresh notifications
-        self.router_rx.recv_async().await?;
+        self.outbox.wait_async().await.map_err(|_| RecvError::Disconnected)?;
         // Collect 'all' the data in the buffer after a notification.
         // Notification means fresh data which isn't previously collected
-        self.cache = mem::take(&mut *self.send_buffer.lock());
+        self.cache = self.outbox.take();
         Ok(self.cache.pop_front())
     }
 
@@ -543,8 +559,8 @@ impl LinkRx {
         &mut self,
         notifications: &mut VecDeque<Notification>,
     ) -> Result<(), LinkError> {
-        self.router_rx.recv_async().await?;
-        mem::swap(&mut *self.send_buffer.lock(), notifications);
+        self.outbox.wait_async().await.map_err(|_| RecvError::Disconnected)?;
+        mem::swap(&mut *self.outbox.lock(), notifications);
         Ok(())
     }
 

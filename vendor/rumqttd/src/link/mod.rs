@@ -4,5 +4,6 @@ pub mod console;
 pub mod local;
 pub mod meters;
 pub mod network;
+pub(crate) mod outbox;
 pub mod remote;
 pub mod timer;

@@ -4,13 +4,13 @@ use std::{
     sync::Arc,
 };
 
-use flume::{Receiver, Sender};
 use parking_lot::Mutex;
 use tracing::debug;
 
 use crate::{
+    link::outbox::{Outbox, OutboxTx},
     protocol::Packet,
-    router::{FilterIdx, MAX_CHANNEL_CAPACITY},
+    router::FilterIdx,
     Cursor, Notification,
 };
 
@@ -66,10 +66,10 @@ pub struct Outgoing {
     /// Identifier associated with connected client (echo-server patch:
     /// shared, see `Incoming::client_id`)
     pub(crate) client_id: Arc<str>,
-    /// Send buffer
-    pub(crate) data_buffer: Arc<Mutex<VecDeque<Notification>>>,
-    /// Handle which is given to router to allow router to communicate with this connection
-    pub(crate) handle: Sender<()>,
+    /// Send buffer, and the wake-up of the link that reads it
+    /// (echo-server patch: one shared record, was a buffer and a flume
+    /// channel, see `link::outbox`)
+    pub(crate) handle: OutboxTx,
     /// The buffer to keep track of inflight packets.
     inflight_buffer: VecDeque<(u16, FilterIdx, Option<Cursor>)>,
     /// PubRels waiting for PubComp
@@ -92,18 +92,17 @@ pub struct Outgoing {
 
 impl Outgoing {
     #[inline]
-    pub(crate) fn new(client_id: impl Into<Arc<str>>) -> (Self, Receiver<()>) {
+    pub(crate) fn new(client_id: impl Into<Arc<str>>) -> (Self, Arc<Outbox>) {
         let client_id = client_id.into();
-        let (handle, rx) = flume::bounded(MAX_CHANNEL_CAPACITY);
+        let handle = OutboxTx::new();
+        let rx = handle.outbox();
         // echo-server patch: these grow on demand (they were allocated at
         // their maximum up front, ~50 KB per connection, idle or not).
-        let data_buffer = VecDeque::new();
         let inflight_buffer = VecDeque::new();
         let unacked_pubrels = VecDeque::new();
 
         let outgoing = Self {
             client_id,
-            data_buffer: Arc::new(Mutex::new(data_buffer)),
             inflight_buffer,
             unacked_pubrels,
             handle,
@@ -114,11 +113,6 @@ impl Outgoing {
         };
 
         (outgoing, rx)
-    }
-
-    #[inline]
-    pub(crate) fn buffer(&self) -> Arc<Mutex<VecDeque<Notification>>> {
-        self.data_buffer.clone()
     }
 
     /// echo-server patch: the in-flight window the router keeps to for
@@ -153,7 +147,7 @@ impl Outgoing {
     }
 
     pub fn push_notification(&mut self, notification: Notification) -> usize {
-        let mut buffer = self.data_buffer.lock();
+        let mut buffer = self.handle.lock();
         buffer.push_back(notification);
         buffer.len()
     }
@@ -173,7 +167,7 @@ impl Outgoing {
             dropped += usize::from(!fits);
             fits
         });
-        let mut buffer = self.data_buffer.lock();
+        let mut buffer = self.handle.lock();
 
         if qos == 0 {
             for p in publishes {
@@ -389,7 +383,7 @@ mod test {
     //     }
     //
     //     // Outgoing publish pkids are as expected
-    //     for (i, o) in outgoing.data_buffer.lock().iter().enumerate() {
+    //     for (i, o) in outgoing.handle.lock().iter().enumerate() {
     //         let pkid = match &o {
     //             Notification::Forward(f) => f.publish.pkid,
     //             _ => unreachable!(),
@@ -429,7 +423,7 @@ mod echo_server_patch {
     }
 
     fn pkids(outgoing: &Outgoing) -> Vec<u16> {
-        let buffer = outgoing.data_buffer.lock();
+        let buffer = outgoing.handle.lock();
         buffer
             .iter()
             .map(|n| match n {

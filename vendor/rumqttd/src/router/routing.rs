@@ -739,12 +739,9 @@ impl Router {
 
             let disconnect_notification = Notification::Disconnect(disconnect, None);
 
-            outgoing
-                .data_buffer
-                .lock()
-                .push_back(disconnect_notification);
+            outgoing.handle.lock().push_back(disconnect_notification);
 
-            outgoing.handle.try_send(()).ok();
+            outgoing.handle.wake();
         }
 
         // Remove connection from router
@@ -858,11 +855,11 @@ impl Router {
         // echo-server patch: a link whose queue grew to QUEUE_DRAINED_WAKE
         // packets or more may have stopped reading its client until the
         // router has taken them (backpressure): tell it through the
-        // notification channel it already waits on. Links that send a few
+        // wake-up it already waits on (its outbox). Links that send a few
         // packets per sweep never get this extra wake-up.
         if packets.len() >= crate::local::QUEUE_DRAINED_WAKE {
             if let Some(outgoing) = self.obufs.get(id) {
-                outgoing.handle.try_send(()).ok();
+                outgoing.handle.wake();
             }
         }
 
@@ -2256,7 +2253,7 @@ fn ack_device_data(ackslog: &mut AckLog, outgoing: &mut Outgoing) -> bool {
     }
 
     let mut count = 0;
-    let mut buffer = outgoing.data_buffer.lock();
+    let mut buffer = outgoing.handle.lock();
 
     // Unlike forwards, we are reading all the pending acks for a given connection.
     // At any given point of time, there can be a max of connection's buffer size
@@ -2272,7 +2269,7 @@ fn ack_device_data(ackslog: &mut AckLog, outgoing: &mut Outgoing) -> bool {
     }
 
     debug!(acks_count = count, "Acks sent to device");
-    outgoing.handle.try_send(()).ok();
+    outgoing.handle.wake();
     true
 }
 
@@ -2537,11 +2534,11 @@ fn forward_device_data(
     if len >= MAX_CHANNEL_CAPACITY - 1 {
         debug!("Outgoing channel reached its capacity");
         outgoing.push_notification(Notification::Unschedule);
-        outgoing.handle.try_send(()).ok();
+        outgoing.handle.wake();
         return ConsumeStatus::BufferFull;
     }
 
-    outgoing.handle.try_send(()).ok();
+    outgoing.handle.wake();
 
     // update the state of shared subscription
     if let Some(share) = shared_group {
@@ -2571,7 +2568,7 @@ fn retrieve_shadow(datalog: &mut DataLog, outgoing: &mut Outgoing, shadow: Shado
         if len >= MAX_CHANNEL_CAPACITY - 1 {
             outgoing.push_notification(Notification::Unschedule);
         }
-        outgoing.handle.try_send(()).ok();
+        outgoing.handle.wake();
     }
 }
 
