@@ -22,7 +22,7 @@ pub use link::alerts;
 pub use link::local;
 pub use link::meters;
 pub use router::{
-    Alert, FilterEvent, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router,
+    Alert, FilterEvent, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, QueueCaps, Router,
     RouterError, SnapshotHandle, TapMessage, TurnBudget,
 };
 /// echo-server patch: persistence across restarts (`Router::snapshot`).

@@ -81,6 +81,15 @@ impl Graveyard {
         self.connections.values()
     }
 
+    /// echo-server patch: the trackers of the saved sessions: their
+    /// requests, whose cursors hold the logs (`queues`).
+    pub fn trackers_mut(&mut self) -> impl Iterator<Item = &mut Tracker> {
+        self.connections
+            .values_mut()
+            .filter_map(|s| s.session_state.as_mut())
+            .map(|s| &mut s.tracker)
+    }
+
     /// echo-server patch: how many sessions are saved.
     pub fn len(&self) -> usize {
         self.connections.len()

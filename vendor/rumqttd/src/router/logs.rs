@@ -52,9 +52,13 @@ impl From<PubWithProp> for PublishData {
 impl Storage for PublishData {
     // TODO: calculate size of publish properties as well!
     fn size(&self) -> usize {
-        let publish = &self.publish;
-        4 + publish.topic.len() + publish.payload.len()
+        publish_size(&self.publish)
     }
+}
+
+/// The size a log counts for a message: its topic and payload, and 4.
+pub(crate) fn publish_size(publish: &Publish) -> usize {
+    4 + publish.topic.len() + publish.payload.len()
 }
 
 /// Stores 'device' data and 'actions' data in native commitlog
@@ -105,6 +109,10 @@ pub struct DataLog {
     /// echo-server patch: how many messages all the logs hold, for the
     /// embedding server's metrics (`Router::log_messages`).
     pub(crate) held_messages: Arc<AtomicU64>,
+    /// echo-server patch: bytes (`Storage::size`) appended to the logs so
+    /// far, which pace the router's sweeps for sessions over their queue
+    /// caps (`queues`).
+    pub(crate) appended_bytes: u64,
 }
 
 /// echo-server patch: subscription filters as a tree keyed by topic level,
@@ -621,6 +629,7 @@ impl DataLog {
             wildcard_filters,
             wildcard_topics: HashMap::new(),
             held_messages: Arc::default(),
+            appended_bytes: 0,
         })
     }
 

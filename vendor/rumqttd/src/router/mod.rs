@@ -17,6 +17,7 @@ mod connection;
 mod graveyard;
 pub mod iobufs;
 mod logs;
+mod queues;
 mod routing;
 mod scheduler;
 pub mod snapshot;
@@ -26,6 +27,7 @@ mod waiters;
 
 pub use alertlog::Alert;
 pub use connection::Connection;
+pub use queues::QueueCaps;
 pub use routing::{FilterEvent, Router, RouterError, SnapshotHandle, TapMessage, TurnBudget};
 pub use waiters::Waiters;
 

@@ -23,7 +23,8 @@ use tracing::{debug, error, trace};
 use super::alertlog::{Alert, AlertLog};
 use super::graveyard::Graveyard;
 use super::iobufs::{Incoming, Outgoing};
-use super::logs::{AckLog, DataLog, Origin, PublishData};
+use super::logs::{publish_size, AckLog, DataLog, Origin, PublishData};
+use super::queues::{cap_session, QueueCaps, Readers, Sweeps};
 use super::snapshot;
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::tables::Shrink;
@@ -167,6 +168,12 @@ pub struct Router {
     /// `consume`, whose read messages `trim_read_logs` may then forget.
     /// Kept between calls for its capacity.
     caught_up: Vec<FilterIdx>,
+    /// echo-server patch: the most a session may leave unread in the logs
+    /// (`queue_caps`), when the next sweep for those over it is due, and
+    /// how many messages they lost to it; see `queues`.
+    queue_caps: QueueCaps,
+    sweeps: Sweeps,
+    queue_drops: Arc<AtomicU64>,
 }
 
 /// echo-server patch: a publish as the router appended it to its logs
@@ -242,6 +249,9 @@ impl Router {
             tap: None,
             filter_events: None,
             caught_up: Vec::new(),
+            queue_caps: QueueCaps::NONE,
+            sweeps: Sweeps::default(),
+            queue_drops: Arc::default(),
         }
     }
 
@@ -272,6 +282,16 @@ impl Router {
         let (tx, rx) = flume::unbounded();
         self.filter_events = Some(tx);
         rx
+    }
+
+    /// echo-server patch: from now on, no session, connected or kept, is
+    /// more than `caps` behind over all its filters: past that it loses its
+    /// oldest unread messages (see `queues`), which the returned counter
+    /// counts. 0.20.0 had no such cap: only each topic's log was bounded.
+    /// Call before the router runs.
+    pub fn queue_caps(&mut self, caps: QueueCaps) -> Arc<AtomicU64> {
+        self.queue_caps = caps;
+        self.queue_drops.clone()
     }
 
     /// echo-server patch: the count of subscriptions sessions hold, those
@@ -1261,6 +1281,7 @@ impl Router {
             self.handle_disconnection(id, disconnect_reason);
         }
         self.trim_read_logs();
+        self.cap_queues_when_due();
     }
 
     /// echo-server patch: a QoS 1 or 2 delivery from the log `filter_idx`
@@ -1617,6 +1638,98 @@ impl Router {
         }
     }
 
+    /// echo-server patch: a sweep for sessions over their queue caps, if
+    /// the logs grew enough since the last one (`queues::Sweeps`).
+    fn cap_queues_when_due(&mut self) {
+        if self.queue_caps.is_none() {
+            return;
+        }
+        let held = self.datalog.held_messages.load(Ordering::Relaxed);
+        let appended = self.datalog.appended_bytes;
+        if self.sweeps.due(held, appended) {
+            self.cap_queues();
+            let held = self.datalog.held_messages.load(Ordering::Relaxed);
+            self.sweeps.done(held, appended);
+        }
+    }
+
+    /// echo-server patch: every session, connected or kept, that has more
+    /// unread than `queue_caps` allows loses its oldest unread messages
+    /// (`queues::cap_session`); then the logs it skipped in forget what no
+    /// reader needs any more. A connected session's requests that wait at
+    /// their logs' ends (parked) have nothing unread, so only those in its
+    /// tracker count.
+    fn cap_queues(&mut self) {
+        let caps = self.queue_caps;
+        let mut skipped_in = Vec::new();
+        let mut skipped = 0;
+        let datalog = &self.datalog;
+        for (_, tracker) in self.scheduler.trackers.iter_mut() {
+            let lost = cap_session(&mut tracker.data_requests, datalog, caps, &mut skipped_in);
+            if lost > 0 {
+                debug!(client_id = tracker.id, lost, "over its queue cap: oldest messages skipped");
+            }
+            skipped += lost;
+        }
+        for tracker in self.graveyard.trackers_mut() {
+            skipped += cap_session(&mut tracker.data_requests, datalog, caps, &mut skipped_in);
+        }
+        if skipped > 0 {
+            self.queue_drops.fetch_add(skipped, Ordering::Relaxed);
+            skipped_in.sort_unstable();
+            skipped_in.dedup();
+            self.trim_logs_read_by_all(&skipped_in);
+        }
+    }
+
+    /// echo-server patch: `logs` forget what all their readers have read,
+    /// wherever their requests are: parked in the log, in a connected
+    /// session's tracker, or kept with a session that is away. Only when
+    /// every reader is found (`filter_refs`) and none is a shared
+    /// subscription; otherwise the log is left to rotate as before. This is
+    /// `trim_read_logs` for logs whose readers are not all caught up: it
+    /// walks every session's requests, so it runs only after a sweep made
+    /// some skip.
+    fn trim_logs_read_by_all(&mut self, logs: &[FilterIdx]) {
+        let mut readers = Readers::of(logs);
+        let inflight = |conn: ConnectionId, request: &DataRequest| {
+            (request.qos > 0)
+                .then(|| self.obufs.get(conn)?.oldest_inflight(request.filter_idx))
+                .flatten()
+        };
+        for (conn, tracker) in self.scheduler.trackers.iter() {
+            for request in &tracker.data_requests {
+                readers.add(request, inflight(conn, request));
+            }
+        }
+        for tracker in self.graveyard.trackers_mut() {
+            for request in &tracker.data_requests {
+                readers.add(request, None);
+            }
+        }
+        for &idx in logs {
+            let Some(data) = self.datalog.native.get(idx) else {
+                continue;
+            };
+            for (conn, request) in data.waiters.waiters() {
+                readers.add(request, inflight(*conn, request));
+            }
+            let Some(reading) = readers.get(idx) else {
+                continue;
+            };
+            let filter = self.datalog.log_filter(idx).map(String::as_str);
+            let held = filter.and_then(|f| self.filter_refs.get(f)).copied();
+            if reading.shared || held != Some(reading.count) {
+                continue;
+            }
+            let data = &mut self.datalog.native[idx];
+            if data.log.first_offset() < reading.oldest {
+                let trimmed = data.log.trim_before(reading.oldest);
+                self.datalog.held_messages.fetch_sub(trimmed, Ordering::Relaxed);
+            }
+        }
+    }
+
     pub fn handle_last_will(
         &mut self,
         client_id: String,
@@ -1662,6 +1775,7 @@ impl Router {
                     self.scheduler.track(id, request);
                     self.scheduler.reschedule(id, ScheduleReason::FreshData);
                 }
+                self.cap_queues_when_due();
             }
             Err(e) => {
                 // Disconnect on bad publishes
@@ -2121,6 +2235,7 @@ fn append_to_commitlog(
     let mut o = (0, 0);
     let origin = connection.origin;
     for filter_idx in filter_idxs {
+        datalog.appended_bytes += publish_size(&publish) as u64;
         let held = &datalog.held_messages;
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
         let publish_data = PublishData {
@@ -2193,6 +2308,7 @@ fn append_will_message(
 
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
+        datalog.appended_bytes += publish_size(&publish) as u64;
         let held = &datalog.held_messages;
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
         let publish_data = (publish.clone(), properties.clone());
@@ -3335,6 +3451,7 @@ mod echo_server_patch {
     use super::{FilterEvent, Router};
     use crate::local::LinkBuilder;
     use crate::RouterConfig;
+    use std::sync::atomic::Ordering;
     use std::time::Duration;
 
     fn router() -> Router {
@@ -3409,5 +3526,73 @@ mod echo_server_patch {
         // `one` leaving frees `a/+` (two had let go of it first).
         assert_eq!(recv(&filters), FilterEvent::Freed("a/+".into()));
         assert!(filters.try_recv().is_err());
+    }
+
+    /// A session that never reads, connected or kept, holds the logs to
+    /// its queue cap, not to each log's bound: what it would lose to the
+    /// logs' rotation anyway it loses earlier, counted, and the logs forget
+    /// it (no one else reads them).
+    #[test]
+    fn sessions_that_never_read_are_held_to_their_queue_caps() {
+        // Logs of ~14,000 messages each: their own bound is far off.
+        let mut router = Router::new(
+            0,
+            RouterConfig {
+                max_segment_size: 64 * 1024,
+                max_connections: 10,
+                max_segment_count: 10,
+                max_outgoing_packet_count: 200,
+                ..RouterConfig::default()
+            },
+        );
+        let cap = 300;
+        let drops = router.queue_caps(crate::QueueCaps {
+            messages: cap,
+            bytes: u64::MAX,
+        });
+        let held = router.log_messages();
+        let router_tx = router.spawn();
+        let link = |id: &str, clean: bool| {
+            LinkBuilder::new(id, router_tx.clone())
+                .clean_session(clean)
+                .dynamic_filters(false)
+                .build()
+                .unwrap()
+        };
+        let (mut kept, _kept_rx, _) = link("kept", false);
+        let (mut connected, _connected_rx, _) = link("connected", true);
+        for topic in 0..5 {
+            kept.subscribe(format!("k/{topic}")).unwrap();
+            connected.subscribe(format!("c/{topic}")).unwrap();
+        }
+        let bye = crate::protocol::Disconnect {
+            reason_code: crate::protocol::DisconnectReasonCode::NormalDisconnection,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime
+            .block_on(kept.send(crate::protocol::Packet::Disconnect(bye, None)))
+            .unwrap();
+
+        let (mut publisher, _publisher_rx, _) = link("publisher", true);
+        let published = 2_000 * 10;
+        for n in 0..2_000 {
+            for topic in 0..5 {
+                publisher.publish(format!("k/{topic}"), format!("{n:040}")).unwrap();
+                publisher.publish(format!("c/{topic}"), format!("{n:040}")).unwrap();
+            }
+        }
+        // Each session keeps at most `cap` unread, and the connected one
+        // has at most its outgoing buffer's worth handed over: all the rest
+        // was dropped. Between two sweeps the logs may gain up to 256 more.
+        let bound = 2 * cap + 256;
+        let lowest_drops = published - bound - 2 * crate::router::MAX_CHANNEL_CAPACITY as u64;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while drops.load(Ordering::Relaxed) < lowest_drops {
+            assert!(std::time::Instant::now() < deadline, "drops {drops:?}, held {held:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let now_held = held.load(Ordering::Relaxed);
+        assert!(now_held <= bound, "the logs hold {now_held} messages");
+        assert!(now_held >= cap, "the kept session's newest {cap} are still there: {now_held}");
     }
 }

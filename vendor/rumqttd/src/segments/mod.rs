@@ -114,7 +114,6 @@ where
     }
 
     /// Size of data in all the segments
-    #[allow(dead_code)]
     pub fn size(&self) -> u64 {
         let mut size = 0;
         for segment in self.segments.iter() {
@@ -222,6 +221,34 @@ where
         }
         self.held -= trimmed;
         trimmed
+    }
+
+    /// echo-server patch: how many messages a reader at `cursor` has yet
+    /// to read (those before the oldest kept are gone, not unread).
+    pub fn unread(&self, cursor: (u64, u64)) -> u64 {
+        let (_, first) = self.first_offset();
+        let (_, next) = self.next_offset();
+        next.saturating_sub(cursor.1.max(first))
+    }
+
+    /// echo-server patch: the cursor of a reader that skips all but the
+    /// last `keep` messages: the oldest of them, in the segment that holds
+    /// it (a read must start in the right segment, see `readv`).
+    pub fn cursor_keeping(&self, keep: u64) -> (u64, u64) {
+        let (_, first) = self.first_offset();
+        let at = self.next_offset().1.saturating_sub(keep).max(first);
+        let segment = self
+            .segments
+            .iter()
+            .rposition(|s| s.absolute_offset <= at)
+            .unwrap_or(0);
+        (self.head + segment as u64, at)
+    }
+
+    /// echo-server patch: the mean size (`Storage::size`) of the messages
+    /// held, 0 when none is.
+    pub fn mean_size(&self) -> u64 {
+        self.size().checked_div(self.held).unwrap_or(0)
     }
 
     #[inline]
