@@ -219,6 +219,7 @@ class Conn:
         self.sock.settimeout(None)
         self.sock.setblocking(False)
         self.lock = threading.Lock()
+        self.reading = True  # False: the reader thread leaves the socket alone
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
@@ -265,6 +266,11 @@ class Conn:
 
     def _read(self):
         while True:
+            if not self.reading:
+                if self.sock.fileno() < 0:
+                    return
+                time.sleep(0.05)
+                continue
             try:
                 r, _, _ = select.select([self.sock], [], [], 0.5)
                 if not r:
@@ -476,6 +482,35 @@ def attack_many_filters(args, deadline):
     c.close()
     return {"filters_sent": sent, "of": n, "subscribe_packets": packets,
             "subacked_in_s": round(secs, 2), **rep}
+
+
+def attack_hoarder(args, deadline):
+    """A client that holds 1,000 filters (mqtt.max_subscriptions) and stops
+    reading, while its second connection publishes 64-byte messages to all
+    of them as fast as the server takes them: each topic's log keeps what
+    the hoarder has not read, up to the log's own bound (~0.5 MB a topic by
+    default, ~0.5 GB in all) unless a per-session cap
+    (mqtt.max_queued_messages / max_queued_bytes) stops it first. The
+    server's write_timeout closes the hoarder in the end (30 s)."""
+    n = args.count or (200 if args.quick else 1000)
+    hoarder = open_session(args, "hoarder", deadline=deadline)
+    filters = [b"hoard/%d" % i for i in range(n)]
+    subscribed, _ = subscribe_many(hoarder, filters, 100, deadline)
+    hoarder.wait(lambda m: subacked(m) >= subscribed, deadline)
+    hoarder.reading = False
+    publisher = open_session(args, "hoarder-publisher", deadline=deadline)
+    batch = b"".join(publish(f, b"p" * 64) for f in filters[:subscribed])
+    published = 0
+    while now() < deadline and not publisher.closed_by_server:
+        done = publisher.send(batch, deadline)
+        published += done * subscribed // max(1, len(batch))
+        if done < len(batch):
+            break
+    hold_until(deadline, [hoarder])
+    rep = hoarder.report()
+    hoarder.close()
+    publisher.close()
+    return {"filters": subscribed, "publishes_sent": published, **rep}
 
 
 def attack_long_filters(args, deadline):
@@ -1031,6 +1066,7 @@ ATTACKS = {
     "flood-ws": attack_flood_ws,
     "qos2-unreleased": attack_qos2_unreleased,
     "many-filters": attack_many_filters,
+    "hoarder": attack_hoarder,
     "long-filters": attack_long_filters,
     "long-client-ids": attack_long_client_ids,
     "topic-aliases": attack_topic_aliases,

@@ -269,6 +269,12 @@ pub struct MqttConfig {
     pub segment_size: u32,
     /// Router: segments kept in memory per subscribed topic's log.
     pub segment_count: u32,
+    /// Most messages one session may have waiting in the topic logs,
+    /// over all its filters (Mosquitto's `max_queued_messages`); 0: no cap.
+    pub max_queued_messages: u32,
+    /// The same in bytes of topic and payload (Mosquitto's
+    /// `max_queued_bytes`); 0: no cap.
+    pub max_queued_bytes: u64,
     /// Longest client id accepted, in bytes (the router copies it into
     /// several of its maps).
     pub max_client_id_length: u32,
@@ -333,6 +339,8 @@ impl Default for MqttConfig {
             max_outgoing_packet_count: 200,
             segment_size: 32 * 1024,
             segment_count: 4,
+            max_queued_messages: 1000,
+            max_queued_bytes: 8 * 1024 * 1024,
             max_client_id_length: 256,
             max_subscriptions: 1000,
             max_topic_length: 1024,

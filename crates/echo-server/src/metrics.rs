@@ -574,7 +574,7 @@ impl Metrics {
         );
         m.register(
             "dropped",
-            "Publishes not sent to a subscriber, by reason (max_packet_size: larger than the Maximum Packet Size the MQTT 5 client announced; dropped for that client alone, as if sent); counted by the router, read once a second",
+            "Publishes not sent to a subscriber, by reason (max_packet_size: larger than the Maximum Packet Size the MQTT 5 client announced; dropped for that client alone, as if sent; max_queued: the oldest waiting for a session more than mqtt.max_queued_messages or max_queued_bytes behind over its subscriptions); counted by the router, read once a second",
             mqtt.dropped.clone(),
         );
         m.register(

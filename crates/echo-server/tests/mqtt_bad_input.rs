@@ -578,6 +578,82 @@ fn a_slow_subscriber_skips_messages_without_flooding_the_log() {
     assert!(last.body.ends_with(b"last"), "{last:?}");
 }
 
+/// A client that subscribes to hundreds of busy topics and never reads
+/// made every one of those topics' logs keep all it had not read, up to
+/// each log's own bound (~0.5 MB a topic by default: ~0.5 GB for one client
+/// at `max_subscriptions`). Now what the logs keep for one session is
+/// capped (`mqtt.max_queued_messages`, 1,000 by default): past it the
+/// hoarder loses its oldest messages, counted, the logs let them go, a
+/// reader of the same topics gets every message, and the hoarder, when it
+/// reads at last, is still served.
+#[test]
+fn a_client_subscribed_widely_that_never_reads_is_held_to_its_queue_cap() {
+    const TOPICS: usize = 500;
+    const ROUNDS: usize = 20;
+    const PER_TOPIC: usize = 10;
+    const CAP: f64 = 1000.0;
+    let server = TestServer::start(&[]);
+    let mut bystanders = Bystanders::new(&server);
+    let before = server.logs().len();
+    let topics: Vec<String> = (0..TOPICS).map(|t| format!("wide/{t}")).collect();
+    let filters: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let mut hoarder = RawMqtt::session(server.mqtt_addr(), 4, "hoarder", 0);
+    hoarder.send(&mqtt_raw::subscribe_all(4, 1, &filters));
+    assert_eq!(hoarder.read_packet().unwrap().suback_codes(4), vec![0; TOPICS]);
+    let mut reader = RawMqtt::session(server.mqtt_addr(), 4, "wide-reader", 0);
+    reader.send(&mqtt_raw::subscribe(4, 1, "wide/0"));
+    assert_eq!(reader.read_packet().unwrap().packet_type(), 9);
+    let mut publisher = RawMqtt::session(server.mqtt_addr(), 4, "wide-publisher", 0);
+
+    // ~21 MB in all: far more than the hoarder's socket buffers take, and
+    // 200 messages per topic, which each topic's log would keep.
+    for round in 0..ROUNDS {
+        for n in 0..PER_TOPIC {
+            for topic in &topics {
+                let payload = format!("{round:04} {n:04} {:>190}", "");
+                publisher.send(&mqtt_raw::publish(4, topic, payload.as_bytes()));
+            }
+        }
+        publisher.send(&mqtt_raw::PINGREQ);
+        assert_eq!(publisher.read_packet().unwrap().packet_type(), 13, "every publish read");
+        for n in 0..PER_TOPIC {
+            let delivery = reader.read_packet().expect("the reader's message").delivery(4);
+            let expected = format!("{round:04} {n:04} ");
+            assert!(delivery.payload.starts_with(expected.as_bytes()), "round {round}: {delivery:?}");
+        }
+        bystanders.still_fine("a client subscribed widely that never reads");
+    }
+    let dropped = server.wait_for_metric(
+        "echo_mqtt_dropped_total{reason=\"max_queued\"}",
+        Duration::from_secs(5),
+        |v| v > 0.0,
+    );
+    // The cap, and what the logs may gain between two of the router's
+    // sweeps (256), with room for the reader's last message or two.
+    let held = server.wait_for_metric("echo_mqtt_log_messages", Duration::from_secs(5), |v| v <= CAP + 300.0);
+    let episode = server.wait_for_log(Duration::from_secs(5), |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("MQTT sessions more than mqtt.max_queued_messages"))
+    });
+    assert!(episode["count"].as_u64().unwrap() >= 1, "{episode}");
+    let loud = loud_lines(&server, before);
+    assert_eq!(loud.len(), 1, "one line for {dropped} drops ({held} held):\n{}", loud.join("\n"));
+
+    // The hoarder reads at last: what it was handed, its newest waiting
+    // messages, and then what comes next.
+    publisher.send(&mqtt_raw::publish(4, "wide/7", b"last"));
+    let mut read = 0;
+    loop {
+        let delivery = hoarder.read_packet().expect("the hoarder is still served").delivery(4);
+        read += 1;
+        if delivery.payload == b"last" {
+            break;
+        }
+    }
+    assert!(read < ROUNDS * PER_TOPIC * TOPICS, "{read} messages: nothing was dropped");
+}
+
 #[test]
 fn every_kind_of_v5_property_and_alias_reaches_v311_subscribers_safely() {
     let server = TestServer::start(&[]);

@@ -188,3 +188,73 @@ fn a_subscriber_far_behind_loses_nothing_router_on_its_thread() {
 fn a_subscriber_far_behind_loses_nothing_router_on_the_loop() {
     a_subscriber_far_behind_loses_nothing(true);
 }
+
+/// A persistent QoS 1 session away while 2,000 QoS 1 messages come on its four
+/// topics (500 each, which each topic's log would keep) is held to its
+/// queue cap (`mqtt.max_queued_messages`, here 300): the logs let its
+/// oldest go, counted, and when it comes back it gets the newest, each
+/// topic's in order, the last one last.
+fn a_kept_session_is_held_to_its_queue_cap(on_the_loop: bool) {
+    const CAP: usize = 300;
+    // What the logs may gain between two of the router's sweeps.
+    const SWEEP: usize = 256;
+    let mut env = vec![("ECHO_MQTT_MAX_QUEUED_MESSAGES", "300")];
+    if on_the_loop {
+        env.extend_from_slice(&common::ROUTER_ON_THE_LOOP);
+    }
+    let server = TestServer::start_with_env(&[], &env);
+    let mut kept = subscriber(&server, "logs-away", false, "capped/+", 1);
+    kept.send(&mqtt_raw::PINGREQ);
+    assert_eq!(kept.read_packet().unwrap().packet_type(), 13);
+    drop(kept);
+    server.wait_for_metric("echo_mqtt_connections{version=\"3.1.1\"}", COPIED, |v| v == 0.0);
+
+    let mut publisher = RawMqtt::session(server.mqtt_addr(), 4, "capped-publisher", 30);
+    for n in 0..2_000u16 {
+        let topic = format!("capped/{}", n % 4);
+        publisher.send(&mqtt_raw::publish_qos(4, &topic, 1, n + 1, &n.to_be_bytes()));
+        assert_eq!(publisher.read_packet().unwrap().packet_type(), 4, "PUBACK");
+    }
+    // Every message is either held or counted as dropped, once the router
+    // has them all.
+    let deadline = std::time::Instant::now() + COPIED;
+    let (held, dropped) = loop {
+        let metrics = server.metrics();
+        let count = |key: &str| metrics.get(key).copied().unwrap_or(0.0);
+        let (held, dropped) = (count(LOGGED), count("echo_mqtt_dropped_total{reason=\"max_queued\"}"));
+        if held + dropped == 2_000.0 {
+            break (held, dropped);
+        }
+        assert!(std::time::Instant::now() < deadline, "{dropped} dropped, {held} held");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(held <= (CAP + SWEEP) as f64, "{dropped} dropped, {held} held");
+
+    let mut kept = RawMqtt::connect(server.mqtt_addr());
+    kept.send(&mqtt_raw::connect_session(4, "logs-away", false, None));
+    assert!(kept.read_packet().unwrap().session_present());
+    let mut last = [None::<u16>; 4];
+    for _ in 0..held as usize {
+        let d = kept.read_packet().expect("a PUBLISH").delivery(4);
+        assert_eq!(d.qos, 1);
+        kept.send(&mqtt_raw::ack(0x40, d.pkid));
+        let n = u16::from_be_bytes([d.payload[0], d.payload[1]]);
+        let topic = usize::from(n % 4);
+        assert_eq!(d.topic, format!("capped/{topic}"));
+        assert!(last[topic].is_none_or(|before| before + 4 == n), "capped/{topic}: {n} after {last:?}");
+        last[topic] = Some(n);
+    }
+    assert_eq!(last, [Some(1_996), Some(1_997), Some(1_998), Some(1_999)], "the newest, to the last");
+    assert!(kept.silent_for(Duration::from_millis(300)), "nothing more");
+    logged_stays(&server, 0.0);
+}
+
+#[test]
+fn a_kept_session_is_held_to_its_queue_cap_router_on_its_thread() {
+    a_kept_session_is_held_to_its_queue_cap(false);
+}
+
+#[test]
+fn a_kept_session_is_held_to_its_queue_cap_router_on_the_loop() {
+    a_kept_session_is_held_to_its_queue_cap(true);
+}

@@ -78,7 +78,7 @@ use rumqttd::protocol::{
     Disconnect, DisconnectReasonCode, LastWill, LastWillProperties, Packet, PubRel, PubRelReason, Publish,
     PublishProperties,
 };
-use rumqttd::{Notification, Router, RouterConfig, RouterError, TurnBudget};
+use rumqttd::{Notification, QueueCaps, Router, RouterConfig, RouterError, TurnBudget};
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{debug, error, info, warn};
@@ -214,6 +214,10 @@ pub struct Broker {
     /// The router's count of publishes too large for their subscriber
     /// (our rumqttd patch), read by [`report_client_events`].
     oversize_drops: std::sync::Arc<AtomicU64>,
+    /// The router's count of messages sessions lost to their queue caps
+    /// (`mqtt.max_queued_messages`, `max_queued_bytes`; our rumqttd
+    /// patch), read by [`report_client_events`].
+    queue_drops: std::sync::Arc<AtomicU64>,
     /// The router's count of retained messages (our rumqttd patch), read by
     /// [`report_client_events`] and `sys`.
     retained_messages: std::sync::Arc<AtomicU64>,
@@ -272,6 +276,16 @@ pub fn router_config(config: &MqttConfig, max_connections: u64) -> RouterConfig 
     }
 }
 
+/// The router's caps on what one session may leave unread in the topic
+/// logs (0 in the configuration: none).
+fn queue_caps(config: &MqttConfig) -> QueueCaps {
+    let none_if_zero = |cap: u64| if cap == 0 { u64::MAX } else { cap };
+    QueueCaps {
+        messages: none_if_zero(u64::from(config.max_queued_messages)),
+        bytes: none_if_zero(config.max_queued_bytes),
+    }
+}
+
 impl Broker {
     /// Starts the router, where `config.router` says (a task on this event
     /// loop, or a thread of its own), and attaches the server's two
@@ -322,6 +336,7 @@ impl Broker {
             let (tap, tap_drops) = router.tap(capacity, crate::cluster::bridge::BRIDGE_CLIENT_ID);
             Feeds { tap, tap_drops, filters: router.filter_events() }
         });
+        let queue_drops = router.queue_caps(queue_caps(config));
         let cursor_jumps = router.cursor_jumps();
         let oversize_drops = router.oversize_drops();
         let retained_messages = router.retained_messages();
@@ -389,6 +404,7 @@ impl Broker {
             metrics,
             cursor_jumps,
             oversize_drops,
+            queue_drops,
             retained_messages,
             log_messages,
             subscriptions,
@@ -798,7 +814,9 @@ const CLIENT_EVENTS_EVERY: Duration = Duration::from_secs(1);
 /// here, so at most [`CLIENT_EVENTS_EVERY`] late). The router's count of
 /// publishes too large for their subscriber is copied the same way into
 /// `echo_mqtt_dropped_total{reason="max_packet_size"}`, and not logged:
-/// each drop is what that client asked for; so is its count of retained
+/// each drop is what that client asked for. Messages lost to a session's
+/// queue cap go to `echo_mqtt_dropped_total{reason="max_queued"}`, logged
+/// once per episode like skips. So is its count of retained
 /// messages, into `echo_mqtt_retained_messages`, and of messages in its
 /// topic logs, into `echo_mqtt_log_messages`. Runs until shutdown.
 pub async fn report_client_events(broker: Rc<Broker>, shutdown: Rc<Shutdown>) {
@@ -821,6 +839,16 @@ pub async fn report_client_events(broker: Rc<Broker>, shutdown: Rc<Shutdown>) {
         ended: "no slow MQTT subscriber skipped messages for 10 s",
         ..Recurring::default()
     };
+    let queued = metrics.dropped.get_or_create_owned(&ReasonLabel { reason: "max_queued" });
+    let mut queue_drops = Recurring {
+        started: "MQTT sessions more than mqtt.max_queued_messages or max_queued_bytes behind over \
+                  their subscriptions (a client that does not read, or a persistent session \
+                  away) are losing their oldest waiting messages: logged once until there has \
+                  been none for 10 s; echo_mqtt_dropped_total{reason=\"max_queued\"} counts \
+                  every message",
+        ended: "no MQTT session lost messages to its queue cap for 10 s",
+        ..Recurring::default()
+    };
     let mut ticks = tokio::time::interval(CLIENT_EVENTS_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -835,6 +863,7 @@ pub async fn report_client_events(broker: Rc<Broker>, shutdown: Rc<Shutdown>) {
         metrics.slow_subscriber_skips.inc_by(new_skips);
         let drops = broker.oversize_drops.load(Ordering::Relaxed);
         oversize.inc_by(drops.saturating_sub(oversize.get()));
+        queued.inc_by(queue_drops.update(now, broker.queue_drops.load(Ordering::Relaxed)));
         let retained = broker.retained_messages.load(Ordering::Relaxed);
         metrics.retained_messages.set(i64::try_from(retained).unwrap_or(i64::MAX));
         let logged = broker.log_messages.load(Ordering::Relaxed);
@@ -875,6 +904,8 @@ pub fn report(config: &MqttConfig, max_connections: u64) {
         max_mqtt_connections = max_connections,
         segment_size = config.segment_size,
         segment_count = config.segment_count,
+        max_queued_messages = config.max_queued_messages,
+        max_queued_bytes = config.max_queued_bytes,
         max_payload_size = config.max_payload_size,
         authentication = !config.username.is_empty(),
         tls = !config.tls_cert.is_empty(),

@@ -52,7 +52,10 @@ pub(crate) const TOPICS: [&str; FIGURES] = [
 fn figures(broker: &Broker, metrics: &MqttMetrics, uptime: Duration, maximum: u64) -> [String; FIGURES] {
     let router = broker.router_counts();
     let connected = metrics.open();
-    let dropped = metrics.dropped.get_or_create(&ReasonLabel { reason: "max_packet_size" }).get();
+    let dropped = ["max_packet_size", "max_queued"]
+        .into_iter()
+        .map(|reason| metrics.dropped.get_or_create(&ReasonLabel { reason }).get())
+        .sum::<u64>();
     [
         format!("echo-server version {}", env!("CARGO_PKG_VERSION")),
         format!("{} seconds", uptime.as_secs()),
