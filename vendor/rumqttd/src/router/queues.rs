@@ -18,7 +18,11 @@
 //! messages they hold rose by `SWEEP_MESSAGES` above their lowest count
 //! since the last sweep, or `SWEEP_BYTES` more were appended. Between two
 //! sweeps a session may go that much over its cap; while every reader keeps
-//! up the logs do not grow and there is no sweep.
+//! up the logs do not grow and there is no sweep but the one per
+//! `SWEEP_BYTES`. A sweep that had many requests to look at puts the next
+//! one further off (a quarter of a message's growth per request looked
+//! at), so that however many sessions wait, sweeping costs a bounded
+//! amount per message, and the overshoot grows with that count instead.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -53,12 +57,24 @@ impl QueueCaps {
 }
 
 /// When the next sweep is due.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Sweeps {
     /// The fewest messages the logs held since the last sweep.
     held_low: u64,
     /// `DataLog::appended_bytes` at the last sweep.
     bytes_at: u64,
+    /// The growth above `held_low` that makes the next sweep due.
+    step: u64,
+}
+
+impl Default for Sweeps {
+    fn default() -> Sweeps {
+        Sweeps {
+            held_low: 0,
+            bytes_at: 0,
+            step: SWEEP_MESSAGES,
+        }
+    }
 }
 
 impl Sweeps {
@@ -66,13 +82,15 @@ impl Sweeps {
     /// `appended` bytes having been appended so far.
     pub fn due(&mut self, held: u64, appended: u64) -> bool {
         self.held_low = self.held_low.min(held);
-        held >= self.held_low + SWEEP_MESSAGES || appended >= self.bytes_at + SWEEP_BYTES
+        held >= self.held_low + self.step || appended >= self.bytes_at + SWEEP_BYTES
     }
 
-    /// A sweep is done, after which the logs hold `held` messages.
-    pub fn done(&mut self, held: u64, appended: u64) {
+    /// A sweep that looked at `looked_at` sessions and requests is done,
+    /// after which the logs hold `held` messages.
+    pub fn done(&mut self, held: u64, appended: u64, looked_at: u64) {
         self.held_low = held;
         self.bytes_at = appended;
+        self.step = SWEEP_MESSAGES.max(looked_at / 4);
     }
 }
 
@@ -287,15 +305,19 @@ mod tests {
         assert_eq!(left[1], 9, "9 of each: 9 x 1,005 + 9 x 19 bytes fit, 10 do not");
     }
 
-    /// Sweeps follow the logs' growth above their low, and bytes appended.
+    /// Sweeps follow the logs' growth above their low, and bytes appended;
+    /// a sweep that looked at many requests puts the next one further off.
     #[test]
     fn sweeps_come_as_the_logs_grow() {
         let mut sweeps = Sweeps::default();
         assert!(!sweeps.due(SWEEP_MESSAGES - 1, 0));
-        sweeps.done(100, 0);
+        sweeps.done(100, 0, 10);
         assert!(!sweeps.due(50, 0), "the logs emptied: the low follows");
         assert!(sweeps.due(50 + SWEEP_MESSAGES, 0));
-        sweeps.done(50, 0);
+        sweeps.done(50, 0, 10);
         assert!(sweeps.due(50, SWEEP_BYTES));
+        sweeps.done(50, SWEEP_BYTES, 40_000);
+        assert!(!sweeps.due(50 + 9_999, SWEEP_BYTES));
+        assert!(sweeps.due(50 + 10_000, SWEEP_BYTES));
     }
 }

@@ -1647,9 +1647,9 @@ impl Router {
         let held = self.datalog.held_messages.load(Ordering::Relaxed);
         let appended = self.datalog.appended_bytes;
         if self.sweeps.due(held, appended) {
-            self.cap_queues();
+            let looked_at = self.cap_queues();
             let held = self.datalog.held_messages.load(Ordering::Relaxed);
-            self.sweeps.done(held, appended);
+            self.sweeps.done(held, appended, looked_at);
         }
     }
 
@@ -1658,13 +1658,15 @@ impl Router {
     /// (`queues::cap_session`); then the logs it skipped in forget what no
     /// reader needs any more. A connected session's requests that wait at
     /// their logs' ends (parked) have nothing unread, so only those in its
-    /// tracker count.
-    fn cap_queues(&mut self) {
+    /// tracker count. Returns how many sessions and requests it looked at.
+    fn cap_queues(&mut self) -> u64 {
         let caps = self.queue_caps;
         let mut skipped_in = Vec::new();
         let mut skipped = 0;
+        let mut looked_at = 0;
         let datalog = &self.datalog;
         for (_, tracker) in self.scheduler.trackers.iter_mut() {
+            looked_at += 1 + tracker.data_requests.len() as u64;
             let lost = cap_session(&mut tracker.data_requests, datalog, caps, &mut skipped_in);
             if lost > 0 {
                 debug!(client_id = tracker.id, lost, "over its queue cap: oldest messages skipped");
@@ -1672,6 +1674,7 @@ impl Router {
             skipped += lost;
         }
         for tracker in self.graveyard.trackers_mut() {
+            looked_at += 1 + tracker.data_requests.len() as u64;
             skipped += cap_session(&mut tracker.data_requests, datalog, caps, &mut skipped_in);
         }
         if skipped > 0 {
@@ -1680,6 +1683,7 @@ impl Router {
             skipped_in.dedup();
             self.trim_logs_read_by_all(&skipped_in);
         }
+        looked_at
     }
 
     /// echo-server patch: `logs` forget what all their readers have read,
