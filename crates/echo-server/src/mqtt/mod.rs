@@ -101,6 +101,9 @@ pub struct MqttServer {
     /// The filters of sessions that outlive their connections, counted
     /// against `mqtt.max_subscriptions` across connections.
     pub(crate) kept: caps::Kept,
+    /// The one timer of every session's keep-alive, which also brings
+    /// them the shutdown.
+    pub(crate) alarms: Rc<session::Alarms>,
     refusing: Cell<u32>,
     next_client: Cell<u64>,
     /// Makes assigned client ids unique across restarts too.
@@ -129,6 +132,7 @@ impl MqttServer {
     ) -> Rc<Self> {
         let credentials = auth::Credentials::new(&config.username, &config.password);
         let connecting = session::ConnectTurns::new(config.connect_concurrency as usize);
+        let alarms = session::Alarms::new(shutdown.clone());
         let boot = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -145,6 +149,7 @@ impl MqttServer {
             budget,
             connecting,
             kept: caps::Kept::default(),
+            alarms,
             refusing: Cell::new(0),
             next_client: Cell::new(0),
             boot,

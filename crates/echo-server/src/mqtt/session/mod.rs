@@ -9,8 +9,9 @@
 //!    without blocking the event loop (see [`broker`](super::broker)), and
 //!    the router's CONNACK (session present or not) goes to the client.
 //! 2. **Exchange** ([`exchange`]): one task waits on the client, the router,
-//!    the keep-alive deadline and shutdown, and passes packets between the
-//!    client and the router in batches.
+//!    and its alarm (the keep-alive deadline and shutdown, from one timer
+//!    for all sessions: [`alarms`]), and passes packets between the client
+//!    and the router in batches.
 //! 3. **Close** ([`close`]): the will, MQTT 5's DISCONNECT with its reason,
 //!    a polite close, telling the router.
 //!
@@ -21,6 +22,7 @@
 //! timeout, shutdown, or a panic — dropping [`RouterLink`] tells the router
 //! the client is gone, so no session is ever left registered.
 
+mod alarms;
 mod close;
 mod connect;
 mod exchange;
@@ -45,6 +47,7 @@ use super::caps::Held;
 use super::codec::{Codec, Version};
 use super::transport::Transport;
 use crate::metrics::MqttMetrics;
+pub(crate) use alarms::Alarms;
 pub use connect::{refusing_connack, write_connack};
 pub(crate) use turns::ConnectTurns;
 
