@@ -519,6 +519,34 @@ fn keep_alive_deadlines_are_each_sessions_own_with_one_timer() {
     assert_eq!(server.metric("echo_mqtt_closed_total{reason=\"keepalive_timeout\"}"), 4.0);
 }
 
+/// A subscriber that stops reading is closed once a write to it has not
+/// completed within `mqtt.write_timeout` (its timer is set only when a
+/// write does not complete at once: `session::within`); the publisher and
+/// a subscriber that reads are not held up.
+#[test]
+fn a_subscriber_that_stops_reading_is_closed_after_the_write_timeout() {
+    let server = TestServer::start_with_env(&[], &[("ECHO_MQTT_WRITE_TIMEOUT", "1s")]);
+    let addr = server.mqtt_addr();
+    let mut stuck = RawMqtt::session(addr, 4, "stuck", 0);
+    stuck.send(&mqtt_raw::subscribe(4, 1, "flood"));
+    assert_eq!(stuck.read_packet().unwrap().packet_type(), 9);
+    let mut publisher = RawMqtt::session(addr, 4, "flooder", 0);
+    // Far more than the socket buffers between the server and `stuck` hold.
+    let payload = vec![b'x'; 512 * 1024];
+    for _ in 0..64 {
+        publisher.send(&mqtt_raw::publish(4, "flood", &payload));
+    }
+    let key = "echo_mqtt_closed_total{reason=\"write_timeout\"}";
+    assert_eq!(server.wait_for_metric(key, Duration::from_secs(20), |n| n >= 1.0), 1.0);
+    publisher.send(&mqtt_raw::PINGREQ);
+    assert_eq!(publisher.read_packet().unwrap().packet_type(), 13, "the publisher goes on");
+    let mut reader = RawMqtt::session(addr, 4, "reader", 0);
+    reader.send(&mqtt_raw::subscribe(4, 1, "flood"));
+    assert_eq!(reader.read_packet().unwrap().packet_type(), 9);
+    publisher.send(&mqtt_raw::publish(4, "flood", &payload));
+    assert!(reader.read_packet().unwrap().body.ends_with(&payload[..64]));
+}
+
 /// Keep-alive 0 with a client library in process: rumqttc (its 3.1.1
 /// client; the MQTT 5 one refuses keep-alives under 5 s) connects with
 /// `Duration::ZERO`, so it never pings; it stays connected, with nothing
