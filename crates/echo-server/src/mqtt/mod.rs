@@ -472,8 +472,10 @@ mod tests {
                 // `serve_tcp` and `session::run` stopped keeping their
                 // arguments twice and the TLS handshake was boxed (release:
                 // a 1,408-byte task instead of 1,536); tokio rounds a task
-                // up to a multiple of 128 bytes.
-                assert!(size <= 1408, "the per-connection MQTT future grew to {size} bytes");
+                // up to a multiple of 128 bytes. 1,168 once the keep-alive,
+                // shutdown and write timers left the future (`session::alarms`,
+                // `session::within`; release: a 1,280-byte task, the bound).
+                assert!(size <= 1280, "the per-connection MQTT future grew to {size} bytes");
             })
             .await;
     }
