@@ -474,6 +474,79 @@ fn keep_alive_zero_is_accepted_and_others_are_enforced() {
     assert_eq!(server.metric("echo_mqtt_closed_total{reason=\"keepalive_timeout\"}"), 2.0);
 }
 
+/// Every session's keep-alive deadline is kept by one timer for the event
+/// loop (`session::alarms`): sessions with different keep-alives are each
+/// closed at their own deadline (1.5 times the keep-alive), never before
+/// it, while one that pings within its keep-alive stays, across several of
+/// its deadlines, and one with keep-alive 0 is never closed.
+#[test]
+fn keep_alive_deadlines_are_each_sessions_own_with_one_timer() {
+    let server = TestServer::start(&[]);
+    let addr = server.mqtt_addr();
+    let mut pinger = RawMqtt::session(addr, 4, "pinger", 1);
+    let mut forever = RawMqtt::session(addr, 4, "forever-too", 0);
+    let silent: Vec<_> = [(1u16, 4u8), (2, 5), (1, 5), (2, 4)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (keep_alive, level))| {
+            let mut client = RawMqtt::session(addr, level, &format!("silent-{i}"), keep_alive);
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                if level == 5 {
+                    assert_eq!(client.read_packet().expect("a DISCONNECT").disconnect_reason(), 0x8d);
+                }
+                assert!(client.closed_within(Duration::from_secs(10)));
+                (keep_alive, started.elapsed())
+            })
+        })
+        .collect();
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(500));
+        pinger.send(&mqtt_raw::PINGREQ);
+        assert_eq!(pinger.read_packet().unwrap().packet_type(), 13, "the pinging client stays");
+    }
+    for closing in silent {
+        let (keep_alive, took) = closing.join().unwrap();
+        let limit = Duration::from_millis(1500) * u32::from(keep_alive);
+        assert!(
+            took >= limit - Duration::from_millis(100),
+            "keep-alive {keep_alive} s: closed after {took:?}"
+        );
+        assert!(took < limit + Duration::from_secs(2), "keep-alive {keep_alive} s: closed after {took:?}");
+    }
+    forever.send(&mqtt_raw::PINGREQ);
+    assert_eq!(forever.read_packet().unwrap().packet_type(), 13, "keep-alive 0: there after 5 s of silence");
+    assert_eq!(server.metric("echo_mqtt_closed_total{reason=\"keepalive_timeout\"}"), 4.0);
+}
+
+/// A subscriber that stops reading is closed once a write to it has not
+/// completed within `mqtt.write_timeout` (its timer is set only when a
+/// write does not complete at once: `session::within`); the publisher and
+/// a subscriber that reads are not held up.
+#[test]
+fn a_subscriber_that_stops_reading_is_closed_after_the_write_timeout() {
+    let server = TestServer::start_with_env(&[], &[("ECHO_MQTT_WRITE_TIMEOUT", "1s")]);
+    let addr = server.mqtt_addr();
+    let mut stuck = RawMqtt::session(addr, 4, "stuck", 0);
+    stuck.send(&mqtt_raw::subscribe(4, 1, "flood"));
+    assert_eq!(stuck.read_packet().unwrap().packet_type(), 9);
+    let mut publisher = RawMqtt::session(addr, 4, "flooder", 0);
+    // Far more than the socket buffers between the server and `stuck` hold.
+    let payload = vec![b'x'; 512 * 1024];
+    for _ in 0..64 {
+        publisher.send(&mqtt_raw::publish(4, "flood", &payload));
+    }
+    let key = "echo_mqtt_closed_total{reason=\"write_timeout\"}";
+    assert_eq!(server.wait_for_metric(key, Duration::from_secs(20), |n| n >= 1.0), 1.0);
+    publisher.send(&mqtt_raw::PINGREQ);
+    assert_eq!(publisher.read_packet().unwrap().packet_type(), 13, "the publisher goes on");
+    let mut reader = RawMqtt::session(addr, 4, "reader", 0);
+    reader.send(&mqtt_raw::subscribe(4, 1, "flood"));
+    assert_eq!(reader.read_packet().unwrap().packet_type(), 9);
+    publisher.send(&mqtt_raw::publish(4, "flood", &payload));
+    assert!(reader.read_packet().unwrap().body.ends_with(&payload[..64]));
+}
+
 /// Keep-alive 0 with a client library in process: rumqttc (its 3.1.1
 /// client; the MQTT 5 one refuses keep-alives under 5 s) connects with
 /// `Duration::ZERO`, so it never pings; it stays connected, with nothing

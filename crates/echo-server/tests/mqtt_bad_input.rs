@@ -714,6 +714,8 @@ fn shutdown_sends_v5_clients_disconnect_0x8b_and_closes_v311_cleanly() {
     let mut server = TestServer::start(&["--shutdown-grace", "3s"]);
     let mut v4 = RawMqtt::session(server.mqtt_addr(), 4, "down-4", 30);
     let mut v5 = RawMqtt::session(server.mqtt_addr(), 5, "down-5", 30);
+    // Keep-alive 0: no deadline, but the shutdown reaches it all the same.
+    let mut v5_forever = RawMqtt::session(server.mqtt_addr(), 5, "down-5-ka0", 0);
     v4.send(&mqtt_raw::subscribe(4, 1, "down"));
     v4.read_packet().unwrap();
     v4.send(&mqtt_raw::publish(4, "down", b"x"));
@@ -722,14 +724,16 @@ fn shutdown_sends_v5_clients_disconnect_0x8b_and_closes_v311_cleanly() {
     server.signal(libc::SIGTERM);
     assert_eq!(v5.read_packet().unwrap().disconnect_reason(), 0x8b, "server shutting down");
     assert!(v5.closed_within(Duration::from_secs(3)));
+    assert_eq!(v5_forever.read_packet().unwrap().disconnect_reason(), 0x8b, "keep-alive 0");
+    assert!(v5_forever.closed_within(Duration::from_secs(3)));
     assert_eq!(v4.read_packet(), None, "3.1.1: a clean close, no packet");
     // The server waits (within the grace) for the clients to close too.
-    drop((v4, v5));
+    drop((v4, v5, v5_forever));
     let status = server.wait(Duration::from_secs(10));
     assert!(status.success(), "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(3), "the clients closed; no need to wait the grace out");
     let summary = server.wait_for_log(Duration::from_secs(2), |v| v["message"] == "shutdown complete");
-    assert_eq!(summary["mqtt_sessions_served"], 2);
+    assert_eq!(summary["mqtt_sessions_served"], 3);
     assert_eq!(summary["mqtt_publishes_received"], 1);
 }
 

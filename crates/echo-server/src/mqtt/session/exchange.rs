@@ -1,6 +1,6 @@
 //! The exchange: one task waits on three things at once — bytes from the
-//! client, notifications from the router, the keep-alive deadline (and
-//! shutdown). Packets read are checked, counted and pushed to the router
+//! client, notifications from the router, and its [`Alarm`] (the
+//! keep-alive deadline, and shutdown). Packets read are checked, counted and pushed to the router
 //! as one batch with one wake-up ([`incoming`]); notifications are encoded
 //! for the client's version and written as one batch ([`collect`]).
 //! Between bursts the task holds no read or write buffer.
@@ -17,6 +17,7 @@ use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{DisconnectReasonCode, Packet};
 use tokio::time::{Instant, Sleep};
 
+use super::alarms::{Alarm, Rung};
 use super::{Accepted, MqttServer, RouterLink, send};
 use crate::budget::{Charges, PAUSE_LIMIT, PAUSE_PARTIAL};
 use crate::mqtt::ackorder::AckOrder;
@@ -72,7 +73,10 @@ enum Wake {
     Client(usize),
     /// The client closed the connection (or reset it).
     Lost(&'static str),
+    /// The alarm rang: the keep-alive deadline set may have passed.
     KeepAlive,
+    /// The recheck set by [`State::gate`] is due.
+    Recheck,
 }
 
 /// The exchange between the client and the router, until one side ends it.
@@ -85,14 +89,15 @@ pub(super) async fn exchange(
 ) -> End {
     let mut state = State::new(session, rbuf, server);
     let v5 = state.codec.version == Version::V5;
-    let timer = tokio::time::sleep(state.keep_alive.limit);
-    tokio::pin!(timer);
     loop {
         state.turn.end_if_spent().await;
-        let (open, starved) = state.gate(&router.tx, rbuf, server, timer.as_mut());
+        let (open, starved) = state.gate(&router.tx, rbuf, server);
         let wake = tokio::select! {
             biased;
-            _ = server.shutdown.wait() => Wake::Shutdown,
+            rung = state.alarm.rung() => match rung {
+                Rung::Shutdown => Wake::Shutdown,
+                Rung::Due => Wake::KeepAlive,
+            },
             next = router.rx.next() => {
                 Wake::Router(next.map(|first| collect(first, &mut router.rx, &mut state.awaiting, &mut session.held.in_flight, v5)).map_err(drop))
             }
@@ -102,14 +107,19 @@ pub(super) async fn exchange(
                 Ok(read) => Wake::Client(read),
                 Err(_) => Wake::Lost("reset"),
             },
-            _ = &mut timer => Wake::KeepAlive,
+            _ = recheck(&mut state.recheck) => Wake::Recheck,
         };
         match wake {
             Wake::Shutdown => return End::shutdown(),
             Wake::KeepAlive => match state.keep_alive.due(open && !starved, transport) {
-                Ok(next) => timer.as_mut().reset(next),
+                Ok(next) => state.alarm.set(next),
                 Err(end) => return end,
             },
+            Wake::Recheck => {
+                if let Err(end) = state.keep_alive.due(open && !starved, transport) {
+                    return end;
+                }
+            }
             Wake::Lost(reason) => return End::lost(reason),
             Wake::Client(read) => {
                 let taken = state.take(read, rbuf, session, server);
@@ -155,6 +165,12 @@ pub(super) async fn exchange(
 struct State<'a> {
     codec: Codec,
     keep_alive: KeepAlive,
+    /// Rings at the keep-alive deadline, and at shutdown.
+    alarm: Alarm<'a>,
+    /// Set by [`State::gate`] while the session must look again soon
+    /// without anything else to wake it; boxed and dropped after, as it is
+    /// seldom there.
+    recheck: Option<Pin<Box<Sleep>>>,
     awaiting: Awaiting<'a>,
     /// The write buffer (empty between bursts).
     out: BytesMut,
@@ -167,9 +183,14 @@ struct State<'a> {
 
 impl<'a> State<'a> {
     fn new(session: &Accepted, rbuf: &BytesMut, server: &'a MqttServer) -> State<'a> {
+        let keep_alive = KeepAlive::new(session.keep_alive);
+        let mut alarm = Alarm::new(&server.alarms);
+        alarm.set(keep_alive.deadline());
         State {
             codec: session.codec.clone(),
-            keep_alive: KeepAlive::new(session.keep_alive),
+            keep_alive,
+            alarm,
+            recheck: None,
             awaiting: Awaiting::new(server),
             out: BytesMut::new(),
             turn: Turn::default(),
@@ -180,16 +201,10 @@ impl<'a> State<'a> {
 
     /// Before each wait: whether the client is to be read (`open`), and
     /// whether the memory budget keeps it from being read (`starved`).
-    /// The timer is set to look again sooner if nothing else would wake
-    /// the loop when that changes: a queue full by bytes gets no wake-up
-    /// from the router (see `inflow`), nor a paused client from the budget.
-    fn gate(
-        &mut self,
-        router: &LinkTx,
-        rbuf: &BytesMut,
-        server: &MqttServer,
-        timer: Pin<&mut Sleep>,
-    ) -> (bool, bool) {
+    /// A recheck is set to look again soon if nothing else would wake the
+    /// loop when that changes: a queue full by bytes gets no wake-up from
+    /// the router (see `inflow`), nor a paused client from the budget.
+    fn gate(&mut self, router: &LinkTx, rbuf: &BytesMut, server: &MqttServer) -> (bool, bool) {
         let flow = self.inflow.flow(router);
         // Half-way through a large packet (what is buffered is not a
         // whole packet) while the memory budget is spent: the rest waits in
@@ -197,10 +212,15 @@ impl<'a> State<'a> {
         let starved = self.keep_alive.starved(!self.buffered && rbuf.len() >= PAUSE_PARTIAL, server);
         // Not while too many answers wait for the router's (see `ackorder`).
         let open = flow == Flow::Open && !self.awaiting.acks.is_full();
-        if flow == Flow::FullUnannounced {
-            timer.reset(Instant::now() + RECHECK);
-        } else if starved {
-            timer.reset(Instant::now() + BUDGET_RECHECK);
+        let after = match (flow, starved) {
+            (Flow::FullUnannounced, _) => Some(RECHECK),
+            (_, true) => Some(BUDGET_RECHECK),
+            _ => None,
+        };
+        match (after, &mut self.recheck) {
+            (None, recheck) => *recheck = None,
+            (Some(after), Some(recheck)) => recheck.as_mut().reset(Instant::now() + after),
+            (Some(after), recheck) => *recheck = Some(Box::pin(tokio::time::sleep(after))),
         }
         (open, starved)
     }
@@ -225,9 +245,9 @@ impl<'a> State<'a> {
 /// When the client was last heard from, for the keep-alive, and since when
 /// the memory budget has kept it from being read.
 struct KeepAlive {
-    /// 1.5 times the client's keep-alive (MQTT 3.1.1 §3.1.2.10), or a year
-    /// for a keep-alive of 0 (none).
-    limit: Duration,
+    /// 1.5 times the client's keep-alive (MQTT 3.1.1 §3.1.2.10); none for
+    /// a keep-alive of 0.
+    limit: Option<Duration>,
     heard: Instant,
     starved_since: Option<Instant>,
 }
@@ -235,10 +255,15 @@ struct KeepAlive {
 impl KeepAlive {
     fn new(keep_alive: u16) -> KeepAlive {
         let limit = match keep_alive {
-            0 => Duration::from_secs(86_400 * 365),
-            seconds => Duration::from_millis(u64::from(seconds) * 1500),
+            0 => None,
+            seconds => Some(Duration::from_millis(u64::from(seconds) * 1500)),
         };
         KeepAlive { limit, heard: Instant::now(), starved_since: None }
+    }
+
+    /// When the client is silent for too long, if it keeps on being so.
+    fn deadline(&self) -> Option<Instant> {
+        self.limit.map(|limit| self.heard + limit)
     }
 
     /// Whether the client is not to be read now: half-way through a large
@@ -257,10 +282,10 @@ impl KeepAlive {
         starved
     }
 
-    /// The keep-alive timer is due: when it is next due, or how the
-    /// session ends. A client that is not being `read` is not silent (this
-    /// is also the recheck of a queue full by bytes).
-    fn due(&mut self, read: bool, transport: &Transport) -> Result<Instant, End> {
+    /// The keep-alive deadline may have passed, or a recheck is due: the
+    /// next deadline, or how the session ends. A client that is not being
+    /// `read` is not silent.
+    fn due(&mut self, read: bool, transport: &Transport) -> Result<Option<Instant>, End> {
         if let Some(since) = self.starved_since {
             if transport.peer_gone() {
                 return Err(End::lost("client_closed"));
@@ -276,10 +301,19 @@ impl KeepAlive {
         if !read {
             self.heard = Instant::now();
         }
-        if self.heard.elapsed() >= self.limit {
+        if self.limit.is_some_and(|limit| self.heard.elapsed() >= limit) {
             return Err(End::violation("keepalive_timeout", DisconnectReasonCode::KeepAliveTimeout));
         }
-        Ok(self.heard + self.limit)
+        Ok(self.deadline())
+    }
+}
+
+/// Completes when the recheck set by [`State::gate`] is due; never
+/// without one.
+async fn recheck(recheck: &mut Option<Pin<Box<Sleep>>>) {
+    match recheck {
+        Some(sleep) => sleep.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -9,8 +9,9 @@
 //!    without blocking the event loop (see [`broker`](super::broker)), and
 //!    the router's CONNACK (session present or not) goes to the client.
 //! 2. **Exchange** ([`exchange`]): one task waits on the client, the router,
-//!    the keep-alive deadline and shutdown, and passes packets between the
-//!    client and the router in batches.
+//!    and its alarm (the keep-alive deadline and shutdown, from one timer
+//!    for all sessions: [`alarms`]), and passes packets between the client
+//!    and the router in batches.
 //! 3. **Close** ([`close`]): the will, MQTT 5's DISCONNECT with its reason,
 //!    a polite close, telling the router.
 //!
@@ -21,13 +22,17 @@
 //! timeout, shutdown, or a panic — dropping [`RouterLink`] tells the router
 //! the client is gone, so no session is ever left registered.
 
+mod alarms;
 mod close;
 mod connect;
 mod exchange;
 mod turns;
 
+use std::future::poll_fn;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -36,6 +41,7 @@ use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     Disconnect, DisconnectProperties, DisconnectReasonCode, LastWill, LastWillProperties, Packet,
 };
+use tokio::time::Sleep;
 use tracing::debug;
 
 use super::MqttServer;
@@ -45,6 +51,7 @@ use super::caps::Held;
 use super::codec::{Codec, Version};
 use super::transport::Transport;
 use crate::metrics::MqttMetrics;
+pub(crate) use alarms::Alarms;
 pub use connect::{refusing_connack, write_connack};
 pub(crate) use turns::ConnectTurns;
 
@@ -202,7 +209,7 @@ async fn send(
     if out.is_empty() {
         return Ok(());
     }
-    let written = tokio::time::timeout(server.config.write_timeout, transport.write_all(out)).await;
+    let written = within(server.config.write_timeout, std::pin::pin!(transport.write_all(out))).await;
     let len = out.len() as u64;
     // Nothing stays allocated between bursts.
     *out = BytesMut::new();
@@ -212,8 +219,26 @@ async fn send(
             Ok(())
         }
         Ok(Err(_)) => Err("reset"),
-        Err(_) => Err("write_timeout"),
+        Err(()) => Err("write_timeout"),
     }
+}
+
+/// `write`, given `limit` to complete. Its timer is allocated only if the
+/// write does not complete at once (most do: the kernel takes it all), and
+/// starts then, a poll after the write did. A timer inline, as
+/// `tokio::time::timeout` has it, would be room (112 bytes) in every
+/// session's future, idle or not: the write is the exchange's largest
+/// await. Not an `async fn`, which would keep its arguments and the
+/// closure's references to them side by side.
+fn within<F: Future + Unpin>(limit: Duration, mut write: F) -> impl Future<Output = Result<F::Output, ()>> {
+    let mut timer: Option<Pin<Box<Sleep>>> = None;
+    poll_fn(move |cx| {
+        if let Poll::Ready(written) = Pin::new(&mut write).poll(cx) {
+            return Poll::Ready(Ok(written));
+        }
+        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        timer.as_mut().poll(cx).map(Err)
+    })
 }
 
 #[cfg(test)]
