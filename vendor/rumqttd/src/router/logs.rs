@@ -75,7 +75,9 @@ pub struct DataLog {
     /// for new data
     pub native: Slab<Data<PublishData>>,
     /// Map of subscription filter name to filter index
-    filter_indexes: HashMap<Filter, FilterIdx>,
+    /// echo-server patch: keyed by the log's own name (`Data::filter`),
+    /// shared, not a copy.
+    filter_indexes: HashMap<Arc<str>, FilterIdx>,
     /// echo-server patch: also a tree of the retained topics, which a
     /// wildcard filter walks (was: a scan of every retained message).
     retained_publishes: TopicMap<PublishData>,
@@ -606,7 +608,8 @@ impl DataLog {
 
         if let Some(warmup_filters) = config.initialized_filters.clone() {
             for filter in warmup_filters {
-                let data = Data::new(&filter, &config);
+                let filter: Arc<str> = filter.into();
+                let data = Data::new(filter.clone(), &config);
 
                 // Add commitlog to datalog and add datalog index to filter to
                 // datalog index map
@@ -705,7 +708,7 @@ impl DataLog {
 
     pub fn waiters(&self, filter: &Filter) -> Option<&Waiters<DataRequest>> {
         self.native
-            .get(*self.filter_indexes.get(filter)?)
+            .get(*self.filter_indexes.get(filter.as_str())?)
             .map(|data| &data.waiters)
     }
 
@@ -727,7 +730,7 @@ impl DataLog {
     ) -> Option<DataRequest> {
         let data = self
             .native
-            .get_mut(*self.filter_indexes.get(filter)?)
+            .get_mut(*self.filter_indexes.get(filter.as_str())?)
             .unwrap();
         let waiters = data.waiters.get_mut();
 
@@ -789,12 +792,13 @@ impl DataLog {
         let (filter_idx, data) = match filter_indexes.get(filter) {
             Some(idx) => (*idx, self.native.get(*idx).unwrap()),
             None => {
-                let data = Data::new(filter, &self.config);
+                let name: Arc<str> = filter.into();
+                let data = Data::new(name.clone(), &self.config);
 
                 // Add commitlog to datalog and add datalog index to filter to
                 // datalog index map
                 let idx = self.native.insert(data);
-                self.filter_indexes.insert(filter.to_owned(), idx);
+                self.filter_indexes.insert(name, idx);
                 if has_wildcard(filter) {
                     self.wildcard_filters.insert(filter, idx);
                 }
@@ -919,7 +923,7 @@ impl DataLog {
     pub fn clean_filters(&mut self, id: ConnectionId, filters: impl Iterator<Item = String>) -> Vec<DataRequest> {
         let mut inflight = Vec::new();
         for filter in filters {
-            if let Some(&idx) = self.filter_indexes.get(&filter) {
+            if let Some(&idx) = self.filter_indexes.get(filter.as_str()) {
                 if let Some(data) = self.native.get_mut(idx) {
                     inflight.append(&mut data.waiters.remove(id));
                 }
@@ -1098,8 +1102,19 @@ impl DataLog {
     }
 
     /// The filter whose log has index `idx`.
-    pub(crate) fn log_filter(&self, idx: FilterIdx) -> Option<&Filter> {
+    pub(crate) fn log_filter(&self, idx: FilterIdx) -> Option<&Arc<str>> {
         self.native.get(idx).map(|data| &data.filter)
+    }
+
+    /// echo-server patch: `filter` as a shared name for the router's maps
+    /// by filter: the log's own (`Data::filter`) when the filter has a log,
+    /// else a new one (a shared subscription's `$share/...` name, or a log
+    /// not made yet).
+    pub(crate) fn shared_name(&self, filter: &str) -> Arc<str> {
+        match self.filter_indexes.get_key_value(filter) {
+            Some((name, _)) => name.clone(),
+            None => filter.into(),
+        }
     }
 
     /// Every message of log `idx` from `cursor` on, with its offset, as
@@ -1160,7 +1175,9 @@ impl DataLog {
 }
 
 pub struct Data<T> {
-    filter: Filter,
+    /// echo-server patch: shared with `DataLog::filter_indexes` and the
+    /// router's maps by filter (were copies).
+    filter: Arc<str>,
     pub log: CommitLog<T>,
     pub waiters: Waiters<DataRequest>,
     meter: SubscriptionMeter,
@@ -1170,14 +1187,14 @@ impl<T> Data<T>
 where
     T: Storage + Clone,
 {
-    pub fn new(filter: &str, router_config: &RouterConfig) -> Data<T> {
+    pub fn new(filter: Arc<str>, router_config: &RouterConfig) -> Data<T> {
         let mut max_segment_size = router_config.max_segment_size;
         let mut max_mem_segments = router_config.max_segment_count;
 
         // Override segment config for selected filter
         if let Some(config) = &router_config.custom_segment {
             for (f, segment_config) in config {
-                if topic_matches(filter, f) {
+                if topic_matches(&filter, f) {
                     // echo-server patch: debug, once per filter a client creates
                     debug!("Overriding segment config for filter: {}", filter);
                     max_segment_size = segment_config.max_segment_size;
@@ -1193,7 +1210,7 @@ where
         let waiters = Waiters::with_capacity(0);
         let metrics = SubscriptionMeter::default();
         Data {
-            filter: filter.to_owned(),
+            filter,
             log,
             waiters,
             meter: metrics,
@@ -1207,7 +1224,7 @@ where
         item: T,
         notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
         held_messages: &AtomicU64,
-    ) -> (Offset, &Filter) {
+    ) -> (Offset, &str) {
         let size = item.size();
         let before = self.log.held();
         let offset = self.log.append(item);
@@ -1219,7 +1236,7 @@ where
         self.meter.count += 1;
         self.meter.total_size += size;
 
-        (offset, &self.filter)
+        (offset, &*self.filter)
     }
 }
 

@@ -113,11 +113,13 @@ pub struct Router {
     /// share (was a copy of its own).
     connection_map: HashMap<Arc<str>, ConnectionId>,
     /// Subscription map to interested connection ids
-    subscription_map: HashMap<Filter, HashSet<ConnectionId>>,
+    /// echo-server patch: keyed by the log's own name where the filter is
+    /// the log's (not a shared subscription's), shared, not a copy.
+    subscription_map: HashMap<Arc<str>, HashSet<ConnectionId>>,
     /// echo-server patch: sessions, connected or kept, subscribed to each
     /// log filter (`$share/group/` stripped); a filter's log is freed when
     /// its count drops to zero.
-    filter_refs: HashMap<Filter, usize>,
+    filter_refs: HashMap<Arc<str>, usize>,
     /// Incoming data grouped by connection
     ibufs: Slab<Incoming>,
     /// Outgoing data grouped by connection
@@ -670,7 +672,8 @@ impl Router {
         let resumed: Vec<Filter> = connection.subscriptions.iter().cloned().collect();
         let connection_id = self.connections.insert(connection);
         for filter in resumed {
-            self.subscription_map.entry(filter).or_default().insert(connection_id);
+            let name = self.datalog.shared_name(&filter);
+            self.subscription_map.entry(name).or_default().insert(connection_id);
         }
         assert_eq!(self.ibufs.insert(incoming), connection_id);
         assert_eq!(self.obufs.insert(outgoing), connection_id);
@@ -796,11 +799,11 @@ impl Router {
 
         // Remove this connection from subscriptions
         for filter in connection.subscriptions.iter() {
-            if let Some(connections) = self.subscription_map.get_mut(filter) {
+            if let Some(connections) = self.subscription_map.get_mut(filter.as_str()) {
                 connections.remove(&id);
                 // echo-server patch: and the filter, once nobody is left
                 if connections.is_empty() {
-                    self.subscription_map.remove(filter);
+                    self.subscription_map.remove(filter.as_str());
                 }
             }
         }
@@ -1056,10 +1059,10 @@ impl Router {
                         let _guard = span.enter();
 
                         debug!("Removing subscription on filter {}", filter);
-                        if let Some(connection_ids) = self.subscription_map.get_mut(filter) {
+                        if let Some(connection_ids) = self.subscription_map.get_mut(filter.as_str()) {
                             connection_ids.remove(&id);
                             if connection_ids.is_empty() {
-                                self.subscription_map.remove(filter);
+                                self.subscription_map.remove(filter.as_str());
                             }
                         }
                         let connection = self.connections.get_mut(id).unwrap();
@@ -1308,7 +1311,7 @@ impl Router {
         let filter_path = &filter.path;
 
         // Add connection id to subscription list
-        match self.subscription_map.get_mut(filter_path) {
+        match self.subscription_map.get_mut(filter_path.as_str()) {
             Some(connections) => {
                 connections.insert(id);
             }
@@ -1316,7 +1319,7 @@ impl Router {
                 let mut connections = HashSet::new();
                 connections.insert(id);
                 self.subscription_map
-                    .insert(filter_path.clone(), connections);
+                    .insert(self.datalog.shared_name(filter_path), connections);
             }
         }
 
@@ -1433,7 +1436,7 @@ impl Router {
     /// echo-server patch: one more session holds this subscription's log.
     fn filter_ref(&mut self, filter: &str) {
         let path = log_filter(filter);
-        let count = self.filter_refs.entry(path.clone()).or_insert(0);
+        let count = self.filter_refs.entry(self.datalog.shared_name(&path)).or_insert(0);
         *count += 1;
         if *count == 1 {
             if let Some(events) = &self.filter_events {
@@ -1456,11 +1459,11 @@ impl Router {
         let mut freed = Vec::new();
         for filter in filters {
             let path = log_filter(filter);
-            if let Some(count) = self.filter_refs.get_mut(&path) {
+            if let Some(count) = self.filter_refs.get_mut(path.as_str()) {
                 *count -= 1;
                 self.subscriptions.fetch_sub(1, Ordering::Relaxed);
                 if *count == 0 {
-                    self.filter_refs.remove(&path);
+                    self.filter_refs.remove(path.as_str());
                     if let Some(events) = &self.filter_events {
                         let _ = events.send(FilterEvent::Freed(path.clone()));
                     }
@@ -1721,7 +1724,7 @@ impl Router {
             let Some(reading) = readers.get(idx) else {
                 continue;
             };
-            let filter = self.datalog.log_filter(idx).map(String::as_str);
+            let filter = self.datalog.log_filter(idx).map(|f| &**f);
             let held = filter.and_then(|f| self.filter_refs.get(f)).copied();
             if reading.shared || held != Some(reading.count) {
                 continue;
@@ -1798,7 +1801,7 @@ impl Router {
             meters.push(Meter::Router(self.id, router_meter));
         }
         for f in self.subscription_map.keys() {
-            let filter = f.to_owned();
+            let filter = f.to_string();
             if let Some(subscription_meter) = self.datalog.meter(f).and_then(|meter| meter.get()) {
                 meters.push(Meter::Subscription(filter, subscription_meter));
             }
@@ -1959,7 +1962,7 @@ impl Router {
         // Per log: its index in `logs` and the offsets of its messages.
         let mut read: HashMap<FilterIdx, (usize, Vec<u64>)> = HashMap::new();
         for (idx, cursor) in oldest {
-            let Some(filter) = self.datalog.log_filter(idx).cloned() else {
+            let Some(filter) = self.datalog.log_filter(idx).map(|f| f.to_string()) else {
                 continue;
             };
             let (messages, offsets): (Vec<_>, Vec<_>) = self
@@ -2737,7 +2740,7 @@ fn print_status(router: &mut Router, metrics: Print) {
                         .map(|id| router.obufs[*id].client_id.to_string())
                         .collect();
 
-                    (filter.to_owned(), connections)
+                    (filter.to_string(), connections)
                 })
                 .collect();
 
