@@ -1106,6 +1106,19 @@ impl DataLog {
         self.native.get(idx).map(|data| &data.filter)
     }
 
+    /// echo-server patch: log `idx` forgets every message before `cursor`,
+    /// which all its readers have read (`Router::trim_read_logs`,
+    /// `Router::trim_logs_read_by_all`), and the count held follows.
+    pub(crate) fn forget_before(&mut self, idx: FilterIdx, cursor: Offset) {
+        let Some(data) = self.native.get_mut(idx) else {
+            return;
+        };
+        if data.log.first_offset() < cursor {
+            let trimmed = data.log.trim_before(cursor);
+            self.held_messages.fetch_sub(trimmed, Ordering::Relaxed);
+        }
+    }
+
     /// echo-server patch: `filter` as a shared name for the router's maps
     /// by filter: the log's own (`Data::filter`) when the filter has a log,
     /// else a new one (a shared subscription's `$share/...` name, or a log

@@ -1615,7 +1615,7 @@ impl Router {
     /// read messages), and a slow reader still finds what it has not read.
     fn trim_read_logs(&mut self) {
         while let Some(idx) = self.caught_up.pop() {
-            let Some(data) = self.datalog.native.get_mut(idx) else {
+            let Some(data) = self.datalog.native.get(idx) else {
                 continue;
             };
             let waiters = data.waiters.waiters();
@@ -1634,10 +1634,7 @@ impl Router {
                     oldest_needed = inflight.map_or(oldest_needed, |c| oldest_needed.min(c));
                 }
             }
-            if data.log.first_offset() < oldest_needed {
-                let trimmed = data.log.trim_before(oldest_needed);
-                self.datalog.held_messages.fetch_sub(trimmed, Ordering::Relaxed);
-            }
+            self.datalog.forget_before(idx, oldest_needed);
         }
     }
 
@@ -1729,11 +1726,7 @@ impl Router {
             if reading.shared || held != Some(reading.count) {
                 continue;
             }
-            let data = &mut self.datalog.native[idx];
-            if data.log.first_offset() < reading.oldest {
-                let trimmed = data.log.trim_before(reading.oldest);
-                self.datalog.held_messages.fetch_sub(trimmed, Ordering::Relaxed);
-            }
+            self.datalog.forget_before(idx, reading.oldest);
         }
     }
 
